@@ -1,0 +1,313 @@
+//! ApiKey → [`CompiledKey`] entries (the current key, plus a rotated-out key in its grace
+//! period).
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use jiff::Timestamp;
+
+use super::{
+    ObjectOutcome, Report, compile_limits, object_ref, patterns, precedence,
+    secrets::{Lookup, SecretStore, clean_secret_value},
+};
+use crate::{
+    config::{CompiledBudget, CompiledKey, GatewayConfig},
+    diagnostics::{Kind, ObjectRef, reasons},
+    parts::sha256_hex,
+    v1alpha1::{API_KEY_SECRET_KEY, ApiKey},
+};
+
+/// Shortest key accepted. Generated keys are far longer; this stops `test`/`changeme`
+/// keys written by hand in standalone manifests.
+pub const MIN_KEY_LEN: usize = 20;
+
+/// Name of the Secret holding an ApiKey's plaintext key.
+pub fn secret_name(key: &ApiKey) -> String {
+    key.spec
+        .secret_name
+        .clone()
+        .unwrap_or_else(|| format!("{}-key", key.metadata.name.as_deref().unwrap_or_default()))
+}
+
+/// Key id: the first 12 hex digits of the key's SHA-256.
+pub fn key_id(sha256: &str) -> String {
+    sha256.chars().take(12).collect()
+}
+
+/// The first characters of a key, safe to display: at most 7 and never more than a quarter
+/// of it.
+pub fn key_prefix(key: &str) -> String {
+    key.chars().take(7.min(key.len() / 4)).collect()
+}
+
+pub(super) fn compile_all(
+    keys: &[ApiKey],
+    secrets: &SecretStore,
+    now: Timestamp,
+    config: &mut GatewayConfig,
+    report: &mut Report,
+    objects: &mut BTreeMap<ObjectRef, ObjectOutcome>,
+) {
+    let mut ordered: Vec<&ApiKey> = keys.iter().collect();
+    ordered.sort_by_key(|k| precedence(*k));
+
+    let currencies: BTreeSet<&str> = config
+        .routing
+        .providers
+        .values()
+        .map(|p| p.currency.as_str())
+        .collect();
+    let routes = &config.routing.routes;
+    let served_by_route = |model: &str| {
+        routes
+            .iter()
+            .any(|r| r.exact.iter().any(|e| e == model) || patterns::any_matches(&r.globs, model))
+    };
+
+    let mut owners: BTreeMap<String, ObjectRef> = BTreeMap::new();
+    let mut compiled = Vec::new();
+    for key in ordered {
+        let object = object_ref(Kind::ApiKey, key);
+        let secret = secret_name(key);
+        let mut outcome = ObjectOutcome {
+            generation: key.metadata.generation,
+            secret_name: Some(secret.clone()),
+            ..Default::default()
+        };
+        if let Some((entries, prefix)) = compile_one(&object, key, &secret, secrets, now, report) {
+            // The same key value in two ApiKeys would make attribution ambiguous.
+            let clash = entries
+                .iter()
+                .find_map(|e| owners.get(&e.sha256).map(|o| (e, o)));
+            if let Some((entry, other)) = clash {
+                let which = if entry.id == key_id(&entry.sha256) {
+                    "key"
+                } else {
+                    "previous key"
+                };
+                report.error(
+                    &object,
+                    reasons::KEY_CONFLICT,
+                    "spec.secretName",
+                    format!(
+                        "the {which} in Secret {secret} is also used by {other}; generate a new one"
+                    ),
+                );
+            } else {
+                let current = &entries[0];
+                outcome.served = true;
+                outcome.key_id = Some(current.id.clone());
+                outcome.key_prefix = Some(prefix.clone());
+                outcome.summary = format!(
+                    "key {prefix}… (id {}) accepted for owner {}",
+                    current.id, key.spec.owner
+                );
+                for e in &entries {
+                    owners.insert(e.sha256.clone(), object.clone());
+                }
+                compiled.extend(entries);
+            }
+        }
+        if outcome.served {
+            for (i, m) in key.spec.allowed_models.iter().enumerate() {
+                if !patterns::is_glob(m) && !served_by_route(m) {
+                    report.warning(
+                        &object,
+                        reasons::UNKNOWN_MODEL,
+                        &format!("spec.allowedModels[{i}]"),
+                        format!("no RoutePolicy serves {m:?}"),
+                    );
+                }
+            }
+            if let Some(b) = &key.spec.budget
+                && !currencies.is_empty()
+                && !currencies.contains(b.currency.as_str())
+            {
+                report.warning(
+                    &object,
+                    reasons::CURRENCY_MISMATCH,
+                    "spec.budget.currency",
+                    format!(
+                        "no Provider prices in {}; spend through other currencies is not counted",
+                        b.currency
+                    ),
+                );
+            }
+        }
+        objects.insert(object, outcome);
+    }
+    compiled.sort_by(|a, b| a.sha256.cmp(&b.sha256));
+    config.keys.keys = compiled;
+}
+
+/// The key's entries (current first) and its display prefix, or `None` if it is not served.
+fn compile_one(
+    object: &ObjectRef,
+    key: &ApiKey,
+    secret: &str,
+    secrets: &SecretStore,
+    now: Timestamp,
+    report: &mut Report,
+) -> Option<(Vec<CompiledKey>, String)> {
+    let spec = &key.spec;
+    let before = report.errors_for(object);
+
+    if spec.owner.trim().is_empty() {
+        report.error(
+            object,
+            reasons::INVALID_SPEC,
+            "spec.owner",
+            "owner must not be empty",
+        );
+    }
+    for (i, m) in spec.allowed_models.iter().enumerate() {
+        // A broken entry is not dropped: an allow-list that loses entries could become
+        // empty, and empty means "every model".
+        if let Err(e) = patterns::validate(m) {
+            report.error(
+                object,
+                reasons::INVALID_MODEL_PATTERN,
+                &format!("spec.allowedModels[{i}]"),
+                e,
+            );
+        }
+    }
+    let limits = spec
+        .limits
+        .as_ref()
+        .and_then(|l| compile_limits(object, "spec.limits", l, report));
+    let budget = spec.budget.as_ref().and_then(|b| {
+        if !b.amount.is_finite() || b.amount <= 0.0 {
+            report.error(
+                object,
+                reasons::INVALID_SPEC,
+                "spec.budget.amount",
+                "budget amount must be a positive number",
+            );
+            return None;
+        }
+        if b.currency.len() != 3 || !b.currency.bytes().all(|c| c.is_ascii_uppercase()) {
+            report.error(
+                object,
+                reasons::INVALID_SPEC,
+                "spec.budget.currency",
+                format!("{:?} is not an ISO 4217 code such as USD", b.currency),
+            );
+            return None;
+        }
+        Some(CompiledBudget {
+            amount: b.amount,
+            period: b.period,
+            currency: b.currency.clone(),
+        })
+    });
+    let expires_at = spec.expires_at.as_ref().map(|t| t.0);
+    if spec.disabled {
+        report.error(
+            object,
+            reasons::DISABLED,
+            "spec.disabled",
+            "the key is disabled",
+        );
+    } else if let Some(t) = expires_at
+        && t <= now
+    {
+        report.error(
+            object,
+            reasons::EXPIRED,
+            "spec.expiresAt",
+            format!("the key expired at {t}"),
+        );
+    }
+
+    let value = match secrets.get(&object.namespace, secret, API_KEY_SECRET_KEY) {
+        Lookup::NoSecret => {
+            report.ref_error(
+                object,
+                reasons::SECRET_NOT_FOUND,
+                "spec.secretName",
+                format!("Secret {}/{secret} not found", object.namespace),
+            );
+            None
+        }
+        Lookup::NoKey => {
+            report.ref_error(
+                object,
+                reasons::SECRET_KEY_NOT_FOUND,
+                "spec.secretName",
+                format!(
+                    "Secret {}/{secret} has no key {API_KEY_SECRET_KEY:?}",
+                    object.namespace
+                ),
+            );
+            None
+        }
+        Lookup::Found(raw) => match clean_secret_value(raw) {
+            Ok(v) if v.len() < MIN_KEY_LEN => {
+                report.error(
+                    object,
+                    reasons::INVALID_KEY,
+                    "spec.secretName",
+                    format!("the key in Secret {secret} is shorter than {MIN_KEY_LEN} characters"),
+                );
+                None
+            }
+            Ok(v) => Some(v),
+            Err(why) => {
+                report.error(
+                    object,
+                    reasons::INVALID_KEY,
+                    "spec.secretName",
+                    format!("the key in Secret {secret}: {why}"),
+                );
+                None
+            }
+        },
+    };
+
+    if report.errors_for(object) > before {
+        return None;
+    }
+    let value = value?;
+    let sha256 = sha256_hex(value.as_bytes());
+    let id = key_id(&sha256);
+    let current = CompiledKey {
+        sha256,
+        id: id.clone(),
+        api_key: format!("{}/{}", object.namespace, object.name),
+        owner: spec.owner.clone(),
+        team: spec.team.clone(),
+        allowed_models: spec.allowed_models.clone(),
+        limits,
+        budget,
+        expires_at: expires_at.map(|t| t.as_second()),
+    };
+    let mut entries = vec![current];
+
+    // A rotated-out key keeps working, with the same identity and policy, until its grace
+    // period (or the key's own expiry) ends.
+    if let Some(prev) = key.status.as_ref().and_then(|s| s.previous_key.as_ref()) {
+        let valid_hash = prev.sha256.len() == 64
+            && prev
+                .sha256
+                .bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+        if !valid_hash {
+            report.warning(
+                object,
+                reasons::INVALID_KEY,
+                "status.previousKey.sha256",
+                "not a SHA-256 hex digest; the previous key is not accepted",
+            );
+        } else if prev.expires_at.0 > now && prev.sha256 != entries[0].sha256 {
+            let until = match expires_at {
+                Some(e) => e.min(prev.expires_at.0),
+                None => prev.expires_at.0,
+            };
+            let mut old = entries[0].clone();
+            old.sha256 = prev.sha256.clone();
+            old.expires_at = Some(until.as_second());
+            entries.push(old);
+        }
+    }
+    Some((entries, key_prefix(&value)))
+}

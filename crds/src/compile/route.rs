@@ -1,0 +1,308 @@
+//! RoutePolicy → [`CompiledRoute`], including model-name conflicts between policies.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use super::{
+    ObjectOutcome, Report, compile_limits, object_ref, patterns, precedence,
+    provider::KnownProviders,
+};
+use crate::{
+    config::{CompiledCache, CompiledRoute, CompiledTarget, GatewayConfig},
+    diagnostics::{Kind, ObjectRef, reasons},
+    duration,
+    v1alpha1::RoutePolicy,
+};
+
+pub(super) fn compile_all(
+    policies: &[RoutePolicy],
+    providers: &KnownProviders,
+    config: &mut GatewayConfig,
+    report: &mut Report,
+    objects: &mut BTreeMap<ObjectRef, ObjectOutcome>,
+) {
+    let mut ordered: Vec<&RoutePolicy> = policies.iter().collect();
+    ordered.sort_by_key(|p| precedence(*p));
+
+    // Validate every policy first, so that an invalid older policy does not keep a model
+    // name from a valid newer one.
+    let mut valid = Vec::new();
+    for policy in ordered {
+        let object = object_ref(Kind::RoutePolicy, policy);
+        let compiled = compile_one(&object, policy, providers, config, report);
+        objects.insert(
+            object.clone(),
+            ObjectOutcome {
+                served: false,
+                generation: policy.metadata.generation,
+                ..Default::default()
+            },
+        );
+        if let Some(c) = compiled {
+            valid.push((object, c));
+        }
+    }
+
+    let mut claimed: BTreeMap<String, String> = BTreeMap::new();
+    for (object, (mut route, wanted)) in valid {
+        for (i, pattern) in wanted.iter().enumerate() {
+            if let Some(owner) = claimed.get(pattern) {
+                report.error(
+                    &object,
+                    reasons::MODEL_CONFLICT,
+                    &format!("spec.models[{i}]"),
+                    format!("{pattern:?} is already served by RoutePolicy {owner}; this policy does not serve it"),
+                );
+                continue;
+            }
+            claimed.insert(pattern.clone(), route.id.clone());
+            if patterns::is_glob(pattern) {
+                route.globs.push(pattern.clone());
+            } else {
+                route.exact.push(pattern.clone());
+            }
+        }
+        let outcome = objects.get_mut(&object).expect("inserted above");
+        if route.exact.is_empty() && route.globs.is_empty() {
+            continue;
+        }
+        let targets: usize = route.tiers.iter().map(Vec::len).sum();
+        outcome.served = true;
+        outcome.ready_targets = Some(targets as u32);
+        outcome.summary = format!(
+            "routing {} model name(s) to {} target(s) in {} tier(s)",
+            route.exact.len() + route.globs.len(),
+            targets,
+            route.tiers.len()
+        );
+        config.routing.routes.push(route);
+    }
+    config.routing.routes.sort_by(|a, b| a.id.cmp(&b.id));
+}
+
+/// A valid route (models not yet assigned) and the model patterns it asks for.
+type Candidate = (CompiledRoute, Vec<String>);
+
+fn compile_one(
+    object: &ObjectRef,
+    policy: &RoutePolicy,
+    providers: &KnownProviders,
+    config: &GatewayConfig,
+    report: &mut Report,
+) -> Option<Candidate> {
+    let spec = &policy.spec;
+    let before = report.errors_for(object);
+
+    // Errors that drop one model pattern or one target but leave the route serving.
+    let mut partial = 0;
+    let mut wanted = Vec::new();
+    let mut seen = BTreeSet::new();
+    for (i, m) in spec.models.iter().enumerate() {
+        let field = format!("spec.models[{i}]");
+        if let Err(e) = patterns::validate(m) {
+            report.error(object, reasons::INVALID_MODEL_PATTERN, &field, e);
+            partial += 1;
+        } else if !seen.insert(m.as_str()) {
+            report.warning(
+                object,
+                reasons::INVALID_SPEC,
+                &field,
+                format!("{m:?} is listed twice"),
+            );
+        } else {
+            wanted.push(m.clone());
+        }
+    }
+    if wanted.is_empty() {
+        report.error(
+            object,
+            reasons::INVALID_SPEC,
+            "spec.models",
+            "at least one valid model name is required",
+        );
+    }
+
+    // Targets: unusable ones are dropped (and reported); the route survives while at
+    // least one usable target with a weight above 0 remains.
+    let mut tiers: BTreeMap<u32, Vec<CompiledTarget>> = BTreeMap::new();
+    if spec.targets.is_empty() {
+        report.error(
+            object,
+            reasons::INVALID_SPEC,
+            "spec.targets",
+            "at least one target is required",
+        );
+    }
+    for (i, t) in spec.targets.iter().enumerate() {
+        let field = format!("spec.targets[{i}]");
+        let id = format!("{}/{}", object.namespace, t.provider);
+        match providers.get(&id) {
+            None => {
+                report.ref_error(
+                    object,
+                    reasons::PROVIDER_NOT_FOUND,
+                    &format!("{field}.provider"),
+                    format!("Provider {id} not found"),
+                );
+                partial += 1;
+                continue;
+            }
+            Some(false) => {
+                report.ref_error(
+                    object,
+                    reasons::PROVIDER_NOT_READY,
+                    &format!("{field}.provider"),
+                    format!("Provider {id} is not Ready"),
+                );
+                partial += 1;
+                continue;
+            }
+            Some(true) => {}
+        }
+        let provider = &config.routing.providers[&id];
+        let missing: Vec<&str> = match &t.model {
+            Some(m) => (!provider.models.contains_key(m))
+                .then_some(m.as_str())
+                .into_iter()
+                .collect(),
+            // Without an explicit model, each exact name the route serves is sent as is.
+            None => wanted
+                .iter()
+                .filter(|m| !patterns::is_glob(m) && !provider.models.contains_key(*m))
+                .map(String::as_str)
+                .collect(),
+        };
+        if !missing.is_empty() {
+            report.ref_error(
+                object,
+                reasons::MODEL_NOT_FOUND,
+                &format!("{field}.model"),
+                format!("Provider {id} does not serve {}", missing.join(", ")),
+            );
+            partial += 1;
+            continue;
+        }
+        tiers.entry(t.priority).or_default().push(CompiledTarget {
+            provider: id,
+            model: t.model.clone(),
+            weight: t.weight,
+        });
+    }
+    let usable = tiers.values().flatten().any(|t| t.weight > 0);
+    if !spec.targets.is_empty() && !usable {
+        let kept: usize = tiers.values().map(Vec::len).sum();
+        let why = if kept < spec.targets.len() {
+            "no usable target is left"
+        } else {
+            "every target has weight 0"
+        };
+        report.error(
+            object,
+            reasons::NO_USABLE_TARGETS,
+            "spec.targets",
+            format!("{why}; at least one target with a weight above 0 is needed"),
+        );
+    }
+
+    let r = &spec.retries;
+    let mut ms = |field: &str, text: &str| match duration::parse_millis(text) {
+        Ok(v) => Some(v),
+        Err(e) => {
+            report.error(object, reasons::INVALID_SPEC, field, e);
+            None
+        }
+    };
+    let initial = ms("spec.retries.initialBackoff", &r.initial_backoff);
+    let max = ms("spec.retries.maxBackoff", &r.max_backoff);
+    let per_try = spec
+        .timeouts
+        .as_ref()
+        .and_then(|t| t.per_try.as_deref())
+        .and_then(|t| ms("spec.timeouts.perTry", t));
+    let total = spec
+        .timeouts
+        .as_ref()
+        .and_then(|t| t.total.as_deref())
+        .and_then(|t| ms("spec.timeouts.total", t));
+    let cache_ttl = spec
+        .cache
+        .as_ref()
+        .and_then(|c| ms("spec.cache.ttl", &c.ttl));
+    if let (Some(i), Some(m)) = (initial, max)
+        && m < i
+    {
+        report.error(
+            object,
+            reasons::INVALID_SPEC,
+            "spec.retries.maxBackoff",
+            "maxBackoff must not be shorter than initialBackoff",
+        );
+    }
+    if r.attempts > 10 {
+        report.error(
+            object,
+            reasons::INVALID_SPEC,
+            "spec.retries.attempts",
+            "at most 10 retries are allowed",
+        );
+    }
+    if per_try == Some(0) || total == Some(0) {
+        report.error(
+            object,
+            reasons::INVALID_SPEC,
+            "spec.timeouts",
+            "timeouts must be longer than 0",
+        );
+    }
+    if let (Some(p), Some(t)) = (per_try, total)
+        && p > t
+    {
+        report.warning(
+            object,
+            reasons::INVALID_SPEC,
+            "spec.timeouts.perTry",
+            "perTry is longer than total, so total always applies first",
+        );
+    }
+    if let Some(c) = &spec.cache
+        && (cache_ttl == Some(0) || c.max_entry_bytes == 0)
+    {
+        report.error(
+            object,
+            reasons::INVALID_SPEC,
+            "spec.cache",
+            "ttl and maxEntryBytes must be above 0",
+        );
+    }
+    let rate_limit = spec
+        .rate_limit
+        .as_ref()
+        .and_then(|l| compile_limits(object, "spec.rateLimit", l, report));
+
+    if report.errors_for(object) > before + partial {
+        return None;
+    }
+    let mut retry_on = r.retry_on.clone();
+    retry_on.dedup();
+    Some((
+        CompiledRoute {
+            id: format!("{}/{}", object.namespace, object.name),
+            exact: Vec::new(),
+            globs: Vec::new(),
+            strategy: spec.strategy,
+            tiers: tiers.into_values().collect(),
+            retry_attempts: r.attempts,
+            retry_initial_backoff_ms: initial.unwrap_or_default(),
+            retry_max_backoff_ms: max.unwrap_or_default(),
+            retry_on,
+            per_try_timeout_ms: per_try,
+            total_timeout_ms: total,
+            cache: spec.cache.as_ref().map(|c| CompiledCache {
+                ttl_ms: cache_ttl.unwrap_or_default(),
+                scope: c.scope,
+                max_entry_bytes: c.max_entry_bytes,
+            }),
+            rate_limit,
+        },
+        wanted,
+    ))
+}

@@ -1,0 +1,266 @@
+//! The compiled configuration: what the operator writes and every gateway serves.
+//!
+//! It is split by where it may be stored: [`RoutingConfig`] (providers and routes, no
+//! secrets) goes to a ConfigMap; [`CredentialsConfig`] (upstream credentials) and
+//! [`KeysConfig`] (key hashes and per-key policy) go to Secrets. [`crate::parts`] turns a
+//! [`GatewayConfig`] into size-bounded, hashed parts and back.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::v1alpha1::{BudgetPeriod, CacheScope, ProviderType, RetryOn, Strategy};
+
+/// Version of the compiled format. Gateways refuse parts of a version they do not know.
+pub const SCHEMA_VERSION: u32 = 1;
+
+/// A whole compiled configuration.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+pub struct GatewayConfig {
+    /// Providers and routes (ConfigMap-bound).
+    pub routing: RoutingConfig,
+    /// Upstream credentials (Secret-bound).
+    pub credentials: CredentialsConfig,
+    /// Client keys (Secret-bound, sharded).
+    pub keys: KeysConfig,
+}
+
+/// Providers and routes; contains no secret.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RoutingConfig {
+    /// Providers by id (`namespace/name`).
+    pub providers: BTreeMap<String, CompiledProvider>,
+    /// Routes, sorted by id (`namespace/name`).
+    pub routes: Vec<CompiledRoute>,
+}
+
+/// A Provider ready to call.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct CompiledProvider {
+    /// `namespace/name`.
+    pub id: String,
+    /// Wire protocol.
+    #[serde(rename = "type")]
+    pub provider_type: ProviderType,
+    /// Base URL without a trailing slash (empty for `mock`).
+    pub base_url: String,
+    /// How the credential is sent; `None` when the Provider has no credential.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auth: Option<CompiledAuth>,
+    /// Azure `api-version`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub azure_api_version: Option<String>,
+    /// Anthropic `anthropic-version`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub anthropic_version: Option<String>,
+    /// Mock behaviour.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mock: Option<CompiledMock>,
+    /// Models by public name.
+    pub models: BTreeMap<String, CompiledModel>,
+    /// ISO 4217 currency of the prices.
+    pub currency: String,
+    /// Connect timeout.
+    pub connect_timeout_ms: u64,
+    /// Non-streaming response / first-byte timeout.
+    pub request_timeout_ms: u64,
+    /// Longest pause between stream chunks.
+    pub stream_idle_timeout_ms: u64,
+    /// Per-replica concurrency cap.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_concurrency: Option<u32>,
+    /// Consecutive failures that open the circuit.
+    pub circuit_failure_threshold: u32,
+    /// How long the circuit stays open.
+    pub circuit_open_ms: u64,
+    /// Extra headers.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub headers: BTreeMap<String, String>,
+}
+
+/// Header that carries the upstream credential.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct CompiledAuth {
+    /// Header name, e.g. `authorization` or `x-api-key`.
+    pub header: String,
+    /// Prepended to the credential, e.g. `Bearer `.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub prefix: String,
+}
+
+/// Mock behaviour in milliseconds.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct CompiledMock {
+    /// Delay before the answer.
+    pub latency_ms: u64,
+    /// Delay between chunks.
+    pub chunk_interval_ms: u64,
+    /// Completion tokens per answer.
+    pub completion_tokens: u32,
+    /// Fixed reply.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reply: Option<String>,
+}
+
+/// One model of a Provider.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct CompiledModel {
+    /// Name sent upstream.
+    pub upstream_name: String,
+    /// Price of a million input tokens.
+    pub input_per_million: f64,
+    /// Price of a million output tokens.
+    pub output_per_million: f64,
+    /// Price of a million cached input tokens.
+    pub cached_input_per_million: f64,
+    /// Context window.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub context_window: Option<u32>,
+}
+
+/// A route ready to serve.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct CompiledRoute {
+    /// `namespace/name` of the RoutePolicy.
+    pub id: String,
+    /// Exact model names this route owns (after conflict resolution).
+    pub exact: Vec<String>,
+    /// Glob patterns this route owns (after conflict resolution).
+    pub globs: Vec<String>,
+    /// Target choice within a tier.
+    pub strategy: Strategy,
+    /// Tiers in fallback order; each non-empty.
+    pub tiers: Vec<Vec<CompiledTarget>>,
+    /// Extra attempts.
+    pub retry_attempts: u32,
+    /// First backoff.
+    pub retry_initial_backoff_ms: u64,
+    /// Backoff cap.
+    pub retry_max_backoff_ms: u64,
+    /// Retryable failure classes.
+    pub retry_on: Vec<RetryOn>,
+    /// Per-attempt timeout.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub per_try_timeout_ms: Option<u64>,
+    /// Whole-request timeout.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub total_timeout_ms: Option<u64>,
+    /// Cache policy, if caching is on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache: Option<CompiledCache>,
+    /// Route-wide limits.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limit: Option<CompiledLimits>,
+}
+
+/// One target of a route.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct CompiledTarget {
+    /// Provider id (`namespace/name`).
+    pub provider: String,
+    /// Provider model (public name); `None` means the requested model.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model: Option<String>,
+    /// Weight within the tier.
+    pub weight: u32,
+}
+
+/// Cache policy.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct CompiledCache {
+    /// Entry lifetime.
+    pub ttl_ms: u64,
+    /// Sharing scope.
+    pub scope: CacheScope,
+    /// Largest cached response.
+    pub max_entry_bytes: u32,
+}
+
+/// Limits; `None` is unlimited.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct CompiledLimits {
+    /// Requests per minute.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub requests_per_minute: Option<u32>,
+    /// Tokens per minute.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tokens_per_minute: Option<u64>,
+    /// Concurrent requests.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_concurrent: Option<u32>,
+}
+
+/// Upstream credentials by provider id.
+#[derive(Serialize, Deserialize, Clone, Default, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct CredentialsConfig {
+    /// Credential value by provider id.
+    pub providers: BTreeMap<String, String>,
+}
+
+// Never print credentials, not even in debug output.
+impl std::fmt::Debug for CredentialsConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CredentialsConfig")
+            .field("providers", &self.providers.keys().collect::<Vec<_>>())
+            .finish()
+    }
+}
+
+/// Client keys.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct KeysConfig {
+    /// Keys sorted by hash.
+    pub keys: Vec<CompiledKey>,
+}
+
+/// One accepted client key (a rotated-out key in its grace period is a separate entry).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct CompiledKey {
+    /// SHA-256 of the presented key, lowercase hex.
+    pub sha256: String,
+    /// Key id shown in logs and usage (first 12 hex digits of the current key's hash).
+    pub id: String,
+    /// `namespace/name` of the ApiKey.
+    pub api_key: String,
+    /// Owner, for attribution and cache scope.
+    pub owner: String,
+    /// Team.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub team: Option<String>,
+    /// Allowed models (exact or globs); empty allows all.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub allowed_models: Vec<String>,
+    /// Per-key limits.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limits: Option<CompiledLimits>,
+    /// Budget.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub budget: Option<CompiledBudget>,
+    /// Unix seconds after which the key is refused; the gateway checks this per request.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<i64>,
+}
+
+/// Budget of a key.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct CompiledBudget {
+    /// Maximum spend per period.
+    pub amount: f64,
+    /// Period.
+    pub period: BudgetPeriod,
+    /// Currency.
+    pub currency: String,
+}

@@ -1,0 +1,249 @@
+//! `RoutePolicy`: which client-facing model names go to which upstream targets, and how.
+
+use kube::{CustomResource, KubeSchema};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use super::common::{CommonStatus, DURATION_PATTERN, Limits, MODEL_PATTERN, NAME_PATTERN};
+
+/// Routes client-facing model names to Provider targets, with retries, fallback, caching
+/// and route-wide limits.
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[kube(
+    group = "tollgate.dev",
+    version = "v1alpha1",
+    kind = "RoutePolicy",
+    plural = "routepolicies",
+    namespaced,
+    status = "RoutePolicyStatus",
+    shortname = "tgr",
+    category = "tollgate",
+    derive = "PartialEq",
+    doc = "Routes client-facing model names to Provider targets, with retries, fallback, caching and route-wide limits.",
+    printcolumn = r#"{"name":"Models","type":"string","jsonPath":".spec.models"}"#,
+    printcolumn = r#"{"name":"Strategy","type":"string","jsonPath":".spec.strategy"}"#,
+    printcolumn = r#"{"name":"Targets","type":"integer","jsonPath":".status.readyTargets"}"#,
+    printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#,
+    printcolumn = r#"{"name":"Reason","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].reason","priority":1}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+)]
+#[x_kube(
+    validation = Rule::new("self.targets.exists(t, t.weight > 0)").message("at least one target needs a weight above 0").field_path(".targets")
+)]
+#[serde(rename_all = "camelCase")]
+pub struct RoutePolicySpec {
+    /// Client-facing model names this policy serves: exact names (`gpt-4o`) or globs
+    /// (`gpt-4o-*`, `claude-?-*`). An exact name beats any glob; among globs the longest
+    /// pattern wins. Two policies claiming the same name or pattern conflict: the older
+    /// one keeps it and the newer one reports `ModelConflict`.
+    #[schemars(length(min = 1, max = 256), inner(length(min = 1, max = 256), regex(pattern = MODEL_PATTERN)), extend("x-kubernetes-list-type" = "set"))]
+    pub models: Vec<String>,
+
+    /// Upstream targets. Requests go to the lowest `priority` tier that has a healthy
+    /// target, chosen within the tier by `strategy`; when a tier's attempts fail the next
+    /// tier is tried (fallback).
+    #[schemars(length(min = 1, max = 64))]
+    pub targets: Vec<RouteTarget>,
+
+    /// How a target is chosen within a priority tier.
+    #[serde(default)]
+    pub strategy: Strategy,
+
+    /// Retries of failed upstream attempts. Retries and fallback happen only before the
+    /// first byte is sent to the client.
+    #[serde(default)]
+    pub retries: Retries,
+
+    /// Per-attempt and total timeouts; the Provider's timeouts still apply.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeouts: Option<RouteTimeouts>,
+
+    /// Response caching; unset disables the cache for this route.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache: Option<CachePolicy>,
+
+    /// Limits shared by every caller of this route, across all gateway replicas.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limit: Option<Limits>,
+}
+
+/// One upstream target of a route.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RouteTarget {
+    /// Name of a Provider in the same namespace.
+    #[schemars(length(min = 1, max = 253), regex(pattern = NAME_PATTERN))]
+    pub provider: String,
+    /// Model of that Provider (its `models[].name`). Defaults to the model the client
+    /// asked for, which must then be one of the Provider's models.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 256), regex(pattern = MODEL_PATTERN))]
+    pub model: Option<String>,
+    /// Relative share of traffic within the tier (`weighted` strategy); 0 drains the
+    /// target while keeping it as a fallback candidate.
+    #[serde(default = "default_weight")]
+    #[schemars(range(min = 0, max = 10000))]
+    pub weight: u32,
+    /// Fallback tier: 0 is tried first, then 1, and so on.
+    #[serde(default)]
+    #[schemars(range(min = 0, max = 16))]
+    pub priority: u32,
+}
+
+fn default_weight() -> u32 {
+    1
+}
+
+/// How a target is chosen within a priority tier.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub enum Strategy {
+    /// Random choice proportional to `weight`.
+    #[default]
+    Weighted,
+    /// The target with the lowest recent latency (moving average), ignoring weights.
+    LeastLatency,
+}
+
+impl Strategy {
+    /// The name used in manifests.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Weighted => "weighted",
+            Self::LeastLatency => "leastLatency",
+        }
+    }
+}
+
+/// Retry policy.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[x_kube(
+    validation = Rule::new("duration(self.maxBackoff) >= duration(self.initialBackoff)").message("maxBackoff must not be shorter than initialBackoff")
+)]
+#[serde(rename_all = "camelCase")]
+pub struct Retries {
+    /// Extra attempts after the first, across all targets and tiers (0 disables retries).
+    #[serde(default = "default_attempts")]
+    #[schemars(range(min = 0, max = 10))]
+    pub attempts: u32,
+    /// Backoff before the first retry; it doubles on each retry, with full jitter.
+    #[serde(default = "default_initial_backoff")]
+    #[schemars(regex(pattern = DURATION_PATTERN))]
+    pub initial_backoff: String,
+    /// Upper bound of the backoff.
+    #[serde(default = "default_max_backoff")]
+    #[schemars(regex(pattern = DURATION_PATTERN))]
+    pub max_backoff: String,
+    /// Failures that are retried.
+    #[serde(default = "default_retry_on")]
+    #[schemars(length(max = 8))]
+    pub retry_on: Vec<RetryOn>,
+}
+
+impl Default for Retries {
+    fn default() -> Self {
+        Self {
+            attempts: default_attempts(),
+            initial_backoff: default_initial_backoff(),
+            max_backoff: default_max_backoff(),
+            retry_on: default_retry_on(),
+        }
+    }
+}
+
+fn default_attempts() -> u32 {
+    2
+}
+fn default_initial_backoff() -> String {
+    "100ms".to_owned()
+}
+fn default_max_backoff() -> String {
+    "2s".to_owned()
+}
+fn default_retry_on() -> Vec<RetryOn> {
+    vec![
+        RetryOn::ConnectError,
+        RetryOn::Timeout,
+        RetryOn::RateLimited,
+        RetryOn::ServerError,
+    ]
+}
+
+/// A retryable failure class.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub enum RetryOn {
+    /// Connection refused, reset or TLS failure before a response.
+    ConnectError,
+    /// No response within the attempt timeout.
+    Timeout,
+    /// HTTP 429 from the upstream (its `Retry-After` is honoured).
+    RateLimited,
+    /// HTTP 500, 502, 503, 504 and Anthropic's 529.
+    ServerError,
+}
+
+/// Route timeouts.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RouteTimeouts {
+    /// Limit for one upstream attempt (until the full response, or the first streamed byte).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = DURATION_PATTERN))]
+    pub per_try: Option<String>,
+    /// Limit for the whole request including retries and fallback (until the first byte
+    /// for streams).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = DURATION_PATTERN))]
+    pub total: Option<String>,
+}
+
+/// Response cache policy.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct CachePolicy {
+    /// How long a cached answer is served.
+    #[serde(default = "default_cache_ttl")]
+    #[schemars(regex(pattern = DURATION_PATTERN))]
+    pub ttl: String,
+    /// Who shares cache entries: `owner` (keys of the same owner; default), `key` (each
+    /// key alone) or `shared` (every caller of the route; only for non-sensitive data).
+    #[serde(default)]
+    pub scope: CacheScope,
+    /// Responses larger than this are not cached.
+    #[serde(default = "default_cache_max_entry")]
+    #[schemars(range(min = 1, max = 16777216))]
+    pub max_entry_bytes: u32,
+}
+
+fn default_cache_ttl() -> String {
+    "5m".to_owned()
+}
+fn default_cache_max_entry() -> u32 {
+    1_048_576
+}
+
+/// Who shares cache entries.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub enum CacheScope {
+    /// Keys with the same `owner` share entries.
+    #[default]
+    Owner,
+    /// Every key has its own entries.
+    Key,
+    /// Every caller of the route shares entries.
+    Shared,
+}
+
+/// Observed state of a RoutePolicy.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RoutePolicyStatus {
+    /// Generation and conditions.
+    #[serde(flatten)]
+    pub common: CommonStatus,
+    /// Targets compiled into the served configuration.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ready_targets: Option<u32>,
+}
