@@ -125,9 +125,11 @@ pub fn load_str(path: &Path, text: &str, loaded: &mut Loaded, errors: &mut Vec<L
         let value = match serde_yaml::Value::deserialize(doc) {
             Ok(serde_yaml::Value::Null) => continue,
             Ok(v) => v,
+            // A syntax error ends the file: the parser cannot resynchronise, and the
+            // document iterator would yield the same error forever.
             Err(e) => {
                 errors.push(invalid(e.to_string()));
-                continue;
+                break;
             }
         };
         let meta: TypeMeta = match serde_yaml::from_value(value.clone()) {

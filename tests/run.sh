@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Runs Tollgate's whole test suite: one cargo build, then every test of the workspace.
+# On first use it creates .venv with the Python tools the tests call (kubernetes-validate).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+venv=.venv
+requirements=tests/requirements.txt
+want=$(sha256sum "$requirements" | cut -d' ' -f1)
+if [ ! -x "$venv/bin/python" ] || [ "$(cat "$venv/.requirements.sha256" 2>/dev/null)" != "$want" ]; then
+  echo "==> installing test tools into $venv"
+  python3 -m venv "$venv"
+  "$venv/bin/pip" install --quiet --disable-pip-version-check -r "$requirements"
+  echo "$want" > "$venv/.requirements.sha256"
+fi
+export TOLLGATE_PYTHON="$PWD/$venv/bin/python"
+
+echo "==> cargo build"
+cargo build --workspace --all-targets --locked
+echo "==> cargo test"
+cargo test --workspace --locked "$@"
