@@ -41,7 +41,7 @@ pub fn run(path: &Path, output: Option<&Path>, json: bool) -> anyhow::Result<Exi
             std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
             for part in &split.parts {
                 let file = dir.join(&part.file);
-                std::fs::write(&file, &part.bytes)
+                write_part(&file, &part.bytes, part.store == parts::Store::Secret)
                     .with_context(|| format!("writing {}", file.display()))?;
             }
         }
@@ -75,4 +75,15 @@ pub fn run(path: &Path, output: Option<&Path>, json: bool) -> anyhow::Result<Exi
     } else {
         ExitCode::FAILURE
     })
+}
+
+/// Writes a part; Secret-bound parts are readable by the owner only.
+fn write_part(path: &Path, bytes: &[u8], secret: bool) -> std::io::Result<()> {
+    use std::{io::Write, os::unix::fs::OpenOptionsExt};
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create(true).truncate(true);
+    if secret {
+        options.mode(0o600);
+    }
+    options.open(path)?.write_all(bytes)
 }
