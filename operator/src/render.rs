@@ -83,6 +83,8 @@ fn write_part(path: &Path, bytes: &[u8], secret: bool) -> std::io::Result<()> {
     let mut options = std::fs::OpenOptions::new();
     options.write(true).create(true).truncate(true);
     if secret {
+        // The mode applies only when the file is created, so never reuse an old one.
+        let _ = std::fs::remove_file(path);
         options.mode(0o600);
     }
     options.open(path)?.write_all(bytes)

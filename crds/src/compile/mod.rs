@@ -269,3 +269,6 @@ fn object_ref<K: ResourceExt>(kind: Kind, obj: &K) -> ObjectRef {
         name,
     }
 }
+
+#[cfg(test)]
+mod tests;
