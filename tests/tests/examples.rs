@@ -121,3 +121,14 @@ fn a_valid_example_broken_by_one_field_fails_validation() {
         "{problems:#?}"
     );
 }
+
+#[test]
+fn edge_case_fixtures_are_accepted_by_the_crd_schemas() {
+    let validator = CrdValidator::from_committed();
+    let docs = yaml_documents(&repo_root().join("tests/fixtures/valid"));
+    assert!(docs.len() >= 6);
+    for (origin, doc) in &docs {
+        let problems = validator.validate(doc);
+        assert!(problems.is_empty(), "{origin}: {problems:#?}");
+    }
+}

@@ -31,7 +31,7 @@ use super::common::{
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
 #[x_kube(
-    validation = Rule::new("self.type == 'mock' || has(self.credentials)").message("credentials are required for every type except mock").reason(Reason::FieldValueRequired).field_path(".credentials"),
+    validation = Rule::new("!(self.type in ['openai', 'anthropic', 'azureOpenAI']) || has(self.credentials)").message("credentials are required for openai, anthropic and azureOpenAI").reason(Reason::FieldValueRequired).field_path(".credentials"),
     validation = Rule::new("!(self.type in ['azureOpenAI', 'openaiCompatible']) || has(self.baseUrl)").message("baseUrl is required for azureOpenAI and openaiCompatible").reason(Reason::FieldValueRequired).field_path(".baseUrl"),
     validation = Rule::new("(self.type == 'azureOpenAI') == has(self.azure)").message("azure must be set exactly when type is azureOpenAI").field_path(".azure"),
     validation = Rule::new("!has(self.mock) || self.type == 'mock'").message("mock settings are only allowed when type is mock").field_path(".mock"),
@@ -53,7 +53,8 @@ pub struct ProviderSpec {
     #[schemars(length(max = 2048), regex(pattern = r"^https?://[^\s]+$"))]
     pub base_url: Option<String>,
 
-    /// The upstream credential. Required for every type except `mock`.
+    /// The upstream credential. Required for `openai`, `anthropic` and `azureOpenAI`;
+    /// optional for `openaiCompatible` (a local Ollama needs none); unused by `mock`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub credentials: Option<Credentials>,
 
