@@ -242,7 +242,8 @@ fn base_url(object: &ObjectRef, spec: &ProviderSpec, report: &mut Report) -> Str
             object,
             reasons::INVALID_SPEC,
             field,
-            format!("{text:?} is not a valid URL: {e}"),
+            // Not echoed: a malformed URL may still carry a password.
+            format!("not a valid URL: {e}"),
         ),
         Ok(u) if !matches!(u.scheme(), "http" | "https") => report.error(
             object,

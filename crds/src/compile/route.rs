@@ -281,8 +281,12 @@ fn compile_one(
     if report.errors_for(object) > before + partial {
         return None;
     }
-    let mut retry_on = r.retry_on.clone();
-    retry_on.dedup();
+    let mut retry_on = Vec::with_capacity(r.retry_on.len());
+    for class in &r.retry_on {
+        if !retry_on.contains(class) {
+            retry_on.push(*class);
+        }
+    }
     Some((
         CompiledRoute {
             id: format!("{}/{}", object.namespace, object.name),
