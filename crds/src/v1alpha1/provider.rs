@@ -206,12 +206,13 @@ pub struct MockSettings {
     #[serde(default = "default_mock_chunk_interval")]
     #[schemars(regex(pattern = DURATION_PATTERN))]
     pub chunk_interval: String,
-    /// Number of completion tokens in each answer (one streamed chunk per token).
+    /// Number of completion tokens (words) in each answer, one streamed chunk each.
     #[serde(default = "default_mock_tokens")]
     #[schemars(range(min = 1, max = 100000))]
     pub completion_tokens: u32,
-    /// Fixed answer text; by default the mock echoes a digest of the last user message,
-    /// so answers are deterministic per prompt.
+    /// Fixed answer text, repeated or cut to `completionTokens` words. By default the
+    /// answer is a short sentence tagged with a digest of the request, so answers are
+    /// deterministic per request.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 65536))]
     pub reply: Option<String>,

@@ -1,0 +1,136 @@
+//! The one error type whose variants reach clients, rendered as OpenAI-style JSON:
+//! `{"error":{"message","type","param","code"}}`. Messages never contain keys,
+//! credentials or upstream internals.
+
+use axum::{
+    Json,
+    response::{IntoResponse, Response},
+};
+use http::StatusCode;
+use serde_json::json;
+
+/// An error answered to a client.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// No key, or a key that is unknown, disabled, revoked or expired (deliberately one
+    /// answer for all, so callers learn nothing about which).
+    #[error(
+        "Incorrect API key provided. Pass a valid key as `Authorization: Bearer <key>` or `x-api-key: <key>`."
+    )]
+    Unauthorized,
+    /// The key may not use this model.
+    #[error("This API key is not allowed to use the model `{0}`.")]
+    ModelNotAllowed(String),
+    /// No route serves this model.
+    #[error("The model `{0}` does not exist or you do not have access to it.")]
+    ModelNotFound(String),
+    /// The request is malformed.
+    #[error("{message}")]
+    BadRequest {
+        /// What is wrong.
+        message: String,
+        /// The offending parameter.
+        param: Option<&'static str>,
+    },
+    /// The body exceeds the configured limit.
+    #[error("Request body is larger than the limit of {0} bytes.")]
+    PayloadTooLarge(usize),
+    /// Wrong method or path.
+    #[error("Unknown request URL: {method} {path}.")]
+    NotFound {
+        /// Method.
+        method: String,
+        /// Path.
+        path: String,
+    },
+    /// No configuration has been loaded yet, or the gateway is shutting down.
+    #[error("The gateway is not ready to serve requests.")]
+    Unavailable,
+    /// A bug; details are logged, not returned.
+    #[error("The gateway hit an internal error. Request id: {0}.")]
+    Internal(String),
+}
+
+impl ApiError {
+    /// A 400 with a message and optional parameter name.
+    pub fn bad_request(message: impl Into<String>, param: Option<&'static str>) -> Self {
+        Self::BadRequest {
+            message: message.into(),
+            param,
+        }
+    }
+
+    /// HTTP status.
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Self::Unauthorized => StatusCode::UNAUTHORIZED,
+            Self::ModelNotAllowed(_) => StatusCode::FORBIDDEN,
+            Self::ModelNotFound(_) | Self::NotFound { .. } => StatusCode::NOT_FOUND,
+            Self::BadRequest { .. } => StatusCode::BAD_REQUEST,
+            Self::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    /// OpenAI's `type` field.
+    pub fn error_type(&self) -> &'static str {
+        match self {
+            Self::Unauthorized
+            | Self::ModelNotFound(_)
+            | Self::BadRequest { .. }
+            | Self::PayloadTooLarge(_)
+            | Self::NotFound { .. } => "invalid_request_error",
+            Self::ModelNotAllowed(_) => "permission_error",
+            Self::Unavailable => "service_unavailable",
+            Self::Internal(_) => "server_error",
+        }
+    }
+
+    /// OpenAI's `code` field: stable, machine-readable.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Self::Unauthorized => "invalid_api_key",
+            Self::ModelNotAllowed(_) => "model_not_allowed",
+            Self::ModelNotFound(_) => "model_not_found",
+            Self::BadRequest { .. } => "invalid_request",
+            Self::PayloadTooLarge(_) => "request_too_large",
+            Self::NotFound { .. } => "unknown_url",
+            Self::Unavailable => "not_ready",
+            Self::Internal(_) => "internal_error",
+        }
+    }
+
+    fn param(&self) -> Option<&'static str> {
+        match self {
+            Self::BadRequest { param, .. } => *param,
+            Self::ModelNotAllowed(_) | Self::ModelNotFound(_) => Some("model"),
+            _ => None,
+        }
+    }
+
+    /// The JSON body.
+    pub fn body(&self) -> serde_json::Value {
+        json!({
+            "error": {
+                "message": self.to_string(),
+                "type": self.error_type(),
+                "param": self.param(),
+                "code": self.code(),
+            }
+        })
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut response = (self.status(), Json(self.body())).into_response();
+        if matches!(self, Self::Unavailable) {
+            response.headers_mut().insert(
+                http::header::RETRY_AFTER,
+                http::HeaderValue::from_static("1"),
+            );
+        }
+        response
+    }
+}

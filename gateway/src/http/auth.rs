@@ -1,0 +1,40 @@
+//! Client authentication: `Authorization: Bearer <key>` or `x-api-key: <key>`, looked up by
+//! SHA-256 in the snapshot. Every failure is the same 401.
+
+use std::sync::Arc;
+
+use http::{HeaderMap, header};
+
+use crate::{
+    error::ApiError,
+    snapshot::{Key, Snapshot},
+};
+
+/// The key presented by the client, if any.
+fn presented(headers: &HeaderMap) -> Option<&str> {
+    if let Some(value) = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+    {
+        let (scheme, token) = value.trim().split_once(' ')?;
+        return scheme.eq_ignore_ascii_case("bearer").then(|| token.trim());
+    }
+    headers
+        .get("x-api-key")
+        .and_then(|v| v.to_str().ok())
+        .map(str::trim)
+}
+
+/// The calling key, or 401 for a missing, unknown or expired one.
+pub fn authenticate(headers: &HeaderMap, snapshot: &Snapshot) -> Result<Arc<Key>, ApiError> {
+    let token = presented(headers)
+        .filter(|t| !t.is_empty())
+        .ok_or(ApiError::Unauthorized)?;
+    let key = snapshot.key(token).ok_or(ApiError::Unauthorized)?;
+    if let Some(expires_at) = key.entry.expires_at
+        && jiff::Timestamp::now().as_second() >= expires_at
+    {
+        return Err(ApiError::Unauthorized);
+    }
+    Ok(key.clone())
+}

@@ -1,0 +1,35 @@
+//! Probes: `/livez` (the process answers) and `/readyz` (a configuration is loaded and
+//! the gateway is not draining), with details as JSON.
+
+use std::sync::{Arc, atomic::Ordering};
+
+use axum::{Json, extract::State, response::IntoResponse};
+use http::StatusCode;
+use serde_json::json;
+
+use super::AppState;
+
+pub async fn livez() -> impl IntoResponse {
+    Json(json!({ "status": "ok" }))
+}
+
+pub async fn readyz(State(state): State<Arc<AppState>>) -> impl IntoResponse {
+    let snapshot = state.config.current.load_full();
+    let draining = state.draining.load(Ordering::Relaxed);
+    let (status, code) = match (&snapshot, draining) {
+        (_, true) => ("draining", StatusCode::SERVICE_UNAVAILABLE),
+        (None, false) => ("notReady", StatusCode::SERVICE_UNAVAILABLE),
+        (Some(_), false) => ("ready", StatusCode::OK),
+    };
+    let body = json!({
+        "status": status,
+        "configHash": snapshot.as_ref().map(|s| s.config_hash.clone()),
+        "keys": snapshot.as_ref().map(|s| s.key_count()),
+        "reloads": {
+            "succeeded": state.config.reloads_ok.load(Ordering::Relaxed),
+            "failed": state.config.reloads_failed.load(Ordering::Relaxed),
+        },
+        "lastError": state.config.last_error(),
+    });
+    (code, Json(body))
+}

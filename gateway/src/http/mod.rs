@@ -1,0 +1,187 @@
+//! The HTTP surface: the router, its middleware stack, and the shared state handlers see.
+
+mod auth;
+mod chat;
+mod health;
+mod models;
+
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    time::{SystemTime, UNIX_EPOCH},
+};
+
+use axum::{
+    Router,
+    body::Body,
+    extract::Request,
+    response::{IntoResponse, Response},
+    routing::{get, post},
+};
+use http::{HeaderName, HeaderValue, Method, header};
+use tower::ServiceBuilder;
+use tower_http::{
+    catch_panic::CatchPanicLayer,
+    cors::{AllowOrigin, CorsLayer},
+    request_id::{MakeRequestId, PropagateRequestIdLayer, RequestId, SetRequestIdLayer},
+    set_header::SetResponseHeaderLayer,
+};
+
+use crate::{config_source::ConfigState, error::ApiError, snapshot::Snapshot};
+
+/// The request id header, honoured from clients and echoed back.
+pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+/// State shared by every handler.
+#[derive(Debug)]
+pub struct AppState {
+    /// Loaded configuration.
+    pub config: Arc<ConfigState>,
+    /// Body size limit.
+    pub max_body_bytes: usize,
+    /// Set on SIGTERM: readiness fails so traffic moves away before the listener closes.
+    pub draining: AtomicBool,
+}
+
+impl AppState {
+    /// The snapshot to serve this request with, or 503 before the first load.
+    pub fn snapshot(&self) -> Result<Arc<Snapshot>, ApiError> {
+        self.config.current.load_full().ok_or(ApiError::Unavailable)
+    }
+}
+
+/// Options for the middleware stack.
+#[derive(Debug, Clone, Default)]
+pub struct HttpOptions {
+    /// CORS origins; empty disables CORS.
+    pub cors_origins: Vec<String>,
+}
+
+/// The gateway's router with its middleware, in order from the outside in:
+/// panic → 500, request id (set, then echoed), CORS (when configured), security headers.
+pub fn app(state: Arc<AppState>, options: &HttpOptions) -> Router {
+    let api = Router::new()
+        .route("/v1/chat/completions", post(chat::chat_completions))
+        .route("/v1/models", get(models::list_models))
+        .route("/livez", get(health::livez))
+        .route("/readyz", get(health::readyz))
+        .fallback(unknown_route)
+        .with_state(state);
+
+    let cors = cors_layer(&options.cors_origins);
+    api.layer(
+        ServiceBuilder::new()
+            .layer(CatchPanicLayer::custom(panic_response))
+            .layer(SetRequestIdLayer::new(REQUEST_ID, RequestIds::default()))
+            .layer(PropagateRequestIdLayer::new(REQUEST_ID))
+            .option_layer(cors)
+            .layer(SetResponseHeaderLayer::if_not_present(
+                header::X_CONTENT_TYPE_OPTIONS,
+                HeaderValue::from_static("nosniff"),
+            ))
+            .layer(SetResponseHeaderLayer::if_not_present(
+                header::CACHE_CONTROL,
+                HeaderValue::from_static("no-store"),
+            )),
+    )
+}
+
+fn cors_layer(origins: &[String]) -> Option<CorsLayer> {
+    let origins: Vec<&String> = origins.iter().filter(|o| !o.trim().is_empty()).collect();
+    if origins.is_empty() {
+        return None;
+    }
+    let allow = if origins.iter().any(|o| o.trim() == "*") {
+        AllowOrigin::any()
+    } else {
+        AllowOrigin::list(
+            origins
+                .iter()
+                .filter_map(|o| HeaderValue::from_str(o.trim()).ok()),
+        )
+    };
+    Some(
+        CorsLayer::new()
+            .allow_origin(allow)
+            .allow_methods([Method::GET, Method::POST, Method::OPTIONS])
+            .allow_headers([
+                header::AUTHORIZATION,
+                header::CONTENT_TYPE,
+                HeaderName::from_static("x-api-key"),
+                REQUEST_ID,
+                HeaderName::from_static("anthropic-version"),
+            ])
+            .expose_headers([REQUEST_ID, HeaderName::from_static("x-tollgate-cache")]),
+    )
+}
+
+async fn unknown_route(request: Request) -> Response {
+    ApiError::NotFound {
+        method: request.method().to_string(),
+        path: request.uri().path().to_owned(),
+    }
+    .into_response()
+}
+
+fn panic_response(_: Box<dyn std::any::Any + Send + 'static>) -> Response<Body> {
+    // The request id is added on the way out by the propagation layer.
+    tracing::error!("handler panicked");
+    ApiError::Internal("see the x-request-id header".to_owned()).into_response()
+}
+
+/// Request ids for requests that bring none: a per-process random prefix and a counter,
+/// unique without coordination and cheap to make.
+#[derive(Clone, Debug)]
+struct RequestIds {
+    prefix: Arc<str>,
+    counter: Arc<AtomicU64>,
+}
+
+impl Default for RequestIds {
+    fn default() -> Self {
+        let nanos = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or_default();
+        let seed = (nanos as u64) ^ u64::from(std::process::id()).rotate_left(32);
+        Self {
+            prefix: format!("{seed:016x}").into(),
+            counter: Arc::new(AtomicU64::new(0)),
+        }
+    }
+}
+
+impl MakeRequestId for RequestIds {
+    fn make_request_id<B>(&mut self, _: &http::Request<B>) -> Option<RequestId> {
+        let n = self.counter.fetch_add(1, Ordering::Relaxed);
+        HeaderValue::from_str(&format!("req_{}{n:08x}", self.prefix))
+            .ok()
+            .map(RequestId::new)
+    }
+}
+
+/// The request id of a request (set by the middleware).
+pub fn request_id(headers: &http::HeaderMap) -> String {
+    headers
+        .get(REQUEST_ID)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_owned()
+}
+
+/// Reads a whole body, answering 413 beyond `limit`.
+pub async fn read_body(body: Body, limit: usize) -> Result<bytes::Bytes, ApiError> {
+    axum::body::to_bytes(body, limit).await.map_err(|e| {
+        let too_large = std::error::Error::source(&e).is_some_and(|s| {
+            s.downcast_ref::<http_body_util::LengthLimitError>()
+                .is_some()
+        }) || e.to_string().contains("length limit");
+        if too_large {
+            ApiError::PayloadTooLarge(limit)
+        } else {
+            ApiError::bad_request(format!("Could not read the request body: {e}"), None)
+        }
+    })
+}

@@ -1,0 +1,25 @@
+//! `GET /v1/models`: the models the calling key may use.
+
+use std::sync::Arc;
+
+use axum::{Json, extract::State};
+use http::HeaderMap;
+use serde_json::{Value, json};
+
+use super::{AppState, auth::authenticate};
+use crate::error::ApiError;
+
+pub async fn list_models(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+) -> Result<Json<Value>, ApiError> {
+    let snapshot = state.snapshot()?;
+    let key = authenticate(&headers, &snapshot)?;
+    let data: Vec<Value> = snapshot
+        .model_names()
+        .into_iter()
+        .filter(|(name, _)| key.may_use(name))
+        .map(|(id, owned_by)| json!({ "id": id, "object": "model", "created": 0, "owned_by": owned_by }))
+        .collect();
+    Ok(Json(json!({ "object": "list", "data": data })))
+}

@@ -1,0 +1,107 @@
+//! Running the gateway: load configuration, serve, reload in the background, and shut down
+//! gracefully on SIGTERM/SIGINT.
+
+use std::sync::{Arc, atomic::Ordering};
+
+use anyhow::Context;
+use tokio::net::TcpListener;
+
+use crate::{
+    config_source::{self, ConfigState, Source},
+    http::{AppState, HttpOptions, app},
+    settings::Settings,
+};
+
+/// Runs until a shutdown signal has been handled.
+pub async fn run(settings: Settings) -> anyhow::Result<()> {
+    let source = match &settings.resources {
+        Some(path) => Source::Resources(path.clone()),
+        None => Source::ConfigDirs(settings.config_dirs.clone()),
+    };
+    let config = Arc::new(ConfigState::default());
+    let fingerprint = config_source::load_initial(&source, &config).await;
+    if config.current.load().is_none() {
+        match &source {
+            // Standalone: the manifests are right here; failing to load them is fatal.
+            Source::Resources(path) => anyhow::bail!(
+                "could not load {}: {}",
+                path.display(),
+                config.last_error().unwrap_or_default()
+            ),
+            // In a pod the operator may not have written the files yet: serve probes as
+            // not ready and keep looking.
+            Source::ConfigDirs(_) => {
+                tracing::warn!("no configuration yet; /readyz reports notReady until one loads")
+            }
+        }
+    }
+    tokio::spawn(config_source::watch(
+        source,
+        config.clone(),
+        settings.reload_interval,
+        fingerprint,
+    ));
+
+    let state = Arc::new(AppState {
+        config,
+        max_body_bytes: settings.max_body_bytes,
+        draining: Default::default(),
+    });
+    let router = app(
+        state.clone(),
+        &HttpOptions {
+            cors_origins: settings.cors_origins.clone(),
+        },
+    );
+    let listener = TcpListener::bind(settings.listen)
+        .await
+        .with_context(|| format!("binding {}", settings.listen))?;
+    let addr = listener.local_addr()?;
+    tracing::info!(%addr, "listening");
+
+    let drain_delay = settings.drain_delay;
+    let shutdown_timeout = settings.shutdown_timeout;
+    let shutdown_state = state.clone();
+    let shutdown = async move {
+        shutdown_signal().await;
+        shutdown_state.draining.store(true, Ordering::Relaxed);
+        tracing::info!(
+            ?drain_delay,
+            "shutdown requested: readiness now fails; draining"
+        );
+        tokio::time::sleep(drain_delay).await;
+        tracing::info!(
+            ?shutdown_timeout,
+            "closing the listener; waiting for in-flight requests"
+        );
+        // Bound the drain: exit even if a stream never ends.
+        tokio::spawn(async move {
+            tokio::time::sleep(shutdown_timeout).await;
+            tracing::warn!("in-flight requests did not finish in time; exiting");
+            std::process::exit(0);
+        });
+    };
+    axum::serve(listener, router)
+        .with_graceful_shutdown(shutdown)
+        .await?;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        () = ctrl_c => {}
+        () = term => {}
+    }
+}

@@ -1,0 +1,80 @@
+//! Process settings, from flags or `TOLLGATE_*` environment variables.
+
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
+
+use clap::{ArgGroup, Parser, ValueEnum};
+
+/// Tollgate gateway: an OpenAI- and Anthropic-compatible gateway for LLM APIs.
+///
+/// Configuration comes either from the files the Tollgate operator mounts
+/// (`--config-dir`, repeatable) or, standalone, from the same custom-resource manifests you
+/// would `kubectl apply` (`--resources`). Either source is re-read while running; a
+/// configuration that fails to load is rejected and the last good one keeps serving.
+#[derive(Debug, Clone, Parser)]
+#[command(version, about, long_about)]
+#[command(group(ArgGroup::new("source").required(true).args(["resources", "config_dirs"])))]
+pub struct Settings {
+    /// A manifest file or directory (Provider, RoutePolicy, ApiKey and Secret objects),
+    /// compiled at start and whenever it changes. Standalone mode: no cluster needed.
+    #[arg(long, env = "TOLLGATE_RESOURCES", value_name = "PATH")]
+    pub resources: Option<PathBuf>,
+
+    /// Directory holding compiled configuration files written by the operator
+    /// (manifest.json, routing.json, credentials.json, keys-*.json). Repeat, or separate
+    /// with commas, for the ConfigMap and Secret mounts.
+    #[arg(
+        long = "config-dir",
+        env = "TOLLGATE_CONFIG_DIRS",
+        value_name = "DIR",
+        value_delimiter = ','
+    )]
+    pub config_dirs: Vec<PathBuf>,
+
+    /// Address for client traffic and the /livez and /readyz probes.
+    #[arg(long, env = "TOLLGATE_LISTEN", default_value = "0.0.0.0:8080")]
+    pub listen: SocketAddr,
+
+    /// How often the configuration source is checked for changes.
+    #[arg(long, env = "TOLLGATE_RELOAD_INTERVAL", default_value = "2s", value_parser = parse_duration)]
+    pub reload_interval: Duration,
+
+    /// Largest accepted request body in bytes (long prompts and base64 images need room).
+    #[arg(long, env = "TOLLGATE_MAX_BODY_BYTES", default_value_t = 32 * 1024 * 1024)]
+    pub max_body_bytes: usize,
+
+    /// Browser origins allowed to call the API (CORS), comma-separated; `*` allows any.
+    /// Empty (the default) sends no CORS headers, so browsers refuse cross-origin calls.
+    #[arg(long, env = "TOLLGATE_CORS_ORIGINS", value_delimiter = ',')]
+    pub cors_origins: Vec<String>,
+
+    /// Log format: `json` (one object per line), `text`, or `auto` (text on a terminal,
+    /// json otherwise). The level comes from RUST_LOG (default `info`).
+    #[arg(long, env = "TOLLGATE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Auto)]
+    pub log_format: LogFormat,
+
+    /// On SIGTERM, how long /readyz reports "draining" before the listener closes, so load
+    /// balancers stop sending new requests first.
+    #[arg(long, env = "TOLLGATE_DRAIN_DELAY", default_value = "5s", value_parser = parse_duration)]
+    pub drain_delay: Duration,
+
+    /// After the listener closes, how long in-flight requests and streams may take to
+    /// finish before the process exits anyway. Keep terminationGracePeriodSeconds above
+    /// drain delay + this.
+    #[arg(long, env = "TOLLGATE_SHUTDOWN_TIMEOUT", default_value = "20s", value_parser = parse_duration)]
+    pub shutdown_timeout: Duration,
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// Text on a terminal, JSON otherwise.
+    Auto,
+    /// One JSON object per line.
+    Json,
+    /// Human-readable.
+    Text,
+}
+
+fn parse_duration(text: &str) -> Result<Duration, String> {
+    tollgate_api::duration::parse(text)
+}

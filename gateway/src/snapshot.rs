@@ -1,0 +1,219 @@
+//! An immutable, request-ready view of one [`GatewayConfig`]: hash maps and compiled globs
+//! built once per reload, so the hot path does lookups only.
+
+use std::{collections::HashMap, sync::Arc};
+
+use sha2::{Digest, Sha256};
+use tollgate_api::{
+    compile::patterns,
+    config::{CompiledKey, CompiledProvider, CompiledRoute, GatewayConfig},
+};
+
+/// A model name matcher: exact names plus globs.
+#[derive(Debug, Default)]
+pub struct ModelSet {
+    exact: std::collections::HashSet<String>,
+    globs: Vec<globset::GlobMatcher>,
+}
+
+impl ModelSet {
+    fn new(patterns_in: &[String]) -> Self {
+        let mut set = Self::default();
+        for p in patterns_in {
+            if patterns::is_glob(p) {
+                // compile already rejected invalid globs.
+                if let Ok(g) = patterns::compile_glob(p) {
+                    set.globs.push(g);
+                }
+            } else {
+                set.exact.insert(p.clone());
+            }
+        }
+        set
+    }
+
+    /// Whether the set is empty (an empty allow-list allows everything).
+    pub fn is_empty(&self) -> bool {
+        self.exact.is_empty() && self.globs.is_empty()
+    }
+
+    /// Whether `model` is in the set.
+    pub fn contains(&self, model: &str) -> bool {
+        self.exact.contains(model) || self.globs.iter().any(|g| g.is_match(model))
+    }
+}
+
+/// A key as the hot path needs it.
+#[derive(Debug)]
+pub struct Key {
+    /// Compiled entry (id, owner, limits, budget…).
+    pub entry: CompiledKey,
+    /// Allowed models; empty allows all.
+    pub allowed: ModelSet,
+}
+
+impl Key {
+    /// Whether the key may call `model`.
+    pub fn may_use(&self, model: &str) -> bool {
+        self.allowed.is_empty() || self.allowed.contains(model)
+    }
+}
+
+/// A provider plus its credential.
+pub struct Provider {
+    /// Compiled settings.
+    pub config: CompiledProvider,
+    /// The credential, if any.
+    pub credential: Option<String>,
+}
+
+// Never print the credential.
+impl std::fmt::Debug for Provider {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Provider")
+            .field("config", &self.config)
+            .field(
+                "credential",
+                &self.credential.as_ref().map(|_| "<redacted>"),
+            )
+            .finish()
+    }
+}
+
+/// One served configuration.
+#[derive(Debug)]
+pub struct Snapshot {
+    /// Hash identifying the configuration.
+    pub config_hash: String,
+    keys: HashMap<[u8; 32], Arc<Key>>,
+    exact_routes: HashMap<String, usize>,
+    glob_routes: Vec<(globset::GlobMatcher, usize)>,
+    routes: Vec<Arc<CompiledRoute>>,
+    providers: HashMap<String, Arc<Provider>>,
+}
+
+impl Snapshot {
+    /// Builds the lookup structures.
+    pub fn new(config: GatewayConfig, config_hash: String) -> Self {
+        let GatewayConfig {
+            routing,
+            mut credentials,
+            keys,
+        } = config;
+        let providers = routing
+            .providers
+            .into_iter()
+            .map(|(id, config)| {
+                let credential = credentials.providers.remove(&id);
+                (id, Arc::new(Provider { config, credential }))
+            })
+            .collect();
+
+        let mut exact_routes = HashMap::new();
+        let mut globs: Vec<(usize, String, globset::GlobMatcher, usize)> = Vec::new();
+        for (i, route) in routing.routes.iter().enumerate() {
+            for name in &route.exact {
+                exact_routes.insert(name.clone(), i);
+            }
+            for glob in &route.globs {
+                if let Ok(m) = patterns::compile_glob(glob) {
+                    globs.push((patterns::specificity(glob), route.id.clone(), m, i));
+                }
+            }
+        }
+        // Most specific glob first; ties go to the route id, so the order is stable.
+        globs.sort_by(|a, b| b.0.cmp(&a.0).then_with(|| a.1.cmp(&b.1)));
+        let glob_routes = globs.into_iter().map(|(_, _, m, i)| (m, i)).collect();
+
+        let keys = keys
+            .keys
+            .into_iter()
+            .filter_map(|entry| {
+                let hash = decode_hex32(&entry.sha256)?;
+                let allowed = ModelSet::new(&entry.allowed_models);
+                Some((hash, Arc::new(Key { entry, allowed })))
+            })
+            .collect();
+
+        Self {
+            config_hash,
+            keys,
+            exact_routes,
+            glob_routes,
+            routes: routing.routes.into_iter().map(Arc::new).collect(),
+            providers,
+        }
+    }
+
+    /// The key whose SHA-256 matches the presented secret, if any (expiry not checked).
+    pub fn key(&self, presented: &str) -> Option<&Arc<Key>> {
+        let digest: [u8; 32] = Sha256::digest(presented.as_bytes()).into();
+        self.keys.get(&digest)
+    }
+
+    /// The route serving `model`: an exact name first, then the most specific glob.
+    pub fn route(&self, model: &str) -> Option<&Arc<CompiledRoute>> {
+        let index = self.exact_routes.get(model).copied().or_else(|| {
+            self.glob_routes
+                .iter()
+                .find(|(g, _)| g.is_match(model))
+                .map(|(_, i)| *i)
+        })?;
+        self.routes.get(index)
+    }
+
+    /// A provider by id.
+    pub fn provider(&self, id: &str) -> Option<&Arc<Provider>> {
+        self.providers.get(id)
+    }
+
+    /// Every concrete model name clients can ask for: exact route names, plus the
+    /// provider models a glob route would send through unchanged.
+    pub fn model_names(&self) -> Vec<(String, String)> {
+        let mut out = std::collections::BTreeMap::new();
+        for name in self.exact_routes.keys() {
+            if let Some(route) = self.route(name) {
+                out.insert(name.clone(), owner_of(route));
+            }
+        }
+        for route in &self.routes {
+            if route.globs.is_empty() {
+                continue;
+            }
+            for target in route.tiers.iter().flatten().filter(|t| t.model.is_none()) {
+                let Some(provider) = self.providers.get(&target.provider) else {
+                    continue;
+                };
+                for model in provider.config.models.keys() {
+                    // Only names this route actually wins.
+                    if self.route(model).is_some_and(|r| Arc::ptr_eq(r, route)) {
+                        out.insert(model.clone(), owner_of(route));
+                    }
+                }
+            }
+        }
+        out.into_iter().collect()
+    }
+
+    /// Number of accepted key entries.
+    pub fn key_count(&self) -> usize {
+        self.keys.len()
+    }
+}
+
+fn owner_of(route: &CompiledRoute) -> String {
+    format!("tollgate:{}", route.id)
+}
+
+fn decode_hex32(hex: &str) -> Option<[u8; 32]> {
+    let bytes = hex.as_bytes();
+    if bytes.len() != 64 {
+        return None;
+    }
+    let mut out = [0u8; 32];
+    for (i, pair) in bytes.chunks(2).enumerate() {
+        let digit = |c: u8| (c as char).to_digit(16);
+        out[i] = (digit(pair[0])? * 16 + digit(pair[1])?) as u8;
+    }
+    Some(out)
+}
