@@ -173,8 +173,11 @@ fn kubelet_publish(dir: &Path, version: &str, files: &[(String, Vec<u8>)]) {
     std::fs::rename(&tmp, dir.join("..data")).unwrap();
 }
 
+/// Files by name, as a mounted volume holds them.
+type Files = Vec<(String, Vec<u8>)>;
+
 /// Compiles `resources` and returns (ConfigMap files, Secret files).
-fn compiled_parts(resources: &Path) -> (Vec<(String, Vec<u8>)>, Vec<(String, Vec<u8>)>) {
+fn compiled_parts(resources: &Path) -> (Files, Files) {
     use tollgate_api::{compile, manifests, parts};
     let loaded = manifests::load_path(resources).unwrap();
     let secrets = compile::SecretStore::new(&loaded.secrets, compile::DEFAULT_NAMESPACE);
