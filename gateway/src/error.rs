@@ -43,6 +43,18 @@ pub enum ApiError {
         /// Path.
         path: String,
     },
+    /// Every attempt failed at the upstream (5xx, unreachable, credentials refused).
+    #[error("{0}")]
+    Upstream(String),
+    /// Every attempt timed out.
+    #[error("The upstream did not answer in time.")]
+    UpstreamTimeout,
+    /// The upstream kept answering 429.
+    #[error("The upstream provider is rate limiting requests; retry later.")]
+    UpstreamRateLimited(Option<std::time::Duration>),
+    /// The route leads only to providers this build cannot call.
+    #[error("{0}")]
+    NotImplemented(String),
     /// No configuration has been loaded yet, or the gateway is shutting down.
     #[error("The gateway is not ready to serve requests.")]
     Unavailable,
@@ -70,6 +82,10 @@ impl ApiError {
             Self::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             Self::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            Self::Upstream(_) => StatusCode::BAD_GATEWAY,
+            Self::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
+            Self::UpstreamRateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
+            Self::NotImplemented(_) => StatusCode::NOT_IMPLEMENTED,
         }
     }
 
@@ -83,7 +99,11 @@ impl ApiError {
             | Self::NotFound { .. } => "invalid_request_error",
             Self::ModelNotAllowed(_) => "permission_error",
             Self::Unavailable => "service_unavailable",
-            Self::Internal(_) => "server_error",
+            Self::Internal(_)
+            | Self::Upstream(_)
+            | Self::UpstreamTimeout
+            | Self::NotImplemented(_) => "server_error",
+            Self::UpstreamRateLimited(_) => "rate_limit_error",
         }
     }
 
@@ -98,6 +118,10 @@ impl ApiError {
             Self::NotFound { .. } => "unknown_url",
             Self::Unavailable => "not_ready",
             Self::Internal(_) => "internal_error",
+            Self::Upstream(_) => "upstream_error",
+            Self::UpstreamTimeout => "upstream_timeout",
+            Self::UpstreamRateLimited(_) => "upstream_rate_limited",
+            Self::NotImplemented(_) => "not_implemented",
         }
     }
 

@@ -59,12 +59,15 @@ impl Key {
     }
 }
 
-/// A provider plus its credential.
+/// A provider plus its credential and HTTP client.
 pub struct Provider {
     /// Compiled settings.
     pub config: CompiledProvider,
     /// The credential, if any.
     pub credential: Option<String>,
+    /// Pooled client for upstream calls (`None` for providers the gateway does not call
+    /// over HTTP, such as the mock).
+    pub client: Option<reqwest::Client>,
 }
 
 // Never print the credential.
@@ -105,7 +108,12 @@ impl Snapshot {
             .into_iter()
             .map(|(id, config)| {
                 let credential = credentials.providers.remove(&id);
-                (id, Arc::new(Provider { config, credential }))
+                let client = crate::upstream::speaks_openai(config.provider_type)
+                    .then(|| crate::upstream::client_for(&config))
+                    .and_then(|built| {
+                        built.map_err(|e| tracing::error!(provider = %id, error = %e, "cannot build an HTTP client")).ok()
+                    });
+                (id, Arc::new(Provider { config, credential, client }))
             })
             .collect();
 

@@ -1,0 +1,351 @@
+//! Sending one client request to its route's targets: attempt order, retries with backoff,
+//! fallback across tiers, timeouts, and relaying the answer (streamed as it arrives).
+//!
+//! Retries and fallback happen only before anything has been sent to the client: once a
+//! stream has started, a failure ends it with an error event instead.
+
+use std::{
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use axum::{
+    Json,
+    body::Body,
+    response::{IntoResponse, Response},
+};
+use bytes::Bytes;
+use futures_util::{Stream, StreamExt, stream};
+use http::{HeaderValue, StatusCode, header};
+use serde_json::json;
+use tollgate_api::{
+    config::{CompiledMock, CompiledRoute},
+    v1alpha1::{ProviderType, RetryOn},
+};
+
+use crate::{
+    error::ApiError,
+    providers::mock,
+    request::{RequestHead, estimate_prompt_tokens},
+    routing::{attempt_order, backoff},
+    snapshot::{Provider, Snapshot},
+    upstream::{self, Operation},
+};
+
+/// Longest upstream `Retry-After` the gateway waits for before retrying the same target.
+const MAX_RETRY_AFTER_WAIT: Duration = Duration::from_secs(10);
+
+/// One request on its way upstream.
+#[derive(Debug)]
+pub struct Forward<'a> {
+    /// The configuration it is served with.
+    pub snapshot: &'a Snapshot,
+    /// Its route.
+    pub route: &'a CompiledRoute,
+    /// Parsed head of the body.
+    pub head: &'a RequestHead,
+    /// The original body.
+    pub body: Bytes,
+    /// Request id, forwarded upstream.
+    pub request_id: String,
+    /// The operation.
+    pub operation: Operation,
+}
+
+/// Why an attempt failed.
+#[derive(Debug)]
+enum Failure {
+    Connect(String),
+    Timeout,
+    RateLimited(Option<Duration>),
+    Server(StatusCode),
+    Credentials(String),
+    Unsupported(String),
+    NoModel(String),
+}
+
+impl Failure {
+    fn retryable(&self, retry_on: &[RetryOn]) -> bool {
+        match self {
+            Self::Connect(_) => retry_on.contains(&RetryOn::ConnectError),
+            Self::Timeout => retry_on.contains(&RetryOn::Timeout),
+            Self::RateLimited(_) => retry_on.contains(&RetryOn::RateLimited),
+            Self::Server(_) => retry_on.contains(&RetryOn::ServerError),
+            // Another target may be configured correctly: move on without counting on luck.
+            Self::Credentials(_) | Self::Unsupported(_) | Self::NoModel(_) => true,
+        }
+    }
+
+    fn into_error(self) -> ApiError {
+        match self {
+            Self::Connect(provider) => ApiError::Upstream(format!(
+                "The upstream provider {provider} could not be reached."
+            )),
+            Self::Timeout => ApiError::UpstreamTimeout,
+            Self::RateLimited(after) => ApiError::UpstreamRateLimited(after),
+            Self::Server(status) => ApiError::Upstream(format!(
+                "The upstream provider failed with HTTP {}.",
+                status.as_u16()
+            )),
+            Self::Credentials(provider) => ApiError::Upstream(format!(
+                "The upstream provider {provider} rejected the gateway's credentials."
+            )),
+            Self::Unsupported(message) => ApiError::NotImplemented(message),
+            Self::NoModel(model) => ApiError::ModelNotFound(model),
+        }
+    }
+}
+
+/// Tries the route's targets in order until one answers.
+pub async fn forward(req: Forward<'_>) -> Result<Response, ApiError> {
+    let route = req.route;
+    let mut rng = fastrand::Rng::new();
+    let order = attempt_order(&route.tiers, &mut rng);
+    if order.is_empty() {
+        return Err(ApiError::ModelNotFound(req.head.model.clone()));
+    }
+    let started = Instant::now();
+    let deadline = route
+        .total_timeout_ms
+        .map(|ms| started + Duration::from_millis(ms));
+    let budget = 1 + route.retry_attempts as usize;
+    let mut last: Option<(Failure, &str)> = None;
+
+    for (attempt, target) in order.iter().cycle().take(budget).enumerate() {
+        if attempt > 0 {
+            let mut wait = backoff(
+                attempt as u32,
+                route.retry_initial_backoff_ms,
+                route.retry_max_backoff_ms,
+                &mut rng,
+            );
+            if let Some((Failure::RateLimited(Some(after)), provider)) = &last
+                && *provider == target.provider
+            {
+                wait = wait.max((*after).min(MAX_RETRY_AFTER_WAIT));
+            }
+            if let Some(d) = deadline
+                && Instant::now() + wait >= d
+            {
+                break;
+            }
+            tokio::time::sleep(wait).await;
+        }
+        let Some(provider) = req.snapshot.provider(&target.provider) else {
+            continue;
+        };
+        let model = target.model.as_deref().unwrap_or(&req.head.model);
+        let failure = match attempt_once(&req, provider, model, deadline).await {
+            Ok(response) => return Ok(response),
+            Err(failure) => failure,
+        };
+        tracing::debug!(attempt, provider = %target.provider, ?failure, "upstream attempt failed");
+        let retryable = failure.retryable(&route.retry_on);
+        last = Some((failure, target.provider.as_str()));
+        if !retryable {
+            break;
+        }
+    }
+    Err(last.map_or(ApiError::UpstreamTimeout, |(f, _)| f.into_error()))
+}
+
+async fn attempt_once(
+    req: &Forward<'_>,
+    provider: &Arc<Provider>,
+    model: &str,
+    deadline: Option<Instant>,
+) -> Result<Response, Failure> {
+    let config = &provider.config;
+    let Some(compiled_model) = config.models.get(model) else {
+        return Err(Failure::NoModel(req.head.model.clone()));
+    };
+    if config.provider_type == ProviderType::Mock {
+        return Ok(serve_mock(req, config.mock.clone().unwrap_or_else(default_mock)).await);
+    }
+    let Some(client) = provider
+        .client
+        .as_ref()
+        .filter(|_| upstream::speaks_openai(config.provider_type))
+    else {
+        return Err(Failure::Unsupported(format!(
+            "The model `{}` is routed to a {} provider, which this gateway build cannot call yet.",
+            req.head.model,
+            config.provider_type.as_str()
+        )));
+    };
+
+    let upstream_model = compiled_model.upstream_name.as_str();
+    let body = upstream::body(&req.body, &req.head.model, upstream_model)
+        .map_err(|_| Failure::NoModel(model.to_owned()))?;
+    let url = upstream::endpoint(config, req.operation, upstream_model);
+    let headers = upstream::headers(config, provider.credential.as_deref(), &req.request_id);
+
+    let mut per_try = Duration::from_millis(config.request_timeout_ms);
+    if let Some(d) = deadline {
+        per_try = per_try.min(d.saturating_duration_since(Instant::now()));
+    }
+    let attempt_deadline = Instant::now() + per_try;
+    let sent =
+        tokio::time::timeout(per_try, client.post(url).headers(headers).body(body).send()).await;
+    let response = match sent {
+        Err(_) => return Err(Failure::Timeout),
+        Ok(Err(e)) if e.is_timeout() => return Err(Failure::Timeout),
+        Ok(Err(_)) => return Err(Failure::Connect(config.id.clone())),
+        Ok(Ok(r)) => r,
+    };
+    let status = response.status();
+    match status.as_u16() {
+        200..=299 => {}
+        429 => {
+            return Err(Failure::RateLimited(upstream::retry_after(
+                response.headers(),
+            )));
+        }
+        500 | 502 | 503 | 504 | 529 => return Err(Failure::Server(status)),
+        401 | 403 => return Err(Failure::Credentials(config.id.clone())),
+        // The upstream judged the request itself (400, 404, 422…): the client should see
+        // exactly what it said.
+        _ => return relay_whole(response, attempt_deadline).await,
+    }
+    if req.head.stream {
+        Ok(relay_stream(
+            response,
+            Duration::from_millis(config.stream_idle_timeout_ms),
+        ))
+    } else {
+        relay_whole(response, attempt_deadline).await
+    }
+}
+
+/// Relays a complete (non-streamed) upstream answer.
+async fn relay_whole(response: reqwest::Response, deadline: Instant) -> Result<Response, Failure> {
+    let status = response.status();
+    let content_type = response.headers().get(header::CONTENT_TYPE).cloned();
+    let remaining = deadline.saturating_duration_since(Instant::now());
+    let bytes = match tokio::time::timeout(remaining, response.bytes()).await {
+        Err(_) => return Err(Failure::Timeout),
+        Ok(Err(_)) => return Err(Failure::Server(StatusCode::BAD_GATEWAY)),
+        Ok(Ok(b)) => b,
+    };
+    let mut out = Response::new(Body::from(bytes));
+    *out.status_mut() = status;
+    out.headers_mut().insert(
+        header::CONTENT_TYPE,
+        content_type.unwrap_or_else(|| HeaderValue::from_static("application/json")),
+    );
+    Ok(out)
+}
+
+/// Relays an upstream SSE stream chunk by chunk. A broken or silent upstream ends the
+/// stream with an OpenAI-style error event rather than a silent cut. Dropping the
+/// response (client gone) drops the upstream connection.
+fn relay_stream(response: reqwest::Response, idle: Duration) -> Response {
+    let mut out = Response::new(Body::from_stream(relay_chunks(
+        response.bytes_stream(),
+        idle,
+    )));
+    let headers = out.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/event-stream"),
+    );
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    headers.insert("x-accel-buffering", HeaderValue::from_static("no"));
+    out
+}
+
+fn relay_chunks<S>(
+    upstream: S,
+    idle: Duration,
+) -> impl Stream<Item = Result<Bytes, std::io::Error>> + Send + 'static
+where
+    S: Stream<Item = Result<Bytes, reqwest::Error>> + Send + Unpin + 'static,
+{
+    stream::unfold((upstream, false), move |(mut s, finished)| async move {
+        if finished {
+            return None;
+        }
+        match tokio::time::timeout(idle, s.next()).await {
+            Ok(Some(Ok(bytes))) => Some((Ok(bytes), (s, false))),
+            Ok(None) => None,
+            Ok(Some(Err(_))) => Some((
+                Ok(stream_error("The upstream stream was interrupted.")),
+                (s, true),
+            )),
+            Err(_) => Some((
+                Ok(stream_error(
+                    "The upstream stream went silent and was abandoned.",
+                )),
+                (s, true),
+            )),
+        }
+    })
+}
+
+/// An SSE error event in OpenAI's error shape.
+fn stream_error(message: &str) -> Bytes {
+    mock::sse(
+        &json!({ "error": { "message": message, "type": "server_error", "param": null, "code": "upstream_stream_error" } }),
+    )
+}
+
+fn default_mock() -> CompiledMock {
+    CompiledMock {
+        latency_ms: 0,
+        chunk_interval_ms: 0,
+        completion_tokens: 16,
+        reply: None,
+    }
+}
+
+async fn serve_mock(req: &Forward<'_>, settings: CompiledMock) -> Response {
+    let id = format!("chatcmpl-{}", req.request_id);
+    let created = jiff::Timestamp::now().as_second();
+    let answer = mock::answer(&settings, &req.body, estimate_prompt_tokens(&req.body));
+    if settings.latency_ms > 0 {
+        tokio::time::sleep(Duration::from_millis(settings.latency_ms)).await;
+    }
+    if req.head.stream {
+        let frames = mock::chat_stream(
+            answer,
+            &settings,
+            id,
+            req.head.model.clone(),
+            created,
+            req.head.include_usage(),
+        );
+        let mut response = Response::new(Body::from_stream(frames.map(Ok::<_, std::io::Error>)));
+        let headers = response.headers_mut();
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/event-stream"),
+        );
+        headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+        headers.insert("x-accel-buffering", HeaderValue::from_static("no"));
+        return response;
+    }
+    Json(mock::chat_completion(
+        &answer,
+        &id,
+        &req.head.model,
+        created,
+    ))
+    .into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_silent_stream_ends_with_an_error_event() {
+        let upstream =
+            stream::iter(vec![Ok(Bytes::from_static(b"data: {}\n\n"))]).chain(stream::pending());
+        let chunks: Vec<Bytes> = relay_chunks(Box::pin(upstream), Duration::from_millis(50))
+            .map(|c| c.unwrap())
+            .collect()
+            .await;
+        assert_eq!(chunks.len(), 2);
+        assert!(String::from_utf8_lossy(&chunks[1]).contains("upstream_stream_error"));
+    }
+}
