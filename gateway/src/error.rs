@@ -149,11 +149,17 @@ impl ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let mut response = (self.status(), Json(self.body())).into_response();
-        if matches!(self, Self::Unavailable) {
-            response.headers_mut().insert(
-                http::header::RETRY_AFTER,
-                http::HeaderValue::from_static("1"),
-            );
+        let retry_after = match &self {
+            Self::Unavailable => Some(1),
+            Self::UpstreamRateLimited(after) => {
+                Some(after.map_or(1, |d| d.as_secs_f64().ceil().max(1.0) as u64))
+            }
+            _ => None,
+        };
+        if let Some(secs) = retry_after {
+            response
+                .headers_mut()
+                .insert(http::header::RETRY_AFTER, http::HeaderValue::from(secs));
         }
         response
     }

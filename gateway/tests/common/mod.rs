@@ -125,3 +125,4 @@ where
     }
     false
 }
+pub mod upstream;

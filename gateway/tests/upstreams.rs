@@ -1,0 +1,383 @@
+//! Calls to OpenAI-style upstreams through the real gateway binary: byte-for-byte
+//! forwarding, credentials, Azure URLs, retries, Retry-After, fallback, error relay,
+//! timeouts and streaming without buffering.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use common::{
+    Gateway, client,
+    upstream::{Reply, Upstream, completion},
+};
+use serde_json::{Value, json};
+
+const KEY: &str = "tg_upstreamTestsClientKey00000000000000001";
+const UPSTREAM_TOKEN: &str = "sk-upstream-secret-token";
+
+/// Writes a standalone config: provider `up` (openaiCompatible at `upstream`) serving
+/// `gpt-4o`, a RoutePolicy `chat` with `route_extra` YAML, and a client key.
+fn config(dir: &std::path::Path, providers: &str, route: &str) {
+    let text = format!(
+        "apiVersion: v1\nkind: Secret\nmetadata: {{name: up-credentials}}\nstringData: {{token: {UPSTREAM_TOKEN}}}\n---\n\
+         apiVersion: v1\nkind: Secret\nmetadata: {{name: client-key}}\nstringData: {{apiKey: {KEY}}}\n---\n\
+         apiVersion: tollgate.dev/v1alpha1\nkind: ApiKey\nmetadata: {{name: client}}\nspec: {{owner: tests}}\n---\n\
+         {providers}---\n\
+         apiVersion: tollgate.dev/v1alpha1\nkind: RoutePolicy\nmetadata: {{name: chat}}\nspec:\n{route}"
+    );
+    std::fs::write(dir.join("config.yaml"), text).unwrap();
+}
+
+fn provider(name: &str, kind: &str, base_url: &str, extra: &str) -> String {
+    format!(
+        "apiVersion: tollgate.dev/v1alpha1\nkind: Provider\nmetadata: {{name: {name}}}\nspec:\n  type: {kind}\n  baseUrl: {base_url}\n\
+         \x20 credentials: {{secretRef: {{name: up-credentials, key: token}}}}\n  models: [{{name: gpt-4o}}, {{name: renamed, upstreamName: gpt-4o-2024-08-06}}]\n{extra}"
+    )
+}
+
+fn simple_route(extra: &str) -> String {
+    format!("  models: [gpt-4o, renamed]\n  targets: [{{provider: up}}]\n{extra}")
+}
+
+async fn start(providers: &str, route: &str) -> (Gateway, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    config(dir.path(), providers, route);
+    let gw = Gateway::start(&["--resources", dir.path().to_str().unwrap()]);
+    (gw, dir)
+}
+
+async fn post(gw: &Gateway, body: &str) -> reqwest::Response {
+    client()
+        .post(gw.url("/v1/chat/completions"))
+        .bearer_auth(KEY)
+        .header("content-type", "application/json")
+        .body(body.to_owned())
+        .send()
+        .await
+        .unwrap()
+}
+
+const BODY: &str = r#"{ "model": "gpt-4o",  "messages": [{"role": "user", "content": "hi"}], "temperature": 0.25, "x_extra": [1, 2] }"#;
+
+#[tokio::test]
+async fn requests_are_forwarded_byte_for_byte_with_the_provider_credential_only() {
+    let up = Upstream::start().await;
+    let (gw, _dir) = start(
+        &provider("up", "openaiCompatible", &up.base_url(), ""),
+        &simple_route(""),
+    )
+    .await;
+    let resp = post(&gw, BODY).await;
+    assert_eq!(resp.status(), 200);
+    let answer: Value = resp.json().await.unwrap();
+    assert_eq!(
+        answer["choices"][0]["message"]["content"],
+        "upstream says hi"
+    );
+
+    let seen = up.received();
+    assert_eq!(seen.len(), 1);
+    assert_eq!(seen[0].path_and_query, "/v1/chat/completions");
+    assert_eq!(
+        seen[0].body,
+        Bytes::from_static(BODY.as_bytes()),
+        "the original bytes, untouched"
+    );
+    assert_eq!(
+        seen[0].headers["authorization"],
+        format!("Bearer {UPSTREAM_TOKEN}")
+    );
+    let all_headers = format!("{:?}", seen[0].headers);
+    assert!(
+        !all_headers.contains(KEY),
+        "the client's key never goes upstream"
+    );
+    assert!(seen[0].headers.contains_key("x-request-id"));
+    assert!(
+        !gw.logs().contains(UPSTREAM_TOKEN),
+        "credentials are never logged"
+    );
+}
+
+#[tokio::test]
+async fn a_provider_model_with_another_upstream_name_is_renamed_in_the_body() {
+    let up = Upstream::start().await;
+    let (gw, _dir) = start(
+        &provider("up", "openaiCompatible", &up.base_url(), ""),
+        &simple_route(""),
+    )
+    .await;
+    assert_eq!(
+        post(&gw, &BODY.replace("gpt-4o", "renamed")).await.status(),
+        200
+    );
+    let sent = up.received()[0].json();
+    assert_eq!(sent["model"], "gpt-4o-2024-08-06");
+    assert_eq!(sent["temperature"], 0.25);
+}
+
+#[tokio::test]
+async fn azure_openai_gets_deployment_urls_the_api_version_and_the_api_key_header() {
+    let up = Upstream::start().await;
+    let base = format!("http://{}", up.addr);
+    let (gw, _dir) = start(
+        &provider(
+            "up",
+            "azureOpenAI",
+            &base,
+            "  azure: {apiVersion: \"2024-10-21\"}\n",
+        ),
+        &simple_route(""),
+    )
+    .await;
+    assert_eq!(
+        post(&gw, &BODY.replace("gpt-4o", "renamed")).await.status(),
+        200
+    );
+    let seen = &up.received()[0];
+    assert_eq!(
+        seen.path_and_query,
+        "/openai/deployments/gpt-4o-2024-08-06/chat/completions?api-version=2024-10-21"
+    );
+    assert_eq!(seen.headers["api-key"], UPSTREAM_TOKEN);
+    assert!(!seen.headers.contains_key("authorization"));
+}
+
+#[tokio::test]
+async fn server_errors_are_retried_until_an_attempt_succeeds() {
+    let up = Upstream::start().await;
+    let (gw, _dir) = start(
+        &provider("up", "openaiCompatible", &up.base_url(), ""),
+        &simple_route("  retries: {attempts: 3, initialBackoff: 10ms, maxBackoff: 50ms}\n"),
+    )
+    .await;
+    up.script([
+        Reply::Json(500, json!({"error": {"message": "boom"}}), vec![]),
+        Reply::Json(503, json!({"error": {"message": "busy"}}), vec![]),
+    ]);
+    let resp = post(&gw, BODY).await;
+    assert_eq!(resp.status(), 200);
+    assert_eq!(up.received().len(), 3);
+}
+
+#[tokio::test]
+async fn retries_are_bounded_and_the_last_failure_is_reported_as_502() {
+    let up = Upstream::start().await;
+    let (gw, _dir) = start(
+        &provider("up", "openaiCompatible", &up.base_url(), ""),
+        &simple_route("  retries: {attempts: 2, initialBackoff: 10ms, maxBackoff: 20ms}\n"),
+    )
+    .await;
+    up.script(
+        (0..10).map(|_| Reply::Json(502, json!({"error": {"message": "bad gateway"}}), vec![])),
+    );
+    let resp = post(&gw, BODY).await;
+    assert_eq!(resp.status(), 502);
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "upstream_error");
+    assert_eq!(
+        up.received().len(),
+        3,
+        "one attempt plus two retries, no more"
+    );
+}
+
+#[tokio::test]
+async fn upstream_429_is_retried_after_its_retry_after_and_relayed_with_it_when_persistent() {
+    let up = Upstream::start().await;
+    let (gw, _dir) = start(
+        &provider("up", "openaiCompatible", &up.base_url(), ""),
+        &simple_route("  retries: {attempts: 1, initialBackoff: 1ms, maxBackoff: 1ms}\n"),
+    )
+    .await;
+    let limited = || {
+        Reply::Json(
+            429,
+            json!({"error": {"message": "slow down", "type": "rate_limit_error"}}),
+            vec![("retry-after-ms", "300".to_owned())],
+        )
+    };
+    up.script([limited()]);
+    let started = Instant::now();
+    assert_eq!(post(&gw, BODY).await.status(), 200);
+    assert!(
+        started.elapsed() >= Duration::from_millis(300),
+        "waited for Retry-After before retrying the same target"
+    );
+
+    up.script([limited(), limited()]);
+    let resp = post(&gw, BODY).await;
+    assert_eq!(resp.status(), 429);
+    assert_eq!(resp.headers()["retry-after"], "1");
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(body["error"]["type"], "rate_limit_error");
+}
+
+#[tokio::test]
+async fn when_the_primary_tier_is_unreachable_the_fallback_tier_answers() {
+    let up = Upstream::start().await;
+    let dead = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let providers = format!(
+        "{}---\n{}",
+        provider(
+            "primary",
+            "openaiCompatible",
+            &format!("http://{dead}/v1"),
+            ""
+        ),
+        provider("fallback", "openaiCompatible", &up.base_url(), "")
+    );
+    let route = "  models: [gpt-4o]\n  targets: [{provider: primary, priority: 0}, {provider: fallback, priority: 1}]\n  retries: {attempts: 1, initialBackoff: 1ms, maxBackoff: 1ms}\n";
+    let (gw, _dir) = start(&providers, route).await;
+    let resp = post(&gw, BODY).await;
+    assert_eq!(resp.status(), 200);
+    assert_eq!(up.received().len(), 1);
+}
+
+#[tokio::test]
+async fn client_errors_from_the_upstream_are_relayed_unchanged_and_not_retried() {
+    let up = Upstream::start().await;
+    let (gw, _dir) = start(
+        &provider("up", "openaiCompatible", &up.base_url(), ""),
+        &simple_route(""),
+    )
+    .await;
+    let error = json!({"error": {"message": "max_tokens is too large", "type": "invalid_request_error", "param": "max_tokens", "code": null}});
+    up.script([Reply::Json(400, error.clone(), vec![])]);
+    let resp = post(&gw, BODY).await;
+    assert_eq!(resp.status(), 400);
+    assert_eq!(resp.json::<Value>().await.unwrap(), error);
+    assert_eq!(up.received().len(), 1);
+}
+
+#[tokio::test]
+async fn an_upstream_refusing_the_gateways_credential_is_a_502_not_the_clients_401() {
+    let up = Upstream::start().await;
+    let (gw, _dir) = start(
+        &provider("up", "openaiCompatible", &up.base_url(), ""),
+        &simple_route("  retries: {attempts: 0}\n"),
+    )
+    .await;
+    up.script([Reply::Json(
+        401,
+        json!({"error": {"message": "Incorrect API key provided: sk-upst****"}}),
+        vec![],
+    )]);
+    let resp = post(&gw, BODY).await;
+    assert_eq!(resp.status(), 502);
+    let text = resp.text().await.unwrap();
+    assert!(
+        text.contains("rejected the gateway's credentials") && !text.contains("sk-upst"),
+        "{text}"
+    );
+}
+
+#[tokio::test]
+async fn an_upstream_that_never_answers_times_out_with_504() {
+    let up = Upstream::start().await;
+    let (gw, _dir) = start(
+        &provider(
+            "up",
+            "openaiCompatible",
+            &up.base_url(),
+            "  timeouts: {request: 300ms}\n",
+        ),
+        &simple_route("  retries: {attempts: 0}\n"),
+    )
+    .await;
+    up.script([Reply::Hang]);
+    let resp = post(&gw, BODY).await;
+    assert_eq!(resp.status(), 504);
+    assert_eq!(
+        resp.json::<Value>().await.unwrap()["error"]["code"],
+        "upstream_timeout"
+    );
+}
+
+#[tokio::test]
+async fn streams_are_relayed_chunk_by_chunk_as_they_arrive() {
+    let up = Upstream::start().await;
+    let (gw, _dir) = start(
+        &provider("up", "openaiCompatible", &up.base_url(), ""),
+        &simple_route(""),
+    )
+    .await;
+    let feed = up.stream();
+    feed.send(Bytes::from_static(
+        b"data: {\"choices\":[{\"delta\":{\"content\":\"Hel\"}}]}\n\n",
+    ))
+    .unwrap();
+    let resp = post(
+        &gw,
+        &BODY.replace("\"temperature\"", "\"stream\": true, \"temperature\""),
+    )
+    .await;
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["content-type"], "text/event-stream");
+    let mut body = resp.bytes_stream();
+    use futures_util::StreamExt;
+    // The first chunk reaches the client while the upstream is still streaming: if the
+    // gateway buffered, this would wait forever (bounded by the timeout).
+    let first = tokio::time::timeout(Duration::from_secs(5), body.next())
+        .await
+        .expect("first chunk relayed before the stream ended");
+    assert!(String::from_utf8_lossy(&first.unwrap().unwrap()).contains("Hel"));
+    feed.send(Bytes::from_static(
+        b"data: {\"choices\":[{\"delta\":{\"content\":\"lo\"}}]}\n\ndata: [DONE]\n\n",
+    ))
+    .unwrap();
+    drop(feed);
+    let mut rest = Vec::new();
+    while let Some(chunk) = body.next().await {
+        rest.extend_from_slice(&chunk.unwrap());
+    }
+    assert!(String::from_utf8_lossy(&rest).ends_with("data: [DONE]\n\n"));
+}
+
+#[tokio::test]
+async fn a_stream_that_goes_silent_ends_with_an_error_event_instead_of_a_silent_cut() {
+    let up = Upstream::start().await;
+    let (gw, _dir) = start(
+        &provider(
+            "up",
+            "openaiCompatible",
+            &up.base_url(),
+            "  timeouts: {streamIdle: 300ms}\n",
+        ),
+        &simple_route(""),
+    )
+    .await;
+    let feed = up.stream();
+    feed.send(Bytes::from_static(
+        b"data: {\"choices\":[{\"delta\":{\"content\":\"Hel\"}}]}\n\n",
+    ))
+    .unwrap();
+    let resp = post(
+        &gw,
+        &BODY.replace("\"temperature\"", "\"stream\": true, \"temperature\""),
+    )
+    .await;
+    let text = resp.text().await.unwrap();
+    assert!(text.starts_with("data: {\"choices\""), "{text}");
+    let last = text.trim_end().rsplit("\n\n").next().unwrap();
+    let event: Value = serde_json::from_str(last.trim_start_matches("data: ")).unwrap();
+    assert_eq!(event["error"]["code"], "upstream_stream_error");
+    drop(feed);
+}
+
+#[tokio::test]
+async fn a_default_answer_shape_is_passed_through_for_non_streamed_calls() {
+    let up = Upstream::start().await;
+    let (gw, _dir) = start(
+        &provider("up", "openai", &up.base_url(), ""),
+        &simple_route(""),
+    )
+    .await;
+    up.script([Reply::Json(200, completion("gpt-4o", "exact"), vec![])]);
+    let answer: Value = post(&gw, BODY).await.json().await.unwrap();
+    assert_eq!(answer, completion("gpt-4o", "exact"));
+}
