@@ -62,6 +62,7 @@ enum Failure {
     Credentials(String),
     Unsupported(String),
     NoModel(String),
+    BadRequest(String),
 }
 
 impl Failure {
@@ -73,6 +74,7 @@ impl Failure {
             Self::Server(_) => retry_on.contains(&RetryOn::ServerError),
             // Another target may be configured correctly: move on without counting on luck.
             Self::Credentials(_) | Self::Unsupported(_) | Self::NoModel(_) => true,
+            Self::BadRequest(_) => false,
         }
     }
 
@@ -92,6 +94,7 @@ impl Failure {
             )),
             Self::Unsupported(message) => ApiError::NotImplemented(message),
             Self::NoModel(model) => ApiError::ModelNotFound(model),
+            Self::BadRequest(message) => ApiError::bad_request(message, None),
         }
     }
 }
@@ -160,7 +163,7 @@ async fn attempt_once(
         return Err(Failure::NoModel(req.head.model.clone()));
     };
     if config.provider_type == ProviderType::Mock {
-        return Ok(serve_mock(req, config.mock.clone().unwrap_or_else(default_mock)).await);
+        return serve_mock(req, config.mock.clone().unwrap_or_else(default_mock)).await;
     }
     let Some(client) = provider
         .client
@@ -240,18 +243,10 @@ async fn relay_whole(response: reqwest::Response, deadline: Instant) -> Result<R
 /// stream with an OpenAI-style error event rather than a silent cut. Dropping the
 /// response (client gone) drops the upstream connection.
 fn relay_stream(response: reqwest::Response, idle: Duration) -> Response {
-    let mut out = Response::new(Body::from_stream(relay_chunks(
+    sse_response(Body::from_stream(relay_chunks(
         response.bytes_stream(),
         idle,
-    )));
-    let headers = out.headers_mut();
-    headers.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("text/event-stream"),
-    );
-    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
-    headers.insert("x-accel-buffering", HeaderValue::from_static("no"));
-    out
+    )))
 }
 
 fn relay_chunks<S>(
@@ -298,15 +293,31 @@ fn default_mock() -> CompiledMock {
     }
 }
 
-async fn serve_mock(req: &Forward<'_>, settings: CompiledMock) -> Response {
-    let id = format!("chatcmpl-{}", req.request_id);
-    let created = jiff::Timestamp::now().as_second();
-    let answer = mock::answer(&settings, &req.body, estimate_prompt_tokens(&req.body));
+async fn serve_mock(req: &Forward<'_>, settings: CompiledMock) -> Result<Response, Failure> {
     if settings.latency_ms > 0 {
         tokio::time::sleep(Duration::from_millis(settings.latency_ms)).await;
     }
+    let shape = match req.operation {
+        Operation::ChatCompletions => mock::Shape::Chat,
+        Operation::Completions => mock::Shape::Completion,
+        Operation::Embeddings => {
+            let request: serde_json::Value = serde_json::from_slice(&req.body).unwrap_or_default();
+            return mock::embeddings(&request, &req.head.model)
+                .map(|v| Json(v).into_response())
+                .map_err(Failure::BadRequest);
+        }
+    };
+    let prefix = if shape == mock::Shape::Chat {
+        "chatcmpl"
+    } else {
+        "cmpl"
+    };
+    let id = format!("{prefix}-{}", req.request_id);
+    let created = jiff::Timestamp::now().as_second();
+    let answer = mock::answer(&settings, &req.body, estimate_prompt_tokens(&req.body));
     if req.head.stream {
-        let frames = mock::chat_stream(
+        let frames = mock::stream(
+            shape,
             answer,
             &settings,
             id,
@@ -314,23 +325,30 @@ async fn serve_mock(req: &Forward<'_>, settings: CompiledMock) -> Response {
             created,
             req.head.include_usage(),
         );
-        let mut response = Response::new(Body::from_stream(frames.map(Ok::<_, std::io::Error>)));
-        let headers = response.headers_mut();
-        headers.insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("text/event-stream"),
-        );
-        headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
-        headers.insert("x-accel-buffering", HeaderValue::from_static("no"));
-        return response;
+        return Ok(sse_response(Body::from_stream(
+            frames.map(Ok::<_, std::io::Error>),
+        )));
     }
-    Json(mock::chat_completion(
+    Ok(Json(mock::completion(
+        shape,
         &answer,
         &id,
         &req.head.model,
         created,
     ))
-    .into_response()
+    .into_response())
+}
+
+fn sse_response(body: Body) -> Response {
+    let mut response = Response::new(body);
+    let headers = response.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/event-stream"),
+    );
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    headers.insert("x-accel-buffering", HeaderValue::from_static("no"));
+    response
 }
 
 #[cfg(test)]

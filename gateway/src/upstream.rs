@@ -12,12 +12,18 @@ use tollgate_api::{config::CompiledProvider, v1alpha1::ProviderType};
 pub enum Operation {
     /// `/chat/completions`.
     ChatCompletions,
+    /// `/completions` (legacy text completions).
+    Completions,
+    /// `/embeddings`.
+    Embeddings,
 }
 
 impl Operation {
     fn path(self) -> &'static str {
         match self {
             Self::ChatCompletions => "chat/completions",
+            Self::Completions => "completions",
+            Self::Embeddings => "embeddings",
         }
     }
 }

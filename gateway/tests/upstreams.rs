@@ -381,3 +381,33 @@ async fn a_default_answer_shape_is_passed_through_for_non_streamed_calls() {
     let answer: Value = post(&gw, BODY).await.json().await.unwrap();
     assert_eq!(answer, completion("gpt-4o", "exact"));
 }
+
+#[tokio::test]
+async fn embeddings_and_legacy_completions_go_to_their_own_upstream_paths() {
+    let up = Upstream::start().await;
+    let (gw, _dir) = start(
+        &provider("up", "openaiCompatible", &up.base_url(), ""),
+        &simple_route(""),
+    )
+    .await;
+    for (path, body) in [
+        ("/v1/embeddings", r#"{"model":"gpt-4o","input":"hello"}"#),
+        ("/v1/completions", r#"{"model":"gpt-4o","prompt":"hello"}"#),
+    ] {
+        let resp = client()
+            .post(gw.url(path))
+            .bearer_auth(KEY)
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200, "{path}");
+    }
+    let paths: Vec<String> = up
+        .received()
+        .iter()
+        .map(|r| r.path_and_query.clone())
+        .collect();
+    assert_eq!(paths, ["/v1/embeddings", "/v1/completions"]);
+}

@@ -1,9 +1,9 @@
 //! The HTTP surface: the router, its middleware stack, and the shared state handlers see.
 
 mod auth;
-mod chat;
 mod health;
 mod models;
+mod openai;
 
 use std::{
     sync::{
@@ -63,7 +63,9 @@ pub struct HttpOptions {
 /// panic → 500, request id (set, then echoed), CORS (when configured), security headers.
 pub fn app(state: Arc<AppState>, options: &HttpOptions) -> Router {
     let api = Router::new()
-        .route("/v1/chat/completions", post(chat::chat_completions))
+        .route("/v1/chat/completions", post(openai::chat_completions))
+        .route("/v1/completions", post(openai::completions))
+        .route("/v1/embeddings", post(openai::embeddings))
         .route("/v1/models", get(models::list_models))
         .route("/livez", get(health::livez))
         .route("/readyz", get(health::readyz))

@@ -1,4 +1,6 @@
-//! `POST /v1/chat/completions`.
+//! The OpenAI-style endpoints: `POST /v1/chat/completions`, `/v1/completions` and
+//! `/v1/embeddings`. Each authenticates, resolves the route, checks the key may use the
+//! model, and forwards.
 
 use std::sync::Arc;
 
@@ -16,8 +18,30 @@ use crate::{
 };
 
 pub async fn chat_completions(
+    state: State<Arc<AppState>>,
+    request: Request,
+) -> Result<Response, ApiError> {
+    handle(state, request, Operation::ChatCompletions).await
+}
+
+pub async fn completions(
+    state: State<Arc<AppState>>,
+    request: Request,
+) -> Result<Response, ApiError> {
+    handle(state, request, Operation::Completions).await
+}
+
+pub async fn embeddings(
+    state: State<Arc<AppState>>,
+    request: Request,
+) -> Result<Response, ApiError> {
+    handle(state, request, Operation::Embeddings).await
+}
+
+async fn handle(
     State(state): State<Arc<AppState>>,
     request: Request,
+    operation: Operation,
 ) -> Result<Response, ApiError> {
     let snapshot = state.snapshot()?;
     let (parts, body) = request.into_parts();
@@ -36,7 +60,7 @@ pub async fn chat_completions(
         head: &head,
         body,
         request_id: request_id(&parts.headers),
-        operation: Operation::ChatCompletions,
+        operation,
     })
     .await
 }
