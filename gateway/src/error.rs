@@ -52,6 +52,9 @@ pub enum ApiError {
     /// The upstream kept answering 429.
     #[error("The upstream provider is rate limiting requests; retry later.")]
     UpstreamRateLimited(Option<std::time::Duration>),
+    /// Every target is unavailable right now (circuit open or at max concurrency).
+    #[error("{0}")]
+    UpstreamUnavailable(String),
     /// The route leads only to providers this build cannot call.
     #[error("{0}")]
     NotImplemented(String),
@@ -85,6 +88,7 @@ impl ApiError {
             Self::Upstream(_) => StatusCode::BAD_GATEWAY,
             Self::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
             Self::UpstreamRateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
+            Self::UpstreamUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             Self::NotImplemented(_) => StatusCode::NOT_IMPLEMENTED,
         }
     }
@@ -104,6 +108,7 @@ impl ApiError {
             | Self::UpstreamTimeout
             | Self::NotImplemented(_) => "server_error",
             Self::UpstreamRateLimited(_) => "rate_limit_error",
+            Self::UpstreamUnavailable(_) => "service_unavailable",
         }
     }
 
@@ -121,6 +126,7 @@ impl ApiError {
             Self::Upstream(_) => "upstream_error",
             Self::UpstreamTimeout => "upstream_timeout",
             Self::UpstreamRateLimited(_) => "upstream_rate_limited",
+            Self::UpstreamUnavailable(_) => "upstream_unavailable",
             Self::NotImplemented(_) => "not_implemented",
         }
     }
@@ -150,7 +156,7 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let mut response = (self.status(), Json(self.body())).into_response();
         let retry_after = match &self {
-            Self::Unavailable => Some(1),
+            Self::Unavailable | Self::UpstreamUnavailable(_) => Some(1),
             Self::UpstreamRateLimited(after) => {
                 Some(after.map_or(1, |d| d.as_secs_f64().ceil().max(1.0) as u64))
             }

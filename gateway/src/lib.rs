@@ -1,6 +1,7 @@
 //! Tollgate's data plane: an OpenAI- and Anthropic-compatible gateway for LLM APIs.
 #![forbid(unsafe_code)]
 
+pub mod circuit;
 pub mod config_source;
 pub mod error;
 pub mod http;

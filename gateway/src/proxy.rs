@@ -24,6 +24,7 @@ use tollgate_api::{
 };
 
 use crate::{
+    circuit::Breakers,
     error::ApiError,
     providers::mock,
     request::{RequestHead, estimate_prompt_tokens},
@@ -50,6 +51,8 @@ pub struct Forward<'a> {
     pub request_id: String,
     /// The operation.
     pub operation: Operation,
+    /// Circuit breakers.
+    pub breakers: &'a Breakers,
 }
 
 /// Why an attempt failed.
@@ -63,6 +66,8 @@ enum Failure {
     Unsupported(String),
     NoModel(String),
     BadRequest(String),
+    CircuitOpen(String),
+    Saturated(String),
 }
 
 impl Failure {
@@ -75,7 +80,21 @@ impl Failure {
             // Another target may be configured correctly: move on without counting on luck.
             Self::Credentials(_) | Self::Unsupported(_) | Self::NoModel(_) => true,
             Self::BadRequest(_) => false,
+            Self::CircuitOpen(_) | Self::Saturated(_) => true,
         }
+    }
+
+    /// Whether the upstream was actually called (and so the failure says something about
+    /// its health).
+    fn reached_upstream(&self) -> bool {
+        matches!(
+            self,
+            Self::Connect(_)
+                | Self::Timeout
+                | Self::RateLimited(_)
+                | Self::Server(_)
+                | Self::Credentials(_)
+        )
     }
 
     fn into_error(self) -> ApiError {
@@ -95,6 +114,12 @@ impl Failure {
             Self::Unsupported(message) => ApiError::NotImplemented(message),
             Self::NoModel(model) => ApiError::ModelNotFound(model),
             Self::BadRequest(message) => ApiError::bad_request(message, None),
+            Self::CircuitOpen(provider) => ApiError::UpstreamUnavailable(format!(
+                "The upstream provider {provider} is failing and temporarily not called (circuit open); retry later."
+            )),
+            Self::Saturated(provider) => ApiError::UpstreamUnavailable(format!(
+                "The upstream provider {provider} is at its concurrency limit; retry later."
+            )),
         }
     }
 }
@@ -113,11 +138,28 @@ pub async fn forward(req: Forward<'_>) -> Result<Response, ApiError> {
         .map(|ms| started + Duration::from_millis(ms));
     let budget = 1 + route.retry_attempts as usize;
     let mut last: Option<(Failure, &str)> = None;
-
-    for (attempt, target) in order.iter().cycle().take(budget).enumerate() {
-        if attempt > 0 {
+    let mut attempts = 0;
+    // Targets skipped without an attempt (open circuit, no free slot) do not use up the
+    // retry budget, but each position is visited a bounded number of times.
+    for target in order.iter().cycle().take(budget + order.len()) {
+        if attempts >= budget {
+            break;
+        }
+        let Some(provider) = req.snapshot.provider(&target.provider) else {
+            continue;
+        };
+        let model = target.model.as_deref().unwrap_or(&req.head.model);
+        let breaker = req.breakers.get(&target.provider, model);
+        if !breaker.allow() {
+            last = Some((
+                Failure::CircuitOpen(target.provider.clone()),
+                target.provider.as_str(),
+            ));
+            continue;
+        }
+        if attempts > 0 {
             let mut wait = backoff(
-                attempt as u32,
+                attempts as u32,
                 route.retry_initial_backoff_ms,
                 route.retry_max_backoff_ms,
                 &mut rng,
@@ -130,19 +172,31 @@ pub async fn forward(req: Forward<'_>) -> Result<Response, ApiError> {
             if let Some(d) = deadline
                 && Instant::now() + wait >= d
             {
+                breaker.release();
                 break;
             }
             tokio::time::sleep(wait).await;
         }
-        let Some(provider) = req.snapshot.provider(&target.provider) else {
-            continue;
-        };
-        let model = target.model.as_deref().unwrap_or(&req.head.model);
         let failure = match attempt_once(&req, provider, model, deadline).await {
-            Ok(response) => return Ok(response),
+            Ok(response) => {
+                breaker.success();
+                return Ok(response);
+            }
             Err(failure) => failure,
         };
-        tracing::debug!(attempt, provider = %target.provider, ?failure, "upstream attempt failed");
+        if failure.reached_upstream() {
+            attempts += 1;
+            breaker.failure(
+                provider.config.circuit_failure_threshold,
+                provider.config.circuit_open_ms,
+            );
+        } else {
+            breaker.release();
+            if matches!(failure, Failure::BadRequest(_)) {
+                attempts += 1;
+            }
+        }
+        tracing::debug!(attempts, provider = %target.provider, ?failure, "upstream attempt failed");
         let retryable = failure.retryable(&route.retry_on);
         last = Some((failure, target.provider.as_str()));
         if !retryable {
@@ -188,6 +242,16 @@ async fn attempt_once(
         per_try = per_try.min(d.saturating_duration_since(Instant::now()));
     }
     let attempt_deadline = Instant::now() + per_try;
+    // Held until the answer has been relayed in full (streams included).
+    let permit = match &provider.slots {
+        Some(slots) => Some(
+            slots
+                .clone()
+                .try_acquire_owned()
+                .map_err(|_| Failure::Saturated(config.id.clone()))?,
+        ),
+        None => None,
+    };
     let sent =
         tokio::time::timeout(per_try, client.post(url).headers(headers).body(body).send()).await;
     let response = match sent {
@@ -214,6 +278,7 @@ async fn attempt_once(
         Ok(relay_stream(
             response,
             Duration::from_millis(config.stream_idle_timeout_ms),
+            permit,
         ))
     } else {
         relay_whole(response, attempt_deadline).await
@@ -242,11 +307,18 @@ async fn relay_whole(response: reqwest::Response, deadline: Instant) -> Result<R
 /// Relays an upstream SSE stream chunk by chunk. A broken or silent upstream ends the
 /// stream with an OpenAI-style error event rather than a silent cut. Dropping the
 /// response (client gone) drops the upstream connection.
-fn relay_stream(response: reqwest::Response, idle: Duration) -> Response {
-    sse_response(Body::from_stream(relay_chunks(
-        response.bytes_stream(),
-        idle,
-    )))
+fn relay_stream(
+    response: reqwest::Response,
+    idle: Duration,
+    permit: Option<tokio::sync::OwnedSemaphorePermit>,
+) -> Response {
+    let chunks = relay_chunks(response.bytes_stream(), idle).map(move |chunk| {
+        // The stream owns the concurrency slot: it is freed when the stream ends or the
+        // client goes away.
+        let _slot = &permit;
+        chunk
+    });
+    sse_response(Body::from_stream(chunks))
 }
 
 fn relay_chunks<S>(

@@ -46,6 +46,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         config,
         max_body_bytes: settings.max_body_bytes,
         draining: Default::default(),
+        breakers: Default::default(),
     });
     let router = app(
         state.clone(),

@@ -68,6 +68,8 @@ pub struct Provider {
     /// Pooled client for upstream calls (`None` for providers the gateway does not call
     /// over HTTP, such as the mock).
     pub client: Option<reqwest::Client>,
+    /// Concurrency slots (`maxConcurrency`) for this replica, if limited.
+    pub slots: Option<Arc<tokio::sync::Semaphore>>,
 }
 
 // Never print the credential.
@@ -113,7 +115,8 @@ impl Snapshot {
                     .and_then(|built| {
                         built.map_err(|e| tracing::error!(provider = %id, error = %e, "cannot build an HTTP client")).ok()
                     });
-                (id, Arc::new(Provider { config, credential, client }))
+                let slots = config.max_concurrency.map(|n| Arc::new(tokio::sync::Semaphore::new(n as usize)));
+                (id, Arc::new(Provider { config, credential, client, slots }))
             })
             .collect();
 

@@ -411,3 +411,113 @@ async fn embeddings_and_legacy_completions_go_to_their_own_upstream_paths() {
         .collect();
     assert_eq!(paths, ["/v1/embeddings", "/v1/completions"]);
 }
+
+#[tokio::test]
+async fn a_failing_upstream_opens_its_circuit_and_a_later_probe_closes_it() {
+    let up = Upstream::start().await;
+    let (gw, _dir) = start(
+        &provider(
+            "up",
+            "openaiCompatible",
+            &up.base_url(),
+            "  circuitBreaker: {failureThreshold: 2, openDuration: 500ms}\n",
+        ),
+        &simple_route("  retries: {attempts: 0}\n"),
+    )
+    .await;
+    up.script([
+        Reply::Json(500, json!({"error": {"message": "down"}}), vec![]),
+        Reply::Json(500, json!({"error": {"message": "down"}}), vec![]),
+    ]);
+    assert_eq!(post(&gw, BODY).await.status(), 502);
+    assert_eq!(post(&gw, BODY).await.status(), 502);
+    // Open: the upstream is not called at all.
+    let resp = post(&gw, BODY).await;
+    assert_eq!(resp.status(), 503);
+    assert!(resp.headers().contains_key("retry-after"));
+    assert_eq!(
+        resp.json::<Value>().await.unwrap()["error"]["code"],
+        "upstream_unavailable"
+    );
+    assert_eq!(up.received().len(), 2);
+    // After the open duration one probe goes through; its success closes the circuit.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(post(&gw, BODY).await.status(), 200);
+    assert_eq!(post(&gw, BODY).await.status(), 200);
+    assert_eq!(up.received().len(), 4);
+}
+
+#[tokio::test]
+async fn an_open_circuit_sends_traffic_to_the_fallback_without_waiting() {
+    let up = Upstream::start().await;
+    let spare = Upstream::start().await;
+    let providers = format!(
+        "{}---\n{}",
+        provider(
+            "primary",
+            "openaiCompatible",
+            &up.base_url(),
+            "  circuitBreaker: {failureThreshold: 1, openDuration: 60s}\n"
+        ),
+        provider("fallback", "openaiCompatible", &spare.base_url(), "")
+    );
+    let route = "  models: [gpt-4o]\n  targets: [{provider: primary}, {provider: fallback, priority: 1}]\n  retries: {attempts: 1, initialBackoff: 1ms, maxBackoff: 1ms}\n";
+    let (gw, _dir) = start(&providers, route).await;
+    up.script([Reply::Json(
+        503,
+        json!({"error": {"message": "down"}}),
+        vec![],
+    )]);
+    assert_eq!(
+        post(&gw, BODY).await.status(),
+        200,
+        "first request falls back after the 503"
+    );
+    for _ in 0..3 {
+        assert_eq!(post(&gw, BODY).await.status(), 200);
+    }
+    assert_eq!(up.received().len(), 1, "the open primary is skipped");
+    assert_eq!(spare.received().len(), 4);
+}
+
+#[tokio::test]
+async fn max_concurrency_caps_requests_in_flight_to_a_provider_streams_included() {
+    let up = Upstream::start().await;
+    let (gw, _dir) = start(
+        &provider(
+            "up",
+            "openaiCompatible",
+            &up.base_url(),
+            "  maxConcurrency: 1\n",
+        ),
+        &simple_route("  retries: {attempts: 0}\n"),
+    )
+    .await;
+    let feed = up.stream();
+    feed.send(Bytes::from_static(b"data: {}\n\n")).unwrap();
+    let streaming = post(
+        &gw,
+        &BODY.replace("\"temperature\"", "\"stream\": true, \"temperature\""),
+    )
+    .await;
+    assert_eq!(streaming.status(), 200);
+    let second = post(&gw, BODY).await;
+    assert_eq!(
+        second.status(),
+        503,
+        "the only slot is held by the open stream"
+    );
+    assert_eq!(
+        second.json::<Value>().await.unwrap()["error"]["code"],
+        "upstream_unavailable"
+    );
+    drop(feed);
+    let _ = streaming.text().await.unwrap();
+    assert!(
+        common::eventually(Duration::from_secs(5), || async {
+            post(&gw, BODY).await.status() == 200
+        })
+        .await,
+        "the slot is freed when the stream ends"
+    );
+}

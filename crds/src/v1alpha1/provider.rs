@@ -86,8 +86,9 @@ pub struct ProviderSpec {
     #[serde(default)]
     pub timeouts: ProviderTimeouts,
 
-    /// Maximum requests in flight to this Provider from one gateway replica; further
-    /// requests wait for a slot or fall back. Unset means unlimited.
+    /// Maximum requests in flight (streams included) to this Provider from one gateway
+    /// replica; further requests go to the route's next target, or get 503 when none is
+    /// left. Unset means unlimited.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1))]
     pub max_concurrency: Option<u32>,

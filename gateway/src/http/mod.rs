@@ -43,6 +43,8 @@ pub struct AppState {
     pub max_body_bytes: usize,
     /// Set on SIGTERM: readiness fails so traffic moves away before the listener closes.
     pub draining: AtomicBool,
+    /// Circuit breakers per upstream target; they outlive configuration reloads.
+    pub breakers: crate::circuit::Breakers,
 }
 
 impl AppState {

@@ -61,6 +61,7 @@ async fn handle(
         body,
         request_id: request_id(&parts.headers),
         operation,
+        breakers: &state.breakers,
     })
     .await
 }
