@@ -9,14 +9,12 @@
 use std::{
     collections::BTreeMap,
     path::{Path, PathBuf},
-    sync::{
-        Arc,
-        atomic::{AtomicU64, Ordering},
-    },
+    sync::Arc,
     time::Duration,
 };
 
 use arc_swap::ArcSwapOption;
+use prometheus_client::metrics::{counter::Counter, family::Family};
 use sha2::{Digest, Sha256};
 use tollgate_api::{
     compile::{DEFAULT_NAMESPACE, SecretStore, compile},
@@ -24,7 +22,7 @@ use tollgate_api::{
     manifests, parts,
 };
 
-use crate::snapshot::Snapshot;
+use crate::{metrics::ReloadLabels, snapshot::Snapshot};
 
 /// A configuration source.
 #[derive(Debug, Clone)]
@@ -40,17 +38,31 @@ pub enum Source {
 pub struct ConfigState {
     /// The snapshot being served.
     pub current: ArcSwapOption<Snapshot>,
-    /// Successful loads.
-    pub reloads_ok: AtomicU64,
-    /// Rejected loads.
-    pub reloads_failed: AtomicU64,
+    /// Loads by result (`success`, `rejected`); also exported as a metric.
+    pub reloads: Family<ReloadLabels, Counter>,
     /// The last rejection, for /readyz.
     pub last_error: std::sync::Mutex<Option<String>>,
 }
 
 impl ConfigState {
+    /// Successful loads so far.
+    pub fn succeeded(&self) -> u64 {
+        self.reloads
+            .get_or_create(&ReloadLabels { result: "success" })
+            .get()
+    }
+
+    /// Rejected loads so far.
+    pub fn rejected(&self) -> u64 {
+        self.reloads
+            .get_or_create(&ReloadLabels { result: "rejected" })
+            .get()
+    }
+
     fn record_error(&self, error: String) {
-        self.reloads_failed.fetch_add(1, Ordering::Relaxed);
+        self.reloads
+            .get_or_create(&ReloadLabels { result: "rejected" })
+            .inc();
         *self.last_error.lock().unwrap_or_else(|e| e.into_inner()) = Some(error);
     }
 
@@ -265,7 +277,10 @@ async fn reload(source: &Source, state: &ConfigState, previous: Option<&str>) ->
             let hash = loaded.snapshot.config_hash.clone();
             let keys = loaded.snapshot.key_count();
             state.current.store(Some(Arc::new(loaded.snapshot)));
-            state.reloads_ok.fetch_add(1, Ordering::Relaxed);
+            state
+                .reloads
+                .get_or_create(&ReloadLabels { result: "success" })
+                .inc();
             *state.last_error.lock().unwrap_or_else(|e| e.into_inner()) = None;
             tracing::info!(config_hash = %&hash[..16], keys, "configuration loaded");
             Some(loaded.fingerprint)

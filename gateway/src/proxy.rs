@@ -26,6 +26,7 @@ use tollgate_api::{
 use crate::{
     circuit::Breakers,
     error::ApiError,
+    metrics::{AttemptLabels, Metrics, RouteLabels},
     providers::mock,
     request::{RequestHead, estimate_prompt_tokens},
     routing::{attempt_order, backoff},
@@ -53,7 +54,15 @@ pub struct Forward<'a> {
     pub operation: Operation,
     /// Circuit breakers.
     pub breakers: &'a Breakers,
+    /// Metrics.
+    pub metrics: &'a Arc<Metrics>,
+    /// When the gateway received the request.
+    pub started: Instant,
 }
+
+/// Response extension naming the provider that answered, for metrics and logs.
+#[derive(Debug, Clone)]
+pub struct AnsweredBy(pub String);
 
 /// Why an attempt failed.
 #[derive(Debug)]
@@ -81,6 +90,20 @@ impl Failure {
             Self::Credentials(_) | Self::Unsupported(_) | Self::NoModel(_) => true,
             Self::BadRequest(_) => false,
             Self::CircuitOpen(_) | Self::Saturated(_) => true,
+        }
+    }
+
+    /// The metric label of this failure.
+    fn outcome(&self) -> &'static str {
+        match self {
+            Self::Connect(_) => "connect_error",
+            Self::Timeout => "timeout",
+            Self::RateLimited(_) => "rate_limited",
+            Self::Server(_) => "server_error",
+            Self::Credentials(_) => "credentials_rejected",
+            Self::Saturated(_) => "saturated",
+            Self::CircuitOpen(_) => "circuit_open",
+            Self::Unsupported(_) | Self::NoModel(_) | Self::BadRequest(_) => "not_attempted",
         }
     }
 
@@ -151,6 +174,13 @@ pub async fn forward(req: Forward<'_>) -> Result<Response, ApiError> {
         let model = target.model.as_deref().unwrap_or(&req.head.model);
         let breaker = req.breakers.get(&target.provider, model);
         if !breaker.allow() {
+            req.metrics
+                .upstream_attempts
+                .get_or_create(&AttemptLabels {
+                    provider: target.provider.clone(),
+                    outcome: "circuit_open",
+                })
+                .inc();
             last = Some((
                 Failure::CircuitOpen(target.provider.clone()),
                 target.provider.as_str(),
@@ -178,12 +208,34 @@ pub async fn forward(req: Forward<'_>) -> Result<Response, ApiError> {
             tokio::time::sleep(wait).await;
         }
         let failure = match attempt_once(&req, provider, model, deadline).await {
-            Ok(response) => {
+            Ok(mut response) => {
                 breaker.success();
+                let outcome = if response.status().is_success() {
+                    "success"
+                } else {
+                    "client_error"
+                };
+                req.metrics
+                    .upstream_attempts
+                    .get_or_create(&AttemptLabels {
+                        provider: target.provider.clone(),
+                        outcome,
+                    })
+                    .inc();
+                response
+                    .extensions_mut()
+                    .insert(AnsweredBy(target.provider.clone()));
                 return Ok(response);
             }
             Err(failure) => failure,
         };
+        req.metrics
+            .upstream_attempts
+            .get_or_create(&AttemptLabels {
+                provider: target.provider.clone(),
+                outcome: failure.outcome(),
+            })
+            .inc();
         if failure.reached_upstream() {
             attempts += 1;
             breaker.failure(
@@ -275,10 +327,16 @@ async fn attempt_once(
         _ => return relay_whole(response, attempt_deadline).await,
     }
     if req.head.stream {
+        let first_byte = FirstByte {
+            metrics: req.metrics.clone(),
+            route: req.route.id.clone(),
+            started: req.started,
+        };
         Ok(relay_stream(
             response,
             Duration::from_millis(config.stream_idle_timeout_ms),
             permit,
+            first_byte,
         ))
     } else {
         relay_whole(response, attempt_deadline).await
@@ -311,14 +369,35 @@ fn relay_stream(
     response: reqwest::Response,
     idle: Duration,
     permit: Option<tokio::sync::OwnedSemaphorePermit>,
+    first_byte: FirstByte,
 ) -> Response {
+    let mut first_byte = Some(first_byte);
     let chunks = relay_chunks(response.bytes_stream(), idle).map(move |chunk| {
         // The stream owns the concurrency slot: it is freed when the stream ends or the
         // client goes away.
         let _slot = &permit;
+        if let Some(fb) = first_byte.take() {
+            fb.observe();
+        }
         chunk
     });
     sse_response(Body::from_stream(chunks))
+}
+
+/// Records the time to the first streamed byte once.
+struct FirstByte {
+    metrics: Arc<Metrics>,
+    route: String,
+    started: Instant,
+}
+
+impl FirstByte {
+    fn observe(self) {
+        self.metrics
+            .time_to_first_byte
+            .get_or_create(&RouteLabels { route: self.route })
+            .observe(self.started.elapsed().as_secs_f64());
+    }
 }
 
 fn relay_chunks<S>(

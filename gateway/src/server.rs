@@ -8,7 +8,8 @@ use tokio::net::TcpListener;
 
 use crate::{
     config_source::{self, ConfigState, Source},
-    http::{AppState, HttpOptions, app},
+    http::{AppState, HttpOptions, admin_app, app},
+    metrics::Metrics,
     settings::Settings,
 };
 
@@ -19,6 +20,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         None => Source::ConfigDirs(settings.config_dirs.clone()),
     };
     let config = Arc::new(ConfigState::default());
+    let metrics = Arc::new(Metrics::new(&config));
     let fingerprint = config_source::load_initial(&source, &config).await;
     if config.current.load().is_none() {
         match &source {
@@ -47,6 +49,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         max_body_bytes: settings.max_body_bytes,
         draining: Default::default(),
         breakers: Default::default(),
+        metrics,
     });
     let router = app(
         state.clone(),
@@ -58,6 +61,17 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("binding {}", settings.listen))?;
     let addr = listener.local_addr()?;
+    let admin = TcpListener::bind(settings.admin_listen)
+        .await
+        .with_context(|| format!("binding the admin listener {}", settings.admin_listen))?;
+    let admin_addr = admin.local_addr()?;
+    let admin_router = admin_app(state.clone());
+    tokio::spawn(async move {
+        if let Err(e) = axum::serve(admin, admin_router).await {
+            tracing::error!(error = %e, "admin listener failed");
+        }
+    });
+    tracing::info!(%admin_addr, "admin listening");
     tracing::info!(%addr, "listening");
 
     let drain_delay = settings.drain_delay;

@@ -34,6 +34,11 @@ pub struct Settings {
     #[arg(long, env = "TOLLGATE_LISTEN", default_value = "0.0.0.0:8080")]
     pub listen: SocketAddr,
 
+    /// Address of the admin listener: Prometheus `/metrics` and the probes. Loopback by
+    /// default; set `0.0.0.0:9090` in a pod so Prometheus can scrape it.
+    #[arg(long, env = "TOLLGATE_ADMIN_LISTEN", default_value = "127.0.0.1:9090")]
+    pub admin_listen: SocketAddr,
+
     /// How often the configuration source is checked for changes.
     #[arg(long, env = "TOLLGATE_RELOAD_INTERVAL", default_value = "2s", value_parser = parse_duration)]
     pub reload_interval: Duration,

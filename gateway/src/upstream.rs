@@ -19,6 +19,24 @@ pub enum Operation {
 }
 
 impl Operation {
+    /// The metric label.
+    pub fn label(self) -> crate::metrics::OperationLabel {
+        match self {
+            Self::ChatCompletions => crate::metrics::OperationLabel::chat_completions,
+            Self::Completions => crate::metrics::OperationLabel::completions,
+            Self::Embeddings => crate::metrics::OperationLabel::embeddings,
+        }
+    }
+
+    /// The name in logs.
+    pub fn label_str(self) -> &'static str {
+        match self {
+            Self::ChatCompletions => "chat_completions",
+            Self::Completions => "completions",
+            Self::Embeddings => "embeddings",
+        }
+    }
+
     fn path(self) -> &'static str {
         match self {
             Self::ChatCompletions => "chat/completions",

@@ -521,3 +521,86 @@ async fn max_concurrency_caps_requests_in_flight_to_a_provider_streams_included(
         "the slot is freed when the stream ends"
     );
 }
+
+#[tokio::test]
+async fn metrics_count_requests_attempts_and_circuit_state_with_bounded_labels() {
+    let up = Upstream::start().await;
+    let (gw, _dir) = start(
+        &provider(
+            "up",
+            "openaiCompatible",
+            &up.base_url(),
+            "  circuitBreaker: {failureThreshold: 1, openDuration: 60s}\n",
+        ),
+        &simple_route("  retries: {attempts: 0}\n"),
+    )
+    .await;
+    assert_eq!(post(&gw, BODY).await.status(), 200);
+    up.script([Reply::Json(
+        500,
+        json!({"error": {"message": "down"}}),
+        vec![],
+    )]);
+    assert_eq!(post(&gw, BODY).await.status(), 502);
+    assert_eq!(post(&gw, BODY).await.status(), 503);
+    let metrics = gw.metrics().await;
+    for line in [
+        r#"tollgate_requests_total{operation="chat_completions",route="default/chat",provider="default/up",status="200"} 1"#,
+        r#"tollgate_requests_total{operation="chat_completions",route="default/chat",provider="none",status="502"} 1"#,
+        r#"tollgate_upstream_attempts_total{provider="default/up",outcome="success"} 1"#,
+        r#"tollgate_upstream_attempts_total{provider="default/up",outcome="server_error"} 1"#,
+        r#"tollgate_upstream_attempts_total{provider="default/up",outcome="circuit_open"} "#,
+        r#"tollgate_circuit_state{target="default/up#gpt-4o"} 1"#,
+        r#"tollgate_config_reloads_total{result="success"} 1"#,
+        "tollgate_config_keys 1",
+    ] {
+        assert!(metrics.contains(line), "missing {line} in\n{metrics}");
+    }
+    assert!(metrics.contains("tollgate_request_duration_seconds_bucket"));
+    assert!(metrics.contains("tollgate_config_info{config_hash="));
+    assert!(
+        !metrics.contains(KEY) && !metrics.contains(UPSTREAM_TOKEN),
+        "no secrets in metrics"
+    );
+}
+
+#[tokio::test]
+async fn each_request_writes_one_access_log_line_without_secrets() {
+    let up = Upstream::start().await;
+    let (gw, _dir) = start(
+        &provider("up", "openaiCompatible", &up.base_url(), ""),
+        &simple_route(""),
+    )
+    .await;
+    let resp = client()
+        .post(gw.url("/v1/chat/completions"))
+        .bearer_auth(KEY)
+        .header("x-request-id", "trace-me-42")
+        .header("content-type", "application/json")
+        .body(BODY)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert!(
+        common::eventually(Duration::from_secs(5), || async {
+            gw.logs().contains("trace-me-42")
+        })
+        .await
+    );
+    let line = gw
+        .logs()
+        .lines()
+        .find(|l| l.contains("trace-me-42"))
+        .unwrap()
+        .to_owned();
+    let entry: Value = serde_json::from_str(&line).unwrap();
+    assert_eq!(entry["target"], "tollgate::access");
+    assert_eq!(entry["status"], 200);
+    assert_eq!(entry["route"], "default/chat");
+    assert_eq!(entry["provider"], "default/up");
+    assert_eq!(entry["owner"], "tests");
+    assert_eq!(entry["key_id"].as_str().unwrap().len(), 12);
+    assert!(!gw.logs().contains(KEY) && !gw.logs().contains(UPSTREAM_TOKEN));
+    assert!(!gw.logs().contains("\"hi\""), "prompts are not logged");
+}

@@ -26,8 +26,8 @@ pub async fn readyz(State(state): State<Arc<AppState>>) -> impl IntoResponse {
         "configHash": snapshot.as_ref().map(|s| s.config_hash.clone()),
         "keys": snapshot.as_ref().map(|s| s.key_count()),
         "reloads": {
-            "succeeded": state.config.reloads_ok.load(Ordering::Relaxed),
-            "failed": state.config.reloads_failed.load(Ordering::Relaxed),
+            "succeeded": state.config.succeeded(),
+            "failed": state.config.rejected(),
         },
         "lastError": state.config.last_error(),
     });

@@ -45,6 +45,8 @@ pub struct AppState {
     pub draining: AtomicBool,
     /// Circuit breakers per upstream target; they outlive configuration reloads.
     pub breakers: crate::circuit::Breakers,
+    /// Metrics.
+    pub metrics: Arc<crate::metrics::Metrics>,
 }
 
 impl AppState {
@@ -133,6 +135,26 @@ fn panic_response(_: Box<dyn std::any::Any + Send + 'static>) -> Response<Body> 
     // The request id is added on the way out by the propagation layer.
     tracing::error!("handler panicked");
     ApiError::Internal("see the x-request-id header".to_owned()).into_response()
+}
+
+/// The admin router: `/metrics` (Prometheus text format), plus the probes.
+pub fn admin_app(state: Arc<AppState>) -> Router {
+    Router::new()
+        .route("/metrics", get(metrics))
+        .route("/livez", get(health::livez))
+        .route("/readyz", get(health::readyz))
+        .fallback(unknown_route)
+        .with_state(state)
+}
+
+async fn metrics(axum::extract::State(state): axum::extract::State<Arc<AppState>>) -> Response {
+    let body = state.metrics.render(&state.config, &state.breakers);
+    let mut response = Response::new(Body::from(body));
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+    );
+    response
 }
 
 /// Request ids for requests that bring none: a per-process random prefix and a counter,

@@ -2,7 +2,7 @@
 //! `/v1/embeddings`. Each authenticates, resolves the route, checks the key may use the
 //! model, and forwards.
 
-use std::sync::Arc;
+use std::{sync::Arc, time::Instant};
 
 use axum::{
     extract::{Request, State},
@@ -12,7 +12,8 @@ use axum::{
 use super::{AppState, auth::authenticate, read_body, request_id};
 use crate::{
     error::ApiError,
-    proxy::{Forward, forward},
+    metrics::{RequestLabels, RouteLabels},
+    proxy::{AnsweredBy, Forward, forward},
     request::parse_head,
     upstream::Operation,
 };
@@ -38,19 +39,89 @@ pub async fn embeddings(
     handle(state, request, Operation::Embeddings).await
 }
 
+/// What is known about a request for its access log line and metrics.
+#[derive(Default)]
+struct Seen {
+    route: Option<String>,
+    key_id: Option<String>,
+    owner: Option<String>,
+    model: Option<String>,
+}
+
 async fn handle(
     State(state): State<Arc<AppState>>,
     request: Request,
     operation: Operation,
 ) -> Result<Response, ApiError> {
+    let started = Instant::now();
+    let request_id = request_id(request.headers());
+    let mut seen = Seen::default();
+    let result = serve(&state, request, operation, started, &request_id, &mut seen).await;
+
+    let status = match &result {
+        Ok(r) => r.status(),
+        Err(e) => e.status(),
+    };
+    let provider = result
+        .as_ref()
+        .ok()
+        .and_then(|r| r.extensions().get::<AnsweredBy>())
+        .map(|a| a.0.clone());
+    let route = seen.route.clone().unwrap_or_else(|| "none".to_owned());
+    let elapsed = started.elapsed();
+    let metrics = &state.metrics;
+    metrics
+        .requests
+        .get_or_create(&RequestLabels {
+            operation: operation.label(),
+            route: route.clone(),
+            provider: provider.clone().unwrap_or_else(|| "none".to_owned()),
+            status: status.as_u16(),
+        })
+        .inc();
+    metrics
+        .request_duration
+        .get_or_create(&RouteLabels {
+            route: route.clone(),
+        })
+        .observe(elapsed.as_secs_f64());
+    tracing::info!(
+        target: "tollgate::access",
+        request_id,
+        operation = operation.label_str(),
+        status = status.as_u16(),
+        route,
+        provider,
+        model = seen.model,
+        key_id = seen.key_id,
+        owner = seen.owner,
+        latency_ms = elapsed.as_secs_f64() * 1000.0,
+        "request"
+    );
+    result
+}
+
+async fn serve(
+    state: &AppState,
+    request: Request,
+    operation: Operation,
+    started: Instant,
+    request_id: &str,
+    seen: &mut Seen,
+) -> Result<Response, ApiError> {
     let snapshot = state.snapshot()?;
     let (parts, body) = request.into_parts();
     let key = authenticate(&parts.headers, &snapshot)?;
+    seen.key_id = Some(key.entry.id.clone());
+    seen.owner = Some(key.entry.owner.clone());
     let body = read_body(body, state.max_body_bytes).await?;
     let head = parse_head(&body)?;
     let route = snapshot
         .route(&head.model)
         .ok_or_else(|| ApiError::ModelNotFound(head.model.clone()))?;
+    // The route id is bounded by configuration; the requested name only goes to logs.
+    seen.route = Some(route.id.clone());
+    seen.model = Some(head.model.clone());
     if !key.may_use(&head.model) {
         return Err(ApiError::ModelNotAllowed(head.model.clone()));
     }
@@ -59,9 +130,11 @@ async fn handle(
         route,
         head: &head,
         body,
-        request_id: request_id(&parts.headers),
+        request_id: request_id.to_owned(),
         operation,
         breakers: &state.breakers,
+        metrics: &state.metrics,
+        started,
     })
     .await
 }

@@ -22,6 +22,8 @@ pub fn examples() -> PathBuf {
 pub struct Gateway {
     child: Child,
     pub base: String,
+    /// The admin listener (`/metrics`).
+    pub admin: String,
     logs: Arc<Mutex<String>>,
 }
 
@@ -31,7 +33,14 @@ impl Gateway {
     pub fn start(args: &[&str]) -> Self {
         let mut child = Command::new(env!("CARGO_BIN_EXE_tollgate-gateway"))
             .args(args)
-            .args(["--listen", "127.0.0.1:0", "--log-format", "json"])
+            .args([
+                "--listen",
+                "127.0.0.1:0",
+                "--admin-listen",
+                "127.0.0.1:0",
+                "--log-format",
+                "json",
+            ])
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -44,35 +53,57 @@ impl Gateway {
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines() {
                 let Ok(line) = line else { break };
-                if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line)
-                    && v["message"] == "listening"
-                {
-                    let _ = tx.send(v["addr"].as_str().unwrap_or_default().to_owned());
+                if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) {
+                    if v["message"] == "admin listening" {
+                        let _ = tx.send((
+                            "admin",
+                            v["admin_addr"].as_str().unwrap_or_default().to_owned(),
+                        ));
+                    } else if v["message"] == "listening" {
+                        let _ = tx.send(("api", v["addr"].as_str().unwrap_or_default().to_owned()));
+                    }
                 }
                 let mut logs = sink.lock().unwrap();
                 logs.push_str(&line);
                 logs.push('\n');
             }
         });
-        let addr = match rx.recv_timeout(Duration::from_secs(20)) {
-            Ok(addr) => addr,
-            Err(_) => {
-                let _ = child.kill();
-                panic!(
-                    "the gateway did not start listening:\n{}",
-                    logs.lock().unwrap()
-                );
+        let (mut api, mut admin) = (None, None);
+        while api.is_none() || admin.is_none() {
+            match rx.recv_timeout(Duration::from_secs(20)) {
+                Ok(("admin", addr)) => admin = Some(addr),
+                Ok((_, addr)) => api = Some(addr),
+                Err(_) => {
+                    let _ = child.kill();
+                    panic!(
+                        "the gateway did not start listening:\n{}",
+                        logs.lock().unwrap()
+                    );
+                }
             }
-        };
+        }
         Self {
             child,
-            base: format!("http://{addr}"),
+            base: format!("http://{}", api.unwrap()),
+            admin: format!("http://{}", admin.unwrap()),
             logs,
         }
     }
 
     pub fn url(&self, path: &str) -> String {
         format!("{}{path}", self.base)
+    }
+
+    /// The Prometheus text from the admin listener.
+    pub async fn metrics(&self) -> String {
+        client()
+            .get(format!("{}/metrics", self.admin))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
     }
 
     pub fn logs(&self) -> String {

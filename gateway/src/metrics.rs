@@ -1,0 +1,194 @@
+//! Prometheus metrics, served on the admin listener at `/metrics`.
+//!
+//! Labels are bounded by configuration (route and provider ids, operations, outcome
+//! classes), never by what clients send: no key ids, no raw model names from requests.
+
+use prometheus_client::{
+    encoding::{EncodeLabelSet, EncodeLabelValue},
+    metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
+    registry::Registry,
+};
+
+use crate::{circuit::Breakers, config_source::ConfigState};
+
+/// Seconds, from 5 ms to about 10 minutes: LLM calls range from cached hits to long
+/// generations.
+const LATENCY_BUCKETS: [f64; 16] = [
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0, 160.0, 600.0,
+];
+
+/// The OpenAI-style operation.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+pub enum OperationLabel {
+    /// Chat completions.
+    chat_completions,
+    /// Legacy completions.
+    completions,
+    /// Embeddings.
+    embeddings,
+}
+
+/// Labels of a finished client request.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    /// Operation.
+    pub operation: OperationLabel,
+    /// RoutePolicy id, or `none` when no route matched.
+    pub route: String,
+    /// Provider id that answered, or `none`.
+    pub provider: String,
+    /// HTTP status code.
+    pub status: u16,
+}
+
+/// Labels of an upstream attempt.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AttemptLabels {
+    /// Provider id.
+    pub provider: String,
+    /// `success`, `connect_error`, `timeout`, `rate_limited`, `server_error`,
+    /// `credentials_rejected`, `circuit_open`, `saturated`, `client_error`.
+    pub outcome: &'static str,
+}
+
+/// Labels naming a route.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RouteLabels {
+    /// RoutePolicy id.
+    pub route: String,
+}
+
+/// Labels naming an upstream target.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TargetLabels {
+    /// `provider#model`.
+    pub target: String,
+}
+
+/// Labels carrying the served configuration hash.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ConfigLabels {
+    /// First 16 hex digits of the configuration hash.
+    pub config_hash: String,
+}
+
+/// Labels of configuration reloads.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReloadLabels {
+    /// `success` or `rejected`.
+    pub result: &'static str,
+}
+
+fn latency_histogram() -> Histogram {
+    Histogram::new(LATENCY_BUCKETS)
+}
+
+/// Every metric the gateway exports.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    /// Client requests by operation, route, provider and status.
+    pub requests: Family<RequestLabels, Counter>,
+    /// Time to the response head (whole answer for non-streamed calls).
+    pub request_duration: Family<RouteLabels, Histogram, fn() -> Histogram>,
+    /// Time from the request to the first streamed byte.
+    pub time_to_first_byte: Family<RouteLabels, Histogram, fn() -> Histogram>,
+    /// Upstream attempts by provider and outcome.
+    pub upstream_attempts: Family<AttemptLabels, Counter>,
+    circuit_state: Family<TargetLabels, Gauge>,
+    config_info: Family<ConfigLabels, Gauge>,
+    config_keys: Gauge,
+}
+
+impl Metrics {
+    /// Registers every metric, including the reload counters kept by `config`.
+    pub fn new(config: &ConfigState) -> Self {
+        let mut registry = Registry::with_prefix("tollgate");
+        let requests = Family::default();
+        registry.register(
+            "requests",
+            "Client requests by operation, route, answering provider and HTTP status",
+            requests.clone(),
+        );
+        let request_duration = Family::new_with_constructor(latency_histogram as fn() -> Histogram);
+        registry.register(
+            "request_duration_seconds",
+            "Time until the response head was sent (the whole answer when not streamed)",
+            request_duration.clone(),
+        );
+        let time_to_first_byte =
+            Family::new_with_constructor(latency_histogram as fn() -> Histogram);
+        registry.register(
+            "stream_time_to_first_byte_seconds",
+            "Time from the request to the first byte of a streamed answer",
+            time_to_first_byte.clone(),
+        );
+        let upstream_attempts = Family::default();
+        registry.register(
+            "upstream_attempts",
+            "Upstream attempts by provider and outcome",
+            upstream_attempts.clone(),
+        );
+        let circuit_state = Family::default();
+        registry.register(
+            "circuit_state",
+            "Circuit breaker state per upstream target: 0 closed, 1 open, 2 half-open",
+            circuit_state.clone(),
+        );
+        let config_info = Family::default();
+        registry.register(
+            "config_info",
+            "The configuration being served (value 1, hash as a label)",
+            config_info.clone(),
+        );
+        registry.register(
+            "config_reloads",
+            "Configuration loads by result (rejected: the last good one kept serving)",
+            config.reloads.clone(),
+        );
+        let config_keys = Gauge::default();
+        registry.register(
+            "config_keys",
+            "Client key entries in the served configuration",
+            config_keys.clone(),
+        );
+        Self {
+            registry,
+            requests,
+            request_duration,
+            time_to_first_byte,
+            upstream_attempts,
+            circuit_state,
+            config_info,
+            config_keys,
+        }
+    }
+
+    /// Renders the text exposition, refreshing the gauges that mirror other state.
+    pub fn render(&self, config: &ConfigState, breakers: &Breakers) -> String {
+        self.config_info.clear();
+        if let Some(snapshot) = config.current.load_full() {
+            self.config_info
+                .get_or_create(&ConfigLabels {
+                    config_hash: snapshot.config_hash[..16].to_owned(),
+                })
+                .set(1);
+            self.config_keys.set(snapshot.key_count() as i64);
+        }
+        for (target, state) in breakers.states() {
+            let value = match state {
+                crate::circuit::State::Closed => 0,
+                crate::circuit::State::Open => 1,
+                crate::circuit::State::HalfOpen => 2,
+            };
+            self.circuit_state
+                .get_or_create(&TargetLabels { target })
+                .set(value);
+        }
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.registry)
+            .expect("writing to a String cannot fail");
+        out
+    }
+}
