@@ -13,4 +13,6 @@ pub mod routing;
 pub mod server;
 pub mod settings;
 pub mod snapshot;
+pub mod sse;
+pub mod translate;
 pub mod upstream;
