@@ -24,10 +24,7 @@ impl Parser {
     pub fn feed(&mut self, chunk: &[u8]) -> Result<Vec<Event>, &'static str> {
         self.buffer.extend_from_slice(chunk);
         let mut events = Vec::new();
-        loop {
-            let Some((end, sep)) = find_blank_line(&self.buffer) else {
-                break;
-            };
+        while let Some((end, sep)) = find_blank_line(&self.buffer) {
             let raw: Vec<u8> = self.buffer.drain(..end + sep).collect();
             if let Some(event) = parse_event(&raw[..end]) {
                 events.push(event);
