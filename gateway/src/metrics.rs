@@ -27,6 +27,8 @@ pub enum OperationLabel {
     completions,
     /// Embeddings.
     embeddings,
+    /// Anthropic messages.
+    messages,
 }
 
 /// Labels of a finished client request.

@@ -20,7 +20,7 @@ use http::{HeaderValue, StatusCode, header};
 use serde_json::json;
 use tollgate_api::{
     config::{CompiledMock, CompiledRoute},
-    v1alpha1::{ProviderType, RetryOn},
+    v1alpha1::RetryOn,
 };
 
 use crate::{
@@ -31,6 +31,9 @@ use crate::{
     request::{RequestHead, estimate_prompt_tokens},
     routing::{attempt_order, backoff},
     snapshot::{Provider, Snapshot},
+    sse,
+    translate::{self, Untranslatable},
+    upstream::Dialect,
     upstream::{self, Operation},
 };
 
@@ -268,24 +271,37 @@ async fn attempt_once(
     let Some(compiled_model) = config.models.get(model) else {
         return Err(Failure::NoModel(req.head.model.clone()));
     };
-    if config.provider_type == ProviderType::Mock {
+    let client_dialect = req.operation.client_dialect();
+    let (Some(upstream_dialect), Some(client)) = (
+        upstream::dialect(config.provider_type),
+        provider.client.as_ref(),
+    ) else {
         return serve_mock(req, config.mock.clone().unwrap_or_else(default_mock)).await;
-    }
-    let Some(client) = provider
-        .client
-        .as_ref()
-        .filter(|_| upstream::speaks_openai(config.provider_type))
-    else {
-        return Err(Failure::Unsupported(format!(
-            "The model `{}` is routed to a {} provider, which this gateway build cannot call yet.",
-            req.head.model,
-            config.provider_type.as_str()
-        )));
     };
+    if upstream_dialect == Dialect::Anthropic
+        && matches!(
+            req.operation,
+            Operation::Completions | Operation::Embeddings
+        )
+    {
+        return Err(Failure::Unsupported(format!(
+            "The model `{}` is served by Anthropic, which has no {} endpoint.",
+            req.head.model,
+            req.operation.label_str()
+        )));
+    }
 
     let upstream_model = compiled_model.upstream_name.as_str();
-    let body = upstream::body(&req.body, &req.head.model, upstream_model)
-        .map_err(|_| Failure::NoModel(model.to_owned()))?;
+    let body = match (client_dialect, upstream_dialect) {
+        (c, u) if c == u => upstream::body(&req.body, &req.head.model, upstream_model)
+            .map_err(|e| Failure::BadRequest(e.to_string()))?,
+        (Dialect::OpenAi, _) => translated(&req.body, |v| {
+            translate::openai_to_anthropic_request(v, upstream_model)
+        })?,
+        (Dialect::Anthropic, _) => translated(&req.body, |v| {
+            translate::anthropic_to_openai_request(v, upstream_model)
+        })?,
+    };
     let url = upstream::endpoint(config, req.operation, upstream_model);
     let headers = upstream::headers(config, provider.credential.as_deref(), &req.request_id);
 
@@ -312,6 +328,7 @@ async fn attempt_once(
         Ok(Err(_)) => return Err(Failure::Connect(config.id.clone())),
         Ok(Ok(r)) => r,
     };
+    let conversion = Conversion::between(client_dialect, upstream_dialect, req.head);
     let status = response.status();
     match status.as_u16() {
         200..=299 => {}
@@ -323,8 +340,8 @@ async fn attempt_once(
         500 | 502 | 503 | 504 | 529 => return Err(Failure::Server(status)),
         401 | 403 => return Err(Failure::Credentials(config.id.clone())),
         // The upstream judged the request itself (400, 404, 422…): the client should see
-        // exactly what it said.
-        _ => return relay_whole(response, attempt_deadline).await,
+        // what it said, in the client's dialect.
+        _ => return relay_whole(response, attempt_deadline, &conversion).await,
     }
     if req.head.stream {
         let first_byte = FirstByte {
@@ -337,14 +354,86 @@ async fn attempt_once(
             Duration::from_millis(config.stream_idle_timeout_ms),
             permit,
             first_byte,
+            conversion,
         ))
     } else {
-        relay_whole(response, attempt_deadline).await
+        relay_whole(response, attempt_deadline, &conversion).await
+    }
+}
+
+/// Parses the client body and translates it, mapping failures to a 400.
+fn translated(
+    body: &Bytes,
+    f: impl FnOnce(&serde_json::Value) -> Result<serde_json::Value, Untranslatable>,
+) -> Result<Bytes, Failure> {
+    let value: serde_json::Value = serde_json::from_slice(body)
+        .map_err(|e| Failure::BadRequest(format!("The request body is not valid JSON: {e}")))?;
+    let out = f(&value).map_err(|Untranslatable(why)| Failure::BadRequest(why))?;
+    Ok(Bytes::from(
+        serde_json::to_vec(&out).expect("a JSON value serialises"),
+    ))
+}
+
+/// How an upstream answer is rewritten for the client.
+#[derive(Debug, Clone)]
+enum Conversion {
+    /// Same dialect: bytes pass through.
+    None,
+    /// Anthropic upstream, OpenAI client.
+    AnthropicToOpenAi { model: String, include_usage: bool },
+    /// OpenAI upstream, Anthropic client.
+    OpenAiToAnthropic { model: String },
+}
+
+impl Conversion {
+    fn between(client: Dialect, upstream: Dialect, head: &RequestHead) -> Self {
+        match (client, upstream) {
+            (c, u) if c == u => Self::None,
+            (Dialect::OpenAi, _) => Self::AnthropicToOpenAi {
+                model: head.model.clone(),
+                include_usage: head.include_usage(),
+            },
+            (Dialect::Anthropic, _) => Self::OpenAiToAnthropic {
+                model: head.model.clone(),
+            },
+        }
+    }
+
+    /// Rewrites a complete JSON body (answer or error) for the client.
+    fn body(&self, status: StatusCode, bytes: Bytes) -> Bytes {
+        if matches!(self, Self::None) {
+            return bytes;
+        }
+        let Ok(value) = serde_json::from_slice::<serde_json::Value>(&bytes) else {
+            return bytes;
+        };
+        let out = match (self, status.is_success()) {
+            (Self::AnthropicToOpenAi { model, .. }, true) => {
+                translate::anthropic_to_openai_response(
+                    &value,
+                    model,
+                    jiff::Timestamp::now().as_second(),
+                )
+            }
+            (Self::AnthropicToOpenAi { .. }, false) => translate::anthropic_error_to_openai(&value),
+            (Self::OpenAiToAnthropic { model }, true) => {
+                translate::openai_to_anthropic_response(&value, model)
+            }
+            (Self::OpenAiToAnthropic { .. }, false) => {
+                translate::openai_error_to_anthropic(&value, status.as_u16())
+            }
+            (Self::None, _) => return bytes,
+        };
+        Bytes::from(out.to_string())
     }
 }
 
 /// Relays a complete (non-streamed) upstream answer.
-async fn relay_whole(response: reqwest::Response, deadline: Instant) -> Result<Response, Failure> {
+async fn relay_whole(
+    response: reqwest::Response,
+    deadline: Instant,
+    conversion: &Conversion,
+) -> Result<Response, Failure> {
     let status = response.status();
     let content_type = response.headers().get(header::CONTENT_TYPE).cloned();
     let remaining = deadline.saturating_duration_since(Instant::now());
@@ -353,8 +442,10 @@ async fn relay_whole(response: reqwest::Response, deadline: Instant) -> Result<R
         Ok(Err(_)) => return Err(Failure::Server(StatusCode::BAD_GATEWAY)),
         Ok(Ok(b)) => b,
     };
-    let mut out = Response::new(Body::from(bytes));
+    let converted = !matches!(conversion, Conversion::None);
+    let mut out = Response::new(Body::from(conversion.body(status, bytes)));
     *out.status_mut() = status;
+    let content_type = if converted { None } else { content_type };
     out.headers_mut().insert(
         header::CONTENT_TYPE,
         content_type.unwrap_or_else(|| HeaderValue::from_static("application/json")),
@@ -362,17 +453,18 @@ async fn relay_whole(response: reqwest::Response, deadline: Instant) -> Result<R
     Ok(out)
 }
 
-/// Relays an upstream SSE stream chunk by chunk. A broken or silent upstream ends the
-/// stream with an OpenAI-style error event rather than a silent cut. Dropping the
-/// response (client gone) drops the upstream connection.
+/// Relays an upstream SSE stream chunk by chunk (translating events when the dialects
+/// differ). A broken or silent upstream ends the stream with an error event rather than a
+/// silent cut. Dropping the response (client gone) drops the upstream connection.
 fn relay_stream(
     response: reqwest::Response,
     idle: Duration,
     permit: Option<tokio::sync::OwnedSemaphorePermit>,
     first_byte: FirstByte,
+    conversion: Conversion,
 ) -> Response {
     let mut first_byte = Some(first_byte);
-    let chunks = relay_chunks(response.bytes_stream(), idle).map(move |chunk| {
+    let chunks = relay_chunks(response.bytes_stream(), idle, conversion).map(move |chunk| {
         // The stream owns the concurrency slot: it is freed when the stream ends or the
         // client goes away.
         let _slot = &permit;
@@ -382,6 +474,125 @@ fn relay_stream(
         chunk
     });
     sse_response(Body::from_stream(chunks))
+}
+
+/// Rewrites SSE events from one dialect to the other.
+enum StreamTranslator {
+    Pass,
+    AnthropicToOpenAi(sse::Parser, translate::AnthropicToOpenAiStream),
+    OpenAiToAnthropic(sse::Parser, translate::OpenAiToAnthropicStream),
+}
+
+impl StreamTranslator {
+    fn new(conversion: Conversion) -> Self {
+        match conversion {
+            Conversion::None => Self::Pass,
+            Conversion::AnthropicToOpenAi {
+                model,
+                include_usage,
+            } => Self::AnthropicToOpenAi(
+                sse::Parser::default(),
+                translate::AnthropicToOpenAiStream::new(
+                    &model,
+                    jiff::Timestamp::now().as_second(),
+                    include_usage,
+                ),
+            ),
+            Conversion::OpenAiToAnthropic { model } => Self::OpenAiToAnthropic(
+                sse::Parser::default(),
+                translate::OpenAiToAnthropicStream::new(&model),
+            ),
+        }
+    }
+
+    fn client_dialect(&self) -> Dialect {
+        match self {
+            Self::OpenAiToAnthropic(..) => Dialect::Anthropic,
+            _ => Dialect::OpenAi,
+        }
+    }
+
+    /// The client bytes for an upstream chunk.
+    fn feed(&mut self, chunk: Bytes) -> Result<Bytes, &'static str> {
+        let mut out = Vec::new();
+        match self {
+            Self::Pass => return Ok(chunk),
+            Self::AnthropicToOpenAi(parser, t) => {
+                for event in parser.feed(&chunk)? {
+                    let data: serde_json::Value =
+                        serde_json::from_str(&event.data).unwrap_or_default();
+                    let name = event
+                        .event
+                        .as_deref()
+                        .or_else(|| data["type"].as_str())
+                        .unwrap_or_default()
+                        .to_owned();
+                    for payload in t.on_event(&name, &data) {
+                        out.extend_from_slice(b"data: ");
+                        out.extend_from_slice(payload.as_bytes());
+                        out.extend_from_slice(b"\n\n");
+                    }
+                }
+            }
+            Self::OpenAiToAnthropic(parser, t) => {
+                for event in parser.feed(&chunk)? {
+                    for (name, data) in t.on_data(&event.data) {
+                        out.extend_from_slice(
+                            format!("event: {name}\ndata: {data}\n\n").as_bytes(),
+                        );
+                    }
+                }
+            }
+        }
+        Ok(Bytes::from(out))
+    }
+}
+
+fn relay_chunks<S>(
+    upstream: S,
+    idle: Duration,
+    conversion: Conversion,
+) -> impl Stream<Item = Result<Bytes, std::io::Error>> + Send + 'static
+where
+    S: Stream<Item = Result<Bytes, reqwest::Error>> + Send + Unpin + 'static,
+{
+    let translator = StreamTranslator::new(conversion);
+    stream::unfold(
+        (upstream, translator, false),
+        move |(mut s, mut t, finished)| async move {
+            if finished {
+                return None;
+            }
+            loop {
+                let error = match tokio::time::timeout(idle, s.next()).await {
+                    Ok(Some(Ok(bytes))) => match t.feed(bytes) {
+                        // Translation may swallow a chunk (e.g. a ping): wait for the next one.
+                        Ok(out) if out.is_empty() => continue,
+                        Ok(out) => return Some((Ok(out), (s, t, false))),
+                        Err(why) => why,
+                    },
+                    Ok(None) => return None,
+                    Ok(Some(Err(_))) => "The upstream stream was interrupted.",
+                    Err(_) => "The upstream stream went silent and was abandoned.",
+                };
+                let event = stream_error(error, t.client_dialect());
+                return Some((Ok(event), (s, t, true)));
+            }
+        },
+    )
+}
+
+/// An SSE error event in the client's error shape.
+fn stream_error(message: &str, dialect: Dialect) -> Bytes {
+    match dialect {
+        Dialect::OpenAi => mock::sse(
+            &json!({ "error": { "message": message, "type": "server_error", "param": null, "code": "upstream_stream_error" } }),
+        ),
+        Dialect::Anthropic => Bytes::from(format!(
+            "event: error\ndata: {}\n\n",
+            json!({ "type": "error", "error": { "type": "api_error", "message": message } })
+        )),
+    }
 }
 
 /// Records the time to the first streamed byte once.
@@ -400,41 +611,6 @@ impl FirstByte {
     }
 }
 
-fn relay_chunks<S>(
-    upstream: S,
-    idle: Duration,
-) -> impl Stream<Item = Result<Bytes, std::io::Error>> + Send + 'static
-where
-    S: Stream<Item = Result<Bytes, reqwest::Error>> + Send + Unpin + 'static,
-{
-    stream::unfold((upstream, false), move |(mut s, finished)| async move {
-        if finished {
-            return None;
-        }
-        match tokio::time::timeout(idle, s.next()).await {
-            Ok(Some(Ok(bytes))) => Some((Ok(bytes), (s, false))),
-            Ok(None) => None,
-            Ok(Some(Err(_))) => Some((
-                Ok(stream_error("The upstream stream was interrupted.")),
-                (s, true),
-            )),
-            Err(_) => Some((
-                Ok(stream_error(
-                    "The upstream stream went silent and was abandoned.",
-                )),
-                (s, true),
-            )),
-        }
-    })
-}
-
-/// An SSE error event in OpenAI's error shape.
-fn stream_error(message: &str) -> Bytes {
-    mock::sse(
-        &json!({ "error": { "message": message, "type": "server_error", "param": null, "code": "upstream_stream_error" } }),
-    )
-}
-
 fn default_mock() -> CompiledMock {
     CompiledMock {
         latency_ms: 0,
@@ -449,7 +625,7 @@ async fn serve_mock(req: &Forward<'_>, settings: CompiledMock) -> Result<Respons
         tokio::time::sleep(Duration::from_millis(settings.latency_ms)).await;
     }
     let shape = match req.operation {
-        Operation::ChatCompletions => mock::Shape::Chat,
+        Operation::ChatCompletions | Operation::Messages => mock::Shape::Chat,
         Operation::Completions => mock::Shape::Completion,
         Operation::Embeddings => {
             let request: serde_json::Value = serde_json::from_slice(&req.body).unwrap_or_default();
@@ -466,7 +642,10 @@ async fn serve_mock(req: &Forward<'_>, settings: CompiledMock) -> Result<Respons
     let id = format!("{prefix}-{}", req.request_id);
     let created = jiff::Timestamp::now().as_second();
     let answer = mock::answer(&settings, &req.body, estimate_prompt_tokens(&req.body));
+    // The mock speaks OpenAI; Anthropic clients get its answer translated.
+    let anthropic = req.operation.client_dialect() == Dialect::Anthropic;
     if req.head.stream {
+        let include_usage = req.head.include_usage() || anthropic;
         let frames = mock::stream(
             shape,
             answer,
@@ -474,20 +653,30 @@ async fn serve_mock(req: &Forward<'_>, settings: CompiledMock) -> Result<Respons
             id,
             req.head.model.clone(),
             created,
-            req.head.include_usage(),
+            include_usage,
         );
+        if anthropic {
+            let mut translator = StreamTranslator::new(Conversion::OpenAiToAnthropic {
+                model: req.head.model.clone(),
+            });
+            let translated = frames.map(move |frame| {
+                Ok::<_, std::io::Error>(translator.feed(frame).unwrap_or_default())
+            });
+            return Ok(sse_response(Body::from_stream(translated)));
+        }
         return Ok(sse_response(Body::from_stream(
             frames.map(Ok::<_, std::io::Error>),
         )));
     }
-    Ok(Json(mock::completion(
-        shape,
-        &answer,
-        &id,
-        &req.head.model,
-        created,
-    ))
-    .into_response())
+    let completion = mock::completion(shape, &answer, &id, &req.head.model, created);
+    if anthropic {
+        return Ok(Json(translate::openai_to_anthropic_response(
+            &completion,
+            &req.head.model,
+        ))
+        .into_response());
+    }
+    Ok(Json(completion).into_response())
 }
 
 fn sse_response(body: Body) -> Response {
@@ -510,10 +699,14 @@ mod tests {
     async fn a_silent_stream_ends_with_an_error_event() {
         let upstream =
             stream::iter(vec![Ok(Bytes::from_static(b"data: {}\n\n"))]).chain(stream::pending());
-        let chunks: Vec<Bytes> = relay_chunks(Box::pin(upstream), Duration::from_millis(50))
-            .map(|c| c.unwrap())
-            .collect()
-            .await;
+        let chunks: Vec<Bytes> = relay_chunks(
+            Box::pin(upstream),
+            Duration::from_millis(50),
+            Conversion::None,
+        )
+        .map(|c| c.unwrap())
+        .collect()
+        .await;
         assert_eq!(chunks.len(), 2);
         assert!(String::from_utf8_lossy(&chunks[1]).contains("upstream_stream_error"));
     }

@@ -16,6 +16,28 @@ pub enum Operation {
     Completions,
     /// `/embeddings`.
     Embeddings,
+    /// Anthropic's `/messages` (the client speaks Anthropic).
+    Messages,
+}
+
+/// A wire format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dialect {
+    /// OpenAI chat completions and friends.
+    OpenAi,
+    /// Anthropic messages.
+    Anthropic,
+}
+
+/// The wire format an upstream of this type speaks (`None` for the in-process mock).
+pub fn dialect(kind: ProviderType) -> Option<Dialect> {
+    match kind {
+        ProviderType::Openai | ProviderType::OpenaiCompatible | ProviderType::AzureOpenAi => {
+            Some(Dialect::OpenAi)
+        }
+        ProviderType::Anthropic => Some(Dialect::Anthropic),
+        ProviderType::Mock => None,
+    }
 }
 
 impl Operation {
@@ -25,6 +47,7 @@ impl Operation {
             Self::ChatCompletions => crate::metrics::OperationLabel::chat_completions,
             Self::Completions => crate::metrics::OperationLabel::completions,
             Self::Embeddings => crate::metrics::OperationLabel::embeddings,
+            Self::Messages => crate::metrics::OperationLabel::messages,
         }
     }
 
@@ -34,6 +57,16 @@ impl Operation {
             Self::ChatCompletions => "chat_completions",
             Self::Completions => "completions",
             Self::Embeddings => "embeddings",
+            Self::Messages => "messages",
+        }
+    }
+
+    /// The wire format the client speaks.
+    pub fn client_dialect(self) -> Dialect {
+        if self == Self::Messages {
+            Dialect::Anthropic
+        } else {
+            Dialect::OpenAi
         }
     }
 
@@ -42,6 +75,8 @@ impl Operation {
             Self::ChatCompletions => "chat/completions",
             Self::Completions => "completions",
             Self::Embeddings => "embeddings",
+            // Sent to an OpenAI-style upstream after translation.
+            Self::Messages => "chat/completions",
         }
     }
 }
@@ -56,18 +91,16 @@ pub fn client_for(provider: &CompiledProvider) -> Result<reqwest::Client, reqwes
         .build()
 }
 
-/// Whether the gateway can call this provider type over the OpenAI wire format.
+/// Whether the gateway calls this provider type over HTTP.
 pub fn speaks_openai(kind: ProviderType) -> bool {
-    matches!(
-        kind,
-        ProviderType::Openai | ProviderType::OpenaiCompatible | ProviderType::AzureOpenAi
-    )
+    dialect(kind).is_some()
 }
 
 /// The URL of `operation` for `upstream_model` on `provider`.
 pub fn endpoint(provider: &CompiledProvider, operation: Operation, upstream_model: &str) -> String {
     let base = &provider.base_url;
     match provider.provider_type {
+        ProviderType::Anthropic => format!("{base}/messages"),
         ProviderType::AzureOpenAi => format!(
             "{base}/openai/deployments/{upstream_model}/{}?api-version={}",
             operation.path(),
@@ -105,6 +138,11 @@ pub fn headers(
     {
         v.set_sensitive(true);
         h.insert(n, v);
+    }
+    if let Some(version) = provider.anthropic_version.as_deref()
+        && let Ok(v) = HeaderValue::try_from(version)
+    {
+        h.insert(HeaderName::from_static("anthropic-version"), v);
     }
     if let Ok(v) = HeaderValue::try_from(request_id) {
         h.insert(HeaderName::from_static("x-request-id"), v);

@@ -1,5 +1,6 @@
 //! The HTTP surface: the router, its middleware stack, and the shared state handlers see.
 
+mod anthropic;
 mod auth;
 mod health;
 mod models;
@@ -70,6 +71,7 @@ pub fn app(state: Arc<AppState>, options: &HttpOptions) -> Router {
         .route("/v1/chat/completions", post(openai::chat_completions))
         .route("/v1/completions", post(openai::completions))
         .route("/v1/embeddings", post(openai::embeddings))
+        .route("/v1/messages", post(anthropic::messages))
         .route("/v1/models", get(models::list_models))
         .route("/livez", get(health::livez))
         .route("/readyz", get(health::readyz))

@@ -48,7 +48,7 @@ struct Seen {
     model: Option<String>,
 }
 
-async fn handle(
+pub(super) async fn handle(
     State(state): State<Arc<AppState>>,
     request: Request,
     operation: Operation,
