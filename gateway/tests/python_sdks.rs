@@ -1,6 +1,7 @@
-//! The official `openai` Python SDK works against the gateway: chat, streamed chat with
+//! The official Python SDKs work against the gateway. `openai`: chat, streamed chat with
 //! usage, embeddings (base64, as the SDK requests them), legacy completions, model listing,
-//! and the SDK's error classes for 404, 403 and 401.
+//! and its error classes for 404, 403 and 401. `anthropic`: messages, a streamed message,
+//! and its error classes for 404 and 401.
 
 mod common;
 
@@ -79,4 +80,18 @@ fn the_official_openai_sdk_completes_every_call() {
     assert_eq!(out["errors"]["not_found"], "model_not_found");
     assert_eq!(out["errors"]["permission"], "model_not_allowed");
     assert_eq!(out["errors"]["auth"], "invalid_api_key");
+}
+
+#[test]
+fn the_official_anthropic_sdk_sends_messages_and_streams() {
+    let gw = Gateway::start(&["--resources", examples().to_str().unwrap()]);
+    let out = run_client("anthropic_client.py", &gw, DEV_KEY);
+    assert!(out["message"]["text"].as_str().unwrap().starts_with("[mock "), "{out}");
+    assert_eq!(out["message"]["stop_reason"], "end_turn");
+    assert_eq!(out["message"]["output_tokens"], 24);
+    assert_eq!(out["stream"]["text"].as_str().unwrap().split_whitespace().count(), 24, "{out}");
+    assert_eq!(out["stream"]["stop_reason"], "end_turn");
+    assert_eq!(out["stream"]["output_tokens"], 24);
+    assert_eq!(out["errors"]["not_found"], 404);
+    assert_eq!(out["errors"]["auth"], 401);
 }
