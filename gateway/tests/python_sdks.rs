@@ -86,10 +86,24 @@ fn the_official_openai_sdk_completes_every_call() {
 fn the_official_anthropic_sdk_sends_messages_and_streams() {
     let gw = Gateway::start(&["--resources", examples().to_str().unwrap()]);
     let out = run_client("anthropic_client.py", &gw, DEV_KEY);
-    assert!(out["message"]["text"].as_str().unwrap().starts_with("[mock "), "{out}");
+    assert!(
+        out["message"]["text"]
+            .as_str()
+            .unwrap()
+            .starts_with("[mock "),
+        "{out}"
+    );
     assert_eq!(out["message"]["stop_reason"], "end_turn");
     assert_eq!(out["message"]["output_tokens"], 24);
-    assert_eq!(out["stream"]["text"].as_str().unwrap().split_whitespace().count(), 24, "{out}");
+    assert_eq!(
+        out["stream"]["text"]
+            .as_str()
+            .unwrap()
+            .split_whitespace()
+            .count(),
+        24,
+        "{out}"
+    );
     assert_eq!(out["stream"]["stop_reason"], "end_turn");
     assert_eq!(out["stream"]["output_tokens"], 24);
     assert_eq!(out["errors"]["not_found"], 404);
