@@ -5,6 +5,7 @@ pub mod circuit;
 pub mod config_source;
 pub mod error;
 pub mod http;
+pub mod limits;
 pub mod metrics;
 pub mod providers;
 pub mod proxy;
