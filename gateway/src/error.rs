@@ -43,6 +43,9 @@ pub enum ApiError {
         /// Path.
         path: String,
     },
+    /// A per-key or per-route limit or budget refused the request.
+    #[error("{}", limit_message(.0))]
+    LimitExceeded(crate::limits::Rejection),
     /// Every attempt failed at the upstream (5xx, unreachable, credentials refused).
     #[error("{0}")]
     Upstream(String),
@@ -87,7 +90,7 @@ impl ApiError {
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
             Self::Upstream(_) => StatusCode::BAD_GATEWAY,
             Self::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
-            Self::UpstreamRateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
+            Self::UpstreamRateLimited(_) | Self::LimitExceeded(_) => StatusCode::TOO_MANY_REQUESTS,
             Self::UpstreamUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             Self::NotImplemented(_) => StatusCode::NOT_IMPLEMENTED,
         }
@@ -108,6 +111,10 @@ impl ApiError {
             | Self::UpstreamTimeout
             | Self::NotImplemented(_) => "server_error",
             Self::UpstreamRateLimited(_) => "rate_limit_error",
+            Self::LimitExceeded(r) if r.limit == crate::limits::Limit::Budget => {
+                "insufficient_quota"
+            }
+            Self::LimitExceeded(_) => "rate_limit_error",
             Self::UpstreamUnavailable(_) => "service_unavailable",
         }
     }
@@ -126,6 +133,10 @@ impl ApiError {
             Self::Upstream(_) => "upstream_error",
             Self::UpstreamTimeout => "upstream_timeout",
             Self::UpstreamRateLimited(_) => "upstream_rate_limited",
+            Self::LimitExceeded(r) if r.limit == crate::limits::Limit::Budget => {
+                "insufficient_quota"
+            }
+            Self::LimitExceeded(_) => "rate_limit_exceeded",
             Self::UpstreamUnavailable(_) => "upstream_unavailable",
             Self::NotImplemented(_) => "not_implemented",
         }
@@ -156,17 +167,52 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let mut response = (self.status(), Json(self.body())).into_response();
         let retry_after = match &self {
-            Self::Unavailable | Self::UpstreamUnavailable(_) => Some(1),
-            Self::UpstreamRateLimited(after) => {
-                Some(after.map_or(1, |d| d.as_secs_f64().ceil().max(1.0) as u64))
+            Self::Unavailable | Self::UpstreamUnavailable(_) => {
+                Some(std::time::Duration::from_secs(1))
             }
+            Self::UpstreamRateLimited(after) => {
+                Some(after.unwrap_or(std::time::Duration::from_secs(1)))
+            }
+            Self::LimitExceeded(r) => r.retry_after,
             _ => None,
         };
-        if let Some(secs) = retry_after {
-            response
-                .headers_mut()
-                .insert(http::header::RETRY_AFTER, http::HeaderValue::from(secs));
+        let headers = response.headers_mut();
+        if let Some(after) = retry_after {
+            let secs = after.as_secs_f64().ceil().max(1.0) as u64;
+            headers.insert(http::header::RETRY_AFTER, http::HeaderValue::from(secs));
+            headers.insert(
+                "retry-after-ms",
+                http::HeaderValue::from(after.as_millis().max(1) as u64),
+            );
+        }
+        if let Self::LimitExceeded(r) = &self {
+            let kind = match r.limit {
+                crate::limits::Limit::Requests => Some("requests"),
+                crate::limits::Limit::Tokens => Some("tokens"),
+                _ => None,
+            };
+            if let Some(kind) = kind
+                && let Ok(name) =
+                    http::HeaderName::try_from(format!("x-ratelimit-remaining-{kind}"))
+            {
+                headers.insert(name, http::HeaderValue::from_static("0"));
+            }
         }
         response
+    }
+}
+
+fn limit_message(r: &crate::limits::Rejection) -> String {
+    use crate::limits::Limit;
+    let scope = if r.scope == "key" {
+        "this API key"
+    } else {
+        "this route"
+    };
+    match r.limit {
+        Limit::Requests => format!("Rate limit reached: too many requests per minute for {scope}."),
+        Limit::Tokens => format!("Rate limit reached: too many tokens per minute for {scope}."),
+        Limit::Concurrency => format!("Too many concurrent requests for {scope}."),
+        Limit::Budget => "The budget of this API key is used up for the current period.".to_owned(),
     }
 }

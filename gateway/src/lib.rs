@@ -1,6 +1,7 @@
 //! Tollgate's data plane: an OpenAI- and Anthropic-compatible gateway for LLM APIs.
 #![forbid(unsafe_code)]
 
+pub mod accounting;
 pub mod circuit;
 pub mod config_source;
 pub mod error;
@@ -9,6 +10,7 @@ pub mod limits;
 pub mod metrics;
 pub mod providers;
 pub mod proxy;
+pub mod relay;
 pub mod request;
 pub mod routing;
 pub mod server;

@@ -54,6 +54,29 @@ pub struct AttemptLabels {
     pub outcome: &'static str,
 }
 
+/// Labels of token and cost counters. Owners come from ApiKey objects, so they are
+/// bounded by configuration.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TokenLabels {
+    /// RoutePolicy id.
+    pub route: String,
+    /// Provider id that answered.
+    pub provider: String,
+    /// Key owner.
+    pub owner: String,
+    /// `input` or `output` (tokens); `total` (cost).
+    pub kind: &'static str,
+}
+
+/// Labels of limit rejections.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RejectionLabels {
+    /// `requests`, `tokens`, `concurrency` or `budget`.
+    pub limit: &'static str,
+    /// `key` or `route`.
+    pub scope: &'static str,
+}
+
 /// Labels naming a route.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RouteLabels {
@@ -98,6 +121,12 @@ pub struct Metrics {
     pub time_to_first_byte: Family<RouteLabels, Histogram, fn() -> Histogram>,
     /// Upstream attempts by provider and outcome.
     pub upstream_attempts: Family<AttemptLabels, Counter>,
+    /// Tokens by route, provider, owner and direction.
+    pub tokens: Family<TokenLabels, Counter>,
+    /// Cost by route, provider and owner, in the provider's currency.
+    pub cost: Family<TokenLabels, Counter<f64, std::sync::atomic::AtomicU64>>,
+    /// Requests refused by a limit or budget.
+    pub rejections: Family<RejectionLabels, Counter>,
     circuit_state: Family<TargetLabels, Gauge>,
     config_info: Family<ConfigLabels, Gauge>,
     config_keys: Gauge,
@@ -132,6 +161,24 @@ impl Metrics {
             "Upstream attempts by provider and outcome",
             upstream_attempts.clone(),
         );
+        let tokens = Family::default();
+        registry.register(
+            "tokens",
+            "Tokens by route, answering provider, key owner and kind (input, output)",
+            tokens.clone(),
+        );
+        let cost = Family::default();
+        registry.register(
+            "cost",
+            "Cost by route, answering provider and key owner, in the provider's currency",
+            cost.clone(),
+        );
+        let rejections = Family::default();
+        registry.register(
+            "limit_rejections",
+            "Requests refused with 429 by a limit or budget",
+            rejections.clone(),
+        );
         let circuit_state = Family::default();
         registry.register(
             "circuit_state",
@@ -161,6 +208,9 @@ impl Metrics {
             request_duration,
             time_to_first_byte,
             upstream_attempts,
+            tokens,
+            cost,
+            rejections,
             circuit_state,
             config_info,
             config_keys,

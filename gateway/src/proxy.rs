@@ -15,26 +15,25 @@ use axum::{
     response::{IntoResponse, Response},
 };
 use bytes::Bytes;
-use futures_util::{Stream, StreamExt, stream};
-use http::{HeaderValue, StatusCode, header};
-use serde_json::json;
+use futures_util::StreamExt;
+use http::StatusCode;
 use tollgate_api::{
     config::{CompiledMock, CompiledRoute},
     v1alpha1::RetryOn,
 };
 
 use crate::{
+    accounting::{Accounting, Usage},
     circuit::Breakers,
     error::ApiError,
-    metrics::{AttemptLabels, Metrics, RouteLabels},
+    metrics::{AttemptLabels, Metrics},
     providers::mock,
-    request::{RequestHead, estimate_prompt_tokens},
+    relay::{self, Conversion, FirstByte, StreamGuards, StreamTranslator, WholeError},
+    request::RequestHead,
     routing::{attempt_order, backoff},
     snapshot::{Provider, Snapshot},
-    sse,
     translate::{self, Untranslatable},
-    upstream::Dialect,
-    upstream::{self, Operation},
+    upstream::{self, Dialect, Operation},
 };
 
 /// Longest upstream `Retry-After` the gateway waits for before retrying the same target.
@@ -61,6 +60,8 @@ pub struct Forward<'a> {
     pub metrics: &'a Arc<Metrics>,
     /// When the gateway received the request.
     pub started: Instant,
+    /// Estimated prompt tokens (stands in until the answer reports its usage).
+    pub prompt_estimate: u64,
 }
 
 /// Response extension naming the provider that answered, for metrics and logs.
@@ -150,8 +151,12 @@ impl Failure {
     }
 }
 
-/// Tries the route's targets in order until one answers.
-pub async fn forward(req: Forward<'_>) -> Result<Response, ApiError> {
+/// Tries the route's targets in order until one answers. `accounting` (when limits or
+/// budgets apply) is settled with the answer's usage, or refunded when nothing answers.
+pub async fn forward(
+    req: Forward<'_>,
+    mut accounting: Option<Accounting>,
+) -> Result<Response, ApiError> {
     let route = req.route;
     let mut rng = fastrand::Rng::new();
     let order = attempt_order(&route.tiers, &mut rng);
@@ -210,7 +215,7 @@ pub async fn forward(req: Forward<'_>) -> Result<Response, ApiError> {
             }
             tokio::time::sleep(wait).await;
         }
-        let failure = match attempt_once(&req, provider, model, deadline).await {
+        let failure = match attempt_once(&req, provider, model, deadline, &mut accounting).await {
             Ok(mut response) => {
                 breaker.success();
                 let outcome = if response.status().is_success() {
@@ -266,17 +271,30 @@ async fn attempt_once(
     provider: &Arc<Provider>,
     model: &str,
     deadline: Option<Instant>,
+    accounting: &mut Option<Accounting>,
 ) -> Result<Response, Failure> {
     let config = &provider.config;
     let Some(compiled_model) = config.models.get(model) else {
         return Err(Failure::NoModel(req.head.model.clone()));
     };
+    let pricing = (
+        compiled_model.input_per_million,
+        compiled_model.output_per_million,
+    );
     let client_dialect = req.operation.client_dialect();
     let (Some(upstream_dialect), Some(client)) = (
         upstream::dialect(config.provider_type),
         provider.client.as_ref(),
     ) else {
-        return serve_mock(req, config.mock.clone().unwrap_or_else(default_mock)).await;
+        if let Some(a) = accounting.as_mut() {
+            a.answered_by(&config.id, pricing, req.prompt_estimate);
+        }
+        return serve_mock(
+            req,
+            config.mock.clone().unwrap_or_else(default_mock),
+            accounting.take(),
+        )
+        .await;
     };
     if upstream_dialect == Dialect::Anthropic
         && matches!(
@@ -292,7 +310,20 @@ async fn attempt_once(
     }
 
     let upstream_model = compiled_model.upstream_name.as_str();
+    // Streams from OpenAI-style upstreams always carry usage, for accounting; the extra
+    // chunk is removed again when the client did not ask for it.
+    let inject_usage = client_dialect == Dialect::OpenAi
+        && upstream_dialect == Dialect::OpenAi
+        && req.head.stream
+        && !req.head.include_usage()
+        && req.operation != Operation::Embeddings;
     let body = match (client_dialect, upstream_dialect) {
+        (Dialect::OpenAi, Dialect::OpenAi) if inject_usage => translated(&req.body, |v| {
+            let mut v = v.clone();
+            v["model"] = serde_json::Value::String(upstream_model.to_owned());
+            v["stream_options"]["include_usage"] = serde_json::Value::Bool(true);
+            Ok(v)
+        })?,
         (c, u) if c == u => upstream::body(&req.body, &req.head.model, upstream_model)
             .map_err(|e| Failure::BadRequest(e.to_string()))?,
         (Dialect::OpenAi, _) => translated(&req.body, |v| {
@@ -328,7 +359,7 @@ async fn attempt_once(
         Ok(Err(_)) => return Err(Failure::Connect(config.id.clone())),
         Ok(Ok(r)) => r,
     };
-    let conversion = Conversion::between(client_dialect, upstream_dialect, req.head);
+    let conversion = Conversion::between(client_dialect, upstream_dialect, req.head, inject_usage);
     let status = response.status();
     match status.as_u16() {
         200..=299 => {}
@@ -340,28 +371,48 @@ async fn attempt_once(
         500 | 502 | 503 | 504 | 529 => return Err(Failure::Server(status)),
         401 | 403 => return Err(Failure::Credentials(config.id.clone())),
         // The upstream judged the request itself (400, 404, 422…): the client should see
-        // what it said, in the client's dialect.
-        _ => return relay_whole(response, attempt_deadline, &conversion).await,
+        // what it said, in the client's dialect. Nothing was generated: nothing is billed.
+        _ => return whole(response, attempt_deadline, &conversion, None).await,
+    }
+    if let Some(a) = accounting.as_mut() {
+        a.answered_by(&config.id, pricing, req.prompt_estimate);
     }
     if req.head.stream {
-        let first_byte = FirstByte {
-            metrics: req.metrics.clone(),
-            route: req.route.id.clone(),
-            started: req.started,
-        };
-        Ok(relay_stream(
-            response,
-            Duration::from_millis(config.stream_idle_timeout_ms),
+        let guards = StreamGuards {
             permit,
-            first_byte,
+            accounting: accounting.take(),
+            first_byte: Some(FirstByte {
+                metrics: req.metrics.clone(),
+                route: req.route.id.clone(),
+                started: req.started,
+            }),
+        };
+        Ok(relay::stream(
+            response.bytes_stream(),
+            Duration::from_millis(config.stream_idle_timeout_ms),
             conversion,
+            guards,
         ))
     } else {
-        relay_whole(response, attempt_deadline, &conversion).await
+        whole(response, attempt_deadline, &conversion, accounting.as_mut()).await
     }
 }
 
-/// Parses the client body and translates it, mapping failures to a 400.
+async fn whole(
+    response: reqwest::Response,
+    deadline: Instant,
+    conversion: &Conversion,
+    accounting: Option<&mut Accounting>,
+) -> Result<Response, Failure> {
+    relay::whole(response, deadline, conversion, accounting)
+        .await
+        .map_err(|e| match e {
+            WholeError::Timeout => Failure::Timeout,
+            WholeError::Broken => Failure::Server(StatusCode::BAD_GATEWAY),
+        })
+}
+
+/// Parses the client body and rewrites it, mapping failures to a 400.
 fn translated(
     body: &Bytes,
     f: impl FnOnce(&serde_json::Value) -> Result<serde_json::Value, Untranslatable>,
@@ -374,243 +425,6 @@ fn translated(
     ))
 }
 
-/// How an upstream answer is rewritten for the client.
-#[derive(Debug, Clone)]
-enum Conversion {
-    /// Same dialect: bytes pass through.
-    None,
-    /// Anthropic upstream, OpenAI client.
-    AnthropicToOpenAi { model: String, include_usage: bool },
-    /// OpenAI upstream, Anthropic client.
-    OpenAiToAnthropic { model: String },
-}
-
-impl Conversion {
-    fn between(client: Dialect, upstream: Dialect, head: &RequestHead) -> Self {
-        match (client, upstream) {
-            (c, u) if c == u => Self::None,
-            (Dialect::OpenAi, _) => Self::AnthropicToOpenAi {
-                model: head.model.clone(),
-                include_usage: head.include_usage(),
-            },
-            (Dialect::Anthropic, _) => Self::OpenAiToAnthropic {
-                model: head.model.clone(),
-            },
-        }
-    }
-
-    /// Rewrites a complete JSON body (answer or error) for the client.
-    fn body(&self, status: StatusCode, bytes: Bytes) -> Bytes {
-        if matches!(self, Self::None) {
-            return bytes;
-        }
-        let Ok(value) = serde_json::from_slice::<serde_json::Value>(&bytes) else {
-            return bytes;
-        };
-        let out = match (self, status.is_success()) {
-            (Self::AnthropicToOpenAi { model, .. }, true) => {
-                translate::anthropic_to_openai_response(
-                    &value,
-                    model,
-                    jiff::Timestamp::now().as_second(),
-                )
-            }
-            (Self::AnthropicToOpenAi { .. }, false) => translate::anthropic_error_to_openai(&value),
-            (Self::OpenAiToAnthropic { model }, true) => {
-                translate::openai_to_anthropic_response(&value, model)
-            }
-            (Self::OpenAiToAnthropic { .. }, false) => {
-                translate::openai_error_to_anthropic(&value, status.as_u16())
-            }
-            (Self::None, _) => return bytes,
-        };
-        Bytes::from(out.to_string())
-    }
-}
-
-/// Relays a complete (non-streamed) upstream answer.
-async fn relay_whole(
-    response: reqwest::Response,
-    deadline: Instant,
-    conversion: &Conversion,
-) -> Result<Response, Failure> {
-    let status = response.status();
-    let content_type = response.headers().get(header::CONTENT_TYPE).cloned();
-    let remaining = deadline.saturating_duration_since(Instant::now());
-    let bytes = match tokio::time::timeout(remaining, response.bytes()).await {
-        Err(_) => return Err(Failure::Timeout),
-        Ok(Err(_)) => return Err(Failure::Server(StatusCode::BAD_GATEWAY)),
-        Ok(Ok(b)) => b,
-    };
-    let converted = !matches!(conversion, Conversion::None);
-    let mut out = Response::new(Body::from(conversion.body(status, bytes)));
-    *out.status_mut() = status;
-    let content_type = if converted { None } else { content_type };
-    out.headers_mut().insert(
-        header::CONTENT_TYPE,
-        content_type.unwrap_or_else(|| HeaderValue::from_static("application/json")),
-    );
-    Ok(out)
-}
-
-/// Relays an upstream SSE stream chunk by chunk (translating events when the dialects
-/// differ). A broken or silent upstream ends the stream with an error event rather than a
-/// silent cut. Dropping the response (client gone) drops the upstream connection.
-fn relay_stream(
-    response: reqwest::Response,
-    idle: Duration,
-    permit: Option<tokio::sync::OwnedSemaphorePermit>,
-    first_byte: FirstByte,
-    conversion: Conversion,
-) -> Response {
-    let mut first_byte = Some(first_byte);
-    let chunks = relay_chunks(response.bytes_stream(), idle, conversion).map(move |chunk| {
-        // The stream owns the concurrency slot: it is freed when the stream ends or the
-        // client goes away.
-        let _slot = &permit;
-        if let Some(fb) = first_byte.take() {
-            fb.observe();
-        }
-        chunk
-    });
-    sse_response(Body::from_stream(chunks))
-}
-
-/// Rewrites SSE events from one dialect to the other.
-enum StreamTranslator {
-    Pass,
-    AnthropicToOpenAi(sse::Parser, translate::AnthropicToOpenAiStream),
-    OpenAiToAnthropic(sse::Parser, translate::OpenAiToAnthropicStream),
-}
-
-impl StreamTranslator {
-    fn new(conversion: Conversion) -> Self {
-        match conversion {
-            Conversion::None => Self::Pass,
-            Conversion::AnthropicToOpenAi {
-                model,
-                include_usage,
-            } => Self::AnthropicToOpenAi(
-                sse::Parser::default(),
-                translate::AnthropicToOpenAiStream::new(
-                    &model,
-                    jiff::Timestamp::now().as_second(),
-                    include_usage,
-                ),
-            ),
-            Conversion::OpenAiToAnthropic { model } => Self::OpenAiToAnthropic(
-                sse::Parser::default(),
-                translate::OpenAiToAnthropicStream::new(&model),
-            ),
-        }
-    }
-
-    fn client_dialect(&self) -> Dialect {
-        match self {
-            Self::OpenAiToAnthropic(..) => Dialect::Anthropic,
-            _ => Dialect::OpenAi,
-        }
-    }
-
-    /// The client bytes for an upstream chunk.
-    fn feed(&mut self, chunk: Bytes) -> Result<Bytes, &'static str> {
-        let mut out = Vec::new();
-        match self {
-            Self::Pass => return Ok(chunk),
-            Self::AnthropicToOpenAi(parser, t) => {
-                for event in parser.feed(&chunk)? {
-                    let data: serde_json::Value =
-                        serde_json::from_str(&event.data).unwrap_or_default();
-                    let name = event
-                        .event
-                        .as_deref()
-                        .or_else(|| data["type"].as_str())
-                        .unwrap_or_default()
-                        .to_owned();
-                    for payload in t.on_event(&name, &data) {
-                        out.extend_from_slice(b"data: ");
-                        out.extend_from_slice(payload.as_bytes());
-                        out.extend_from_slice(b"\n\n");
-                    }
-                }
-            }
-            Self::OpenAiToAnthropic(parser, t) => {
-                for event in parser.feed(&chunk)? {
-                    for (name, data) in t.on_data(&event.data) {
-                        out.extend_from_slice(
-                            format!("event: {name}\ndata: {data}\n\n").as_bytes(),
-                        );
-                    }
-                }
-            }
-        }
-        Ok(Bytes::from(out))
-    }
-}
-
-fn relay_chunks<S>(
-    upstream: S,
-    idle: Duration,
-    conversion: Conversion,
-) -> impl Stream<Item = Result<Bytes, std::io::Error>> + Send + 'static
-where
-    S: Stream<Item = Result<Bytes, reqwest::Error>> + Send + Unpin + 'static,
-{
-    let translator = StreamTranslator::new(conversion);
-    stream::unfold(
-        (upstream, translator, false),
-        move |(mut s, mut t, finished)| async move {
-            if finished {
-                return None;
-            }
-            loop {
-                let error = match tokio::time::timeout(idle, s.next()).await {
-                    Ok(Some(Ok(bytes))) => match t.feed(bytes) {
-                        // Translation may swallow a chunk (e.g. a ping): wait for the next one.
-                        Ok(out) if out.is_empty() => continue,
-                        Ok(out) => return Some((Ok(out), (s, t, false))),
-                        Err(why) => why,
-                    },
-                    Ok(None) => return None,
-                    Ok(Some(Err(_))) => "The upstream stream was interrupted.",
-                    Err(_) => "The upstream stream went silent and was abandoned.",
-                };
-                let event = stream_error(error, t.client_dialect());
-                return Some((Ok(event), (s, t, true)));
-            }
-        },
-    )
-}
-
-/// An SSE error event in the client's error shape.
-fn stream_error(message: &str, dialect: Dialect) -> Bytes {
-    match dialect {
-        Dialect::OpenAi => mock::sse(
-            &json!({ "error": { "message": message, "type": "server_error", "param": null, "code": "upstream_stream_error" } }),
-        ),
-        Dialect::Anthropic => Bytes::from(format!(
-            "event: error\ndata: {}\n\n",
-            json!({ "type": "error", "error": { "type": "api_error", "message": message } })
-        )),
-    }
-}
-
-/// Records the time to the first streamed byte once.
-struct FirstByte {
-    metrics: Arc<Metrics>,
-    route: String,
-    started: Instant,
-}
-
-impl FirstByte {
-    fn observe(self) {
-        self.metrics
-            .time_to_first_byte
-            .get_or_create(&RouteLabels { route: self.route })
-            .observe(self.started.elapsed().as_secs_f64());
-    }
-}
-
 fn default_mock() -> CompiledMock {
     CompiledMock {
         latency_ms: 0,
@@ -620,7 +434,11 @@ fn default_mock() -> CompiledMock {
     }
 }
 
-async fn serve_mock(req: &Forward<'_>, settings: CompiledMock) -> Result<Response, Failure> {
+async fn serve_mock(
+    req: &Forward<'_>,
+    settings: CompiledMock,
+    mut accounting: Option<Accounting>,
+) -> Result<Response, Failure> {
     if settings.latency_ms > 0 {
         tokio::time::sleep(Duration::from_millis(settings.latency_ms)).await;
     }
@@ -629,9 +447,15 @@ async fn serve_mock(req: &Forward<'_>, settings: CompiledMock) -> Result<Respons
         Operation::Completions => mock::Shape::Completion,
         Operation::Embeddings => {
             let request: serde_json::Value = serde_json::from_slice(&req.body).unwrap_or_default();
-            return mock::embeddings(&request, &req.head.model)
-                .map(|v| Json(v).into_response())
-                .map_err(Failure::BadRequest);
+            let answer =
+                mock::embeddings(&request, &req.head.model).map_err(Failure::BadRequest)?;
+            if let Some(a) = accounting.as_mut() {
+                a.report(Usage {
+                    prompt: answer["usage"]["prompt_tokens"].as_u64().unwrap_or(0),
+                    completion: 0,
+                });
+            }
+            return Ok(Json(answer).into_response());
         }
     };
     let prefix = if shape == mock::Shape::Chat {
@@ -641,10 +465,17 @@ async fn serve_mock(req: &Forward<'_>, settings: CompiledMock) -> Result<Respons
     };
     let id = format!("{prefix}-{}", req.request_id);
     let created = jiff::Timestamp::now().as_second();
-    let answer = mock::answer(&settings, &req.body, estimate_prompt_tokens(&req.body));
+    let answer = mock::answer(&settings, &req.body, req.prompt_estimate);
     // The mock speaks OpenAI; Anthropic clients get its answer translated.
     let anthropic = req.operation.client_dialect() == Dialect::Anthropic;
     if req.head.stream {
+        // The mock's usage is known up front.
+        if let Some(a) = accounting.as_mut() {
+            a.report(Usage {
+                prompt: answer.prompt_tokens,
+                completion: answer.tokens.len() as u64,
+            });
+        }
         let include_usage = req.head.include_usage() || anthropic;
         let frames = mock::stream(
             shape,
@@ -655,20 +486,30 @@ async fn serve_mock(req: &Forward<'_>, settings: CompiledMock) -> Result<Respons
             created,
             include_usage,
         );
-        if anthropic {
-            let mut translator = StreamTranslator::new(Conversion::OpenAiToAnthropic {
+        let conversion = if anthropic {
+            Conversion::OpenAiToAnthropic {
                 model: req.head.model.clone(),
-            });
-            let translated = frames.map(move |frame| {
-                Ok::<_, std::io::Error>(translator.feed(frame).unwrap_or_default())
-            });
-            return Ok(sse_response(Body::from_stream(translated)));
-        }
-        return Ok(sse_response(Body::from_stream(
-            frames.map(Ok::<_, std::io::Error>),
-        )));
+            }
+        } else {
+            Conversion::OpenAi { strip_usage: false }
+        };
+        let mut translator = StreamTranslator::new(conversion);
+        let translated = frames.map(move |frame| {
+            Ok::<_, std::io::Error>(
+                translator
+                    .feed(&frame, accounting.as_mut())
+                    .unwrap_or_default(),
+            )
+        });
+        return Ok(relay::sse_response(Body::from_stream(translated)));
     }
     let completion = mock::completion(shape, &answer, &id, &req.head.model, created);
+    if let Some(a) = accounting.as_mut() {
+        a.report(Usage {
+            prompt: answer.prompt_tokens,
+            completion: answer.tokens.len() as u64,
+        });
+    }
     if anthropic {
         return Ok(Json(translate::openai_to_anthropic_response(
             &completion,
@@ -677,37 +518,4 @@ async fn serve_mock(req: &Forward<'_>, settings: CompiledMock) -> Result<Respons
         .into_response());
     }
     Ok(Json(completion).into_response())
-}
-
-fn sse_response(body: Body) -> Response {
-    let mut response = Response::new(body);
-    let headers = response.headers_mut();
-    headers.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("text/event-stream"),
-    );
-    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
-    headers.insert("x-accel-buffering", HeaderValue::from_static("no"));
-    response
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[tokio::test]
-    async fn a_silent_stream_ends_with_an_error_event() {
-        let upstream =
-            stream::iter(vec![Ok(Bytes::from_static(b"data: {}\n\n"))]).chain(stream::pending());
-        let chunks: Vec<Bytes> = relay_chunks(
-            Box::pin(upstream),
-            Duration::from_millis(50),
-            Conversion::None,
-        )
-        .map(|c| c.unwrap())
-        .collect()
-        .await;
-        assert_eq!(chunks.len(), 2);
-        assert!(String::from_utf8_lossy(&chunks[1]).contains("upstream_stream_error"));
-    }
 }

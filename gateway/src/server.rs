@@ -50,6 +50,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         draining: Default::default(),
         breakers: Default::default(),
         metrics,
+        limits: Default::default(),
     });
     let router = app(
         state.clone(),

@@ -288,6 +288,14 @@ impl AnthropicToOpenAiStream {
         c
     }
 
+    /// Usage reported so far (once `message_delta` has carried the output count).
+    pub fn usage(&self) -> Option<crate::accounting::Usage> {
+        (!self.finish.is_null()).then_some(crate::accounting::Usage {
+            prompt: self.input_tokens,
+            completion: self.output_tokens,
+        })
+    }
+
     /// The OpenAI `data:` payloads for one Anthropic event (`[DONE]` included at the end).
     pub fn on_event(&mut self, event: &str, data: &Value) -> Vec<String> {
         let mut out = Vec::new();
@@ -570,6 +578,14 @@ impl OpenAiToAnthropicStream {
                 json!({"type": "content_block_stop", "index": index}),
             ));
         }
+    }
+
+    /// Usage reported so far (once the upstream's usage chunk has arrived).
+    pub fn usage(&self) -> Option<crate::accounting::Usage> {
+        (self.output_tokens > 0 || self.input_tokens > 0).then_some(crate::accounting::Usage {
+            prompt: self.input_tokens,
+            completion: self.output_tokens,
+        })
     }
 
     /// Anthropic `(event, data)` pairs for one OpenAI `data:` payload.

@@ -48,6 +48,8 @@ pub struct AppState {
     pub breakers: crate::circuit::Breakers,
     /// Metrics.
     pub metrics: Arc<crate::metrics::Metrics>,
+    /// Limits and budgets (in process; shared through Redis when configured).
+    pub limits: Arc<crate::limits::LocalLimits>,
 }
 
 impl AppState {

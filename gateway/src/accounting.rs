@@ -1,0 +1,184 @@
+//! Usage accounting for one request: what was reserved at admission, what the answer
+//! actually used, and settling the difference exactly once, when the answer is complete
+//! or abandoned (a client that disconnects mid-stream is still billed for what it got).
+
+use std::sync::Arc;
+
+use serde_json::Value;
+
+use crate::{
+    limits::{LocalLimits, Reservation},
+    metrics::{Metrics, TokenLabels},
+};
+
+/// Token usage of an answer.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Usage {
+    /// Input (prompt) tokens.
+    pub prompt: u64,
+    /// Output (completion) tokens.
+    pub completion: u64,
+}
+
+/// Reads usage from a complete answer in either dialect (OpenAI `usage.prompt_tokens`,
+/// Anthropic `usage.input_tokens`).
+pub fn usage_from_body(body: &[u8]) -> Option<Usage> {
+    let v: Value = serde_json::from_slice(body).ok()?;
+    usage_from_value(&v["usage"])
+}
+
+/// Reads a `usage` object in either dialect.
+pub fn usage_from_value(u: &Value) -> Option<Usage> {
+    if !u.is_object() {
+        return None;
+    }
+    let prompt = u["prompt_tokens"].as_u64().or_else(|| {
+        u["input_tokens"].as_u64().map(|i| {
+            i + u["cache_read_input_tokens"].as_u64().unwrap_or(0)
+                + u["cache_creation_input_tokens"].as_u64().unwrap_or(0)
+        })
+    })?;
+    let completion = u["completion_tokens"]
+        .as_u64()
+        .or_else(|| u["output_tokens"].as_u64())
+        .unwrap_or(0);
+    Some(Usage { prompt, completion })
+}
+
+/// Settles a request's reservation once; dropping it settles too.
+#[derive(Debug)]
+pub struct Accounting {
+    /// Limits to settle with; `None` when no limit or budget applies.
+    limits: Option<(Arc<LocalLimits>, Reservation)>,
+    metrics: Arc<Metrics>,
+    route: String,
+    owner: String,
+    provider: Option<String>,
+    /// Price per million input and output tokens of the model that answered.
+    pricing: (f64, f64),
+    /// Usage reported by the answer.
+    reported: Option<Usage>,
+    /// Usage estimated from what was relayed, for answers cut before their usage arrived.
+    estimated: Usage,
+    settled: bool,
+}
+
+impl Accounting {
+    /// Accounting for a request; `limits` holds its admission reservation, if any.
+    pub fn new(
+        limits: Option<(Arc<LocalLimits>, Reservation)>,
+        metrics: Arc<Metrics>,
+        route: &str,
+        owner: &str,
+    ) -> Self {
+        Self {
+            limits,
+            metrics,
+            route: route.to_owned(),
+            owner: owner.to_owned(),
+            provider: None,
+            pricing: (0.0, 0.0),
+            reported: None,
+            estimated: Usage::default(),
+            settled: false,
+        }
+    }
+
+    /// Records which provider answered and its prices; `prompt_estimate` stands in for the
+    /// prompt size until the answer reports its usage.
+    pub fn answered_by(&mut self, provider: &str, pricing: (f64, f64), prompt_estimate: u64) {
+        self.provider = Some(provider.to_owned());
+        self.pricing = pricing;
+        self.estimated.prompt = prompt_estimate;
+    }
+
+    /// Records usage reported by the answer.
+    pub fn report(&mut self, usage: Usage) {
+        self.reported = Some(usage);
+    }
+
+    /// Counts one relayed output piece (about one token) toward the estimate.
+    pub fn relayed_piece(&mut self) {
+        self.estimated.completion += 1;
+    }
+
+    fn settle(&mut self) {
+        if std::mem::replace(&mut self.settled, true) {
+            return;
+        }
+        // No provider answered: nothing was used, everything is refunded.
+        let usage = match (&self.provider, self.reported) {
+            (None, _) => Usage::default(),
+            (Some(_), Some(u)) => u,
+            (Some(_), None) => self.estimated,
+        };
+        let cost = (usage.prompt as f64 * self.pricing.0
+            + usage.completion as f64 * self.pricing.1)
+            / 1_000_000.0;
+        if let Some((limits, reservation)) = self.limits.take() {
+            limits.settle(&reservation, usage.prompt + usage.completion, cost);
+        }
+        if let Some(provider) = &self.provider {
+            let labels = |kind: &'static str| TokenLabels {
+                route: self.route.clone(),
+                provider: provider.clone(),
+                owner: self.owner.clone(),
+                kind,
+            };
+            self.metrics
+                .tokens
+                .get_or_create(&labels("input"))
+                .inc_by(usage.prompt);
+            self.metrics
+                .tokens
+                .get_or_create(&labels("output"))
+                .inc_by(usage.completion);
+            self.metrics
+                .cost
+                .get_or_create(&labels("total"))
+                .inc_by(cost);
+        }
+    }
+}
+
+impl Drop for Accounting {
+    fn drop(&mut self) {
+        self.settle();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn usage_is_read_from_either_dialect() {
+        assert_eq!(
+            usage_from_body(
+                br#"{"usage":{"prompt_tokens":3,"completion_tokens":4,"total_tokens":7}}"#
+            ),
+            Some(Usage {
+                prompt: 3,
+                completion: 4
+            })
+        );
+        assert_eq!(
+            usage_from_body(
+                br#"{"usage":{"input_tokens":3,"output_tokens":4,"cache_read_input_tokens":2}}"#
+            ),
+            Some(Usage {
+                prompt: 5,
+                completion: 4
+            })
+        );
+        assert_eq!(
+            usage_from_body(br#"{"usage":{"prompt_tokens":8,"total_tokens":8}}"#),
+            Some(Usage {
+                prompt: 8,
+                completion: 0
+            })
+        );
+        assert_eq!(usage_from_body(br#"{"usage":null}"#), None);
+        assert_eq!(usage_from_body(b"not json"), None);
+    }
+}

@@ -1,0 +1,466 @@
+//! Relaying an upstream answer to the client: whole bodies, and SSE streams passed on
+//! event by event as they arrive, translated between dialects when needed, with usage
+//! recorded for accounting and an error event (never a silent cut) when the upstream
+//! breaks or goes silent.
+
+use std::{
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use axum::{body::Body, response::Response};
+use bytes::Bytes;
+use futures_util::{Stream, StreamExt, stream};
+use http::{HeaderValue, StatusCode, header};
+use serde_json::{Value, json};
+
+use crate::{
+    accounting::{Accounting, Usage, usage_from_body, usage_from_value},
+    metrics::{Metrics, RouteLabels},
+    request::RequestHead,
+    sse, translate,
+    upstream::Dialect,
+};
+
+/// How an upstream answer is rewritten for the client.
+#[derive(Debug, Clone)]
+pub enum Conversion {
+    /// OpenAI to OpenAI. `strip_usage`: the gateway asked for the usage chunk the client
+    /// did not, so it is removed from the stream.
+    OpenAi {
+        /// Drop the usage-only chunk.
+        strip_usage: bool,
+    },
+    /// Anthropic to Anthropic.
+    Anthropic,
+    /// Anthropic upstream, OpenAI client.
+    AnthropicToOpenAi {
+        /// Model name the client used.
+        model: String,
+        /// Whether the client asked for the usage chunk.
+        include_usage: bool,
+    },
+    /// OpenAI upstream, Anthropic client.
+    OpenAiToAnthropic {
+        /// Model name the client used.
+        model: String,
+    },
+}
+
+impl Conversion {
+    /// The conversion for a client and upstream dialect; `injected_usage` says whether the
+    /// gateway added `stream_options.include_usage` to the upstream request.
+    pub fn between(
+        client: Dialect,
+        upstream: Dialect,
+        head: &RequestHead,
+        injected_usage: bool,
+    ) -> Self {
+        match (client, upstream) {
+            (Dialect::OpenAi, Dialect::OpenAi) => Self::OpenAi {
+                strip_usage: injected_usage,
+            },
+            (Dialect::Anthropic, Dialect::Anthropic) => Self::Anthropic,
+            (Dialect::OpenAi, Dialect::Anthropic) => Self::AnthropicToOpenAi {
+                model: head.model.clone(),
+                include_usage: head.include_usage(),
+            },
+            (Dialect::Anthropic, Dialect::OpenAi) => Self::OpenAiToAnthropic {
+                model: head.model.clone(),
+            },
+        }
+    }
+
+    fn translates(&self) -> bool {
+        matches!(
+            self,
+            Self::AnthropicToOpenAi { .. } | Self::OpenAiToAnthropic { .. }
+        )
+    }
+
+    fn client_dialect(&self) -> Dialect {
+        match self {
+            Self::OpenAi { .. } | Self::AnthropicToOpenAi { .. } => Dialect::OpenAi,
+            Self::Anthropic | Self::OpenAiToAnthropic { .. } => Dialect::Anthropic,
+        }
+    }
+
+    /// Rewrites a complete JSON body (answer or error) for the client.
+    fn body(&self, status: StatusCode, bytes: Bytes) -> Bytes {
+        if !self.translates() {
+            return bytes;
+        }
+        let Ok(value) = serde_json::from_slice::<Value>(&bytes) else {
+            return bytes;
+        };
+        let out = match (self, status.is_success()) {
+            (Self::AnthropicToOpenAi { model, .. }, true) => {
+                translate::anthropic_to_openai_response(
+                    &value,
+                    model,
+                    jiff::Timestamp::now().as_second(),
+                )
+            }
+            (Self::AnthropicToOpenAi { .. }, false) => translate::anthropic_error_to_openai(&value),
+            (Self::OpenAiToAnthropic { model }, true) => {
+                translate::openai_to_anthropic_response(&value, model)
+            }
+            (Self::OpenAiToAnthropic { .. }, false) => {
+                translate::openai_error_to_anthropic(&value, status.as_u16())
+            }
+            _ => return bytes,
+        };
+        Bytes::from(out.to_string())
+    }
+}
+
+/// Read a whole upstream body within `deadline`.
+#[derive(Debug)]
+pub enum WholeError {
+    /// The deadline passed.
+    Timeout,
+    /// The connection failed mid-body.
+    Broken,
+}
+
+/// Relays a complete (non-streamed) upstream answer, recording its usage.
+pub async fn whole(
+    response: reqwest::Response,
+    deadline: Instant,
+    conversion: &Conversion,
+    accounting: Option<&mut Accounting>,
+) -> Result<Response, WholeError> {
+    let status = response.status();
+    let content_type = response.headers().get(header::CONTENT_TYPE).cloned();
+    let remaining = deadline.saturating_duration_since(Instant::now());
+    let bytes = match tokio::time::timeout(remaining, response.bytes()).await {
+        Err(_) => return Err(WholeError::Timeout),
+        Ok(Err(_)) => return Err(WholeError::Broken),
+        Ok(Ok(b)) => b,
+    };
+    let bytes = conversion.body(status, bytes);
+    if let Some(accounting) = accounting
+        && status.is_success()
+        && let Some(usage) = usage_from_body(&bytes)
+    {
+        accounting.report(usage);
+    }
+    let mut out = Response::new(Body::from(bytes));
+    *out.status_mut() = status;
+    let content_type = if conversion.translates() {
+        None
+    } else {
+        content_type
+    };
+    out.headers_mut().insert(
+        header::CONTENT_TYPE,
+        content_type.unwrap_or_else(|| HeaderValue::from_static("application/json")),
+    );
+    Ok(out)
+}
+
+/// Records the time to the first streamed byte once.
+#[derive(Debug)]
+pub struct FirstByte {
+    /// Metrics.
+    pub metrics: Arc<Metrics>,
+    /// Route id.
+    pub route: String,
+    /// When the request arrived.
+    pub started: Instant,
+}
+
+impl FirstByte {
+    fn observe(self) {
+        self.metrics
+            .time_to_first_byte
+            .get_or_create(&RouteLabels { route: self.route })
+            .observe(self.started.elapsed().as_secs_f64());
+    }
+}
+
+/// What a relayed stream owns until it ends or the client goes away: the concurrency
+/// slot, the accounting (settled on drop), the first-byte timer.
+#[derive(Debug)]
+pub struct StreamGuards {
+    /// Provider concurrency slot.
+    pub permit: Option<tokio::sync::OwnedSemaphorePermit>,
+    /// Usage accounting.
+    pub accounting: Option<Accounting>,
+    /// Time-to-first-byte timer.
+    pub first_byte: Option<FirstByte>,
+}
+
+/// Relays an upstream SSE stream. Dropping the response (client gone) drops the upstream
+/// connection and settles what was relayed.
+pub fn stream<S>(
+    upstream: S,
+    idle: Duration,
+    conversion: Conversion,
+    guards: StreamGuards,
+) -> Response
+where
+    S: Stream<Item = Result<Bytes, reqwest::Error>> + Send + Unpin + 'static,
+{
+    sse_response(Body::from_stream(relay_chunks(
+        upstream, idle, conversion, guards,
+    )))
+}
+
+/// An empty SSE response with the usual headers.
+pub fn sse_response(body: Body) -> Response {
+    let mut response = Response::new(body);
+    let headers = response.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/event-stream"),
+    );
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    headers.insert("x-accel-buffering", HeaderValue::from_static("no"));
+    response
+}
+
+/// Turns upstream SSE bytes into client SSE bytes, event by event.
+#[derive(Debug)]
+pub struct StreamTranslator {
+    parser: sse::Parser,
+    mode: Mode,
+    prompt: u64,
+}
+
+#[derive(Debug)]
+enum Mode {
+    OpenAi { strip_usage: bool },
+    Anthropic,
+    AnthropicToOpenAi(translate::AnthropicToOpenAiStream),
+    OpenAiToAnthropic(translate::OpenAiToAnthropicStream),
+}
+
+impl StreamTranslator {
+    /// A translator for one stream.
+    pub fn new(conversion: Conversion) -> Self {
+        let mode = match conversion {
+            Conversion::OpenAi { strip_usage } => Mode::OpenAi { strip_usage },
+            Conversion::Anthropic => Mode::Anthropic,
+            Conversion::AnthropicToOpenAi {
+                model,
+                include_usage,
+            } => Mode::AnthropicToOpenAi(translate::AnthropicToOpenAiStream::new(
+                &model,
+                jiff::Timestamp::now().as_second(),
+                include_usage,
+            )),
+            Conversion::OpenAiToAnthropic { model } => {
+                Mode::OpenAiToAnthropic(translate::OpenAiToAnthropicStream::new(&model))
+            }
+        };
+        Self {
+            parser: sse::Parser::default(),
+            mode,
+            prompt: 0,
+        }
+    }
+
+    /// The client bytes for an upstream chunk; usage seen goes to `accounting`.
+    pub fn feed(
+        &mut self,
+        chunk: &[u8],
+        mut accounting: Option<&mut Accounting>,
+    ) -> Result<Bytes, &'static str> {
+        let mut out = Vec::new();
+        for event in self.parser.feed(chunk)? {
+            match &mut self.mode {
+                Mode::OpenAi { strip_usage } => {
+                    if event.data != "[DONE]" {
+                        let v: Value = serde_json::from_str(&event.data).unwrap_or_default();
+                        if let Some(u) = usage_from_value(&v["usage"])
+                            && let Some(a) = accounting.as_deref_mut()
+                        {
+                            a.report(u);
+                        }
+                        let choices = v["choices"].as_array().map_or(0, Vec::len);
+                        if choices > 0 {
+                            if let Some(a) = accounting.as_deref_mut() {
+                                a.relayed_piece();
+                            }
+                        } else if *strip_usage && !v["usage"].is_null() {
+                            continue;
+                        }
+                    }
+                    push_data(&mut out, &event.data);
+                }
+                Mode::Anthropic => {
+                    let v: Value = serde_json::from_str(&event.data).unwrap_or_default();
+                    match v["type"].as_str() {
+                        Some("message_start") => {
+                            self.prompt =
+                                usage_from_value(&v["message"]["usage"]).map_or(0, |u| u.prompt)
+                        }
+                        Some("content_block_delta") => {
+                            if let Some(a) = accounting.as_deref_mut() {
+                                a.relayed_piece();
+                            }
+                        }
+                        Some("message_delta") => {
+                            if let (Some(a), Some(o)) = (
+                                accounting.as_deref_mut(),
+                                v["usage"]["output_tokens"].as_u64(),
+                            ) {
+                                a.report(Usage {
+                                    prompt: self.prompt,
+                                    completion: o,
+                                });
+                            }
+                        }
+                        _ => {}
+                    }
+                    if let Some(name) = &event.event {
+                        out.extend_from_slice(format!("event: {name}\n").as_bytes());
+                    }
+                    push_data(&mut out, &event.data);
+                }
+                Mode::AnthropicToOpenAi(t) => {
+                    let data: Value = serde_json::from_str(&event.data).unwrap_or_default();
+                    let name = event
+                        .event
+                        .as_deref()
+                        .or_else(|| data["type"].as_str())
+                        .unwrap_or_default()
+                        .to_owned();
+                    if name == "content_block_delta"
+                        && let Some(a) = accounting.as_deref_mut()
+                    {
+                        a.relayed_piece();
+                    }
+                    for payload in t.on_event(&name, &data) {
+                        push_data(&mut out, &payload);
+                    }
+                    if let (Some(a), Some(u)) = (accounting.as_deref_mut(), t.usage()) {
+                        a.report(u);
+                    }
+                }
+                Mode::OpenAiToAnthropic(t) => {
+                    for (name, data) in t.on_data(&event.data) {
+                        if name == "content_block_delta"
+                            && let Some(a) = accounting.as_deref_mut()
+                        {
+                            a.relayed_piece();
+                        }
+                        out.extend_from_slice(
+                            format!("event: {name}\ndata: {data}\n\n").as_bytes(),
+                        );
+                    }
+                    if let (Some(a), Some(u)) = (accounting.as_deref_mut(), t.usage()) {
+                        a.report(u);
+                    }
+                }
+            }
+        }
+        Ok(Bytes::from(out))
+    }
+}
+
+fn push_data(out: &mut Vec<u8>, data: &str) {
+    out.extend_from_slice(b"data: ");
+    out.extend_from_slice(data.as_bytes());
+    out.extend_from_slice(b"\n\n");
+}
+
+fn relay_chunks<S>(
+    upstream: S,
+    idle: Duration,
+    conversion: Conversion,
+    guards: StreamGuards,
+) -> impl Stream<Item = Result<Bytes, std::io::Error>> + Send + 'static
+where
+    S: Stream<Item = Result<Bytes, reqwest::Error>> + Send + Unpin + 'static,
+{
+    let dialect = conversion.client_dialect();
+    let translator = StreamTranslator::new(conversion);
+    stream::unfold(
+        (upstream, translator, guards, false),
+        move |(mut s, mut t, mut guards, finished)| async move {
+            if finished {
+                return None;
+            }
+            loop {
+                let error = match tokio::time::timeout(idle, s.next()).await {
+                    Ok(Some(Ok(bytes))) => match t.feed(&bytes, guards.accounting.as_mut()) {
+                        // Translation may swallow a chunk (e.g. a ping): wait for the next one.
+                        Ok(out) if out.is_empty() => continue,
+                        Ok(out) => {
+                            if let Some(fb) = guards.first_byte.take() {
+                                fb.observe();
+                            }
+                            return Some((Ok(out), (s, t, guards, false)));
+                        }
+                        Err(why) => why,
+                    },
+                    Ok(None) => return None,
+                    Ok(Some(Err(_))) => "The upstream stream was interrupted.",
+                    Err(_) => "The upstream stream went silent and was abandoned.",
+                };
+                return Some((Ok(stream_error(error, dialect)), (s, t, guards, true)));
+            }
+        },
+    )
+}
+
+/// An SSE error event in the client's error shape.
+fn stream_error(message: &str, dialect: Dialect) -> Bytes {
+    match dialect {
+        Dialect::OpenAi => Bytes::from(format!(
+            "data: {}\n\n",
+            json!({ "error": { "message": message, "type": "server_error", "param": null, "code": "upstream_stream_error" } })
+        )),
+        Dialect::Anthropic => Bytes::from(format!(
+            "event: error\ndata: {}\n\n",
+            json!({ "type": "error", "error": { "type": "api_error", "message": message } })
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn guards() -> StreamGuards {
+        StreamGuards {
+            permit: None,
+            accounting: None,
+            first_byte: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_silent_stream_ends_with_an_error_event() {
+        let upstream =
+            stream::iter(vec![Ok(Bytes::from_static(b"data: {}\n\n"))]).chain(stream::pending());
+        let chunks: Vec<Bytes> = relay_chunks(
+            Box::pin(upstream),
+            Duration::from_millis(50),
+            Conversion::OpenAi { strip_usage: false },
+            guards(),
+        )
+        .map(|c| c.unwrap())
+        .collect()
+        .await;
+        assert_eq!(chunks.len(), 2);
+        assert!(String::from_utf8_lossy(&chunks[1]).contains("upstream_stream_error"));
+    }
+
+    #[test]
+    fn an_injected_usage_chunk_is_stripped_and_everything_else_relayed() {
+        let mut t = StreamTranslator::new(Conversion::OpenAi { strip_usage: true });
+        let out = t
+            .feed(
+                b"data: {\"choices\":[{\"delta\":{\"content\":\"a\"}}],\"usage\":null}\n\ndata: {\"choices\":[],\"usage\":{\"prompt_tokens\":1,\"completion_tokens\":1}}\n\ndata: [DONE]\n\n",
+                None,
+            )
+            .unwrap();
+        let text = String::from_utf8(out.to_vec()).unwrap();
+        assert!(text.contains("\"content\":\"a\""));
+        assert!(!text.contains("prompt_tokens"));
+        assert!(text.ends_with("data: [DONE]\n\n"));
+    }
+}
