@@ -174,12 +174,6 @@ async fn a_budget_is_never_overspent_and_exhaustion_is_insufficient_quota() {
     );
 }
 
-fn refused_retry_after_is_set(body: &Value) -> bool {
-    body["error"]["message"]
-        .as_str()
-        .is_some_and(|m| m.contains("budget"))
-}
-
 #[tokio::test]
 async fn concurrency_leases_cover_streams_and_are_released_when_the_client_disconnects() {
     let up = Upstream::start().await;
