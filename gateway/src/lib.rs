@@ -2,6 +2,7 @@
 #![forbid(unsafe_code)]
 
 pub mod accounting;
+pub mod cache;
 pub mod circuit;
 pub mod config_source;
 pub mod error;

@@ -77,6 +77,15 @@ pub struct RejectionLabels {
     pub scope: &'static str,
 }
 
+/// Labels of cache lookups.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CacheLabels {
+    /// RoutePolicy id.
+    pub route: String,
+    /// `hit` or `miss`.
+    pub result: &'static str,
+}
+
 /// Labels naming a route.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RouteLabels {
@@ -127,6 +136,8 @@ pub struct Metrics {
     pub cost: Family<TokenLabels, Counter<f64, std::sync::atomic::AtomicU64>>,
     /// Requests refused by a limit or budget.
     pub rejections: Family<RejectionLabels, Counter>,
+    /// Cache lookups by route and result.
+    pub cache: Family<CacheLabels, Counter>,
     circuit_state: Family<TargetLabels, Gauge>,
     config_info: Family<ConfigLabels, Gauge>,
     config_keys: Gauge,
@@ -173,6 +184,12 @@ impl Metrics {
             "Cost by route, answering provider and key owner, in the provider's currency",
             cost.clone(),
         );
+        let cache = Family::default();
+        registry.register(
+            "cache_lookups",
+            "Response cache lookups by route and result (hit, miss)",
+            cache.clone(),
+        );
         let rejections = Family::default();
         registry.register(
             "limit_rejections",
@@ -211,6 +228,7 @@ impl Metrics {
             tokens,
             cost,
             rejections,
+            cache,
             circuit_state,
             config_info,
             config_keys,

@@ -51,6 +51,8 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         breakers: Default::default(),
         metrics,
         limits: Default::default(),
+        cache: crate::cache::ResponseCache::new(settings.cache_max_bytes),
+        cache_enabled: settings.cache_max_bytes > 0,
     });
     let router = app(
         state.clone(),

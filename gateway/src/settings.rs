@@ -47,6 +47,11 @@ pub struct Settings {
     #[arg(long, env = "TOLLGATE_MAX_BODY_BYTES", default_value_t = 32 * 1024 * 1024)]
     pub max_body_bytes: usize,
 
+    /// Memory for cached answers, in bytes (RoutePolicies opt in with `cache`); 0 turns
+    /// the cache off.
+    #[arg(long, env = "TOLLGATE_CACHE_MAX_BYTES", default_value_t = 64 * 1024 * 1024)]
+    pub cache_max_bytes: usize,
+
     /// Browser origins allowed to call the API (CORS), comma-separated; `*` allows any.
     /// Empty (the default) sends no CORS headers, so browsers refuse cross-origin calls.
     #[arg(long, env = "TOLLGATE_CORS_ORIGINS", value_delimiter = ',')]

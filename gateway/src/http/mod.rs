@@ -50,6 +50,10 @@ pub struct AppState {
     pub metrics: Arc<crate::metrics::Metrics>,
     /// Limits and budgets (in process; shared through Redis when configured).
     pub limits: Arc<crate::limits::LocalLimits>,
+    /// Response cache.
+    pub cache: crate::cache::ResponseCache,
+    /// Whether the cache is on (`--cache-max-bytes` above 0).
+    pub cache_enabled: bool,
 }
 
 impl AppState {

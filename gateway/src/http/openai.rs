@@ -10,17 +10,20 @@ use axum::{
 };
 
 use super::{AppState, auth::authenticate, read_body, request_id};
-use tollgate_api::config::CompiledRoute;
+use tollgate_api::{config::CompiledRoute, v1alpha1::CacheScope};
 
 use crate::{
     accounting::Accounting,
+    cache,
     error::ApiError,
     limits::{Ask, Quota, reset_string},
-    metrics::RejectionLabels,
+    metrics::{CacheLabels, RejectionLabels},
     metrics::{RequestLabels, RouteLabels},
     proxy::{AnsweredBy, Forward, forward},
+    request::RequestHead,
     request::estimate_prompt_tokens,
     request::parse_head,
+    snapshot::Key,
     snapshot::Snapshot,
     upstream::Operation,
 };
@@ -185,6 +188,36 @@ async fn serve(
         &route.id,
         &key.entry.owner,
     ));
+    let cache = cache_plan(state, route, &key, operation, &head, &parts.headers, &body);
+    if let CachePlan::Use {
+        key: cache_key,
+        lookup: true,
+        ..
+    } = &cache
+        && let Some(hit) = state.cache.get(cache_key)
+    {
+        state
+            .metrics
+            .cache
+            .get_or_create(&CacheLabels {
+                route: route.id.clone(),
+                result: "hit",
+            })
+            .inc();
+        // Nothing is generated: the accounting refunds the reservation when dropped.
+        drop(accounting);
+        let mut response = Response::new(axum::body::Body::from(hit.body));
+        if let Ok(v) = http::HeaderValue::try_from(hit.content_type) {
+            response.headers_mut().insert(http::header::CONTENT_TYPE, v);
+        }
+        response
+            .headers_mut()
+            .insert(CACHE_HEADER, http::HeaderValue::from_static("hit"));
+        if let Some(quota) = quota {
+            quota_headers(response.headers_mut(), &quota);
+        }
+        return Ok(response);
+    }
     let mut response = forward(
         Forward {
             snapshot: &snapshot,
@@ -201,11 +234,123 @@ async fn serve(
         accounting,
     )
     .await?;
+    match cache {
+        CachePlan::Use {
+            key: cache_key,
+            store,
+            ttl,
+            max_entry_bytes,
+            ..
+        } => {
+            state
+                .metrics
+                .cache
+                .get_or_create(&CacheLabels {
+                    route: route.id.clone(),
+                    result: "miss",
+                })
+                .inc();
+            if store && response.status() == http::StatusCode::OK {
+                let (mut parts, body) = response.into_parts();
+                // Whole answers are already in memory; this only takes them back.
+                let bytes = axum::body::to_bytes(body, usize::MAX)
+                    .await
+                    .unwrap_or_default();
+                if bytes.len() <= max_entry_bytes {
+                    let content_type = parts
+                        .headers
+                        .get(http::header::CONTENT_TYPE)
+                        .and_then(|v| v.to_str().ok())
+                        .unwrap_or("application/json")
+                        .to_owned();
+                    state.cache.put(cache_key, bytes.clone(), content_type, ttl);
+                }
+                parts
+                    .headers
+                    .insert(CACHE_HEADER, http::HeaderValue::from_static("miss"));
+                response = Response::from_parts(parts, axum::body::Body::from(bytes));
+            } else {
+                response
+                    .headers_mut()
+                    .insert(CACHE_HEADER, http::HeaderValue::from_static("miss"));
+            }
+        }
+        CachePlan::Bypass => {
+            response
+                .headers_mut()
+                .insert(CACHE_HEADER, http::HeaderValue::from_static("bypass"));
+        }
+    }
     if let Some(quota) = quota {
         // Set before the body starts, so streams carry them too.
         quota_headers(response.headers_mut(), &quota);
     }
     Ok(response)
+}
+
+/// Tells clients whether an answer came from the cache.
+const CACHE_HEADER: http::HeaderName = http::HeaderName::from_static("x-tollgate-cache");
+
+/// What the cache does for one request.
+enum CachePlan {
+    /// No cache on the route, a stream, or the client opted out.
+    Bypass,
+    /// Look up and/or store under `key`.
+    Use {
+        key: [u8; 32],
+        lookup: bool,
+        store: bool,
+        ttl: std::time::Duration,
+        max_entry_bytes: usize,
+    },
+}
+
+/// Decides caching: routes with a cache policy, non-streamed calls, unless the client sends
+/// `Cache-Control: no-store` / `x-tollgate-cache: bypass` (neither read nor write) or
+/// `Cache-Control: no-cache` (fetch fresh, then store).
+fn cache_plan(
+    state: &AppState,
+    route: &CompiledRoute,
+    key: &Key,
+    operation: Operation,
+    head: &RequestHead,
+    headers: &http::HeaderMap,
+    body: &[u8],
+) -> CachePlan {
+    let Some(policy) = route
+        .cache
+        .as_ref()
+        .filter(|_| !head.stream && state.cache_enabled)
+    else {
+        return CachePlan::Bypass;
+    };
+    let cache_control = headers
+        .get(http::header::CACHE_CONTROL)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_ascii_lowercase();
+    let bypass = headers
+        .get(CACHE_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.eq_ignore_ascii_case("bypass"));
+    if bypass || cache_control.contains("no-store") {
+        return CachePlan::Bypass;
+    }
+    let scope = match policy.scope {
+        CacheScope::Owner => format!("owner:{}", key.entry.owner),
+        CacheScope::Key => format!("key:{}", key.entry.id),
+        CacheScope::Shared => "shared".to_owned(),
+    };
+    match cache::key(&scope, &route.id, operation.label_str(), body) {
+        Some(k) => CachePlan::Use {
+            key: k,
+            lookup: !cache_control.contains("no-cache"),
+            store: true,
+            ttl: std::time::Duration::from_millis(policy.ttl_ms),
+            max_entry_bytes: policy.max_entry_bytes as usize,
+        },
+        None => CachePlan::Bypass,
+    }
 }
 
 /// `max_tokens` assumed for reservations when a request sets none.
