@@ -35,6 +35,9 @@ pub enum ApiError {
     /// The body exceeds the configured limit.
     #[error("Request body is larger than the limit of {0} bytes.")]
     PayloadTooLarge(usize),
+    /// The body did not arrive in time.
+    #[error("The request body was not received in time.")]
+    RequestTimeout,
     /// Wrong method or path.
     #[error("Unknown request URL: {method} {path}.")]
     NotFound {
@@ -86,6 +89,7 @@ impl ApiError {
             Self::ModelNotFound(_) | Self::NotFound { .. } => StatusCode::NOT_FOUND,
             Self::BadRequest { .. } => StatusCode::BAD_REQUEST,
             Self::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
             Self::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
             Self::Upstream(_) => StatusCode::BAD_GATEWAY,
@@ -103,6 +107,7 @@ impl ApiError {
             | Self::ModelNotFound(_)
             | Self::BadRequest { .. }
             | Self::PayloadTooLarge(_)
+            | Self::RequestTimeout
             | Self::NotFound { .. } => "invalid_request_error",
             Self::ModelNotAllowed(_) => "permission_error",
             Self::Unavailable => "service_unavailable",
@@ -127,6 +132,7 @@ impl ApiError {
             Self::ModelNotFound(_) => "model_not_found",
             Self::BadRequest { .. } => "invalid_request",
             Self::PayloadTooLarge(_) => "request_too_large",
+            Self::RequestTimeout => "request_timeout",
             Self::NotFound { .. } => "unknown_url",
             Self::Unavailable => "not_ready",
             Self::Internal(_) => "internal_error",

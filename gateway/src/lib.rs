@@ -8,6 +8,7 @@ pub mod config_source;
 pub mod error;
 pub mod http;
 pub mod limits;
+pub mod listener;
 pub mod metrics;
 pub mod providers;
 pub mod proxy;

@@ -47,6 +47,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     let state = Arc::new(AppState {
         config,
         max_body_bytes: settings.max_body_bytes,
+        body_read_timeout: settings.body_read_timeout,
         draining: Default::default(),
         breakers: Default::default(),
         metrics,
@@ -99,9 +100,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
             std::process::exit(0);
         });
     };
-    axum::serve(listener, router)
-        .with_graceful_shutdown(shutdown)
-        .await?;
+    crate::listener::serve(listener, router, settings.header_read_timeout, shutdown).await;
     tracing::info!("stopped");
     Ok(())
 }

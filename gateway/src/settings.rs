@@ -47,6 +47,14 @@ pub struct Settings {
     #[arg(long, env = "TOLLGATE_MAX_BODY_BYTES", default_value_t = 32 * 1024 * 1024)]
     pub max_body_bytes: usize,
 
+    /// Longest a client may take to send a request's headers (slow clients are cut off).
+    #[arg(long, env = "TOLLGATE_HEADER_READ_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub header_read_timeout: Duration,
+
+    /// Longest a client may take to send a request body; slower uploads get 408.
+    #[arg(long, env = "TOLLGATE_BODY_READ_TIMEOUT", default_value = "60s", value_parser = parse_duration)]
+    pub body_read_timeout: Duration,
+
     /// Memory for cached answers, in bytes (RoutePolicies opt in with `cache`); 0 turns
     /// the cache off.
     #[arg(long, env = "TOLLGATE_CACHE_MAX_BYTES", default_value_t = 64 * 1024 * 1024)]

@@ -195,8 +195,16 @@ async fn concurrency_leases_cover_streams_and_are_released_when_the_client_disco
         "Too many concurrent requests for this API key."
     );
 
-    // The client walks away mid-stream: the lease is released and the tokens seen billed.
+    // The client walks away mid-stream: the upstream call is cancelled, the lease is
+    // released and the tokens seen are billed.
     drop(body);
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            feed.send(Bytes::from_static(b": ping\n\n")).is_err()
+        })
+        .await,
+        "the upstream stream is dropped promptly"
+    );
     assert!(
         eventually(Duration::from_secs(5), || async {
             chat(&gw, json!({})).await.status() == 200

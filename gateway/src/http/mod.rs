@@ -42,6 +42,8 @@ pub struct AppState {
     pub config: Arc<ConfigState>,
     /// Body size limit.
     pub max_body_bytes: usize,
+    /// Deadline for receiving a request body.
+    pub body_read_timeout: std::time::Duration,
     /// Set on SIGTERM: readiness fails so traffic moves away before the listener closes.
     pub draining: AtomicBool,
     /// Circuit breakers per upstream target; they outlive configuration reloads.
@@ -205,9 +207,17 @@ pub fn request_id(headers: &http::HeaderMap) -> String {
         .to_owned()
 }
 
-/// Reads a whole body, answering 413 beyond `limit`.
-pub async fn read_body(body: Body, limit: usize) -> Result<bytes::Bytes, ApiError> {
-    axum::body::to_bytes(body, limit).await.map_err(|e| {
+/// Reads a whole body, answering 413 beyond `limit` and 408 when it takes longer than
+/// `timeout` (a client trickling its upload).
+pub async fn read_body(
+    body: Body,
+    limit: usize,
+    timeout: std::time::Duration,
+) -> Result<bytes::Bytes, ApiError> {
+    let read = tokio::time::timeout(timeout, axum::body::to_bytes(body, limit))
+        .await
+        .map_err(|_| ApiError::RequestTimeout)?;
+    read.map_err(|e| {
         let too_large = std::error::Error::source(&e).is_some_and(|s| {
             s.downcast_ref::<http_body_util::LengthLimitError>()
                 .is_some()

@@ -124,7 +124,7 @@ async fn serve(
     let key = authenticate(&parts.headers, &snapshot)?;
     seen.key_id = Some(key.entry.id.clone());
     seen.owner = Some(key.entry.owner.clone());
-    let body = read_body(body, state.max_body_bytes).await?;
+    let body = read_body(body, state.max_body_bytes, state.body_read_timeout).await?;
     let head = parse_head(&body)?;
     let route = snapshot
         .route(&head.model)
