@@ -337,6 +337,9 @@ async fn attempt_once(
     let headers = upstream::headers(config, provider.credential.as_deref(), &req.request_id);
 
     let mut per_try = Duration::from_millis(config.request_timeout_ms);
+    if let Some(ms) = req.route.per_try_timeout_ms {
+        per_try = per_try.min(Duration::from_millis(ms));
+    }
     if let Some(d) = deadline {
         per_try = per_try.min(d.saturating_duration_since(Instant::now()));
     }
@@ -377,7 +380,13 @@ async fn attempt_once(
     if let Some(a) = accounting.as_mut() {
         a.answered_by(&config.id, pricing, req.prompt_estimate);
     }
-    if req.head.stream {
+    let is_sse = response
+        .headers()
+        .get(http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("text/event-stream"));
+    // Some servers answer a stream request with a whole JSON body: relay it as such.
+    if req.head.stream && is_sse {
         let guards = StreamGuards {
             permit,
             accounting: accounting.take(),

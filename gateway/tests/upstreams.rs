@@ -604,3 +604,53 @@ async fn each_request_writes_one_access_log_line_without_secrets() {
     assert!(!gw.logs().contains(KEY) && !gw.logs().contains(UPSTREAM_TOKEN));
     assert!(!gw.logs().contains("\"hi\""), "prompts are not logged");
 }
+
+#[tokio::test]
+async fn a_stream_broken_mid_way_ends_with_an_error_event_and_is_not_retried() {
+    let up = Upstream::start().await;
+    let (gw, _dir) = start(
+        &provider("up", "openaiCompatible", &up.base_url(), ""),
+        &simple_route(""),
+    )
+    .await;
+    up.script([Reply::Broken(vec![Bytes::from_static(
+        b"data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"Hel\"}}]}\n\n",
+    )])]);
+    let resp = post(
+        &gw,
+        &BODY.replace("\"temperature\"", "\"stream\": true, \"temperature\""),
+    )
+    .await;
+    assert_eq!(resp.status(), 200);
+    let text = resp.text().await.unwrap();
+    assert!(text.contains("Hel"), "{text}");
+    let last = text.trim_end().rsplit("\n\n").next().unwrap();
+    let event: Value = serde_json::from_str(last.trim_start_matches("data: ")).unwrap();
+    assert_eq!(event["error"]["code"], "upstream_stream_error");
+    assert_eq!(
+        up.received().len(),
+        1,
+        "nothing is retried once bytes reached the client"
+    );
+}
+
+#[tokio::test]
+async fn the_route_per_try_timeout_caps_each_attempt() {
+    let up = Upstream::start().await;
+    let spare = Upstream::start().await;
+    let providers = format!(
+        "{}---\n{}",
+        provider("slow", "openaiCompatible", &up.base_url(), ""),
+        provider("spare", "openaiCompatible", &spare.base_url(), "")
+    );
+    let route = "  models: [gpt-4o]\n  targets: [{provider: slow}, {provider: spare, priority: 1}]\n  retries: {attempts: 1, initialBackoff: 1ms, maxBackoff: 1ms}\n  timeouts: {perTry: 300ms, total: 10s}\n";
+    let (gw, _dir) = start(&providers, route).await;
+    up.script([Reply::Hang]);
+    let started = std::time::Instant::now();
+    assert_eq!(post(&gw, BODY).await.status(), 200);
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "the hung attempt was abandoned after perTry"
+    );
+    assert_eq!(spare.received().len(), 1);
+}

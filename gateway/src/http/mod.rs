@@ -72,8 +72,7 @@ pub struct HttpOptions {
     pub cors_origins: Vec<String>,
 }
 
-/// The gateway's router with its middleware, in order from the outside in:
-/// panic → 500, request id (set, then echoed), CORS (when configured), security headers.
+/// The gateway's router with its middleware.
 pub fn app(state: Arc<AppState>, options: &HttpOptions) -> Router {
     let api = Router::new()
         .route("/v1/chat/completions", post(openai::chat_completions))
@@ -86,13 +85,19 @@ pub fn app(state: Arc<AppState>, options: &HttpOptions) -> Router {
         .fallback(unknown_route)
         .with_state(state);
 
-    let cors = cors_layer(&options.cors_origins);
-    api.layer(
+    with_middleware(api, options)
+}
+
+/// The middleware stack, outermost first: request id (honoured or generated, then echoed),
+/// panic → OpenAI-style 500 (so it carries the request id too), CORS when configured,
+/// security headers.
+fn with_middleware(router: Router, options: &HttpOptions) -> Router {
+    router.layer(
         ServiceBuilder::new()
-            .layer(CatchPanicLayer::custom(panic_response))
             .layer(SetRequestIdLayer::new(REQUEST_ID, RequestIds::default()))
             .layer(PropagateRequestIdLayer::new(REQUEST_ID))
-            .option_layer(cors)
+            .layer(CatchPanicLayer::custom(panic_response))
+            .option_layer(cors_layer(&options.cors_origins))
             .layer(SetResponseHeaderLayer::if_not_present(
                 header::X_CONTENT_TYPE_OPTIONS,
                 HeaderValue::from_static("nosniff"),
@@ -228,4 +233,47 @@ pub async fn read_body(
             ApiError::bad_request(format!("Could not read the request body: {e}"), None)
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use axum::{body::Body, routing::get};
+    use tower::ServiceExt;
+
+    use super::*;
+
+    #[tokio::test]
+    async fn a_panicking_handler_becomes_an_openai_style_500_with_the_request_id() {
+        async fn boom() -> &'static str {
+            panic!("handler bug")
+        }
+        let router = with_middleware(
+            Router::new().route("/boom", get(boom)),
+            &HttpOptions::default(),
+        );
+        let request = http::Request::builder()
+            .uri("/boom")
+            .header("x-request-id", "req-7")
+            .body(Body::empty())
+            .unwrap();
+        let response = router.clone().oneshot(request).await.unwrap();
+        assert_eq!(response.status(), 500);
+        assert_eq!(response.headers()["x-request-id"], "req-7");
+        let body = axum::body::to_bytes(response.into_body(), 10_000)
+            .await
+            .unwrap();
+        let json: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(json["error"]["code"], "internal_error");
+        // The service keeps answering after a panic.
+        let again = router
+            .oneshot(
+                http::Request::builder()
+                    .uri("/boom")
+                    .body(Body::empty())
+                    .unwrap(),
+            )
+            .await
+            .unwrap();
+        assert_eq!(again.status(), 500);
+    }
 }

@@ -13,7 +13,7 @@ use axum::{
     extract::{Request, State},
     response::Response,
 };
-use futures_util::stream;
+use futures_util::{StreamExt, stream};
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
 
@@ -40,6 +40,8 @@ pub enum Reply {
     Stream(mpsc::UnboundedReceiver<Bytes>),
     /// Never answer.
     Hang,
+    /// An SSE response that sends these chunks, then breaks the connection.
+    Broken(Vec<Bytes>),
 }
 
 #[derive(Default)]
@@ -136,5 +138,16 @@ async fn handle(State(shared): State<Arc<Shared>>, request: Request) -> Response
                 .unwrap()
         }
         Reply::Hang => std::future::pending().await,
+        Reply::Broken(chunks) => {
+            // The chunks go out first; the connection breaks a moment later.
+            let frames = stream::iter(chunks.into_iter().map(Ok)).chain(stream::once(async {
+                tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+                Err(std::io::Error::other("connection reset by the test"))
+            }));
+            Response::builder()
+                .header("content-type", "text/event-stream")
+                .body(Body::from_stream(frames))
+                .unwrap()
+        }
     }
 }
