@@ -342,3 +342,29 @@ async fn sigterm_fails_readiness_first_then_exits_cleanly() {
         .unwrap();
     assert!(status.is_some_and(|s| s.success()), "{status:?}");
 }
+
+#[tokio::test]
+async fn standalone_diagnostics_are_logged_at_start_and_the_rest_serves() {
+    let dir = tempfile::tempdir().unwrap();
+    copy_examples(dir.path());
+    std::fs::write(
+        dir.path().join("broken-route.yaml"),
+        "apiVersion: tollgate.dev/v1alpha1\nkind: RoutePolicy\nmetadata: {name: orphan}\nspec: {models: [orphan-model], targets: [{provider: nowhere}]}\n",
+    )
+    .unwrap();
+    let gw = Gateway::start(&["--resources", dir.path().to_str().unwrap()]);
+    let logs = gw.logs();
+    let line = logs
+        .lines()
+        .find(|l| l.contains("ProviderNotFound"))
+        .unwrap_or_else(|| panic!("{logs}"));
+    let entry: Value = serde_json::from_str(line).unwrap();
+    assert_eq!(entry["level"], "WARN");
+    assert_eq!(entry["object"], "RoutePolicy default/orphan");
+    assert_eq!(entry["field"], "spec.targets[0].provider");
+    assert_eq!(
+        status_with(&gw, DEV_KEY).await,
+        200,
+        "the valid rest of the configuration serves"
+    );
+}

@@ -134,7 +134,17 @@ fn cors_layer(origins: &[String]) -> Option<CorsLayer> {
                 REQUEST_ID,
                 HeaderName::from_static("anthropic-version"),
             ])
-            .expose_headers([REQUEST_ID, HeaderName::from_static("x-tollgate-cache")]),
+            .expose_headers([
+                REQUEST_ID,
+                header::RETRY_AFTER,
+                HeaderName::from_static("x-tollgate-cache"),
+                HeaderName::from_static("x-ratelimit-limit-requests"),
+                HeaderName::from_static("x-ratelimit-remaining-requests"),
+                HeaderName::from_static("x-ratelimit-reset-requests"),
+                HeaderName::from_static("x-ratelimit-limit-tokens"),
+                HeaderName::from_static("x-ratelimit-remaining-tokens"),
+                HeaderName::from_static("x-ratelimit-reset-tokens"),
+            ]),
     )
 }
 
