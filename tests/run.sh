@@ -4,6 +4,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+if ! command -v redis-server >/dev/null; then
+  echo "tests/run.sh: redis-server is needed (the tests start their own instances): apt-get install redis-server" >&2
+  exit 1
+fi
+
 venv=.venv
 requirements=tests/requirements.txt
 want=$(sha256sum "$requirements" | cut -d' ' -f1)

@@ -385,5 +385,7 @@ pub fn reset_string(d: Duration) -> String {
     }
 }
 
+pub mod redis;
+
 #[cfg(test)]
 mod tests;

@@ -156,4 +156,5 @@ where
     }
     false
 }
+pub mod redis;
 pub mod upstream;
