@@ -4,9 +4,15 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+# The tests start their own redis-server instances on free ports.
 if ! command -v redis-server >/dev/null; then
-  echo "tests/run.sh: redis-server is needed (the tests start their own instances): apt-get install redis-server" >&2
-  exit 1
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    echo "==> apt-get install redis-server"
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends redis-server
+  else
+    echo "tests/run.sh: redis-server is needed (the tests start their own instances); install it, e.g. apt-get install redis-server" >&2
+    exit 1
+  fi
 fi
 
 venv=.venv
