@@ -7,7 +7,7 @@ use std::sync::Arc;
 use serde_json::Value;
 
 use crate::{
-    limits::{LocalLimits, Reservation},
+    limits::store::{AnyReservation, Limits},
     metrics::{Metrics, TokenLabels},
 };
 
@@ -49,7 +49,7 @@ pub fn usage_from_value(u: &Value) -> Option<Usage> {
 #[derive(Debug)]
 pub struct Accounting {
     /// Limits to settle with; `None` when no limit or budget applies.
-    limits: Option<(Arc<LocalLimits>, Reservation)>,
+    limits: Option<(Arc<Limits>, AnyReservation)>,
     metrics: Arc<Metrics>,
     route: String,
     owner: String,
@@ -66,7 +66,7 @@ pub struct Accounting {
 impl Accounting {
     /// Accounting for a request; `limits` holds its admission reservation, if any.
     pub fn new(
-        limits: Option<(Arc<LocalLimits>, Reservation)>,
+        limits: Option<(Arc<Limits>, AnyReservation)>,
         metrics: Arc<Metrics>,
         route: &str,
         owner: &str,
@@ -116,7 +116,7 @@ impl Accounting {
             + usage.completion as f64 * self.pricing.1)
             / 1_000_000.0;
         if let Some((limits, reservation)) = self.limits.take() {
-            limits.settle(&reservation, usage.prompt + usage.completion, cost);
+            limits.settle(reservation, usage.prompt + usage.completion, cost);
         }
         if let Some(provider) = &self.provider {
             let labels = |kind: &'static str| TokenLabels {

@@ -386,6 +386,7 @@ pub fn reset_string(d: Duration) -> String {
 }
 
 pub mod redis;
+pub mod store;
 
 #[cfg(test)]
 mod tests;

@@ -139,6 +139,7 @@ pub struct Metrics {
     /// Cache lookups by route and result.
     pub cache: Family<CacheLabels, Counter>,
     circuit_state: Family<TargetLabels, Gauge>,
+    redis_up: Gauge,
     config_info: Family<ConfigLabels, Gauge>,
     config_keys: Gauge,
 }
@@ -213,6 +214,12 @@ impl Metrics {
             "Configuration loads by result (rejected: the last good one kept serving)",
             config.reloads.clone(),
         );
+        let redis_up = Gauge::default();
+        registry.register(
+            "redis_up",
+            "1 when the last Redis call succeeded, 0 when it failed, -1 without Redis",
+            redis_up.clone(),
+        );
         let config_keys = Gauge::default();
         registry.register(
             "config_keys",
@@ -230,13 +237,19 @@ impl Metrics {
             rejections,
             cache,
             circuit_state,
+            redis_up,
             config_info,
             config_keys,
         }
     }
 
     /// Renders the text exposition, refreshing the gauges that mirror other state.
-    pub fn render(&self, config: &ConfigState, breakers: &Breakers) -> String {
+    pub fn render(&self, config: &ConfigState, breakers: &Breakers, redis: Option<bool>) -> String {
+        self.redis_up.set(match redis {
+            None => -1,
+            Some(true) => 1,
+            Some(false) => 0,
+        });
         self.config_info.clear();
         if let Some(snapshot) = config.current.load_full() {
             self.config_info

@@ -9,6 +9,7 @@ use tokio::net::TcpListener;
 use crate::{
     config_source::{self, ConfigState, Source},
     http::{AppState, HttpOptions, admin_app, app},
+    limits::{self, redis::RedisLimits, store::Limits},
     metrics::Metrics,
     settings::Settings,
 };
@@ -21,6 +22,16 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     };
     let config = Arc::new(ConfigState::default());
     let metrics = Arc::new(Metrics::new(&config));
+    let limits = Arc::new(match &settings.redis_url {
+        Some(url) => {
+            let redis =
+                RedisLimits::lazy(url, settings.redis_timeout, limits::redis::DEFAULT_LEASE)
+                    .map_err(|e| anyhow::anyhow!("--redis-url: {e}"))?;
+            tracing::info!(mode = ?settings.redis_failure_mode, "limits and budgets shared through Redis");
+            Limits::shared(redis, settings.redis_failure_mode)
+        }
+        None => Limits::local(),
+    });
     let fingerprint = config_source::load_initial(&source, &config).await;
     if config.current.load().is_none() {
         match &source {
@@ -51,7 +62,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         draining: Default::default(),
         breakers: Default::default(),
         metrics,
-        limits: Default::default(),
+        limits,
         cache: crate::cache::ResponseCache::new(settings.cache_max_bytes),
         cache_enabled: settings.cache_max_bytes > 0,
     });

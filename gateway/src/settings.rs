@@ -4,6 +4,8 @@ use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use clap::{ArgGroup, Parser, ValueEnum};
 
+use crate::limits::store::FailureMode;
+
 /// Tollgate gateway: an OpenAI- and Anthropic-compatible gateway for LLM APIs.
 ///
 /// Configuration comes either from the files the Tollgate operator mounts
@@ -59,6 +61,20 @@ pub struct Settings {
     /// the cache off.
     #[arg(long, env = "TOLLGATE_CACHE_MAX_BYTES", default_value_t = 64 * 1024 * 1024)]
     pub cache_max_bytes: usize,
+
+    /// Redis for limits and budgets shared by every replica (`redis://` or `rediss://` for
+    /// TLS). Unset: limits are kept in process, exact for a single gateway only.
+    #[arg(long, env = "TOLLGATE_REDIS_URL", value_name = "URL")]
+    pub redis_url: Option<String>,
+
+    /// Deadline for every Redis call; a slow or hung Redis never holds requests longer.
+    #[arg(long, env = "TOLLGATE_REDIS_TIMEOUT", default_value = "100ms", value_parser = parse_duration)]
+    pub redis_timeout: Duration,
+
+    /// When Redis is unreachable: `failOpen` keeps serving with in-process limits (per
+    /// replica), `failClosed` answers 503 to requests that need a limit decision.
+    #[arg(long, env = "TOLLGATE_REDIS_FAILURE_MODE", value_enum, default_value_t = FailureMode::FailOpen)]
+    pub redis_failure_mode: FailureMode,
 
     /// Browser origins allowed to call the API (CORS), comma-separated; `*` allows any.
     /// Empty (the default) sends no CORS headers, so browsers refuse cross-origin calls.

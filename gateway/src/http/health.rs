@@ -8,6 +8,7 @@ use http::StatusCode;
 use serde_json::json;
 
 use super::AppState;
+use crate::limits::store::FailureMode;
 
 pub async fn livez() -> impl IntoResponse {
     Json(json!({ "status": "ok" }))
@@ -16,9 +17,13 @@ pub async fn livez() -> impl IntoResponse {
 pub async fn readyz(State(state): State<Arc<AppState>>) -> impl IntoResponse {
     let snapshot = state.config.current.load_full();
     let draining = state.draining.load(Ordering::Relaxed);
+    // With failClosed, a replica that cannot reach Redis cannot serve limited requests.
+    let redis_blocks =
+        state.limits.redis_state() == Some(false) && state.limits.mode() == FailureMode::FailClosed;
     let (status, code) = match (&snapshot, draining) {
         (_, true) => ("draining", StatusCode::SERVICE_UNAVAILABLE),
         (None, false) => ("notReady", StatusCode::SERVICE_UNAVAILABLE),
+        (Some(_), false) if redis_blocks => ("notReady", StatusCode::SERVICE_UNAVAILABLE),
         (Some(_), false) => ("ready", StatusCode::OK),
     };
     let body = json!({
@@ -30,6 +35,10 @@ pub async fn readyz(State(state): State<Arc<AppState>>) -> impl IntoResponse {
             "failed": state.config.rejected(),
         },
         "lastError": state.config.last_error(),
+        "redis": match state.limits.redis_state() {
+            None => json!(null),
+            Some(up) => json!({ "reachable": up, "failureMode": state.limits.mode().as_str() }),
+        },
     });
     (code, Json(body))
 }

@@ -51,7 +51,7 @@ pub struct AppState {
     /// Metrics.
     pub metrics: Arc<crate::metrics::Metrics>,
     /// Limits and budgets (in process; shared through Redis when configured).
-    pub limits: Arc<crate::limits::LocalLimits>,
+    pub limits: Arc<crate::limits::store::Limits>,
     /// Response cache.
     pub cache: crate::cache::ResponseCache,
     /// Whether the cache is on (`--cache-max-bytes` above 0).
@@ -173,7 +173,9 @@ pub fn admin_app(state: Arc<AppState>) -> Router {
 }
 
 async fn metrics(axum::extract::State(state): axum::extract::State<Arc<AppState>>) -> Response {
-    let body = state.metrics.render(&state.config, &state.breakers);
+    let body = state
+        .metrics
+        .render(&state.config, &state.breakers, state.limits.redis_state());
     let mut response = Response::new(Body::from(body));
     response.headers_mut().insert(
         header::CONTENT_TYPE,

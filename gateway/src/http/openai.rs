@@ -16,7 +16,7 @@ use crate::{
     accounting::Accounting,
     cache,
     error::ApiError,
-    limits::{Ask, Quota, reset_string},
+    limits::{Ask, Quota, reset_string, store::AdmitError},
     metrics::{CacheLabels, RejectionLabels},
     metrics::{RequestLabels, RouteLabels},
     proxy::{AnsweredBy, Forward, forward},
@@ -161,12 +161,12 @@ async fn serve(
                 completion_estimate,
             ),
         };
-        match state.limits.admit(&ask) {
+        match state.limits.admit(&ask, request_id).await {
             Ok((reservation, q)) => {
                 quota = Some(q);
                 Some((state.limits.clone(), reservation))
             }
-            Err(rejection) => {
+            Err(AdmitError::Rejected(rejection)) => {
                 state
                     .metrics
                     .rejections
@@ -176,6 +176,12 @@ async fn serve(
                     })
                     .inc();
                 return Err(ApiError::LimitExceeded(rejection));
+            }
+            Err(AdmitError::Unavailable) => {
+                return Err(ApiError::UpstreamUnavailable(
+                    "Limits cannot be checked right now (shared state unreachable); retry shortly."
+                        .to_owned(),
+                ));
             }
         }
     } else {

@@ -62,6 +62,27 @@ impl std::fmt::Debug for RedisLimits {
 }
 
 impl RedisLimits {
+    /// A store that connects on first use and reconnects on its own: the gateway starts
+    /// even while Redis is down. Fails only for an invalid URL.
+    pub fn lazy(url: &str, timeout: Duration, lease: Duration) -> Result<Self, StoreError> {
+        let client = redis::Client::open(url)?;
+        let config = redis::aio::ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(timeout))
+            .set_response_timeout(Some(timeout));
+        let conn = ConnectionManager::new_lazy_with_config(client, config)?;
+        Ok(Self::with(conn, timeout, lease))
+    }
+
+    fn with(conn: ConnectionManager, timeout: Duration, lease: Duration) -> Self {
+        Self {
+            conn,
+            admit: Script::new(include_str!("admit.lua")),
+            settle: Script::new(include_str!("settle.lua")),
+            timeout,
+            lease,
+        }
+    }
+
     /// Connects (the connection manager reconnects on its own afterwards). Every call is
     /// bounded by `timeout`.
     pub async fn connect(
@@ -77,13 +98,7 @@ impl RedisLimits {
             tokio::time::timeout(timeout, ConnectionManager::new_with_config(client, config))
                 .await
                 .map_err(|_| StoreError::Timeout(timeout))??;
-        Ok(Self {
-            conn,
-            admit: Script::new(include_str!("admit.lua")),
-            settle: Script::new(include_str!("settle.lua")),
-            timeout,
-            lease,
-        })
+        Ok(Self::with(conn, timeout, lease))
     }
 
     /// A client-side timeout is reported as such, whoever noticed it first.

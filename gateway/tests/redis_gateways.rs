@@ -1,0 +1,205 @@
+//! Gateways sharing limits through a real redis-server: exact across replicas, and calm
+//! when Redis hangs (failOpen keeps serving, failClosed answers 503), recovering on their
+//! own when it is back.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{Gateway, client, eventually, redis::Redis};
+use serde_json::{Value, json};
+
+const LIMITED: &str = "tg_redisTestsLimitedKey00000000000000000001";
+const FREE: &str = "tg_redisTestsUnlimitedKey000000000000000002";
+
+fn config(dir: &std::path::Path, rpm: u32) {
+    let text = format!(
+        "apiVersion: tollgate.dev/v1alpha1\nkind: Provider\nmetadata: {{name: mock}}\nspec: {{type: mock, models: [{{name: demo}}], mock: {{completionTokens: 3}}}}\n---\n\
+         apiVersion: tollgate.dev/v1alpha1\nkind: RoutePolicy\nmetadata: {{name: demo}}\nspec: {{models: [demo], targets: [{{provider: mock}}]}}\n---\n\
+         apiVersion: tollgate.dev/v1alpha1\nkind: ApiKey\nmetadata: {{name: limited}}\nspec: {{owner: a, limits: {{requestsPerMinute: {rpm}}}}}\n---\n\
+         apiVersion: v1\nkind: Secret\nmetadata: {{name: limited-key}}\nstringData: {{apiKey: {LIMITED}}}\n---\n\
+         apiVersion: tollgate.dev/v1alpha1\nkind: ApiKey\nmetadata: {{name: free}}\nspec: {{owner: b}}\n---\n\
+         apiVersion: v1\nkind: Secret\nmetadata: {{name: free-key}}\nstringData: {{apiKey: {FREE}}}\n"
+    );
+    std::fs::write(dir.join("config.yaml"), text).unwrap();
+}
+
+fn gateway(dir: &std::path::Path, redis: &Redis, mode: &str) -> Gateway {
+    Gateway::start(&[
+        "--resources",
+        dir.to_str().unwrap(),
+        "--redis-url",
+        &redis.url(),
+        "--redis-timeout",
+        "200ms",
+        "--redis-failure-mode",
+        mode,
+    ])
+}
+
+async fn call(gw: &Gateway, key: &str) -> u16 {
+    client()
+        .post(gw.url("/v1/chat/completions"))
+        .bearer_auth(key)
+        .json(&json!({"model": "demo", "messages": [{"role": "user", "content": "hi"}]}))
+        .send()
+        .await
+        .unwrap()
+        .status()
+        .as_u16()
+}
+
+async fn readyz(gw: &Gateway) -> (u16, Value) {
+    let resp = client().get(gw.url("/readyz")).send().await.unwrap();
+    (resp.status().as_u16(), resp.json().await.unwrap())
+}
+
+#[tokio::test]
+async fn three_gateways_sharing_redis_admit_exactly_the_key_limit() {
+    let redis = Redis::start();
+    let dir = tempfile::tempdir().unwrap();
+    config(dir.path(), 30);
+    let gateways: Vec<Gateway> = (0..3)
+        .map(|_| gateway(dir.path(), &redis, "failOpen"))
+        .collect();
+    let mut tasks = Vec::new();
+    for i in 0..90 {
+        let url = gateways[i % 3].url("/v1/chat/completions");
+        tasks.push(tokio::spawn(async move {
+            client()
+                .post(url)
+                .bearer_auth(LIMITED)
+                .json(&json!({"model": "demo", "messages": [{"role": "user", "content": "hi"}]}))
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16()
+        }));
+    }
+    let mut statuses = Vec::new();
+    for t in tasks {
+        statuses.push(t.await.unwrap());
+    }
+    let admitted = statuses.iter().filter(|s| **s == 200).count();
+    let refused = statuses.iter().filter(|s| **s == 429).count();
+    assert_eq!(
+        (admitted, refused),
+        (30, 60),
+        "overshoot {} false rejections {}",
+        admitted.saturating_sub(30),
+        30usize.saturating_sub(admitted)
+    );
+    let (code, ready) = readyz(&gateways[0]).await;
+    assert_eq!(code, 200);
+    assert_eq!(
+        ready["redis"],
+        json!({"reachable": true, "failureMode": "failOpen"})
+    );
+}
+
+#[tokio::test]
+async fn fail_open_keeps_serving_when_redis_hangs_and_recovers() {
+    let redis = Redis::start();
+    let dir = tempfile::tempdir().unwrap();
+    config(dir.path(), 1000);
+    let gw = gateway(dir.path(), &redis, "failOpen");
+    assert_eq!(call(&gw, LIMITED).await, 200);
+    redis.signal("STOP");
+    for _ in 0..5 {
+        let started = Instant::now();
+        assert_eq!(call(&gw, LIMITED).await, 200);
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "a hung Redis must not hang requests: {:?}",
+            started.elapsed()
+        );
+    }
+    let (code, ready) = readyz(&gw).await;
+    assert_eq!(code, 200, "failOpen stays ready");
+    assert_eq!(ready["redis"]["reachable"], false);
+    assert!(gw.metrics().await.contains("tollgate_redis_up 0"));
+    redis.signal("CONT");
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            call(&gw, LIMITED).await == 200 && readyz(&gw).await.1["redis"]["reachable"] == true
+        })
+        .await
+    );
+    let transitions = gw
+        .logs()
+        .lines()
+        .filter(|l| l.contains("Redis unreachable"))
+        .count();
+    assert_eq!(
+        transitions, 1,
+        "one log line per transition, not per request"
+    );
+}
+
+#[tokio::test]
+async fn fail_closed_refuses_limited_requests_with_503_while_redis_hangs() {
+    let redis = Redis::start();
+    let dir = tempfile::tempdir().unwrap();
+    config(dir.path(), 1000);
+    let gw = gateway(dir.path(), &redis, "failClosed");
+    assert_eq!(call(&gw, LIMITED).await, 200);
+    redis.signal("STOP");
+    let resp = client()
+        .post(gw.url("/v1/chat/completions"))
+        .bearer_auth(LIMITED)
+        .json(&json!({"model": "demo", "messages": []}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 503);
+    assert!(
+        resp.text()
+            .await
+            .unwrap()
+            .contains("Limits cannot be checked")
+    );
+    assert_eq!(
+        call(&gw, FREE).await,
+        200,
+        "requests without limits need no decision"
+    );
+    assert_eq!(
+        readyz(&gw).await.0,
+        503,
+        "failClosed reports not ready while Redis is unreachable"
+    );
+    redis.signal("CONT");
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            call(&gw, LIMITED).await == 200
+        })
+        .await
+    );
+    assert_eq!(readyz(&gw).await.0, 200);
+}
+
+#[tokio::test]
+async fn a_gateway_starts_while_redis_is_down_and_serves_in_fail_open() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let dir = tempfile::tempdir().unwrap();
+    config(dir.path(), 1000);
+    let gw = Gateway::start(&[
+        "--resources",
+        dir.path().to_str().unwrap(),
+        "--redis-url",
+        &format!("redis://127.0.0.1:{port}/"),
+        "--redis-timeout",
+        "200ms",
+    ]);
+    assert_eq!(
+        call(&gw, LIMITED).await,
+        200,
+        "failOpen with Redis down from the start"
+    );
+    assert_eq!(readyz(&gw).await.1["redis"]["reachable"], false);
+}
