@@ -1,7 +1,9 @@
 //! The HTTP surface: the router, its middleware stack, and the shared state handlers see.
 
+mod admission;
 mod anthropic;
 mod auth;
+mod caching;
 mod health;
 mod models;
 mod openai;

@@ -1,0 +1,159 @@
+//! The response cache step of a request: decide, look up, store.
+
+use axum::response::Response;
+use tollgate_api::{config::CompiledRoute, v1alpha1::CacheScope};
+
+use super::AppState;
+use crate::{
+    cache, metrics::CacheLabels, request::RequestHead, snapshot::Key, upstream::Operation,
+};
+
+/// Tells clients whether an answer came from the cache.
+const CACHE_HEADER: http::HeaderName = http::HeaderName::from_static("x-tollgate-cache");
+
+/// What the cache does for one request.
+pub(super) enum CachePlan {
+    /// No cache on the route, a stream, or the client opted out.
+    Bypass,
+    /// Look up and/or store under `key`.
+    Use {
+        key: [u8; 32],
+        lookup: bool,
+        store: bool,
+        ttl: std::time::Duration,
+        max_entry_bytes: usize,
+    },
+}
+
+/// Decides caching: routes with a cache policy, non-streamed calls, unless the client sends
+/// `Cache-Control: no-store` / `x-tollgate-cache: bypass` (neither read nor write) or
+/// `Cache-Control: no-cache` (fetch fresh, then store).
+pub(super) fn plan(
+    state: &AppState,
+    route: &CompiledRoute,
+    key: &Key,
+    operation: Operation,
+    head: &RequestHead,
+    headers: &http::HeaderMap,
+    body: &[u8],
+) -> CachePlan {
+    let Some(policy) = route
+        .cache
+        .as_ref()
+        .filter(|_| !head.stream && state.cache_enabled)
+    else {
+        return CachePlan::Bypass;
+    };
+    let cache_control = headers
+        .get(http::header::CACHE_CONTROL)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_ascii_lowercase();
+    let bypass = headers
+        .get(CACHE_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.eq_ignore_ascii_case("bypass"));
+    if bypass || cache_control.contains("no-store") {
+        return CachePlan::Bypass;
+    }
+    let scope = match policy.scope {
+        CacheScope::Owner => format!("owner:{}", key.entry.owner),
+        CacheScope::Key => format!("key:{}", key.entry.id),
+        CacheScope::Shared => "shared".to_owned(),
+    };
+    match cache::key(&scope, &route.id, operation.label_str(), body) {
+        Some(k) => CachePlan::Use {
+            key: k,
+            lookup: !cache_control.contains("no-cache"),
+            store: true,
+            ttl: std::time::Duration::from_millis(policy.ttl_ms),
+            max_entry_bytes: policy.max_entry_bytes as usize,
+        },
+        None => CachePlan::Bypass,
+    }
+}
+
+/// The cached answer for a request, if the plan allows a lookup and there is one.
+pub(super) fn lookup(
+    state: &AppState,
+    route: &CompiledRoute,
+    plan: &CachePlan,
+) -> Option<Response> {
+    let CachePlan::Use {
+        key, lookup: true, ..
+    } = plan
+    else {
+        return None;
+    };
+    let hit = state.cache.get(key)?;
+    state
+        .metrics
+        .cache
+        .get_or_create(&CacheLabels {
+            route: route.id.clone(),
+            result: "hit",
+        })
+        .inc();
+    let mut response = Response::new(axum::body::Body::from(hit.body));
+    if let Ok(v) = http::HeaderValue::try_from(hit.content_type) {
+        response.headers_mut().insert(http::header::CONTENT_TYPE, v);
+    }
+    response
+        .headers_mut()
+        .insert(CACHE_HEADER, http::HeaderValue::from_static("hit"));
+    Some(response)
+}
+
+/// Stores a fresh answer when the plan says so, and marks the response `miss` or `bypass`.
+pub(super) async fn store(
+    state: &AppState,
+    route: &CompiledRoute,
+    plan: CachePlan,
+    mut response: Response,
+) -> Response {
+    let CachePlan::Use {
+        key,
+        store,
+        ttl,
+        max_entry_bytes,
+        ..
+    } = plan
+    else {
+        response
+            .headers_mut()
+            .insert(CACHE_HEADER, http::HeaderValue::from_static("bypass"));
+        return response;
+    };
+    state
+        .metrics
+        .cache
+        .get_or_create(&CacheLabels {
+            route: route.id.clone(),
+            result: "miss",
+        })
+        .inc();
+    if !store || response.status() != http::StatusCode::OK {
+        response
+            .headers_mut()
+            .insert(CACHE_HEADER, http::HeaderValue::from_static("miss"));
+        return response;
+    }
+    let (mut parts, body) = response.into_parts();
+    // Whole answers are already in memory; this only takes them back.
+    let bytes = axum::body::to_bytes(body, usize::MAX)
+        .await
+        .unwrap_or_default();
+    if bytes.len() <= max_entry_bytes {
+        let content_type = parts
+            .headers
+            .get(http::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("application/json")
+            .to_owned();
+        state.cache.put(key, bytes.clone(), content_type, ttl);
+    }
+    parts
+        .headers
+        .insert(CACHE_HEADER, http::HeaderValue::from_static("miss"));
+    Response::from_parts(parts, axum::body::Body::from(bytes))
+}
