@@ -14,3 +14,4 @@ pub mod diagnostics;
 pub mod duration;
 pub mod manifests;
 pub mod parts;
+pub mod usage;

@@ -50,6 +50,9 @@ pub fn usage_from_value(u: &Value) -> Option<Usage> {
 pub struct Accounting {
     /// Limits to settle with; `None` when no limit or budget applies.
     limits: Option<(Arc<Limits>, AnyReservation)>,
+    /// Where usage is recorded (shared counters when Redis is configured).
+    store: Arc<Limits>,
+    key_id: String,
     metrics: Arc<Metrics>,
     route: String,
     owner: String,
@@ -64,15 +67,20 @@ pub struct Accounting {
 }
 
 impl Accounting {
-    /// Accounting for a request; `limits` holds its admission reservation, if any.
+    /// Accounting for a request; `limits` holds its admission reservation, if any, and
+    /// `store` receives its usage.
     pub fn new(
         limits: Option<(Arc<Limits>, AnyReservation)>,
+        store: Arc<Limits>,
         metrics: Arc<Metrics>,
+        key_id: &str,
         route: &str,
         owner: &str,
     ) -> Self {
         Self {
             limits,
+            store,
+            key_id: key_id.to_owned(),
             metrics,
             route: route.to_owned(),
             owner: owner.to_owned(),
@@ -119,6 +127,8 @@ impl Accounting {
             limits.settle(reservation, usage.prompt + usage.completion, cost);
         }
         if let Some(provider) = &self.provider {
+            self.store
+                .record_usage(&self.key_id, usage.prompt, usage.completion, cost);
             let labels = |kind: &'static str| TokenLabels {
                 route: self.route.clone(),
                 provider: provider.clone(),

@@ -203,3 +203,62 @@ async fn a_gateway_starts_while_redis_is_down_and_serves_in_fail_open() {
     );
     assert_eq!(readyz(&gw).await.1["redis"]["reachable"], false);
 }
+
+#[tokio::test]
+async fn answered_requests_are_counted_in_shared_usage_counters() {
+    use sha2::Digest;
+    let redis = Redis::start();
+    let dir = tempfile::tempdir().unwrap();
+    config(dir.path(), 1000);
+    let gateways: Vec<Gateway> = (0..2)
+        .map(|_| gateway(dir.path(), &redis, "failOpen"))
+        .collect();
+    for i in 0..4 {
+        assert_eq!(call(&gateways[i % 2], LIMITED).await, 200);
+    }
+    let key_id: String = sha2::Sha256::digest(LIMITED.as_bytes())
+        .iter()
+        .take(6)
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let (day, month) = tollgate_api::usage::periods(jiff::Timestamp::now());
+    let client = redis::Client::open(redis.url()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let read = |period: String| {
+        let mut conn = conn.clone();
+        let key = tollgate_api::usage::usage_key(&key_id, &period);
+        async move {
+            let fields: std::collections::HashMap<String, String> = redis::cmd("HGETALL")
+                .arg(key)
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+            fields
+        }
+    };
+    assert!(
+        eventually(Duration::from_secs(5), || {
+            let read = &read;
+            let day = day.clone();
+            async move { read(day).await.get("requests").map(String::as_str) == Some("4") }
+        })
+        .await,
+        "both gateways recorded their requests"
+    );
+    let daily = read(day).await;
+    assert_eq!(daily["output_tokens"], "12", "3 mock tokens per answer");
+    assert!(daily["input_tokens"].parse::<u64>().unwrap() > 0);
+    assert_eq!(read(month).await["requests"], "4");
+    let ttl: i64 = redis::cmd("TTL")
+        .arg(tollgate_api::usage::usage_key(
+            &key_id,
+            &tollgate_api::usage::periods(jiff::Timestamp::now()).0,
+        ))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert!(
+        ttl > 0 && ttl <= tollgate_api::usage::DAILY_TTL_SECS,
+        "usage keys expire: {ttl}"
+    );
+}

@@ -39,7 +39,14 @@ pub(super) async fn admit(
     let limited =
         key.entry.limits.is_some() || key.entry.budget.is_some() || route.rate_limit.is_some();
     if !limited {
-        let accounting = Accounting::new(None, state.metrics.clone(), &route.id, &key.entry.owner);
+        let accounting = Accounting::new(
+            None,
+            state.limits.clone(),
+            state.metrics.clone(),
+            &key.entry.id,
+            &route.id,
+            &key.entry.owner,
+        );
         return Ok(Admitted {
             accounting,
             quota: None,
@@ -68,7 +75,9 @@ pub(super) async fn admit(
         Ok((reservation, quota)) => {
             let accounting = Accounting::new(
                 Some((state.limits.clone(), reservation)),
+                state.limits.clone(),
                 state.metrics.clone(),
+                &key.entry.id,
                 &route.id,
                 &key.entry.owner,
             );

@@ -289,6 +289,45 @@ impl RedisLimits {
         Ok(())
     }
 
+    /// Adds one answered request to the key's daily and monthly usage counters, in one
+    /// pipelined round trip.
+    pub async fn record_usage(
+        &self,
+        key_id: &str,
+        input: u64,
+        output: u64,
+        spend: f64,
+    ) -> Result<(), StoreError> {
+        use tollgate_api::usage;
+        let (day, month) = usage::periods(jiff::Timestamp::now());
+        let mut pipe = redis::pipe();
+        for (period, ttl) in [
+            (day, usage::DAILY_TTL_SECS),
+            (month, usage::MONTHLY_TTL_SECS),
+        ] {
+            let key = usage::usage_key(key_id, &period);
+            pipe.hincr(&key, usage::REQUESTS, 1u64)
+                .ignore()
+                .hincr(&key, usage::INPUT_TOKENS, input)
+                .ignore()
+                .hincr(&key, usage::OUTPUT_TOKENS, output)
+                .ignore()
+                .cmd("HINCRBYFLOAT")
+                .arg(&key)
+                .arg(usage::SPEND)
+                .arg(spend)
+                .ignore()
+                .expire(&key, ttl)
+                .ignore();
+        }
+        let mut conn = self.conn.clone();
+        let _: () = tokio::time::timeout(self.timeout, pipe.query_async(&mut conn))
+            .await
+            .map_err(|_| StoreError::Timeout(self.timeout))?
+            .map_err(|e| self.classify(e))?;
+        Ok(())
+    }
+
     /// Settled spend of a key in its current budget period.
     pub async fn spent(
         &self,

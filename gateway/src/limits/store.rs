@@ -141,6 +141,25 @@ impl Limits {
             .map_err(AdmitError::Rejected)
     }
 
+    /// Records an answered request in the shared usage counters (when Redis is
+    /// configured), in the background.
+    pub fn record_usage(self: &Arc<Self>, key_id: &str, input: u64, output: u64, spend: f64) {
+        if self.shared.is_none() {
+            return;
+        }
+        let (this, key_id) = (self.clone(), key_id.to_owned());
+        if let Ok(handle) = tokio::runtime::Handle::try_current() {
+            handle.spawn(async move {
+                if let Some(redis) = &this.shared
+                    && let Err(e) = redis.record_usage(&key_id, input, output, spend).await
+                {
+                    tracing::debug!(error = %e, "recording usage in Redis failed");
+                    this.mark(false);
+                }
+            });
+        }
+    }
+
     /// Settles a reservation. Shared settlements run in the background so they never
     /// delay the response.
     pub fn settle(self: &Arc<Self>, reservation: AnyReservation, tokens: u64, cost: f64) {

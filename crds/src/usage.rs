@@ -1,0 +1,54 @@
+//! Where gateways record per-key usage in Redis, so the operator (ApiKey status) and the
+//! self-service usage endpoint read the same numbers. One hash per key and period:
+//!
+//! `tollgate:v1:{k:<key id>}:usage:<period>` with fields [`REQUESTS`], [`INPUT_TOKENS`],
+//! [`OUTPUT_TOKENS`] and [`SPEND`]; `<period>` is a UTC day (`2026-11-21`) or month
+//! (`2026-11`). Daily hashes expire after [`DAILY_TTL_SECS`], monthly ones after
+//! [`MONTHLY_TTL_SECS`].
+
+/// Layout version shared with the limit scripts.
+pub const LAYOUT: &str = "v1";
+/// Requests answered.
+pub const REQUESTS: &str = "requests";
+/// Input (prompt) tokens.
+pub const INPUT_TOKENS: &str = "input_tokens";
+/// Output (completion) tokens.
+pub const OUTPUT_TOKENS: &str = "output_tokens";
+/// Spend in the provider's currency.
+pub const SPEND: &str = "spend";
+/// Lifetime of a daily usage hash.
+pub const DAILY_TTL_SECS: i64 = 35 * 24 * 3600;
+/// Lifetime of a monthly usage hash.
+pub const MONTHLY_TTL_SECS: i64 = 400 * 24 * 3600;
+
+/// The Redis key of a key's usage in one period.
+pub fn usage_key(key_id: &str, period: &str) -> String {
+    format!("tollgate:{LAYOUT}:{{k:{key_id}}}:usage:{period}")
+}
+
+/// The day and month period ids containing `now` (UTC).
+pub fn periods(now: jiff::Timestamp) -> (String, String) {
+    let date = now.to_zoned(jiff::tz::TimeZone::UTC).date();
+    (
+        date.to_string(),
+        format!("{:04}-{:02}", date.year(), date.month()),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn usage_keys_are_hash_tagged_per_key_and_named_by_utc_period() {
+        let now: jiff::Timestamp = "2026-11-21T23:59:59Z".parse().unwrap();
+        assert_eq!(
+            periods(now),
+            ("2026-11-21".to_owned(), "2026-11".to_owned())
+        );
+        assert_eq!(
+            usage_key("abc", "2026-11"),
+            "tollgate:v1:{k:abc}:usage:2026-11"
+        );
+    }
+}
