@@ -13,6 +13,58 @@ use std::{
 use bytes::Bytes;
 use sha2::{Digest, Sha256};
 
+/// The cache the gateway uses: this replica's memory, plus Redis when configured so every
+/// replica shares answers. A Redis outage is only a miss.
+#[derive(Debug)]
+pub struct Cache {
+    local: ResponseCache,
+    shared: Option<crate::limits::redis::RedisLimits>,
+}
+
+impl Cache {
+    /// A cache in memory, shared through `redis` when given.
+    pub fn new(max_bytes: usize, shared: Option<crate::limits::redis::RedisLimits>) -> Self {
+        Self {
+            local: ResponseCache::new(max_bytes),
+            shared,
+        }
+    }
+
+    /// The live entry for `key`: this replica's first, then the shared one.
+    pub async fn get(&self, key: &[u8; 32]) -> Option<Entry> {
+        if let Some(e) = self.local.get(key) {
+            return Some(e);
+        }
+        let redis = self.shared.as_ref()?;
+        let (content_type, body) = redis.cache_get(&hex(key)).await.ok().flatten()?;
+        Some(Entry {
+            body,
+            content_type,
+            expires: Instant::now(),
+        })
+    }
+
+    /// Stores an answer here and, in the background, in Redis.
+    pub fn put(&self, key: [u8; 32], body: Bytes, content_type: String, ttl: Duration) {
+        if let Some(redis) = &self.shared
+            && let Ok(handle) = tokio::runtime::Handle::try_current()
+        {
+            let (redis, id, body, content_type) =
+                (redis.clone(), hex(&key), body.clone(), content_type.clone());
+            handle.spawn(async move {
+                if let Err(e) = redis.cache_put(&id, &content_type, &body, ttl).await {
+                    tracing::debug!(error = %e, "storing a cache entry in Redis failed");
+                }
+            });
+        }
+        self.local.put(key, body, content_type, ttl);
+    }
+}
+
+fn hex(key: &[u8; 32]) -> String {
+    key.iter().map(|b| format!("{b:02x}")).collect()
+}
+
 /// A cached answer.
 #[derive(Debug, Clone)]
 pub struct Entry {

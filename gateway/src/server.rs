@@ -22,12 +22,17 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     };
     let config = Arc::new(ConfigState::default());
     let metrics = Arc::new(Metrics::new(&config));
-    let limits = Arc::new(match &settings.redis_url {
-        Some(url) => {
-            let redis =
-                RedisLimits::lazy(url, settings.redis_timeout, limits::redis::DEFAULT_LEASE)
-                    .map_err(|e| anyhow::anyhow!("--redis-url: {e}"))?;
-            tracing::info!(mode = ?settings.redis_failure_mode, "limits and budgets shared through Redis");
+    let redis = match &settings.redis_url {
+        Some(url) => Some(
+            RedisLimits::lazy(url, settings.redis_timeout, limits::redis::DEFAULT_LEASE)
+                .map_err(|e| anyhow::anyhow!("--redis-url: {e}"))?,
+        ),
+        None => None,
+    };
+    let shared_cache = redis.clone().filter(|_| settings.cache_max_bytes > 0);
+    let limits = Arc::new(match redis {
+        Some(redis) => {
+            tracing::info!(mode = ?settings.redis_failure_mode, "limits, budgets and the cache shared through Redis");
             Limits::shared(redis, settings.redis_failure_mode)
         }
         None => Limits::local(),
@@ -63,7 +68,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         breakers: Default::default(),
         metrics,
         limits,
-        cache: crate::cache::ResponseCache::new(settings.cache_max_bytes),
+        cache: crate::cache::Cache::new(settings.cache_max_bytes, shared_cache),
         cache_enabled: settings.cache_max_bytes > 0,
     });
     let router = app(

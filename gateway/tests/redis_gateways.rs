@@ -262,3 +262,54 @@ async fn answered_requests_are_counted_in_shared_usage_counters() {
         "usage keys expire: {ttl}"
     );
 }
+
+#[tokio::test]
+async fn cached_answers_are_shared_by_every_gateway_and_a_redis_outage_is_only_a_miss() {
+    let redis = Redis::start();
+    let up = common::upstream::Upstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let text = format!(
+        "apiVersion: v1\nkind: Secret\nmetadata: {{name: up}}\nstringData: {{token: sk-up}}\n---\n\
+         apiVersion: tollgate.dev/v1alpha1\nkind: Provider\nmetadata: {{name: up}}\nspec:\n  type: openaiCompatible\n  baseUrl: {}\n\
+         \x20 credentials: {{secretRef: {{name: up, key: token}}}}\n  models: [{{name: gpt-4o}}]\n---\n\
+         apiVersion: tollgate.dev/v1alpha1\nkind: RoutePolicy\nmetadata: {{name: cached}}\nspec: {{models: [gpt-4o], targets: [{{provider: up}}], cache: {{ttl: 5m}}}}\n---\n\
+         apiVersion: tollgate.dev/v1alpha1\nkind: ApiKey\nmetadata: {{name: free}}\nspec: {{owner: b}}\n---\n\
+         apiVersion: v1\nkind: Secret\nmetadata: {{name: free-key}}\nstringData: {{apiKey: {FREE}}}\n",
+        up.base_url()
+    );
+    std::fs::write(dir.path().join("config.yaml"), text).unwrap();
+    let one = gateway(dir.path(), &redis, "failOpen");
+    let two = gateway(dir.path(), &redis, "failOpen");
+    let ask = |gw: &Gateway, question: &'static str| {
+        let url = gw.url("/v1/chat/completions");
+        async move {
+            let resp = client()
+                .post(url)
+                .bearer_auth(FREE)
+                .json(&json!({"model": "gpt-4o", "messages": [{"role": "user", "content": question}]}))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(resp.status(), 200);
+            resp.headers()["x-tollgate-cache"]
+                .to_str()
+                .unwrap()
+                .to_owned()
+        }
+    };
+    assert_eq!(ask(&one, "shared?").await, "miss");
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            ask(&two, "shared?").await == "hit"
+        })
+        .await,
+        "the other gateway answers from the shared entry"
+    );
+    assert_eq!(up.received().len(), 1);
+
+    redis.signal("STOP");
+    let started = Instant::now();
+    assert_eq!(ask(&two, "while redis hangs").await, "miss");
+    assert!(started.elapsed() < Duration::from_secs(2));
+    redis.signal("CONT");
+}

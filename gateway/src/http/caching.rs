@@ -74,7 +74,7 @@ pub(super) fn plan(
 }
 
 /// The cached answer for a request, if the plan allows a lookup and there is one.
-pub(super) fn lookup(
+pub(super) async fn lookup(
     state: &AppState,
     route: &CompiledRoute,
     plan: &CachePlan,
@@ -85,7 +85,7 @@ pub(super) fn lookup(
     else {
         return None;
     };
-    let hit = state.cache.get(key)?;
+    let hit = state.cache.get(key).await?;
     state
         .metrics
         .cache

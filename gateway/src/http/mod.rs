@@ -55,7 +55,7 @@ pub struct AppState {
     /// Limits and budgets (in process; shared through Redis when configured).
     pub limits: Arc<crate::limits::store::Limits>,
     /// Response cache.
-    pub cache: crate::cache::ResponseCache,
+    pub cache: crate::cache::Cache,
     /// Whether the cache is on (`--cache-max-bytes` above 0).
     pub cache_enabled: bool,
 }

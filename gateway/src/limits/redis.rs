@@ -328,6 +328,52 @@ impl RedisLimits {
         Ok(())
     }
 
+    /// A shared cache entry: its content type and body.
+    pub async fn cache_get(&self, id: &str) -> Result<Option<(String, bytes::Bytes)>, StoreError> {
+        let mut conn = self.conn.clone();
+        let value: Option<Vec<u8>> = tokio::time::timeout(
+            self.timeout,
+            redis::cmd("GET").arg(cache_key(id)).query_async(&mut conn),
+        )
+        .await
+        .map_err(|_| StoreError::Timeout(self.timeout))?
+        .map_err(|e| self.classify(e))?;
+        Ok(value.and_then(|v| {
+            // Stored as `<content type>\n<body>`.
+            let split = v.iter().position(|b| *b == b'\n')?;
+            let content_type = String::from_utf8(v[..split].to_vec()).ok()?;
+            Some((content_type, bytes::Bytes::copy_from_slice(&v[split + 1..])))
+        }))
+    }
+
+    /// Stores a shared cache entry for `ttl`.
+    pub async fn cache_put(
+        &self,
+        id: &str,
+        content_type: &str,
+        body: &[u8],
+        ttl: Duration,
+    ) -> Result<(), StoreError> {
+        let mut value = Vec::with_capacity(content_type.len() + 1 + body.len());
+        value.extend_from_slice(content_type.as_bytes());
+        value.push(b'\n');
+        value.extend_from_slice(body);
+        let mut conn = self.conn.clone();
+        let _: () = tokio::time::timeout(
+            self.timeout,
+            redis::cmd("SET")
+                .arg(cache_key(id))
+                .arg(value)
+                .arg("PX")
+                .arg(ttl.as_millis().max(1) as u64)
+                .query_async(&mut conn),
+        )
+        .await
+        .map_err(|_| StoreError::Timeout(self.timeout))?
+        .map_err(|e| self.classify(e))?;
+        Ok(())
+    }
+
     /// Settled spend of a key in its current budget period.
     pub async fn spent(
         &self,
@@ -361,6 +407,10 @@ fn budget_base(
         format!("tollgate:{LAYOUT}:{{k:{key_id}}}:budget:{period_id}"),
         until,
     )
+}
+
+fn cache_key(id: &str) -> String {
+    format!("tollgate:{LAYOUT}:cache:{id}")
 }
 
 fn refill(missing: f64, capacity: f64) -> Duration {
