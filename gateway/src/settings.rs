@@ -62,8 +62,8 @@ pub struct Settings {
     #[arg(long, env = "TOLLGATE_CACHE_MAX_BYTES", default_value_t = 64 * 1024 * 1024)]
     pub cache_max_bytes: usize,
 
-    /// Redis for limits and budgets shared by every replica (`redis://` or `rediss://` for
-    /// TLS). Unset: limits are kept in process, exact for a single gateway only.
+    /// Redis (`redis://host:port/db`) for limits, budgets, usage and the cache shared by
+    /// every replica. Unset: all kept in process, exact for a single gateway only.
     #[arg(long, env = "TOLLGATE_REDIS_URL", value_name = "URL")]
     pub redis_url: Option<String>,
 
