@@ -62,6 +62,7 @@ async fn three_gateways_sharing_redis_admit_exactly_the_key_limit() {
     let gateways: Vec<Gateway> = (0..3)
         .map(|_| gateway(dir.path(), &redis, "failOpen"))
         .collect();
+    let started = Instant::now();
     let mut tasks = Vec::new();
     for i in 0..90 {
         let url = gateways[i % 3].url("/v1/chat/completions");
@@ -81,14 +82,16 @@ async fn three_gateways_sharing_redis_admit_exactly_the_key_limit() {
     for t in tasks {
         statuses.push(t.await.unwrap());
     }
+    // The bucket refills one request every 2 s: a slow machine may legitimately admit more.
+    let allowed = 30 + (started.elapsed().as_secs_f64() / 2.0).floor() as usize;
     let admitted = statuses.iter().filter(|s| **s == 200).count();
     let refused = statuses.iter().filter(|s| **s == 429).count();
-    assert_eq!(
-        (admitted, refused),
-        (30, 60),
-        "overshoot {} false rejections {}",
-        admitted.saturating_sub(30),
-        30usize.saturating_sub(admitted)
+    assert_eq!(admitted + refused, 90);
+    assert!(admitted >= 30, "false rejections: {}", 30 - admitted);
+    assert!(
+        admitted <= allowed,
+        "overshoot: {} over {allowed}",
+        admitted - allowed
     );
     let (code, ready) = readyz(&gateways[0]).await;
     assert_eq!(code, 200);

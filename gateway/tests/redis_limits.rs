@@ -62,6 +62,7 @@ async fn three_replicas_admit_exactly_the_request_limit_under_concurrency() {
     let redis = Redis::start();
     let stores = replicas(&redis, 3, Duration::from_secs(60)).await;
     let l = Arc::new(limits(Some(25), None, None));
+    let started = Instant::now();
     let mut tasks = Vec::new();
     for i in 0..90 {
         let store = stores[i % 3].clone();
@@ -78,12 +79,13 @@ async fn three_replicas_admit_exactly_the_request_limit_under_concurrency() {
     for t in tasks {
         admitted += usize::from(t.await.unwrap());
     }
-    assert_eq!(
-        admitted,
-        25,
-        "overshoot {} / false rejections {}",
-        admitted.saturating_sub(25),
-        25usize.saturating_sub(admitted)
+    // One request refills every 2.4 s: count what a slow machine may legitimately add.
+    let allowed = 25 + (started.elapsed().as_secs_f64() / 2.4).floor() as usize;
+    assert!(admitted >= 25, "false rejections: {}", 25 - admitted);
+    assert!(
+        admitted <= allowed,
+        "overshoot: {} over {allowed}",
+        admitted - allowed
     );
 }
 
