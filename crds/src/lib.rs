@@ -14,4 +14,5 @@ pub mod diagnostics;
 pub mod duration;
 pub mod manifests;
 pub mod parts;
+pub mod revocation;
 pub mod usage;

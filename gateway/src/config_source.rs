@@ -40,6 +40,9 @@ pub struct ConfigState {
     pub current: ArcSwapOption<Snapshot>,
     /// Loads by result (`success`, `rejected`); also exported as a metric.
     pub reloads: Family<ReloadLabels, Counter>,
+    /// Receives the hashes of keys that a newly loaded configuration no longer accepts,
+    /// to publish their revocation to the other replicas.
+    pub removed_keys: std::sync::OnceLock<tokio::sync::mpsc::UnboundedSender<Vec<[u8; 32]>>>,
     /// The last rejection, for /readyz.
     pub last_error: std::sync::Mutex<Option<String>>,
 }
@@ -276,7 +279,21 @@ async fn reload(source: &Source, state: &ConfigState, previous: Option<&str>) ->
         Outcome::Loaded(loaded) => {
             let hash = loaded.snapshot.config_hash.clone();
             let keys = loaded.snapshot.key_count();
-            state.current.store(Some(Arc::new(loaded.snapshot)));
+            let previous = state.current.swap(Some(Arc::new(loaded.snapshot)));
+            if let (Some(previous), Some(current), Some(tx)) = (
+                previous,
+                state.current.load_full(),
+                state.removed_keys.get(),
+            ) {
+                let removed: Vec<[u8; 32]> = previous
+                    .key_hashes()
+                    .filter(|h| current.key_by_hash(h).is_none())
+                    .copied()
+                    .collect();
+                if !removed.is_empty() {
+                    let _ = tx.send(removed);
+                }
+            }
             state
                 .reloads
                 .get_or_create(&ReloadLabels { result: "success" })

@@ -14,6 +14,7 @@ pub mod providers;
 pub mod proxy;
 pub mod relay;
 pub mod request;
+pub mod revocation;
 pub mod routing;
 pub mod server;
 pub mod settings;

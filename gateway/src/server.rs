@@ -1,7 +1,10 @@
 //! Running the gateway: load configuration, serve, reload in the background, and shut down
 //! gracefully on SIGTERM/SIGINT.
 
-use std::sync::{Arc, atomic::Ordering};
+use std::{
+    sync::{Arc, atomic::Ordering},
+    time::Duration,
+};
 
 use anyhow::Context;
 use tokio::net::TcpListener;
@@ -11,6 +14,7 @@ use crate::{
     http::{AppState, HttpOptions, admin_app, app},
     limits::{self, redis::RedisLimits, store::Limits},
     metrics::Metrics,
+    revocation::{self, Revocations},
     settings::Settings,
 };
 
@@ -30,6 +34,28 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         None => None,
     };
     let shared_cache = redis.clone().filter(|_| settings.cache_max_bytes > 0);
+    let revocations = Arc::new(Revocations::default());
+    if let Some(url) = &settings.redis_url {
+        let client =
+            redis::Client::open(url.as_str()).map_err(|e| anyhow::anyhow!("--redis-url: {e}"))?;
+        tokio::spawn(revocation::follow(client.clone(), revocations.clone()));
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Vec<[u8; 32]>>();
+        let _ = config.removed_keys.set(tx);
+        let timeout = settings.redis_timeout.max(Duration::from_secs(1));
+        tokio::spawn(async move {
+            while let Some(hashes) = rx.recv().await {
+                match revocation::publish(&client, &hashes, timeout).await {
+                    Ok(()) => tracing::info!(
+                        keys = hashes.len(),
+                        "published the revocation of keys removed from the configuration"
+                    ),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "could not publish key revocations; other replicas catch up through their own configuration")
+                    }
+                }
+            }
+        });
+    }
     let limits = Arc::new(match redis {
         Some(redis) => {
             tracing::info!(mode = ?settings.redis_failure_mode, "limits, budgets and the cache shared through Redis");
@@ -68,6 +94,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         breakers: Default::default(),
         metrics,
         limits,
+        revocations,
         cache: crate::cache::Cache::new(settings.cache_max_bytes, shared_cache),
         cache_enabled: settings.cache_max_bytes > 0,
     });

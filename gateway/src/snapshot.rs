@@ -158,8 +158,17 @@ impl Snapshot {
 
     /// The key whose SHA-256 matches the presented secret, if any (expiry not checked).
     pub fn key(&self, presented: &str) -> Option<&Arc<Key>> {
-        let digest: [u8; 32] = Sha256::digest(presented.as_bytes()).into();
-        self.keys.get(&digest)
+        self.key_by_hash(&key_hash(presented))
+    }
+
+    /// The key with this SHA-256, if any.
+    pub fn key_by_hash(&self, hash: &[u8; 32]) -> Option<&Arc<Key>> {
+        self.keys.get(hash)
+    }
+
+    /// Hashes of every accepted key.
+    pub fn key_hashes(&self) -> impl Iterator<Item = &[u8; 32]> {
+        self.keys.keys()
     }
 
     /// The route serving `model`: an exact name first, then the most specific glob.
@@ -210,6 +219,11 @@ impl Snapshot {
     pub fn key_count(&self) -> usize {
         self.keys.len()
     }
+}
+
+/// SHA-256 of a presented key.
+pub fn key_hash(presented: &str) -> [u8; 32] {
+    Sha256::digest(presented.as_bytes()).into()
 }
 
 fn owner_of(route: &CompiledRoute) -> String {

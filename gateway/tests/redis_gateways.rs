@@ -316,3 +316,75 @@ async fn cached_answers_are_shared_by_every_gateway_and_a_redis_outage_is_only_a
     assert!(started.elapsed() < Duration::from_secs(2));
     redis.signal("CONT");
 }
+
+#[tokio::test]
+async fn a_key_removed_from_one_gateways_config_is_refused_by_all_within_a_second() {
+    let redis = Redis::start();
+    let dirs: Vec<tempfile::TempDir> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    for d in &dirs {
+        config(d.path(), 100_000);
+    }
+    let gateways: Vec<Gateway> = dirs
+        .iter()
+        .map(|d| {
+            Gateway::start(&[
+                "--resources",
+                d.path().to_str().unwrap(),
+                "--redis-url",
+                &redis.url(),
+                "--reload-interval",
+                "100ms",
+            ])
+        })
+        .collect();
+    for gw in &gateways {
+        assert_eq!(call(gw, FREE).await, 200);
+    }
+    // Give every replica time to subscribe.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    // Only the first gateway's configuration loses the key (as if its pod got the update
+    // first); the others still have it mounted.
+    let text = std::fs::read_to_string(dirs[0].path().join("config.yaml")).unwrap();
+    let without = text
+        .split("---\n")
+        .filter(|doc| !doc.contains("name: free"))
+        .collect::<Vec<_>>()
+        .join("---\n");
+    let started = Instant::now();
+    std::fs::write(dirs[0].path().join("config.yaml"), without).unwrap();
+    let mut refused_by_all = None;
+    while started.elapsed() < Duration::from_secs(5) {
+        let mut all = true;
+        for gw in &gateways {
+            all &= call(gw, FREE).await == 401;
+        }
+        if all {
+            refused_by_all = Some(started.elapsed());
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let took = refused_by_all.expect("every gateway refuses the removed key");
+    println!("revocation reached all three gateways in {took:?}");
+    assert!(took < Duration::from_secs(1), "took {took:?}");
+    assert_eq!(
+        call(&gateways[1], LIMITED).await,
+        200,
+        "other keys are unaffected"
+    );
+
+    // A replica that starts later catches up from the revocation set.
+    let late = Gateway::start(&[
+        "--resources",
+        dirs[2].path().to_str().unwrap(),
+        "--redis-url",
+        &redis.url(),
+    ]);
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            call(&late, FREE).await == 401
+        })
+        .await
+    );
+}

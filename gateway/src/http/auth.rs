@@ -7,7 +7,8 @@ use http::{HeaderMap, header};
 
 use crate::{
     error::ApiError,
-    snapshot::{Key, Snapshot},
+    revocation::Revocations,
+    snapshot::{Key, Snapshot, key_hash},
 };
 
 /// The key presented by the client, if any.
@@ -25,12 +26,20 @@ fn presented(headers: &HeaderMap) -> Option<&str> {
         .map(str::trim)
 }
 
-/// The calling key, or 401 for a missing, unknown or expired one.
-pub fn authenticate(headers: &HeaderMap, snapshot: &Snapshot) -> Result<Arc<Key>, ApiError> {
+/// The calling key, or 401 for a missing, unknown, revoked or expired one.
+pub fn authenticate(
+    headers: &HeaderMap,
+    snapshot: &Snapshot,
+    revocations: &Revocations,
+) -> Result<Arc<Key>, ApiError> {
     let token = presented(headers)
         .filter(|t| !t.is_empty())
         .ok_or(ApiError::Unauthorized)?;
-    let key = snapshot.key(token).ok_or(ApiError::Unauthorized)?;
+    let hash = key_hash(token);
+    let key = snapshot.key_by_hash(&hash).ok_or(ApiError::Unauthorized)?;
+    if revocations.is_revoked(&hash) {
+        return Err(ApiError::Unauthorized);
+    }
     if let Some(expires_at) = key.entry.expires_at
         && jiff::Timestamp::now().as_second() >= expires_at
     {

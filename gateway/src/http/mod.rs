@@ -54,6 +54,8 @@ pub struct AppState {
     pub metrics: Arc<crate::metrics::Metrics>,
     /// Limits and budgets (in process; shared through Redis when configured).
     pub limits: Arc<crate::limits::store::Limits>,
+    /// Keys revoked through Redis ahead of the mounted configuration.
+    pub revocations: Arc<crate::revocation::Revocations>,
     /// Response cache.
     pub cache: crate::cache::Cache,
     /// Whether the cache is on (`--cache-max-bytes` above 0).

@@ -14,7 +14,7 @@ pub async fn list_models(
     headers: HeaderMap,
 ) -> Result<Json<Value>, ApiError> {
     let snapshot = state.snapshot()?;
-    let key = authenticate(&headers, &snapshot)?;
+    let key = authenticate(&headers, &snapshot, &state.revocations)?;
     let data: Vec<Value> = snapshot
         .model_names()
         .into_iter()

@@ -111,7 +111,7 @@ async fn serve(
 ) -> Result<Response, ApiError> {
     let snapshot = state.snapshot()?;
     let (parts, body) = request.into_parts();
-    let key = authenticate(&parts.headers, &snapshot)?;
+    let key = authenticate(&parts.headers, &snapshot, &state.revocations)?;
     seen.key_id = Some(key.entry.id.clone());
     seen.owner = Some(key.entry.owner.clone());
     let body = read_body(body, state.max_body_bytes, state.body_read_timeout).await?;

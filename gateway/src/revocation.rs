@@ -1,0 +1,191 @@
+//! Revoked keys known to this replica, fed by Redis pub/sub (see
+//! `tollgate_api::revocation`), and publishing the keys this replica saw disappear.
+
+use std::{
+    collections::HashMap,
+    sync::{Arc, RwLock},
+    time::Duration,
+};
+
+use futures_util::StreamExt;
+use tollgate_api::revocation::{CHANNEL, HOLD_MILLIS, REVOKED_SET, Revocation};
+
+/// Revoked key hashes and when each revocation lapses (Unix milliseconds).
+#[derive(Debug, Default)]
+pub struct Revocations {
+    revoked: RwLock<HashMap<[u8; 32], i64>>,
+}
+
+fn now_millis() -> i64 {
+    jiff::Timestamp::now().as_millisecond()
+}
+
+fn decode(hex: &str) -> Option<[u8; 32]> {
+    let bytes = hex.as_bytes();
+    if bytes.len() != 64 {
+        return None;
+    }
+    let mut out = [0u8; 32];
+    for (i, pair) in bytes.chunks(2).enumerate() {
+        out[i] = u8::from_str_radix(std::str::from_utf8(pair).ok()?, 16).ok()?;
+    }
+    Some(out)
+}
+
+/// Lowercase hex of a hash.
+pub fn encode(hash: &[u8; 32]) -> String {
+    hash.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+impl Revocations {
+    /// Whether the key with this hash is revoked now.
+    pub fn is_revoked(&self, hash: &[u8; 32]) -> bool {
+        let map = self.revoked.read().unwrap_or_else(|e| e.into_inner());
+        map.get(hash).is_some_and(|until| *until > now_millis())
+    }
+
+    /// Applies a revocation.
+    pub fn apply(&self, r: &Revocation) {
+        let mut map = self.revoked.write().unwrap_or_else(|e| e.into_inner());
+        let now = now_millis();
+        map.retain(|_, until| *until > now);
+        for hash in r.key_sha256.iter().filter_map(|h| decode(h)) {
+            let entry = map.entry(hash).or_insert(r.until_millis);
+            *entry = (*entry).max(r.until_millis);
+        }
+    }
+
+    /// Number of revocations in force.
+    pub fn len(&self) -> usize {
+        let now = now_millis();
+        self.revoked
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .filter(|u| **u > now)
+            .count()
+    }
+
+    /// Whether none is in force.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// Publishes the revocation of `hashes`: recorded in the set (for replicas that miss the
+/// message) and announced on the channel.
+pub async fn publish(
+    client: &redis::Client,
+    hashes: &[[u8; 32]],
+    timeout: Duration,
+) -> Result<(), String> {
+    let until = now_millis() + HOLD_MILLIS;
+    let message = Revocation {
+        key_sha256: hashes.iter().map(encode).collect(),
+        until_millis: until,
+    };
+    let mut pipe = redis::pipe();
+    for hash in &message.key_sha256 {
+        pipe.zadd(REVOKED_SET, hash, until).ignore();
+    }
+    pipe.cmd("ZREMRANGEBYSCORE")
+        .arg(REVOKED_SET)
+        .arg("-inf")
+        .arg(now_millis())
+        .ignore();
+    pipe.publish(
+        CHANNEL,
+        serde_json::to_string(&message).expect("serialises"),
+    )
+    .ignore();
+    let work = async {
+        let mut conn = client
+            .get_multiplexed_async_connection()
+            .await
+            .map_err(|e| e.to_string())?;
+        pipe.query_async::<()>(&mut conn)
+            .await
+            .map_err(|e| e.to_string())
+    };
+    tokio::time::timeout(timeout, work)
+        .await
+        .map_err(|_| "timed out".to_owned())?
+}
+
+/// Follows the revocation channel forever: resynchronises from the set on every
+/// (re)connection, then applies messages as they arrive.
+pub async fn follow(client: redis::Client, revocations: Arc<Revocations>) {
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        match follow_once(&client, &revocations).await {
+            Ok(()) => backoff = Duration::from_millis(100),
+            Err(e) => tracing::debug!(error = %e, "revocation channel unavailable; retrying"),
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_secs(5));
+    }
+}
+
+async fn follow_once(client: &redis::Client, revocations: &Revocations) -> Result<(), String> {
+    let mut pubsub = tokio::time::timeout(Duration::from_secs(2), client.get_async_pubsub())
+        .await
+        .map_err(|_| "connect timed out".to_owned())?
+        .map_err(|e| e.to_string())?;
+    pubsub.subscribe(CHANNEL).await.map_err(|e| e.to_string())?;
+    // Catch up on what was published while this replica was not listening.
+    let mut conn = client
+        .get_multiplexed_async_connection()
+        .await
+        .map_err(|e| e.to_string())?;
+    let members: Vec<(String, i64)> = redis::cmd("ZRANGEBYSCORE")
+        .arg(REVOKED_SET)
+        .arg(now_millis())
+        .arg("+inf")
+        .arg("WITHSCORES")
+        .query_async(&mut conn)
+        .await
+        .map_err(|e| e.to_string())?;
+    for (hash, until) in members {
+        revocations.apply(&Revocation {
+            key_sha256: vec![hash],
+            until_millis: until,
+        });
+    }
+    let mut messages = pubsub.into_on_message();
+    while let Some(message) = messages.next().await {
+        let Ok(payload) = message.get_payload::<String>() else {
+            continue;
+        };
+        match serde_json::from_str::<Revocation>(&payload) {
+            Ok(r) => revocations.apply(&r),
+            Err(e) => tracing::warn!(error = %e, "ignoring a malformed revocation message"),
+        }
+    }
+    Err("revocation channel closed".to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn revocations_hold_until_they_lapse() {
+        let r = Revocations::default();
+        let hash = [7u8; 32];
+        r.apply(&Revocation {
+            key_sha256: vec![encode(&hash)],
+            until_millis: now_millis() + 60_000,
+        });
+        assert!(r.is_revoked(&hash));
+        assert!(!r.is_revoked(&[8u8; 32]));
+        r.apply(&Revocation {
+            key_sha256: vec![encode(&[9u8; 32])],
+            until_millis: now_millis() - 1,
+        });
+        assert!(
+            !r.is_revoked(&[9u8; 32]),
+            "a lapsed revocation does not apply"
+        );
+        assert_eq!(r.len(), 1);
+    }
+}
