@@ -95,7 +95,10 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         metrics,
         limits,
         revocations,
-        cache: crate::cache::Cache::new(settings.cache_max_bytes, shared_cache),
+        cache: Arc::new(crate::cache::Cache::new(
+            settings.cache_max_bytes,
+            shared_cache,
+        )),
         cache_enabled: settings.cache_max_bytes > 0,
     });
     let router = app(

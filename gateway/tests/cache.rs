@@ -147,21 +147,86 @@ async fn clients_can_bypass_or_refresh_the_cache() {
 }
 
 #[tokio::test]
-async fn streams_and_routes_without_a_cache_policy_bypass_the_cache() {
+async fn routes_without_a_cache_policy_bypass_the_cache() {
     let up = Upstream::start().await;
     let (gw, _dir) = start(&up, "  cache: {ttl: 5m}\n");
     let plain = BODY.replace("\"gpt-4o\"", "\"gpt-4o-mini\"");
     assert_eq!(ask(&gw, ALICE, &plain, &[]).await.0, "bypass");
     assert_eq!(ask(&gw, ALICE, &plain, &[]).await.0, "bypass");
     assert_eq!(up.received().len(), 2);
+}
+
+async fn stream(gw: &Gateway, key: &str) -> (String, String) {
     let resp = client()
         .post(gw.url("/v1/chat/completions"))
-        .bearer_auth(ALICE)
-        .json(&json!({"model": "gpt-4o", "stream": true, "messages": []}))
+        .bearer_auth(key)
+        .json(&json!({"model": "gpt-4o", "stream": true, "messages": [{"role": "user", "content": "tell me"}]}))
         .send()
         .await
         .unwrap();
-    assert_eq!(resp.headers()["x-tollgate-cache"], "bypass");
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["content-type"], "text/event-stream");
+    let cache = resp.headers()["x-tollgate-cache"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    (cache, resp.text().await.unwrap())
+}
+
+fn feed_answer(up: &Upstream) {
+    let feed = up.stream();
+    for data in [
+        r#"{"id":"c","object":"chat.completion.chunk","choices":[{"index":0,"delta":{"content":"Once"},"finish_reason":null}]}"#,
+        r#"{"id":"c","object":"chat.completion.chunk","choices":[{"index":0,"delta":{},"finish_reason":"stop"}]}"#,
+        "[DONE]",
+    ] {
+        feed.send(bytes::Bytes::from(format!("data: {data}\n\n")))
+            .unwrap();
+    }
+}
+
+#[tokio::test]
+async fn streamed_answers_are_replayed_as_sse_and_only_within_the_owner() {
+    let up = Upstream::start().await;
+    let (gw, _dir) = start(&up, "  cache: {ttl: 5m}\n");
+    feed_answer(&up);
+    let (first, original) = stream(&gw, ALICE).await;
+    assert_eq!(first, "miss");
+    assert!(original.contains("Once") && original.ends_with("data: [DONE]\n\n"));
+    let (second, replay) =
+        common::eventually_value(|| async { stream(&gw, ALICE_2).await }, |(c, _)| c == "hit")
+            .await;
+    assert_eq!(second, "hit");
+    assert_eq!(
+        replay, original,
+        "the replay is the stream as first relayed"
+    );
+    feed_answer(&up);
+    assert_eq!(
+        stream(&gw, BOB).await.0,
+        "miss",
+        "another owner never gets a replay"
+    );
+    assert_eq!(up.received().len(), 2);
+}
+
+#[tokio::test]
+async fn a_broken_stream_is_not_stored() {
+    let up = Upstream::start().await;
+    let (gw, _dir) = start(&up, "  cache: {ttl: 5m}\n");
+    up.script([common::upstream::Reply::Broken(vec![
+        bytes::Bytes::from_static(
+            b"data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"Hal\"}}]}\n\n",
+        ),
+    ])]);
+    let (_, text) = stream(&gw, ALICE).await;
+    assert!(text.contains("upstream_stream_error"));
+    feed_answer(&up);
+    assert_eq!(
+        stream(&gw, ALICE).await.0,
+        "miss",
+        "the broken answer was not cached"
+    );
 }
 
 #[tokio::test]

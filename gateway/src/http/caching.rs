@@ -4,16 +4,14 @@ use axum::response::Response;
 use tollgate_api::{config::CompiledRoute, v1alpha1::CacheScope};
 
 use super::AppState;
-use crate::{
-    cache, metrics::CacheLabels, request::RequestHead, snapshot::Key, upstream::Operation,
-};
+use crate::{cache, metrics::CacheLabels, snapshot::Key, upstream::Operation};
 
 /// Tells clients whether an answer came from the cache.
 const CACHE_HEADER: http::HeaderName = http::HeaderName::from_static("x-tollgate-cache");
 
 /// What the cache does for one request.
 pub(super) enum CachePlan {
-    /// No cache on the route, a stream, or the client opted out.
+    /// No cache on the route, or the client opted out.
     Bypass,
     /// Look up and/or store under `key`.
     Use {
@@ -25,7 +23,8 @@ pub(super) enum CachePlan {
     },
 }
 
-/// Decides caching: routes with a cache policy, non-streamed calls, unless the client sends
+/// Decides caching: routes with a cache policy (streams included: the stream flag is part
+/// of the request, so streamed and whole answers are separate entries), unless the client sends
 /// `Cache-Control: no-store` / `x-tollgate-cache: bypass` (neither read nor write) or
 /// `Cache-Control: no-cache` (fetch fresh, then store).
 pub(super) fn plan(
@@ -33,15 +32,10 @@ pub(super) fn plan(
     route: &CompiledRoute,
     key: &Key,
     operation: Operation,
-    head: &RequestHead,
     headers: &http::HeaderMap,
     body: &[u8],
 ) -> CachePlan {
-    let Some(policy) = route
-        .cache
-        .as_ref()
-        .filter(|_| !head.stream && state.cache_enabled)
-    else {
+    let Some(policy) = route.cache.as_ref().filter(|_| state.cache_enabled) else {
         return CachePlan::Bypass;
     };
     let cache_control = headers
@@ -138,6 +132,19 @@ pub(super) async fn store(
             .insert(CACHE_HEADER, http::HeaderValue::from_static("miss"));
         return response;
     }
+    let is_stream = response
+        .headers()
+        .get(http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("text/event-stream"));
+    if is_stream {
+        response
+            .headers_mut()
+            .insert(CACHE_HEADER, http::HeaderValue::from_static("miss"));
+        let (parts, body) = response.into_parts();
+        let tee = tee_stream(body, state.cache.clone(), key, ttl, max_entry_bytes);
+        return Response::from_parts(parts, axum::body::Body::from_stream(tee));
+    }
     let (mut parts, body) = response.into_parts();
     // Whole answers are already in memory; this only takes them back.
     let bytes = axum::body::to_bytes(body, usize::MAX)
@@ -156,4 +163,56 @@ pub(super) async fn store(
         .headers
         .insert(CACHE_HEADER, http::HeaderValue::from_static("miss"));
     Response::from_parts(parts, axum::body::Body::from(bytes))
+}
+
+/// Relays a streamed answer unchanged while keeping a copy, stored for replay once the
+/// stream has ended cleanly (its final event seen, no error event) within the size limit.
+fn tee_stream(
+    body: axum::body::Body,
+    cache: std::sync::Arc<cache::Cache>,
+    key: [u8; 32],
+    ttl: std::time::Duration,
+    max_entry_bytes: usize,
+) -> impl futures_util::Stream<Item = Result<bytes::Bytes, axum::Error>> + Send + 'static {
+    use futures_util::StreamExt;
+    let copy: Option<Vec<u8>> = Some(Vec::new());
+    futures_util::stream::unfold(
+        (body.into_data_stream(), copy),
+        move |(mut inner, mut copy)| {
+            let cache = cache.clone();
+            async move {
+                match inner.next().await {
+                    Some(Ok(chunk)) => {
+                        if let Some(buf) = copy.as_mut() {
+                            if buf.len() + chunk.len() > max_entry_bytes {
+                                copy = None;
+                            } else {
+                                buf.extend_from_slice(&chunk);
+                            }
+                        }
+                        Some((Ok(chunk), (inner, copy)))
+                    }
+                    Some(Err(e)) => Some((Err(e), (inner, None))),
+                    None => {
+                        if let Some(buf) = copy.take() {
+                            let text = String::from_utf8_lossy(&buf);
+                            let complete = text.contains("data: [DONE]")
+                                || text.contains("event: message_stop");
+                            let failed = text.contains("upstream_stream_error")
+                                || text.contains("event: error");
+                            if complete && !failed {
+                                cache.put(
+                                    key,
+                                    bytes::Bytes::from(buf),
+                                    "text/event-stream".to_owned(),
+                                    ttl,
+                                );
+                            }
+                        }
+                        None
+                    }
+                }
+            }
+        },
+    )
 }

@@ -57,7 +57,7 @@ pub struct AppState {
     /// Keys revoked through Redis ahead of the mounted configuration.
     pub revocations: Arc<crate::revocation::Revocations>,
     /// Response cache.
-    pub cache: crate::cache::Cache,
+    pub cache: Arc<crate::cache::Cache>,
     /// Whether the cache is on (`--cache-max-bytes` above 0).
     pub cache_enabled: bool,
 }

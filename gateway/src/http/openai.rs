@@ -140,7 +140,7 @@ async fn serve(
     )
     .await?;
     let (accounting, quota) = (Some(admitted.accounting), admitted.quota);
-    let cache = caching::plan(state, route, &key, operation, &head, &parts.headers, &body);
+    let cache = caching::plan(state, route, &key, operation, &parts.headers, &body);
     if let Some(mut hit) = caching::lookup(state, route, &cache).await {
         // Nothing is generated: the accounting refunds the reservation when dropped.
         drop(accounting);

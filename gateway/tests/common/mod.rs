@@ -158,3 +158,20 @@ where
 }
 pub mod redis;
 pub mod upstream;
+
+/// Calls `make` every 50 ms (for at most 5 s) until `done` accepts its value; returns the
+/// last value.
+pub async fn eventually_value<F, Fut, T>(mut make: F, done: impl Fn(&T) -> bool) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = T>,
+{
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let value = make().await;
+        if done(&value) || tokio::time::Instant::now() >= deadline {
+            return value;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
