@@ -308,7 +308,12 @@ async fn reload(source: &Source, state: &ConfigState, previous: Option<&str>) ->
                 .load()
                 .as_ref()
                 .map(|s| s.config_hash[..16].to_owned());
-            tracing::error!(%error, serving = serving.as_deref(), "configuration rejected; keeping the last good one");
+            match serving.as_deref() {
+                Some(serving) => {
+                    tracing::error!(%error, serving, "configuration rejected; keeping the last good one")
+                }
+                None => tracing::error!(%error, "configuration rejected; none is being served yet"),
+            }
             state.record_error(error);
             fingerprint
         }
