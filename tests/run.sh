@@ -4,13 +4,18 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# The tests start their own redis-server instances on free ports.
-if ! command -v redis-server >/dev/null; then
+# The tests start their own redis-server instances and clusters on free ports, and make
+# TLS certificates with openssl.
+missing=()
+command -v redis-server >/dev/null || missing+=(redis-server)
+command -v redis-cli >/dev/null || missing+=(redis-tools)
+command -v openssl >/dev/null || missing+=(openssl)
+if [ ${#missing[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-    echo "==> apt-get install redis-server"
-    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends redis-server
+    echo "==> apt-get install ${missing[*]}"
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}"
   else
-    echo "tests/run.sh: redis-server is needed (the tests start their own instances); install it, e.g. apt-get install redis-server" >&2
+    echo "tests/run.sh: ${missing[*]} needed (the tests start their own Redis servers); install them, e.g. apt-get install ${missing[*]}" >&2
     exit 1
   fi
 fi

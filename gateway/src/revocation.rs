@@ -10,6 +10,8 @@ use std::{
 use futures_util::StreamExt;
 use tollgate_api::revocation::{CHANNEL, HOLD_MILLIS, REVOKED_SET, Revocation};
 
+use crate::redis_conn::SharedConn;
+
 /// Revoked key hashes and when each revocation lapses (Unix milliseconds).
 #[derive(Debug, Default)]
 pub struct Revocations {
@@ -75,7 +77,7 @@ impl Revocations {
 /// Publishes the revocation of `hashes`: recorded in the set (for replicas that miss the
 /// message) and announced on the channel.
 pub async fn publish(
-    client: &redis::Client,
+    mut conn: SharedConn,
     hashes: &[[u8; 32]],
     timeout: Duration,
 ) -> Result<(), String> {
@@ -84,6 +86,8 @@ pub async fn publish(
         key_sha256: hashes.iter().map(encode).collect(),
         until_millis: until,
     };
+    // The set is one key (one slot on a cluster); the message goes out separately, after
+    // the set holds it, so a replica that resynchronises on the message finds it.
     let mut pipe = redis::pipe();
     for hash in &message.key_sha256 {
         pipe.zadd(REVOKED_SET, hash, until).ignore();
@@ -93,31 +97,31 @@ pub async fn publish(
         .arg("-inf")
         .arg(now_millis())
         .ignore();
-    pipe.publish(
-        CHANNEL,
-        serde_json::to_string(&message).expect("serialises"),
-    )
-    .ignore();
+    let payload = serde_json::to_string(&message).expect("serialises");
     let work = async {
-        let mut conn = client
-            .get_multiplexed_async_connection()
-            .await
-            .map_err(|e| e.to_string())?;
         pipe.query_async::<()>(&mut conn)
             .await
+            .map_err(|e| e.to_string())?;
+        redis::cmd("PUBLISH")
+            .arg(CHANNEL)
+            .arg(payload)
+            .query_async::<i64>(&mut conn)
+            .await
             .map_err(|e| e.to_string())
+            .map(|_| ())
     };
     tokio::time::timeout(timeout, work)
         .await
         .map_err(|_| "timed out".to_owned())?
 }
 
-/// Follows the revocation channel forever: resynchronises from the set on every
-/// (re)connection, then applies messages as they arrive.
-pub async fn follow(client: redis::Client, revocations: Arc<Revocations>) {
+/// Follows the revocation channel forever through any of `clients` (one per Redis node;
+/// pub/sub messages reach every node of a cluster): resynchronises from the set over
+/// `conn` on every (re)connection, then applies messages as they arrive.
+pub async fn follow(clients: Vec<redis::Client>, conn: SharedConn, revocations: Arc<Revocations>) {
     let mut backoff = Duration::from_millis(100);
-    loop {
-        match follow_once(&client, &revocations).await {
+    for client in clients.iter().cycle() {
+        match follow_once(client, conn.clone(), &revocations).await {
             Ok(()) => backoff = Duration::from_millis(100),
             Err(e) => tracing::debug!(error = %e, "revocation channel unavailable; retrying"),
         }
@@ -126,39 +130,64 @@ pub async fn follow(client: redis::Client, revocations: Arc<Revocations>) {
     }
 }
 
-async fn follow_once(client: &redis::Client, revocations: &Revocations) -> Result<(), String> {
-    let mut pubsub = tokio::time::timeout(Duration::from_secs(2), client.get_async_pubsub())
-        .await
-        .map_err(|_| "connect timed out".to_owned())?
-        .map_err(|e| e.to_string())?;
-    pubsub.subscribe(CHANNEL).await.map_err(|e| e.to_string())?;
-    // Catch up on what was published while this replica was not listening.
-    let mut conn = client
-        .get_multiplexed_async_connection()
-        .await
-        .map_err(|e| e.to_string())?;
-    let members: Vec<(String, i64)> = redis::cmd("ZRANGEBYSCORE")
-        .arg(REVOKED_SET)
-        .arg(now_millis())
-        .arg("+inf")
-        .arg("WITHSCORES")
-        .query_async(&mut conn)
-        .await
-        .map_err(|e| e.to_string())?;
+/// How often a replica re-reads the revocation set even while subscribed.
+const RESYNC_EVERY: Duration = Duration::from_secs(10);
+
+async fn resync(conn: &mut SharedConn, revocations: &Revocations) -> Result<(), String> {
+    let members: Vec<(String, i64)> = tokio::time::timeout(
+        Duration::from_secs(2),
+        redis::cmd("ZRANGEBYSCORE")
+            .arg(REVOKED_SET)
+            .arg(now_millis())
+            .arg("+inf")
+            .arg("WITHSCORES")
+            .query_async(conn),
+    )
+    .await
+    .map_err(|_| "resynchronisation timed out".to_owned())?
+    .map_err(|e| e.to_string())?;
     for (hash, until) in members {
         revocations.apply(&Revocation {
             key_sha256: vec![hash],
             until_millis: until,
         });
     }
+    Ok(())
+}
+
+async fn follow_once(
+    client: &redis::Client,
+    mut conn: SharedConn,
+    revocations: &Revocations,
+) -> Result<(), String> {
+    let mut pubsub = tokio::time::timeout(Duration::from_secs(2), client.get_async_pubsub())
+        .await
+        .map_err(|_| "connect timed out".to_owned())?
+        .map_err(|e| e.to_string())?;
+    pubsub.subscribe(CHANNEL).await.map_err(|e| e.to_string())?;
+    // Catch up on what was published while this replica was not listening, and again
+    // now and then in case this connection went quiet without closing.
+    resync(&mut conn, revocations).await?;
     let mut messages = pubsub.into_on_message();
-    while let Some(message) = messages.next().await {
-        let Ok(payload) = message.get_payload::<String>() else {
-            continue;
-        };
-        match serde_json::from_str::<Revocation>(&payload) {
-            Ok(r) => revocations.apply(&r),
-            Err(e) => tracing::warn!(error = %e, "ignoring a malformed revocation message"),
+    let mut tick = tokio::time::interval(RESYNC_EVERY);
+    tick.tick().await;
+    loop {
+        tokio::select! {
+            message = messages.next() => {
+                let Some(message) = message else { break };
+                let Ok(payload) = message.get_payload::<String>() else {
+                    continue;
+                };
+                match serde_json::from_str::<Revocation>(&payload) {
+                    Ok(r) => revocations.apply(&r),
+                    Err(e) => tracing::warn!(error = %e, "ignoring a malformed revocation message"),
+                }
+            }
+            _ = tick.tick() => {
+                if let Err(e) = resync(&mut conn, revocations).await {
+                    tracing::debug!(error = %e, "periodic revocation resynchronisation failed");
+                }
+            }
         }
     }
     Err("revocation channel closed".to_owned())

@@ -14,6 +14,7 @@ use crate::{
     http::{AppState, HttpOptions, admin_app, app},
     limits::{self, redis::RedisLimits, store::Limits},
     metrics::Metrics,
+    redis_conn::RedisOptions,
     revocation::{self, Revocations},
     settings::Settings,
 };
@@ -26,25 +27,44 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     };
     let config = Arc::new(ConfigState::default());
     let metrics = Arc::new(Metrics::new(&config));
-    let redis = match &settings.redis_url {
-        Some(url) => Some(
-            RedisLimits::lazy(url, settings.redis_timeout, limits::redis::DEFAULT_LEASE)
+    let redis_options = settings.redis_url.as_ref().map(|url| {
+        let mut options = RedisOptions::new(url, settings.redis_timeout);
+        options.cluster = settings.redis_cluster;
+        options.ca_file = settings.redis_ca_file.clone();
+        options.client_cert = settings
+            .redis_client_cert
+            .clone()
+            .zip(settings.redis_client_key.clone());
+        options
+    });
+    let redis = match &redis_options {
+        Some(options) => Some(RedisLimits::with(
+            options
+                .connect_lazy()
                 .map_err(|e| anyhow::anyhow!("--redis-url: {e}"))?,
-        ),
+            settings.redis_timeout,
+            limits::redis::DEFAULT_LEASE,
+        )),
         None => None,
     };
     let shared_cache = redis.clone().filter(|_| settings.cache_max_bytes > 0);
     let revocations = Arc::new(Revocations::default());
-    if let Some(url) = &settings.redis_url {
-        let client =
-            redis::Client::open(url.as_str()).map_err(|e| anyhow::anyhow!("--redis-url: {e}"))?;
-        tokio::spawn(revocation::follow(client.clone(), revocations.clone()));
+    if let (Some(options), Some(store)) = (&redis_options, &redis) {
+        let clients = options
+            .pubsub_clients()
+            .map_err(|e| anyhow::anyhow!("--redis-url: {e}"))?;
+        tokio::spawn(revocation::follow(
+            clients,
+            store.conn(),
+            revocations.clone(),
+        ));
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Vec<[u8; 32]>>();
         let _ = config.removed_keys.set(tx);
         let timeout = settings.redis_timeout.max(Duration::from_secs(1));
+        let conn = store.conn();
         tokio::spawn(async move {
             while let Some(hashes) = rx.recv().await {
-                match revocation::publish(&client, &hashes, timeout).await {
+                match revocation::publish(conn.clone(), &hashes, timeout).await {
                     Ok(()) => tracing::info!(
                         keys = hashes.len(),
                         "published the revocation of keys removed from the configuration"

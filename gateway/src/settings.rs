@@ -62,10 +62,40 @@ pub struct Settings {
     #[arg(long, env = "TOLLGATE_CACHE_MAX_BYTES", default_value_t = 64 * 1024 * 1024)]
     pub cache_max_bytes: usize,
 
-    /// Redis (`redis://host:port/db`) for limits, budgets, usage and the cache shared by
-    /// every replica. Unset: all kept in process, exact for a single gateway only.
+    /// Redis for limits, budgets, usage, revocations and the cache shared by every
+    /// replica: `redis://[user:password@]host:port/db`, or `rediss://…` for TLS. With
+    /// --redis-cluster, a comma-separated list of seed nodes. Unset: all kept in process,
+    /// exact for a single gateway only.
     #[arg(long, env = "TOLLGATE_REDIS_URL", value_name = "URL")]
     pub redis_url: Option<String>,
+
+    /// The Redis URLs name Redis Cluster nodes (commands are routed by hash slot).
+    #[arg(long, env = "TOLLGATE_REDIS_CLUSTER")]
+    pub redis_cluster: bool,
+
+    /// PEM file of the CAs that sign the Redis server certificate (`rediss://`), instead
+    /// of the system's trusted roots.
+    #[arg(long, env = "TOLLGATE_REDIS_CA_FILE", value_name = "FILE")]
+    pub redis_ca_file: Option<PathBuf>,
+
+    /// PEM client certificate for Redis servers that require mutual TLS (with
+    /// --redis-client-key).
+    #[arg(
+        long,
+        env = "TOLLGATE_REDIS_CLIENT_CERT",
+        value_name = "FILE",
+        requires = "redis_client_key"
+    )]
+    pub redis_client_cert: Option<PathBuf>,
+
+    /// PEM private key of --redis-client-cert.
+    #[arg(
+        long,
+        env = "TOLLGATE_REDIS_CLIENT_KEY",
+        value_name = "FILE",
+        requires = "redis_client_cert"
+    )]
+    pub redis_client_key: Option<PathBuf>,
 
     /// Deadline for every Redis call; a slow or hung Redis never holds requests longer.
     #[arg(long, env = "TOLLGATE_REDIS_TIMEOUT", default_value = "100ms", value_parser = parse_duration)]

@@ -38,20 +38,11 @@ fn gateway(dir: &std::path::Path, redis: &Redis, mode: &str) -> Gateway {
 }
 
 async fn call(gw: &Gateway, key: &str) -> u16 {
-    client()
-        .post(gw.url("/v1/chat/completions"))
-        .bearer_auth(key)
-        .json(&json!({"model": "demo", "messages": [{"role": "user", "content": "hi"}]}))
-        .send()
-        .await
-        .unwrap()
-        .status()
-        .as_u16()
+    gw.chat_status(key, "demo").await
 }
 
 async fn readyz(gw: &Gateway) -> (u16, Value) {
-    let resp = client().get(gw.url("/readyz")).send().await.unwrap();
-    (resp.status().as_u16(), resp.json().await.unwrap())
+    gw.readyz().await
 }
 
 #[tokio::test]

@@ -1,17 +1,21 @@
 //! Limits and budgets shared by every replica through Redis: one script call checks and
 //! reserves every applicable limit (all or nothing, on Redis server time), another settles.
-//! Not yet selected by the gateway (`--redis-url` lands with the rest of issue #4).
 //!
-//! Key names carry a layout version (`tollgate:v1:`) so replicas running a different
-//! script version never share state, and hash tags per key and per route
-//! (`{k:…}`, `{r:…}`). Until the Redis Cluster mode lands, a request limited at both key
-//! and route level touches two tags in one script, which a single Redis accepts.
+//! Key names carry a layout version (`tollgate:v1:`) so replicas that disagree on the data
+//! layout never share state; scripts are called by content hash, so replicas of different
+//! versions each run their own. Keys are hash-tagged per API key (`{k:…}`, holding its
+//! limits, budget and usage) and per route (`{r:…}`). On one Redis a request limited at
+//! both levels is admitted by one script call over both tags. On a Redis Cluster a script
+//! must keep to one slot, so the two scopes are admitted by two calls sent at once; when
+//! one refuses, the other's reservation is cancelled (refunded), so limits are never
+//! exceeded, at the price of a briefly held unit.
 
 use std::time::Duration;
 
-use redis::{Script, aio::ConnectionManager};
+use redis::Script;
 
-use super::{Ask, Limit, Quota, Rejection, budget_slot};
+use super::{Ask, CompiledLimits, Limit, Quota, Rejection, budget_slot};
+use crate::redis_conn::{RedisOptions, SharedConn};
 
 /// Version of the key layout and scripts.
 pub const LAYOUT: &str = "v1";
@@ -30,22 +34,51 @@ pub enum StoreError {
     Redis(#[from] redis::RedisError),
 }
 
+/// What one script call reserved: keys in a single hash slot.
+#[derive(Debug, Clone, Default)]
+struct Part {
+    keys: Vec<String>,
+    /// Per scope: (requests limited, tokens limited, concurrency limited).
+    scopes: Vec<(bool, bool, bool)>,
+    budget: bool,
+    budget_ttl: u64,
+}
+
 /// An admitted request's hold on the shared limits.
 #[derive(Debug, Clone)]
 pub struct SharedReservation {
     id: String,
-    keys: Vec<String>,
     tokens: u64,
-    /// Per scope: (tokens limited, concurrency limited).
-    scopes: Vec<(bool, bool)>,
-    budget: bool,
-    budget_ttl: u64,
+    parts: Vec<Part>,
+}
+
+/// The scopes and budget one script call covers, before it runs.
+struct Group<'a> {
+    /// (scope name, limits) in call order.
+    scopes: Vec<(&'static str, &'a CompiledLimits)>,
+    part: Part,
+    budget_amount: f64,
+}
+
+impl Default for Group<'_> {
+    fn default() -> Self {
+        Self {
+            scopes: Vec::new(),
+            part: Part::default(),
+            budget_amount: -1.0,
+        }
+    }
+}
+
+enum Outcome {
+    Admitted(Vec<redis::Value>),
+    Refused(Rejection),
 }
 
 /// The shared store.
 #[derive(Clone)]
 pub struct RedisLimits {
-    conn: ConnectionManager,
+    conn: SharedConn,
     admit: Script,
     settle: Script,
     timeout: Duration,
@@ -55,9 +88,27 @@ pub struct RedisLimits {
 impl std::fmt::Debug for RedisLimits {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RedisLimits")
+            .field("conn", &self.conn)
             .field("timeout", &self.timeout)
             .field("lease", &self.lease)
             .finish()
+    }
+}
+
+fn int(v: Option<&redis::Value>) -> i64 {
+    match v {
+        Some(redis::Value::Int(i)) => *i,
+        Some(redis::Value::BulkString(b)) => String::from_utf8_lossy(b).parse().unwrap_or(0),
+        _ => 0,
+    }
+}
+
+fn text(v: Option<&redis::Value>) -> String {
+    match v {
+        Some(redis::Value::BulkString(b)) => String::from_utf8_lossy(b).into_owned(),
+        Some(redis::Value::SimpleString(s)) => s.clone(),
+        Some(redis::Value::Int(i)) => i.to_string(),
+        _ => String::new(),
     }
 }
 
@@ -65,15 +116,21 @@ impl RedisLimits {
     /// A store that connects on first use and reconnects on its own: the gateway starts
     /// even while Redis is down. Fails only for an invalid URL.
     pub fn lazy(url: &str, timeout: Duration, lease: Duration) -> Result<Self, StoreError> {
-        let client = redis::Client::open(url)?;
-        let config = redis::aio::ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(timeout))
-            .set_response_timeout(Some(timeout));
-        let conn = ConnectionManager::new_lazy_with_config(client, config)?;
+        let conn = RedisOptions::new(url, timeout)
+            .connect_lazy()
+            .map_err(|e| match e {
+                crate::redis_conn::OptionsError::Redis(e) => StoreError::Redis(e),
+                other => StoreError::Redis(redis::RedisError::from((
+                    redis::ErrorKind::InvalidClientConfig,
+                    "invalid Redis options",
+                    other.to_string(),
+                ))),
+            })?;
         Ok(Self::with(conn, timeout, lease))
     }
 
-    fn with(conn: ConnectionManager, timeout: Duration, lease: Duration) -> Self {
+    /// A store over an existing connection.
+    pub fn with(conn: SharedConn, timeout: Duration, lease: Duration) -> Self {
         Self {
             conn,
             admit: Script::new(include_str!("admit.lua")),
@@ -83,30 +140,37 @@ impl RedisLimits {
         }
     }
 
-    /// Connects (the connection manager reconnects on its own afterwards). Every call is
+    /// Connects (the connection reconnects on its own afterwards). Every call is
     /// bounded by `timeout`.
     pub async fn connect(
         url: &str,
         timeout: Duration,
         lease: Duration,
     ) -> Result<Self, StoreError> {
-        let client = redis::Client::open(url)?;
-        let config = redis::aio::ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(timeout))
-            .set_response_timeout(Some(timeout));
-        let conn =
-            tokio::time::timeout(timeout, ConnectionManager::new_with_config(client, config))
-                .await
-                .map_err(|_| StoreError::Timeout(timeout))??;
-        Ok(Self::with(conn, timeout, lease))
+        let store = Self::lazy(url, timeout, lease)?;
+        let mut conn = store.conn.clone();
+        let _: String = store
+            .bounded(redis::cmd("PING").query_async(&mut conn))
+            .await?;
+        Ok(store)
     }
 
-    /// A client-side timeout is reported as such, whoever noticed it first.
-    fn classify(&self, e: redis::RedisError) -> StoreError {
-        if e.is_timeout() {
-            StoreError::Timeout(self.timeout)
-        } else {
-            StoreError::Redis(e)
+    /// The connection, for other users of the same Redis.
+    pub fn conn(&self) -> SharedConn {
+        self.conn.clone()
+    }
+
+    /// Bounds a call by the timeout; a client-side timeout is reported as such, whoever
+    /// noticed it first.
+    async fn bounded<T>(
+        &self,
+        call: impl Future<Output = redis::RedisResult<T>>,
+    ) -> Result<T, StoreError> {
+        match tokio::time::timeout(self.timeout, call).await {
+            Err(_) => Err(StoreError::Timeout(self.timeout)),
+            Ok(Err(e)) if e.is_timeout() => Err(StoreError::Timeout(self.timeout)),
+            Ok(Err(e)) => Err(StoreError::Redis(e)),
+            Ok(Ok(v)) => Ok(v),
         }
     }
 
@@ -118,142 +182,222 @@ impl RedisLimits {
         ]
     }
 
-    /// Checks and reserves every limit of `ask` in one script call.
-    pub async fn admit(
+    /// Splits `ask` into script calls: one on a single Redis; one per hash tag on a
+    /// cluster (the key's scope with its budget, and the route's scope).
+    fn groups<'a>(
         &self,
-        ask: &Ask<'_>,
-        reservation_id: &str,
-    ) -> Result<Result<(SharedReservation, Quota), Rejection>, StoreError> {
-        let mut scopes = Vec::new();
+        ask: &Ask<'a>,
+        now: jiff::Timestamp,
+    ) -> (Vec<Group<'a>>, Option<Duration>) {
+        let key_tag = format!("k:{}", ask.key_id);
+        let route_tag = format!("r:{}", ask.route_id);
+        let (mut key_group, mut route_group) = (Group::default(), Group::default());
+        let split = self.conn.is_cluster();
         if let Some(l) = ask.key_limits {
-            scopes.push(("key", format!("k:{}", ask.key_id), l));
+            key_group.scopes.push(("key", l));
+            key_group.part.keys.extend(Self::scope_keys(&key_tag));
         }
         if let Some(l) = ask.route_limits {
-            scopes.push(("route", format!("r:{}", ask.route_id), l));
+            let group = if split {
+                &mut route_group
+            } else {
+                &mut key_group
+            };
+            group.scopes.push(("route", l));
+            group.part.keys.extend(Self::scope_keys(&route_tag));
         }
-        let mut keys = Vec::new();
+        let mut until = None;
+        let budget_keys = |base: &str| {
+            [
+                format!("{base}:spent"),
+                format!("{base}:resv"),
+                format!("{base}:amounts"),
+            ]
+        };
+        match ask.budget {
+            Some(b) => {
+                let (base, end) = budget_base(ask.key_id, b.period, now);
+                key_group.part.keys.extend(budget_keys(&base));
+                // Keep a period's spend a little beyond its end; "total" for a year past
+                // the last use.
+                key_group.part.budget_ttl =
+                    end.map_or(366 * 24 * 3600, |d| d.as_secs() + 7 * 24 * 3600);
+                key_group.part.budget = true;
+                key_group.budget_amount = b.amount;
+                until = end;
+            }
+            None => key_group.part.keys.extend(budget_keys(&format!(
+                "tollgate:{LAYOUT}:{{{key_tag}}}:nobudget"
+            ))),
+        }
+        route_group.part.keys.extend(budget_keys(&format!(
+            "tollgate:{LAYOUT}:{{{route_tag}}}:nobudget"
+        )));
+        let mut groups = Vec::new();
+        for mut g in [key_group, route_group] {
+            g.part.scopes = g
+                .scopes
+                .iter()
+                .map(|(_, l)| {
+                    (
+                        l.requests_per_minute.is_some(),
+                        l.tokens_per_minute.is_some(),
+                        l.max_concurrent.is_some(),
+                    )
+                })
+                .collect();
+            if !g.scopes.is_empty() || g.part.budget || groups.is_empty() {
+                groups.push(g);
+            }
+        }
+        // Without key limits or a budget, only the route's call is needed.
+        if groups.len() == 2 && groups[0].scopes.is_empty() && !groups[0].part.budget {
+            groups.remove(0);
+        }
+        (groups, until)
+    }
+
+    async fn admit_group(
+        &self,
+        ask: &Ask<'_>,
+        group: &Group<'_>,
+        reservation_id: &str,
+        until: Option<Duration>,
+    ) -> Result<Outcome, StoreError> {
         let mut invocation = self.admit.prepare_invoke();
         invocation
             .arg(reservation_id)
             .arg(ask.tokens)
             .arg(ask.cost)
             .arg(self.lease.as_millis() as u64)
-            .arg(scopes.len());
-        for (_, tag, limits) in &scopes {
-            keys.extend(Self::scope_keys(tag));
+            .arg(group.scopes.len());
+        for (_, limits) in &group.scopes {
             invocation
                 .arg(limits.requests_per_minute.unwrap_or(0))
                 .arg(limits.tokens_per_minute.unwrap_or(0))
                 .arg(limits.max_concurrent.unwrap_or(0));
         }
-        let now = jiff::Timestamp::now();
-        let (budget_amount, budget_ttl, until) = match ask.budget {
-            Some(b) => {
-                let (base, until) = budget_base(ask.key_id, b.period, now);
-                keys.extend([
-                    format!("{base}:spent"),
-                    format!("{base}:resv"),
-                    format!("{base}:amounts"),
-                ]);
-                // Keep a period's spend a little beyond its end; "total" for a year past
-                // the last use.
-                let ttl = until.map_or(366 * 24 * 3600, |d| d.as_secs() + 7 * 24 * 3600);
-                (b.amount, ttl, until)
-            }
-            None => {
-                let base = format!("tollgate:{LAYOUT}:{{k:{}}}:nobudget", ask.key_id);
-                keys.extend([
-                    format!("{base}:spent"),
-                    format!("{base}:resv"),
-                    format!("{base}:amounts"),
-                ]);
-                (-1.0, 0, None)
-            }
-        };
-        invocation.arg(budget_amount).arg(budget_ttl);
-        for k in &keys {
+        invocation
+            .arg(group.budget_amount)
+            .arg(group.part.budget_ttl);
+        for k in &group.part.keys {
             invocation.key(k);
         }
         let mut conn = self.conn.clone();
-        let reply: Vec<redis::Value> =
-            tokio::time::timeout(self.timeout, invocation.invoke_async(&mut conn))
-                .await
-                .map_err(|_| StoreError::Timeout(self.timeout))?
-                .map_err(|e| self.classify(e))?;
-        let int = |v: Option<&redis::Value>| -> i64 {
-            match v {
-                Some(redis::Value::Int(i)) => *i,
-                Some(redis::Value::BulkString(b)) => {
-                    String::from_utf8_lossy(b).parse().unwrap_or(0)
+        let reply: Vec<redis::Value> = self.bounded(invocation.invoke_async(&mut conn)).await?;
+        if int(reply.first()) != 0 {
+            return Ok(Outcome::Admitted(reply));
+        }
+        let limit = match text(reply.get(1)).as_str() {
+            "requests" => Limit::Requests,
+            "tokens" => Limit::Tokens,
+            "concurrency" => Limit::Concurrency,
+            _ => Limit::Budget,
+        };
+        let scope = group
+            .scopes
+            .get(int(reply.get(2)) as usize)
+            .map_or("key", |s| s.0);
+        let retry_ms = int(reply.get(3));
+        let retry_after = if limit == Limit::Budget {
+            until
+        } else {
+            Some(Duration::from_millis(retry_ms.max(1) as u64))
+        };
+        Ok(Outcome::Refused(Rejection {
+            limit,
+            scope,
+            retry_after,
+        }))
+    }
+
+    /// Checks and reserves every limit of `ask`: one script call on a single Redis, one per
+    /// hash tag (sent at once) on a cluster.
+    pub async fn admit(
+        &self,
+        ask: &Ask<'_>,
+        reservation_id: &str,
+    ) -> Result<Result<(SharedReservation, Quota), Rejection>, StoreError> {
+        let (groups, until) = self.groups(ask, jiff::Timestamp::now());
+        let outcomes = if let [only] = groups.as_slice() {
+            vec![self.admit_group(ask, only, reservation_id, until).await]
+        } else {
+            futures_util::future::join_all(
+                groups
+                    .iter()
+                    .map(|g| self.admit_group(ask, g, reservation_id, until)),
+            )
+            .await
+        };
+        let failed = outcomes
+            .iter()
+            .any(|o| !matches!(o, Ok(Outcome::Admitted(_))));
+        if failed {
+            // Give back whatever the other calls reserved.
+            let admitted: Vec<Part> = groups
+                .iter()
+                .zip(&outcomes)
+                .filter(|(_, o)| matches!(o, Ok(Outcome::Admitted(_))))
+                .map(|(g, _)| g.part.clone())
+                .collect();
+            if !admitted.is_empty() {
+                let this = self.clone();
+                let r = SharedReservation {
+                    id: reservation_id.to_owned(),
+                    tokens: ask.tokens,
+                    parts: admitted,
+                };
+                tokio::spawn(async move {
+                    if let Err(e) = this.release(&r, 0, 0.0, true).await {
+                        tracing::debug!(error = %e, "cancelling a partial reservation failed; its leases expire on their own");
+                    }
+                });
+            }
+            let mut refused = None;
+            for o in outcomes {
+                match o {
+                    Err(e) => return Err(e),
+                    Ok(Outcome::Refused(r)) if refused.is_none() => refused = Some(r),
+                    _ => {}
                 }
-                _ => 0,
             }
-        };
-        let text = |v: Option<&redis::Value>| -> String {
-            match v {
-                Some(redis::Value::BulkString(b)) => String::from_utf8_lossy(b).into_owned(),
-                Some(redis::Value::SimpleString(s)) => s.clone(),
-                Some(redis::Value::Int(i)) => i.to_string(),
-                _ => String::new(),
-            }
-        };
-        if int(reply.first()) == 0 {
-            let limit = match text(reply.get(1)).as_str() {
-                "requests" => Limit::Requests,
-                "tokens" => Limit::Tokens,
-                "concurrency" => Limit::Concurrency,
-                _ => Limit::Budget,
-            };
-            let scope = scopes
-                .get(int(reply.get(2)) as usize)
-                .map_or("key", |s| s.0);
-            let retry_ms = int(reply.get(3));
-            let retry_after = if limit == Limit::Budget {
-                until
-            } else {
-                Some(Duration::from_millis(retry_ms.max(1) as u64))
-            };
-            return Ok(Err(Rejection {
-                limit,
-                scope,
-                retry_after,
-            }));
+            return Ok(Err(refused.expect("a call refused")));
         }
         let mut quota = Quota::default();
-        for (i, (scope, _, limits)) in scopes.iter().enumerate() {
-            let level = |offset: usize| {
-                text(reply.get(1 + 2 * i + offset))
-                    .parse::<f64>()
-                    .unwrap_or(-1.0)
+        for (group, outcome) in groups.iter().zip(&outcomes) {
+            let Ok(Outcome::Admitted(reply)) = outcome else {
+                continue;
             };
-            let key_scope = *scope == "key";
-            if let Some(rpm) = limits.requests_per_minute
-                && (key_scope || quota.requests.is_none())
-            {
-                let l = level(0);
-                quota.requests = Some((
-                    u64::from(rpm),
-                    l.max(0.0) as u64,
-                    refill(f64::from(rpm) - l, f64::from(rpm)),
-                ));
-            }
-            if let Some(tpm) = limits.tokens_per_minute
-                && (key_scope || quota.tokens.is_none())
-            {
-                let l = level(1);
-                quota.tokens = Some((tpm, l.max(0.0) as u64, refill(tpm as f64 - l, tpm as f64)));
+            for (i, (scope, limits)) in group.scopes.iter().enumerate() {
+                let level = |offset: usize| {
+                    text(reply.get(1 + 2 * i + offset))
+                        .parse::<f64>()
+                        .unwrap_or(-1.0)
+                };
+                let key_scope = *scope == "key";
+                if let Some(rpm) = limits.requests_per_minute
+                    && (key_scope || quota.requests.is_none())
+                {
+                    let l = level(0);
+                    quota.requests = Some((
+                        u64::from(rpm),
+                        l.max(0.0) as u64,
+                        refill(f64::from(rpm) - l, f64::from(rpm)),
+                    ));
+                }
+                if let Some(tpm) = limits.tokens_per_minute
+                    && (key_scope || quota.tokens.is_none())
+                {
+                    let l = level(1);
+                    quota.tokens =
+                        Some((tpm, l.max(0.0) as u64, refill(tpm as f64 - l, tpm as f64)));
+                }
             }
         }
         let reservation = SharedReservation {
             id: reservation_id.to_owned(),
-            keys,
             tokens: ask.tokens,
-            scopes: scopes
-                .iter()
-                .map(|(_, _, l)| (l.tokens_per_minute.is_some(), l.max_concurrent.is_some()))
-                .collect(),
-            budget: ask.budget.is_some(),
-            budget_ttl,
+            parts: groups.into_iter().map(|g| g.part).collect(),
         };
         Ok(Ok((reservation, quota)))
     }
@@ -265,27 +409,47 @@ impl RedisLimits {
         actual_tokens: u64,
         actual_cost: f64,
     ) -> Result<(), StoreError> {
-        let mut invocation = self.settle.prepare_invoke();
-        invocation
-            .arg(&r.id)
-            .arg(r.tokens)
-            .arg(actual_tokens)
-            .arg(actual_cost)
-            .arg(r.scopes.len());
-        for (tokens, concurrency) in &r.scopes {
+        self.release(r, actual_tokens, actual_cost, false).await
+    }
+
+    /// Settles (`cancel` false) or cancels (the request unit, tokens and budget
+    /// reservation all given back) every part of a reservation.
+    async fn release(
+        &self,
+        r: &SharedReservation,
+        actual_tokens: u64,
+        actual_cost: f64,
+        cancel: bool,
+    ) -> Result<(), StoreError> {
+        let calls = r.parts.iter().map(|part| {
+            let mut invocation = self.settle.prepare_invoke();
             invocation
-                .arg(u8::from(*tokens))
-                .arg(u8::from(*concurrency));
+                .arg(&r.id)
+                .arg(r.tokens)
+                .arg(actual_tokens)
+                .arg(actual_cost)
+                .arg(u8::from(cancel))
+                .arg(part.scopes.len());
+            for (requests, tokens, concurrency) in &part.scopes {
+                invocation
+                    .arg(u8::from(*requests))
+                    .arg(u8::from(*tokens))
+                    .arg(u8::from(*concurrency));
+            }
+            invocation.arg(u8::from(part.budget)).arg(part.budget_ttl);
+            for k in &part.keys {
+                invocation.key(k);
+            }
+            async move {
+                let mut conn = self.conn.clone();
+                self.bounded(invocation.invoke_async::<i64>(&mut conn))
+                    .await
+                    .map(|_| ())
+            }
+        });
+        for result in futures_util::future::join_all(calls).await {
+            result?;
         }
-        invocation.arg(u8::from(r.budget)).arg(r.budget_ttl);
-        for k in &r.keys {
-            invocation.key(k);
-        }
-        let mut conn = self.conn.clone();
-        let _: i64 = tokio::time::timeout(self.timeout, invocation.invoke_async(&mut conn))
-            .await
-            .map_err(|_| StoreError::Timeout(self.timeout))?
-            .map_err(|e| self.classify(e))?;
         Ok(())
     }
 
@@ -321,23 +485,16 @@ impl RedisLimits {
                 .ignore();
         }
         let mut conn = self.conn.clone();
-        let _: () = tokio::time::timeout(self.timeout, pipe.query_async(&mut conn))
-            .await
-            .map_err(|_| StoreError::Timeout(self.timeout))?
-            .map_err(|e| self.classify(e))?;
+        let _: () = self.bounded(pipe.query_async(&mut conn)).await?;
         Ok(())
     }
 
     /// A shared cache entry: its content type and body.
     pub async fn cache_get(&self, id: &str) -> Result<Option<(String, bytes::Bytes)>, StoreError> {
         let mut conn = self.conn.clone();
-        let value: Option<Vec<u8>> = tokio::time::timeout(
-            self.timeout,
-            redis::cmd("GET").arg(cache_key(id)).query_async(&mut conn),
-        )
-        .await
-        .map_err(|_| StoreError::Timeout(self.timeout))?
-        .map_err(|e| self.classify(e))?;
+        let value: Option<Vec<u8>> = self
+            .bounded(redis::cmd("GET").arg(cache_key(id)).query_async(&mut conn))
+            .await?;
         Ok(value.and_then(|v| {
             // Stored as `<content type>\n<body>`.
             let split = v.iter().position(|b| *b == b'\n')?;
@@ -359,18 +516,16 @@ impl RedisLimits {
         value.push(b'\n');
         value.extend_from_slice(body);
         let mut conn = self.conn.clone();
-        let _: () = tokio::time::timeout(
-            self.timeout,
-            redis::cmd("SET")
-                .arg(cache_key(id))
-                .arg(value)
-                .arg("PX")
-                .arg(ttl.as_millis().max(1) as u64)
-                .query_async(&mut conn),
-        )
-        .await
-        .map_err(|_| StoreError::Timeout(self.timeout))?
-        .map_err(|e| self.classify(e))?;
+        let _: () = self
+            .bounded(
+                redis::cmd("SET")
+                    .arg(cache_key(id))
+                    .arg(value)
+                    .arg("PX")
+                    .arg(ttl.as_millis().max(1) as u64)
+                    .query_async(&mut conn),
+            )
+            .await?;
         Ok(())
     }
 
@@ -382,15 +537,13 @@ impl RedisLimits {
     ) -> Result<f64, StoreError> {
         let mut conn = self.conn.clone();
         let (base, _) = budget_base(key_id, period, jiff::Timestamp::now());
-        let value: Option<f64> = tokio::time::timeout(
-            self.timeout,
-            redis::cmd("GET")
-                .arg(format!("{base}:spent"))
-                .query_async(&mut conn),
-        )
-        .await
-        .map_err(|_| StoreError::Timeout(self.timeout))?
-        .map_err(|e| self.classify(e))?;
+        let value: Option<f64> = self
+            .bounded(
+                redis::cmd("GET")
+                    .arg(format!("{base}:spent"))
+                    .query_async(&mut conn),
+            )
+            .await?;
         Ok(value.unwrap_or(0.0))
     }
 }

@@ -1,28 +1,37 @@
 -- Tollgate settlement: refund (or charge) the difference between reserved and actual
 -- tokens, release concurrency leases, and turn the budget reservation into spend.
+-- Cancelling (a reservation another scope refused, on a cluster) gives back the request
+-- unit and every reserved token too, and spends nothing.
 --
 -- KEYS: as for admission.
--- ARGV: reservation id, reserved tokens, actual tokens, actual cost, number of scopes,
---       then per scope: tokens limited (0/1), concurrency limited (0/1),
---       then budget present (0/1), budget key ttl seconds.
+-- ARGV: reservation id, reserved tokens, actual tokens, actual cost, cancel (0/1),
+--       number of scopes, then per scope: requests limited, tokens limited, concurrency
+--       limited (0/1 each), then budget present (0/1), budget key ttl seconds.
 local id = ARGV[1]
 local refund = tonumber(ARGV[2]) - tonumber(ARGV[3])
 local cost = tonumber(ARGV[4])
-local n = tonumber(ARGV[5])
+local cancel = ARGV[5] == '1'
+local n = tonumber(ARGV[6])
+if cancel then refund = tonumber(ARGV[2]) end
 for i = 0, n - 1 do
-  local kt, kc = KEYS[2 + 3 * i], KEYS[3 + 3 * i]
-  if ARGV[6 + 2 * i] == '1' and redis.call('EXISTS', kt) == 1 then
+  local kr, kt, kc = KEYS[1 + 3 * i], KEYS[2 + 3 * i], KEYS[3 + 3 * i]
+  if cancel and ARGV[7 + 3 * i] == '1' and redis.call('EXISTS', kr) == 1 then
+    redis.call('HINCRBYFLOAT', kr, 'l', 1)
+  end
+  if ARGV[8 + 3 * i] == '1' and redis.call('EXISTS', kt) == 1 then
     -- The level may pass the capacity here; reads clamp it.
     redis.call('HINCRBYFLOAT', kt, 'l', refund)
   end
-  if ARGV[7 + 2 * i] == '1' then redis.call('ZREM', kc, id) end
+  if ARGV[9 + 3 * i] == '1' then redis.call('ZREM', kc, id) end
 end
-local b = 6 + 2 * n
+local b = 7 + 3 * n
 if ARGV[b] == '1' then
   local ks, kz, kh = KEYS[3 * n + 1], KEYS[3 * n + 2], KEYS[3 * n + 3]
   redis.call('ZREM', kz, id)
   redis.call('HDEL', kh, id)
-  redis.call('INCRBYFLOAT', ks, cost)
-  redis.call('EXPIRE', ks, tonumber(ARGV[b + 1]))
+  if not cancel then
+    redis.call('INCRBYFLOAT', ks, cost)
+    redis.call('EXPIRE', ks, tonumber(ARGV[b + 1]))
+  end
 end
 return 1

@@ -106,6 +106,25 @@ impl Gateway {
             .unwrap()
     }
 
+    /// Status of a one-message chat completion for `model` with `key`.
+    pub async fn chat_status(&self, key: &str, model: &str) -> u16 {
+        client()
+            .post(self.url("/v1/chat/completions"))
+            .bearer_auth(key)
+            .json(&serde_json::json!({"model": model, "messages": [{"role": "user", "content": "hi"}]}))
+            .send()
+            .await
+            .unwrap()
+            .status()
+            .as_u16()
+    }
+
+    /// `/readyz`: its status and JSON body.
+    pub async fn readyz(&self) -> (u16, serde_json::Value) {
+        let resp = client().get(self.url("/readyz")).send().await.unwrap();
+        (resp.status().as_u16(), resp.json().await.unwrap())
+    }
+
     pub fn logs(&self) -> String {
         self.logs.lock().unwrap().clone()
     }
