@@ -18,6 +18,12 @@ pub enum ApiError {
         "Incorrect API key provided. Pass a valid key as `Authorization: Bearer <key>` or `x-api-key: <key>`."
     )]
     Unauthorized,
+    /// A key shaped like a generated one whose checksum does not match: a typo or a
+    /// truncated copy, caught without a lookup.
+    #[error(
+        "Malformed API key: its checksum does not match (a typo or an incomplete copy?). Copy the key again from its Secret."
+    )]
+    MalformedKey,
     /// The key may not use this model.
     #[error("This API key is not allowed to use the model `{0}`.")]
     ModelNotAllowed(String),
@@ -84,7 +90,7 @@ impl ApiError {
     /// HTTP status.
     pub fn status(&self) -> StatusCode {
         match self {
-            Self::Unauthorized => StatusCode::UNAUTHORIZED,
+            Self::Unauthorized | Self::MalformedKey => StatusCode::UNAUTHORIZED,
             Self::ModelNotAllowed(_) => StatusCode::FORBIDDEN,
             Self::ModelNotFound(_) | Self::NotFound { .. } => StatusCode::NOT_FOUND,
             Self::BadRequest { .. } => StatusCode::BAD_REQUEST,
@@ -104,6 +110,7 @@ impl ApiError {
     pub fn error_type(&self) -> &'static str {
         match self {
             Self::Unauthorized
+            | Self::MalformedKey
             | Self::ModelNotFound(_)
             | Self::BadRequest { .. }
             | Self::PayloadTooLarge(_)
@@ -127,7 +134,7 @@ impl ApiError {
     /// OpenAI's `code` field: stable, machine-readable.
     pub fn code(&self) -> &'static str {
         match self {
-            Self::Unauthorized => "invalid_api_key",
+            Self::Unauthorized | Self::MalformedKey => "invalid_api_key",
             Self::ModelNotAllowed(_) => "model_not_allowed",
             Self::ModelNotFound(_) => "model_not_found",
             Self::BadRequest { .. } => "invalid_request",

@@ -251,6 +251,17 @@ fn compile_one(
                 );
                 None
             }
+            Ok(v) if crate::key_format::shape(&v) == crate::key_format::Shape::BadChecksum => {
+                report.error(
+                    object,
+                    reasons::INVALID_KEY,
+                    "spec.secretName",
+                    format!(
+                        "the key in Secret {secret} looks generated but its checksum does not match; it was edited or truncated"
+                    ),
+                );
+                None
+            }
             Ok(v) => Some(v),
             Err(why) => {
                 report.error(

@@ -1649,6 +1649,33 @@ fn api_key_shorter_than_twenty_characters_reports_invalid_key() {
 }
 
 #[test]
+fn a_generated_key_with_a_broken_checksum_reports_invalid_key() {
+    let good = crate::key_format::from_random(&[42u8; 64]).unwrap();
+    let out = routed_world()
+        .api_key(api_key("alice"))
+        .secret(key_secret("alice", &good))
+        .compile();
+    assert!(out.objects[&key_ref("alice")].served);
+
+    let broken = format!("{}x", &good[..good.len() - 1]);
+    let out = routed_world()
+        .api_key(api_key("alice"))
+        .secret(key_secret("alice", &broken))
+        .compile();
+    let object = key_ref("alice");
+    assert_diagnostic(
+        &out,
+        &object,
+        Severity::Error,
+        reasons::INVALID_KEY,
+        "spec.secretName",
+        "checksum does not match",
+    );
+    assert_left_out(&out, &object);
+    assert_never_mentioned(&out, &broken);
+}
+
+#[test]
 fn blank_api_key_reports_invalid_key() {
     let out = routed_world()
         .api_key(api_key("alice"))

@@ -1,5 +1,6 @@
 //! Client authentication: `Authorization: Bearer <key>` or `x-api-key: <key>`, looked up by
-//! SHA-256 in the snapshot. Every failure is the same 401.
+//! SHA-256 in the snapshot. Every failure is the same 401, except a generated-looking key
+//! with a wrong checksum, which is told apart (it reveals nothing) so typos are obvious.
 
 use std::sync::Arc;
 
@@ -35,6 +36,9 @@ pub fn authenticate(
     let token = presented(headers)
         .filter(|t| !t.is_empty())
         .ok_or(ApiError::Unauthorized)?;
+    if tollgate_api::key_format::shape(token) == tollgate_api::key_format::Shape::BadChecksum {
+        return Err(ApiError::MalformedKey);
+    }
     let hash = key_hash(token);
     let key = snapshot.key_by_hash(&hash).ok_or(ApiError::Unauthorized)?;
     if revocations.is_revoked(&hash) {
