@@ -2,7 +2,7 @@
 //! today it offers the offline commands.
 #![forbid(unsafe_code)]
 
-mod render;
+use tollgate_operator::render;
 
 use std::{path::PathBuf, process::ExitCode};
 

@@ -1,0 +1,431 @@
+//! The objects the operator keeps in the gateway namespace, computed from a split
+//! configuration (pure), and the plan that brings the live objects there: apply only what
+//! changed, delete shards that are no longer needed.
+//!
+//! Layout (the chart mounts all of them in one projected volume, key shards as optional
+//! sources, so kubelet swaps the whole directory at once):
+//! - ConfigMap `<prefix>-config`: `manifest.json` and `routing.json`;
+//! - Secret `<prefix>-credentials`: `credentials.json` (upstream credentials);
+//! - Secrets `<prefix>-keys-<NN>`: one key shard each (`keys-<NNN>.json`, hashes only).
+//!
+//! Each object carries the content hash of its data in an annotation, so an unchanged
+//! object is recognised without comparing its data, and changing one key rewrites the
+//! manifest and exactly one shard.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use k8s_openapi::{
+    ByteString,
+    api::core::v1::{ConfigMap, Secret},
+    apimachinery::pkg::apis::meta::v1::ObjectMeta,
+};
+use tollgate_api::parts::{ConfigPart, MANIFEST_FILE, SplitConfig, Store, sha256_hex};
+
+/// Label every generated object carries (with [`MANAGED_BY_VALUE`]).
+pub const MANAGED_BY: &str = "app.kubernetes.io/managed-by";
+/// This operator's name, as a label value and SSA field manager.
+pub const MANAGED_BY_VALUE: &str = "tollgate-operator";
+/// Label naming the part of the configuration an object holds.
+pub const PART_LABEL: &str = "tollgate.dev/config-part";
+/// Annotation: SHA-256 of the object's data.
+pub const CONTENT_HASH: &str = "tollgate.dev/content-hash";
+/// Annotation on the ConfigMap: hash of the whole configuration.
+pub const CONFIG_HASH: &str = "tollgate.dev/config-hash";
+
+/// Most key shards the chart mounts (`gateway.keyShards` in values.yaml must match).
+pub const MAX_KEY_SHARD_OBJECTS: usize = 64;
+
+/// One object to keep in the gateway namespace.
+#[derive(Clone, PartialEq)]
+pub enum DesiredObject {
+    /// The routing ConfigMap.
+    ConfigMap(ConfigMap),
+    /// A Secret (credentials or a key shard).
+    Secret(Secret),
+}
+
+impl std::fmt::Debug for DesiredObject {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never print Secret data.
+        write!(
+            f,
+            "{} {} ({})",
+            self.kind(),
+            self.name(),
+            self.content_hash()
+        )
+    }
+}
+
+impl DesiredObject {
+    fn meta(&self) -> &ObjectMeta {
+        match self {
+            Self::ConfigMap(c) => &c.metadata,
+            Self::Secret(s) => &s.metadata,
+        }
+    }
+
+    /// `ConfigMap` or `Secret`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::ConfigMap(_) => "ConfigMap",
+            Self::Secret(_) => "Secret",
+        }
+    }
+
+    /// The object's name.
+    pub fn name(&self) -> &str {
+        self.meta().name.as_deref().unwrap_or_default()
+    }
+
+    /// The content hash annotation.
+    pub fn content_hash(&self) -> &str {
+        self.meta()
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(CONTENT_HASH))
+            .map_or("", String::as_str)
+    }
+}
+
+/// Names of the generated objects.
+#[derive(Debug, Clone)]
+pub struct Naming {
+    /// Namespace the gateways run in.
+    pub namespace: String,
+    /// Name prefix, e.g. `tollgate-gateway`.
+    pub prefix: String,
+}
+
+impl Naming {
+    /// The ConfigMap's name.
+    pub fn config_map(&self) -> String {
+        format!("{}-config", self.prefix)
+    }
+
+    /// The credentials Secret's name.
+    pub fn credentials(&self) -> String {
+        format!("{}-credentials", self.prefix)
+    }
+
+    /// A key shard Secret's name.
+    pub fn key_shard(&self, index: usize) -> String {
+        format!("{}-keys-{index:02}", self.prefix)
+    }
+}
+
+/// Why the configuration cannot be written.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum DesiredError {
+    /// More key shards than the gateways mount.
+    #[error(
+        "the keys need {0} shards but gateways mount at most {MAX_KEY_SHARD_OBJECTS}; split the ApiKeys across more gateway installations"
+    )]
+    TooManyShards(usize),
+    /// A key shard file with an unexpected name.
+    #[error("unexpected configuration file {0}")]
+    UnexpectedFile(String),
+}
+
+fn shard_index(file: &str) -> Option<usize> {
+    file.strip_prefix("keys-")?
+        .strip_suffix(".json")?
+        .parse()
+        .ok()
+}
+
+fn meta(naming: &Naming, name: String, part: &str, data_hash: String) -> ObjectMeta {
+    ObjectMeta {
+        name: Some(name),
+        namespace: Some(naming.namespace.clone()),
+        labels: Some(BTreeMap::from([
+            (MANAGED_BY.to_owned(), MANAGED_BY_VALUE.to_owned()),
+            (
+                "app.kubernetes.io/part-of".to_owned(),
+                "tollgate".to_owned(),
+            ),
+            (PART_LABEL.to_owned(), part.to_owned()),
+        ])),
+        annotations: Some(BTreeMap::from([(CONTENT_HASH.to_owned(), data_hash)])),
+        ..ObjectMeta::default()
+    }
+}
+
+/// Hash of an object's data: over its files' names and contents, in order.
+fn data_hash<'a>(files: impl IntoIterator<Item = (&'a str, &'a [u8])>) -> String {
+    let mut text = Vec::new();
+    for (name, bytes) in files {
+        text.extend_from_slice(name.as_bytes());
+        text.push(0);
+        text.extend_from_slice(sha256_hex(bytes).as_bytes());
+        text.push(b'\n');
+    }
+    sha256_hex(&text)
+}
+
+fn secret(naming: &Naming, name: String, part_label: &str, part: &ConfigPart) -> Secret {
+    let hash = data_hash([(part.file.as_str(), part.bytes.as_slice())]);
+    Secret {
+        metadata: meta(naming, name, part_label, hash),
+        type_: Some("Opaque".to_owned()),
+        data: Some(BTreeMap::from([(
+            part.file.clone(),
+            ByteString(part.bytes.clone()),
+        )])),
+        ..Secret::default()
+    }
+}
+
+/// The objects that hold `split` in the gateway namespace.
+pub fn desired_objects(
+    split: &SplitConfig,
+    naming: &Naming,
+) -> Result<Vec<DesiredObject>, DesiredError> {
+    let mut config_files: BTreeMap<String, String> = BTreeMap::new();
+    let mut objects = Vec::new();
+    let mut shards = 0;
+    for part in &split.parts {
+        match part.store {
+            Store::ConfigMap => {
+                config_files.insert(
+                    part.file.clone(),
+                    String::from_utf8_lossy(&part.bytes).into_owned(),
+                );
+            }
+            Store::Secret if part.file == tollgate_api::parts::CREDENTIALS_FILE => {
+                objects.push(DesiredObject::Secret(secret(
+                    naming,
+                    naming.credentials(),
+                    "credentials",
+                    part,
+                )));
+            }
+            Store::Secret => {
+                let index = shard_index(&part.file)
+                    .ok_or_else(|| DesiredError::UnexpectedFile(part.file.clone()))?;
+                shards += 1;
+                objects.push(DesiredObject::Secret(secret(
+                    naming,
+                    naming.key_shard(index),
+                    "keys",
+                    part,
+                )));
+            }
+        }
+    }
+    if shards > MAX_KEY_SHARD_OBJECTS {
+        return Err(DesiredError::TooManyShards(shards));
+    }
+    let hash = data_hash(
+        config_files
+            .iter()
+            .map(|(name, text)| (name.as_str(), text.as_bytes())),
+    );
+    let mut metadata = meta(naming, naming.config_map(), "routing", hash);
+    metadata
+        .annotations
+        .get_or_insert_with(BTreeMap::new)
+        .insert(CONFIG_HASH.to_owned(), split.config_hash.clone());
+    debug_assert!(config_files.contains_key(MANIFEST_FILE));
+    objects.insert(
+        0,
+        DesiredObject::ConfigMap(ConfigMap {
+            metadata,
+            data: Some(config_files),
+            ..ConfigMap::default()
+        }),
+    );
+    Ok(objects)
+}
+
+/// What is live in the gateway namespace: (kind, name) → content hash annotation.
+pub type LiveObjects = BTreeMap<(&'static str, String), String>;
+
+/// The writes that bring the live objects to the desired ones.
+#[derive(Debug, Default, PartialEq)]
+pub struct Plan {
+    /// Objects to apply (new or changed), Secrets before the ConfigMap: the manifest
+    /// names the parts, so it goes last and gateways never see it before its parts.
+    pub apply: Vec<DesiredObject>,
+    /// Key shard Secrets no longer needed, deleted after the ConfigMap is applied.
+    pub delete: Vec<String>,
+}
+
+impl Plan {
+    /// Whether nothing needs writing.
+    pub fn is_empty(&self) -> bool {
+        self.apply.is_empty() && self.delete.is_empty()
+    }
+}
+
+/// Compares desired and live objects.
+pub fn plan(desired: Vec<DesiredObject>, live: &LiveObjects) -> Plan {
+    let wanted: BTreeSet<(&'static str, String)> = desired
+        .iter()
+        .map(|d| (d.kind(), d.name().to_owned()))
+        .collect();
+    let mut apply: Vec<DesiredObject> = desired
+        .into_iter()
+        .filter(|d| {
+            live.get(&(d.kind(), d.name().to_owned()))
+                .map(String::as_str)
+                != Some(d.content_hash())
+        })
+        .collect();
+    // Secrets first, the ConfigMap (manifest) last.
+    apply.sort_by_key(|d| matches!(d, DesiredObject::ConfigMap(_)));
+    let delete = live
+        .keys()
+        .filter(|k| k.0 == "Secret" && !wanted.contains(k))
+        .map(|k| k.1.clone())
+        .collect();
+    Plan { apply, delete }
+}
+
+#[cfg(test)]
+mod tests {
+    use tollgate_api::{
+        config::{CompiledKey, GatewayConfig},
+        parts,
+    };
+
+    use super::*;
+
+    fn naming() -> Naming {
+        Naming {
+            namespace: "tollgate".into(),
+            prefix: "tollgate-gateway".into(),
+        }
+    }
+
+    fn config(keys: usize) -> GatewayConfig {
+        let mut config = GatewayConfig::default();
+        config.keys.keys = (0..keys)
+            .map(|i| {
+                let sha256 = sha256_hex(format!("key-{i}").as_bytes());
+                CompiledKey {
+                    id: sha256[..12].to_owned(),
+                    sha256,
+                    api_key: format!("default/key-{i}"),
+                    owner: format!("team-{}", i % 7),
+                    team: None,
+                    allowed_models: vec!["gpt-*".into()],
+                    limits: None,
+                    budget: None,
+                    expires_at: None,
+                }
+            })
+            .collect();
+        config.keys.keys.sort_by(|a, b| a.sha256.cmp(&b.sha256));
+        config
+    }
+
+    fn live_of(objects: &[DesiredObject]) -> LiveObjects {
+        objects
+            .iter()
+            .map(|o| ((o.kind(), o.name().to_owned()), o.content_hash().to_owned()))
+            .collect()
+    }
+
+    #[test]
+    fn objects_are_named_labelled_and_hashed() {
+        let split = parts::split(&config(3)).unwrap();
+        let objects = desired_objects(&split, &naming()).unwrap();
+        let names: Vec<(&str, &str)> = objects.iter().map(|o| (o.kind(), o.name())).collect();
+        assert_eq!(
+            names,
+            [
+                ("ConfigMap", "tollgate-gateway-config"),
+                ("Secret", "tollgate-gateway-credentials"),
+                ("Secret", "tollgate-gateway-keys-00"),
+            ]
+        );
+        let DesiredObject::ConfigMap(cm) = &objects[0] else {
+            panic!()
+        };
+        let data = cm.data.as_ref().unwrap();
+        assert!(data.contains_key("manifest.json") && data.contains_key("routing.json"));
+        assert_eq!(
+            cm.metadata.annotations.as_ref().unwrap()[CONFIG_HASH],
+            split.config_hash
+        );
+        for o in &objects {
+            assert_eq!(o.content_hash().len(), 64);
+            let labels = o.meta().labels.as_ref().unwrap();
+            assert_eq!(labels[MANAGED_BY], MANAGED_BY_VALUE);
+            assert_eq!(o.meta().namespace.as_deref(), Some("tollgate"));
+            // Generated objects belong to no custom resource.
+            assert!(o.meta().owner_references.is_none());
+        }
+        // The Debug form never shows Secret data.
+        let shown = format!("{objects:?}");
+        assert!(!shown.contains("key-0") && !shown.contains("sha256"));
+    }
+
+    #[test]
+    fn nothing_is_written_when_nothing_changed() {
+        let split = parts::split(&config(50)).unwrap();
+        let objects = desired_objects(&split, &naming()).unwrap();
+        let live = live_of(&objects);
+        assert!(plan(objects, &live).is_empty());
+    }
+
+    #[test]
+    fn changing_one_key_rewrites_the_manifest_and_one_shard_only() {
+        // Small shards so 2,000 keys spread over several.
+        let before = parts::split_with_limit(&config(2000), 64 * 1024).unwrap();
+        let old = desired_objects(&before, &naming()).unwrap();
+        let shard_count = old.len() - 2;
+        assert!(shard_count >= 4, "{shard_count} shards");
+        let mut changed = config(2000);
+        changed.keys.keys[1234].owner = "someone-else".into();
+        let after = parts::split_with_limit(&changed, 64 * 1024).unwrap();
+        let new = desired_objects(&after, &naming()).unwrap();
+        let p = plan(new, &live_of(&old));
+        let names: Vec<&str> = p.apply.iter().map(|o| o.name()).collect();
+        assert_eq!(names.len(), 2, "{names:?}");
+        assert!(names[0].starts_with("tollgate-gateway-keys-"));
+        assert_eq!(
+            names[1], "tollgate-gateway-config",
+            "the manifest goes last"
+        );
+        assert!(p.delete.is_empty());
+    }
+
+    #[test]
+    fn shards_no_longer_needed_are_deleted_and_unrelated_objects_kept() {
+        let big = parts::split_with_limit(&config(2000), 64 * 1024).unwrap();
+        let mut live = live_of(&desired_objects(&big, &naming()).unwrap());
+        let small = parts::split_with_limit(&config(10), 64 * 1024).unwrap();
+        let p = plan(desired_objects(&small, &naming()).unwrap(), &live);
+        assert!(!p.delete.is_empty());
+        assert!(
+            p.delete
+                .iter()
+                .all(|n| n.starts_with("tollgate-gateway-keys-"))
+        );
+        assert!(!p.delete.contains(&"tollgate-gateway-keys-00".to_owned()));
+        assert!(
+            !p.delete
+                .contains(&"tollgate-gateway-credentials".to_owned())
+        );
+        // Only Secrets are ever deleted.
+        live.insert(("ConfigMap", "other".into()), "x".into());
+        let p = plan(desired_objects(&small, &naming()).unwrap(), &live);
+        assert!(!p.delete.contains(&"other".to_owned()));
+    }
+
+    #[test]
+    fn ten_thousand_keys_fit_in_objects_under_the_kubernetes_size_limit() {
+        let split = parts::split(&config(10_000)).unwrap();
+        let objects = desired_objects(&split, &naming()).unwrap();
+        for o in &objects {
+            let size = match o {
+                DesiredObject::ConfigMap(c) => serde_json::to_vec(c).unwrap().len(),
+                DesiredObject::Secret(s) => serde_json::to_vec(s).unwrap().len(),
+            };
+            // 1 MiB is the limit of a Secret or ConfigMap.
+            assert!(size < 1024 * 1024, "{} is {size} bytes", o.name());
+        }
+    }
+}
