@@ -5,3 +5,4 @@
 pub mod desired;
 pub mod keys;
 pub mod render;
+pub mod status;
