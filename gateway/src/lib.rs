@@ -6,6 +6,7 @@ pub mod cache;
 pub mod circuit;
 pub mod config_source;
 pub mod error;
+pub mod heartbeat;
 pub mod http;
 pub mod limits;
 pub mod listener;

@@ -76,6 +76,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
             }
         });
     }
+    let heartbeat_conn = redis.as_ref().map(RedisLimits::conn);
     let limits = Arc::new(match redis {
         Some(redis) => {
             tracing::info!(mode = ?settings.redis_failure_mode, "limits, budgets and the cache shared through Redis");
@@ -84,6 +85,12 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         None => Limits::local(),
     });
     let fingerprint = config_source::load_initial(&source, &config).await;
+    if let Some(conn) = heartbeat_conn {
+        // After the first load, so the first report already names a configuration.
+        let instance = crate::heartbeat::instance_id();
+        tracing::info!(instance = %instance, "reporting the served configuration to Redis");
+        tokio::spawn(crate::heartbeat::run(conn, config.clone(), instance));
+    }
     if config.current.load().is_none() {
         match &source {
             // Standalone: the manifests are right here; failing to load them is fatal.

@@ -379,3 +379,44 @@ async fn a_key_removed_from_one_gateways_config_is_refused_by_all_within_a_secon
         .await
     );
 }
+
+#[tokio::test]
+async fn gateways_report_the_configuration_they_serve_for_the_operator() {
+    let redis = Redis::start();
+    let dir = tempfile::tempdir().unwrap();
+    config(dir.path(), 10);
+    let gateways: Vec<Gateway> = (0..2)
+        .map(|_| gateway(dir.path(), &redis, "failOpen"))
+        .collect();
+    let (_, ready) = readyz(&gateways[0]).await;
+    let hash = ready["configHash"].as_str().unwrap().to_owned();
+    let reported = eventually(Duration::from_secs(5), || async {
+        let seen = redis.cli(&["ZRANGE", tollgate_api::heartbeat::SEEN, "0", "-1"]);
+        let instances: Vec<&str> = seen.lines().collect();
+        instances.len() == 2
+            && instances.iter().all(|i| {
+                redis
+                    .cli(&["HGET", tollgate_api::heartbeat::CONFIG, i])
+                    .trim()
+                    == hash
+            })
+    })
+    .await;
+    assert!(reported, "both gateways report configuration {hash}");
+    // Reports are recent (Unix milliseconds).
+    let score: i64 = redis
+        .cli(&[
+            "ZRANGE",
+            tollgate_api::heartbeat::SEEN,
+            "0",
+            "0",
+            "WITHSCORES",
+        ])
+        .lines()
+        .nth(1)
+        .unwrap()
+        .parse()
+        .unwrap();
+    let age = jiff::Timestamp::now().as_millisecond() - score;
+    assert!((0..10_000).contains(&age), "report {age} ms old");
+}
