@@ -73,6 +73,11 @@ pub enum ApiError {
     /// No configuration has been loaded yet, or the gateway is shutting down.
     #[error("The gateway is not ready to serve requests.")]
     Unavailable,
+    /// Redis is unreachable and the failure mode is `failClosed`.
+    #[error(
+        "Limits cannot be checked right now (the gateway's shared state is unreachable); retry shortly."
+    )]
+    LimitsUnavailable,
     /// A bug; details are logged, not returned.
     #[error("The gateway hit an internal error. Request id: {0}.")]
     Internal(String),
@@ -96,7 +101,7 @@ impl ApiError {
             Self::BadRequest { .. } => StatusCode::BAD_REQUEST,
             Self::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             Self::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
-            Self::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Unavailable | Self::LimitsUnavailable => StatusCode::SERVICE_UNAVAILABLE,
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
             Self::Upstream(_) => StatusCode::BAD_GATEWAY,
             Self::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
@@ -117,7 +122,7 @@ impl ApiError {
             | Self::RequestTimeout
             | Self::NotFound { .. } => "invalid_request_error",
             Self::ModelNotAllowed(_) => "permission_error",
-            Self::Unavailable => "service_unavailable",
+            Self::Unavailable | Self::LimitsUnavailable => "service_unavailable",
             Self::Internal(_)
             | Self::Upstream(_)
             | Self::UpstreamTimeout
@@ -142,6 +147,7 @@ impl ApiError {
             Self::RequestTimeout => "request_timeout",
             Self::NotFound { .. } => "unknown_url",
             Self::Unavailable => "not_ready",
+            Self::LimitsUnavailable => "limits_unavailable",
             Self::Internal(_) => "internal_error",
             Self::Upstream(_) => "upstream_error",
             Self::UpstreamTimeout => "upstream_timeout",
@@ -180,7 +186,7 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let mut response = (self.status(), Json(self.body())).into_response();
         let retry_after = match &self {
-            Self::Unavailable | Self::UpstreamUnavailable(_) => {
+            Self::Unavailable | Self::LimitsUnavailable | Self::UpstreamUnavailable(_) => {
                 Some(std::time::Duration::from_secs(1))
             }
             Self::UpstreamRateLimited(after) => {

@@ -97,10 +97,7 @@ pub(super) async fn admit(
                 .inc();
             Err(ApiError::LimitExceeded(rejection))
         }
-        Err(AdmitError::Unavailable) => Err(ApiError::UpstreamUnavailable(
-            "Limits cannot be checked right now (shared state unreachable); retry shortly."
-                .to_owned(),
-        )),
+        Err(AdmitError::Unavailable) => Err(ApiError::LimitsUnavailable),
     }
 }
 

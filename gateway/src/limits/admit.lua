@@ -2,7 +2,9 @@
 -- Time comes from the Redis server, so replicas with skewed clocks agree.
 --
 -- KEYS: for each scope (3 each): requests bucket, tokens bucket, concurrency lease set;
---       then the budget's spent counter, reservation lease set, reservation amounts.
+--       then the budget's spent counter, reservation lease set, reservation amounts;
+--       then this reservation's marker ('1' once admitted; 'x' if it was cancelled before
+--       it ran, e.g. after the caller timed out, so a late admission reserves nothing).
 -- ARGV: reservation id, tokens asked, cost asked, lease ms, number of scopes,
 --       then per scope: requests/min, tokens/min, max concurrent (0 = no limit),
 --       then budget amount (-1 = none), budget key ttl seconds.
@@ -14,6 +16,8 @@ local tokens = tonumber(ARGV[2])
 local cost = tonumber(ARGV[3])
 local lease = tonumber(ARGV[4])
 local n = tonumber(ARGV[5])
+local marker = KEYS[3 * n + 4]
+if redis.call('EXISTS', marker) == 1 then return {0, 'cancelled', 0, 0} end
 
 local function level(key, cap)
   local v = redis.call('HMGET', key, 'l', 't')
@@ -87,4 +91,5 @@ if amount >= 0 then
   redis.call('EXPIRE', kz, budget_ttl)
   redis.call('EXPIRE', kh, budget_ttl)
 end
+redis.call('SET', marker, '1', 'PX', lease)
 return out

@@ -23,6 +23,13 @@ pub const LAYOUT: &str = "v1";
 /// How long a concurrency or budget reservation survives a replica that never settles it.
 pub const DEFAULT_LEASE: Duration = Duration::from_secs(15 * 60);
 
+/// How long a replica keeps trying to cancel a reservation whose admission it stopped
+/// waiting for.
+const CANCEL_FOR: Duration = Duration::from_secs(120);
+
+/// Most cancellations waiting for Redis at once.
+const MAX_PENDING_CANCELS: usize = 4096;
+
 /// A Redis failure (unreachable, timed out, or an error reply).
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -54,6 +61,8 @@ pub struct SharedReservation {
 
 /// The scopes and budget one script call covers, before it runs.
 struct Group<'a> {
+    /// Hash tag of the call's keys.
+    tag: String,
     /// (scope name, limits) in call order.
     scopes: Vec<(&'static str, &'a CompiledLimits)>,
     part: Part,
@@ -63,6 +72,7 @@ struct Group<'a> {
 impl Default for Group<'_> {
     fn default() -> Self {
         Self {
+            tag: String::new(),
             scopes: Vec::new(),
             part: Part::default(),
             budget_amount: -1.0,
@@ -83,6 +93,7 @@ pub struct RedisLimits {
     settle: Script,
     timeout: Duration,
     lease: Duration,
+    cancels: std::sync::Arc<tokio::sync::Semaphore>,
 }
 
 impl std::fmt::Debug for RedisLimits {
@@ -137,6 +148,7 @@ impl RedisLimits {
             settle: Script::new(include_str!("settle.lua")),
             timeout,
             lease,
+            cancels: std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_PENDING_CANCELS)),
         }
     }
 
@@ -192,6 +204,8 @@ impl RedisLimits {
         let key_tag = format!("k:{}", ask.key_id);
         let route_tag = format!("r:{}", ask.route_id);
         let (mut key_group, mut route_group) = (Group::default(), Group::default());
+        key_group.tag = key_tag.clone();
+        route_group.tag = route_tag.clone();
         let split = self.conn.is_cluster();
         if let Some(l) = ask.key_limits {
             key_group.scopes.push(("key", l));
@@ -288,6 +302,11 @@ impl RedisLimits {
         if int(reply.first()) != 0 {
             return Ok(Outcome::Admitted(reply));
         }
+        if text(reply.get(1)) == "cancelled" {
+            // Cancelled before it ran: this call is stale (it cannot happen for a call
+            // still being waited for, but is handled like a timeout anyway).
+            return Err(StoreError::Timeout(self.timeout));
+        }
         let limit = match text(reply.get(1)).as_str() {
             "requests" => Limit::Requests,
             "tokens" => Limit::Tokens,
@@ -318,7 +337,13 @@ impl RedisLimits {
         ask: &Ask<'_>,
         reservation_id: &str,
     ) -> Result<Result<(SharedReservation, Quota), Rejection>, StoreError> {
-        let (groups, until) = self.groups(ask, jiff::Timestamp::now());
+        let (mut groups, until) = self.groups(ask, jiff::Timestamp::now());
+        for g in &mut groups {
+            g.part.keys.push(format!(
+                "tollgate:{LAYOUT}:{{{}}}:resv:{reservation_id}",
+                g.tag
+            ));
+        }
         let outcomes = if let [only] = groups.as_slice() {
             vec![self.admit_group(ask, only, reservation_id, until).await]
         } else {
@@ -333,24 +358,19 @@ impl RedisLimits {
             .iter()
             .any(|o| !matches!(o, Ok(Outcome::Admitted(_))));
         if failed {
-            // Give back whatever the other calls reserved.
-            let admitted: Vec<Part> = groups
+            // Give back whatever the other calls reserved, and whatever a call that timed
+            // out or failed may still reserve once it reaches Redis.
+            let pending: Vec<Part> = groups
                 .iter()
                 .zip(&outcomes)
-                .filter(|(_, o)| matches!(o, Ok(Outcome::Admitted(_))))
+                .filter(|(_, o)| !matches!(o, Ok(Outcome::Refused(_))))
                 .map(|(g, _)| g.part.clone())
                 .collect();
-            if !admitted.is_empty() {
-                let this = self.clone();
-                let r = SharedReservation {
+            if !pending.is_empty() {
+                self.cancel_later(SharedReservation {
                     id: reservation_id.to_owned(),
                     tokens: ask.tokens,
-                    parts: admitted,
-                };
-                tokio::spawn(async move {
-                    if let Err(e) = this.release(&r, 0, 0.0, true).await {
-                        tracing::debug!(error = %e, "cancelling a partial reservation failed; its leases expire on their own");
-                    }
+                    parts: pending,
                 });
             }
             let mut refused = None;
@@ -412,6 +432,38 @@ impl RedisLimits {
         self.release(r, actual_tokens, actual_cost, false).await
     }
 
+    /// Cancels `r` in the background, retrying while Redis is unreachable, for up to
+    /// [`CANCEL_FOR`]. A cancel that reaches Redis before its admission leaves a tombstone
+    /// that makes the admission reserve nothing, so the order does not matter. At most
+    /// [`MAX_PENDING_CANCELS`] wait at once; beyond that, leases expire on their own.
+    fn cancel_later(&self, r: SharedReservation) {
+        let Ok(permit) = self.cancels.clone().try_acquire_owned() else {
+            tracing::debug!(
+                "too many pending cancellations; this one's leases expire on their own"
+            );
+            return;
+        };
+        let this = self.clone();
+        tokio::spawn(async move {
+            let _permit = permit;
+            let deadline = tokio::time::Instant::now() + CANCEL_FOR;
+            let mut backoff = Duration::from_millis(50);
+            loop {
+                match this.release(&r, 0, 0.0, true).await {
+                    Ok(()) => return,
+                    Err(e) if tokio::time::Instant::now() + backoff > deadline => {
+                        tracing::debug!(error = %e, "cancelling a reservation failed; its leases expire on their own");
+                        return;
+                    }
+                    Err(_) => {
+                        tokio::time::sleep(backoff).await;
+                        backoff = (backoff * 2).min(Duration::from_secs(2));
+                    }
+                }
+            }
+        });
+    }
+
     /// Settles (`cancel` false) or cancels (the request unit, tokens and budget
     /// reservation all given back) every part of a reservation.
     async fn release(
@@ -436,7 +488,10 @@ impl RedisLimits {
                     .arg(u8::from(*tokens))
                     .arg(u8::from(*concurrency));
             }
-            invocation.arg(u8::from(part.budget)).arg(part.budget_ttl);
+            invocation
+                .arg(u8::from(part.budget))
+                .arg(part.budget_ttl)
+                .arg(self.lease.as_millis() as u64);
             for k in &part.keys {
                 invocation.key(k);
             }

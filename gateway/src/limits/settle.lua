@@ -3,16 +3,28 @@
 -- Cancelling (a reservation another scope refused, on a cluster) gives back the request
 -- unit and every reserved token too, and spends nothing.
 --
--- KEYS: as for admission.
+-- A cancel may also arrive before (or instead of) the admission it cancels, when the
+-- caller gave up waiting: it then leaves the marker as a tombstone, and the admission, if
+-- it ever runs, reserves nothing.
+--
+-- KEYS: as for admission (the reservation's marker last).
 -- ARGV: reservation id, reserved tokens, actual tokens, actual cost, cancel (0/1),
 --       number of scopes, then per scope: requests limited, tokens limited, concurrency
---       limited (0/1 each), then budget present (0/1), budget key ttl seconds.
+--       limited (0/1 each), then budget present (0/1), budget key ttl seconds, lease ms.
 local id = ARGV[1]
 local refund = tonumber(ARGV[2]) - tonumber(ARGV[3])
 local cost = tonumber(ARGV[4])
 local cancel = ARGV[5] == '1'
 local n = tonumber(ARGV[6])
-if cancel then refund = tonumber(ARGV[2]) end
+local marker = KEYS[3 * n + 4]
+if cancel then
+  refund = tonumber(ARGV[2])
+  if redis.call('GET', marker) ~= '1' then
+    redis.call('SET', marker, 'x', 'PX', tonumber(ARGV[7 + 3 * n + 2]))
+    return 0
+  end
+end
+redis.call('DEL', marker)
 for i = 0, n - 1 do
   local kr, kt, kc = KEYS[1 + 3 * i], KEYS[2 + 3 * i], KEYS[3 + 3 * i]
   if cancel and ARGV[7 + 3 * i] == '1' and redis.call('EXISTS', kr) == 1 then
