@@ -384,3 +384,51 @@ async fn three_gateways_on_a_redis_cluster_keep_key_and_route_limits_exact() {
     .await;
     assert!(counted, "usage counters count every answered request");
 }
+
+#[tokio::test]
+async fn revocations_reach_every_gateway_through_a_redis_cluster() {
+    let cluster = Cluster::start();
+    let dirs: Vec<tempfile::TempDir> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
+    for d in &dirs {
+        config(d.path(), 100_000, None);
+    }
+    // Each gateway is given the seed nodes in a different order, so they subscribe
+    // through different nodes.
+    let mut urls: Vec<String> = cluster.nodes.iter().map(|n| n.url()).collect();
+    let gateways: Vec<Gateway> = dirs
+        .iter()
+        .map(|d| {
+            urls.rotate_left(1);
+            Gateway::start(&[
+                "--resources",
+                d.path().to_str().unwrap(),
+                "--redis-url",
+                &urls.join(","),
+                "--redis-cluster",
+                "--reload-interval",
+                "100ms",
+            ])
+        })
+        .collect();
+    for gw in &gateways {
+        assert_eq!(call(gw, KEY_B).await, 200);
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let text = std::fs::read_to_string(dirs[0].path().join("config.yaml")).unwrap();
+    let without = text
+        .split("---\n")
+        .filter(|doc| !doc.contains("name: b"))
+        .collect::<Vec<_>>()
+        .join("---\n");
+    let started = Instant::now();
+    std::fs::write(dirs[0].path().join("config.yaml"), without).unwrap();
+    let refused = eventually(Duration::from_secs(5), || async {
+        call(&gateways[1], KEY_B).await == 401
+    })
+    .await;
+    let took = started.elapsed();
+    assert!(refused, "the other gateway refuses the removed key");
+    eprintln!("cluster revocation reached the other gateway in {took:?}");
+    assert!(took < Duration::from_secs(1), "took {took:?}");
+    assert_eq!(call(&gateways[1], KEY_A).await, 200);
+}
