@@ -16,5 +16,7 @@ pub mod heartbeat;
 pub mod key_format;
 pub mod manifests;
 pub mod parts;
+#[cfg(feature = "redis")]
+pub mod redis_conn;
 pub mod revocation;
 pub mod usage;

@@ -27,6 +27,56 @@ pub struct Revocation {
     pub until_millis: i64,
 }
 
+/// Publishes the revocation of `key_sha256` (lowercase hex) for [`HOLD_MILLIS`]: recorded
+/// in [`REVOKED_SET`] first (for replicas that miss the message), then announced on
+/// [`CHANNEL`], so a replica that resynchronises on the message finds it.
+#[cfg(feature = "redis")]
+pub async fn publish(
+    mut conn: crate::redis_conn::SharedConn,
+    key_sha256: &[String],
+    timeout: std::time::Duration,
+) -> Result<(), String> {
+    let now = jiff::Timestamp::now().as_millisecond();
+    let message = Revocation {
+        key_sha256: key_sha256.to_vec(),
+        until_millis: now + HOLD_MILLIS,
+    };
+    // The set is one key (one slot on a cluster); the message goes out separately.
+    let mut pipe = redis::pipe();
+    for hash in &message.key_sha256 {
+        pipe.zadd(REVOKED_SET, hash, message.until_millis).ignore();
+    }
+    pipe.cmd("ZREMRANGEBYSCORE")
+        .arg(REVOKED_SET)
+        .arg("-inf")
+        .arg(now)
+        .ignore();
+    let payload = serde_json::to_string(&message).map_err(|e| e.to_string())?;
+    let work = async {
+        pipe.query_async::<()>(&mut conn)
+            .await
+            .map_err(|e| e.to_string())?;
+        redis::cmd("PUBLISH")
+            .arg(CHANNEL)
+            .arg(payload)
+            .query_async::<i64>(&mut conn)
+            .await
+            .map_err(|e| e.to_string())
+            .map(|_| ())
+    };
+    tokio_timeout(timeout, work).await
+}
+
+#[cfg(feature = "redis")]
+async fn tokio_timeout<T>(
+    timeout: std::time::Duration,
+    work: impl Future<Output = Result<T, String>>,
+) -> Result<T, String> {
+    tokio::time::timeout(timeout, work)
+        .await
+        .map_err(|_| "timed out".to_owned())?
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

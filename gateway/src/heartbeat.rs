@@ -5,7 +5,9 @@ use std::{sync::Arc, time::Duration};
 
 use tollgate_api::heartbeat::{CONFIG, EVERY_SECS, FORGET_AFTER_SECS, SEEN};
 
-use crate::{config_source::ConfigState, redis_conn::SharedConn};
+use tollgate_api::redis_conn::SharedConn;
+
+use crate::config_source::ConfigState;
 
 /// This process's id in reports: the pod name (`HOSTNAME` in Kubernetes) and a random
 /// suffix, so two processes on one host never share one.

@@ -13,7 +13,6 @@ pub mod listener;
 pub mod metrics;
 pub mod providers;
 pub mod proxy;
-pub mod redis_conn;
 pub mod relay;
 pub mod request;
 pub mod revocation;

@@ -8,9 +8,9 @@ use std::{
 };
 
 use futures_util::StreamExt;
-use tollgate_api::revocation::{CHANNEL, HOLD_MILLIS, REVOKED_SET, Revocation};
+use tollgate_api::revocation::{CHANNEL, REVOKED_SET, Revocation};
 
-use crate::redis_conn::SharedConn;
+use tollgate_api::redis_conn::SharedConn;
 
 /// Revoked key hashes and when each revocation lapses (Unix milliseconds).
 #[derive(Debug, Default)]
@@ -74,45 +74,14 @@ impl Revocations {
     }
 }
 
-/// Publishes the revocation of `hashes`: recorded in the set (for replicas that miss the
-/// message) and announced on the channel.
+/// Publishes the revocation of `hashes` (see `tollgate_api::revocation::publish`).
 pub async fn publish(
-    mut conn: SharedConn,
+    conn: SharedConn,
     hashes: &[[u8; 32]],
     timeout: Duration,
 ) -> Result<(), String> {
-    let until = now_millis() + HOLD_MILLIS;
-    let message = Revocation {
-        key_sha256: hashes.iter().map(encode).collect(),
-        until_millis: until,
-    };
-    // The set is one key (one slot on a cluster); the message goes out separately, after
-    // the set holds it, so a replica that resynchronises on the message finds it.
-    let mut pipe = redis::pipe();
-    for hash in &message.key_sha256 {
-        pipe.zadd(REVOKED_SET, hash, until).ignore();
-    }
-    pipe.cmd("ZREMRANGEBYSCORE")
-        .arg(REVOKED_SET)
-        .arg("-inf")
-        .arg(now_millis())
-        .ignore();
-    let payload = serde_json::to_string(&message).expect("serialises");
-    let work = async {
-        pipe.query_async::<()>(&mut conn)
-            .await
-            .map_err(|e| e.to_string())?;
-        redis::cmd("PUBLISH")
-            .arg(CHANNEL)
-            .arg(payload)
-            .query_async::<i64>(&mut conn)
-            .await
-            .map_err(|e| e.to_string())
-            .map(|_| ())
-    };
-    tokio::time::timeout(timeout, work)
-        .await
-        .map_err(|_| "timed out".to_owned())?
+    let hex: Vec<String> = hashes.iter().map(encode).collect();
+    tollgate_api::revocation::publish(conn, &hex, timeout).await
 }
 
 /// Follows the revocation channel forever through any of `clients` (one per Redis node;

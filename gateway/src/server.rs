@@ -7,6 +7,7 @@ use std::{
 };
 
 use anyhow::Context;
+use tollgate_api::redis_conn::RedisOptions;
 use tokio::net::TcpListener;
 
 use crate::{
@@ -14,7 +15,6 @@ use crate::{
     http::{AppState, HttpOptions, admin_app, app},
     limits::{self, redis::RedisLimits, store::Limits},
     metrics::Metrics,
-    redis_conn::RedisOptions,
     revocation::{self, Revocations},
     settings::Settings,
 };

@@ -4,5 +4,7 @@
 
 pub mod desired;
 pub mod keys;
+pub mod leader;
 pub mod render;
+pub mod settings;
 pub mod status;

@@ -15,7 +15,7 @@ use std::time::Duration;
 use redis::Script;
 
 use super::{Ask, CompiledLimits, Limit, Quota, Rejection, budget_slot};
-use crate::redis_conn::{RedisOptions, SharedConn};
+use tollgate_api::redis_conn::{RedisOptions, SharedConn};
 
 /// Version of the key layout and scripts.
 pub const LAYOUT: &str = "v1";
@@ -130,7 +130,7 @@ impl RedisLimits {
         let conn = RedisOptions::new(url, timeout)
             .connect_lazy()
             .map_err(|e| match e {
-                crate::redis_conn::OptionsError::Redis(e) => StoreError::Redis(e),
+                tollgate_api::redis_conn::OptionsError::Redis(e) => StoreError::Redis(e),
                 other => StoreError::Redis(redis::RedisError::from((
                     redis::ErrorKind::InvalidClientConfig,
                     "invalid Redis options",
