@@ -54,6 +54,8 @@ pub mod reasons {
     pub const UNKNOWN_MODEL: &str = "UnknownModel";
     /// Budget currency differs from every Provider's currency.
     pub const CURRENCY_MISMATCH: &str = "CurrencyMismatch";
+    /// The ApiKey's Secret name is taken by a Secret the operator did not create.
+    pub const SECRET_CONFLICT: &str = "SecretConflict";
 }
 
 /// Kind of a Tollgate object.

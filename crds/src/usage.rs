@@ -2,9 +2,9 @@
 //! self-service usage endpoint read the same numbers. One hash per key and period:
 //!
 //! `tollgate:v1:{k:<key id>}:usage:<period>` with fields [`REQUESTS`], [`INPUT_TOKENS`],
-//! [`OUTPUT_TOKENS`] and [`SPEND`]; `<period>` is a UTC day (`2026-11-21`) or month
-//! (`2026-11`). Daily hashes expire after [`DAILY_TTL_SECS`], monthly ones after
-//! [`MONTHLY_TTL_SECS`].
+//! [`OUTPUT_TOKENS`] and [`SPEND`]; `<period>` is a UTC day (`2026-11-21`), a UTC month
+//! (`2026-11`) or [`TOTAL`]. Daily hashes expire after [`DAILY_TTL_SECS`]; monthly and
+//! total ones [`MONTHLY_TTL_SECS`] after the key was last used.
 
 /// Layout version shared with the limit scripts.
 pub const LAYOUT: &str = "v1";
@@ -16,6 +16,8 @@ pub const INPUT_TOKENS: &str = "input_tokens";
 pub const OUTPUT_TOKENS: &str = "output_tokens";
 /// Spend in the provider's currency.
 pub const SPEND: &str = "spend";
+/// Period id of the all-time counters.
+pub const TOTAL: &str = "total";
 /// Lifetime of a daily usage hash.
 pub const DAILY_TTL_SECS: i64 = 35 * 24 * 3600;
 /// Lifetime of a monthly usage hash.
@@ -33,6 +35,23 @@ pub fn periods(now: jiff::Timestamp) -> (String, String) {
         date.to_string(),
         format!("{:04}-{:02}", date.year(), date.month()),
     )
+}
+
+/// The id of the budget period containing `now`: a UTC day, a UTC month, or `total`.
+pub fn budget_period_id(period: crate::v1alpha1::BudgetPeriod, now: jiff::Timestamp) -> String {
+    use crate::v1alpha1::BudgetPeriod;
+    let (day, month) = periods(now);
+    match period {
+        BudgetPeriod::Daily => day,
+        BudgetPeriod::Monthly => month,
+        BudgetPeriod::Total => TOTAL.to_owned(),
+    }
+}
+
+/// Prefix of a key's budget keys in one period (`…:spent` holds the settled spend; the
+/// gateway's admission script also keeps reservations there).
+pub fn budget_prefix(key_id: &str, period_id: &str) -> String {
+    format!("tollgate:{LAYOUT}:{{k:{key_id}}}:budget:{period_id}")
 }
 
 #[cfg(test)]

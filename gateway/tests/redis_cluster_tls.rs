@@ -378,8 +378,8 @@ async fn three_gateways_on_a_redis_cluster_keep_key_and_route_limits_exact() {
                     .collect::<Vec<_>>()
             })
             .sum();
-        // Daily and monthly counters each count every answered request.
-        total == 2 * (a + b) as u64
+        // Daily, monthly and total counters each count every answered request.
+        total == 3 * (a + b) as u64
     })
     .await;
     assert!(counted, "usage counters count every answered request");

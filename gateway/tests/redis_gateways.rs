@@ -243,6 +243,10 @@ async fn answered_requests_are_counted_in_shared_usage_counters() {
     assert_eq!(daily["output_tokens"], "12", "3 mock tokens per answer");
     assert!(daily["input_tokens"].parse::<u64>().unwrap() > 0);
     assert_eq!(read(month).await["requests"], "4");
+    assert_eq!(
+        read(tollgate_api::usage::TOTAL.to_owned()).await["requests"],
+        "4"
+    );
     let ttl: i64 = redis::cmd("TTL")
         .arg(tollgate_api::usage::usage_key(
             &key_id,

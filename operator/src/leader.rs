@@ -111,7 +111,11 @@ impl Elector {
             return Ok(false);
         }
         lease.spec = Some(self.spec(Some(&spec)));
-        match self.api.replace(&self.name, &PostParams::default(), &lease).await {
+        match self
+            .api
+            .replace(&self.name, &PostParams::default(), &lease)
+            .await
+        {
             Ok(written) => {
                 self.observed = Some((written.resource_version().unwrap_or_default(), now));
                 Ok(true)
@@ -167,10 +171,12 @@ impl Elector {
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "could not acquire or renew the lease");
-                    let expired = last_renewal
-                        .is_none_or(|at| at.elapsed() >= self.timing.renew_deadline);
+                    let expired =
+                        last_renewal.is_none_or(|at| at.elapsed() >= self.timing.renew_deadline);
                     if *leading.borrow() && expired {
-                        tracing::error!("lease not renewed within the renew deadline; stopped leading");
+                        tracing::error!(
+                            "lease not renewed within the renew deadline; stopped leading"
+                        );
                         let _ = leading.send(false);
                     }
                 }
@@ -184,7 +190,9 @@ impl Elector {
             let _ = leading.send(false);
             match self.release().await {
                 Ok(()) => tracing::info!("released the lease"),
-                Err(e) => tracing::warn!(error = %e, "could not release the lease; it expires on its own"),
+                Err(e) => {
+                    tracing::warn!(error = %e, "could not release the lease; it expires on its own")
+                }
             }
         }
     }
@@ -210,7 +218,12 @@ mod tests {
             retry: Duration::from_secs(2),
         };
         (
-            Elector::new(Api::namespaced(client, "ops"), "tollgate-operator", "me", timing),
+            Elector::new(
+                Api::namespaced(client, "ops"),
+                "tollgate-operator",
+                "me",
+                timing,
+            ),
             handle,
         )
     }
@@ -237,7 +250,12 @@ mod tests {
         json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": reason, "code": code, "message": reason})
     }
 
-    async fn expect(handle: &mut ApiHandle, method: &str, uri: &str, reply: Response<Body>) -> Value {
+    async fn expect(
+        handle: &mut ApiHandle,
+        method: &str,
+        uri: &str,
+        reply: Response<Body>,
+    ) -> Value {
         let (request, send) = handle.next_request().await.expect("a request");
         assert_eq!(request.method().as_str(), method);
         assert_eq!(request.uri().to_string(), uri);
@@ -255,8 +273,20 @@ mod tests {
         let (mut e, mut handle) = elector();
         let server = tokio::spawn(async move {
             let get = format!("{PATH}/tollgate-operator");
-            expect(&mut handle, "GET", &get, respond(404, status(404, "NotFound"))).await;
-            let body = expect(&mut handle, "POST", &format!("{PATH}?"), respond(201, lease("me", "1"))).await;
+            expect(
+                &mut handle,
+                "GET",
+                &get,
+                respond(404, status(404, "NotFound")),
+            )
+            .await;
+            let body = expect(
+                &mut handle,
+                "POST",
+                &format!("{PATH}?"),
+                respond(201, lease("me", "1")),
+            )
+            .await;
             assert_eq!(body["spec"]["holderIdentity"], "me");
             assert_eq!(body["spec"]["leaseDurationSeconds"], 15);
             assert_eq!(body["spec"]["leaseTransitions"], 0);
@@ -283,7 +313,10 @@ mod tests {
             expect(&mut handle, "GET", &get, respond(200, lease("other", "7"))).await;
             let put = format!("{PATH}/tollgate-operator?");
             let body = expect(&mut handle, "PUT", &put, respond(200, lease("me", "8"))).await;
-            assert_eq!(body["metadata"]["resourceVersion"], "7", "replace is conditional");
+            assert_eq!(
+                body["metadata"]["resourceVersion"], "7",
+                "replace is conditional"
+            );
             assert_eq!(body["spec"]["holderIdentity"], "me");
             assert_eq!(body["spec"]["leaseTransitions"], 5);
         });
@@ -299,7 +332,13 @@ mod tests {
             let get = format!("{PATH}/tollgate-operator");
             expect(&mut handle, "GET", &get, respond(200, lease("other", "3"))).await;
             let put = format!("{PATH}/tollgate-operator?");
-            expect(&mut handle, "PUT", &put, respond(409, status(409, "Conflict"))).await;
+            expect(
+                &mut handle,
+                "PUT",
+                &put,
+                respond(409, status(409, "Conflict")),
+            )
+            .await;
         });
         assert!(!e.try_acquire_or_renew().await.unwrap());
         server.await.unwrap();
@@ -313,7 +352,10 @@ mod tests {
             let put = format!("{PATH}/tollgate-operator?");
             expect(&mut handle, "GET", &get, respond(200, lease("me", "9"))).await;
             let body = expect(&mut handle, "PUT", &put, respond(200, lease("me", "10"))).await;
-            assert_eq!(body["spec"]["leaseTransitions"], 4, "renewal is no transition");
+            assert_eq!(
+                body["spec"]["leaseTransitions"], 4,
+                "renewal is no transition"
+            );
             assert_eq!(body["spec"]["acquireTime"], "2026-11-22T10:00:00.000000Z");
             expect(&mut handle, "GET", &get, respond(200, lease("me", "10"))).await;
             let body = expect(&mut handle, "PUT", &put, respond(200, lease("", "11"))).await;

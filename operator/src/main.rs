@@ -1,8 +1,10 @@
-//! `tollgate-operator`: the control plane. The in-cluster controller arrives with issue #5;
-//! today it offers the offline commands.
+//! `tollgate-operator`: the control plane (`run`), and offline commands (`render`, `crds`).
 #![forbid(unsafe_code)]
 
-use tollgate_operator::render;
+use tollgate_operator::{
+    render,
+    settings::{LogFormat, RunSettings},
+};
 
 use std::{path::PathBuf, process::ExitCode};
 
@@ -18,7 +20,11 @@ struct Cli {
 }
 
 #[derive(Debug, Subcommand)]
+#[allow(clippy::large_enum_variant)]
 enum Command {
+    /// Run the controller: watch Providers, RoutePolicies and ApiKeys, write the gateway
+    /// configuration (ConfigMap and Secrets), issue and rotate keys, report status.
+    Run(Box<RunSettings>),
     /// Compile manifests offline (no cluster) and print diagnostics and the resulting
     /// configuration parts. Exits 1 when any object has an error.
     Render {
@@ -38,9 +44,48 @@ enum Command {
     Crds,
 }
 
+fn run(settings: RunSettings) -> anyhow::Result<ExitCode> {
+    init_logging(settings.log_format);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    match runtime.block_on(tollgate_operator::run::run(settings)) {
+        Ok(()) => Ok(ExitCode::SUCCESS),
+        Err(e) => {
+            tracing::error!("{e:#}");
+            Ok(ExitCode::FAILURE)
+        }
+    }
+}
+
+fn init_logging(format: LogFormat) {
+    use std::io::IsTerminal;
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let json = match format {
+        LogFormat::Json => true,
+        LogFormat::Text => false,
+        LogFormat::Auto => !std::io::stderr().is_terminal(),
+    };
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal());
+    if json {
+        builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .init();
+    } else {
+        builder.init();
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
+        Command::Run(settings) => run(*settings),
         Command::Render { path, output, json } => render::run(&path, output.as_deref(), json),
         Command::Crds => {
             for (_, crd) in tollgate_api::crd::all() {

@@ -43,7 +43,11 @@ pub struct RunSettings {
     /// Name prefix of the generated objects: `<prefix>-config` (ConfigMap),
     /// `<prefix>-credentials` and `<prefix>-keys-NN` (Secrets). The gateway Deployment
     /// mounts them (the Helm chart does this).
-    #[arg(long, env = "TOLLGATE_CONFIG_PREFIX", default_value = "tollgate-gateway")]
+    #[arg(
+        long,
+        env = "TOLLGATE_CONFIG_PREFIX",
+        default_value = "tollgate-gateway"
+    )]
     pub config_prefix: String,
 
     /// Quiet time after a change before compiling, so a burst (1,000 ApiKeys applied at
@@ -75,11 +79,21 @@ pub struct RunSettings {
     pub redis_ca_file: Option<PathBuf>,
 
     /// PEM client certificate for Redis mutual TLS (with --redis-client-key).
-    #[arg(long, env = "TOLLGATE_REDIS_CLIENT_CERT", value_name = "FILE", requires = "redis_client_key")]
+    #[arg(
+        long,
+        env = "TOLLGATE_REDIS_CLIENT_CERT",
+        value_name = "FILE",
+        requires = "redis_client_key"
+    )]
     pub redis_client_cert: Option<PathBuf>,
 
     /// PEM private key of --redis-client-cert.
-    #[arg(long, env = "TOLLGATE_REDIS_CLIENT_KEY", value_name = "FILE", requires = "redis_client_cert")]
+    #[arg(
+        long,
+        env = "TOLLGATE_REDIS_CLIENT_KEY",
+        value_name = "FILE",
+        requires = "redis_client_cert"
+    )]
     pub redis_client_key: Option<PathBuf>,
 
     /// Deadline of every Redis call.
@@ -157,10 +171,7 @@ impl RunSettings {
                 .unwrap_or_else(|| "tollgate-operator".to_owned());
             let mut suffix = [0u8; 3];
             let _ = getrandom::fill(&mut suffix);
-            format!(
-                "{host}-{:02x}{:02x}{:02x}",
-                suffix[0], suffix[1], suffix[2]
-            )
+            format!("{host}-{:02x}{:02x}{:02x}", suffix[0], suffix[1], suffix[2])
         })
     }
 

@@ -508,7 +508,7 @@ impl RedisLimits {
         Ok(())
     }
 
-    /// Adds one answered request to the key's daily and monthly usage counters, in one
+    /// Adds one answered request to the key's daily, monthly and total usage counters, in one
     /// pipelined round trip.
     pub async fn record_usage(
         &self,
@@ -523,6 +523,7 @@ impl RedisLimits {
         for (period, ttl) in [
             (day, usage::DAILY_TTL_SECS),
             (month, usage::MONTHLY_TTL_SECS),
+            (usage::TOTAL.to_owned(), usage::MONTHLY_TTL_SECS),
         ] {
             let key = usage::usage_key(key_id, &period);
             pipe.hincr(&key, usage::REQUESTS, 1u64)
@@ -610,11 +611,12 @@ fn budget_base(
     now: jiff::Timestamp,
 ) -> (String, Option<Duration>) {
     let (slot, until) = budget_slot(key_id, period, now);
-    let period_id = slot.rsplit(':').next().unwrap_or("total").to_owned();
-    (
-        format!("tollgate:{LAYOUT}:{{k:{key_id}}}:budget:{period_id}"),
-        until,
-    )
+    let period_id = slot.rsplit(':').next().unwrap_or("total");
+    debug_assert_eq!(
+        period_id,
+        tollgate_api::usage::budget_period_id(period, now)
+    );
+    (tollgate_api::usage::budget_prefix(key_id, period_id), until)
 }
 
 fn cache_key(id: &str) -> String {

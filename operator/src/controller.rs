@@ -1,0 +1,941 @@
+//! The controller: watches the three kinds (and only the Secrets they need), and on any
+//! change, after a debounce, runs one reconcile of everything:
+//!
+//! 1. ApiKey lifecycle: create missing key Secrets, rotate on request ([`crate::keys`]);
+//! 2. compile every object with `tollgate_api::compile` (pure);
+//! 3. publish revocations for key hashes the served configuration loses, before it
+//!    changes, so every gateway refuses them at once (when Redis is configured);
+//! 4. server-side apply the generated ConfigMap and Secrets that changed, delete shards no
+//!    longer needed ([`crate::desired`]);
+//! 5. patch the status of every object whose status changed, with an Event when `Ready`
+//!    changes ([`crate::status`]), including `Propagated` from the gateways' reports.
+//!
+//! Compiling everything at once is what the gateway needs (one consistent configuration)
+//! and what makes bursts cheap: 1,000 ApiKeys applied together cause one compile and one
+//! write per changed object. Only the leader writes; standbys keep their caches warm.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fmt::Debug,
+    hash::Hash,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use futures_util::StreamExt;
+use jiff::Timestamp;
+use k8s_openapi::api::core::v1::{ConfigMap, Secret};
+use kube::{
+    Api, Client, Resource, ResourceExt,
+    api::{DeleteParams, Patch, PatchParams, PostParams},
+    runtime::{
+        WatchStreamExt,
+        events::{Event, EventType, Recorder, Reporter},
+        reflector::{self, Store},
+        watcher,
+    },
+};
+use serde::{Serialize, de::DeserializeOwned};
+use serde_json::{Value, json};
+use tokio::sync::{Notify, watch};
+use tollgate_api::{
+    compile::{CompileOutput, DEFAULT_NAMESPACE, Resources, SecretStore, compile},
+    diagnostics::{Diagnostic, Kind, ObjectRef, Severity, condition_types, reasons},
+    parts,
+    redis_conn::SharedConn,
+    v1alpha1::{ApiKey, Provider, RoutePolicy},
+};
+
+use crate::{
+    desired::{self, DesiredObject, LiveObjects, MANAGED_BY, MANAGED_BY_VALUE, Naming, PART_LABEL},
+    keys::{self, API_KEY_LABEL, KeyAction},
+    metrics::Metrics,
+    status,
+};
+
+/// The field manager of every write.
+pub const MANAGER: &str = "tollgate-operator";
+
+/// A cache of one kind, possibly over several namespaces.
+#[allow(missing_debug_implementations)]
+pub struct Cache<K: Resource<DynamicType = ()> + Clone + 'static> {
+    stores: Vec<Store<K>>,
+}
+
+impl<K> Cache<K>
+where
+    K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
+{
+    /// Every object.
+    pub fn all(&self) -> Vec<K> {
+        self.stores
+            .iter()
+            .flat_map(|s| s.state())
+            .map(|o| (*o).clone())
+            .collect()
+    }
+
+    async fn ready(&self) {
+        for s in &self.stores {
+            let _ = s.wait_until_ready().await;
+        }
+    }
+}
+
+/// Starts a reflector on `api`, notifying `notify` on every change (and when the initial
+/// list is in, so a re-list never triggers a compile on half-replaced state).
+fn reflect<K>(
+    api: Api<K>,
+    config: watcher::Config,
+    notify: Arc<Notify>,
+    what: &'static str,
+) -> (Store<K>, tokio::task::JoinHandle<()>)
+where
+    K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
+    K::DynamicType: Eq + Hash + Clone + Default,
+{
+    let (store, writer) = reflector::store::<K>();
+    let stream = watcher(api, config)
+        .default_backoff()
+        .modify(|o: &mut K| o.managed_fields_mut().clear())
+        .reflect(writer);
+    let task = tokio::spawn(async move {
+        let mut stream = std::pin::pin!(stream);
+        while let Some(event) = stream.next().await {
+            match event {
+                Ok(
+                    watcher::Event::Apply(_) | watcher::Event::Delete(_) | watcher::Event::InitDone,
+                ) => {
+                    notify.notify_one();
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::warn!(error = %e, watch = what, "watch failed; retrying with backoff")
+                }
+            }
+        }
+    });
+    (store, task)
+}
+
+fn apis<K>(client: &Client, namespaces: &[String]) -> Vec<Api<K>>
+where
+    K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>,
+{
+    if namespaces.iter().any(|n| n == "*") {
+        vec![Api::all(client.clone())]
+    } else {
+        namespaces
+            .iter()
+            .map(|n| Api::namespaced(client.clone(), n))
+            .collect()
+    }
+}
+
+/// A watch and the cache it fills.
+type Watched<K> = (Store<K>, tokio::task::JoinHandle<()>);
+
+/// The watches the controller keeps.
+#[allow(missing_debug_implementations)]
+pub struct Watches {
+    /// Providers.
+    pub providers: Cache<Provider>,
+    /// RoutePolicies.
+    pub routes: Cache<RoutePolicy>,
+    /// ApiKeys.
+    pub keys: Cache<ApiKey>,
+    /// Key Secrets this operator created (by label).
+    pub key_secrets: Cache<Secret>,
+    /// Generated ConfigMaps in the gateway namespace (by label).
+    pub generated_maps: Store<ConfigMap>,
+    /// Generated Secrets in the gateway namespace (by label).
+    pub generated_secrets: Store<Secret>,
+    /// Credential Secrets named by Providers, one field-selected watch each.
+    credentials: Mutex<BTreeMap<(String, String), Watched<Secret>>>,
+    client: Client,
+    notify: Arc<Notify>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Watches {
+    /// Starts every watch.
+    pub fn start(
+        client: &Client,
+        namespaces: &[String],
+        gateway_namespace: &str,
+        notify: Arc<Notify>,
+    ) -> Self {
+        let mut tasks = Vec::new();
+        macro_rules! kind_cache {
+            ($k:ty, $cfg:expr, $what:expr) => {{
+                let mut stores = Vec::new();
+                for api in apis::<$k>(client, namespaces) {
+                    let (store, task) = reflect(api, $cfg, notify.clone(), $what);
+                    stores.push(store);
+                    tasks.push(task);
+                }
+                Cache { stores }
+            }};
+        }
+        let providers = kind_cache!(Provider, watcher::Config::default(), "providers");
+        let routes = kind_cache!(RoutePolicy, watcher::Config::default(), "routepolicies");
+        let keys = kind_cache!(ApiKey, watcher::Config::default(), "apikeys");
+        let key_secrets = kind_cache!(
+            Secret,
+            watcher::Config::default()
+                .labels(&format!("{MANAGED_BY}={MANAGED_BY_VALUE},{API_KEY_LABEL}")),
+            "key secrets"
+        );
+        let generated = watcher::Config::default()
+            .labels(&format!("{MANAGED_BY}={MANAGED_BY_VALUE},{PART_LABEL}"));
+        let (generated_maps, task) = reflect(
+            Api::<ConfigMap>::namespaced(client.clone(), gateway_namespace),
+            generated.clone(),
+            notify.clone(),
+            "generated configmaps",
+        );
+        tasks.push(task);
+        let (generated_secrets, task) = reflect(
+            Api::<Secret>::namespaced(client.clone(), gateway_namespace),
+            generated,
+            notify.clone(),
+            "generated secrets",
+        );
+        tasks.push(task);
+        Self {
+            providers,
+            routes,
+            keys,
+            key_secrets,
+            generated_maps,
+            generated_secrets,
+            credentials: Mutex::new(BTreeMap::new()),
+            client: client.clone(),
+            notify,
+            tasks,
+        }
+    }
+
+    /// Waits until every cache holds its initial list.
+    pub async fn ready(&self) {
+        self.providers.ready().await;
+        self.routes.ready().await;
+        self.keys.ready().await;
+        self.key_secrets.ready().await;
+        let _ = self.generated_maps.wait_until_ready().await;
+        let _ = self.generated_secrets.wait_until_ready().await;
+    }
+
+    /// Watches exactly the credential Secrets `providers` name (by field selector), and
+    /// returns them once their watches hold their initial state.
+    async fn credentials(&self, providers: &[Provider]) -> Vec<Secret> {
+        let wanted: BTreeSet<(String, String)> = providers
+            .iter()
+            .filter_map(|p| {
+                let c = p.spec.credentials.as_ref()?;
+                Some((
+                    p.namespace()
+                        .unwrap_or_else(|| DEFAULT_NAMESPACE.to_owned()),
+                    c.secret_ref.name.clone(),
+                ))
+            })
+            .collect();
+        let stores: Vec<Store<Secret>> = {
+            let mut map = self.credentials.lock().unwrap_or_else(|e| e.into_inner());
+            map.retain(|k, (_, task)| {
+                let keep = wanted.contains(k);
+                if !keep {
+                    task.abort();
+                }
+                keep
+            });
+            for (ns, name) in &wanted {
+                map.entry((ns.clone(), name.clone())).or_insert_with(|| {
+                    reflect(
+                        Api::<Secret>::namespaced(self.client.clone(), ns),
+                        watcher::Config::default().fields(&format!("metadata.name={name}")),
+                        self.notify.clone(),
+                        "credential secret",
+                    )
+                });
+            }
+            map.values().map(|(s, _)| s.clone()).collect()
+        };
+        let mut secrets = Vec::new();
+        for store in stores {
+            // A new watch answers within a moment; never block the loop for long.
+            let _ = tokio::time::timeout(Duration::from_secs(5), store.wait_until_ready()).await;
+            secrets.extend(store.state().iter().map(|s| (**s).clone()));
+        }
+        secrets
+    }
+}
+
+impl Drop for Watches {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+        for (_, t) in self
+            .credentials
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+        {
+            t.abort();
+        }
+    }
+}
+
+/// A failed reconcile step.
+#[derive(Debug, thiserror::Error)]
+pub enum ReconcileError {
+    /// A Kubernetes API call failed.
+    #[error("{what}: {source}")]
+    Kube {
+        /// What was being done.
+        what: String,
+        /// The error.
+        source: kube::Error,
+    },
+    /// The configuration cannot be written.
+    #[error("{0}")]
+    Config(String),
+}
+
+fn kube_err(what: impl Into<String>) -> impl FnOnce(kube::Error) -> ReconcileError {
+    let what = what.into();
+    move |source| ReconcileError::Kube { what, source }
+}
+
+/// What one reconcile did, for logs, metrics and tests.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Report {
+    /// Configuration hash now applied.
+    pub config_hash: String,
+    /// Objects written in the gateway namespace (applied or deleted).
+    pub config_writes: usize,
+    /// Status patches.
+    pub status_writes: usize,
+    /// Key Secrets created or rotated.
+    pub key_writes: usize,
+    /// Key hashes revoked.
+    pub revoked: usize,
+    /// When the next reconcile is due even without changes (an expiry, a grace period
+    /// ending, or gateways still catching up).
+    pub wake_in: Option<Duration>,
+}
+
+/// The reconciler: everything one reconcile needs.
+#[allow(missing_debug_implementations)]
+pub struct Reconciler {
+    /// Kubernetes client.
+    pub client: Client,
+    /// Generated objects' names.
+    pub naming: Naming,
+    /// Redis, when configured.
+    pub redis: Option<SharedConn>,
+    /// Deadline of Redis calls.
+    pub redis_timeout: Duration,
+    /// Events.
+    pub recorder: Recorder,
+    /// Metrics.
+    pub metrics: Arc<Metrics>,
+}
+
+/// The input of one reconcile, read from the caches.
+#[derive(Debug, Clone, Default)]
+pub struct Snapshot {
+    /// Providers.
+    pub providers: Vec<Provider>,
+    /// RoutePolicies.
+    pub routes: Vec<RoutePolicy>,
+    /// ApiKeys.
+    pub keys: Vec<ApiKey>,
+    /// Key Secrets by (namespace, name).
+    pub key_secrets: BTreeMap<(String, String), Secret>,
+    /// Credential Secrets.
+    pub credentials: Vec<Secret>,
+    /// Generated objects now in the gateway namespace.
+    pub generated_maps: Vec<ConfigMap>,
+    /// Generated Secrets now in the gateway namespace.
+    pub generated_secrets: Vec<Secret>,
+}
+
+impl Snapshot {
+    /// Reads every cache.
+    pub async fn read(w: &Watches) -> Self {
+        let providers = w.providers.all();
+        let credentials = w.credentials(&providers).await;
+        Self {
+            credentials,
+            providers,
+            routes: w.routes.all(),
+            keys: w.keys.all(),
+            key_secrets: w
+                .key_secrets
+                .all()
+                .into_iter()
+                .map(|s| ((s.namespace().unwrap_or_default(), s.name_any()), s))
+                .collect(),
+            generated_maps: w
+                .generated_maps
+                .state()
+                .iter()
+                .map(|o| (**o).clone())
+                .collect(),
+            generated_secrets: w
+                .generated_secrets
+                .state()
+                .iter()
+                .map(|o| (**o).clone())
+                .collect(),
+        }
+    }
+}
+
+fn hash_annotation<K: ResourceExt>(o: &K) -> String {
+    o.annotations()
+        .get(desired::CONTENT_HASH)
+        .cloned()
+        .unwrap_or_default()
+}
+
+/// The configuration the generated objects hold now, if they form a consistent set.
+fn live_config(snapshot: &Snapshot, naming: &Naming) -> Option<parts::AssembledConfig> {
+    let mut files: BTreeMap<String, Vec<u8>> = BTreeMap::new();
+    for cm in &snapshot.generated_maps {
+        if cm.name_any() != naming.config_map() {
+            continue;
+        }
+        for (k, v) in cm.data.iter().flatten() {
+            files.insert(k.clone(), v.as_bytes().to_vec());
+        }
+    }
+    for s in &snapshot.generated_secrets {
+        for (k, v) in s.data.iter().flatten() {
+            files.insert(k.clone(), v.0.clone());
+        }
+    }
+    if files.is_empty() {
+        return None;
+    }
+    parts::assemble(&files).ok()
+}
+
+/// Serialises a status for a merge patch of `/status`: `usage` is left to the usage
+/// refresher, and fields the previous status had but the new one lacks are removed.
+fn status_patch<S: Serialize>(next: &S, previous: Option<&S>, owned_elsewhere: &[&str]) -> Value {
+    let mut value = serde_json::to_value(next).unwrap_or(Value::Null);
+    let before = previous.and_then(|p| serde_json::to_value(p).ok());
+    if let (Value::Object(map), Some(Value::Object(old))) = (&mut value, before) {
+        for k in old.keys() {
+            if !map.contains_key(k) {
+                map.insert(k.clone(), Value::Null);
+            }
+        }
+    }
+    if let Value::Object(map) = &mut value {
+        for k in owned_elsewhere {
+            map.remove(*k);
+        }
+    }
+    json!({ "status": value })
+}
+
+impl Reconciler {
+    async fn event<K: Resource<DynamicType = ()>>(&self, object: &K, note: &status::EventNote) {
+        let event = Event {
+            type_: if note.warning {
+                EventType::Warning
+            } else {
+                EventType::Normal
+            },
+            reason: note.reason.clone(),
+            note: Some(note.note.clone()),
+            action: "Reconcile".to_owned(),
+            secondary: None,
+        };
+        if let Err(e) = self.recorder.publish(&event, &object.object_ref(&())).await {
+            tracing::warn!(error = %e, "could not record an Event");
+        }
+    }
+
+    /// Step 1: key Secrets. Returns the conflicts to report, by ApiKey.
+    async fn key_lifecycle(
+        &self,
+        snapshot: &mut Snapshot,
+        now: Timestamp,
+        report: &mut Report,
+    ) -> Result<BTreeMap<ObjectRef, String>, ReconcileError> {
+        let mut conflicts = BTreeMap::new();
+        for key in &mut snapshot.keys {
+            let ns = key
+                .namespace()
+                .unwrap_or_else(|| DEFAULT_NAMESPACE.to_owned());
+            let secret_name = tollgate_api::compile::secret_name(key);
+            let object = ObjectRef::new(Kind::ApiKey, &ns, &key.name_any());
+            let live = snapshot.key_secrets.get(&(ns.clone(), secret_name.clone()));
+            let secrets = Api::<Secret>::namespaced(self.client.clone(), &ns);
+            match keys::key_action(key, live, now, keys::os_random) {
+                KeyAction::Keep => {}
+                KeyAction::Conflict(message) => {
+                    conflicts.insert(object, message);
+                }
+                KeyAction::Create(secret) => {
+                    let params = PostParams {
+                        field_manager: Some(MANAGER.to_owned()),
+                        ..PostParams::default()
+                    };
+                    match secrets.create(&params, &secret).await {
+                        Ok(created) => {
+                            report.key_writes += 1;
+                            self.metrics.api_write("Secret", "create");
+                            let prefix = keys::secret_key(&created)
+                                .map(|k| tollgate_api::compile::key_prefix(&k))
+                                .unwrap_or_default();
+                            self.event(
+                                &*key,
+                                &status::EventNote {
+                                    warning: false,
+                                    reason: "KeyIssued".to_owned(),
+                                    note: format!("issued key {prefix}… into Secret {secret_name}"),
+                                },
+                            )
+                            .await;
+                            snapshot.key_secrets.insert((ns, secret_name), created);
+                        }
+                        // Exists without our label: somebody else's Secret.
+                        Err(kube::Error::Api(s)) if s.code == 409 => {
+                            conflicts.insert(object, format!(
+                                "Secret {secret_name} exists and was not created for this ApiKey; delete it or set spec.secretName to a free name"
+                            ));
+                        }
+                        Err(e) => {
+                            return Err(kube_err(format!("creating Secret {ns}/{secret_name}"))(e));
+                        }
+                    }
+                }
+                KeyAction::Rotate {
+                    secret,
+                    previous,
+                    generation,
+                } => {
+                    // Record the old key first: an interruption between the two writes
+                    // then never loses it (see `keys`).
+                    let api = Api::<ApiKey>::namespaced(self.client.clone(), &ns);
+                    let patch = json!({"status": {"rotatedGeneration": generation, "previousKey": previous}});
+                    let updated = api
+                        .patch_status(
+                            &key.name_any(),
+                            &PatchParams::default(),
+                            &Patch::Merge(&patch),
+                        )
+                        .await
+                        .map_err(kube_err(format!(
+                            "recording the rotation of ApiKey {ns}/{}",
+                            key.name_any()
+                        )))?;
+                    self.metrics.api_write("ApiKey", "patch-status");
+                    key.status = updated.status;
+                    let written = secrets
+                        .replace(
+                            &secret_name,
+                            &PostParams {
+                                field_manager: Some(MANAGER.to_owned()),
+                                ..PostParams::default()
+                            },
+                            &secret,
+                        )
+                        .await
+                        .map_err(kube_err(format!(
+                            "writing the rotated key into Secret {ns}/{secret_name}"
+                        )))?;
+                    report.key_writes += 2;
+                    self.metrics.api_write("Secret", "replace");
+                    let prefix = keys::secret_key(&written)
+                        .map(|k| tollgate_api::compile::key_prefix(&k))
+                        .unwrap_or_default();
+                    let grace = match &previous {
+                        Some(p) => format!("the previous key works until {}", p.expires_at.0),
+                        None => "the previous key stopped working".to_owned(),
+                    };
+                    self.event(
+                        &*key,
+                        &status::EventNote {
+                            warning: false,
+                            reason: "KeyRotated".to_owned(),
+                            note: format!(
+                                "issued key {prefix}… into Secret {secret_name}; {grace}"
+                            ),
+                        },
+                    )
+                    .await;
+                    snapshot.key_secrets.insert((ns, secret_name), written);
+                }
+            }
+        }
+        Ok(conflicts)
+    }
+
+    /// Gateways live now and how many serve `hash`, from their Redis reports.
+    async fn propagation(&self, hash: &str) -> Option<(usize, usize)> {
+        use tollgate_api::heartbeat::{CONFIG, LIVE_WITHIN_SECS, SEEN};
+        let mut conn = self.redis.clone()?;
+        let now = Timestamp::now().as_millisecond();
+        let work = async {
+            let live: Vec<String> = redis::cmd("ZRANGEBYSCORE")
+                .arg(SEEN)
+                .arg(now - (LIVE_WITHIN_SECS * 1000) as i64)
+                .arg("+inf")
+                .query_async(&mut conn)
+                .await?;
+            if live.is_empty() {
+                return Ok::<_, redis::RedisError>((0, 0));
+            }
+            let hashes: Vec<Option<String>> = redis::cmd("HMGET")
+                .arg(CONFIG)
+                .arg(&live)
+                .query_async(&mut conn)
+                .await?;
+            let serving = hashes.iter().filter(|h| h.as_deref() == Some(hash)).count();
+            Ok((serving, live.len()))
+        };
+        match tokio::time::timeout(self.redis_timeout, work).await {
+            Ok(Ok(counts)) => Some(counts),
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "could not read the gateways' configuration reports");
+                None
+            }
+            Err(_) => {
+                tracing::warn!("reading the gateways' configuration reports timed out");
+                None
+            }
+        }
+    }
+
+    /// Step 5 for one kind.
+    async fn write_status<K, S>(
+        &self,
+        object: &K,
+        update: Option<status::Update<S>>,
+        previous: Option<&S>,
+        owned_elsewhere: &[&str],
+        report: &mut Report,
+    ) -> Result<(), ReconcileError>
+    where
+        K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
+            + Clone
+            + DeserializeOwned
+            + Debug,
+        S: Serialize,
+    {
+        let Some(update) = update else { return Ok(()) };
+        let ns = object
+            .namespace()
+            .unwrap_or_else(|| DEFAULT_NAMESPACE.to_owned());
+        let api = Api::<K>::namespaced(self.client.clone(), &ns);
+        let patch = status_patch(&update.status, previous, owned_elsewhere);
+        match api
+            .patch_status(
+                &object.name_any(),
+                &PatchParams::default(),
+                &Patch::Merge(&patch),
+            )
+            .await
+        {
+            Ok(_) => {}
+            // Deleted meanwhile: nothing to report on.
+            Err(kube::Error::Api(s)) if s.code == 404 => return Ok(()),
+            Err(e) => {
+                return Err(kube_err(format!(
+                    "updating the status of {} {ns}/{}",
+                    K::kind(&()),
+                    object.name_any()
+                ))(e));
+            }
+        }
+        report.status_writes += 1;
+        self.metrics.api_write(&K::kind(&()), "patch-status");
+        if let Some(note) = &update.event {
+            self.event(object, note).await;
+        }
+        Ok(())
+    }
+
+    /// One reconcile of everything in `snapshot`.
+    pub async fn reconcile(&self, mut snapshot: Snapshot) -> Result<Report, ReconcileError> {
+        let now = Timestamp::now();
+        let mut report = Report::default();
+
+        // 1. Key Secrets.
+        let conflicts = self.key_lifecycle(&mut snapshot, now, &mut report).await?;
+
+        // 2. Compile.
+        let resources = Resources {
+            providers: snapshot.providers.clone(),
+            route_policies: snapshot.routes.clone(),
+            api_keys: snapshot.keys.clone(),
+        };
+        let secrets = SecretStore::new(
+            snapshot
+                .key_secrets
+                .values()
+                .chain(snapshot.credentials.iter()),
+            DEFAULT_NAMESPACE,
+        );
+        let mut out = compile(&resources, &secrets, now);
+        apply_conflicts(&mut out, &conflicts);
+        let split = parts::split(&out.config).map_err(|e| ReconcileError::Config(e.to_string()))?;
+        report.config_hash = split.config_hash.clone();
+
+        // 3. Revocations, before the configuration changes.
+        if let Some(live) = live_config(&snapshot, &self.naming) {
+            let served: BTreeSet<&str> = out
+                .config
+                .keys
+                .keys
+                .iter()
+                .map(|k| k.sha256.as_str())
+                .collect();
+            let gone: Vec<String> = live
+                .config
+                .keys
+                .keys
+                .iter()
+                .filter(|k| !served.contains(k.sha256.as_str()))
+                .map(|k| k.sha256.clone())
+                .collect();
+            if !gone.is_empty() {
+                report.revoked = gone.len();
+                match &self.redis {
+                    Some(conn) => match tollgate_api::revocation::publish(
+                        conn.clone(),
+                        &gone,
+                        self.redis_timeout,
+                    )
+                    .await
+                    {
+                        Ok(()) => {
+                            self.metrics.revoked(gone.len());
+                            tracing::info!(keys = gone.len(), "published key revocations");
+                        }
+                        Err(e) => {
+                            tracing::warn!(error = %e, "could not publish key revocations; gateways stop accepting the keys when their configuration updates")
+                        }
+                    },
+                    None => tracing::info!(
+                        keys = gone.len(),
+                        "keys leave the configuration (no Redis: gateways stop accepting them when their configuration updates)"
+                    ),
+                }
+            }
+        }
+
+        // 4. Generated objects.
+        let objects = desired::desired_objects(&split, &self.naming)
+            .map_err(|e| ReconcileError::Config(e.to_string()))?;
+        let mut live: LiveObjects = BTreeMap::new();
+        for cm in &snapshot.generated_maps {
+            live.insert(("ConfigMap", cm.name_any()), hash_annotation(cm));
+        }
+        for s in &snapshot.generated_secrets {
+            live.insert(("Secret", s.name_any()), hash_annotation(s));
+        }
+        let plan = desired::plan(objects, &live);
+        let ns = &self.naming.namespace;
+        let apply = PatchParams::apply(MANAGER).force();
+        for object in &plan.apply {
+            match object {
+                DesiredObject::ConfigMap(cm) => {
+                    Api::<ConfigMap>::namespaced(self.client.clone(), ns)
+                        .patch(&cm.name_any(), &apply, &Patch::Apply(cm))
+                        .await
+                        .map_err(kube_err(format!(
+                            "applying ConfigMap {ns}/{}",
+                            cm.name_any()
+                        )))?;
+                }
+                DesiredObject::Secret(s) => {
+                    Api::<Secret>::namespaced(self.client.clone(), ns)
+                        .patch(&s.name_any(), &apply, &Patch::Apply(s))
+                        .await
+                        .map_err(kube_err(format!("applying Secret {ns}/{}", s.name_any())))?;
+                }
+            }
+            self.metrics.api_write(object.kind(), "apply");
+            report.config_writes += 1;
+        }
+        for name in &plan.delete {
+            match Api::<Secret>::namespaced(self.client.clone(), ns)
+                .delete(name, &DeleteParams::default())
+                .await
+            {
+                Ok(_) => {}
+                Err(kube::Error::Api(s)) if s.code == 404 => {}
+                Err(e) => return Err(kube_err(format!("deleting Secret {ns}/{name}"))(e)),
+            }
+            self.metrics.api_write("Secret", "delete");
+            report.config_writes += 1;
+        }
+        if !plan.is_empty() {
+            tracing::info!(config_hash = %&split.config_hash[..16], writes = report.config_writes, "configuration written");
+        }
+
+        // 5. Status.
+        let propagation = self.propagation(&split.config_hash).await;
+        let propagated = propagation
+            .map(|(serving, live)| status::propagated(&split.config_hash, serving, live));
+        if let Some((serving, live)) = propagation
+            && serving < live
+        {
+            report.wake_in = Some(Duration::from_secs(tollgate_api::heartbeat::EVERY_SECS));
+        }
+        for p in &snapshot.providers {
+            let update = status::provider(p, &out, propagated.as_ref(), now);
+            self.write_status(p, update, p.status.as_ref(), &[], &mut report)
+                .await?;
+        }
+        for r in &snapshot.routes {
+            let update = status::route_policy(r, &out, propagated.as_ref(), now);
+            self.write_status(r, update, r.status.as_ref(), &[], &mut report)
+                .await?;
+        }
+        for k in &snapshot.keys {
+            let update = status::api_key(k, &out, propagated.as_ref(), now);
+            self.write_status(
+                k,
+                update,
+                k.status.as_ref(),
+                &["usage", "rotatedGeneration"],
+                &mut report,
+            )
+            .await?;
+        }
+        self.metrics.observe_compile(&out, &split.config_hash);
+
+        // Wake up for the next expiry or end of a grace period.
+        let next = next_deadline(&snapshot.keys, now);
+        report.wake_in = match (report.wake_in, next) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        Ok(report)
+    }
+}
+
+/// Reports ApiKeys whose Secret name is taken, replacing the "not found" compile saw.
+fn apply_conflicts(out: &mut CompileOutput, conflicts: &BTreeMap<ObjectRef, String>) {
+    for (object, message) in conflicts {
+        out.diagnostics
+            .retain(|d| !(&d.object == object && d.reason == reasons::SECRET_NOT_FOUND));
+        out.diagnostics.push(Diagnostic {
+            object: object.clone(),
+            severity: Severity::Error,
+            condition: condition_types::RESOLVED_REFS,
+            reason: reasons::SECRET_CONFLICT,
+            message: message.clone(),
+            field: Some("spec.secretName".to_owned()),
+        });
+        if let Some(o) = out.objects.get_mut(object) {
+            o.served = false;
+        }
+    }
+}
+
+/// Time until the next key expiry or grace-period end after `now`.
+fn next_deadline(keys: &[ApiKey], now: Timestamp) -> Option<Duration> {
+    keys.iter()
+        .flat_map(|k| {
+            let expiry = k.spec.expires_at.as_ref().map(|t| t.0);
+            let grace = k
+                .status
+                .as_ref()
+                .and_then(|s| s.previous_key.as_ref())
+                .map(|p| p.expires_at.0);
+            [expiry, grace]
+        })
+        .flatten()
+        .filter(|t| *t > now)
+        .min()
+        .map(|t| {
+            let d = t.duration_since(now);
+            Duration::from_millis(d.as_millis().max(0) as u64) + Duration::from_millis(100)
+        })
+}
+
+/// Events go out as this controller, from this replica.
+pub fn reporter(identity: &str) -> Reporter {
+    Reporter {
+        controller: MANAGER.to_owned(),
+        instance: Some(identity.to_owned()),
+    }
+}
+
+/// Runs the debounced reconcile loop until `shutdown`; only while `leading`.
+pub async fn run_loop(
+    reconciler: Reconciler,
+    watches: Arc<Watches>,
+    notify: Arc<Notify>,
+    mut leading: watch::Receiver<bool>,
+    mut shutdown: watch::Receiver<bool>,
+    timing: LoopTiming,
+) {
+    let mut wake: Option<tokio::time::Instant> = None;
+    let mut failures = 0u32;
+    loop {
+        let sleep_until = wake.unwrap_or_else(|| tokio::time::Instant::now() + timing.resync);
+        tokio::select! {
+            _ = notify.notified() => {}
+            _ = tokio::time::sleep_until(sleep_until) => {}
+            _ = leading.changed() => {}
+            _ = shutdown.wait_for(|s| *s) => return,
+        }
+        // Trailing debounce, bounded so a steady stream of changes cannot starve us.
+        let started = tokio::time::Instant::now();
+        while started.elapsed() < timing.max_debounce {
+            if tokio::time::timeout(timing.debounce, notify.notified())
+                .await
+                .is_err()
+            {
+                break;
+            }
+        }
+        if *shutdown.borrow() {
+            return;
+        }
+        if !*leading.borrow() {
+            wake = None;
+            continue;
+        }
+        let snapshot = Snapshot::read(&watches).await;
+        let timer = std::time::Instant::now();
+        match reconciler.reconcile(snapshot).await {
+            Ok(report) => {
+                failures = 0;
+                reconciler.metrics.reconciled(true, timer.elapsed());
+                tracing::debug!(?report, "reconciled");
+                wake = report.wake_in.map(|d| tokio::time::Instant::now() + d);
+            }
+            Err(e) => {
+                failures += 1;
+                reconciler.metrics.reconciled(false, timer.elapsed());
+                let backoff = Duration::from_millis(500 * 2u64.pow(failures.min(6)))
+                    .min(Duration::from_secs(30));
+                tracing::warn!(error = %e, retry_in = ?backoff, "reconcile failed");
+                wake = Some(tokio::time::Instant::now() + backoff);
+            }
+        }
+    }
+}
+
+/// Timing of the loop.
+#[derive(Debug, Clone, Copy)]
+pub struct LoopTiming {
+    /// Quiet time before compiling.
+    pub debounce: Duration,
+    /// Longest postponement.
+    pub max_debounce: Duration,
+    /// Reconcile at least this often.
+    pub resync: Duration,
+}

@@ -1,0 +1,215 @@
+//! The operator's Prometheus metrics, served at `/metrics` on the admin listener. Labels
+//! are bounded: kinds, verbs and results, never object names.
+
+use std::time::Duration;
+
+use prometheus_client::{
+    encoding::EncodeLabelSet,
+    metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
+    registry::Registry,
+};
+use tollgate_api::{compile::CompileOutput, diagnostics::Kind};
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ResultLabels {
+    result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct WriteLabels {
+    kind: String,
+    verb: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct KindLabels {
+    kind: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ConfigLabels {
+    hash: String,
+}
+
+/// The metrics.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    reconciles: Family<ResultLabels, Counter>,
+    duration: Histogram,
+    writes: Family<WriteLabels, Counter>,
+    objects: Family<KindLabels, Gauge>,
+    ready: Family<KindLabels, Gauge>,
+    leader: Gauge,
+    revocations: Counter,
+    pending: Gauge,
+    config: Family<ConfigLabels, Gauge>,
+    usage_reads: Family<ResultLabels, Counter>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    /// Registers every metric.
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("tollgate_operator");
+        let m = Self {
+            reconciles: Family::default(),
+            duration: Histogram::new([
+                0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+            ]),
+            writes: Family::default(),
+            objects: Family::default(),
+            ready: Family::default(),
+            leader: Gauge::default(),
+            revocations: Counter::default(),
+            pending: Gauge::default(),
+            config: Family::default(),
+            usage_reads: Family::default(),
+            registry: Registry::default(),
+        };
+        registry.register(
+            "reconciles",
+            "Reconciles of the whole configuration, by result",
+            m.reconciles.clone(),
+        );
+        registry.register(
+            "reconcile_duration_seconds",
+            "Time one reconcile took",
+            m.duration.clone(),
+        );
+        registry.register(
+            "api_writes",
+            "Writes to the Kubernetes API, by kind and verb",
+            m.writes.clone(),
+        );
+        registry.register(
+            "objects",
+            "Tollgate objects watched, by kind",
+            m.objects.clone(),
+        );
+        registry.register(
+            "objects_ready",
+            "Tollgate objects compiled into the served configuration, by kind",
+            m.ready.clone(),
+        );
+        registry.register(
+            "leader",
+            "1 while this replica holds the lease and writes",
+            m.leader.clone(),
+        );
+        registry.register(
+            "revocations",
+            "Key hashes whose revocation was published",
+            m.revocations.clone(),
+        );
+        registry.register(
+            "pending_changes",
+            "Changes seen since the last reconcile (the queue depth)",
+            m.pending.clone(),
+        );
+        registry.register(
+            "config_info",
+            "The configuration hash applied last (value 1)",
+            m.config.clone(),
+        );
+        registry.register(
+            "usage_reads",
+            "Usage refreshes from Redis, by result",
+            m.usage_reads.clone(),
+        );
+        Self { registry, ..m }
+    }
+
+    /// A finished reconcile.
+    pub fn reconciled(&self, ok: bool, took: Duration) {
+        self.reconciles
+            .get_or_create(&ResultLabels {
+                result: if ok { "success" } else { "error" },
+            })
+            .inc();
+        self.duration.observe(took.as_secs_f64());
+        self.pending.set(0);
+    }
+
+    /// A change seen by a watch.
+    pub fn change_seen(&self) {
+        self.pending.inc();
+    }
+
+    /// One API write.
+    pub fn api_write(&self, kind: &str, verb: &'static str) {
+        self.writes
+            .get_or_create(&WriteLabels {
+                kind: kind.to_owned(),
+                verb,
+            })
+            .inc();
+    }
+
+    /// Total API writes so far (for reports and tests).
+    pub fn api_writes_total(&self) -> u64 {
+        let mut out = String::new();
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out.lines()
+            .filter(|l| l.starts_with("tollgate_operator_api_writes_total{"))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+            .sum()
+    }
+
+    /// Revocations published.
+    pub fn revoked(&self, n: usize) {
+        self.revocations.inc_by(n as u64);
+    }
+
+    /// Leadership changed.
+    pub fn set_leader(&self, leading: bool) {
+        self.leader.set(i64::from(leading));
+    }
+
+    /// A usage refresh.
+    pub fn usage_read(&self, ok: bool) {
+        self.usage_reads
+            .get_or_create(&ResultLabels {
+                result: if ok { "success" } else { "error" },
+            })
+            .inc();
+    }
+
+    /// What the last compile made of the objects.
+    pub fn observe_compile(&self, out: &CompileOutput, config_hash: &str) {
+        for (kind, label) in [
+            (Kind::Provider, "Provider"),
+            (Kind::RoutePolicy, "RoutePolicy"),
+            (Kind::ApiKey, "ApiKey"),
+        ] {
+            let of_kind = out.objects.iter().filter(|(o, _)| o.kind == kind);
+            let (total, ready) = of_kind.fold((0, 0), |(t, r), (_, outcome)| {
+                (t + 1, r + i64::from(outcome.served))
+            });
+            self.objects
+                .get_or_create(&KindLabels { kind: label })
+                .set(total);
+            self.ready
+                .get_or_create(&KindLabels { kind: label })
+                .set(ready);
+        }
+        self.config.clear();
+        self.config
+            .get_or_create(&ConfigLabels {
+                hash: config_hash[..config_hash.len().min(16)].to_owned(),
+            })
+            .set(1);
+    }
+
+    /// The Prometheus text exposition.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}

@@ -1,0 +1,259 @@
+//! `tollgate-operator run`: wires the controller, leader election, the usage refresher and
+//! the admin listener together, and shuts them down cleanly on SIGTERM.
+
+use std::{
+    collections::BTreeSet,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+};
+
+use anyhow::Context;
+use axum::{Router, extract::State, http::StatusCode, routing::get};
+use kube::{Api, Client, runtime::events::Recorder};
+use tokio::sync::{Notify, watch};
+
+use crate::{
+    controller::{self, LoopTiming, Reconciler, Watches},
+    desired::Naming,
+    leader::{Elector, Timing},
+    metrics::Metrics,
+    settings::{RunSettings, own_namespace},
+};
+
+#[derive(Clone)]
+struct Admin {
+    metrics: Arc<Metrics>,
+    ready: Arc<AtomicBool>,
+}
+
+async fn livez() -> &'static str {
+    "ok"
+}
+
+async fn readyz(State(admin): State<Admin>) -> (StatusCode, &'static str) {
+    if admin.ready.load(Ordering::Relaxed) {
+        (StatusCode::OK, "ready")
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "caches not synced yet")
+    }
+}
+
+async fn metrics_text(
+    State(admin): State<Admin>,
+) -> ([(axum::http::HeaderName, &'static str); 1], String) {
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        admin.metrics.encode(),
+    )
+}
+
+async fn client(settings: &RunSettings) -> anyhow::Result<Client> {
+    match &settings.kube_url {
+        Some(url) => {
+            let uri = url.parse().with_context(|| format!("--kube-url {url}"))?;
+            let mut config = kube::Config::new(uri);
+            config.default_namespace = own_namespace();
+            Client::try_from(config).context("building the Kubernetes client")
+        }
+        None => Client::try_default()
+            .await
+            .context("no in-cluster configuration or kubeconfig found"),
+    }
+}
+
+/// A future that resolves on SIGTERM or SIGINT.
+async fn signal() {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = term => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}
+
+/// Runs until SIGTERM.
+pub async fn run(settings: RunSettings) -> anyhow::Result<()> {
+    let client = client(&settings).await?;
+    let namespaces = settings.watched_namespaces();
+    let gateway_namespace = settings.gateway_namespace();
+    let identity = settings.identity();
+    let metrics = Arc::new(Metrics::new());
+    let ready = Arc::new(AtomicBool::new(false));
+
+    let listener = tokio::net::TcpListener::bind(settings.admin_listen)
+        .await
+        .with_context(|| format!("binding --admin-listen {}", settings.admin_listen))?;
+    tracing::info!(admin_addr = %listener.local_addr()?, "admin listening");
+    let admin = Router::new()
+        .route("/livez", get(livez))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics_text))
+        .with_state(Admin {
+            metrics: metrics.clone(),
+            ready: ready.clone(),
+        });
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let mut admin_stop = stop_rx.clone();
+    let admin_task = tokio::spawn(async move {
+        let _ = axum::serve(listener, admin)
+            .with_graceful_shutdown(async move {
+                let _ = admin_stop.wait_for(|s| *s).await;
+            })
+            .await;
+    });
+
+    let redis = match settings.redis() {
+        Some(options) => Some(
+            options
+                .connect_lazy()
+                .map_err(|e| anyhow::anyhow!("--redis-url: {e}"))?,
+        ),
+        None => None,
+    };
+
+    // Leadership.
+    let (leading_tx, leading_rx) = watch::channel(!settings.leader_election);
+    let elector_task = if settings.leader_election {
+        let elector = Elector::new(
+            Api::namespaced(client.clone(), &own_namespace()),
+            &settings.lease_name,
+            &identity,
+            Timing {
+                duration: settings.lease_duration,
+                renew_deadline: settings.lease_renew_deadline,
+                retry: settings.lease_retry,
+            },
+        );
+        Some(tokio::spawn(elector.run(leading_tx, stop_rx.clone())))
+    } else {
+        drop(leading_tx);
+        None
+    };
+    {
+        let metrics = metrics.clone();
+        let mut leading = leading_rx.clone();
+        metrics.set_leader(*leading.borrow());
+        tokio::spawn(async move {
+            while leading.changed().await.is_ok() {
+                metrics.set_leader(*leading.borrow());
+            }
+        });
+    }
+
+    let notify = Arc::new(Notify::new());
+    let watches = Arc::new(Watches::start(
+        &client,
+        &namespaces,
+        &gateway_namespace,
+        notify.clone(),
+    ));
+    tracing::info!(namespaces = ?namespaces, gateway_namespace = %gateway_namespace, identity = %identity, "watching");
+    tokio::select! {
+        _ = watches.ready() => {}
+        _ = signal() => {
+            let _ = stop_tx.send(true);
+            return Ok(());
+        }
+    }
+    ready.store(true, Ordering::Relaxed);
+    tracing::info!("caches synced");
+
+    let reconciler = Reconciler {
+        client: client.clone(),
+        naming: Naming {
+            namespace: gateway_namespace,
+            prefix: settings.config_prefix.clone(),
+        },
+        redis: redis.clone(),
+        redis_timeout: settings.redis_timeout,
+        recorder: Recorder::new(client.clone(), controller::reporter(&identity)),
+        metrics: metrics.clone(),
+    };
+    let loop_task = tokio::spawn(controller::run_loop(
+        reconciler,
+        watches.clone(),
+        notify.clone(),
+        leading_rx.clone(),
+        stop_rx.clone(),
+        LoopTiming {
+            debounce: settings.debounce,
+            max_debounce: settings.max_debounce,
+            resync: settings.resync,
+        },
+    ));
+    // The first reconcile runs as soon as we lead.
+    notify.notify_one();
+
+    let usage_task = redis.map(|conn| {
+        let (client, watches, metrics, leading, mut stop) = (
+            client.clone(),
+            watches.clone(),
+            metrics.clone(),
+            leading_rx.clone(),
+            stop_rx.clone(),
+        );
+        let (interval, timeout) = (settings.usage_interval, settings.redis_timeout);
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = tokio::time::sleep(interval) => {}
+                    _ = stop.wait_for(|s| *s) => return,
+                }
+                if !*leading.borrow() {
+                    continue;
+                }
+                let currencies: BTreeSet<String> = watches
+                    .providers
+                    .all()
+                    .iter()
+                    .map(|p| p.spec.currency.clone())
+                    .collect();
+                match crate::usage::refresh(
+                    &client,
+                    &conn,
+                    &watches.keys.all(),
+                    &currencies,
+                    timeout,
+                )
+                .await
+                {
+                    Ok(n) => {
+                        metrics.usage_read(true);
+                        if n > 0 {
+                            tracing::debug!(updated = n, "usage refreshed");
+                        }
+                    }
+                    Err(e) => {
+                        metrics.usage_read(false);
+                        tracing::warn!(error = %e, "could not refresh usage from Redis");
+                    }
+                }
+            }
+        })
+    });
+
+    signal().await;
+    tracing::info!("shutting down");
+    ready.store(false, Ordering::Relaxed);
+    let _ = stop_tx.send(true);
+    let _ = loop_task.await;
+    if let Some(t) = usage_task {
+        let _ = t.await;
+    }
+    if let Some(t) = elector_task {
+        let _ = t.await;
+    }
+    let _ = admin_task.await;
+    Ok(())
+}
