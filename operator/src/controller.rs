@@ -22,7 +22,7 @@ use std::{
     time::Duration,
 };
 
-use futures_util::StreamExt;
+use futures_util::{StreamExt, future::BoxFuture};
 use jiff::Timestamp;
 use k8s_openapi::api::core::v1::{ConfigMap, Secret};
 use kube::{
@@ -55,6 +55,21 @@ use crate::{
 
 /// The field manager of every write.
 pub const MANAGER: &str = "tollgate-operator";
+
+/// Writes to the API server in flight at once (key Secrets, statuses): 10,000 ApiKeys
+/// are not written one round trip at a time.
+pub const WRITE_CONCURRENCY: usize = 16;
+
+/// What one key step changed.
+enum KeyOutcome {
+    Unchanged,
+    Conflict(String),
+    Written {
+        secret: Box<Secret>,
+        status: Box<Option<tollgate_api::v1alpha1::ApiKeyStatus>>,
+        writes: usize,
+    },
+}
 
 /// A cache of one kind, possibly over several namespaces.
 #[allow(missing_debug_implementations)]
@@ -461,121 +476,181 @@ impl Reconciler {
         }
     }
 
-    /// Step 1: key Secrets. Returns the conflicts to report, by ApiKey.
+    /// Carries out one key action; returns what changed.
+    async fn key_step(
+        &self,
+        key: &ApiKey,
+        action: KeyAction,
+    ) -> Result<KeyOutcome, ReconcileError> {
+        let ns = key
+            .namespace()
+            .unwrap_or_else(|| DEFAULT_NAMESPACE.to_owned());
+        let secret_name = tollgate_api::compile::secret_name(key);
+        let secrets = Api::<Secret>::namespaced(self.client.clone(), &ns);
+        let params = PostParams {
+            field_manager: Some(MANAGER.to_owned()),
+            ..PostParams::default()
+        };
+        let issued = |secret: &Secret, note: &str| {
+            let prefix = keys::secret_key(secret)
+                .map(|k| tollgate_api::compile::key_prefix(&k))
+                .unwrap_or_default();
+            format!("issued key {prefix}… into Secret {secret_name}{note}")
+        };
+        match action {
+            KeyAction::Keep => Ok(KeyOutcome::Unchanged),
+            KeyAction::Conflict(message) => Ok(KeyOutcome::Conflict(message)),
+            KeyAction::Create(secret) => match secrets.create(&params, &secret).await {
+                Ok(created) => {
+                    self.metrics.api_write("Secret", "create");
+                    let note = issued(&created, "");
+                    self.event(
+                        key,
+                        &status::EventNote {
+                            warning: false,
+                            reason: "KeyIssued".to_owned(),
+                            note,
+                        },
+                    )
+                    .await;
+                    Ok(KeyOutcome::Written {
+                        secret: Box::new(created),
+                        status: Box::new(None),
+                        writes: 1,
+                    })
+                }
+                // Exists without our label: somebody else's Secret.
+                Err(kube::Error::Api(s)) if s.code == 409 => Ok(KeyOutcome::Conflict(format!(
+                    "Secret {secret_name} exists and was not created for this ApiKey; delete it or set spec.secretName to a free name"
+                ))),
+                Err(e) => Err(kube_err(format!("creating Secret {ns}/{secret_name}"))(e)),
+            },
+            KeyAction::Rotate {
+                secret,
+                previous,
+                generation,
+            } => {
+                // Record the old key first: an interruption between the two writes then
+                // never loses it (see `keys`).
+                let api = Api::<ApiKey>::namespaced(self.client.clone(), &ns);
+                let patch =
+                    json!({"status": {"rotatedGeneration": generation, "previousKey": previous}});
+                let updated = api
+                    .patch_status(
+                        &key.name_any(),
+                        &PatchParams::default(),
+                        &Patch::Merge(&patch),
+                    )
+                    .await
+                    .map_err(kube_err(format!(
+                        "recording the rotation of ApiKey {ns}/{}",
+                        key.name_any()
+                    )))?;
+                self.metrics.api_write("ApiKey", "patch-status");
+                let written = secrets
+                    .replace(&secret_name, &params, &secret)
+                    .await
+                    .map_err(kube_err(format!(
+                        "writing the rotated key into Secret {ns}/{secret_name}"
+                    )))?;
+                self.metrics.api_write("Secret", "replace");
+                let grace = match &previous {
+                    Some(p) => format!("; the previous key works until {}", p.expires_at.0),
+                    None => "; the previous key stopped working".to_owned(),
+                };
+                let note = issued(&written, &grace);
+                self.event(
+                    key,
+                    &status::EventNote {
+                        warning: false,
+                        reason: "KeyRotated".to_owned(),
+                        note,
+                    },
+                )
+                .await;
+                Ok(KeyOutcome::Written {
+                    secret: Box::new(written),
+                    status: Box::new(updated.status),
+                    writes: 2,
+                })
+            }
+        }
+    }
+
+    /// Step 1: key Secrets, [`WRITE_CONCURRENCY`] at a time. Returns the conflicts to
+    /// report, by ApiKey.
     async fn key_lifecycle(
         &self,
         snapshot: &mut Snapshot,
         now: Timestamp,
         report: &mut Report,
     ) -> Result<BTreeMap<ObjectRef, String>, ReconcileError> {
+        let work: Vec<(usize, KeyAction)> = snapshot
+            .keys
+            .iter()
+            .enumerate()
+            .filter_map(|(i, key)| {
+                let ns = key
+                    .namespace()
+                    .unwrap_or_else(|| DEFAULT_NAMESPACE.to_owned());
+                let live = snapshot
+                    .key_secrets
+                    .get(&(ns, tollgate_api::compile::secret_name(key)));
+                match keys::key_action(key, live, now, keys::os_random) {
+                    KeyAction::Keep => None,
+                    action => Some((i, action)),
+                }
+            })
+            .collect();
+        let keys_now = snapshot.keys.clone();
+        let steps: Vec<BoxFuture<'_, (usize, Result<KeyOutcome, ReconcileError>)>> = work
+            .into_iter()
+            .map(|(i, action)| {
+                let key = &keys_now[i];
+                let step: BoxFuture<'_, _> =
+                    Box::pin(async move { (i, self.key_step(key, action).await) });
+                step
+            })
+            .collect();
+        let outcomes: Vec<(usize, Result<KeyOutcome, ReconcileError>)> =
+            futures_util::stream::iter(steps)
+                .buffer_unordered(WRITE_CONCURRENCY)
+                .collect()
+                .await;
         let mut conflicts = BTreeMap::new();
-        for key in &mut snapshot.keys {
+        let mut first_error = None;
+        for (i, outcome) in outcomes {
+            let key = &mut snapshot.keys[i];
             let ns = key
                 .namespace()
                 .unwrap_or_else(|| DEFAULT_NAMESPACE.to_owned());
-            let secret_name = tollgate_api::compile::secret_name(key);
-            let object = ObjectRef::new(Kind::ApiKey, &ns, &key.name_any());
-            let live = snapshot.key_secrets.get(&(ns.clone(), secret_name.clone()));
-            let secrets = Api::<Secret>::namespaced(self.client.clone(), &ns);
-            match keys::key_action(key, live, now, keys::os_random) {
-                KeyAction::Keep => {}
-                KeyAction::Conflict(message) => {
-                    conflicts.insert(object, message);
+            match outcome {
+                Ok(KeyOutcome::Unchanged) => {}
+                Ok(KeyOutcome::Conflict(message)) => {
+                    conflicts.insert(ObjectRef::new(Kind::ApiKey, &ns, &key.name_any()), message);
                 }
-                KeyAction::Create(secret) => {
-                    let params = PostParams {
-                        field_manager: Some(MANAGER.to_owned()),
-                        ..PostParams::default()
-                    };
-                    match secrets.create(&params, &secret).await {
-                        Ok(created) => {
-                            report.key_writes += 1;
-                            self.metrics.api_write("Secret", "create");
-                            let prefix = keys::secret_key(&created)
-                                .map(|k| tollgate_api::compile::key_prefix(&k))
-                                .unwrap_or_default();
-                            self.event(
-                                &*key,
-                                &status::EventNote {
-                                    warning: false,
-                                    reason: "KeyIssued".to_owned(),
-                                    note: format!("issued key {prefix}… into Secret {secret_name}"),
-                                },
-                            )
-                            .await;
-                            snapshot.key_secrets.insert((ns, secret_name), created);
-                        }
-                        // Exists without our label: somebody else's Secret.
-                        Err(kube::Error::Api(s)) if s.code == 409 => {
-                            conflicts.insert(object, format!(
-                                "Secret {secret_name} exists and was not created for this ApiKey; delete it or set spec.secretName to a free name"
-                            ));
-                        }
-                        Err(e) => {
-                            return Err(kube_err(format!("creating Secret {ns}/{secret_name}"))(e));
-                        }
-                    }
-                }
-                KeyAction::Rotate {
+                Ok(KeyOutcome::Written {
                     secret,
-                    previous,
-                    generation,
-                } => {
-                    // Record the old key first: an interruption between the two writes
-                    // then never loses it (see `keys`).
-                    let api = Api::<ApiKey>::namespaced(self.client.clone(), &ns);
-                    let patch = json!({"status": {"rotatedGeneration": generation, "previousKey": previous}});
-                    let updated = api
-                        .patch_status(
-                            &key.name_any(),
-                            &PatchParams::default(),
-                            &Patch::Merge(&patch),
-                        )
-                        .await
-                        .map_err(kube_err(format!(
-                            "recording the rotation of ApiKey {ns}/{}",
-                            key.name_any()
-                        )))?;
-                    self.metrics.api_write("ApiKey", "patch-status");
-                    key.status = updated.status;
-                    let written = secrets
-                        .replace(
-                            &secret_name,
-                            &PostParams {
-                                field_manager: Some(MANAGER.to_owned()),
-                                ..PostParams::default()
-                            },
-                            &secret,
-                        )
-                        .await
-                        .map_err(kube_err(format!(
-                            "writing the rotated key into Secret {ns}/{secret_name}"
-                        )))?;
-                    report.key_writes += 2;
-                    self.metrics.api_write("Secret", "replace");
-                    let prefix = keys::secret_key(&written)
-                        .map(|k| tollgate_api::compile::key_prefix(&k))
-                        .unwrap_or_default();
-                    let grace = match &previous {
-                        Some(p) => format!("the previous key works until {}", p.expires_at.0),
-                        None => "the previous key stopped working".to_owned(),
-                    };
-                    self.event(
-                        &*key,
-                        &status::EventNote {
-                            warning: false,
-                            reason: "KeyRotated".to_owned(),
-                            note: format!(
-                                "issued key {prefix}… into Secret {secret_name}; {grace}"
-                            ),
-                        },
-                    )
-                    .await;
-                    snapshot.key_secrets.insert((ns, secret_name), written);
+                    status,
+                    writes,
+                }) => {
+                    report.key_writes += writes;
+                    if status.is_some() {
+                        key.status = *status;
+                    }
+                    snapshot
+                        .key_secrets
+                        .insert((ns, secret.name_any()), *secret);
+                }
+                Err(e) => {
+                    first_error.get_or_insert(e);
                 }
             }
         }
-        Ok(conflicts)
+        match first_error {
+            Some(e) => Err(e),
+            None => Ok(conflicts),
+        }
     }
 
     /// Gateways live now and how many serve `hash`, from their Redis reports.
@@ -621,8 +696,7 @@ impl Reconciler {
         update: Option<status::Update<S>>,
         previous: Option<&S>,
         owned_elsewhere: &[&str],
-        report: &mut Report,
-    ) -> Result<(), ReconcileError>
+    ) -> Result<bool, ReconcileError>
     where
         K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
             + Clone
@@ -630,7 +704,9 @@ impl Reconciler {
             + Debug,
         S: Serialize,
     {
-        let Some(update) = update else { return Ok(()) };
+        let Some(update) = update else {
+            return Ok(false);
+        };
         let ns = object
             .namespace()
             .unwrap_or_else(|| DEFAULT_NAMESPACE.to_owned());
@@ -646,7 +722,7 @@ impl Reconciler {
         {
             Ok(_) => {}
             // Deleted meanwhile: nothing to report on.
-            Err(kube::Error::Api(s)) if s.code == 404 => return Ok(()),
+            Err(kube::Error::Api(s)) if s.code == 404 => return Ok(false),
             Err(e) => {
                 return Err(kube_err(format!(
                     "updating the status of {} {ns}/{}",
@@ -655,12 +731,11 @@ impl Reconciler {
                 ))(e));
             }
         }
-        report.status_writes += 1;
         self.metrics.api_write(&K::kind(&()), "patch-status");
         if let Some(note) = &update.event {
             self.event(object, note).await;
         }
-        Ok(())
+        Ok(true)
     }
 
     /// One reconcile of everything in `snapshot`.
@@ -791,26 +866,41 @@ impl Reconciler {
         {
             report.wake_in = Some(Duration::from_secs(tollgate_api::heartbeat::EVERY_SECS));
         }
+        let propagated = propagated.as_ref();
+        let mut writes: Vec<BoxFuture<'_, Result<bool, ReconcileError>>> = Vec::new();
         for p in &snapshot.providers {
-            let update = status::provider(p, &out, propagated.as_ref(), now);
-            self.write_status(p, update, p.status.as_ref(), &[], &mut report)
-                .await?;
+            let update = status::provider(p, &out, propagated, now);
+            writes.push(Box::pin(self.write_status(
+                p,
+                update,
+                p.status.as_ref(),
+                &[],
+            )));
         }
         for r in &snapshot.routes {
-            let update = status::route_policy(r, &out, propagated.as_ref(), now);
-            self.write_status(r, update, r.status.as_ref(), &[], &mut report)
-                .await?;
+            let update = status::route_policy(r, &out, propagated, now);
+            writes.push(Box::pin(self.write_status(
+                r,
+                update,
+                r.status.as_ref(),
+                &[],
+            )));
         }
         for k in &snapshot.keys {
-            let update = status::api_key(k, &out, propagated.as_ref(), now);
-            self.write_status(
+            let update = status::api_key(k, &out, propagated, now);
+            writes.push(Box::pin(self.write_status(
                 k,
                 update,
                 k.status.as_ref(),
                 &["usage", "rotatedGeneration"],
-                &mut report,
-            )
-            .await?;
+            )));
+        }
+        let writes: Vec<Result<bool, ReconcileError>> = futures_util::stream::iter(writes)
+            .buffer_unordered(WRITE_CONCURRENCY)
+            .collect()
+            .await;
+        for w in writes {
+            report.status_writes += usize::from(w?);
         }
         self.metrics.observe_compile(&out, &split.config_hash);
 

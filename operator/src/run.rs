@@ -52,18 +52,27 @@ async fn metrics_text(
     )
 }
 
-async fn client(settings: &RunSettings) -> anyhow::Result<Client> {
-    match &settings.kube_url {
+async fn client(settings: &RunSettings, identity: &str) -> anyhow::Result<Client> {
+    let mut config = match &settings.kube_url {
         Some(url) => {
             let uri = url.parse().with_context(|| format!("--kube-url {url}"))?;
             let mut config = kube::Config::new(uri);
             config.default_namespace = own_namespace();
-            Client::try_from(config).context("building the Kubernetes client")
+            config
         }
-        None => Client::try_default()
+        None => kube::Config::infer()
             .await
-            .context("no in-cluster configuration or kubeconfig found"),
+            .context("no in-cluster configuration or kubeconfig found")?,
+    };
+    // Names this replica in API server audit logs.
+    let agent = format!(
+        "tollgate-operator/{} ({identity})",
+        env!("CARGO_PKG_VERSION")
+    );
+    if let Ok(value) = axum::http::HeaderValue::from_str(&agent) {
+        config.headers.push((axum::http::header::USER_AGENT, value));
     }
+    Client::try_from(config).context("building the Kubernetes client")
 }
 
 /// A future that resolves on SIGTERM or SIGINT.
@@ -84,10 +93,10 @@ async fn signal() {
 
 /// Runs until SIGTERM.
 pub async fn run(settings: RunSettings) -> anyhow::Result<()> {
-    let client = client(&settings).await?;
+    let identity = settings.identity();
+    let client = client(&settings, &identity).await?;
     let namespaces = settings.watched_namespaces();
     let gateway_namespace = settings.gateway_namespace();
-    let identity = settings.identity();
     let metrics = Arc::new(Metrics::new());
     let ready = Arc::new(AtomicBool::new(false));
 
