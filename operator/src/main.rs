@@ -39,6 +39,19 @@ enum Command {
         /// Print diagnostics as JSON lines instead of text.
         #[arg(long)]
         json: bool,
+        /// Print the ConfigMap and Secrets the operator would apply, as YAML. Secret data
+        /// is redacted unless --show-secrets is given.
+        #[arg(long, conflicts_with = "output")]
+        objects: bool,
+        /// With --objects: print Secret data (upstream credentials) in full.
+        #[arg(long, requires = "objects")]
+        show_secrets: bool,
+        /// With --objects: namespace of the generated objects.
+        #[arg(long, default_value = "default", requires = "objects")]
+        namespace: String,
+        /// With --objects: name prefix of the generated objects.
+        #[arg(long, default_value = "tollgate-gateway", requires = "objects")]
+        prefix: String,
     },
     /// Print the CustomResourceDefinitions (YAML) for `kubectl apply -f -`.
     Crds,
@@ -86,7 +99,21 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Run(settings) => run(*settings),
-        Command::Render { path, output, json } => render::run(&path, output.as_deref(), json),
+        Command::Render {
+            path,
+            output,
+            json,
+            objects,
+            show_secrets,
+            namespace,
+            prefix,
+        } => {
+            let objects = objects.then_some(render::ObjectsOutput {
+                show_secrets,
+                naming: tollgate_operator::desired::Naming { namespace, prefix },
+            });
+            render::run(&path, output.as_deref(), json, objects.as_ref())
+        }
         Command::Crds => {
             for (_, crd) in tollgate_api::crd::all() {
                 print!("---\n{}", tollgate_api::crd::to_yaml(&crd));

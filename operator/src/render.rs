@@ -9,7 +9,22 @@ use tollgate_api::{
     manifests, parts,
 };
 
-pub fn run(path: &Path, output: Option<&Path>, json: bool) -> anyhow::Result<ExitCode> {
+/// `--objects`: print the objects to apply instead of a summary.
+#[derive(Debug, Clone)]
+pub struct ObjectsOutput {
+    /// Print Secret data in full.
+    pub show_secrets: bool,
+    /// Names of the generated objects.
+    pub naming: crate::desired::Naming,
+}
+
+/// Renders `path`; see `tollgate-operator render --help`.
+pub fn run(
+    path: &Path,
+    output: Option<&Path>,
+    json: bool,
+    objects: Option<&ObjectsOutput>,
+) -> anyhow::Result<ExitCode> {
     let loaded = match manifests::load_path(path) {
         Ok(l) => l,
         Err(errors) => {
@@ -36,7 +51,11 @@ pub fn run(path: &Path, output: Option<&Path>, json: bool) -> anyhow::Result<Exi
         }
     }
     let split = parts::split(&out.config).context("splitting the configuration")?;
+    if let Some(o) = objects {
+        print_objects(&split, o)?;
+    }
     match output {
+        _ if objects.is_some() => {}
         Some(dir) => {
             std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
             for part in &split.parts {
@@ -75,6 +94,30 @@ pub fn run(path: &Path, output: Option<&Path>, json: bool) -> anyhow::Result<Exi
     } else {
         ExitCode::FAILURE
     })
+}
+
+/// Prints the objects as a YAML stream, Secret data redacted unless asked.
+fn print_objects(split: &parts::SplitConfig, o: &ObjectsOutput) -> anyhow::Result<()> {
+    use crate::desired::{DesiredObject, desired_objects};
+    for object in desired_objects(split, &o.naming)? {
+        let mut value = match &object {
+            DesiredObject::ConfigMap(c) => serde_json::to_value(c)?,
+            DesiredObject::Secret(s) => serde_json::to_value(s)?,
+        };
+        if !o.show_secrets
+            && let Some(data) = value.get_mut("data").and_then(|d| d.as_object_mut())
+            && matches!(object, DesiredObject::Secret(_))
+        {
+            for v in data.values_mut() {
+                let len = v.as_str().map_or(0, str::len);
+                *v = serde_json::Value::String(format!(
+                    "<redacted: {len} base64 characters; --show-secrets prints them>"
+                ));
+            }
+        }
+        print!("---\n{}", serde_yaml::to_string(&value)?);
+    }
+    Ok(())
 }
 
 /// Writes a part; Secret-bound parts are readable by the owner only.

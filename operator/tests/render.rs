@@ -178,3 +178,53 @@ fn secret_bound_parts_are_written_readable_by_the_owner_only() {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn objects_print_the_configmap_and_secrets_with_secret_data_redacted_unless_asked() {
+    let dir = examples();
+    let out = render(&[
+        "-f",
+        dir.to_str().unwrap(),
+        "--objects",
+        "--namespace",
+        "llm",
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let yaml = text(&out.stdout);
+    let docs: Vec<serde_yaml::Value> = serde_yaml::Deserializer::from_str(&yaml)
+        .map(|d| serde::Deserialize::deserialize(d).unwrap())
+        .collect();
+    let names: Vec<(&str, &str)> = docs
+        .iter()
+        .map(|d| {
+            (
+                d["kind"].as_str().unwrap(),
+                d["metadata"]["name"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        names,
+        [
+            ("ConfigMap", "tollgate-gateway-config"),
+            ("Secret", "tollgate-gateway-credentials"),
+            ("Secret", "tollgate-gateway-keys-00"),
+        ]
+    );
+    assert!(docs.iter().all(|d| d["metadata"]["namespace"] == "llm"));
+    let credentials = docs[1]["data"]["credentials.json"].as_str().unwrap();
+    assert!(credentials.starts_with("<redacted"), "{credentials}");
+
+    let shown = render(&["-f", dir.to_str().unwrap(), "--objects", "--show-secrets"]);
+    let yaml = text(&shown.stdout);
+    assert!(!yaml.contains("<redacted"));
+    let docs: Vec<serde_yaml::Value> = serde_yaml::Deserializer::from_str(&yaml)
+        .map(|d| serde::Deserialize::deserialize(d).unwrap())
+        .collect();
+    let encoded = docs[1]["data"]["credentials.json"].as_str().unwrap();
+    use base64::Engine;
+    let decoded = base64::engine::general_purpose::STANDARD
+        .decode(encoded)
+        .unwrap();
+    assert!(String::from_utf8(decoded).unwrap().contains("credentials"));
+}
