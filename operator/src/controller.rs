@@ -103,8 +103,9 @@ fn reflect<K>(
     api: Api<K>,
     config: watcher::Config,
     notify: Arc<Notify>,
+    metrics: Arc<Metrics>,
     what: &'static str,
-) -> (Store<K>, tokio::task::JoinHandle<()>)
+) -> Watched<K>
 where
     K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
     K::DynamicType: Eq + Hash + Clone + Default,
@@ -121,6 +122,7 @@ where
                 Ok(
                     watcher::Event::Apply(_) | watcher::Event::Delete(_) | watcher::Event::InitDone,
                 ) => {
+                    metrics.change_seen();
                     notify.notify_one();
                 }
                 Ok(_) => {}
@@ -169,6 +171,7 @@ pub struct Watches {
     credentials: Mutex<BTreeMap<(String, String), Watched<Secret>>>,
     client: Client,
     notify: Arc<Notify>,
+    metrics: Arc<Metrics>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
@@ -179,13 +182,14 @@ impl Watches {
         namespaces: &[String],
         gateway_namespace: &str,
         notify: Arc<Notify>,
+        metrics: Arc<Metrics>,
     ) -> Self {
         let mut tasks = Vec::new();
         macro_rules! kind_cache {
             ($k:ty, $cfg:expr, $what:expr) => {{
                 let mut stores = Vec::new();
                 for api in apis::<$k>(client, namespaces) {
-                    let (store, task) = reflect(api, $cfg, notify.clone(), $what);
+                    let (store, task) = reflect(api, $cfg, notify.clone(), metrics.clone(), $what);
                     stores.push(store);
                     tasks.push(task);
                 }
@@ -207,6 +211,7 @@ impl Watches {
             Api::<ConfigMap>::namespaced(client.clone(), gateway_namespace),
             generated.clone(),
             notify.clone(),
+            metrics.clone(),
             "generated configmaps",
         );
         tasks.push(task);
@@ -214,6 +219,7 @@ impl Watches {
             Api::<Secret>::namespaced(client.clone(), gateway_namespace),
             generated,
             notify.clone(),
+            metrics.clone(),
             "generated secrets",
         );
         tasks.push(task);
@@ -227,6 +233,7 @@ impl Watches {
             credentials: Mutex::new(BTreeMap::new()),
             client: client.clone(),
             notify,
+            metrics,
             tasks,
         }
     }
@@ -270,6 +277,7 @@ impl Watches {
                         Api::<Secret>::namespaced(self.client.clone(), ns),
                         watcher::Config::default().fields(&format!("metadata.name={name}")),
                         self.notify.clone(),
+                        self.metrics.clone(),
                         "credential secret",
                     )
                 });

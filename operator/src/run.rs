@@ -166,6 +166,7 @@ pub async fn run(settings: RunSettings) -> anyhow::Result<()> {
         &namespaces,
         &gateway_namespace,
         notify.clone(),
+        metrics.clone(),
     ));
     tracing::info!(namespaces = ?namespaces, gateway_namespace = %gateway_namespace, identity = %identity, "watching");
     tokio::select! {
