@@ -8,7 +8,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::ResourceExt;
 use tollgate_api::{
     compile::CompileOutput,
-    diagnostics::{ConditionState, Kind, ObjectRef, condition_types},
+    diagnostics::{ConditionState, Kind, ObjectRef, condition_types, reasons},
     v1alpha1::{
         ApiKey, ApiKeyStatus, CommonStatus, Provider, ProviderStatus, RoutePolicy,
         RoutePolicyStatus,
@@ -62,6 +62,15 @@ fn transition(previous: Option<&CommonStatus>, next: &CommonStatus) -> Option<Ev
     };
     let (before, after) = (ready(previous), ready(Some(next)));
     if before == after {
+        return None;
+    }
+    // A new object that is simply Ready is the normal case, not news: 10,000 ApiKeys
+    // applied at once must not mean 10,000 Events.
+    if before.is_none()
+        && after
+            .as_ref()
+            .is_some_and(|(s, r)| s == "True" && r == reasons::READY)
+    {
         return None;
     }
     let cond = next
@@ -287,9 +296,7 @@ mod tests {
             .map(|c| c.type_.as_str())
             .collect();
         assert_eq!(types, ["Ready", "ResolvedRefs"]);
-        let event = p.event.unwrap();
-        assert!(!event.warning);
-        assert_eq!(event.reason, reasons::READY);
+        assert_eq!(p.event, None, "a new, healthy object is no news");
 
         let k = api_key(&r.api_keys[0], &out, None, now()).unwrap();
         assert_eq!(k.status.secret_name.as_deref(), Some("app-key"));
