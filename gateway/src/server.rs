@@ -7,8 +7,8 @@ use std::{
 };
 
 use anyhow::Context;
-use tollgate_api::redis_conn::RedisOptions;
 use tokio::net::TcpListener;
+use tollgate_api::redis_conn::RedisOptions;
 
 use crate::{
     config_source::{self, ConfigState, Source},
