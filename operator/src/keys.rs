@@ -27,6 +27,11 @@ use crate::desired::{MANAGED_BY, MANAGED_BY_VALUE};
 /// Label on key Secrets naming their ApiKey.
 pub const API_KEY_LABEL: &str = "tollgate.dev/api-key";
 
+/// Annotation on key Secrets: the `spec.rotation.generation` their key was issued for,
+/// written with the key itself, so issuing a key and recording its generation are one
+/// write.
+pub const KEY_GENERATION: &str = "tollgate.dev/key-generation";
+
 /// What to do about one ApiKey's Secret.
 #[derive(PartialEq)]
 pub enum KeyAction {
@@ -95,13 +100,23 @@ pub fn secret_key(secret: &Secret) -> Option<String> {
     (!text.is_empty()).then(|| text.to_owned())
 }
 
-/// The Secret that hands `plaintext` to the client application.
-pub fn key_secret(key: &ApiKey, plaintext: &str) -> Secret {
+/// The `spec.rotation.generation` a key was issued for.
+fn issued_generation(secret: &Secret) -> Option<i64> {
+    secret.annotations().get(KEY_GENERATION)?.parse().ok()
+}
+
+/// The Secret that hands `plaintext`, issued for rotation `generation`, to the client
+/// application.
+pub fn key_secret(key: &ApiKey, plaintext: &str, generation: i64) -> Secret {
     let name = key.name_any();
     Secret {
         metadata: ObjectMeta {
             name: Some(secret_name(key)),
             namespace: key.namespace(),
+            annotations: Some(BTreeMap::from([(
+                KEY_GENERATION.to_owned(),
+                generation.to_string(),
+            )])),
             labels: Some(BTreeMap::from([
                 (MANAGED_BY.to_owned(), MANAGED_BY_VALUE.to_owned()),
                 (API_KEY_LABEL.to_owned(), name.clone()),
@@ -132,8 +147,9 @@ pub fn key_action(
     now: Timestamp,
     random: impl FnMut() -> [u8; key_format::bytes_needed()],
 ) -> KeyAction {
+    let wanted = key.spec.rotation.as_ref().map(|r| r.generation);
     let Some(live) = live else {
-        return KeyAction::Create(key_secret(key, &new_key(random)));
+        return KeyAction::Create(key_secret(key, &new_key(random), wanted.unwrap_or(0)));
     };
     if !owned_by(live, key) {
         return KeyAction::Conflict(format!(
@@ -142,12 +158,15 @@ pub fn key_action(
         ));
     }
     let status = key.status.as_ref();
-    let wanted = key.spec.rotation.as_ref().map(|r| r.generation);
-    let served = status.and_then(|s| s.rotated_generation);
+    // The generation the key in the Secret was issued for (its annotation; older Secrets:
+    // the status), 0 when never rotated.
+    let served = issued_generation(live)
+        .or(status.and_then(|s| s.rotated_generation))
+        .unwrap_or(0);
     let current = secret_key(live);
     let current_hash = current.as_deref().map(|k| sha256_hex(k.as_bytes()));
     let rotate = |previous: Option<PreviousKey>, generation: i64| {
-        let mut secret = key_secret(key, &new_key(random));
+        let mut secret = key_secret(key, &new_key(random), generation);
         secret.metadata.resource_version = live.metadata.resource_version.clone();
         KeyAction::Rotate {
             secret,
@@ -155,10 +174,20 @@ pub fn key_action(
             generation,
         }
     };
+    let recorded = status.and_then(|s| s.previous_key.as_ref());
     match (wanted, current_hash) {
         // The Secret lost its key (edited by hand): issue a new one, nothing to keep.
-        (_, None) => rotate(None, wanted.or(served).unwrap_or(0)),
-        (Some(generation), Some(hash)) if Some(generation) != served => {
+        (_, None) => rotate(None, wanted.unwrap_or(served)),
+        // Recorded in status, but the Secret still holds the old key: the rotation was
+        // interrupted between the two writes. Finish it, keeping the recorded grace.
+        (Some(generation), Some(hash))
+            if generation != served
+                && status.and_then(|s| s.rotated_generation) == Some(generation)
+                && recorded.is_some_and(|p| p.sha256 == hash) =>
+        {
+            rotate(recorded.cloned(), generation)
+        }
+        (Some(generation), Some(hash)) if generation != served => {
             let grace = key
                 .spec
                 .rotation
@@ -170,15 +199,6 @@ pub fn key_action(
                 expires_at: Time(now + grace),
             });
             rotate(previous, generation)
-        }
-        // Recorded in status, but the Secret still holds the old key: the rotation was
-        // interrupted between the two writes. Finish it, keeping the recorded grace.
-        (Some(generation), Some(hash))
-            if status
-                .and_then(|s| s.previous_key.as_ref())
-                .is_some_and(|p| p.sha256 == hash) =>
-        {
-            rotate(status.and_then(|s| s.previous_key.clone()), generation)
         }
         _ => KeyAction::Keep,
     }
@@ -239,7 +259,7 @@ mod tests {
     #[test]
     fn an_existing_secret_is_kept_and_a_foreign_one_is_never_overwritten() {
         let key = api_key(None, None);
-        let secret = key_secret(&key, "tg_existing_key_value_000000000000");
+        let secret = key_secret(&key, "tg_existing_key_value_000000000000", 0);
         assert_eq!(
             key_action(&key, Some(&secret), now(), counter()),
             KeyAction::Keep
@@ -267,7 +287,7 @@ mod tests {
         };
         let key = api_key(Some(2), Some(status));
         let old = "tg_existing_key_value_000000000000";
-        let mut live = key_secret(&key, old);
+        let mut live = key_secret(&key, old, 1);
         live.metadata.resource_version = Some("41".into());
         let KeyAction::Rotate {
             secret,
@@ -300,10 +320,23 @@ mod tests {
     }
 
     #[test]
+    fn a_key_created_with_a_rotation_generation_is_not_rotated_again() {
+        let key = api_key(Some(4), None);
+        let KeyAction::Create(secret) = key_action(&key, None, now(), counter()) else {
+            panic!()
+        };
+        assert_eq!(secret.annotations()[KEY_GENERATION], "4");
+        assert_eq!(
+            key_action(&key, Some(&secret), now(), counter()),
+            KeyAction::Keep
+        );
+    }
+
+    #[test]
     fn a_zero_grace_period_keeps_nothing_of_the_old_key() {
         let mut key = api_key(Some(1), None);
         key.spec.rotation.as_mut().unwrap().grace_period = "0s".into();
-        let live = key_secret(&key, "tg_existing_key_value_000000000000");
+        let live = key_secret(&key, "tg_existing_key_value_000000000000", 0);
         assert!(matches!(
             key_action(&key, Some(&live), now(), counter()),
             KeyAction::Rotate {
@@ -327,7 +360,7 @@ mod tests {
             ..ApiKeyStatus::default()
         };
         let key = api_key(Some(3), Some(status));
-        let live = key_secret(&key, old);
+        let live = key_secret(&key, old, 2);
         let KeyAction::Rotate { previous, .. } = key_action(&key, Some(&live), now(), counter())
         else {
             panic!()
@@ -338,7 +371,7 @@ mod tests {
     #[test]
     fn a_secret_that_lost_its_key_gets_a_new_one() {
         let key = api_key(None, None);
-        let mut live = key_secret(&key, "x");
+        let mut live = key_secret(&key, "x", 0);
         live.data = Some(BTreeMap::new());
         assert!(matches!(
             key_action(&key, Some(&live), now(), counter()),
