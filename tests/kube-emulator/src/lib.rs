@@ -1,0 +1,508 @@
+//! An in-memory Kubernetes API server emulator for tests.
+//!
+//! [`Emulator::start`] serves a plain-HTTP Kubernetes API on `127.0.0.1`,
+//! on its own thread and tokio runtime, so it works from `#[test]` and
+//! `#[tokio::test]` alike. It speaks enough of the API for a kube-rs
+//! operator: discovery, list/get/create/replace/delete, merge, JSON and
+//! strategic-merge patches, server-side apply, the `status` subresource,
+//! label and field selectors, watches with resume, bookmarks and 410 Gone,
+//! finalizers and owner-reference garbage collection. See the crate's
+//! README for the exact list of what is and is not emulated.
+//!
+//! Tests can also reach the store directly (no HTTP, not logged):
+//! [`Emulator::apply_yaml`], [`Emulator::get`], [`Emulator::list`],
+//! [`Emulator::patch_merge`], [`Emulator::delete`]; inspect the request log
+//! ([`Emulator::requests`], [`Emulator::write_count`]); inject faults
+//! ([`Emulator::fail_next`]); and project ConfigMaps and Secrets into a
+//! directory like kubelet does ([`Projection`]).
+//!
+//! ```no_run
+//! use tollgate_kube_emulator::Emulator;
+//!
+//! let emu = Emulator::start();
+//! emu.apply_yaml("apiVersion: v1\nkind: ConfigMap\nmetadata: {name: x}\ndata: {a: b}\n").unwrap();
+//! let cm = emu.get("v1", "configmaps", "default", "x").unwrap();
+//! assert_eq!(cm["data"]["a"], "b");
+//! // kube-rs: kube::Config::new(emu.url().parse()?) with default_retry = false.
+//! ```
+
+mod error;
+mod fields;
+mod log;
+mod patch;
+#[cfg(unix)]
+mod projection;
+mod registry;
+mod selector;
+mod server;
+mod store;
+mod validate;
+mod watch;
+
+pub use error::ApiError;
+pub use log::{RequestFilter, RequestRecord};
+#[cfg(unix)]
+pub use projection::Projection;
+pub use registry::ResourceDef;
+pub use selector::{FieldSelector, LabelSelector};
+
+use log::RequestLog;
+use serde::Deserialize;
+use serde_json::Value;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+use store::{DeleteOpts, Store, Target, Update, WriteOpts};
+use tokio::sync::{oneshot, watch as tokio_watch};
+
+/// Tunables of an [`Emulator`].
+#[derive(Clone, Debug)]
+pub struct EmulatorOptions {
+    /// Interval of `BOOKMARK` events on watches that allow them.
+    pub bookmark_interval: Duration,
+    /// Number of changes kept for resuming watches; older resourceVersions
+    /// get 410 Gone.
+    pub history_limit: usize,
+    /// Watch duration when the request has no `timeoutSeconds`.
+    pub default_watch_timeout: Duration,
+}
+
+impl Default for EmulatorOptions {
+    fn default() -> Self {
+        Self {
+            bookmark_interval: Duration::from_secs(1),
+            history_limit: 10_000,
+            default_watch_timeout: Duration::from_secs(1800),
+        }
+    }
+}
+
+/// State shared by the HTTP server, the direct API and projections.
+#[derive(Debug)]
+pub(crate) struct Core {
+    store: Mutex<Store>,
+    log: Mutex<RequestLog>,
+    /// Bumped to end every open watch stream.
+    close_watches: tokio_watch::Sender<u64>,
+    options: EmulatorOptions,
+}
+
+impl Core {
+    pub(crate) fn store(&self) -> MutexGuard<'_, Store> {
+        self.store.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    pub(crate) fn log(&self) -> MutexGuard<'_, RequestLog> {
+        self.log.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// A running emulator. The server stops (and open watches end) when it is
+/// dropped.
+#[derive(Debug)]
+pub struct Emulator {
+    core: Arc<Core>,
+    url: String,
+    stop: Option<oneshot::Sender<()>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Emulator {
+    /// Starts an emulator with default options on `127.0.0.1:<free port>`.
+    ///
+    /// # Panics
+    /// If no local port can be bound or the server thread cannot start.
+    pub fn start() -> Emulator {
+        Self::start_with(EmulatorOptions::default())
+    }
+
+    /// Starts an emulator with `options`.
+    ///
+    /// # Panics
+    /// If no local port can be bound or the server thread cannot start.
+    pub fn start_with(options: EmulatorOptions) -> Emulator {
+        let core = Arc::new(Core {
+            store: Mutex::new(Store::new(options.history_limit)),
+            log: Mutex::default(),
+            close_watches: tokio_watch::channel(0).0,
+            options,
+        });
+        let listener =
+            std::net::TcpListener::bind(("127.0.0.1", 0)).expect("kube-emulator: bind 127.0.0.1:0");
+        listener
+            .set_nonblocking(true)
+            .expect("kube-emulator: non-blocking listener");
+        let addr = listener.local_addr().expect("kube-emulator: local address");
+        let app = server::router(core.clone());
+        let (stop, stopped) = oneshot::channel::<()>();
+        let thread = std::thread::Builder::new()
+            .name(format!("kube-emulator-{}", addr.port()))
+            .spawn(move || {
+                let runtime = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .expect("kube-emulator: tokio runtime");
+                runtime.block_on(async move {
+                    let listener = tokio::net::TcpListener::from_std(listener)
+                        .expect("kube-emulator: tokio listener");
+                    let serve = async move { axum::serve(listener, app).await };
+                    tokio::select! {
+                        result = serve => {
+                            if let Err(e) = result {
+                                tracing::error!("kube-emulator server failed: {e}");
+                            }
+                        }
+                        _ = stopped => {}
+                    }
+                });
+                // Dropping the runtime here cancels open connections and watches.
+            })
+            .expect("kube-emulator: spawn server thread");
+        Emulator {
+            core,
+            url: format!("http://{addr}"),
+            stop: Some(stop),
+            thread: Some(thread),
+        }
+    }
+
+    /// Base URL, e.g. `http://127.0.0.1:41234`.
+    pub fn url(&self) -> String {
+        self.url.clone()
+    }
+
+    /// A kubeconfig whose current context points at this emulator (plain
+    /// HTTP, no credentials, namespace `default`), for operator binaries
+    /// started as subprocesses with `KUBECONFIG`.
+    pub fn kubeconfig(&self) -> String {
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: emulator\n  cluster:\n    server: {}\n\
+             contexts:\n- name: emulator\n  context:\n    cluster: emulator\n    user: emulator\n    namespace: default\n\
+             current-context: emulator\nusers:\n- name: emulator\n  user: {{}}\n",
+            self.url
+        )
+    }
+
+    // ----- registry -------------------------------------------------------
+
+    /// Serves another resource (replacing a definition with the same
+    /// group, version and plural).
+    pub fn register(&self, def: ResourceDef) {
+        self.core.store().register(def);
+    }
+
+    /// Serves every version of the CustomResourceDefinitions in a (multi-document) YAML.
+    pub fn register_crd_yaml(&self, yaml: &str) -> Result<Vec<ResourceDef>, ApiError> {
+        let mut defs = Vec::new();
+        for doc in yaml_documents(yaml)? {
+            defs.extend(ResourceDef::from_crd(&doc).map_err(ApiError::bad_request)?);
+        }
+        let mut store = self.core.store();
+        for def in &defs {
+            store.register(def.clone());
+        }
+        Ok(defs)
+    }
+
+    /// Every served resource.
+    pub fn resources(&self) -> Vec<ResourceDef> {
+        self.core.store().resources().cloned().collect()
+    }
+
+    fn def(&self, api_version: &str, plural: &str) -> Result<ResourceDef, ApiError> {
+        let (group, version) = registry::split_api_version(api_version);
+        self.core
+            .store()
+            .resource(&group, &version, plural)
+            .cloned()
+            .ok_or_else(|| {
+                ApiError::new(
+                    404,
+                    "NotFound",
+                    format!("resource {plural} in {api_version} is not served"),
+                )
+            })
+    }
+
+    // ----- direct store access ------------------------------------------
+
+    /// The current global resourceVersion.
+    pub fn resource_version(&self) -> u64 {
+        self.core.store().rv()
+    }
+
+    /// Creates or replaces every object of a multi-document YAML (a `List`
+    /// is flattened) and returns the stored objects. Server-side fields
+    /// (uid, resourceVersion, generation, creationTimestamp) are filled in,
+    /// Secret `stringData` becomes base64 `data`, and `.status` is stored as
+    /// given. Namespaced objects without a namespace go to `default`.
+    /// CustomResourceDefinitions are registered instead of stored.
+    pub fn apply_yaml(&self, yaml: &str) -> Result<Vec<Value>, ApiError> {
+        let mut stored = Vec::new();
+        for doc in yaml_documents(yaml)? {
+            let items = match doc["kind"].as_str() {
+                Some("List") => doc["items"].as_array().cloned().unwrap_or_default(),
+                _ => vec![doc],
+            };
+            for item in items {
+                stored.push(self.apply_object(item)?);
+            }
+        }
+        Ok(stored)
+    }
+
+    /// Creates or replaces one object given as JSON (see [`Emulator::apply_yaml`]).
+    pub fn apply_object(&self, mut obj: Value) -> Result<Value, ApiError> {
+        let api_version = obj["apiVersion"].as_str().unwrap_or_default().to_string();
+        let kind = obj["kind"].as_str().unwrap_or_default().to_string();
+        if api_version.starts_with("apiextensions.k8s.io/") && kind == "CustomResourceDefinition" {
+            for def in ResourceDef::from_crd(&obj).map_err(ApiError::bad_request)? {
+                self.register(def);
+            }
+            return Ok(obj);
+        }
+        let mut store = self.core.store();
+        let def = store
+            .resource_for_kind(&api_version, &kind)
+            .cloned()
+            .ok_or_else(|| {
+                ApiError::bad_request(format!("no resource serves {kind} in {api_version:?}"))
+            })?;
+        let ns = if def.namespaced {
+            obj["metadata"]["namespace"]
+                .as_str()
+                .unwrap_or("default")
+                .to_string()
+        } else {
+            String::new()
+        };
+        let name = obj["metadata"]["name"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        if let Some(meta) = obj.get_mut("metadata").and_then(Value::as_object_mut) {
+            meta.remove("resourceVersion");
+        }
+        let opts = WriteOpts::direct();
+        if !name.is_empty() && store.get(&def, &ns, &name).is_ok() {
+            let (obj, _) =
+                store.update(&def, &ns, &name, Target::Main, Update::Replace(obj), &opts)?;
+            Ok(obj)
+        } else {
+            store.create(&def, &ns, obj, &opts, false)
+        }
+    }
+
+    /// The stored object, if any. `namespace` is ignored for cluster-scoped
+    /// resources.
+    pub fn get(
+        &self,
+        api_version: &str,
+        plural: &str,
+        namespace: &str,
+        name: &str,
+    ) -> Option<Value> {
+        let def = self.def(api_version, plural).ok()?;
+        self.core.store().get(&def, namespace, name).ok()
+    }
+
+    /// All objects of a resource in `namespace` (every namespace when
+    /// empty), ordered by namespace and name.
+    pub fn list(&self, api_version: &str, plural: &str, namespace: &str) -> Vec<Value> {
+        self.list_selected(api_version, plural, namespace, "")
+            .unwrap_or_default()
+    }
+
+    /// Like [`Emulator::list`], filtered by a label selector.
+    pub fn list_selected(
+        &self,
+        api_version: &str,
+        plural: &str,
+        namespace: &str,
+        label_selector: &str,
+    ) -> Result<Vec<Value>, ApiError> {
+        let def = self.def(api_version, plural)?;
+        let selectors = selector::Selectors::parse(Some(label_selector), None)
+            .map_err(ApiError::bad_request)?;
+        let ns = (!namespace.is_empty()).then_some(namespace);
+        Ok(self.core.store().list(&def, ns, &selectors))
+    }
+
+    /// Applies a JSON merge patch to the whole object, `.status` included
+    /// (like a user or another controller editing it). Generation,
+    /// resourceVersion and watch events behave as for an HTTP write.
+    pub fn patch_merge(
+        &self,
+        api_version: &str,
+        plural: &str,
+        namespace: &str,
+        name: &str,
+        patch: Value,
+    ) -> Result<Value, ApiError> {
+        let def = self.def(api_version, plural)?;
+        let (obj, _) = self.core.store().update(
+            &def,
+            namespace,
+            name,
+            Target::Main,
+            Update::Merge(patch),
+            &WriteOpts::direct(),
+        )?;
+        Ok(obj)
+    }
+
+    /// Deletes an object like `DELETE` does (finalizers, garbage collection)
+    /// and returns its last state.
+    pub fn delete(
+        &self,
+        api_version: &str,
+        plural: &str,
+        namespace: &str,
+        name: &str,
+    ) -> Result<Value, ApiError> {
+        let def = self.def(api_version, plural)?;
+        let (last, _) = self
+            .core
+            .store()
+            .delete(&def, namespace, name, &DeleteOpts::default())?;
+        Ok(last)
+    }
+
+    /// Drops the change history (like an etcd compaction): a watch resuming
+    /// from an older resourceVersion gets 410 Gone and must relist.
+    pub fn compact(&self) {
+        self.core.store().compact();
+    }
+
+    /// Ends every open watch stream; clients resume from their last
+    /// resourceVersion.
+    pub fn close_watches(&self) {
+        self.core.close_watches.send_modify(|n| *n += 1);
+    }
+
+    // ----- request log and faults -----------------------------------------
+
+    /// Every HTTP request answered so far (since the last [`Emulator::reset_log`]).
+    pub fn requests(&self) -> Vec<RequestRecord> {
+        self.core.log().records().to_vec()
+    }
+
+    /// The requests selected by `filter`.
+    pub fn requests_matching(&self, filter: &RequestFilter) -> Vec<RequestRecord> {
+        self.core
+            .log()
+            .records()
+            .iter()
+            .filter(|r| filter.matches(r))
+            .cloned()
+            .collect()
+    }
+
+    /// Number of requests selected by `filter`.
+    pub fn count(&self, filter: &RequestFilter) -> usize {
+        self.core
+            .log()
+            .records()
+            .iter()
+            .filter(|r| filter.matches(r))
+            .count()
+    }
+
+    /// Number of mutating requests (`POST`, `PUT`, `PATCH`, `DELETE`),
+    /// including failed and no-op ones.
+    pub fn write_count(&self) -> usize {
+        self.count(&RequestFilter::writes())
+    }
+
+    /// Number of mutating requests on one resource plural.
+    pub fn write_count_for(&self, plural: &str) -> usize {
+        self.count(&RequestFilter::writes().resource(plural))
+    }
+
+    /// Forgets the recorded requests (armed faults stay).
+    pub fn reset_log(&self) {
+        self.core.log().clear();
+    }
+
+    /// Makes the next `n` requests matching `filter` fail with `status_code`
+    /// and a matching `Status` body (`500 InternalError`, `409 Conflict`,
+    /// `503 ServiceUnavailable`, ...), without touching the store. Faults are
+    /// consumed in the order they were armed.
+    pub fn fail_next(&self, n: usize, status_code: u16, filter: RequestFilter) {
+        self.core.log().arm(n, status_code, filter);
+    }
+
+    /// Disarms every pending fault.
+    pub fn clear_faults(&self) {
+        self.core.log().disarm();
+    }
+
+    // ----- waiting --------------------------------------------------------
+
+    /// Waits until `condition` holds, re-checking after every store change
+    /// and at least every 50 ms. Returns whether it held before `timeout`.
+    /// Needs a tokio runtime with the time driver (e.g. `#[tokio::test]`).
+    pub async fn wait_for(
+        &self,
+        timeout: Duration,
+        mut condition: impl FnMut(&Emulator) -> bool,
+    ) -> bool {
+        let mut revision = self.core.store().revision();
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            if condition(self) {
+                return true;
+            }
+            let now = tokio::time::Instant::now();
+            if now >= deadline {
+                return false;
+            }
+            let step = (deadline - now).min(Duration::from_millis(50));
+            let _ = tokio::time::timeout(step, revision.changed()).await;
+        }
+    }
+
+    /// Blocking version of [`Emulator::wait_for`] for plain `#[test]`s
+    /// (polls every 10 ms). Do not call it on a tokio runtime thread that
+    /// must keep driving the code under test.
+    pub fn wait_for_blocking(
+        &self,
+        timeout: Duration,
+        mut condition: impl FnMut(&Emulator) -> bool,
+    ) -> bool {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if condition(self) {
+                return true;
+            }
+            if Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+impl Drop for Emulator {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// The non-empty documents of a multi-document YAML string, as JSON.
+fn yaml_documents(yaml: &str) -> Result<Vec<Value>, ApiError> {
+    let mut docs = Vec::new();
+    for doc in serde_yaml::Deserializer::from_str(yaml) {
+        let value = Value::deserialize(doc)
+            .map_err(|e| ApiError::bad_request(format!("invalid YAML: {e}")))?;
+        if !value.is_null() {
+            docs.push(value);
+        }
+    }
+    Ok(docs)
+}

@@ -1,0 +1,188 @@
+//! The request log and fault injection.
+//!
+//! Every HTTP request is recorded after it has been answered (so a test that
+//! got its response always sees the record). Tests count requests, e.g.
+//! writes to one resource, and arm faults: the next `n` requests matching a
+//! [`RequestFilter`] are answered with an error `Status` and change nothing.
+
+use crate::error::ApiError;
+
+/// One HTTP request as seen by the emulator.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RequestRecord {
+    /// `GET`, `POST`, `PUT`, `PATCH` or `DELETE`.
+    pub method: String,
+    /// Request path, e.g. `/api/v1/namespaces/default/configmaps/x`.
+    pub path: String,
+    /// Raw query string (without `?`; kube-rs sends e.g. `&fieldManager=x`).
+    pub query: String,
+    /// The request's `Content-Type`, if any.
+    pub content_type: Option<String>,
+    /// Resource plural, for resource requests.
+    pub resource: Option<String>,
+    /// Namespace from the path, for namespaced requests.
+    pub namespace: Option<String>,
+    /// Object name, for single-object requests.
+    pub name: Option<String>,
+    /// Subresource (`status`), if any.
+    pub subresource: Option<String>,
+    /// The `fieldManager` query parameter, if any.
+    pub field_manager: Option<String>,
+    /// The client's `User-Agent`, if any (tells replicas of one controller apart).
+    pub user_agent: Option<String>,
+    /// Whether this was a watch (`watch=true`).
+    pub watch: bool,
+    /// HTTP status of the response (200 for a watch that started).
+    pub status: u16,
+}
+
+impl RequestRecord {
+    /// Whether the request was a write (`POST`, `PUT`, `PATCH` or `DELETE`).
+    pub fn is_write(&self) -> bool {
+        matches!(self.method.as_str(), "POST" | "PUT" | "PATCH" | "DELETE")
+    }
+}
+
+/// Selects requests, for counting and for fault injection. Every field that
+/// is set must match; [`RequestFilter::any`] matches everything.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RequestFilter {
+    /// HTTP method (case-insensitive).
+    pub method: Option<String>,
+    /// Resource plural, e.g. `configmaps`.
+    pub resource: Option<String>,
+    /// Namespace.
+    pub namespace: Option<String>,
+    /// Object name.
+    pub name: Option<String>,
+    /// Subresource, e.g. `status`.
+    pub subresource: Option<String>,
+    /// Only writes (`POST`, `PUT`, `PATCH`, `DELETE`).
+    pub writes_only: bool,
+    /// Only watches (`Some(true)`) or only non-watches (`Some(false)`).
+    pub watch: Option<bool>,
+}
+
+impl RequestFilter {
+    /// Matches every request.
+    pub fn any() -> Self {
+        Self::default()
+    }
+
+    /// Matches only writes.
+    pub fn writes() -> Self {
+        Self {
+            writes_only: true,
+            ..Self::default()
+        }
+    }
+
+    /// Restricts to an HTTP method.
+    pub fn method(mut self, method: &str) -> Self {
+        self.method = Some(method.to_ascii_uppercase());
+        self
+    }
+
+    /// Restricts to a resource plural.
+    pub fn resource(mut self, plural: &str) -> Self {
+        self.resource = Some(plural.to_string());
+        self
+    }
+
+    /// Restricts to a namespace.
+    pub fn namespace(mut self, namespace: &str) -> Self {
+        self.namespace = Some(namespace.to_string());
+        self
+    }
+
+    /// Restricts to an object name.
+    pub fn name(mut self, name: &str) -> Self {
+        self.name = Some(name.to_string());
+        self
+    }
+
+    /// Restricts to a subresource such as `status`.
+    pub fn subresource(mut self, sub: &str) -> Self {
+        self.subresource = Some(sub.to_string());
+        self
+    }
+
+    /// Restricts to watch (`true`) or non-watch (`false`) requests.
+    pub fn watch(mut self, watch: bool) -> Self {
+        self.watch = Some(watch);
+        self
+    }
+
+    /// Whether `r` is selected.
+    pub fn matches(&self, r: &RequestRecord) -> bool {
+        fn eq(want: &Option<String>, got: &Option<String>) -> bool {
+            want.as_ref().is_none_or(|w| got.as_ref() == Some(w))
+        }
+        self.method
+            .as_ref()
+            .is_none_or(|m| m.eq_ignore_ascii_case(&r.method))
+            && eq(&self.resource, &r.resource)
+            && eq(&self.namespace, &r.namespace)
+            && eq(&self.name, &r.name)
+            && eq(&self.subresource, &r.subresource)
+            && (!self.writes_only || r.is_write())
+            && self.watch.is_none_or(|w| w == r.watch)
+    }
+}
+
+#[derive(Debug)]
+struct Fault {
+    remaining: usize,
+    code: u16,
+    filter: RequestFilter,
+}
+
+/// Recorded requests and armed faults.
+#[derive(Debug, Default)]
+pub(crate) struct RequestLog {
+    records: Vec<RequestRecord>,
+    faults: Vec<Fault>,
+}
+
+impl RequestLog {
+    pub fn push(&mut self, record: RequestRecord) {
+        self.records.push(record);
+    }
+
+    pub fn records(&self) -> &[RequestRecord] {
+        &self.records
+    }
+
+    pub fn clear(&mut self) {
+        self.records.clear();
+    }
+
+    pub fn arm(&mut self, n: usize, code: u16, filter: RequestFilter) {
+        if n > 0 {
+            self.faults.push(Fault {
+                remaining: n,
+                code,
+                filter,
+            });
+        }
+    }
+
+    pub fn disarm(&mut self) {
+        self.faults.clear();
+    }
+
+    /// Consumes one matching fault, if any, and returns the error to send.
+    pub fn take_fault(&mut self, r: &RequestRecord) -> Option<ApiError> {
+        let index = self.faults.iter().position(|f| f.filter.matches(r))?;
+        let fault = &mut self.faults[index];
+        fault.remaining -= 1;
+        let code = fault.code;
+        if fault.remaining == 0 {
+            self.faults.remove(index);
+        }
+        Some(ApiError::from_code(
+            code,
+            format!("injected fault for {} {}", r.method, r.path),
+        ))
+    }
+}
