@@ -1,0 +1,537 @@
+//! End to end: the real operator binary against an emulated Kubernetes API
+//! (`tollgate-kube-emulator`), the objects it writes projected into files the way kubelet
+//! mounts them, and a real gateway process serving those files.
+//!
+//! Needs the gateway binary next to the operator's (`bash tests/run.sh` builds the whole
+//! workspace first; otherwise this test builds it).
+
+use std::{
+    io::{BufRead, BufReader},
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+    sync::{Arc, Mutex, mpsc},
+    time::{Duration, Instant},
+};
+
+use base64::Engine;
+use serde_json::{Value, json};
+use tollgate_kube_emulator::{Emulator, Projection, RequestFilter};
+
+const CONFIG_SELECTOR: &str =
+    "app.kubernetes.io/managed-by=tollgate-operator,tollgate.dev/config-part";
+const TG: &str = "tollgate.dev/v1alpha1";
+
+/// A child process whose stderr (JSON logs) is collected; killed on drop.
+struct Proc {
+    child: Child,
+    logs: Arc<Mutex<String>>,
+    announced: mpsc::Receiver<(String, String)>,
+}
+
+impl Proc {
+    fn spawn(program: PathBuf, args: &[&str], env: &[(&str, &str)]) -> Self {
+        let mut child = Command::new(&program)
+            .args(args)
+            .envs(env.iter().copied())
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("{} starts: {e}", program.display()));
+        let stderr = child.stderr.take().unwrap();
+        let logs = Arc::new(Mutex::new(String::new()));
+        let (tx, announced) = mpsc::channel();
+        let sink = logs.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                if let Ok(v) = serde_json::from_str::<Value>(&line) {
+                    for field in ["addr", "admin_addr"] {
+                        if let Some(addr) = v[field].as_str() {
+                            let _ = tx.send((
+                                v["message"].as_str().unwrap_or_default().to_owned(),
+                                addr.to_owned(),
+                            ));
+                        }
+                    }
+                }
+                let mut logs = sink.lock().unwrap();
+                logs.push_str(&line);
+                logs.push('\n');
+            }
+        });
+        Self {
+            child,
+            logs,
+            announced,
+        }
+    }
+
+    /// The address announced by the log line `message`.
+    fn addr(&self, message: &str) -> String {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            if let Ok((m, addr)) = self.announced.recv_timeout(Duration::from_millis(100))
+                && m == message
+            {
+                return addr;
+            }
+        }
+        panic!("no {message:?} log line:\n{}", self.logs());
+    }
+
+    fn logs(&self) -> String {
+        self.logs.lock().unwrap().clone()
+    }
+
+    fn terminate(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!("did not exit on SIGTERM:\n{}", self.logs());
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn operator_binary() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_tollgate-operator"))
+}
+
+/// The gateway binary, built if this test runs without the rest of the workspace.
+fn gateway_binary() -> PathBuf {
+    let path = operator_binary().with_file_name("tollgate-gateway");
+    if !path.exists() {
+        let ok = Command::new(env!("CARGO"))
+            .args([
+                "build",
+                "-p",
+                "tollgate-gateway",
+                "--bin",
+                "tollgate-gateway",
+            ])
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false);
+        assert!(
+            ok && path.exists(),
+            "build the gateway first: cargo build -p tollgate-gateway"
+        );
+    }
+    path
+}
+
+fn operator(emulator: &Emulator, identity: &str, extra: &[&str]) -> Proc {
+    let url = emulator.url();
+    let mut args = vec![
+        "run",
+        "--kube-url",
+        &url,
+        "--namespaces",
+        "default",
+        "--gateway-namespace",
+        "tollgate",
+        "--admin-listen",
+        "127.0.0.1:0",
+        "--debounce",
+        "100ms",
+        "--max-debounce",
+        "1s",
+        "--identity",
+        identity,
+        "--log-format",
+        "json",
+    ];
+    args.extend_from_slice(extra);
+    let p = Proc::spawn(operator_binary(), &args, &[("POD_NAMESPACE", "tollgate")]);
+    p.addr("admin listening");
+    p
+}
+
+fn examples() -> String {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../examples");
+    let mut text = String::new();
+    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
+        .collect();
+    files.sort();
+    for f in files {
+        text.push_str(&std::fs::read_to_string(f).unwrap());
+        text.push_str("\n---\n");
+    }
+    text
+}
+
+fn key_of(emulator: &Emulator, secret: &str) -> Option<String> {
+    let s = emulator.get("v1", "secrets", "default", secret)?;
+    let data = s["data"]["apiKey"].as_str()?;
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(data)
+        .ok()?;
+    String::from_utf8(bytes).ok()
+}
+
+fn ready(emulator: &Emulator, plural: &str, name: &str) -> Option<Value> {
+    let o = emulator.get(TG, plural, "default", name)?;
+    o["status"]["conditions"]
+        .as_array()?
+        .iter()
+        .find(|c| c["type"] == "Ready")
+        .cloned()
+}
+
+async fn chat(gateway: &str, key: &str) -> u16 {
+    reqwest::Client::new()
+        .post(format!("http://{gateway}/v1/chat/completions"))
+        .bearer_auth(key)
+        .json(&json!({"model": "demo-chat", "messages": [{"role": "user", "content": "hi"}]}))
+        .timeout(Duration::from_secs(10))
+        .send()
+        .await
+        .unwrap()
+        .status()
+        .as_u16()
+}
+
+async fn eventually_status(
+    gateway: &str,
+    key: &str,
+    want: u16,
+    within: Duration,
+) -> Option<Duration> {
+    let started = Instant::now();
+    while started.elapsed() < within {
+        if chat(gateway, key).await == want {
+            return Some(started.elapsed());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    None
+}
+
+fn writes_by(emulator: &Emulator, identity: &str) -> usize {
+    emulator
+        .requests_matching(&RequestFilter::writes())
+        .iter()
+        .filter(|r| {
+            r.user_agent
+                .as_deref()
+                .is_some_and(|a| a.contains(identity))
+        })
+        .count()
+}
+
+fn lease_holder(emulator: &Emulator) -> Option<String> {
+    emulator.get(
+        "coordination.k8s.io/v1",
+        "leases",
+        "tollgate",
+        "tollgate-operator",
+    )?["spec"]["holderIdentity"]
+        .as_str()
+        .map(str::to_owned)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operator_to_files_to_gateway_with_leader_election_and_failover() {
+    let emulator = Emulator::start();
+    emulator
+        .apply_yaml("apiVersion: v1\nkind: Namespace\nmetadata: {name: tollgate}\n")
+        .unwrap();
+    emulator.apply_yaml(&examples()).unwrap();
+
+    // Two replicas: only the leader writes.
+    let mut a = operator(
+        &emulator,
+        "op-a",
+        &[
+            "--lease-duration",
+            "4s",
+            "--lease-renew-deadline",
+            "3s",
+            "--lease-retry",
+            "300ms",
+        ],
+    );
+    let mut b = operator(
+        &emulator,
+        "op-b",
+        &[
+            "--lease-duration",
+            "4s",
+            "--lease-renew-deadline",
+            "3s",
+            "--lease-retry",
+            "300ms",
+        ],
+    );
+    assert!(
+        emulator
+            .wait_for(Duration::from_secs(30), |e| {
+                e.get("v1", "configmaps", "tollgate", "tollgate-gateway-config")
+                    .is_some()
+                    && ready(e, "apikeys", "local-dev").is_some_and(|c| c["status"] == "True")
+            })
+            .await,
+        "the operator writes the configuration and statuses:\n{}\n{}",
+        a.logs(),
+        b.logs()
+    );
+
+    // Statuses from the compile, the generated key and its Secret.
+    let key = key_of(&emulator, "local-dev-key").expect("a key Secret for local-dev");
+    assert_eq!(
+        tollgate_api::key_format::shape(&key),
+        tollgate_api::key_format::Shape::Generated
+    );
+    let status = emulator.get(TG, "apikeys", "default", "local-dev").unwrap()["status"].clone();
+    assert_eq!(status["keyPrefix"], &key[..7]);
+    assert_eq!(status["secretName"], "local-dev-key");
+    assert_eq!(status["observedGeneration"], 1);
+    for (plural, name) in [
+        ("providers", "mock"),
+        ("providers", "openai"),
+        ("routepolicies", "demo"),
+    ] {
+        let c =
+            ready(&emulator, plural, name).unwrap_or_else(|| panic!("{plural}/{name} has Ready"));
+        assert_eq!(c["status"], "True", "{plural}/{name}: {c}");
+    }
+    // A key created with spec.rotation is issued for that generation, not rotated again.
+    let support = emulator
+        .get("v1", "secrets", "default", "support-bot-key")
+        .unwrap();
+    assert_eq!(
+        support["metadata"]["annotations"]["tollgate.dev/key-generation"],
+        "1"
+    );
+
+    // The files kubelet would mount, and a gateway serving them.
+    let dir = tempfile::tempdir().unwrap();
+    let _projection =
+        Projection::start(&emulator, "tollgate", CONFIG_SELECTOR, dir.path()).unwrap();
+    let config_dir = dir.path().to_str().unwrap().to_owned();
+    let gateway = Proc::spawn(
+        gateway_binary(),
+        &[
+            "--config-dir",
+            &config_dir,
+            "--listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            "127.0.0.1:0",
+            "--reload-interval",
+            "100ms",
+            "--log-format",
+            "json",
+        ],
+        &[],
+    );
+    let gw = gateway.addr("listening");
+    assert!(
+        eventually_status(&gw, &key, 200, Duration::from_secs(10))
+            .await
+            .is_some(),
+        "the generated key works:\n{}",
+        gateway.logs()
+    );
+
+    // Disabling the key: the operator recompiles, the files change, the gateway refuses it.
+    emulator
+        .patch_merge(
+            TG,
+            "apikeys",
+            "default",
+            "local-dev",
+            json!({"spec": {"disabled": true}}),
+        )
+        .unwrap();
+    let took = eventually_status(&gw, &key, 401, Duration::from_secs(15)).await;
+    let took = took.unwrap_or_else(|| panic!("the disabled key is refused:\n{}", gateway.logs()));
+    eprintln!(
+        "disabled key refused by the gateway {took:?} after the change (debounce 100 ms, projection poll 100 ms, reload 100 ms)"
+    );
+    let c = ready(&emulator, "apikeys", "local-dev").unwrap();
+    assert_eq!(
+        (c["status"].as_str(), c["reason"].as_str()),
+        (Some("False"), Some("Disabled"))
+    );
+
+    // Exactly one replica wrote.
+    let leader = lease_holder(&emulator).expect("a lease holder");
+    let (leader_proc, standby, standby_id) = if leader == "op-a" {
+        (&mut a, &mut b, "op-b")
+    } else {
+        (&mut b, &mut a, "op-a")
+    };
+    assert!(writes_by(&emulator, &leader) > 0, "the leader writes");
+    assert_eq!(
+        writes_by(&emulator, standby_id),
+        0,
+        "the standby never writes (it only renews nothing)"
+    );
+
+    // Failover: the leader stops (releasing the lease); the standby takes over at once.
+    let stopped = Instant::now();
+    leader_proc.terminate();
+    assert!(
+        emulator
+            .wait_for(Duration::from_secs(10), |e| lease_holder(e).as_deref()
+                == Some(standby_id))
+            .await,
+        "the standby takes the lease:\n{}",
+        standby.logs()
+    );
+    eprintln!("failover took {:?}", stopped.elapsed());
+    emulator
+        .patch_merge(
+            TG,
+            "apikeys",
+            "default",
+            "local-dev",
+            json!({"spec": {"disabled": false}}),
+        )
+        .unwrap();
+    assert!(
+        eventually_status(&gw, &key, 200, Duration::from_secs(15))
+            .await
+            .is_some(),
+        "the new leader serves the re-enabled key:\n{}",
+        standby.logs()
+    );
+    assert!(
+        writes_by(&emulator, standby_id) > 0,
+        "the new leader writes"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ten_thousand_api_keys_are_reconciled_with_a_handful_of_configuration_writes() {
+    const KEYS: usize = 10_000;
+    let emulator = Emulator::start();
+    emulator
+        .apply_yaml("apiVersion: v1\nkind: Namespace\nmetadata: {name: tollgate}\n")
+        .unwrap();
+    let mut yaml = String::from(
+        "apiVersion: tollgate.dev/v1alpha1\nkind: Provider\nmetadata: {name: mock}\nspec: {type: mock, models: [{name: demo}]}\n---\n\
+         apiVersion: tollgate.dev/v1alpha1\nkind: RoutePolicy\nmetadata: {name: demo}\nspec: {models: [demo], targets: [{provider: mock}]}\n",
+    );
+    for i in 0..KEYS {
+        yaml.push_str(&format!(
+            "---\napiVersion: tollgate.dev/v1alpha1\nkind: ApiKey\nmetadata: {{name: key-{i:05}}}\nspec: {{owner: team-{}, limits: {{requestsPerMinute: 60}}}}\n",
+            i % 50
+        ));
+    }
+    emulator.apply_yaml(&yaml).unwrap();
+    let started = Instant::now();
+    let op = operator(&emulator, "op-scale", &["--leader-election", "false"]);
+    let all_ready = |e: &Emulator| {
+        e.list(TG, "apikeys", "default")
+            .iter()
+            .filter(|k| {
+                k["status"]["conditions"].as_array().is_some_and(|cs| {
+                    cs.iter()
+                        .any(|c| c["type"] == "Ready" && c["status"] == "True")
+                })
+            })
+            .count()
+            == KEYS
+    };
+    let mut finished = false;
+    let deadline = Instant::now() + Duration::from_secs(240);
+    while Instant::now() < deadline {
+        if all_ready(&emulator) {
+            finished = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    assert!(
+        finished,
+        "every ApiKey becomes Ready:\n{}",
+        op.logs()
+            .lines()
+            .rev()
+            .take(20)
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    let took = started.elapsed();
+    // Let any follow-up reconcile (triggered by its own writes) finish.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    let count = |plural: &str, method: &str| {
+        emulator.count(&RequestFilter::writes().resource(plural).method(method))
+    };
+    let config_writes = emulator
+        .requests_matching(&RequestFilter::writes().namespace("tollgate"))
+        .iter()
+        .filter(|r| matches!(r.resource.as_deref(), Some("configmaps" | "secrets")))
+        .count();
+    let generated = emulator
+        .list_selected("v1", "secrets", "tollgate", CONFIG_SELECTOR)
+        .unwrap()
+        .len()
+        + emulator
+            .list_selected("v1", "configmaps", "tollgate", CONFIG_SELECTOR)
+            .unwrap()
+            .len();
+    eprintln!(
+        "{KEYS} ApiKeys reconciled in {took:?}: {} key Secrets created, {} status patches, {config_writes} configuration writes for {generated} generated objects, {} Events, {} writes in all",
+        count("secrets", "POST"),
+        emulator.count(
+            &RequestFilter::writes()
+                .resource("apikeys")
+                .subresource("status")
+        ),
+        emulator.count(&RequestFilter::writes().resource("events")),
+        emulator.write_count(),
+    );
+    assert_eq!(
+        count("secrets", "POST"),
+        KEYS,
+        "one key Secret each, written once"
+    );
+    assert!(
+        config_writes <= 2 * generated,
+        "the burst causes a handful of configuration writes: {config_writes} for {generated} objects"
+    );
+    // The configuration holds every key, in objects under the size limit (the emulator
+    // enforces Kubernetes' 1 MiB).
+    let cm = emulator
+        .get("v1", "configmaps", "tollgate", "tollgate-gateway-config")
+        .unwrap();
+    let manifest: Value =
+        serde_json::from_str(cm["data"]["manifest.json"].as_str().unwrap()).unwrap();
+    let shards = manifest["parts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|p| p["kind"] == "keys")
+        .count();
+    assert!(shards >= 2, "{shards} key shards");
+    assert_eq!(generated, shards + 2);
+
+    // Nothing changes now: a resync writes nothing.
+    let before = emulator.resource_version();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(
+        emulator.resource_version(),
+        before,
+        "no writes once everything is reconciled"
+    );
+}
