@@ -869,11 +869,14 @@ impl Reconciler {
         let propagation = self.propagation(&split.config_hash).await;
         let propagated = propagation
             .map(|(serving, live)| status::propagated(&split.config_hash, serving, live));
-        if let Some((serving, live)) = propagation
-            && serving < live
-        {
-            report.wake_in = Some(Duration::from_secs(tollgate_api::heartbeat::EVERY_SECS));
-        }
+        // Look again while gateways catch up, and now and then while none reports.
+        report.wake_in = match propagation {
+            Some((serving, live)) if serving < live => {
+                Some(Duration::from_secs(tollgate_api::heartbeat::EVERY_SECS))
+            }
+            Some((_, 0)) => Some(Duration::from_secs(3 * tollgate_api::heartbeat::EVERY_SECS)),
+            _ => None,
+        };
         let propagated = propagated.as_ref();
         let mut writes: Vec<BoxFuture<'_, Result<bool, ReconcileError>>> = Vec::new();
         for p in &snapshot.providers {

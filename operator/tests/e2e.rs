@@ -535,3 +535,180 @@ async fn ten_thousand_api_keys_are_reconciled_with_a_handful_of_configuration_wr
         "no writes once everything is reconciled"
     );
 }
+
+/// A real redis-server on a free port, stopped on drop.
+struct Redis(Child, u16);
+
+impl Redis {
+    fn start() -> Self {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let child = Command::new("redis-server")
+            .args([
+                "--port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server runs (tests/run.sh installs it)");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "redis-server did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Self(child, port)
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/", self.1)
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_redis_the_operator_revokes_keys_reports_usage_and_propagation() {
+    let redis = Redis::start();
+    let emulator = Emulator::start();
+    emulator
+        .apply_yaml("apiVersion: v1\nkind: Namespace\nmetadata: {name: tollgate}\n")
+        .unwrap();
+    emulator.apply_yaml(&examples()).unwrap();
+    let redis_url = redis.url();
+    let op = operator(
+        &emulator,
+        "op-redis",
+        &[
+            "--leader-election",
+            "false",
+            "--redis-url",
+            &redis_url,
+            "--usage-interval",
+            "300ms",
+        ],
+    );
+    assert!(
+        emulator
+            .wait_for(Duration::from_secs(30), |e| ready(
+                e,
+                "apikeys",
+                "local-dev"
+            )
+            .is_some())
+            .await,
+        "{}",
+        op.logs()
+    );
+    let key = key_of(&emulator, "local-dev-key").unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let projection = Projection::start(&emulator, "tollgate", CONFIG_SELECTOR, dir.path()).unwrap();
+    let config_dir = dir.path().to_str().unwrap().to_owned();
+    let gateway = Proc::spawn(
+        gateway_binary(),
+        &[
+            "--config-dir",
+            &config_dir,
+            "--redis-url",
+            &redis_url,
+            "--listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            "127.0.0.1:0",
+            "--reload-interval",
+            "100ms",
+            "--log-format",
+            "json",
+        ],
+        &[],
+    );
+    let gw = gateway.addr("listening");
+    assert!(
+        eventually_status(&gw, &key, 200, Duration::from_secs(10))
+            .await
+            .is_some()
+    );
+    for _ in 0..2 {
+        assert_eq!(chat(&gw, &key).await, 200);
+    }
+
+    // Propagation: the gateway reports the configuration it serves.
+    let propagated = |e: &Emulator| {
+        e.get(TG, "routepolicies", "default", "demo").and_then(|r| {
+            r["status"]["conditions"]
+                .as_array()?
+                .iter()
+                .find(|c| c["type"] == "Propagated")
+                .cloned()
+        })
+    };
+    assert!(
+        emulator
+            .wait_for(Duration::from_secs(20), |e| propagated(e)
+                .is_some_and(|c| c["status"] == "True"))
+            .await,
+        "Propagated turns True: {:?}\n{}",
+        propagated(&emulator),
+        op.logs()
+    );
+    let message = propagated(&emulator).unwrap()["message"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(
+        message.starts_with("1/1 gateways serve configuration"),
+        "{message}"
+    );
+
+    // Usage: the three answered requests, mirrored into the ApiKey's status.
+    let usage = |e: &Emulator| {
+        e.get(TG, "apikeys", "default", "local-dev")
+            .map(|k| k["status"]["usage"].clone())
+    };
+    assert!(
+        emulator
+            .wait_for(Duration::from_secs(10), |e| usage(e)
+                .is_some_and(|u| u["requests"] == 3))
+            .await,
+        "usage reaches the status: {:?}",
+        usage(&emulator)
+    );
+    let u = usage(&emulator).unwrap();
+    assert!(u["outputTokens"].as_u64().unwrap() > 0);
+    assert!(u["spend"].as_str().unwrap().ends_with(" USD"), "{u}");
+
+    // Revocation: with the mounted files frozen (no projection), disabling the key still
+    // reaches the gateway at once, through Redis.
+    drop(projection);
+    let started = Instant::now();
+    emulator
+        .patch_merge(
+            TG,
+            "apikeys",
+            "default",
+            "local-dev",
+            json!({"spec": {"disabled": true}}),
+        )
+        .unwrap();
+    let took = eventually_status(&gw, &key, 401, Duration::from_secs(5)).await;
+    let took = took.unwrap_or_else(|| panic!("revoked through Redis:\n{}", op.logs()));
+    eprintln!(
+        "revocation published by the operator reached the gateway {took:?} after the change ({:?} since the edit)",
+        started.elapsed()
+    );
+    assert!(took < Duration::from_secs(2), "{took:?}");
+}
