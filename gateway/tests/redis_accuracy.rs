@@ -18,7 +18,6 @@ use std::{
 
 use common::{Gateway, redis::Redis};
 use serde_json::Value;
-use sha2::Digest;
 
 const TOKENS: &str = "tg_redisAccuracyTokensKey0000000000000000001";
 const REFUNDS: &str = "tg_redisAccuracyRefundsKey000000000000000002";
@@ -356,11 +355,7 @@ async fn concurrent_bursts_from_three_gateways_spend_the_budget_exactly_and_neve
     report("budget", n, fit, fit);
 
     // The shared usage counters (summed over the UTC days the test touched).
-    let key_id: String = sha2::Sha256::digest(BUDGET.as_bytes())
-        .iter()
-        .take(6)
-        .map(|b| format!("{b:02x}"))
-        .collect();
+    let key_id = tollgate_api::compile::key_id("default", "budget");
     let client = redis::Client::open(redis.url()).unwrap();
     let mut conn = client.get_multiplexed_async_connection().await.unwrap();
     let mut days = vec![first_day];

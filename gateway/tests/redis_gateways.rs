@@ -200,7 +200,6 @@ async fn a_gateway_starts_while_redis_is_down_and_serves_in_fail_open() {
 
 #[tokio::test]
 async fn answered_requests_are_counted_in_shared_usage_counters() {
-    use sha2::Digest;
     let redis = Redis::start();
     let dir = tempfile::tempdir().unwrap();
     config(dir.path(), 1000);
@@ -210,11 +209,7 @@ async fn answered_requests_are_counted_in_shared_usage_counters() {
     for i in 0..4 {
         assert_eq!(call(&gateways[i % 2], LIMITED).await, 200);
     }
-    let key_id: String = sha2::Sha256::digest(LIMITED.as_bytes())
-        .iter()
-        .take(6)
-        .map(|b| format!("{b:02x}"))
-        .collect();
+    let key_id = tollgate_api::compile::key_id("default", "limited");
     let (day, month) = tollgate_api::usage::periods(jiff::Timestamp::now());
     let client = redis::Client::open(redis.url()).unwrap();
     let mut conn = client.get_multiplexed_async_connection().await.unwrap();

@@ -28,9 +28,14 @@ pub fn secret_name(key: &ApiKey) -> String {
         .unwrap_or_else(|| format!("{}-key", key.metadata.name.as_deref().unwrap_or_default()))
 }
 
-/// Key id: the first 12 hex digits of the key's SHA-256.
-pub fn key_id(sha256: &str) -> String {
-    sha256.chars().take(12).collect()
+/// Key id of the ApiKey `namespace/name`: the first 12 hex digits of the SHA-256 of
+/// `apikey:<namespace>/<name>`. Stable across rotations, so a key's limits, budget and
+/// usage carry over to its new key; never derived from the key itself.
+pub fn key_id(namespace: &str, name: &str) -> String {
+    sha256_hex(format!("apikey:{namespace}/{name}").as_bytes())
+        .chars()
+        .take(12)
+        .collect()
 }
 
 /// The first characters of a key, safe to display: at most 7 and never more than a quarter
@@ -79,7 +84,7 @@ pub(super) fn compile_all(
                 .iter()
                 .find_map(|e| owners.get(&e.sha256).map(|o| (e, o)));
             if let Some((entry, other)) = clash {
-                let which = if entry.id == key_id(&entry.sha256) {
+                let which = if std::ptr::eq(entry, &entries[0]) {
                     "key"
                 } else {
                     "previous key"
@@ -280,7 +285,7 @@ fn compile_one(
     }
     let value = value?;
     let sha256 = sha256_hex(value.as_bytes());
-    let id = key_id(&sha256);
+    let id = key_id(&object.namespace, &object.name);
     let current = CompiledKey {
         sha256,
         id: id.clone(),

@@ -1535,20 +1535,22 @@ fn zero_route_rate_limits_are_rejected() {
 // === ApiKey ===
 
 #[test]
-fn valid_api_key_is_served_with_an_id_from_its_hash_and_a_short_prefix() {
+fn valid_api_key_is_served_with_an_id_from_its_name_and_a_short_prefix() {
     let out = keyed_world(api_key("alice")).compile();
 
     let object = key_ref("alice");
     assert_clean(&out, &object);
     let hash = sha256(ALICE_KEY);
     let outcome = &out.objects[&object];
-    assert_eq!(outcome.key_id.as_deref(), Some(&hash[..12]));
+    let id = &sha256(&format!("apikey:{NS}/alice"))[..12];
+    assert_eq!(outcome.key_id.as_deref(), Some(id));
+    assert_eq!(super::key_id(&object.namespace, &object.name), id);
     assert_eq!(outcome.key_prefix.as_deref(), Some("tg_live"));
     assert_eq!(outcome.secret_name.as_deref(), Some("alice-key"));
     let entries = compiled_keys(&out, "alice");
     assert_eq!(entries.len(), 1);
     assert_eq!(entries[0].sha256, hash);
-    assert_eq!(entries[0].id, hash[..12]);
+    assert_eq!(entries[0].id, id);
     assert_eq!(entries[0].owner, "alice");
     assert_eq!(entries[0].expires_at, None);
 }
@@ -1984,7 +1986,8 @@ fn rotated_out_key_within_its_grace_period_is_accepted_under_the_same_id() {
     assert_clean(&out, &key_ref("alice"));
     let entries = compiled_keys(&out, "alice");
     assert_eq!(entries.len(), 2);
-    let id = &sha256(ALICE_KEY)[..12];
+    // The id names the ApiKey, not its key: a rotation keeps limits, budget and usage.
+    let id = &sha256(&format!("apikey:{NS}/alice"))[..12];
     let current = entries.iter().find(|e| e.sha256 == sha256(ALICE_KEY));
     let previous = entries.iter().find(|e| e.sha256 == sha256(BOB_KEY));
     let (current, previous) = (current.unwrap(), previous.unwrap());

@@ -152,8 +152,9 @@ pub struct ApiKeyStatus {
     /// Generation and conditions.
     #[serde(flatten)]
     pub common: CommonStatus,
-    /// Stable identifier of the current key (first 12 hex digits of its SHA-256), used in
-    /// logs and usage records.
+    /// Stable identifier of this ApiKey in logs, limits, budgets and usage records: the
+    /// first 12 hex digits of the SHA-256 of `apikey:<namespace>/<name>`. A rotation keeps
+    /// it, so limits and budgets carry over to the new key.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub key_id: Option<String>,
     /// First characters of the key, to recognise it (e.g. `tg_4fZq`).
