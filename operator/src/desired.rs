@@ -32,8 +32,9 @@ pub const CONTENT_HASH: &str = "tollgate.dev/content-hash";
 /// Annotation on the ConfigMap: hash of the whole configuration.
 pub const CONFIG_HASH: &str = "tollgate.dev/config-hash";
 
-/// Most key shards the chart mounts (`gateway.keyShards` in values.yaml must match).
-pub const MAX_KEY_SHARD_OBJECTS: usize = 64;
+/// Key shard Secrets gateways mount by default (`--max-key-shards`; the chart's
+/// `keyShards`): 16 × 512 KiB, room for well over 20,000 keys.
+pub const DEFAULT_MAX_KEY_SHARDS: usize = 16;
 
 /// One object to keep in the gateway namespace.
 #[derive(Clone, PartialEq)]
@@ -95,6 +96,8 @@ pub struct Naming {
     pub namespace: String,
     /// Name prefix, e.g. `tollgate-gateway`.
     pub prefix: String,
+    /// Most key shard Secrets the gateways mount.
+    pub max_key_shards: usize,
 }
 
 impl Naming {
@@ -119,9 +122,9 @@ impl Naming {
 pub enum DesiredError {
     /// More key shards than the gateways mount.
     #[error(
-        "the keys need {0} shards but gateways mount at most {MAX_KEY_SHARD_OBJECTS}; split the ApiKeys across more gateway installations"
+        "the keys need {0} shards but gateways mount {1}; raise --max-key-shards and the chart's keyShards together"
     )]
-    TooManyShards(usize),
+    TooManyShards(usize, usize),
     /// A key shard file with an unexpected name.
     #[error("unexpected configuration file {0}")]
     UnexpectedFile(String),
@@ -213,8 +216,8 @@ pub fn desired_objects(
             }
         }
     }
-    if shards > MAX_KEY_SHARD_OBJECTS {
-        return Err(DesiredError::TooManyShards(shards));
+    if shards > naming.max_key_shards {
+        return Err(DesiredError::TooManyShards(shards, naming.max_key_shards));
     }
     let hash = data_hash(
         config_files
@@ -295,6 +298,7 @@ mod tests {
         Naming {
             namespace: "tollgate".into(),
             prefix: "tollgate-gateway".into(),
+            max_key_shards: DEFAULT_MAX_KEY_SHARDS,
         }
     }
 
@@ -413,6 +417,16 @@ mod tests {
         live.insert(("ConfigMap", "other".into()), "x".into());
         let p = plan(desired_objects(&small, &naming()).unwrap(), &live);
         assert!(!p.delete.contains(&"other".to_owned()));
+    }
+
+    #[test]
+    fn more_shards_than_the_gateways_mount_is_an_error() {
+        let split = parts::split_with_limit(&config(2000), 64 * 1024).unwrap();
+        let mut small = naming();
+        small.max_key_shards = 2;
+        let err = desired_objects(&split, &small).unwrap_err();
+        assert!(matches!(err, DesiredError::TooManyShards(n, 2) if n > 2));
+        assert!(err.to_string().contains("--max-key-shards"));
     }
 
     #[test]

@@ -110,7 +110,11 @@ fn main() -> ExitCode {
         } => {
             let objects = objects.then_some(render::ObjectsOutput {
                 show_secrets,
-                naming: tollgate_operator::desired::Naming { namespace, prefix },
+                naming: tollgate_operator::desired::Naming {
+                    namespace,
+                    prefix,
+                    max_key_shards: tollgate_api::parts::MAX_KEY_SHARDS,
+                },
             });
             render::run(&path, output.as_deref(), json, objects.as_ref())
         }

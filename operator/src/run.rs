@@ -184,6 +184,7 @@ pub async fn run(settings: RunSettings) -> anyhow::Result<()> {
         naming: Naming {
             namespace: gateway_namespace,
             prefix: settings.config_prefix.clone(),
+            max_key_shards: settings.max_key_shards,
         },
         redis: redis.clone(),
         redis_timeout: settings.redis_timeout,

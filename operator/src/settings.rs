@@ -50,6 +50,11 @@ pub struct RunSettings {
     )]
     pub config_prefix: String,
 
+    /// Key shard Secrets the gateways mount (the chart's `keyShards`; both must match).
+    /// 16 shards of at most 512 KiB hold well over 20,000 keys.
+    #[arg(long, env = "TOLLGATE_MAX_KEY_SHARDS", default_value_t = crate::desired::DEFAULT_MAX_KEY_SHARDS)]
+    pub max_key_shards: usize,
+
     /// Quiet time after a change before compiling, so a burst (1,000 ApiKeys applied at
     /// once) causes one write of each changed object, not one per change.
     #[arg(long, env = "TOLLGATE_DEBOUNCE", default_value = "500ms", value_parser = parse_duration)]

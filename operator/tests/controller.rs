@@ -167,6 +167,7 @@ fn reconciler(client: Client) -> Reconciler {
         naming: Naming {
             namespace: "tollgate".into(),
             prefix: "tollgate-gateway".into(),
+            max_key_shards: 16,
         },
         redis: None,
         redis_timeout: Duration::from_secs(1),
