@@ -1,0 +1,471 @@
+//! The Helm chart, rendered and linted with the real Helm SDK (`tests/chart/helm.py`, from
+//! `helm-python-sdk`) for several value sets. Every object is validated against the
+//! Kubernetes schemas (kubernetes-validate), and the output is checked for the security
+//! and consistency properties users rely on. `manifests/` must match the default render.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    path::PathBuf,
+    process::Command,
+};
+
+use serde_json::{Value, json};
+use tollgate_tests::{repo_root, tools_python};
+
+struct Render {
+    lint: Value,
+    crds: Vec<Value>,
+    docs: Vec<Value>,
+    notes: String,
+    validation: Vec<String>,
+    error: Option<String>,
+}
+
+fn helm(args: &[&str]) -> std::process::Output {
+    let python = tools_python();
+    let output = Command::new(&python)
+        .arg(repo_root().join("tests/chart/helm.py"))
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| {
+            panic!(
+                "cannot run {}: {e}; run `bash tests/run.sh` (it installs the test tools into .venv)",
+                python.display()
+            )
+        });
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        !stderr.contains("No module named"),
+        "the Helm SDK is not installed for {}; run `bash tests/run.sh`: {stderr}",
+        python.display()
+    );
+    output
+}
+
+fn render_with(values: Value, api_versions: &[&str]) -> Render {
+    let values = values.to_string();
+    let mut args = vec!["render", "--values-json", &values];
+    for a in api_versions {
+        args.extend(["--api-version", a]);
+    }
+    let output = helm(&args);
+    assert!(
+        output.status.success(),
+        "helm.py failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let out: Value = serde_json::from_slice(&output.stdout).unwrap();
+    let list = |k: &str| out[k].as_array().cloned().unwrap_or_default();
+    Render {
+        lint: out["lint"].clone(),
+        crds: list("crds"),
+        docs: list("docs"),
+        notes: out["notes"].as_str().unwrap_or_default().to_owned(),
+        validation: list("validation")
+            .iter()
+            .map(|v| v.as_str().unwrap().to_owned())
+            .collect(),
+        error: out["error"].as_str().map(str::to_owned),
+    }
+}
+
+fn render(values: Value) -> Render {
+    render_with(values, &[])
+}
+
+/// A render that must succeed, lint clean and validate.
+fn good(values: Value, api_versions: &[&str]) -> Render {
+    let r = render_with(values.clone(), api_versions);
+    assert_eq!(r.error, None, "values {values}");
+    assert_eq!(r.lint["ok"], true, "helm lint --strict with {values}: {}", r.lint);
+    assert!(
+        r.validation.is_empty(),
+        "kubernetes-validate with {values}:\n{}",
+        r.validation.join("\n")
+    );
+    r
+}
+
+const MONITORING: [&str; 3] = [
+    "monitoring.coreos.com/v1",
+    "monitoring.coreos.com/v1/ServiceMonitor",
+    "monitoring.coreos.com/v1/PrometheusRule",
+];
+
+/// The value sets the chart is tested with.
+fn value_sets() -> Vec<(&'static str, Value, &'static [&'static str])> {
+    vec![
+        ("defaults", json!({}), &[]),
+        (
+            "bundled Redis with persistence, network policies",
+            json!({"redis": {"bundled": {"persistence": {"enabled": true}}}, "networkPolicy": {"enabled": true, "apiFrom": [{"namespaceSelector": {"matchLabels": {"team": "apps"}}}]}}),
+            &[],
+        ),
+        (
+            "external Redis URL",
+            json!({"redis": {"mode": "external", "failureMode": "failClosed", "external": {"url": "rediss://redis.example:6380/0"}}}),
+            &[],
+        ),
+        (
+            "external Redis Cluster from a Secret with a private CA",
+            json!({"redis": {"mode": "external", "external": {"existingSecret": "my-redis", "existingSecretKey": "uri", "cluster": true, "caSecret": "redis-ca"}}}),
+            &[],
+        ),
+        ("no Redis", json!({"redis": {"mode": "none"}}), &[]),
+        (
+            "monitoring on",
+            json!({"monitoring": {"serviceMonitor": {"enabled": true, "labels": {"release": "prom"}}, "prometheusRule": {"enabled": true}}}),
+            &MONITORING,
+        ),
+        (
+            "HPA and PDB off",
+            json!({"gateway": {"autoscaling": {"enabled": false}, "replicas": 3, "podDisruptionBudget": {"enabled": false}}}),
+            &[],
+        ),
+        (
+            "several namespaces, custom metrics",
+            json!({"watchNamespaces": ["team-a", "team-b"], "gateway": {"autoscaling": {"customMetrics": [{"type": "Pods", "pods": {"metric": {"name": "tollgate_requests_per_second"}, "target": {"type": "AverageValue", "averageValue": "50"}}}]}}}),
+            &[],
+        ),
+        ("every namespace", json!({"watchNamespaces": ["*"]}), &[]),
+    ]
+}
+
+fn kinds(docs: &[Value]) -> Vec<String> {
+    docs.iter()
+        .map(|d| format!("{}/{}", d["kind"].as_str().unwrap(), d["metadata"]["name"].as_str().unwrap()))
+        .collect()
+}
+
+fn find<'a>(docs: &'a [Value], kind: &str, name: &str) -> &'a Value {
+    docs.iter()
+        .find(|d| d["kind"] == kind && d["metadata"]["name"] == name)
+        .unwrap_or_else(|| panic!("no {kind}/{name} in {:?}", kinds(docs)))
+}
+
+fn pod_specs(docs: &[Value]) -> Vec<(String, &Value)> {
+    docs.iter()
+        .filter(|d| matches!(d["kind"].as_str(), Some("Deployment" | "StatefulSet" | "DaemonSet" | "Job")))
+        .map(|d| (d["metadata"]["name"].as_str().unwrap().to_owned(), &d["spec"]["template"]["spec"]))
+        .collect()
+}
+
+fn env<'a>(container: &'a Value, name: &str) -> Option<&'a Value> {
+    container["env"].as_array()?.iter().find(|e| e["name"] == name)
+}
+
+#[test]
+fn every_value_set_renders_lints_and_validates_against_the_kubernetes_schemas() {
+    for (what, values, apis) in value_sets() {
+        let r = good(values, apis);
+        assert!(!r.docs.is_empty(), "{what}");
+        eprintln!("{what}: {} objects", r.docs.len());
+    }
+}
+
+#[test]
+fn every_pod_runs_under_the_restricted_pod_security_standard() {
+    for (what, values, apis) in value_sets() {
+        let r = good(values, apis);
+        for (name, spec) in pod_specs(&r.docs) {
+            let pod = &spec["securityContext"];
+            assert_eq!(pod["runAsNonRoot"], true, "{what}: {name}");
+            assert_eq!(pod["seccompProfile"]["type"], "RuntimeDefault", "{what}: {name}");
+            let containers = spec["containers"].as_array().unwrap().iter().chain(spec["initContainers"].as_array().into_iter().flatten());
+            for c in containers {
+                let sc = &c["securityContext"];
+                let at = format!("{what}: {name}/{}", c["name"]);
+                assert_eq!(sc["allowPrivilegeEscalation"], false, "{at}");
+                assert_eq!(sc["readOnlyRootFilesystem"], true, "{at}");
+                assert_eq!(sc["capabilities"]["drop"], json!(["ALL"]), "{at}");
+                assert!(sc["capabilities"]["add"].is_null(), "{at}");
+                assert!(sc["privileged"].is_null() || sc["privileged"] == false, "{at}");
+                assert!(!c["resources"]["requests"].is_null(), "{at}: resources requested");
+            }
+            assert!(spec["hostNetwork"].is_null() && spec["hostPID"].is_null(), "{what}: {name}");
+        }
+    }
+}
+
+#[test]
+fn rbac_is_least_privilege_and_the_gateway_has_no_api_access() {
+    for (what, values, apis) in value_sets() {
+        let r = good(values, apis);
+        for d in r.docs.iter().filter(|d| matches!(d["kind"].as_str(), Some("Role" | "ClusterRole"))) {
+            for rule in d["rules"].as_array().unwrap() {
+                for field in ["apiGroups", "resources", "verbs"] {
+                    let items = rule[field].as_array().unwrap();
+                    assert!(!items.iter().any(|v| v.as_str().unwrap().contains('*')), "{what}: {} has a wildcard: {rule}", d["metadata"]["name"]);
+                }
+                // Never cluster-wide Secret writes beyond what key issuance needs.
+                if rule["resources"].as_array().unwrap().contains(&json!("secrets")) {
+                    let verbs: BTreeSet<&str> = rule["verbs"].as_array().unwrap().iter().map(|v| v.as_str().unwrap()).collect();
+                    if d["kind"] == "ClusterRole" {
+                        assert!(!verbs.contains("delete") && !verbs.contains("patch"), "{what}: {rule}");
+                    }
+                }
+            }
+        }
+        // The gateway: no token, and no binding names its ServiceAccount.
+        let sa = find(&r.docs, "ServiceAccount", "tollgate-gateway");
+        assert_eq!(sa["automountServiceAccountToken"], false, "{what}");
+        let deployment = find(&r.docs, "Deployment", "tollgate-gateway");
+        assert_eq!(deployment["spec"]["template"]["spec"]["automountServiceAccountToken"], false);
+        for binding in r.docs.iter().filter(|d| matches!(d["kind"].as_str(), Some("RoleBinding" | "ClusterRoleBinding"))) {
+            for subject in binding["subjects"].as_array().unwrap() {
+                assert_ne!(subject["name"], "tollgate-gateway", "{what}: {binding}");
+            }
+        }
+        // The operator's cluster-wide access only when asked for.
+        let cluster_roles = r.docs.iter().filter(|d| d["kind"] == "ClusterRole").count();
+        assert_eq!(cluster_roles > 0, what == "every namespace", "{what}");
+    }
+}
+
+#[test]
+fn operator_roles_follow_the_watched_namespaces() {
+    let r = good(json!({"watchNamespaces": ["team-a", "team-b"]}), &[]);
+    let roles: BTreeSet<String> = r
+        .docs
+        .iter()
+        .filter(|d| d["kind"] == "Role")
+        .map(|d| format!("{}/{}", d["metadata"]["namespace"].as_str().unwrap(), d["metadata"]["name"].as_str().unwrap()))
+        .collect();
+    assert_eq!(
+        roles,
+        BTreeSet::from([
+            "team-a/tollgate-operator-objects".to_owned(),
+            "team-b/tollgate-operator-objects".to_owned(),
+            "tollgate/tollgate-operator-gateway-config".to_owned(),
+        ])
+    );
+    let operator = &find(&r.docs, "Deployment", "tollgate-operator")["spec"]["template"]["spec"]["containers"][0];
+    assert_eq!(env(operator, "TOLLGATE_NAMESPACES").unwrap()["value"], "team-a,team-b");
+}
+
+#[test]
+fn the_gateway_mounts_exactly_what_the_operator_writes() {
+    for shards in [16, 4] {
+        let r = good(json!({"keyShards": shards}), &[]);
+        let operator = &find(&r.docs, "Deployment", "tollgate-operator")["spec"]["template"]["spec"]["containers"][0];
+        assert_eq!(env(operator, "TOLLGATE_MAX_KEY_SHARDS").unwrap()["value"], shards.to_string());
+        let prefix = env(operator, "TOLLGATE_CONFIG_PREFIX").unwrap()["value"].as_str().unwrap().to_owned();
+        assert_eq!(env(operator, "TOLLGATE_GATEWAY_NAMESPACE").unwrap()["value"], "tollgate");
+        // The operator's naming (operator/src/desired.rs).
+        let naming = tollgate_operator::desired::Naming {
+            namespace: "tollgate".into(),
+            prefix: prefix.clone(),
+            max_key_shards: shards,
+        };
+        let spec = &find(&r.docs, "Deployment", "tollgate-gateway")["spec"]["template"]["spec"];
+        let volume = spec["volumes"].as_array().unwrap().iter().find(|v| v["name"] == "config").unwrap();
+        let sources: Vec<(String, bool)> = volume["projected"]["sources"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| {
+                let (kind, src) = if s["configMap"].is_object() { ("ConfigMap", &s["configMap"]) } else { ("Secret", &s["secret"]) };
+                (format!("{kind}/{}", src["name"].as_str().unwrap()), src["optional"] == true)
+            })
+            .collect();
+        let mut expected = vec![format!("ConfigMap/{}", naming.config_map()), format!("Secret/{}", naming.credentials())];
+        expected.extend((0..shards).map(|i| format!("Secret/{}", naming.key_shard(i))));
+        assert_eq!(sources.iter().map(|s| s.0.clone()).collect::<Vec<_>>(), expected);
+        assert!(sources.iter().all(|s| s.1), "every source optional: the gateway starts before the operator wrote");
+        let gateway = &spec["containers"][0];
+        assert_eq!(env(gateway, "TOLLGATE_CONFIG_DIRS").unwrap()["value"], "/etc/tollgate/config");
+    }
+}
+
+#[test]
+fn probes_shutdown_and_scaling_are_wired() {
+    let r = good(json!({}), &[]);
+    let spec = &find(&r.docs, "Deployment", "tollgate-gateway")["spec"]["template"]["spec"];
+    let c = &spec["containers"][0];
+    assert_eq!(c["livenessProbe"]["httpGet"]["path"], "/livez");
+    assert_eq!(c["readinessProbe"]["httpGet"]["path"], "/readyz");
+    assert_eq!(c["startupProbe"]["httpGet"]["path"], "/livez");
+    // preStop sleep 5 s + drain 2 s + in-flight 30 s fit in the grace period.
+    let pre_stop = c["lifecycle"]["preStop"]["sleep"]["seconds"].as_i64().unwrap();
+    assert_eq!(env(c, "TOLLGATE_DRAIN_DELAY").unwrap()["value"], "2s");
+    assert_eq!(env(c, "TOLLGATE_SHUTDOWN_TIMEOUT").unwrap()["value"], "30s");
+    let grace = spec["terminationGracePeriodSeconds"].as_i64().unwrap();
+    assert!(grace > pre_stop + 2 + 30, "grace {grace}");
+    let r = good(json!({"gateway": {"shutdown": {"preStopSleepSeconds": 10, "drainDelay": "1500ms", "shutdownTimeout": "5m"}}}), &[]);
+    let spec = &find(&r.docs, "Deployment", "tollgate-gateway")["spec"]["template"]["spec"];
+    assert!(spec["terminationGracePeriodSeconds"].as_i64().unwrap() > 10 + 2 + 300);
+
+    let hpa = find(&good(json!({}), &[]).docs, "HorizontalPodAutoscaler", "tollgate-gateway").clone();
+    assert_eq!(hpa["spec"]["metrics"][0]["resource"]["target"]["averageUtilization"], 70);
+    let r = good(json!({"gateway": {"autoscaling": {"enabled": false}, "replicas": 3}}), &[]);
+    assert!(!kinds(&r.docs).iter().any(|k| k.starts_with("HorizontalPodAutoscaler")));
+    assert_eq!(find(&r.docs, "Deployment", "tollgate-gateway")["spec"]["replicas"], 3);
+    let operator = &find(&r.docs, "Deployment", "tollgate-operator")["spec"]["template"]["spec"]["containers"][0];
+    assert_eq!(operator["readinessProbe"]["httpGet"]["path"], "/readyz");
+    assert_eq!(operator["args"], json!(["run"]));
+}
+
+#[test]
+fn redis_modes_give_both_components_the_same_url_source() {
+    for (values, secret, key) in [
+        (json!({}), "tollgate-redis-url", "url"),
+        (json!({"redis": {"mode": "external", "external": {"url": "redis://r:6379"}}}), "tollgate-redis-url", "url"),
+        (json!({"redis": {"mode": "external", "external": {"existingSecret": "mine", "existingSecretKey": "u"}}}), "mine", "u"),
+    ] {
+        let r = good(values.clone(), &[]);
+        for name in ["tollgate-gateway", "tollgate-operator"] {
+            let c = &find(&r.docs, "Deployment", name)["spec"]["template"]["spec"]["containers"][0];
+            let from = &env(c, "TOLLGATE_REDIS_URL").unwrap_or_else(|| panic!("{values}: {name}"))["valueFrom"]["secretKeyRef"];
+            assert_eq!((from["name"].as_str(), from["key"].as_str()), (Some(secret), Some(key)), "{values}");
+        }
+    }
+    let r = good(json!({"redis": {"mode": "none"}}), &[]);
+    for name in ["tollgate-gateway", "tollgate-operator"] {
+        let c = &find(&r.docs, "Deployment", name)["spec"]["template"]["spec"]["containers"][0];
+        assert!(env(c, "TOLLGATE_REDIS_URL").is_none());
+    }
+    assert!(r.notes.contains("limits and budgets are kept per gateway pod"));
+    // The bundled Redis: reachable only by Tollgate's pods, and the notes say it is for trials.
+    let r = good(json!({}), &[]);
+    let policy = find(&r.docs, "NetworkPolicy", "tollgate-redis");
+    let from = &policy["spec"]["ingress"][0]["from"];
+    assert_eq!(from[0]["podSelector"]["matchLabels"]["app.kubernetes.io/component"], "gateway");
+    assert_eq!(from[1]["podSelector"]["matchLabels"]["app.kubernetes.io/component"], "operator");
+    assert!(r.notes.contains("managed or highly available Redis"), "{}", r.notes);
+}
+
+#[test]
+fn invalid_values_are_refused_with_a_clear_message() {
+    for (values, expect) in [
+        (json!({"redis": {"mode": "cluster"}}), "mode"),
+        (json!({"gateway": {"replicas": "two"}}), "replicas"),
+        (json!({"gateway": {"shutdown": {"drainDelay": "soon"}}}), "drainDelay"),
+        (json!({"unknownKnob": true}), "unknownKnob"),
+        (json!({"redis": {"mode": "external"}}), "redis.external.url"),
+    ] {
+        let r = render(values.clone());
+        let text = format!("{} {}", r.error.clone().unwrap_or_default(), r.lint);
+        assert!(r.error.is_some() || r.lint["ok"] == false, "{values} was accepted");
+        assert!(text.contains(expect), "{values}: {text}");
+    }
+}
+
+#[test]
+fn monitoring_alerts_use_metrics_tollgate_exports() {
+    let r = good(json!({"monitoring": {"serviceMonitor": {"enabled": true}, "prometheusRule": {"enabled": true, "thresholds": {"errorRate": 0.02}}}}), &MONITORING);
+    let monitors: Vec<&Value> = r.docs.iter().filter(|d| d["kind"] == "ServiceMonitor").collect();
+    assert_eq!(monitors.len(), 2);
+    for m in &monitors {
+        assert_eq!(m["spec"]["endpoints"][0]["port"], "admin");
+        assert_eq!(m["spec"]["endpoints"][0]["path"], "/metrics");
+    }
+    let rule = r.docs.iter().find(|d| d["kind"] == "PrometheusRule").unwrap();
+    let alerts: Vec<&Value> = rule["spec"]["groups"].as_array().unwrap().iter().flat_map(|g| g["rules"].as_array().unwrap()).collect();
+    let names: BTreeSet<&str> = alerts.iter().map(|a| a["alert"].as_str().unwrap()).collect();
+    for expected in ["TollgateHighErrorRate", "TollgateHighLatency", "TollgateProviderDown", "TollgateCostSpike", "TollgateRedisUnavailable", "TollgateConfigNotPropagating"] {
+        assert!(names.contains(expected), "{expected} in {names:?}");
+    }
+    let error_rate = alerts.iter().find(|a| a["alert"] == "TollgateHighErrorRate").unwrap();
+    assert!(error_rate["expr"].as_str().unwrap().contains("> 0.02"));
+    assert!(error_rate["annotations"]["summary"].as_str().unwrap().contains("2 %"));
+
+    // Every metric an alert uses is one the gateway or the operator registers (families
+    // without samples are not exposed, so the registrations are read from the source).
+    let mut exported = BTreeSet::new();
+    for (file, prefix) in [("gateway/src/metrics.rs", "tollgate_"), ("operator/src/metrics.rs", "tollgate_operator_")] {
+        let source = std::fs::read_to_string(repo_root().join(file)).unwrap();
+        for part in source.split(".register(").skip(1) {
+            let name = part.trim_start().strip_prefix('"').and_then(|p| p.split('"').next()).unwrap();
+            exported.insert(format!("{prefix}{name}"));
+        }
+    }
+    assert!(exported.len() > 15, "{exported:?}");
+    for alert in &alerts {
+        let expr = alert["expr"].as_str().unwrap();
+        for word in expr.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')) {
+            if !word.starts_with("tollgate_") {
+                continue;
+            }
+            let family = ["_bucket", "_total", "_count", "_sum"]
+                .iter()
+                .find_map(|s| word.strip_suffix(s))
+                .unwrap_or(word);
+            assert!(exported.contains(family), "{}: {word} is not exported ({exported:?})", alert["alert"]);
+        }
+    }
+}
+
+#[test]
+fn the_chart_ships_the_generated_crds() {
+    let r = good(json!({}), &[]);
+    let shipped: BTreeMap<String, Value> = r
+        .crds
+        .iter()
+        .map(|c| (c["spec"]["names"]["kind"].as_str().unwrap().to_owned(), c.clone()))
+        .collect();
+    let committed = tollgate_tests::committed_crds();
+    assert_eq!(shipped.keys().collect::<Vec<_>>(), committed.keys().collect::<Vec<_>>());
+    for (name, crd) in &committed {
+        assert_eq!(&shipped[name], crd, "charts/tollgate/crds/ differs from crds/ for {name}: copy crds/*.yaml over");
+    }
+}
+
+#[test]
+fn values_are_all_documented() {
+    let text = std::fs::read_to_string(repo_root().join("charts/tollgate/values.yaml")).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    // Free-form blocks documented as a whole.
+    let free = ["resources:", "podSecurityContext:", "containerSecurityContext:"];
+    let mut skip_deeper_than: Option<usize> = None;
+    for (i, line) in lines.iter().enumerate() {
+        let trimmed = line.trim_start();
+        if trimmed.is_empty() || trimmed.starts_with('#') || trimmed.starts_with('-') {
+            continue;
+        }
+        let indent = line.len() - trimmed.len();
+        if let Some(depth) = skip_deeper_than {
+            if indent > depth {
+                continue;
+            }
+            skip_deeper_than = None;
+        }
+        let Some((key, value)) = trimmed.split_once(':') else { continue };
+        if free.iter().any(|f| trimmed.starts_with(f)) {
+            skip_deeper_than = Some(indent);
+        }
+        let is_group = value.trim().is_empty();
+        if is_group {
+            continue;
+        }
+        let documented = lines[..i].iter().rev().find(|l| !l.trim().is_empty()).is_some_and(|l| l.trim_start().starts_with('#'));
+        assert!(documented, "values.yaml line {}: `{key}` has no comment", i + 1);
+    }
+}
+
+#[test]
+fn notes_tell_the_user_how_to_create_a_key_and_call_the_gateway() {
+    let r = good(json!({}), &[]);
+    for needle in ["kind: ApiKey", "my-first-key-key", "kubectl port-forward", "/v1/chat/completions", "svc/tollgate-gateway"] {
+        assert!(r.notes.contains(needle), "NOTES.txt lacks {needle}:\n{}", r.notes);
+    }
+}
+
+#[test]
+fn manifests_match_the_default_render() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = helm(&["manifests", dir.path().to_str().unwrap()]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let committed: PathBuf = repo_root().join("manifests");
+    for name in ["00-namespace.yaml", "01-crds.yaml", "02-tollgate.yaml"] {
+        let fresh = std::fs::read_to_string(dir.path().join(name)).unwrap();
+        let current = std::fs::read_to_string(committed.join(name)).unwrap_or_default();
+        assert!(
+            fresh == current,
+            "manifests/{name} drifted from the chart; regenerate with `.venv/bin/python tests/chart/helm.py manifests manifests`"
+        );
+    }
+    // And they validate, Namespace included.
+    let files: Vec<PathBuf> = ["00-namespace.yaml", "01-crds.yaml", "02-tollgate.yaml"].iter().map(|n| committed.join(n)).collect();
+    let (ok, output) = tollgate_tests::kubernetes_validate(&files[..2]);
+    assert!(ok, "{output}");
+}
