@@ -77,7 +77,11 @@ fn render(values: Value) -> Render {
 fn good(values: Value, api_versions: &[&str]) -> Render {
     let r = render_with(values.clone(), api_versions);
     assert_eq!(r.error, None, "values {values}");
-    assert_eq!(r.lint["ok"], true, "helm lint --strict with {values}: {}", r.lint);
+    assert_eq!(
+        r.lint["ok"], true,
+        "helm lint --strict with {values}: {}",
+        r.lint
+    );
     assert!(
         r.validation.is_empty(),
         "kubernetes-validate with {values}:\n{}",
@@ -133,7 +137,13 @@ fn value_sets() -> Vec<(&'static str, Value, &'static [&'static str])> {
 
 fn kinds(docs: &[Value]) -> Vec<String> {
     docs.iter()
-        .map(|d| format!("{}/{}", d["kind"].as_str().unwrap(), d["metadata"]["name"].as_str().unwrap()))
+        .map(|d| {
+            format!(
+                "{}/{}",
+                d["kind"].as_str().unwrap(),
+                d["metadata"]["name"].as_str().unwrap()
+            )
+        })
         .collect()
 }
 
@@ -145,13 +155,26 @@ fn find<'a>(docs: &'a [Value], kind: &str, name: &str) -> &'a Value {
 
 fn pod_specs(docs: &[Value]) -> Vec<(String, &Value)> {
     docs.iter()
-        .filter(|d| matches!(d["kind"].as_str(), Some("Deployment" | "StatefulSet" | "DaemonSet" | "Job")))
-        .map(|d| (d["metadata"]["name"].as_str().unwrap().to_owned(), &d["spec"]["template"]["spec"]))
+        .filter(|d| {
+            matches!(
+                d["kind"].as_str(),
+                Some("Deployment" | "StatefulSet" | "DaemonSet" | "Job")
+            )
+        })
+        .map(|d| {
+            (
+                d["metadata"]["name"].as_str().unwrap().to_owned(),
+                &d["spec"]["template"]["spec"],
+            )
+        })
         .collect()
 }
 
 fn env<'a>(container: &'a Value, name: &str) -> Option<&'a Value> {
-    container["env"].as_array()?.iter().find(|e| e["name"] == name)
+    container["env"]
+        .as_array()?
+        .iter()
+        .find(|e| e["name"] == name)
 }
 
 #[test]
@@ -170,8 +193,15 @@ fn every_pod_runs_under_the_restricted_pod_security_standard() {
         for (name, spec) in pod_specs(&r.docs) {
             let pod = &spec["securityContext"];
             assert_eq!(pod["runAsNonRoot"], true, "{what}: {name}");
-            assert_eq!(pod["seccompProfile"]["type"], "RuntimeDefault", "{what}: {name}");
-            let containers = spec["containers"].as_array().unwrap().iter().chain(spec["initContainers"].as_array().into_iter().flatten());
+            assert_eq!(
+                pod["seccompProfile"]["type"], "RuntimeDefault",
+                "{what}: {name}"
+            );
+            let containers = spec["containers"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .chain(spec["initContainers"].as_array().into_iter().flatten());
             for c in containers {
                 let sc = &c["securityContext"];
                 let at = format!("{what}: {name}/{}", c["name"]);
@@ -179,10 +209,19 @@ fn every_pod_runs_under_the_restricted_pod_security_standard() {
                 assert_eq!(sc["readOnlyRootFilesystem"], true, "{at}");
                 assert_eq!(sc["capabilities"]["drop"], json!(["ALL"]), "{at}");
                 assert!(sc["capabilities"]["add"].is_null(), "{at}");
-                assert!(sc["privileged"].is_null() || sc["privileged"] == false, "{at}");
-                assert!(!c["resources"]["requests"].is_null(), "{at}: resources requested");
+                assert!(
+                    sc["privileged"].is_null() || sc["privileged"] == false,
+                    "{at}"
+                );
+                assert!(
+                    !c["resources"]["requests"].is_null(),
+                    "{at}: resources requested"
+                );
             }
-            assert!(spec["hostNetwork"].is_null() && spec["hostPID"].is_null(), "{what}: {name}");
+            assert!(
+                spec["hostNetwork"].is_null() && spec["hostPID"].is_null(),
+                "{what}: {name}"
+            );
         }
     }
 }
@@ -191,17 +230,37 @@ fn every_pod_runs_under_the_restricted_pod_security_standard() {
 fn rbac_is_least_privilege_and_the_gateway_has_no_api_access() {
     for (what, values, apis) in value_sets() {
         let r = good(values, apis);
-        for d in r.docs.iter().filter(|d| matches!(d["kind"].as_str(), Some("Role" | "ClusterRole"))) {
+        for d in r
+            .docs
+            .iter()
+            .filter(|d| matches!(d["kind"].as_str(), Some("Role" | "ClusterRole")))
+        {
             for rule in d["rules"].as_array().unwrap() {
                 for field in ["apiGroups", "resources", "verbs"] {
                     let items = rule[field].as_array().unwrap();
-                    assert!(!items.iter().any(|v| v.as_str().unwrap().contains('*')), "{what}: {} has a wildcard: {rule}", d["metadata"]["name"]);
+                    assert!(
+                        !items.iter().any(|v| v.as_str().unwrap().contains('*')),
+                        "{what}: {} has a wildcard: {rule}",
+                        d["metadata"]["name"]
+                    );
                 }
                 // Never cluster-wide Secret writes beyond what key issuance needs.
-                if rule["resources"].as_array().unwrap().contains(&json!("secrets")) {
-                    let verbs: BTreeSet<&str> = rule["verbs"].as_array().unwrap().iter().map(|v| v.as_str().unwrap()).collect();
+                if rule["resources"]
+                    .as_array()
+                    .unwrap()
+                    .contains(&json!("secrets"))
+                {
+                    let verbs: BTreeSet<&str> = rule["verbs"]
+                        .as_array()
+                        .unwrap()
+                        .iter()
+                        .map(|v| v.as_str().unwrap())
+                        .collect();
                     if d["kind"] == "ClusterRole" {
-                        assert!(!verbs.contains("delete") && !verbs.contains("patch"), "{what}: {rule}");
+                        assert!(
+                            !verbs.contains("delete") && !verbs.contains("patch"),
+                            "{what}: {rule}"
+                        );
                     }
                 }
             }
@@ -210,8 +269,16 @@ fn rbac_is_least_privilege_and_the_gateway_has_no_api_access() {
         let sa = find(&r.docs, "ServiceAccount", "tollgate-gateway");
         assert_eq!(sa["automountServiceAccountToken"], false, "{what}");
         let deployment = find(&r.docs, "Deployment", "tollgate-gateway");
-        assert_eq!(deployment["spec"]["template"]["spec"]["automountServiceAccountToken"], false);
-        for binding in r.docs.iter().filter(|d| matches!(d["kind"].as_str(), Some("RoleBinding" | "ClusterRoleBinding"))) {
+        assert_eq!(
+            deployment["spec"]["template"]["spec"]["automountServiceAccountToken"],
+            false
+        );
+        for binding in r.docs.iter().filter(|d| {
+            matches!(
+                d["kind"].as_str(),
+                Some("RoleBinding" | "ClusterRoleBinding")
+            )
+        }) {
             for subject in binding["subjects"].as_array().unwrap() {
                 assert_ne!(subject["name"], "tollgate-gateway", "{what}: {binding}");
             }
@@ -229,7 +296,13 @@ fn operator_roles_follow_the_watched_namespaces() {
         .docs
         .iter()
         .filter(|d| d["kind"] == "Role")
-        .map(|d| format!("{}/{}", d["metadata"]["namespace"].as_str().unwrap(), d["metadata"]["name"].as_str().unwrap()))
+        .map(|d| {
+            format!(
+                "{}/{}",
+                d["metadata"]["namespace"].as_str().unwrap(),
+                d["metadata"]["name"].as_str().unwrap()
+            )
+        })
         .collect();
     assert_eq!(
         roles,
@@ -239,18 +312,32 @@ fn operator_roles_follow_the_watched_namespaces() {
             "tollgate/tollgate-operator-gateway-config".to_owned(),
         ])
     );
-    let operator = &find(&r.docs, "Deployment", "tollgate-operator")["spec"]["template"]["spec"]["containers"][0];
-    assert_eq!(env(operator, "TOLLGATE_NAMESPACES").unwrap()["value"], "team-a,team-b");
+    let operator = &find(&r.docs, "Deployment", "tollgate-operator")["spec"]["template"]["spec"]["containers"]
+        [0];
+    assert_eq!(
+        env(operator, "TOLLGATE_NAMESPACES").unwrap()["value"],
+        "team-a,team-b"
+    );
 }
 
 #[test]
 fn the_gateway_mounts_exactly_what_the_operator_writes() {
     for shards in [16, 4] {
         let r = good(json!({"keyShards": shards}), &[]);
-        let operator = &find(&r.docs, "Deployment", "tollgate-operator")["spec"]["template"]["spec"]["containers"][0];
-        assert_eq!(env(operator, "TOLLGATE_MAX_KEY_SHARDS").unwrap()["value"], shards.to_string());
-        let prefix = env(operator, "TOLLGATE_CONFIG_PREFIX").unwrap()["value"].as_str().unwrap().to_owned();
-        assert_eq!(env(operator, "TOLLGATE_GATEWAY_NAMESPACE").unwrap()["value"], "tollgate");
+        let operator = &find(&r.docs, "Deployment", "tollgate-operator")["spec"]["template"]["spec"]
+            ["containers"][0];
+        assert_eq!(
+            env(operator, "TOLLGATE_MAX_KEY_SHARDS").unwrap()["value"],
+            shards.to_string()
+        );
+        let prefix = env(operator, "TOLLGATE_CONFIG_PREFIX").unwrap()["value"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        assert_eq!(
+            env(operator, "TOLLGATE_GATEWAY_NAMESPACE").unwrap()["value"],
+            "tollgate"
+        );
         // The operator's naming (operator/src/desired.rs).
         let naming = tollgate_operator::desired::Naming {
             namespace: "tollgate".into(),
@@ -258,22 +345,46 @@ fn the_gateway_mounts_exactly_what_the_operator_writes() {
             max_key_shards: shards,
         };
         let spec = &find(&r.docs, "Deployment", "tollgate-gateway")["spec"]["template"]["spec"];
-        let volume = spec["volumes"].as_array().unwrap().iter().find(|v| v["name"] == "config").unwrap();
+        let volume = spec["volumes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|v| v["name"] == "config")
+            .unwrap();
         let sources: Vec<(String, bool)> = volume["projected"]["sources"]
             .as_array()
             .unwrap()
             .iter()
             .map(|s| {
-                let (kind, src) = if s["configMap"].is_object() { ("ConfigMap", &s["configMap"]) } else { ("Secret", &s["secret"]) };
-                (format!("{kind}/{}", src["name"].as_str().unwrap()), src["optional"] == true)
+                let (kind, src) = if s["configMap"].is_object() {
+                    ("ConfigMap", &s["configMap"])
+                } else {
+                    ("Secret", &s["secret"])
+                };
+                (
+                    format!("{kind}/{}", src["name"].as_str().unwrap()),
+                    src["optional"] == true,
+                )
             })
             .collect();
-        let mut expected = vec![format!("ConfigMap/{}", naming.config_map()), format!("Secret/{}", naming.credentials())];
+        let mut expected = vec![
+            format!("ConfigMap/{}", naming.config_map()),
+            format!("Secret/{}", naming.credentials()),
+        ];
         expected.extend((0..shards).map(|i| format!("Secret/{}", naming.key_shard(i))));
-        assert_eq!(sources.iter().map(|s| s.0.clone()).collect::<Vec<_>>(), expected);
-        assert!(sources.iter().all(|s| s.1), "every source optional: the gateway starts before the operator wrote");
+        assert_eq!(
+            sources.iter().map(|s| s.0.clone()).collect::<Vec<_>>(),
+            expected
+        );
+        assert!(
+            sources.iter().all(|s| s.1),
+            "every source optional: the gateway starts before the operator wrote"
+        );
         let gateway = &spec["containers"][0];
-        assert_eq!(env(gateway, "TOLLGATE_CONFIG_DIRS").unwrap()["value"], "/etc/tollgate/config");
+        assert_eq!(
+            env(gateway, "TOLLGATE_CONFIG_DIRS").unwrap()["value"],
+            "/etc/tollgate/config"
+        );
     }
 }
 
@@ -286,21 +397,45 @@ fn probes_shutdown_and_scaling_are_wired() {
     assert_eq!(c["readinessProbe"]["httpGet"]["path"], "/readyz");
     assert_eq!(c["startupProbe"]["httpGet"]["path"], "/livez");
     // preStop sleep 5 s + drain 2 s + in-flight 30 s fit in the grace period.
-    let pre_stop = c["lifecycle"]["preStop"]["sleep"]["seconds"].as_i64().unwrap();
+    let pre_stop = c["lifecycle"]["preStop"]["sleep"]["seconds"]
+        .as_i64()
+        .unwrap();
     assert_eq!(env(c, "TOLLGATE_DRAIN_DELAY").unwrap()["value"], "2s");
     assert_eq!(env(c, "TOLLGATE_SHUTDOWN_TIMEOUT").unwrap()["value"], "30s");
     let grace = spec["terminationGracePeriodSeconds"].as_i64().unwrap();
     assert!(grace > pre_stop + 2 + 30, "grace {grace}");
-    let r = good(json!({"gateway": {"shutdown": {"preStopSleepSeconds": 10, "drainDelay": "1500ms", "shutdownTimeout": "5m"}}}), &[]);
+    let r = good(
+        json!({"gateway": {"shutdown": {"preStopSleepSeconds": 10, "drainDelay": "1500ms", "shutdownTimeout": "5m"}}}),
+        &[],
+    );
     let spec = &find(&r.docs, "Deployment", "tollgate-gateway")["spec"]["template"]["spec"];
     assert!(spec["terminationGracePeriodSeconds"].as_i64().unwrap() > 10 + 2 + 300);
 
-    let hpa = find(&good(json!({}), &[]).docs, "HorizontalPodAutoscaler", "tollgate-gateway").clone();
-    assert_eq!(hpa["spec"]["metrics"][0]["resource"]["target"]["averageUtilization"], 70);
-    let r = good(json!({"gateway": {"autoscaling": {"enabled": false}, "replicas": 3}}), &[]);
-    assert!(!kinds(&r.docs).iter().any(|k| k.starts_with("HorizontalPodAutoscaler")));
-    assert_eq!(find(&r.docs, "Deployment", "tollgate-gateway")["spec"]["replicas"], 3);
-    let operator = &find(&r.docs, "Deployment", "tollgate-operator")["spec"]["template"]["spec"]["containers"][0];
+    let hpa = find(
+        &good(json!({}), &[]).docs,
+        "HorizontalPodAutoscaler",
+        "tollgate-gateway",
+    )
+    .clone();
+    assert_eq!(
+        hpa["spec"]["metrics"][0]["resource"]["target"]["averageUtilization"],
+        70
+    );
+    let r = good(
+        json!({"gateway": {"autoscaling": {"enabled": false}, "replicas": 3}}),
+        &[],
+    );
+    assert!(
+        !kinds(&r.docs)
+            .iter()
+            .any(|k| k.starts_with("HorizontalPodAutoscaler"))
+    );
+    assert_eq!(
+        find(&r.docs, "Deployment", "tollgate-gateway")["spec"]["replicas"],
+        3
+    );
+    let operator = &find(&r.docs, "Deployment", "tollgate-operator")["spec"]["template"]["spec"]["containers"]
+        [0];
     assert_eq!(operator["readinessProbe"]["httpGet"]["path"], "/readyz");
     assert_eq!(operator["args"], json!(["run"]));
 }
@@ -309,14 +444,27 @@ fn probes_shutdown_and_scaling_are_wired() {
 fn redis_modes_give_both_components_the_same_url_source() {
     for (values, secret, key) in [
         (json!({}), "tollgate-redis-url", "url"),
-        (json!({"redis": {"mode": "external", "external": {"url": "redis://r:6379"}}}), "tollgate-redis-url", "url"),
-        (json!({"redis": {"mode": "external", "external": {"existingSecret": "mine", "existingSecretKey": "u"}}}), "mine", "u"),
+        (
+            json!({"redis": {"mode": "external", "external": {"url": "redis://r:6379"}}}),
+            "tollgate-redis-url",
+            "url",
+        ),
+        (
+            json!({"redis": {"mode": "external", "external": {"existingSecret": "mine", "existingSecretKey": "u"}}}),
+            "mine",
+            "u",
+        ),
     ] {
         let r = good(values.clone(), &[]);
         for name in ["tollgate-gateway", "tollgate-operator"] {
             let c = &find(&r.docs, "Deployment", name)["spec"]["template"]["spec"]["containers"][0];
-            let from = &env(c, "TOLLGATE_REDIS_URL").unwrap_or_else(|| panic!("{values}: {name}"))["valueFrom"]["secretKeyRef"];
-            assert_eq!((from["name"].as_str(), from["key"].as_str()), (Some(secret), Some(key)), "{values}");
+            let from = &env(c, "TOLLGATE_REDIS_URL").unwrap_or_else(|| panic!("{values}: {name}"))
+                ["valueFrom"]["secretKeyRef"];
+            assert_eq!(
+                (from["name"].as_str(), from["key"].as_str()),
+                (Some(secret), Some(key)),
+                "{values}"
+            );
         }
     }
     let r = good(json!({"redis": {"mode": "none"}}), &[]);
@@ -324,14 +472,27 @@ fn redis_modes_give_both_components_the_same_url_source() {
         let c = &find(&r.docs, "Deployment", name)["spec"]["template"]["spec"]["containers"][0];
         assert!(env(c, "TOLLGATE_REDIS_URL").is_none());
     }
-    assert!(r.notes.contains("limits and budgets are kept per gateway pod"));
+    assert!(
+        r.notes
+            .contains("limits and budgets are kept per gateway pod")
+    );
     // The bundled Redis: reachable only by Tollgate's pods, and the notes say it is for trials.
     let r = good(json!({}), &[]);
     let policy = find(&r.docs, "NetworkPolicy", "tollgate-redis");
     let from = &policy["spec"]["ingress"][0]["from"];
-    assert_eq!(from[0]["podSelector"]["matchLabels"]["app.kubernetes.io/component"], "gateway");
-    assert_eq!(from[1]["podSelector"]["matchLabels"]["app.kubernetes.io/component"], "operator");
-    assert!(r.notes.contains("managed or highly available Redis"), "{}", r.notes);
+    assert_eq!(
+        from[0]["podSelector"]["matchLabels"]["app.kubernetes.io/component"],
+        "gateway"
+    );
+    assert_eq!(
+        from[1]["podSelector"]["matchLabels"]["app.kubernetes.io/component"],
+        "operator"
+    );
+    assert!(
+        r.notes.contains("managed or highly available Redis"),
+        "{}",
+        r.notes
+    );
 }
 
 #[test]
@@ -339,43 +500,90 @@ fn invalid_values_are_refused_with_a_clear_message() {
     for (values, expect) in [
         (json!({"redis": {"mode": "cluster"}}), "mode"),
         (json!({"gateway": {"replicas": "two"}}), "replicas"),
-        (json!({"gateway": {"shutdown": {"drainDelay": "soon"}}}), "drainDelay"),
+        (
+            json!({"gateway": {"shutdown": {"drainDelay": "soon"}}}),
+            "drainDelay",
+        ),
         (json!({"unknownKnob": true}), "unknownKnob"),
         (json!({"redis": {"mode": "external"}}), "redis.external.url"),
     ] {
         let r = render(values.clone());
         let text = format!("{} {}", r.error.clone().unwrap_or_default(), r.lint);
-        assert!(r.error.is_some() || r.lint["ok"] == false, "{values} was accepted");
+        assert!(
+            r.error.is_some() || r.lint["ok"] == false,
+            "{values} was accepted"
+        );
         assert!(text.contains(expect), "{values}: {text}");
     }
 }
 
 #[test]
 fn monitoring_alerts_use_metrics_tollgate_exports() {
-    let r = good(json!({"monitoring": {"serviceMonitor": {"enabled": true}, "prometheusRule": {"enabled": true, "thresholds": {"errorRate": 0.02}}}}), &MONITORING);
-    let monitors: Vec<&Value> = r.docs.iter().filter(|d| d["kind"] == "ServiceMonitor").collect();
+    let r = good(
+        json!({"monitoring": {"serviceMonitor": {"enabled": true}, "prometheusRule": {"enabled": true, "thresholds": {"errorRate": 0.02}}}}),
+        &MONITORING,
+    );
+    let monitors: Vec<&Value> = r
+        .docs
+        .iter()
+        .filter(|d| d["kind"] == "ServiceMonitor")
+        .collect();
     assert_eq!(monitors.len(), 2);
     for m in &monitors {
         assert_eq!(m["spec"]["endpoints"][0]["port"], "admin");
         assert_eq!(m["spec"]["endpoints"][0]["path"], "/metrics");
     }
-    let rule = r.docs.iter().find(|d| d["kind"] == "PrometheusRule").unwrap();
-    let alerts: Vec<&Value> = rule["spec"]["groups"].as_array().unwrap().iter().flat_map(|g| g["rules"].as_array().unwrap()).collect();
-    let names: BTreeSet<&str> = alerts.iter().map(|a| a["alert"].as_str().unwrap()).collect();
-    for expected in ["TollgateHighErrorRate", "TollgateHighLatency", "TollgateProviderDown", "TollgateCostSpike", "TollgateRedisUnavailable", "TollgateConfigNotPropagating"] {
+    let rule = r
+        .docs
+        .iter()
+        .find(|d| d["kind"] == "PrometheusRule")
+        .unwrap();
+    let alerts: Vec<&Value> = rule["spec"]["groups"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|g| g["rules"].as_array().unwrap())
+        .collect();
+    let names: BTreeSet<&str> = alerts
+        .iter()
+        .map(|a| a["alert"].as_str().unwrap())
+        .collect();
+    for expected in [
+        "TollgateHighErrorRate",
+        "TollgateHighLatency",
+        "TollgateProviderDown",
+        "TollgateCostSpike",
+        "TollgateRedisUnavailable",
+        "TollgateConfigNotPropagating",
+    ] {
         assert!(names.contains(expected), "{expected} in {names:?}");
     }
-    let error_rate = alerts.iter().find(|a| a["alert"] == "TollgateHighErrorRate").unwrap();
+    let error_rate = alerts
+        .iter()
+        .find(|a| a["alert"] == "TollgateHighErrorRate")
+        .unwrap();
     assert!(error_rate["expr"].as_str().unwrap().contains("> 0.02"));
-    assert!(error_rate["annotations"]["summary"].as_str().unwrap().contains("2 %"));
+    assert!(
+        error_rate["annotations"]["summary"]
+            .as_str()
+            .unwrap()
+            .contains("2 %")
+    );
 
     // Every metric an alert uses is one the gateway or the operator registers (families
     // without samples are not exposed, so the registrations are read from the source).
     let mut exported = BTreeSet::new();
-    for (file, prefix) in [("gateway/src/metrics.rs", "tollgate_"), ("operator/src/metrics.rs", "tollgate_operator_")] {
+    for (file, prefix) in [
+        ("gateway/src/metrics.rs", "tollgate_"),
+        ("operator/src/metrics.rs", "tollgate_operator_"),
+    ] {
         let source = std::fs::read_to_string(repo_root().join(file)).unwrap();
         for part in source.split(".register(").skip(1) {
-            let name = part.trim_start().strip_prefix('"').and_then(|p| p.split('"').next()).unwrap();
+            let name = part
+                .trim_start()
+                .strip_prefix('"')
+                .and_then(|p| p.split('"').next())
+                .unwrap();
             exported.insert(format!("{prefix}{name}"));
         }
     }
@@ -390,7 +598,11 @@ fn monitoring_alerts_use_metrics_tollgate_exports() {
                 .iter()
                 .find_map(|s| word.strip_suffix(s))
                 .unwrap_or(word);
-            assert!(exported.contains(family), "{}: {word} is not exported ({exported:?})", alert["alert"]);
+            assert!(
+                exported.contains(family),
+                "{}: {word} is not exported ({exported:?})",
+                alert["alert"]
+            );
         }
     }
 }
@@ -401,12 +613,23 @@ fn the_chart_ships_the_generated_crds() {
     let shipped: BTreeMap<String, Value> = r
         .crds
         .iter()
-        .map(|c| (c["spec"]["names"]["kind"].as_str().unwrap().to_owned(), c.clone()))
+        .map(|c| {
+            (
+                c["spec"]["names"]["kind"].as_str().unwrap().to_owned(),
+                c.clone(),
+            )
+        })
         .collect();
     let committed = tollgate_tests::committed_crds();
-    assert_eq!(shipped.keys().collect::<Vec<_>>(), committed.keys().collect::<Vec<_>>());
+    assert_eq!(
+        shipped.keys().collect::<Vec<_>>(),
+        committed.keys().collect::<Vec<_>>()
+    );
     for (name, crd) in &committed {
-        assert_eq!(&shipped[name], crd, "charts/tollgate/crds/ differs from crds/ for {name}: copy crds/*.yaml over");
+        assert_eq!(
+            &shipped[name], crd,
+            "charts/tollgate/crds/ differs from crds/ for {name}: run `cargo run -p tollgate-api --bin tollgate-crdgen`"
+        );
     }
 }
 
@@ -415,7 +638,11 @@ fn values_are_all_documented() {
     let text = std::fs::read_to_string(repo_root().join("charts/tollgate/values.yaml")).unwrap();
     let lines: Vec<&str> = text.lines().collect();
     // Free-form blocks documented as a whole.
-    let free = ["resources:", "podSecurityContext:", "containerSecurityContext:"];
+    let free = [
+        "resources:",
+        "podSecurityContext:",
+        "containerSecurityContext:",
+    ];
     let mut skip_deeper_than: Option<usize> = None;
     for (i, line) in lines.iter().enumerate() {
         let trimmed = line.trim_start();
@@ -429,7 +656,9 @@ fn values_are_all_documented() {
             }
             skip_deeper_than = None;
         }
-        let Some((key, value)) = trimmed.split_once(':') else { continue };
+        let Some((key, value)) = trimmed.split_once(':') else {
+            continue;
+        };
         if free.iter().any(|f| trimmed.starts_with(f)) {
             skip_deeper_than = Some(indent);
         }
@@ -437,16 +666,34 @@ fn values_are_all_documented() {
         if is_group {
             continue;
         }
-        let documented = lines[..i].iter().rev().find(|l| !l.trim().is_empty()).is_some_and(|l| l.trim_start().starts_with('#'));
-        assert!(documented, "values.yaml line {}: `{key}` has no comment", i + 1);
+        let documented = lines[..i]
+            .iter()
+            .rev()
+            .find(|l| !l.trim().is_empty())
+            .is_some_and(|l| l.trim_start().starts_with('#'));
+        assert!(
+            documented,
+            "values.yaml line {}: `{key}` has no comment",
+            i + 1
+        );
     }
 }
 
 #[test]
 fn notes_tell_the_user_how_to_create_a_key_and_call_the_gateway() {
     let r = good(json!({}), &[]);
-    for needle in ["kind: ApiKey", "my-first-key-key", "kubectl port-forward", "/v1/chat/completions", "svc/tollgate-gateway"] {
-        assert!(r.notes.contains(needle), "NOTES.txt lacks {needle}:\n{}", r.notes);
+    for needle in [
+        "kind: ApiKey",
+        "my-first-key-key",
+        "kubectl port-forward",
+        "/v1/chat/completions",
+        "svc/tollgate-gateway",
+    ] {
+        assert!(
+            r.notes.contains(needle),
+            "NOTES.txt lacks {needle}:\n{}",
+            r.notes
+        );
     }
 }
 
@@ -454,7 +701,11 @@ fn notes_tell_the_user_how_to_create_a_key_and_call_the_gateway() {
 fn manifests_match_the_default_render() {
     let dir = tempfile::tempdir().unwrap();
     let out = helm(&["manifests", dir.path().to_str().unwrap()]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let committed: PathBuf = repo_root().join("manifests");
     for name in ["00-namespace.yaml", "01-crds.yaml", "02-tollgate.yaml"] {
         let fresh = std::fs::read_to_string(dir.path().join(name)).unwrap();
@@ -465,7 +716,10 @@ fn manifests_match_the_default_render() {
         );
     }
     // And they validate, Namespace included.
-    let files: Vec<PathBuf> = ["00-namespace.yaml", "01-crds.yaml", "02-tollgate.yaml"].iter().map(|n| committed.join(n)).collect();
+    let files: Vec<PathBuf> = ["00-namespace.yaml", "01-crds.yaml", "02-tollgate.yaml"]
+        .iter()
+        .map(|n| committed.join(n))
+        .collect();
     let (ok, output) = tollgate_tests::kubernetes_validate(&files[..2]);
     assert!(ok, "{output}");
 }

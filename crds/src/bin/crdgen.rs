@@ -1,23 +1,25 @@
-//! Writes (or, with `--check`, verifies) the CRD YAML files in `crds/`.
+//! Writes (or, with `--check`, verifies) the CRD YAML files in `crds/`, and their copies
+//! in the Helm chart (`charts/tollgate/crds/`).
 
 use std::{path::PathBuf, process::ExitCode};
 
 fn main() -> ExitCode {
     let mut check = false;
-    let mut dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let source = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let mut dirs = vec![source.clone(), source.join("../charts/tollgate/crds")];
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         match arg.as_str() {
             "--check" => check = true,
             "--out" => match args.next() {
-                Some(d) => dir = PathBuf::from(d),
+                Some(d) => dirs = vec![PathBuf::from(d)],
                 None => return usage("--out needs a directory"),
             },
             "-h" | "--help" => {
                 println!(
                     "tollgate-crdgen [--check] [--out DIR]\n\n\
                      Writes the Provider, RoutePolicy and ApiKey CRDs generated from the Rust types\n\
-                     into DIR (default: the crds/ folder of the source tree).\n\n\
+                     into DIR (default: crds/ and charts/tollgate/crds/ of the source tree).\n\n\
                      --check    write nothing; exit 1 if a committed file differs from the types\n\
                      --out DIR  directory to write to or check"
                 );
@@ -27,7 +29,10 @@ fn main() -> ExitCode {
         }
     }
     let mut drift = false;
-    for (file, crd) in tollgate_api::crd::all() {
+    for (dir, (file, crd)) in dirs
+        .iter()
+        .flat_map(|d| tollgate_api::crd::all().into_iter().map(move |c| (d, c)))
+    {
         let path = dir.join(file);
         let want = tollgate_api::crd::to_yaml(&crd);
         if check {
