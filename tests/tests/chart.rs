@@ -723,3 +723,138 @@ fn manifests_match_the_default_render() {
     let (ok, output) = tollgate_tests::kubernetes_validate(&files[..2]);
     assert!(ok, "{output}");
 }
+
+/// A workspace binary (built if missing: `bash tests/run.sh` builds them all first).
+fn binary(name: &str) -> PathBuf {
+    let dir = std::env::current_exe()
+        .unwrap()
+        .parent()
+        .unwrap()
+        .parent()
+        .unwrap()
+        .to_owned();
+    let path = dir.join(name);
+    if !path.exists() {
+        let package = name.trim_start_matches("tollgate-");
+        let ok = Command::new(env!("CARGO"))
+            .args(["build", "-p", &format!("tollgate-{package}"), "--bin", name])
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(
+            ok && path.exists(),
+            "build {name} first (cargo build --workspace)"
+        );
+    }
+    path
+}
+
+/// Starts `program` with the container's environment from the render (secret references
+/// replaced by `secrets`, listeners moved to free loopback ports) and waits for its
+/// "admin listening" log line: every variable the chart sets is one the binary accepts.
+fn runs_with_chart_env(
+    program: &str,
+    container: &Value,
+    args: &[&str],
+    secrets: &[(&str, &str)],
+    overrides: &[(&str, String)],
+) {
+    let mut command = Command::new(binary(program));
+    command.env_clear().args(args).env("PATH", "/usr/bin:/bin");
+    for e in container["env"].as_array().unwrap() {
+        let name = e["name"].as_str().unwrap();
+        let value = match (&e["value"], &e["valueFrom"]) {
+            (Value::String(v), _) => v.clone(),
+            (_, from) if from["secretKeyRef"].is_object() => {
+                let key = from["secretKeyRef"]["name"].as_str().unwrap();
+                secrets
+                    .iter()
+                    .find(|(k, _)| *k == key)
+                    .unwrap_or_else(|| panic!("no test value for Secret {key}"))
+                    .1
+                    .to_owned()
+            }
+            (_, from) if from["fieldRef"].is_object() => "tollgate".to_owned(),
+            other => panic!("unexpected env source {other:?}"),
+        };
+        command.env(name, value);
+    }
+    for (k, v) in overrides {
+        command.env(k, v);
+    }
+    let mut child = command
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        let mut seen = String::new();
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            seen.push_str(&line);
+            seen.push('\n');
+            if line.contains("admin listening") {
+                let _ = tx.send(Ok(()));
+                return;
+            }
+        }
+        let _ = tx.send(Err(seen));
+    });
+    let outcome = rx.recv_timeout(std::time::Duration::from_secs(20));
+    let _ = child.kill();
+    let _ = child.wait();
+    match outcome {
+        Ok(Ok(())) => {}
+        Ok(Err(logs)) => panic!("{program} refused the chart's environment:\n{logs}"),
+        Err(_) => panic!("{program} did not start with the chart's environment"),
+    }
+}
+
+#[test]
+fn the_binaries_accept_every_setting_the_chart_passes() {
+    let r = good(
+        json!({"gateway": {"corsOrigins": ["https://app.example.com"]}, "redis": {"mode": "external", "failureMode": "failClosed", "external": {"url": "redis://127.0.0.1:1/0", "cluster": false}}}),
+        &[],
+    );
+    let config = tempfile::tempdir().unwrap();
+    let gateway = &find(&r.docs, "Deployment", "tollgate-gateway")["spec"]["template"]["spec"]["containers"]
+        [0];
+    assert!(
+        gateway["args"].is_null(),
+        "the image's entrypoint takes no arguments"
+    );
+    runs_with_chart_env(
+        "tollgate-gateway",
+        gateway,
+        &[],
+        &[("tollgate-redis-url", "redis://127.0.0.1:1/0")],
+        &[
+            ("TOLLGATE_LISTEN", "127.0.0.1:0".into()),
+            ("TOLLGATE_ADMIN_LISTEN", "127.0.0.1:0".into()),
+            ("TOLLGATE_CONFIG_DIRS", config.path().display().to_string()),
+        ],
+    );
+    let operator = &find(&r.docs, "Deployment", "tollgate-operator")["spec"]["template"]["spec"]["containers"]
+        [0];
+    let args: Vec<&str> = operator["args"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a.as_str().unwrap())
+        .collect();
+    runs_with_chart_env(
+        "tollgate-operator",
+        operator,
+        &args,
+        &[("tollgate-redis-url", "redis://127.0.0.1:1/0")],
+        &[
+            ("TOLLGATE_ADMIN_LISTEN", "127.0.0.1:0".into()),
+            // Nothing listens there: the operator starts and keeps retrying.
+            ("TOLLGATE_KUBE_URL", "http://127.0.0.1:1".into()),
+        ],
+    );
+}
