@@ -118,6 +118,13 @@ fn latency_histogram() -> Histogram {
     Histogram::new(LATENCY_BUCKETS)
 }
 
+/// Seconds, from 25 µs to 1 s: the gateway's own share of a request is meant to be well
+/// under a millisecond.
+const OVERHEAD_BUCKETS: [f64; 14] = [
+    0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
+    1.0,
+];
+
 /// Every metric the gateway exports.
 #[derive(Debug)]
 pub struct Metrics {
@@ -126,6 +133,8 @@ pub struct Metrics {
     pub requests: Family<RequestLabels, Counter>,
     /// Time to the response head (whole answer for non-streamed calls).
     pub request_duration: Family<RouteLabels, Histogram, fn() -> Histogram>,
+    /// The gateway's own time per request: total minus time waiting on upstreams.
+    pub overhead: Histogram,
     /// Time from the request to the first streamed byte.
     pub time_to_first_byte: Family<RouteLabels, Histogram, fn() -> Histogram>,
     /// Upstream attempts by provider and outcome.
@@ -159,6 +168,12 @@ impl Metrics {
             "request_duration_seconds",
             "Time until the response head was sent (the whole answer when not streamed)",
             request_duration.clone(),
+        );
+        let overhead = Histogram::new(OVERHEAD_BUCKETS);
+        registry.register(
+            "request_overhead_seconds",
+            "The gateway's own time per request until the response head: total minus time waiting on upstreams (attempts and retry backoff)",
+            overhead.clone(),
         );
         let time_to_first_byte =
             Family::new_with_constructor(latency_histogram as fn() -> Histogram);
@@ -230,6 +245,7 @@ impl Metrics {
             registry,
             requests,
             request_duration,
+            overhead,
             time_to_first_byte,
             upstream_attempts,
             tokens,

@@ -62,6 +62,39 @@ pub struct Forward<'a> {
     pub started: Instant,
     /// Estimated prompt tokens (stands in until the answer reports its usage).
     pub prompt_estimate: u64,
+    /// Where time spent on upstreams is added up.
+    pub timing: &'a Timing,
+}
+
+/// Time a request spent waiting on upstreams (attempts, including failed ones, and the
+/// backoff between them) and how many attempts it made. What remains of its total time is
+/// the gateway's own overhead.
+#[derive(Debug, Default)]
+pub struct Timing {
+    upstream_nanos: std::sync::atomic::AtomicU64,
+    attempts: std::sync::atomic::AtomicU32,
+}
+
+impl Timing {
+    fn wait(&self, d: Duration) {
+        self.upstream_nanos.fetch_add(
+            d.as_nanos().min(u128::from(u64::MAX)) as u64,
+            std::sync::atomic::Ordering::Relaxed,
+        );
+    }
+
+    /// Time spent waiting on upstreams.
+    pub fn upstream(&self) -> Duration {
+        Duration::from_nanos(
+            self.upstream_nanos
+                .load(std::sync::atomic::Ordering::Relaxed),
+        )
+    }
+
+    /// Upstream attempts made (mock answers included).
+    pub fn attempts(&self) -> u32 {
+        self.attempts.load(std::sync::atomic::Ordering::Relaxed)
+    }
 }
 
 /// Response extension naming the provider that answered, for metrics and logs.
@@ -214,8 +247,15 @@ pub async fn forward(
                 break;
             }
             tokio::time::sleep(wait).await;
+            req.timing.wait(wait);
         }
-        let failure = match attempt_once(&req, provider, model, deadline, &mut accounting).await {
+        req.timing
+            .attempts
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let attempt_started = Instant::now();
+        let outcome = attempt_once(&req, provider, model, deadline, &mut accounting).await;
+        req.timing.wait(attempt_started.elapsed());
+        let failure = match outcome {
             Ok(mut response) => {
                 breaker.success();
                 let outcome = if response.status().is_success() {

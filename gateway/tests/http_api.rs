@@ -448,3 +448,72 @@ async fn bodies_that_arrive_too_slowly_get_408() {
     assert!(text.starts_with("HTTP/1.1 408"), "{text}");
     assert!(text.contains("request_timeout"), "{text}");
 }
+
+#[tokio::test]
+async fn every_answer_reports_the_gateways_own_overhead_and_logs_it() {
+    let gw = standalone();
+    let started = std::time::Instant::now();
+    let resp = chat(
+        &gw,
+        DEV_KEY,
+        json!({"model": "demo-chat", "messages": [{"role": "user", "content": "hi"}]}),
+    )
+    .await;
+    let total_ms = started.elapsed().as_secs_f64() * 1000.0;
+    assert_eq!(resp.status(), 200);
+    let overhead: f64 = resp.headers()["x-tollgate-overhead-ms"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    // The mock provider waits 20 ms before answering: upstream time, not overhead.
+    assert!(overhead >= 0.0, "{overhead}");
+    assert!(
+        overhead + 20.0 <= total_ms,
+        "overhead {overhead} ms excludes the upstream's 20 ms (total {total_ms} ms)"
+    );
+    // Errors carry it too, in either API shape.
+    let resp = chat(
+        &gw,
+        "tg_unknown_key_000000000000000000",
+        json!({"model": "demo-chat", "messages": []}),
+    )
+    .await;
+    assert_eq!(resp.status(), 401);
+    assert!(resp.headers().contains_key("x-tollgate-overhead-ms"));
+    let resp = client()
+        .post(gw.url("/v1/messages"))
+        .header("x-api-key", "tg_unknown_key_000000000000000000")
+        .json(&json!({"model": "demo-chat", "max_tokens": 5, "messages": []}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 401);
+    assert!(resp.headers().contains_key("x-tollgate-overhead-ms"));
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(body["type"], "error", "Anthropic's shape: {body}");
+
+    // The access line: one JSON object per request with the figures.
+    let logs = gw.logs();
+    let line: Value = logs
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .find(|v| v["message"] == "request" && v["status"] == 200)
+        .expect("an access line");
+    for field in [
+        "request_id",
+        "key_id",
+        "owner",
+        "route",
+        "provider",
+        "model",
+        "latency_ms",
+        "overhead_ms",
+        "attempts",
+    ] {
+        assert!(!line[field].is_null(), "access line lacks {field}: {line}");
+    }
+    assert_eq!(line["attempts"], 1);
+    assert!(line["overhead_ms"].as_f64().unwrap() <= line["latency_ms"].as_f64().unwrap());
+    assert!(!logs.contains(DEV_KEY), "keys are never logged");
+}

@@ -10,29 +10,29 @@ use axum::{
 };
 
 use super::{AppState, openai::handle};
-use crate::{translate, upstream::Operation};
+use crate::{error::ApiError, translate, upstream::Operation};
 
 pub async fn messages(state: State<Arc<AppState>>, request: Request) -> Response {
-    match handle(state, request, Operation::Messages).await {
-        Ok(response) => response,
-        Err(error) => {
-            let status = error.status();
-            let mut response = (
-                status,
-                Json(translate::openai_error_to_anthropic(
-                    &error.body(),
-                    status.as_u16(),
-                )),
-            )
-                .into_response();
-            // Keep headers such as Retry-After that the OpenAI rendering adds.
-            let openai = error.into_response();
-            for (name, value) in openai.headers() {
-                if name != http::header::CONTENT_TYPE && name != http::header::CONTENT_LENGTH {
-                    response.headers_mut().insert(name.clone(), value.clone());
-                }
-            }
-            response
+    handle(state, request, Operation::Messages, anthropic_error).await
+}
+
+/// An error in Anthropic's shape.
+fn anthropic_error(error: ApiError) -> Response {
+    let status = error.status();
+    let mut response = (
+        status,
+        Json(translate::openai_error_to_anthropic(
+            &error.body(),
+            status.as_u16(),
+        )),
+    )
+        .into_response();
+    // Keep headers such as Retry-After that the OpenAI rendering adds.
+    let openai = error.into_response();
+    for (name, value) in openai.headers() {
+        if name != http::header::CONTENT_TYPE && name != http::header::CONTENT_LENGTH {
+            response.headers_mut().insert(name.clone(), value.clone());
         }
     }
+    response
 }

@@ -7,7 +7,7 @@ use super::AppState;
 use crate::{cache, metrics::CacheLabels, snapshot::Key, upstream::Operation};
 
 /// Tells clients whether an answer came from the cache.
-const CACHE_HEADER: http::HeaderName = http::HeaderName::from_static("x-tollgate-cache");
+pub(super) const CACHE_HEADER: http::HeaderName = http::HeaderName::from_static("x-tollgate-cache");
 
 /// What the cache does for one request.
 pub(super) enum CachePlan {

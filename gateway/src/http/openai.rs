@@ -6,38 +6,50 @@ use std::{sync::Arc, time::Instant};
 
 use axum::{
     extract::{Request, State},
-    response::Response,
+    response::{IntoResponse, Response},
 };
 
 use super::{AppState, admission, auth::authenticate, caching, read_body, request_id};
 use crate::{
     error::ApiError,
     metrics::{RequestLabels, RouteLabels},
-    proxy::{AnsweredBy, Forward, forward},
+    proxy::{AnsweredBy, Forward, Timing, forward},
     request::{estimate_prompt_tokens, parse_head},
     upstream::Operation,
 };
 
-pub async fn chat_completions(
-    state: State<Arc<AppState>>,
-    request: Request,
-) -> Result<Response, ApiError> {
-    handle(state, request, Operation::ChatCompletions).await
+pub async fn chat_completions(state: State<Arc<AppState>>, request: Request) -> Response {
+    handle(
+        state,
+        request,
+        Operation::ChatCompletions,
+        ApiError::into_response,
+    )
+    .await
 }
 
-pub async fn completions(
-    state: State<Arc<AppState>>,
-    request: Request,
-) -> Result<Response, ApiError> {
-    handle(state, request, Operation::Completions).await
+pub async fn completions(state: State<Arc<AppState>>, request: Request) -> Response {
+    handle(
+        state,
+        request,
+        Operation::Completions,
+        ApiError::into_response,
+    )
+    .await
 }
 
-pub async fn embeddings(
-    state: State<Arc<AppState>>,
-    request: Request,
-) -> Result<Response, ApiError> {
-    handle(state, request, Operation::Embeddings).await
+pub async fn embeddings(state: State<Arc<AppState>>, request: Request) -> Response {
+    handle(
+        state,
+        request,
+        Operation::Embeddings,
+        ApiError::into_response,
+    )
+    .await
 }
+
+/// Response header with the gateway's own time for the request, in milliseconds.
+pub const OVERHEAD_HEADER: &str = "x-tollgate-overhead-ms";
 
 /// What is known about a request for its access log line and metrics.
 #[derive(Default)]
@@ -48,27 +60,46 @@ struct Seen {
     model: Option<String>,
 }
 
+/// Serves one request and renders errors with `render` (OpenAI's or Anthropic's shape);
+/// records metrics and the access log line, and reports the gateway's own overhead.
 pub(super) async fn handle(
     State(state): State<Arc<AppState>>,
     request: Request,
     operation: Operation,
-) -> Result<Response, ApiError> {
+    render: fn(ApiError) -> Response,
+) -> Response {
     let started = Instant::now();
     let request_id = request_id(request.headers());
     let mut seen = Seen::default();
-    let result = serve(&state, request, operation, started, &request_id, &mut seen).await;
-
-    let status = match &result {
-        Ok(r) => r.status(),
-        Err(e) => e.status(),
-    };
-    let provider = result
-        .as_ref()
-        .ok()
-        .and_then(|r| r.extensions().get::<AnsweredBy>())
+    let timing = Timing::default();
+    let result = serve(
+        &state,
+        request,
+        operation,
+        started,
+        &request_id,
+        &mut seen,
+        &timing,
+    )
+    .await;
+    let mut response = result.unwrap_or_else(render);
+    let status = response.status();
+    let provider = response
+        .extensions()
+        .get::<AnsweredBy>()
         .map(|a| a.0.clone());
     let route = seen.route.clone().unwrap_or_else(|| "none".to_owned());
     let elapsed = started.elapsed();
+    let overhead = elapsed.saturating_sub(timing.upstream());
+    let overhead_ms = overhead.as_secs_f64() * 1000.0;
+    if let Ok(v) = http::HeaderValue::from_str(&format!("{overhead_ms:.3}")) {
+        response.headers_mut().insert(OVERHEAD_HEADER, v);
+    }
+    let cache = response
+        .headers()
+        .get(caching::CACHE_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
     let metrics = &state.metrics;
     metrics
         .requests
@@ -85,6 +116,7 @@ pub(super) async fn handle(
             route: route.clone(),
         })
         .observe(elapsed.as_secs_f64());
+    metrics.overhead.observe(overhead.as_secs_f64());
     tracing::info!(
         target: "tollgate::access",
         request_id,
@@ -95,10 +127,13 @@ pub(super) async fn handle(
         model = seen.model,
         key_id = seen.key_id,
         owner = seen.owner,
+        cache,
+        attempts = timing.attempts(),
         latency_ms = elapsed.as_secs_f64() * 1000.0,
+        overhead_ms,
         "request"
     );
-    result
+    response
 }
 
 async fn serve(
@@ -108,6 +143,7 @@ async fn serve(
     started: Instant,
     request_id: &str,
     seen: &mut Seen,
+    timing: &Timing,
 ) -> Result<Response, ApiError> {
     let snapshot = state.snapshot()?;
     let (parts, body) = request.into_parts();
@@ -161,6 +197,7 @@ async fn serve(
             metrics: &state.metrics,
             started,
             prompt_estimate,
+            timing,
         },
         accounting,
     )
