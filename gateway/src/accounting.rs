@@ -57,6 +57,7 @@ pub struct Accounting {
     route: String,
     owner: String,
     provider: Option<String>,
+    model: String,
     /// Price per million input and output tokens of the model that answered.
     pricing: (f64, f64),
     /// Usage reported by the answer.
@@ -85,6 +86,7 @@ impl Accounting {
             route: route.to_owned(),
             owner: owner.to_owned(),
             provider: None,
+            model: String::new(),
             pricing: (0.0, 0.0),
             reported: None,
             estimated: Usage::default(),
@@ -92,10 +94,17 @@ impl Accounting {
         }
     }
 
-    /// Records which provider answered and its prices; `prompt_estimate` stands in for the
+    /// Records which provider and model answered and its prices; `prompt_estimate` stands in for the
     /// prompt size until the answer reports its usage.
-    pub fn answered_by(&mut self, provider: &str, pricing: (f64, f64), prompt_estimate: u64) {
+    pub fn answered_by(
+        &mut self,
+        provider: &str,
+        model: &str,
+        pricing: (f64, f64),
+        prompt_estimate: u64,
+    ) {
         self.provider = Some(provider.to_owned());
+        self.model = model.to_owned();
         self.pricing = pricing;
         self.estimated.prompt = prompt_estimate;
     }
@@ -132,6 +141,7 @@ impl Accounting {
             let labels = |kind: &'static str| TokenLabels {
                 route: self.route.clone(),
                 provider: provider.clone(),
+                model: self.model.clone(),
                 owner: self.owner.clone(),
                 kind,
             };

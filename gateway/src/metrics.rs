@@ -62,10 +62,31 @@ pub struct TokenLabels {
     pub route: String,
     /// Provider id that answered.
     pub provider: String,
+    /// The provider's model that answered (a name from the Provider, so bounded).
+    pub model: String,
     /// Key owner.
     pub owner: String,
     /// `input` or `output` (tokens); `total` (cost).
     pub kind: &'static str,
+}
+
+/// Labels of Redis calls.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RedisLabels {
+    /// `admit`, `settle`, `usage`, `cache_get`, `cache_put`, `budget_read`, `ping`.
+    pub operation: &'static str,
+    /// `ok` or `error` (timeouts included).
+    pub result: &'static str,
+}
+
+/// Latency of Redis calls.
+pub type RedisLatency = Family<RedisLabels, Histogram, fn() -> Histogram>;
+
+/// Seconds, from 100 µs to the longest sensible timeout.
+fn redis_histogram() -> Histogram {
+    Histogram::new([
+        0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0,
+    ])
 }
 
 /// Labels of limit rejections.
@@ -135,6 +156,8 @@ pub struct Metrics {
     pub request_duration: Family<RouteLabels, Histogram, fn() -> Histogram>,
     /// The gateway's own time per request: total minus time waiting on upstreams.
     pub overhead: Histogram,
+    /// Redis call latency by operation and result.
+    pub redis_latency: RedisLatency,
     /// Time from the request to the first streamed byte.
     pub time_to_first_byte: Family<RouteLabels, Histogram, fn() -> Histogram>,
     /// Upstream attempts by provider and outcome.
@@ -175,6 +198,13 @@ impl Metrics {
             "The gateway's own time per request until the response head: total minus time waiting on upstreams (attempts and retry backoff)",
             overhead.clone(),
         );
+        let redis_latency: RedisLatency =
+            Family::new_with_constructor(redis_histogram as fn() -> Histogram);
+        registry.register(
+            "redis_call_duration_seconds",
+            "Redis calls by operation and result (admission, settlement, usage, cache)",
+            redis_latency.clone(),
+        );
         let time_to_first_byte =
             Family::new_with_constructor(latency_histogram as fn() -> Histogram);
         registry.register(
@@ -191,13 +221,13 @@ impl Metrics {
         let tokens = Family::default();
         registry.register(
             "tokens",
-            "Tokens by route, answering provider, key owner and kind (input, output)",
+            "Tokens by route, answering provider and model, key owner and kind (input, output)",
             tokens.clone(),
         );
         let cost = Family::default();
         registry.register(
             "cost",
-            "Cost by route, answering provider and key owner, in the provider's currency",
+            "Cost by route, answering provider and model, and key owner, in the provider's currency",
             cost.clone(),
         );
         let cache = Family::default();
@@ -246,6 +276,7 @@ impl Metrics {
             requests,
             request_duration,
             overhead,
+            redis_latency,
             time_to_first_byte,
             upstream_attempts,
             tokens,

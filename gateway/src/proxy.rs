@@ -327,7 +327,7 @@ async fn attempt_once(
         provider.client.as_ref(),
     ) else {
         if let Some(a) = accounting.as_mut() {
-            a.answered_by(&config.id, pricing, req.prompt_estimate);
+            a.answered_by(&config.id, model, pricing, req.prompt_estimate);
         }
         return serve_mock(
             req,
@@ -418,7 +418,7 @@ async fn attempt_once(
         _ => return whole(response, attempt_deadline, &conversion, None).await,
     }
     if let Some(a) = accounting.as_mut() {
-        a.answered_by(&config.id, pricing, req.prompt_estimate);
+        a.answered_by(&config.id, model, pricing, req.prompt_estimate);
     }
     let is_sse = response
         .headers()

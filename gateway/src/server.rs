@@ -38,13 +38,16 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         options
     });
     let redis = match &redis_options {
-        Some(options) => Some(RedisLimits::with(
-            options
-                .connect_lazy()
-                .map_err(|e| anyhow::anyhow!("--redis-url: {e}"))?,
-            settings.redis_timeout,
-            limits::redis::DEFAULT_LEASE,
-        )),
+        Some(options) => Some(
+            RedisLimits::with(
+                options
+                    .connect_lazy()
+                    .map_err(|e| anyhow::anyhow!("--redis-url: {e}"))?,
+                settings.redis_timeout,
+                limits::redis::DEFAULT_LEASE,
+            )
+            .with_metrics(metrics.redis_latency.clone()),
+        ),
         None => None,
     };
     let shared_cache = redis.clone().filter(|_| settings.cache_max_bytes > 0);

@@ -214,7 +214,7 @@ async fn concurrency_leases_cover_streams_and_are_released_when_the_client_disco
     assert!(
         metric(
             &gw.metrics().await,
-            r#"tollgate_tokens_total{route="default/chat",provider="default/up",owner="team-a",kind="output"}"#
+            r#"tollgate_tokens_total{route="default/chat",provider="default/up",model="gpt-4o",owner="team-a",kind="output"}"#
         ) >= 1.0
     );
     drop(feed);
@@ -253,14 +253,14 @@ async fn stream_usage_is_requested_for_accounting_but_only_shown_when_the_client
     assert_eq!(
         metric(
             &metrics,
-            r#"tollgate_tokens_total{route="default/chat",provider="default/up",owner="team-a",kind="input"}"#
+            r#"tollgate_tokens_total{route="default/chat",provider="default/up",model="gpt-4o",owner="team-a",kind="input"}"#
         ),
         40.0
     );
     assert_eq!(
         metric(
             &metrics,
-            r#"tollgate_tokens_total{route="default/chat",provider="default/up",owner="team-a",kind="output"}"#
+            r#"tollgate_tokens_total{route="default/chat",provider="default/up",model="gpt-4o",owner="team-a",kind="output"}"#
         ),
         2.0
     );

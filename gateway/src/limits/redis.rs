@@ -94,6 +94,7 @@ pub struct RedisLimits {
     timeout: Duration,
     lease: Duration,
     cancels: std::sync::Arc<tokio::sync::Semaphore>,
+    latency: Option<crate::metrics::RedisLatency>,
 }
 
 impl std::fmt::Debug for RedisLimits {
@@ -149,7 +150,14 @@ impl RedisLimits {
             timeout,
             lease,
             cancels: std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_PENDING_CANCELS)),
+            latency: None,
         }
+    }
+
+    /// Records every call's latency in `latency`.
+    pub fn with_metrics(mut self, latency: crate::metrics::RedisLatency) -> Self {
+        self.latency = Some(latency);
+        self
     }
 
     /// Connects (the connection reconnects on its own afterwards). Every call is
@@ -162,7 +170,7 @@ impl RedisLimits {
         let store = Self::lazy(url, timeout, lease)?;
         let mut conn = store.conn.clone();
         let _: String = store
-            .bounded(redis::cmd("PING").query_async(&mut conn))
+            .bounded("ping", redis::cmd("PING").query_async(&mut conn))
             .await?;
         Ok(store)
     }
@@ -176,9 +184,24 @@ impl RedisLimits {
     /// noticed it first.
     async fn bounded<T>(
         &self,
+        operation: &'static str,
         call: impl Future<Output = redis::RedisResult<T>>,
     ) -> Result<T, StoreError> {
-        match tokio::time::timeout(self.timeout, call).await {
+        let started = std::time::Instant::now();
+        let result = tokio::time::timeout(self.timeout, call).await;
+        if let Some(latency) = &self.latency {
+            latency
+                .get_or_create(&crate::metrics::RedisLabels {
+                    operation,
+                    result: if matches!(result, Ok(Ok(_))) {
+                        "ok"
+                    } else {
+                        "error"
+                    },
+                })
+                .observe(started.elapsed().as_secs_f64());
+        }
+        match result {
             Err(_) => Err(StoreError::Timeout(self.timeout)),
             Ok(Err(e)) if e.is_timeout() => Err(StoreError::Timeout(self.timeout)),
             Ok(Err(e)) => Err(StoreError::Redis(e)),
@@ -298,7 +321,9 @@ impl RedisLimits {
             invocation.key(k);
         }
         let mut conn = self.conn.clone();
-        let reply: Vec<redis::Value> = self.bounded(invocation.invoke_async(&mut conn)).await?;
+        let reply: Vec<redis::Value> = self
+            .bounded("admit", invocation.invoke_async(&mut conn))
+            .await?;
         if int(reply.first()) != 0 {
             return Ok(Outcome::Admitted(reply));
         }
@@ -497,7 +522,7 @@ impl RedisLimits {
             }
             async move {
                 let mut conn = self.conn.clone();
-                self.bounded(invocation.invoke_async::<i64>(&mut conn))
+                self.bounded("settle", invocation.invoke_async::<i64>(&mut conn))
                     .await
                     .map(|_| ())
             }
@@ -541,7 +566,7 @@ impl RedisLimits {
                 .ignore();
         }
         let mut conn = self.conn.clone();
-        let _: () = self.bounded(pipe.query_async(&mut conn)).await?;
+        let _: () = self.bounded("usage", pipe.query_async(&mut conn)).await?;
         Ok(())
     }
 
@@ -549,7 +574,10 @@ impl RedisLimits {
     pub async fn cache_get(&self, id: &str) -> Result<Option<(String, bytes::Bytes)>, StoreError> {
         let mut conn = self.conn.clone();
         let value: Option<Vec<u8>> = self
-            .bounded(redis::cmd("GET").arg(cache_key(id)).query_async(&mut conn))
+            .bounded(
+                "cache_get",
+                redis::cmd("GET").arg(cache_key(id)).query_async(&mut conn),
+            )
             .await?;
         Ok(value.and_then(|v| {
             // Stored as `<content type>\n<body>`.
@@ -574,6 +602,7 @@ impl RedisLimits {
         let mut conn = self.conn.clone();
         let _: () = self
             .bounded(
+                "cache_put",
                 redis::cmd("SET")
                     .arg(cache_key(id))
                     .arg(value)
@@ -595,6 +624,7 @@ impl RedisLimits {
         let (base, _) = budget_base(key_id, period, jiff::Timestamp::now());
         let value: Option<f64> = self
             .bounded(
+                "budget_read",
                 redis::cmd("GET")
                     .arg(format!("{base}:spent"))
                     .query_async(&mut conn),
