@@ -213,3 +213,77 @@ impl Metrics {
         out
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::{BTreeMap, BTreeSet};
+
+    use super::*;
+
+    /// The operator rows of docs/metrics.md: name → labels.
+    fn catalogue() -> BTreeMap<String, BTreeSet<String>> {
+        let text =
+            std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/metrics.md"))
+                .unwrap();
+        text.split("## Operator")
+            .nth(1)
+            .unwrap()
+            .lines()
+            .filter(|l| l.starts_with("| `tollgate_operator_"))
+            .map(|l| {
+                let cells: Vec<&str> = l.split('|').map(str::trim).collect();
+                let labels = cells[3]
+                    .split(',')
+                    .map(|c| c.trim().trim_matches('`').to_owned())
+                    .filter(|c| !c.is_empty())
+                    .collect();
+                (cells[1].trim_matches('`').to_owned(), labels)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn every_metric_is_in_the_catalogue_with_its_labels_and_moves() {
+        let m = Metrics::new();
+        m.reconciled(true, Duration::from_millis(20));
+        m.reconciled(false, Duration::from_millis(5));
+        m.api_write("Secret", "apply");
+        m.api_write("Secret", "apply");
+        m.change_seen();
+        m.revoked(3);
+        m.set_leader(true);
+        m.usage_read(true);
+        m.observe_compile(&CompileOutput::default(), "0123456789abcdef0123");
+        let text = m.encode();
+        let catalogue = catalogue();
+        let mut seen = BTreeSet::new();
+        for line in text
+            .lines()
+            .filter(|l| !l.starts_with('#') && !l.is_empty())
+        {
+            let series = line.rsplit_once(' ').unwrap().0;
+            let (name, labels) = series.split_once('{').unwrap_or((series, ""));
+            let family = ["_bucket", "_count", "_sum"]
+                .iter()
+                .find_map(|s| name.strip_suffix(s))
+                .filter(|f| *f == "tollgate_operator_reconcile_duration_seconds")
+                .unwrap_or(name);
+            let got: BTreeSet<String> = labels
+                .trim_end_matches('}')
+                .split(',')
+                .filter_map(|p| p.split_once('=').map(|(k, _)| k.to_owned()))
+                .filter(|k| k != "le")
+                .collect();
+            let want = catalogue
+                .get(family)
+                .unwrap_or_else(|| panic!("{family} missing from docs/metrics.md"));
+            assert_eq!(&got, want, "{line}");
+            seen.insert(family.to_owned());
+        }
+        assert_eq!(seen, catalogue.keys().cloned().collect::<BTreeSet<_>>());
+        assert_eq!(m.api_writes_total(), 2);
+        assert!(text.contains("tollgate_operator_reconciles_total{result=\"error\"} 1"));
+        assert!(text.contains("tollgate_operator_revocations_total 3"));
+        assert!(text.contains("tollgate_operator_config_info{hash=\"0123456789abcdef\"} 1"));
+    }
+}
