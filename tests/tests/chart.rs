@@ -858,3 +858,103 @@ fn the_binaries_accept_every_setting_the_chart_passes() {
         ],
     );
 }
+
+/// Metric families the catalogue (docs/metrics.md) lists.
+fn catalogued_metrics() -> BTreeSet<String> {
+    let text = std::fs::read_to_string(repo_root().join("docs/metrics.md")).unwrap();
+    text.lines()
+        .filter(|l| l.starts_with("| `tollgate_"))
+        .map(|l| l.split('`').nth(1).unwrap().to_owned())
+        .collect()
+}
+
+/// The `tollgate_*` metric families a PromQL expression uses.
+fn metrics_in(expr: &str) -> Vec<String> {
+    expr.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+        .filter(|w| w.starts_with("tollgate_"))
+        .map(|w| {
+            ["_bucket", "_count", "_sum"]
+                .iter()
+                .find_map(|s| w.strip_suffix(s))
+                .unwrap_or(w)
+                .to_owned()
+        })
+        .collect()
+}
+
+#[test]
+fn the_grafana_dashboard_is_valid_and_queries_only_catalogued_metrics() {
+    let r = good(
+        json!({"monitoring": {"grafanaDashboard": {"enabled": true, "namespace": "monitoring"}}}),
+        &[],
+    );
+    let cm = find(&r.docs, "ConfigMap", "tollgate-dashboard");
+    assert_eq!(cm["metadata"]["namespace"], "monitoring");
+    assert_eq!(cm["metadata"]["labels"]["grafana_dashboard"], "1");
+    let dashboard: Value =
+        serde_json::from_str(cm["data"]["tollgate.json"].as_str().unwrap()).expect("valid JSON");
+    assert_eq!(dashboard["uid"], "tollgate-overview");
+    let catalogue = catalogued_metrics();
+    let mut used = BTreeSet::new();
+    let mut ids = BTreeSet::new();
+    for panel in dashboard["panels"].as_array().unwrap() {
+        assert!(
+            ids.insert(panel["id"].as_i64().unwrap()),
+            "panel ids are unique"
+        );
+        for target in panel["targets"].as_array().into_iter().flatten() {
+            let expr = target["expr"].as_str().unwrap();
+            let metrics = metrics_in(expr);
+            assert!(!metrics.is_empty(), "{expr}");
+            for m in metrics {
+                assert!(
+                    catalogue.contains(&m),
+                    "panel {:?} queries {m}, which is not in docs/metrics.md",
+                    panel["title"]
+                );
+                used.insert(m);
+            }
+        }
+    }
+    // The areas the dashboard promises.
+    for needed in [
+        "tollgate_requests_total",
+        "tollgate_request_duration_seconds",
+        "tollgate_request_overhead_seconds",
+        "tollgate_tokens_total",
+        "tollgate_cost_total",
+        "tollgate_limit_rejections_total",
+        "tollgate_cache_lookups_total",
+        "tollgate_upstream_attempts_total",
+        "tollgate_redis_up",
+    ] {
+        assert!(used.contains(needed), "the dashboard shows {needed}");
+    }
+    // Off by default.
+    assert!(
+        !kinds(&good(json!({}), &[]).docs)
+            .iter()
+            .any(|k| k == "ConfigMap/tollgate-dashboard")
+    );
+    // The alerts use catalogued metrics too.
+    let r = good(
+        json!({"monitoring": {"prometheusRule": {"enabled": true}}}),
+        &MONITORING,
+    );
+    let rule = r
+        .docs
+        .iter()
+        .find(|d| d["kind"] == "PrometheusRule")
+        .unwrap();
+    for group in rule["spec"]["groups"].as_array().unwrap() {
+        for alert in group["rules"].as_array().unwrap() {
+            for m in metrics_in(alert["expr"].as_str().unwrap()) {
+                assert!(
+                    catalogue.contains(&m),
+                    "{}: {m} not in docs/metrics.md",
+                    alert["alert"]
+                );
+            }
+        }
+    }
+}
