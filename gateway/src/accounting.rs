@@ -65,6 +65,8 @@ pub struct Accounting {
     /// Usage estimated from what was relayed, for answers cut before their usage arrived.
     estimated: Usage,
     settled: bool,
+    /// Span that receives the usage and cost (the request's, or the stream's).
+    span: tracing::Span,
 }
 
 impl Accounting {
@@ -91,6 +93,7 @@ impl Accounting {
             reported: None,
             estimated: Usage::default(),
             settled: false,
+            span: tracing::Span::current(),
         }
     }
 
@@ -107,6 +110,12 @@ impl Accounting {
         self.model = model.to_owned();
         self.pricing = pricing;
         self.estimated.prompt = prompt_estimate;
+    }
+
+    /// Records usage and cost on `span` when settled (a stream's span outlives the
+    /// request's).
+    pub fn trace_into(&mut self, span: tracing::Span) {
+        self.span = span;
     }
 
     /// Records usage reported by the answer.
@@ -136,6 +145,12 @@ impl Accounting {
             limits.settle(reservation, usage.prompt + usage.completion, cost);
         }
         if let Some(provider) = &self.provider {
+            use crate::telemetry::attr;
+            self.span.record(attr::RESPONSE_MODEL, self.model.as_str());
+            self.span.record(attr::INPUT_TOKENS, usage.prompt as i64);
+            self.span
+                .record(attr::OUTPUT_TOKENS, usage.completion as i64);
+            self.span.record("tollgate.cost", cost);
             self.store
                 .record_usage(&self.key_id, usage.prompt, usage.completion, cost);
             let labels = |kind: &'static str| TokenLabels {

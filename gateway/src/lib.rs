@@ -21,5 +21,6 @@ pub mod server;
 pub mod settings;
 pub mod snapshot;
 pub mod sse;
+pub mod telemetry;
 pub mod translate;
 pub mod upstream;

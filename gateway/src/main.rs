@@ -4,12 +4,15 @@
 use std::{io::IsTerminal, process::ExitCode};
 
 use clap::Parser;
-use tollgate_gateway::settings::{LogFormat, Settings};
-use tracing_subscriber::EnvFilter;
+use opentelemetry_sdk::trace::SdkTracerProvider;
+use tollgate_gateway::{
+    settings::{LogFormat, Settings},
+    telemetry,
+};
+use tracing_subscriber::{EnvFilter, Layer, layer::SubscriberExt, util::SubscriberInitExt};
 
 fn main() -> ExitCode {
     let settings = Settings::parse();
-    init_logging(settings.log_format);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -20,33 +23,53 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(tollgate_gateway::server::run(settings)) {
+    // The trace exporter binds to the runtime.
+    let tracing_provider = {
+        let _guard = runtime.enter();
+        match telemetry::provider("tollgate-gateway") {
+            Ok(p) => p,
+            Err(e) => {
+                eprintln!("tollgate-gateway: {e:#}");
+                return ExitCode::FAILURE;
+            }
+        }
+    };
+    init_logging(settings.log_format, tracing_provider.as_ref());
+    if tracing_provider.is_some() {
+        tracing::info!("exporting traces over OTLP");
+    }
+    let code = match runtime.block_on(tollgate_gateway::server::run(settings)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{e:#}");
             ExitCode::FAILURE
         }
+    };
+    if let Some(provider) = tracing_provider {
+        runtime.block_on(telemetry::shutdown(provider));
     }
+    code
 }
 
-fn init_logging(format: LogFormat) {
+fn init_logging(format: LogFormat, tracing_provider: Option<&SdkTracerProvider>) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let json = match format {
         LogFormat::Json => true,
         LogFormat::Text => false,
         LogFormat::Auto => !std::io::stderr().is_terminal(),
     };
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    let fmt = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal());
-    if json {
-        builder
-            .json()
+    let fmt = if json {
+        fmt.json()
             .flatten_event(true)
             .with_current_span(false)
-            .init();
+            .with_filter(filter)
+            .boxed()
     } else {
-        builder.init();
-    }
+        fmt.with_filter(filter).boxed()
+    };
+    let otel = tracing_provider.map(|p| telemetry::layer(p, "tollgate_gateway"));
+    tracing_subscriber::registry().with(fmt).with(otel).init();
 }

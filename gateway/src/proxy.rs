@@ -21,6 +21,7 @@ use tollgate_api::{
     config::{CompiledMock, CompiledRoute},
     v1alpha1::RetryOn,
 };
+use tracing::Instrument;
 
 use crate::{
     accounting::{Accounting, Usage},
@@ -64,6 +65,8 @@ pub struct Forward<'a> {
     pub prompt_estimate: u64,
     /// Where time spent on upstreams is added up.
     pub timing: &'a Timing,
+    /// The caller's trace context, propagated upstream.
+    pub trace: &'a opentelemetry::Context,
 }
 
 /// Time a request spent waiting on upstreams (attempts, including failed ones, and the
@@ -253,7 +256,33 @@ pub async fn forward(
             .attempts
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let attempt_started = Instant::now();
-        let outcome = attempt_once(&req, provider, model, deadline, &mut accounting).await;
+        // One client span per attempt (GenAI conventions), with why it is a retry.
+        let span = tracing::info_span!(
+            "upstream",
+            otel.name = %format!("{} {model}", req.operation.genai_operation()),
+            otel.kind = "client",
+            otel.status_code = tracing::field::Empty,
+            { crate::telemetry::attr::OPERATION_NAME } = req.operation.genai_operation(),
+            { crate::telemetry::attr::PROVIDER_NAME } = provider.config.provider_type.genai_name(),
+            { crate::telemetry::attr::REQUEST_MODEL } = model,
+            "tollgate.provider" = %target.provider,
+            "tollgate.attempt" = attempts as i64 + 1,
+            "tollgate.retry_reason" = last.as_ref().map(|(f, _)| f.outcome()),
+            "http.response.status_code" = tracing::field::Empty,
+            "error.type" = tracing::field::Empty,
+        );
+        let outcome = attempt_once(&req, provider, model, deadline, &mut accounting)
+            .instrument(span.clone())
+            .await;
+        match &outcome {
+            Ok(r) => {
+                span.record("http.response.status_code", i64::from(r.status().as_u16()));
+            }
+            Err(failure) => {
+                span.record("error.type", failure.outcome());
+                span.record("otel.status_code", "error");
+            }
+        }
         req.timing.wait(attempt_started.elapsed());
         let failure = match outcome {
             Ok(mut response) => {
@@ -374,7 +403,8 @@ async fn attempt_once(
         })?,
     };
     let url = upstream::endpoint(config, req.operation, upstream_model);
-    let headers = upstream::headers(config, provider.credential.as_deref(), &req.request_id);
+    let mut headers = upstream::headers(config, provider.credential.as_deref(), &req.request_id);
+    crate::telemetry::inject(&tracing::Span::current(), req.trace, &mut headers);
 
     let mut per_try = Duration::from_millis(config.request_timeout_ms);
     if let Some(ms) = req.route.per_try_timeout_ms {
@@ -427,9 +457,22 @@ async fn attempt_once(
         .is_some_and(|v| v.starts_with("text/event-stream"));
     // Some servers answer a stream request with a whole JSON body: relay it as such.
     if req.head.stream && is_sse {
+        // The stream outlives this attempt: its own span carries usage and ends with it.
+        let span = tracing::info_span!(
+            "stream",
+            { crate::telemetry::attr::RESPONSE_MODEL } = tracing::field::Empty,
+            { crate::telemetry::attr::INPUT_TOKENS } = tracing::field::Empty,
+            { crate::telemetry::attr::OUTPUT_TOKENS } = tracing::field::Empty,
+            "tollgate.cost" = tracing::field::Empty,
+        );
+        let mut accounting = accounting.take();
+        if let Some(a) = accounting.as_mut() {
+            a.trace_into(span.clone());
+        }
         let guards = StreamGuards {
+            span,
             permit,
-            accounting: accounting.take(),
+            accounting,
             first_byte: Some(FirstByte {
                 metrics: req.metrics.clone(),
                 route: req.route.id.clone(),

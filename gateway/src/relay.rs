@@ -189,6 +189,8 @@ pub struct StreamGuards {
     pub accounting: Option<Accounting>,
     /// Time-to-first-byte timer.
     pub first_byte: Option<FirstByte>,
+    /// The stream's span, ended when the stream is.
+    pub span: tracing::Span,
 }
 
 /// Relays an upstream SSE stream. Dropping the response (client gone) drops the upstream
@@ -429,6 +431,7 @@ mod tests {
             permit: None,
             accounting: None,
             first_byte: None,
+            span: tracing::Span::none(),
         }
     }
 

@@ -52,6 +52,15 @@ impl Operation {
     }
 
     /// The name in logs.
+    /// `gen_ai.operation.name`.
+    pub fn genai_operation(self) -> &'static str {
+        match self {
+            Self::ChatCompletions | Self::Messages => "chat",
+            Self::Completions => "text_completion",
+            Self::Embeddings => "embeddings",
+        }
+    }
+
     pub fn label_str(self) -> &'static str {
         match self {
             Self::ChatCompletions => "chat_completions",

@@ -127,6 +127,16 @@ pub enum ProviderType {
 }
 
 impl ProviderType {
+    /// The OpenTelemetry GenAI `gen_ai.provider.name` of this kind of upstream.
+    pub fn genai_name(self) -> &'static str {
+        match self {
+            Self::Openai | Self::OpenaiCompatible => "openai",
+            Self::Anthropic => "anthropic",
+            Self::AzureOpenAi => "azure.ai.openai",
+            Self::Mock => "tollgate.mock",
+        }
+    }
+
     /// The name used in manifests.
     pub fn as_str(self) -> &'static str {
         match self {

@@ -15,8 +15,11 @@ use crate::{
     metrics::{RequestLabels, RouteLabels},
     proxy::{AnsweredBy, Forward, Timing, forward},
     request::{estimate_prompt_tokens, parse_head},
+    telemetry::{self, attr},
     upstream::Operation,
 };
+use tracing::Instrument;
+use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 pub async fn chat_completions(state: State<Arc<AppState>>, request: Request) -> Response {
     handle(
@@ -72,15 +75,45 @@ pub(super) async fn handle(
     let request_id = request_id(request.headers());
     let mut seen = Seen::default();
     let timing = Timing::default();
+    // One server span per request, continuing the caller's trace (W3C traceparent).
+    let incoming = telemetry::extract(request.headers());
+    let span = tracing::info_span!(
+        "request",
+        otel.name = %format!("POST {}", request.uri().path()),
+        otel.kind = "server",
+        otel.status_code = tracing::field::Empty,
+        "http.request.method" = "POST",
+        "url.path" = request.uri().path(),
+        "http.response.status_code" = tracing::field::Empty,
+        { attr::OPERATION_NAME } = operation.genai_operation(),
+        { attr::REQUEST_MODEL } = tracing::field::Empty,
+        { attr::RESPONSE_MODEL } = tracing::field::Empty,
+        { attr::INPUT_TOKENS } = tracing::field::Empty,
+        { attr::OUTPUT_TOKENS } = tracing::field::Empty,
+        "tollgate.request_id" = %request_id,
+        "tollgate.key_id" = tracing::field::Empty,
+        "tollgate.owner" = tracing::field::Empty,
+        "tollgate.route" = tracing::field::Empty,
+        "tollgate.provider" = tracing::field::Empty,
+        "tollgate.cache" = tracing::field::Empty,
+        "tollgate.cost" = tracing::field::Empty,
+        "tollgate.overhead_ms" = tracing::field::Empty,
+    );
+    // Before the span starts (entering starts it); fails harmlessly when not exporting.
+    let _ = span.set_parent(incoming.clone());
     let result = serve(
         &state,
         request,
         operation,
-        started,
-        &request_id,
+        Context {
+            started,
+            request_id: &request_id,
+            timing: &timing,
+            trace: &incoming,
+        },
         &mut seen,
-        &timing,
     )
+    .instrument(span.clone())
     .await;
     let mut response = result.unwrap_or_else(render);
     let status = response.status();
@@ -100,6 +133,28 @@ pub(super) async fn handle(
         .get(caching::CACHE_HEADER)
         .and_then(|v| v.to_str().ok())
         .map(str::to_owned);
+    span.record("http.response.status_code", i64::from(status.as_u16()));
+    if status.is_server_error() {
+        span.record("otel.status_code", "error");
+    }
+    span.record("tollgate.overhead_ms", overhead_ms);
+    if let Some(c) = &cache {
+        span.record("tollgate.cache", c.as_str());
+    }
+    if let Some(p) = &provider {
+        span.record("tollgate.provider", p.as_str());
+    }
+    for (field, value) in [
+        ("tollgate.key_id", &seen.key_id),
+        ("tollgate.owner", &seen.owner),
+        ("tollgate.route", &seen.route),
+        (attr::REQUEST_MODEL, &seen.model),
+    ] {
+        if let Some(v) = value {
+            span.record(field, v.as_str());
+        }
+    }
+    let trace_id = telemetry::trace_id(&span, &incoming);
     let metrics = &state.metrics;
     metrics
         .requests
@@ -129,6 +184,7 @@ pub(super) async fn handle(
         owner = seen.owner,
         cache,
         attempts = timing.attempts(),
+        trace_id,
         latency_ms = elapsed.as_secs_f64() * 1000.0,
         overhead_ms,
         "request"
@@ -136,15 +192,28 @@ pub(super) async fn handle(
     response
 }
 
+/// What `serve` needs besides the request: when it started, its id, where upstream time
+/// is added up, and the caller's trace context.
+struct Context<'a> {
+    started: Instant,
+    request_id: &'a str,
+    timing: &'a Timing,
+    trace: &'a opentelemetry::Context,
+}
+
 async fn serve(
     state: &AppState,
     request: Request,
     operation: Operation,
-    started: Instant,
-    request_id: &str,
+    cx: Context<'_>,
     seen: &mut Seen,
-    timing: &Timing,
 ) -> Result<Response, ApiError> {
+    let Context {
+        started,
+        request_id,
+        timing,
+        trace,
+    } = cx;
     let snapshot = state.snapshot()?;
     let (parts, body) = request.into_parts();
     let key = authenticate(&parts.headers, &snapshot, &state.revocations)?;
@@ -174,10 +243,14 @@ async fn serve(
         prompt_estimate,
         request_id,
     )
+    .instrument(tracing::info_span!("admission"))
     .await?;
     let (accounting, quota) = (Some(admitted.accounting), admitted.quota);
     let cache = caching::plan(state, route, &key, operation, &parts.headers, &body);
-    if let Some(mut hit) = caching::lookup(state, route, &cache).await {
+    let lookup = caching::lookup(state, route, &cache)
+        .instrument(tracing::info_span!("cache lookup"))
+        .await;
+    if let Some(mut hit) = lookup {
         // Nothing is generated: the accounting refunds the reservation when dropped.
         drop(accounting);
         if let Some(quota) = quota {
@@ -198,6 +271,7 @@ async fn serve(
             started,
             prompt_estimate,
             timing,
+            trace,
         },
         accounting,
     )
