@@ -245,7 +245,10 @@ async fn serve(
     )
     .instrument(tracing::info_span!("admission"))
     .await?;
-    let (accounting, quota) = (Some(admitted.accounting), admitted.quota);
+    let (mut accounting, quota) = (admitted.accounting, admitted.quota);
+    // Usage and cost go on the request's span (a stream's moves them to its own).
+    accounting.trace_into(tracing::Span::current());
+    let accounting = Some(accounting);
     let cache = caching::plan(state, route, &key, operation, &parts.headers, &body);
     let lookup = caching::lookup(state, route, &cache)
         .instrument(tracing::info_span!("cache lookup"))

@@ -31,8 +31,14 @@ impl Gateway {
     /// Starts the gateway with `args` (plus a loopback listener on port 0 and JSON logs)
     /// and waits until it listens.
     pub fn start(args: &[&str]) -> Self {
+        Self::start_with_env(args, &[])
+    }
+
+    /// Like [`Gateway::start`], with extra environment variables.
+    pub fn start_with_env(args: &[&str], env: &[(&str, &str)]) -> Self {
         let mut child = Command::new(env!("CARGO_BIN_EXE_tollgate-gateway"))
             .args(args)
+            .envs(env.iter().copied())
             .args([
                 "--listen",
                 "127.0.0.1:0",
@@ -175,6 +181,7 @@ where
     }
     false
 }
+pub mod otlp;
 pub mod redis;
 pub mod upstream;
 
