@@ -817,7 +817,7 @@ fn runs_with_chart_env(
 #[test]
 fn the_binaries_accept_every_setting_the_chart_passes() {
     let r = good(
-        json!({"gateway": {"corsOrigins": ["https://app.example.com"]}, "redis": {"mode": "external", "failureMode": "failClosed", "external": {"url": "redis://127.0.0.1:1/0", "cluster": false}}}),
+        json!({"gateway": {"corsOrigins": ["https://app.example.com"], "tracing": {"endpoint": "http://127.0.0.1:1", "protocol": "grpc", "samplerRatio": 0.5}}, "redis": {"mode": "external", "failureMode": "failClosed", "external": {"url": "redis://127.0.0.1:1/0", "cluster": false}}}),
         &[],
     );
     let config = tempfile::tempdir().unwrap();
