@@ -19,4 +19,6 @@ pub mod parts;
 #[cfg(feature = "redis")]
 pub mod redis_conn;
 pub mod revocation;
+#[cfg(feature = "telemetry")]
+pub mod telemetry;
 pub mod usage;

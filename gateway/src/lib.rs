@@ -21,6 +21,6 @@ pub mod server;
 pub mod settings;
 pub mod snapshot;
 pub mod sse;
-pub mod telemetry;
+pub use tollgate_api::telemetry;
 pub mod translate;
 pub mod upstream;

@@ -494,12 +494,18 @@ async fn every_answer_reports_the_gateways_own_overhead_and_logs_it() {
     assert_eq!(body["type"], "error", "Anthropic's shape: {body}");
 
     // The access line: one JSON object per request with the figures.
+    let line = common::eventually_value(
+        || async {
+            gw.logs()
+                .lines()
+                .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+                .find(|v| v["message"] == "request" && v["status"] == 200)
+        },
+        Option::is_some,
+    )
+    .await
+    .expect("an access line");
     let logs = gw.logs();
-    let line: Value = logs
-        .lines()
-        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-        .find(|v| v["message"] == "request" && v["status"] == 200)
-        .expect("an access line");
     for field in [
         "request_id",
         "key_id",

@@ -231,13 +231,18 @@ async fn requests_export_span_trees_with_genai_attributes_and_propagate_trace_co
 
     // Without a traceparent the gateway starts a trace; the access line names it.
     assert_eq!(chat(&gw, json!({"temperature": 0.9}), None).await, 200);
-    let logs = gw.logs();
-    let line: Value = logs
-        .lines()
-        .rev()
-        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-        .find(|v| v["message"] == "request")
-        .unwrap();
+    let line = common::eventually_value(
+        || async {
+            gw.logs()
+                .lines()
+                .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+                .filter(|v| v["message"] == "request")
+                .nth(4)
+        },
+        Option::is_some,
+    )
+    .await
+    .expect("the fifth access line");
     let trace_id = line["trace_id"].as_str().unwrap();
     assert_eq!(trace_id.len(), 32);
     assert!(
@@ -270,11 +275,17 @@ async fn without_an_endpoint_nothing_is_exported_but_the_callers_trace_still_rea
         .to_owned();
     assert_eq!(sent, traceparent, "passed through unchanged");
     assert!(!gw.logs().contains("exporting traces"));
-    let line: Value = gw
-        .logs()
-        .lines()
-        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-        .find(|v| v["message"] == "request")
-        .unwrap();
+    // The log is read from the process asynchronously: wait for the line.
+    let line = common::eventually_value(
+        || async {
+            gw.logs()
+                .lines()
+                .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+                .find(|v| v["message"] == "request")
+        },
+        Option::is_some,
+    )
+    .await
+    .expect("an access line");
     assert_eq!(line["trace_id"], CLIENT_TRACE);
 }

@@ -45,6 +45,7 @@ use tollgate_api::{
     redis_conn::SharedConn,
     v1alpha1::{ApiKey, Provider, RoutePolicy},
 };
+use tracing::Instrument;
 
 use crate::{
     desired::{self, DesiredObject, LiveObjects, MANAGED_BY, MANAGED_BY_VALUE, Naming, PART_LABEL},
@@ -1011,7 +1012,41 @@ pub async fn run_loop(
         }
         let snapshot = Snapshot::read(&watches).await;
         let timer = std::time::Instant::now();
-        match reconciler.reconcile(snapshot).await {
+        let span = tracing::info_span!(
+            "reconcile",
+            otel.status_code = tracing::field::Empty,
+            "tollgate.providers" = snapshot.providers.len() as i64,
+            "tollgate.route_policies" = snapshot.routes.len() as i64,
+            "tollgate.api_keys" = snapshot.keys.len() as i64,
+            "tollgate.config_hash" = tracing::field::Empty,
+            "tollgate.config_writes" = tracing::field::Empty,
+            "tollgate.status_writes" = tracing::field::Empty,
+            "tollgate.key_writes" = tracing::field::Empty,
+            "tollgate.revoked" = tracing::field::Empty,
+            "error.type" = tracing::field::Empty,
+        );
+        let outcome = reconciler
+            .reconcile(snapshot)
+            .instrument(span.clone())
+            .await;
+        match &outcome {
+            Ok(r) => {
+                span.record(
+                    "tollgate.config_hash",
+                    &r.config_hash[..r.config_hash.len().min(16)],
+                );
+                span.record("tollgate.config_writes", r.config_writes as i64);
+                span.record("tollgate.status_writes", r.status_writes as i64);
+                span.record("tollgate.key_writes", r.key_writes as i64);
+                span.record("tollgate.revoked", r.revoked as i64);
+            }
+            Err(e) => {
+                span.record("otel.status_code", "error");
+                span.record("error.type", e.to_string());
+            }
+        }
+        drop(span);
+        match outcome {
             Ok(report) => {
                 failures = 0;
                 reconciler.metrics.reconciled(true, timer.elapsed());

@@ -58,21 +58,32 @@ enum Command {
 }
 
 fn run(settings: RunSettings) -> anyhow::Result<ExitCode> {
-    init_logging(settings.log_format);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
-    match runtime.block_on(tollgate_operator::run::run(settings)) {
-        Ok(()) => Ok(ExitCode::SUCCESS),
+    // Reconciles are traced over OTLP when OTEL_EXPORTER_OTLP_ENDPOINT is set.
+    let provider = {
+        let _guard = runtime.enter();
+        tollgate_api::telemetry::provider("tollgate-operator")?
+    };
+    init_logging(settings.log_format, provider.as_ref());
+    let code = match runtime.block_on(tollgate_operator::run::run(settings)) {
+        Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{e:#}");
-            Ok(ExitCode::FAILURE)
+            ExitCode::FAILURE
         }
+    };
+    if let Some(provider) = provider {
+        runtime.block_on(tollgate_api::telemetry::shutdown(provider));
     }
+    Ok(code)
 }
 
-fn init_logging(format: LogFormat) {
+fn init_logging(format: LogFormat, provider: Option<&opentelemetry_sdk::trace::SdkTracerProvider>) {
     use std::io::IsTerminal;
+
+    use tracing_subscriber::{Layer, layer::SubscriberExt, util::SubscriberInitExt};
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let json = match format {
@@ -80,19 +91,20 @@ fn init_logging(format: LogFormat) {
         LogFormat::Text => false,
         LogFormat::Auto => !std::io::stderr().is_terminal(),
     };
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    let fmt = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal());
-    if json {
-        builder
-            .json()
+    let fmt = if json {
+        fmt.json()
             .flatten_event(true)
             .with_current_span(false)
-            .init();
+            .with_filter(filter)
+            .boxed()
     } else {
-        builder.init();
-    }
+        fmt.with_filter(filter).boxed()
+    };
+    let otel = provider.map(|p| tollgate_api::telemetry::layer(p, "tollgate_operator"));
+    tracing_subscriber::registry().with(fmt).with(otel).init();
 }
 
 fn main() -> ExitCode {

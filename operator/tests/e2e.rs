@@ -6,6 +6,7 @@
 //! workspace first; otherwise this test builds it).
 
 use std::{
+    collections::BTreeMap,
     io::{BufRead, BufReader},
     path::PathBuf,
     process::{Child, Command, Stdio},
@@ -285,6 +286,10 @@ async fn operator_to_files_to_gateway_with_leader_election_and_failover() {
                 e.get("v1", "configmaps", "tollgate", "tollgate-gateway-config")
                     .is_some()
                     && ready(e, "apikeys", "local-dev").is_some_and(|c| c["status"] == "True")
+                    // Statuses are written concurrently: wait for all of them.
+                    && [("providers", "mock"), ("providers", "openai"), ("routepolicies", "demo")]
+                        .iter()
+                        .all(|(plural, name)| ready(e, plural, name).is_some())
             })
             .await,
         "the operator writes the configuration and statuses:\n{}\n{}",
@@ -711,4 +716,119 @@ async fn with_redis_the_operator_revokes_keys_reports_usage_and_propagation() {
         started.elapsed()
     );
     assert!(took < Duration::from_secs(2), "{took:?}");
+}
+
+/// A minimal OTLP/HTTP receiver: span names and attributes (as text) of every export.
+async fn otlp_receiver() -> (
+    String,
+    Arc<Mutex<Vec<(String, BTreeMap<String, String>, BTreeMap<String, String>)>>>,
+) {
+    use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
+    use prost::Message;
+    type Spans = Arc<Mutex<Vec<(String, BTreeMap<String, String>, BTreeMap<String, String>)>>>;
+    let spans: Spans = Arc::new(Mutex::new(Vec::new()));
+    let sink = spans.clone();
+    let text =
+        |kvs: &[opentelemetry_proto::tonic::common::v1::KeyValue]| -> BTreeMap<String, String> {
+            kvs.iter()
+                .map(|kv| {
+                    let v = kv
+                        .value
+                        .as_ref()
+                        .and_then(|v| v.value.as_ref())
+                        .map(|v| format!("{v:?}"))
+                        .unwrap_or_default();
+                    (kv.key.clone(), v)
+                })
+                .collect()
+        };
+    let app = axum::Router::new().route(
+        "/v1/traces",
+        axum::routing::post(move |body: axum::body::Bytes| {
+            let sink = sink.clone();
+            async move {
+                let request = ExportTraceServiceRequest::decode(body).expect("OTLP protobuf");
+                let mut out = sink.lock().unwrap();
+                for rs in request.resource_spans {
+                    let resource = rs.resource.map(|r| text(&r.attributes)).unwrap_or_default();
+                    for ss in rs.scope_spans {
+                        for s in ss.spans {
+                            out.push((s.name.clone(), text(&s.attributes), resource.clone()));
+                        }
+                    }
+                }
+                ""
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    (url, spans)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reconciles_are_traced_over_otlp() {
+    let (endpoint, spans) = otlp_receiver().await;
+    let emulator = Emulator::start();
+    emulator
+        .apply_yaml("apiVersion: v1\nkind: Namespace\nmetadata: {name: tollgate}\n")
+        .unwrap();
+    emulator.apply_yaml(&examples()).unwrap();
+    let url = emulator.url();
+    let op = Proc::spawn(
+        operator_binary(),
+        &[
+            "run",
+            "--kube-url",
+            &url,
+            "--namespaces",
+            "default",
+            "--gateway-namespace",
+            "tollgate",
+            "--admin-listen",
+            "127.0.0.1:0",
+            "--leader-election",
+            "false",
+            "--debounce",
+            "50ms",
+            "--log-format",
+            "json",
+        ],
+        &[
+            ("POD_NAMESPACE", "tollgate"),
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", &endpoint),
+            ("OTEL_BSP_SCHEDULE_DELAY", "50"),
+        ],
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let found = loop {
+        let got = spans.lock().unwrap().clone();
+        if let Some(s) = got.iter().find(|(name, attrs, _)| {
+            name == "reconcile"
+                && attrs
+                    .get("tollgate.config_writes")
+                    .is_some_and(|v| v != "IntValue(0)")
+        }) {
+            break Some(s.clone());
+        }
+        if Instant::now() > deadline {
+            break None;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let (_, attrs, resource) = found.unwrap_or_else(|| {
+        panic!(
+            "a reconcile span: {:?}\n{}",
+            spans.lock().unwrap(),
+            op.logs()
+        )
+    });
+    assert_eq!(
+        resource["service.name"],
+        "StringValue(\"tollgate-operator\")"
+    );
+    assert_eq!(attrs["tollgate.api_keys"], "IntValue(3)");
+    assert!(attrs["tollgate.config_hash"].starts_with("StringValue("));
+    assert!(attrs["tollgate.key_writes"] != "IntValue(0)", "{attrs:?}");
 }
