@@ -135,6 +135,15 @@ fn gateway_binary() -> PathBuf {
 }
 
 fn operator(emulator: &Emulator, identity: &str, extra: &[&str]) -> Proc {
+    operator_with_env(emulator, identity, extra, &[])
+}
+
+fn operator_with_env(
+    emulator: &Emulator,
+    identity: &str,
+    extra: &[&str],
+    env: &[(&str, &str)],
+) -> Proc {
     let url = emulator.url();
     let mut args = vec![
         "run",
@@ -156,7 +165,9 @@ fn operator(emulator: &Emulator, identity: &str, extra: &[&str]) -> Proc {
         "json",
     ];
     args.extend_from_slice(extra);
-    let p = Proc::spawn(operator_binary(), &args, &[("POD_NAMESPACE", "tollgate")]);
+    let mut env = env.to_vec();
+    env.push(("POD_NAMESPACE", "tollgate"));
+    let p = Proc::spawn(operator_binary(), &args, &env);
     p.addr("admin listening");
     p
 }
@@ -775,28 +786,11 @@ async fn reconciles_are_traced_over_otlp() {
         .apply_yaml("apiVersion: v1\nkind: Namespace\nmetadata: {name: tollgate}\n")
         .unwrap();
     emulator.apply_yaml(&examples()).unwrap();
-    let url = emulator.url();
-    let op = Proc::spawn(
-        operator_binary(),
+    let op = operator_with_env(
+        &emulator,
+        "op-traced",
+        &["--leader-election", "false"],
         &[
-            "run",
-            "--kube-url",
-            &url,
-            "--namespaces",
-            "default",
-            "--gateway-namespace",
-            "tollgate",
-            "--admin-listen",
-            "127.0.0.1:0",
-            "--leader-election",
-            "false",
-            "--debounce",
-            "50ms",
-            "--log-format",
-            "json",
-        ],
-        &[
-            ("POD_NAMESPACE", "tollgate"),
             ("OTEL_EXPORTER_OTLP_ENDPOINT", &endpoint),
             ("OTEL_BSP_SCHEDULE_DELAY", "50"),
         ],
