@@ -289,3 +289,40 @@ async fn without_an_endpoint_nothing_is_exported_but_the_callers_trace_still_rea
     .expect("an access line");
     assert_eq!(line["trace_id"], CLIENT_TRACE);
 }
+
+#[tokio::test]
+async fn traces_export_over_grpc_too() {
+    let receiver = Receiver::start_grpc().await;
+    let upstream = Upstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    config(dir.path(), &upstream);
+    let endpoint = receiver.endpoint();
+    let gw = Gateway::start_with_env(
+        &["--resources", dir.path().to_str().unwrap()],
+        &[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", &endpoint),
+            ("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc"),
+            ("OTEL_BSP_SCHEDULE_DELAY", "50"),
+        ],
+    );
+    let trace = "44444444444444444444444444444444";
+    assert_eq!(
+        chat(
+            &gw,
+            json!({}),
+            Some(&format!("00-{trace}-{CLIENT_SPAN}-01"))
+        )
+        .await,
+        200
+    );
+    let spans = receiver.wait_for(|s| in_trace(s, trace).len() >= 4).await;
+    let in_it = in_trace(&spans, trace);
+    let request = named(&in_it, "POST");
+    assert_eq!(request.len(), 1, "{spans:#?}");
+    assert_eq!(request[0].str("gen_ai.request.model"), Some("gpt-4o"));
+    assert_eq!(named(&in_it, "chat").len(), 1);
+    assert_eq!(
+        request[0].resource.get("service.name"),
+        Some(&common::otlp::Attr::Str("tollgate-gateway".into()))
+    );
+}

@@ -93,37 +93,72 @@ async fn traces(
         headers.get("content-type").and_then(|v| v.to_str().ok()),
         Some("application/x-protobuf")
     );
-    let request = ExportTraceServiceRequest::decode(body).expect("valid OTLP protobuf");
-    let mut out = r.spans.lock().unwrap();
-    for rs in request.resource_spans {
-        let resource = rs
-            .resource
-            .map(|r| attrs(&r.attributes))
-            .unwrap_or_default();
-        for ss in rs.scope_spans {
-            for s in ss.spans {
-                out.push(Span {
-                    name: s.name,
-                    trace_id: hex(&s.trace_id),
-                    span_id: hex(&s.span_id),
-                    parent_span_id: hex(&s.parent_span_id),
-                    kind: SpanKind::try_from(s.kind)
-                        .map(|k| k.as_str_name())
-                        .unwrap_or("?"),
-                    attributes: attrs(&s.attributes),
-                    status_code: s.status.as_ref().map_or(0, |st| st.code),
-                    resource: resource.clone(),
-                });
-            }
-        }
-    }
+    r.collect(ExportTraceServiceRequest::decode(body).expect("valid OTLP protobuf"));
     (
         [("content-type", "application/x-protobuf")],
         ExportTraceServiceResponse::default().encode_to_vec(),
     )
 }
 
+/// The gRPC flavour (`opentelemetry.proto.collector.trace.v1.TraceService/Export`).
+struct Grpc(Receiver);
+
+#[async_trait::async_trait]
+impl opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::TraceService for Grpc {
+    async fn export(
+        &self,
+        request: tonic::Request<ExportTraceServiceRequest>,
+    ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
+        self.0.collect(request.into_inner());
+        Ok(tonic::Response::new(ExportTraceServiceResponse::default()))
+    }
+}
+
 impl Receiver {
+    fn collect(&self, request: ExportTraceServiceRequest) {
+        let mut out = self.spans.lock().unwrap();
+        for rs in request.resource_spans {
+            let resource = rs
+                .resource
+                .map(|r| attrs(&r.attributes))
+                .unwrap_or_default();
+            for ss in rs.scope_spans {
+                for s in ss.spans {
+                    out.push(Span {
+                        name: s.name,
+                        trace_id: hex(&s.trace_id),
+                        span_id: hex(&s.span_id),
+                        parent_span_id: hex(&s.parent_span_id),
+                        kind: SpanKind::try_from(s.kind)
+                            .map(|k| k.as_str_name())
+                            .unwrap_or("?"),
+                        attributes: attrs(&s.attributes),
+                        status_code: s.status.as_ref().map_or(0, |st| st.code),
+                        resource: resource.clone(),
+                    });
+                }
+            }
+        }
+    }
+
+    /// Listens for OTLP over gRPC on a free loopback port.
+    pub async fn start_grpc() -> Self {
+        use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::TraceServiceServer;
+        let mut receiver = Self::default();
+        let incoming =
+            tonic::transport::server::TcpIncoming::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        receiver.addr = Some(incoming.local_addr().unwrap());
+        let service = TraceServiceServer::new(Grpc(receiver.clone()));
+        tokio::spawn(async move {
+            tonic::transport::Server::builder()
+                .add_service(service)
+                .serve_with_incoming(incoming)
+                .await
+                .unwrap()
+        });
+        receiver
+    }
+
     /// Listens on a free loopback port (`POST /v1/traces`).
     pub async fn start() -> Self {
         let mut receiver = Self::default();
