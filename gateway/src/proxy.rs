@@ -267,6 +267,12 @@ pub async fn forward(
             { crate::telemetry::attr::REQUEST_MODEL } = model,
             "tollgate.provider" = %target.provider,
             "tollgate.attempt" = attempts as i64 + 1,
+            // Priority tier of the target: above 0 is a fallback.
+            "tollgate.tier" = route
+                .tiers
+                .iter()
+                .position(|t| t.iter().any(|x| std::ptr::eq(x, *target)))
+                .unwrap_or(0) as i64,
             "tollgate.retry_reason" = last.as_ref().map(|(f, _)| f.outcome()),
             "http.response.status_code" = tracing::field::Empty,
             "error.type" = tracing::field::Empty,

@@ -133,6 +133,11 @@ async fn requests_export_span_trees_with_genai_attributes_and_propagate_trace_co
     assert_eq!(attempt.parent_span_id, request.span_id);
     assert_eq!(attempt.str("gen_ai.provider.name"), Some("openai"));
     assert_eq!(attempt.int("tollgate.attempt"), Some(1));
+    assert_eq!(
+        attempt.int("tollgate.tier"),
+        Some(0),
+        "the first tier, not a fallback"
+    );
     assert_eq!(attempt.int("http.response.status_code"), Some(200));
     // The upstream got the trace, parented on the attempt's span.
     let sent = upstream.received()[0].headers["traceparent"]
