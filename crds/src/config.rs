@@ -157,6 +157,9 @@ pub struct CompiledRoute {
     /// Route-wide limits.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rate_limit: Option<CompiledLimits>,
+    /// Whether traces record prompts and completions.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub record_content: bool,
 }
 
 /// One target of a route.

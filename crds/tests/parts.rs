@@ -77,6 +77,7 @@ fn route(id: &str, provider: &str, models: &[&str]) -> CompiledRoute {
             tokens_per_minute: None,
             max_concurrent: None,
         }),
+        record_content: false,
     }
 }
 

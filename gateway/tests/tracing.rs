@@ -331,3 +331,52 @@ async fn traces_export_over_grpc_too() {
         Some(&common::otlp::Attr::Str("tollgate-gateway".into()))
     );
 }
+
+#[tokio::test]
+async fn prompts_and_completions_are_recorded_only_when_the_route_opts_in() {
+    let receiver = Receiver::start().await;
+    let upstream = Upstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    config(dir.path(), &upstream);
+    let path = dir.path().join("config.yaml");
+    let text = std::fs::read_to_string(&path).unwrap().replace(
+        "  cache: {ttl: 1m}\n",
+        "  cache: {ttl: 1m}\n  telemetry: {recordContent: true}\n",
+    );
+    std::fs::write(&path, text).unwrap();
+    let endpoint = receiver.endpoint();
+    let gw = Gateway::start_with_env(
+        &["--resources", dir.path().to_str().unwrap()],
+        &[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", &endpoint),
+            ("OTEL_BSP_SCHEDULE_DELAY", "50"),
+        ],
+    );
+    let trace = "55555555555555555555555555555555";
+    assert_eq!(
+        chat(
+            &gw,
+            json!({}),
+            Some(&format!("00-{trace}-{CLIENT_SPAN}-01"))
+        )
+        .await,
+        200
+    );
+    let spans = receiver
+        .wait_for(|s| named(&in_trace(s, trace), "POST").len() == 1)
+        .await;
+    let request = named(&in_trace(&spans, trace), "POST")[0].clone();
+    assert!(
+        request
+            .str("gen_ai.input.messages")
+            .is_some_and(|m| m.contains(PROMPT)),
+        "{request:#?}"
+    );
+    // The default upstream answers "upstream says hi" (see common::upstream).
+    let output = request
+        .str("gen_ai.output.messages")
+        .unwrap_or_default()
+        .to_owned();
+    assert!(output.contains("upstream says hi"), "{output}");
+    assert!(!format!("{spans:?}").contains(KEY), "keys still never");
+}

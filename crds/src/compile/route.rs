@@ -306,6 +306,7 @@ fn compile_one(
                 max_entry_bytes: c.max_entry_bytes,
             }),
             rate_limit,
+            record_content: spec.telemetry.as_ref().is_some_and(|t| t.record_content),
         },
         wanted,
     ))

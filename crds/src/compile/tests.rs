@@ -175,6 +175,7 @@ fn route(name: &str, models: &[&str], targets: Vec<RouteTarget>) -> RoutePolicy 
             timeouts: None,
             cache: None,
             rate_limit: None,
+            telemetry: None,
         },
     ))
 }

@@ -65,6 +65,21 @@ pub struct RoutePolicySpec {
     /// Limits shared by every caller of this route, across all gateway replicas.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rate_limit: Option<Limits>,
+
+    /// What traces of this route may record.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub telemetry: Option<RouteTelemetry>,
+}
+
+/// Trace recording of a route.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RouteTelemetry {
+    /// Record prompts and non-streamed completions on trace spans
+    /// (`gen_ai.input.messages`, `gen_ai.output.messages`). Off by default: they may hold
+    /// personal or confidential data, and traces often have wider access than the API.
+    #[serde(default)]
+    pub record_content: bool,
 }
 
 /// One upstream target of a route.

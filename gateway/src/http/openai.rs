@@ -98,6 +98,9 @@ pub(super) async fn handle(
         "tollgate.cache" = tracing::field::Empty,
         "tollgate.cost" = tracing::field::Empty,
         "tollgate.overhead_ms" = tracing::field::Empty,
+        // Only when the route opts in (RoutePolicy spec.telemetry.recordContent).
+        "gen_ai.input.messages" = tracing::field::Empty,
+        "gen_ai.output.messages" = tracing::field::Empty,
     );
     // Before the span starts (entering starts it); fails harmlessly when not exporting.
     let _ = span.set_parent(incoming.clone());
@@ -230,6 +233,19 @@ async fn serve(
     if !key.may_use(&head.model) {
         return Err(ApiError::ModelNotAllowed(head.model.clone()));
     }
+    if route.record_content {
+        let input = serde_json::from_slice::<serde_json::Value>(&body)
+            .ok()
+            .and_then(|v| {
+                v.get("messages")
+                    .or_else(|| v.get("prompt"))
+                    .or_else(|| v.get("input"))
+                    .cloned()
+            })
+            .map(|m| m.to_string())
+            .unwrap_or_default();
+        tracing::Span::current().record("gen_ai.input.messages", input.as_str());
+    }
     // Admission: one check-and-reserve of every limit that applies, before any upstream
     // call; the reservation settles to the actual usage when the answer is done.
     let prompt_estimate = estimate_prompt_tokens(&body);
@@ -279,6 +295,20 @@ async fn serve(
         accounting,
     )
     .await?;
+    // A non-streamed answer is whole in memory already: record it when the route opts in.
+    let response = if route.record_content && !head.stream {
+        let (parts, body) = response.into_parts();
+        let bytes = axum::body::to_bytes(body, usize::MAX)
+            .await
+            .unwrap_or_default();
+        tracing::Span::current().record(
+            "gen_ai.output.messages",
+            String::from_utf8_lossy(&bytes).as_ref(),
+        );
+        Response::from_parts(parts, axum::body::Body::from(bytes))
+    } else {
+        response
+    };
     let mut response = caching::store(state, route, cache, response).await;
     if let Some(quota) = quota {
         // Set before the body starts, so streams carry them too.
