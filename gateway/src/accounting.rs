@@ -67,6 +67,19 @@ pub struct Accounting {
     settled: bool,
     /// Span that receives the usage and cost (the request's, or the stream's).
     span: tracing::Span,
+    /// Where the settled usage is shown to the access log line, if still waiting.
+    report: Option<Arc<UsageReport>>,
+}
+
+/// Usage and cost of a settled request, for its access log line.
+#[derive(Debug, Default)]
+pub struct UsageReport(std::sync::Mutex<Option<(u64, u64, f64)>>);
+
+impl UsageReport {
+    /// Input tokens, output tokens and cost, once settled.
+    pub fn get(&self) -> Option<(u64, u64, f64)> {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
 }
 
 impl Accounting {
@@ -94,6 +107,7 @@ impl Accounting {
             estimated: Usage::default(),
             settled: false,
             span: tracing::Span::current(),
+            report: None,
         }
     }
 
@@ -116,6 +130,11 @@ impl Accounting {
     /// request's).
     pub fn trace_into(&mut self, span: tracing::Span) {
         self.span = span;
+    }
+
+    /// Shows the settled usage to `report` (the access log line reads it).
+    pub fn report_to(&mut self, report: Arc<UsageReport>) {
+        self.report = Some(report);
     }
 
     /// Records usage reported by the answer.
@@ -151,6 +170,10 @@ impl Accounting {
             self.span
                 .record(attr::OUTPUT_TOKENS, usage.completion as i64);
             self.span.record("tollgate.cost", cost);
+            if let Some(report) = &self.report {
+                *report.0.lock().unwrap_or_else(|e| e.into_inner()) =
+                    Some((usage.prompt, usage.completion, cost));
+            }
             self.store
                 .record_usage(&self.key_id, usage.prompt, usage.completion, cost);
             let labels = |kind: &'static str| TokenLabels {

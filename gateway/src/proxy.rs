@@ -264,6 +264,8 @@ pub async fn forward(
             otel.status_code = tracing::field::Empty,
             { crate::telemetry::attr::OPERATION_NAME } = req.operation.genai_operation(),
             { crate::telemetry::attr::PROVIDER_NAME } = provider.config.provider_type.genai_name(),
+            // The older name of the same attribute, still read by many backends.
+            "gen_ai.system" = provider.config.provider_type.genai_name(),
             { crate::telemetry::attr::REQUEST_MODEL } = model,
             "tollgate.provider" = %target.provider,
             "tollgate.attempt" = attempts as i64 + 1,

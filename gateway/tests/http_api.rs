@@ -516,6 +516,9 @@ async fn every_answer_reports_the_gateways_own_overhead_and_logs_it() {
         "latency_ms",
         "overhead_ms",
         "attempts",
+        "input_tokens",
+        "output_tokens",
+        "cost",
     ] {
         assert!(!line[field].is_null(), "access line lacks {field}: {line}");
     }

@@ -11,6 +11,7 @@ use axum::{
 
 use super::{AppState, admission, auth::authenticate, caching, read_body, request_id};
 use crate::{
+    accounting::UsageReport,
     error::ApiError,
     metrics::{RequestLabels, RouteLabels},
     proxy::{AnsweredBy, Forward, Timing, forward},
@@ -75,6 +76,7 @@ pub(super) async fn handle(
     let request_id = request_id(request.headers());
     let mut seen = Seen::default();
     let timing = Timing::default();
+    let usage = Arc::new(UsageReport::default());
     // One server span per request, continuing the caller's trace (W3C traceparent).
     let incoming = telemetry::extract(request.headers());
     let span = tracing::info_span!(
@@ -113,6 +115,7 @@ pub(super) async fn handle(
             request_id: &request_id,
             timing: &timing,
             trace: &incoming,
+            usage: &usage,
         },
         &mut seen,
     )
@@ -158,6 +161,11 @@ pub(super) async fn handle(
         }
     }
     let trace_id = telemetry::trace_id(&span, &incoming);
+    // Known here for whole answers; a stream's usage settles after its head was sent.
+    let (input_tokens, output_tokens, cost) = match usage.get() {
+        Some((i, o, c)) => (Some(i), Some(o), Some(c)),
+        None => (None, None, None),
+    };
     let metrics = &state.metrics;
     metrics
         .requests
@@ -188,6 +196,9 @@ pub(super) async fn handle(
         cache,
         attempts = timing.attempts(),
         trace_id,
+        input_tokens,
+        output_tokens,
+        cost,
         latency_ms = elapsed.as_secs_f64() * 1000.0,
         overhead_ms,
         "request"
@@ -202,6 +213,7 @@ struct Context<'a> {
     request_id: &'a str,
     timing: &'a Timing,
     trace: &'a opentelemetry::Context,
+    usage: &'a Arc<UsageReport>,
 }
 
 async fn serve(
@@ -216,6 +228,7 @@ async fn serve(
         request_id,
         timing,
         trace,
+        usage,
     } = cx;
     let snapshot = state.snapshot()?;
     let (parts, body) = request.into_parts();
@@ -264,6 +277,7 @@ async fn serve(
     let (mut accounting, quota) = (admitted.accounting, admitted.quota);
     // Usage and cost go on the request's span (a stream's moves them to its own).
     accounting.trace_into(tracing::Span::current());
+    accounting.report_to(usage.clone());
     let accounting = Some(accounting);
     let cache = caching::plan(state, route, &key, operation, &parts.headers, &body);
     let lookup = caching::lookup(state, route, &cache)
