@@ -65,11 +65,25 @@ fn init_logging(format: LogFormat, tracing_provider: Option<&SdkTracerProvider>)
         fmt.json()
             .flatten_event(true)
             .with_current_span(false)
-            .with_filter(filter)
+            .with_filter(events_only(filter))
             .boxed()
     } else {
-        fmt.with_filter(filter).boxed()
+        fmt.with_filter(events_only(filter)).boxed()
     };
     let otel = tracing_provider.map(|p| telemetry::layer(p, "tollgate_gateway"));
     tracing_subscriber::registry().with(fmt).with(otel).init();
+}
+
+/// The log lines take events only: spans exist for traces, and with no exporter nobody
+/// subscribes to them, so they cost next to nothing on the request path.
+fn events_only<S>(
+    filter: tracing_subscriber::EnvFilter,
+) -> impl tracing_subscriber::layer::Filter<S> + Send + Sync
+where
+    S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+{
+    use tracing_subscriber::filter::FilterExt;
+    filter.and(tracing_subscriber::filter::filter_fn(|meta| {
+        meta.is_event()
+    }))
 }

@@ -98,10 +98,10 @@ fn init_logging(format: LogFormat, provider: Option<&opentelemetry_sdk::trace::S
         fmt.json()
             .flatten_event(true)
             .with_current_span(false)
-            .with_filter(filter)
+            .with_filter(events_only(filter))
             .boxed()
     } else {
-        fmt.with_filter(filter).boxed()
+        fmt.with_filter(events_only(filter)).boxed()
     };
     let otel = provider.map(|p| tollgate_api::telemetry::layer(p, "tollgate_operator"));
     tracing_subscriber::registry().with(fmt).with(otel).init();
@@ -144,4 +144,18 @@ fn main() -> ExitCode {
             ExitCode::from(2)
         }
     }
+}
+
+/// The log lines take events only: spans exist for traces, and with no exporter nobody
+/// subscribes to them, so they cost next to nothing on the request path.
+fn events_only<S>(
+    filter: tracing_subscriber::EnvFilter,
+) -> impl tracing_subscriber::layer::Filter<S> + Send + Sync
+where
+    S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+{
+    use tracing_subscriber::filter::FilterExt;
+    filter.and(tracing_subscriber::filter::filter_fn(|meta| {
+        meta.is_event()
+    }))
 }
