@@ -203,3 +203,35 @@ impl opentelemetry_http::HttpClient for TokioHttpClient {
             .await?
     }
 }
+
+/// Installs logging (JSON lines when `json`, else text; level from `RUST_LOG`, default
+/// `info`) and, with a provider, the span export of `crate_name`'s spans. Log lines take
+/// events only: spans exist for traces, so with no exporter nothing subscribes to them
+/// and they cost next to nothing on the request path.
+pub fn init(json: bool, provider: Option<&SdkTracerProvider>, crate_name: &'static str) {
+    use std::io::IsTerminal;
+
+    use tracing_subscriber::{
+        EnvFilter, Layer as _,
+        filter::{FilterExt, filter_fn},
+        layer::SubscriberExt,
+        util::SubscriberInitExt,
+    };
+    let filter = EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| EnvFilter::new("info"))
+        .and(filter_fn(|meta| meta.is_event()));
+    let fmt = tracing_subscriber::fmt::layer()
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal());
+    let fmt = if json {
+        fmt.json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .with_filter(filter)
+            .boxed()
+    } else {
+        fmt.with_filter(filter).boxed()
+    };
+    let otel = provider.map(|p| layer(p, crate_name));
+    tracing_subscriber::registry().with(fmt).with(otel).init();
+}

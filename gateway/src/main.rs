@@ -1,15 +1,13 @@
 //! `tollgate-gateway`: see `--help`.
 #![forbid(unsafe_code)]
 
-use std::{io::IsTerminal, process::ExitCode};
+use std::process::ExitCode;
 
 use clap::Parser;
-use opentelemetry_sdk::trace::SdkTracerProvider;
 use tollgate_gateway::{
     settings::{LogFormat, Settings},
     telemetry,
 };
-use tracing_subscriber::{EnvFilter, Layer, layer::SubscriberExt, util::SubscriberInitExt};
 
 fn main() -> ExitCode {
     let settings = Settings::parse();
@@ -51,39 +49,12 @@ fn main() -> ExitCode {
     code
 }
 
-fn init_logging(format: LogFormat, tracing_provider: Option<&SdkTracerProvider>) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+fn init_logging(format: LogFormat, provider: Option<&opentelemetry_sdk::trace::SdkTracerProvider>) {
+    use std::io::IsTerminal;
     let json = match format {
         LogFormat::Json => true,
         LogFormat::Text => false,
         LogFormat::Auto => !std::io::stderr().is_terminal(),
     };
-    let fmt = tracing_subscriber::fmt::layer()
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal());
-    let fmt = if json {
-        fmt.json()
-            .flatten_event(true)
-            .with_current_span(false)
-            .with_filter(events_only(filter))
-            .boxed()
-    } else {
-        fmt.with_filter(events_only(filter)).boxed()
-    };
-    let otel = tracing_provider.map(|p| telemetry::layer(p, "tollgate_gateway"));
-    tracing_subscriber::registry().with(fmt).with(otel).init();
-}
-
-/// The log lines take events only: spans exist for traces, and with no exporter nobody
-/// subscribes to them, so they cost next to nothing on the request path.
-fn events_only<S>(
-    filter: tracing_subscriber::EnvFilter,
-) -> impl tracing_subscriber::layer::Filter<S> + Send + Sync
-where
-    S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
-{
-    use tracing_subscriber::filter::FilterExt;
-    filter.and(tracing_subscriber::filter::filter_fn(|meta| {
-        meta.is_event()
-    }))
+    tollgate_api::telemetry::init(json, provider, "tollgate_gateway");
 }

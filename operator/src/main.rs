@@ -82,29 +82,12 @@ fn run(settings: RunSettings) -> anyhow::Result<ExitCode> {
 
 fn init_logging(format: LogFormat, provider: Option<&opentelemetry_sdk::trace::SdkTracerProvider>) {
     use std::io::IsTerminal;
-
-    use tracing_subscriber::{Layer, layer::SubscriberExt, util::SubscriberInitExt};
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let json = match format {
         LogFormat::Json => true,
         LogFormat::Text => false,
         LogFormat::Auto => !std::io::stderr().is_terminal(),
     };
-    let fmt = tracing_subscriber::fmt::layer()
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal());
-    let fmt = if json {
-        fmt.json()
-            .flatten_event(true)
-            .with_current_span(false)
-            .with_filter(events_only(filter))
-            .boxed()
-    } else {
-        fmt.with_filter(events_only(filter)).boxed()
-    };
-    let otel = provider.map(|p| tollgate_api::telemetry::layer(p, "tollgate_operator"));
-    tracing_subscriber::registry().with(fmt).with(otel).init();
+    tollgate_api::telemetry::init(json, provider, "tollgate_operator");
 }
 
 fn main() -> ExitCode {
@@ -144,18 +127,4 @@ fn main() -> ExitCode {
             ExitCode::from(2)
         }
     }
-}
-
-/// The log lines take events only: spans exist for traces, and with no exporter nobody
-/// subscribes to them, so they cost next to nothing on the request path.
-fn events_only<S>(
-    filter: tracing_subscriber::EnvFilter,
-) -> impl tracing_subscriber::layer::Filter<S> + Send + Sync
-where
-    S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
-{
-    use tracing_subscriber::filter::FilterExt;
-    filter.and(tracing_subscriber::filter::filter_fn(|meta| {
-        meta.is_event()
-    }))
 }
