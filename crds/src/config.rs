@@ -78,6 +78,9 @@ pub struct CompiledProvider {
     /// Extra headers.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub headers: BTreeMap<String, String>,
+    /// HTTP version towards the upstream.
+    #[serde(default, skip_serializing_if = "crate::v1alpha1::HttpVersion::is_auto")]
+    pub http_version: crate::v1alpha1::HttpVersion,
 }
 
 /// Header that carries the upstream credential.

@@ -232,6 +232,13 @@ pub fn init(json: bool, provider: Option<&SdkTracerProvider>, crate_name: &'stat
     } else {
         fmt.with_filter(filter).boxed()
     };
-    let otel = provider.map(|p| layer(p, crate_name));
-    tracing_subscriber::registry().with(fmt).with(otel).init();
+    match provider {
+        Some(p) => tracing_subscriber::registry()
+            .with(fmt)
+            .with(layer(p, crate_name))
+            .init(),
+        // No `Option` layer here: even a `None` one would make the registry record
+        // every span.
+        None => tracing_subscriber::registry().with(fmt).init(),
+    }
 }

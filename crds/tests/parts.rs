@@ -51,6 +51,7 @@ fn provider(id: &str, models: &[&str]) -> CompiledProvider {
         circuit_failure_threshold: 5,
         circuit_open_ms: 30_000,
         headers: BTreeMap::new(),
+        http_version: Default::default(),
     }
 }
 

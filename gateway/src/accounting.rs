@@ -23,8 +23,16 @@ pub struct Usage {
 /// Reads usage from a complete answer in either dialect (OpenAI `usage.prompt_tokens`,
 /// Anthropic `usage.input_tokens`).
 pub fn usage_from_body(body: &[u8]) -> Option<Usage> {
-    let v: Value = serde_json::from_slice(body).ok()?;
-    usage_from_value(&v["usage"])
+    // Only `usage` is built into a value; the rest of the answer (the long part) is
+    // skipped over without allocating.
+    #[derive(serde::Deserialize)]
+    struct Answer<'a> {
+        #[serde(borrow, default)]
+        usage: Option<&'a serde_json::value::RawValue>,
+    }
+    let answer: Answer<'_> = serde_json::from_slice(body).ok()?;
+    let usage: Value = serde_json::from_str(answer.usage?.get()).ok()?;
+    usage_from_value(&usage)
 }
 
 /// Reads a `usage` object in either dialect.

@@ -1,10 +1,13 @@
 //! Where the configuration comes from, and reloading it atomically.
 //!
 //! Two sources: the compiled files the operator mounts (`--config-dir`) and, standalone,
-//! Tollgate manifests compiled in process (`--resources`). Both are polled: a change in
-//! content (not timestamps, which kubelet's `..data` symlink swap does not preserve) loads
-//! a new [`Snapshot`] that replaces the old one in one atomic pointer swap. A source that
-//! fails to load is logged and counted, and the last good snapshot keeps serving.
+//! Tollgate manifests compiled in process (`--resources`). Both are polled. A poll first
+//! compares the files' metadata (size, modification time, inode: kubelet's `..data`
+//! symlink swap changes the inode), which costs a few `stat` calls however large the
+//! configuration; only when that differs, and at least every [`VERIFY_EVERY`] anyway, are
+//! the contents read and hashed. A change in content loads a new [`Snapshot`] that
+//! replaces the old one in one atomic pointer swap. A source that fails to load is logged
+//! and counted, and the last good snapshot keeps serving.
 
 use std::{
     collections::BTreeMap,
@@ -23,6 +26,18 @@ use tollgate_api::{
 };
 
 use crate::{metrics::ReloadLabels, snapshot::Snapshot};
+
+/// How often a poll reads and hashes the contents even when the metadata looks unchanged
+/// (a tool that restores timestamps can hide an edit from `stat`).
+pub const VERIFY_EVERY: Duration = Duration::from_secs(30);
+
+/// What a look at the source saw: a cheap hash of the files' metadata and the hash of
+/// their contents.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Fingerprint {
+    stat: u64,
+    content: String,
+}
 
 /// A configuration source.
 #[derive(Debug, Clone)]
@@ -83,26 +98,61 @@ impl ConfigState {
 pub struct Loaded {
     /// The snapshot.
     pub snapshot: Snapshot,
-    /// Hash of the raw inputs, to detect changes cheaply.
-    pub fingerprint: String,
+    /// Fingerprint of the raw inputs, to detect changes cheaply.
+    pub fingerprint: Fingerprint,
 }
 
 impl Source {
-    /// Reads every input file and returns their fingerprint and contents.
-    fn read_inputs(&self) -> Result<(String, BTreeMap<String, Vec<u8>>), String> {
-        let mut files = BTreeMap::new();
+    /// The input files with their metadata (symlinks followed).
+    fn list(&self) -> Result<Vec<(PathBuf, std::fs::Metadata)>, String> {
+        let mut out = Vec::new();
         match self {
             Self::ConfigDirs(dirs) => {
                 for dir in dirs {
-                    read_dir_files(dir, false, &mut files)?;
+                    list_dir_files(dir, false, &mut out)?;
                 }
             }
-            Self::Resources(path) if path.is_dir() => read_dir_files(path, true, &mut files)?,
+            Self::Resources(path) if path.is_dir() => list_dir_files(path, true, &mut out)?,
             Self::Resources(path) => {
-                let bytes = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
-                files.insert(path.display().to_string(), bytes);
+                let meta =
+                    std::fs::metadata(path).map_err(|e| format!("{}: {e}", path.display()))?;
+                out.push((path.clone(), meta));
             }
         }
+        Ok(out)
+    }
+
+    /// A hash of the inputs' names and metadata.
+    fn stat(files: &[(PathBuf, std::fs::Metadata)]) -> u64 {
+        use std::{hash::Hasher, os::unix::fs::MetadataExt};
+        let mut h = std::hash::DefaultHasher::new();
+        for (path, meta) in files {
+            h.write(path.as_os_str().as_encoded_bytes());
+            for n in [meta.len(), meta.ino(), meta.dev()] {
+                h.write_u64(n);
+            }
+            for n in [
+                meta.mtime(),
+                meta.mtime_nsec(),
+                meta.ctime(),
+                meta.ctime_nsec(),
+            ] {
+                h.write_i64(n);
+            }
+        }
+        h.finish()
+    }
+
+    /// Reads every input file and returns their content hash and contents.
+    fn read_inputs(
+        files: &[(PathBuf, std::fs::Metadata)],
+    ) -> Result<(String, BTreeMap<String, Vec<u8>>), String> {
+        let mut contents = BTreeMap::new();
+        for (path, _) in files {
+            let bytes = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
+            contents.insert(path.display().to_string(), bytes);
+        }
+        let files = contents;
         let mut hasher = Sha256::new();
         for (name, bytes) in &files {
             hasher.update(name.as_bytes());
@@ -117,10 +167,20 @@ impl Source {
         Ok((fingerprint, files))
     }
 
-    /// Loads the source if its fingerprint differs from `previous`.
-    pub fn load_if_changed(&self, previous: Option<&str>) -> Outcome {
-        let (fingerprint, files) = match self.read_inputs() {
-            Ok(read) => read,
+    /// Loads the source if it differs from `previous`; `verify` reads and hashes the
+    /// contents even when the metadata is unchanged.
+    pub fn load_if_changed(&self, previous: Option<&Fingerprint>, verify: bool) -> Outcome {
+        let read = self.list().and_then(|listed| {
+            let stat = Self::stat(&listed);
+            if !verify && previous.is_some_and(|p| p.stat == stat) {
+                return Ok(None);
+            }
+            Self::read_inputs(&listed)
+                .map(|(content, files)| Some((Fingerprint { stat, content }, files)))
+        });
+        let (fingerprint, files) = match read {
+            Ok(Some(read)) => read,
+            Ok(None) => return Outcome::Unchanged(None),
             Err(error) => {
                 return Outcome::Rejected {
                     fingerprint: None,
@@ -128,8 +188,8 @@ impl Source {
                 };
             }
         };
-        if previous == Some(fingerprint.as_str()) {
-            return Outcome::Unchanged;
+        if previous.is_some_and(|p| p.content == fingerprint.content) {
+            return Outcome::Unchanged(Some(fingerprint));
         }
         let snapshot = match self {
             Self::ConfigDirs(_) => {
@@ -165,15 +225,16 @@ impl Source {
 /// What one load attempt found.
 #[derive(Debug)]
 pub enum Outcome {
-    /// Inputs unchanged since the last attempt.
-    Unchanged,
+    /// Inputs unchanged since the last attempt (with their new fingerprint when only
+    /// their metadata changed).
+    Unchanged(Option<Fingerprint>),
     /// A new good configuration.
     Loaded(Loaded),
     /// Inputs that do not make a configuration (their fingerprint, when they could be
     /// read, so the same bad inputs are not retried and re-logged every tick).
     Rejected {
         /// Fingerprint of the rejected inputs.
-        fingerprint: Option<String>,
+        fingerprint: Option<Fingerprint>,
         /// Why.
         error: String,
     },
@@ -207,12 +268,12 @@ fn compile_resources(files: &BTreeMap<String, Vec<u8>>) -> Result<Snapshot, Stri
     Ok(Snapshot::new(out.config, split.config_hash))
 }
 
-/// Reads the regular files of a directory (following symlinks, skipping dot-entries such
+/// Lists the regular files of a directory (following symlinks, skipping dot-entries such
 /// as kubelet's `..data`), recursing when `recursive` and keeping YAML only then.
-fn read_dir_files(
+fn list_dir_files(
     dir: &Path,
     recursive: bool,
-    out: &mut BTreeMap<String, Vec<u8>>,
+    out: &mut Vec<(PathBuf, std::fs::Metadata)>,
 ) -> Result<(), String> {
     let entries = std::fs::read_dir(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
     for entry in entries {
@@ -227,22 +288,21 @@ fn read_dir_files(
         let meta = std::fs::metadata(&path).map_err(|e| format!("{}: {e}", path.display()))?;
         if meta.is_dir() {
             if recursive {
-                read_dir_files(&path, recursive, out)?;
+                list_dir_files(&path, recursive, out)?;
             }
             continue;
         }
         if recursive && !(name.ends_with(".yaml") || name.ends_with(".yml")) {
             continue;
         }
-        let bytes = std::fs::read(&path).map_err(|e| format!("{}: {e}", path.display()))?;
-        out.insert(path.display().to_string(), bytes);
+        out.push((path, meta));
     }
     Ok(())
 }
 
 /// Loads once now; returns the fingerprint of what was loaded, if anything.
-pub async fn load_initial(source: &Source, state: &ConfigState) -> Option<String> {
-    reload(source, state, None).await
+pub async fn load_initial(source: &Source, state: &ConfigState) -> Option<Fingerprint> {
+    reload(source, state, None, true).await
 }
 
 /// Polls `source` every `interval` forever, swapping in each good new configuration.
@@ -250,32 +310,43 @@ pub async fn watch(
     source: Source,
     state: Arc<ConfigState>,
     interval: Duration,
-    mut fingerprint: Option<String>,
+    mut fingerprint: Option<Fingerprint>,
 ) {
     let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     ticker.tick().await;
+    let mut verified = tokio::time::Instant::now();
     loop {
         ticker.tick().await;
-        if let Some(f) = reload(&source, &state, fingerprint.as_deref()).await {
+        let verify = verified.elapsed() >= VERIFY_EVERY;
+        if verify {
+            verified = tokio::time::Instant::now();
+        }
+        if let Some(f) = reload(&source, &state, fingerprint.as_ref(), verify).await {
             fingerprint = Some(f);
         }
     }
 }
 
-async fn reload(source: &Source, state: &ConfigState, previous: Option<&str>) -> Option<String> {
+async fn reload(
+    source: &Source,
+    state: &ConfigState,
+    previous: Option<&Fingerprint>,
+    verify: bool,
+) -> Option<Fingerprint> {
+    let started = std::time::Instant::now();
     let src = source.clone();
-    let previous_owned = previous.map(str::to_owned);
+    let previous_owned = previous.cloned();
     // File reads and compilation are blocking work; keep them off the request threads.
     let outcome =
-        tokio::task::spawn_blocking(move || src.load_if_changed(previous_owned.as_deref()))
+        tokio::task::spawn_blocking(move || src.load_if_changed(previous_owned.as_ref(), verify))
             .await
             .unwrap_or_else(|join| Outcome::Rejected {
                 fingerprint: None,
                 error: format!("configuration loader crashed: {join}"),
             });
     match outcome {
-        Outcome::Unchanged => None,
+        Outcome::Unchanged(fingerprint) => fingerprint,
         Outcome::Loaded(loaded) => {
             let hash = loaded.snapshot.config_hash.clone();
             let keys = loaded.snapshot.key_count();
@@ -299,7 +370,9 @@ async fn reload(source: &Source, state: &ConfigState, previous: Option<&str>) ->
                 .get_or_create(&ReloadLabels { result: "success" })
                 .inc();
             *state.last_error.lock().unwrap_or_else(|e| e.into_inner()) = None;
-            tracing::info!(config_hash = %&hash[..16], keys, "configuration loaded");
+            // Read, compile, index and swap: what a reload costs.
+            let load_ms = started.elapsed().as_secs_f64() * 1000.0;
+            tracing::info!(config_hash = %&hash[..16], keys, load_ms, "configuration loaded");
             Some(loaded.fingerprint)
         }
         Outcome::Rejected { fingerprint, error } => {

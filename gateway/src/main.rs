@@ -9,6 +9,11 @@ use tollgate_gateway::{
     telemetry,
 };
 
+/// mimalloc: fewer instructions per allocation than glibc's malloc and no arena lock
+/// contention between worker threads (bench/README.md has the figures).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     let settings = Settings::parse();
     let runtime = match tokio::runtime::Builder::new_multi_thread()

@@ -274,18 +274,17 @@ impl StreamTranslator {
             match &mut self.mode {
                 Mode::OpenAi { strip_usage } => {
                     if event.data != "[DONE]" {
-                        let v: Value = serde_json::from_str(&event.data).unwrap_or_default();
-                        if let Some(u) = usage_from_value(&v["usage"])
+                        let head = ChunkHead::parse(&event.data);
+                        if let Some(u) = head.usage()
                             && let Some(a) = accounting.as_deref_mut()
                         {
                             a.report(u);
                         }
-                        let choices = v["choices"].as_array().map_or(0, Vec::len);
-                        if choices > 0 {
+                        if head.choices > 0 {
                             if let Some(a) = accounting.as_deref_mut() {
                                 a.relayed_piece();
                             }
-                        } else if *strip_usage && !v["usage"].is_null() {
+                        } else if *strip_usage && head.usage.is_some() {
                             continue;
                         }
                     }
@@ -359,6 +358,38 @@ impl StreamTranslator {
             }
         }
         Ok(Bytes::from(out))
+    }
+}
+
+/// What the gateway reads of an OpenAI stream chunk: its usage and how many choices it
+/// carries. The content is skipped without building values (this runs for every token).
+#[derive(Debug, Default)]
+struct ChunkHead<'a> {
+    usage: Option<&'a serde_json::value::RawValue>,
+    choices: usize,
+}
+
+impl<'a> ChunkHead<'a> {
+    fn parse(data: &'a str) -> Self {
+        #[derive(serde::Deserialize)]
+        struct Raw<'a> {
+            #[serde(borrow, default)]
+            usage: Option<&'a serde_json::value::RawValue>,
+            // Zero-sized elements: counting them allocates nothing.
+            #[serde(default)]
+            choices: Option<Vec<serde::de::IgnoredAny>>,
+        }
+        serde_json::from_str::<Raw<'a>>(data)
+            .map(|raw| Self {
+                usage: raw.usage,
+                choices: raw.choices.map_or(0, |c| c.len()),
+            })
+            .unwrap_or_default()
+    }
+
+    fn usage(&self) -> Option<Usage> {
+        let value: Value = serde_json::from_str(self.usage?.get()).ok()?;
+        usage_from_value(&value)
     }
 }
 

@@ -5,7 +5,10 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue, header};
-use tollgate_api::{config::CompiledProvider, v1alpha1::ProviderType};
+use tollgate_api::{
+    config::CompiledProvider,
+    v1alpha1::{HttpVersion, ProviderType},
+};
 
 /// The OpenAI-style operation being proxied.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -92,12 +95,22 @@ impl Operation {
 
 /// A pooled client for one provider, with its connect timeout.
 pub fn client_for(provider: &CompiledProvider) -> Result<reqwest::Client, reqwest::Error> {
-    reqwest::Client::builder()
+    let builder = reqwest::Client::builder()
         .connect_timeout(Duration::from_millis(provider.connect_timeout_ms))
         .pool_idle_timeout(Duration::from_secs(90))
+        .pool_max_idle_per_host(usize::MAX)
         .tcp_nodelay(true)
-        .user_agent(concat!("tollgate/", env!("CARGO_PKG_VERSION")))
-        .build()
+        .user_agent(concat!("tollgate/", env!("CARGO_PKG_VERSION")));
+    match provider.http_version {
+        HttpVersion::Auto => builder,
+        HttpVersion::Http1 => builder.http1_only(),
+        HttpVersion::Http2 => builder
+            .http2_prior_knowledge()
+            .http2_adaptive_window(true)
+            .http2_keep_alive_interval(Duration::from_secs(30))
+            .http2_keep_alive_while_idle(true),
+    }
+    .build()
 }
 
 /// Whether the gateway calls this provider type over HTTP.
@@ -224,6 +237,7 @@ mod tests {
             circuit_failure_threshold: 5,
             circuit_open_ms: 1000,
             headers: BTreeMap::from([("openai-organization".into(), "org-1".into())]),
+            http_version: Default::default(),
         }
     }
 

@@ -654,3 +654,58 @@ async fn the_route_per_try_timeout_caps_each_attempt() {
     );
     assert_eq!(spare.received().len(), 1);
 }
+
+#[tokio::test]
+async fn http_version_http2_talks_h2c_to_the_upstream_and_auto_stays_on_http1() {
+    // An h2c-only upstream: HTTP/1.1 requests fail there, so a 200 proves HTTP/2.
+    let h2 = Upstream::start_h2c().await;
+    let h1 = Upstream::start().await;
+    let providers = format!(
+        "{}---\n{}",
+        provider(
+            "up",
+            "openaiCompatible",
+            &h2.base_url(),
+            "  httpVersion: http2\n"
+        ),
+        provider("plain", "openaiCompatible", &h1.base_url(), ""),
+    );
+    let route = "  models: [gpt-4o]\n  targets: [{provider: up}]\n";
+    let (gw, dir) = start(&providers, route).await;
+    let answer = post(&gw, r#"{"model":"gpt-4o","messages":[]}"#).await;
+    assert_eq!(answer.status(), 200);
+    // Streams too, on the same multiplexed connection.
+    let tx = h2.stream();
+    tx.send(Bytes::from_static(
+        b"data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"hi\"}}]}\n\ndata: [DONE]\n\n",
+    ))
+    .unwrap();
+    drop(tx);
+    let streamed = post(&gw, r#"{"model":"gpt-4o","messages":[],"stream":true}"#).await;
+    assert_eq!(streamed.status(), 200);
+    assert!(streamed.text().await.unwrap().contains("\"hi\""));
+    let seen: Vec<http::Version> = h2.received().iter().map(|r| r.version).collect();
+    assert_eq!(seen, [http::Version::HTTP_2, http::Version::HTTP_2]);
+
+    // The default (`auto`) on a plain-HTTP upstream is HTTP/1.1 with keep-alive.
+    config(
+        dir.path(),
+        &providers,
+        "  models: [gpt-4o]\n  targets: [{provider: plain}]\n",
+    );
+    assert!(
+        common::eventually(Duration::from_secs(10), || async {
+            post(&gw, r#"{"model":"gpt-4o","messages":[]}"#)
+                .await
+                .status()
+                == 200
+                && !h1.received().is_empty()
+        })
+        .await
+    );
+    assert!(
+        h1.received()
+            .iter()
+            .all(|r| r.version == http::Version::HTTP_11)
+    );
+}

@@ -205,6 +205,7 @@ fn compile_one(
             circuit_failure_threshold: spec.circuit_breaker.failure_threshold,
             circuit_open_ms,
             headers,
+            http_version: spec.http_version,
         },
         credential,
     ))

@@ -98,6 +98,7 @@ fn provider(name: &str, kind: ProviderType, models: &[&str]) -> Provider {
             timeouts: Default::default(),
             max_concurrency: None,
             circuit_breaker: Default::default(),
+            http_version: Default::default(),
             headers: BTreeMap::new(),
         },
     ))

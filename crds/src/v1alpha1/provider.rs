@@ -103,6 +103,34 @@ pub struct ProviderSpec {
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     #[schemars(extend("maxProperties" = 32))]
     pub headers: BTreeMap<String, String>,
+
+    /// HTTP version towards the upstream. `auto` (default): HTTP/2 when the TLS handshake
+    /// offers it (as OpenAI and Anthropic do), HTTP/1.1 with keep-alive otherwise.
+    /// `http1`: HTTP/1.1 only. `http2`: HTTP/2 only, with prior knowledge (h2c) on
+    /// `http://` URLs; every request to the Provider then shares a few multiplexed
+    /// connections, for in-cluster servers that speak h2c.
+    #[serde(default, skip_serializing_if = "HttpVersion::is_auto")]
+    pub http_version: HttpVersion,
+}
+
+/// HTTP version towards an upstream.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, Hash, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub enum HttpVersion {
+    /// Negotiated: HTTP/2 over TLS when the server offers it, else HTTP/1.1.
+    #[default]
+    Auto,
+    /// HTTP/1.1 only.
+    Http1,
+    /// HTTP/2 only (h2c with prior knowledge on `http://`).
+    Http2,
+}
+
+impl HttpVersion {
+    /// Whether this is the default.
+    pub fn is_auto(&self) -> bool {
+        *self == Self::Auto
+    }
 }
 
 fn default_currency() -> String {

@@ -53,10 +53,19 @@ if amount >= 0 then
   local dead = redis.call('ZRANGEBYSCORE', kz, '-inf', now)
   for _, d in ipairs(dead) do
     redis.call('ZREM', kz, d)
-    redis.call('HDEL', kh, d)
+    local v = redis.call('HGET', kh, d)
+    if v then
+      redis.call('HDEL', kh, d)
+      redis.call('HINCRBYFLOAT', kh, '#total', -tonumber(v))
+    end
   end
-  local reserved = 0
-  for _, v in ipairs(redis.call('HVALS', kh)) do reserved = reserved + tonumber(v) end
+  -- The '#total' field keeps the sum of the amounts, so admission costs the same with
+  -- 5 or 5,000 reservations outstanding. With none left it is dropped, shedding any
+  -- floating-point drift.
+  if redis.call('HLEN', kh) == 1 and redis.call('HEXISTS', kh, '#total') == 1 then
+    redis.call('DEL', kh)
+  end
+  local reserved = math.max(0, tonumber(redis.call('HGET', kh, '#total') or '0'))
   local spent = tonumber(redis.call('GET', ks) or '0')
   if spent + reserved + cost > amount then return {0, 'budget', 0, -1} end
 end
@@ -88,6 +97,7 @@ end
 if amount >= 0 then
   redis.call('ZADD', kz, now + lease, id)
   redis.call('HSET', kh, id, tostring(cost))
+  redis.call('HINCRBYFLOAT', kh, '#total', cost)
   redis.call('EXPIRE', kz, budget_ttl)
   redis.call('EXPIRE', kh, budget_ttl)
 end

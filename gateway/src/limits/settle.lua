@@ -40,7 +40,15 @@ local b = 7 + 3 * n
 if ARGV[b] == '1' then
   local ks, kz, kh = KEYS[3 * n + 1], KEYS[3 * n + 2], KEYS[3 * n + 3]
   redis.call('ZREM', kz, id)
-  redis.call('HDEL', kh, id)
+  local reserved = redis.call('HGET', kh, id)
+  if reserved then
+    redis.call('HDEL', kh, id)
+    if redis.call('HLEN', kh) == 1 and redis.call('HEXISTS', kh, '#total') == 1 then
+      redis.call('DEL', kh)
+    else
+      redis.call('HINCRBYFLOAT', kh, '#total', -tonumber(reserved))
+    end
+  end
   if not cancel then
     redis.call('INCRBYFLOAT', ks, cost)
     redis.call('EXPIRE', ks, tonumber(ARGV[b + 1]))

@@ -20,6 +20,7 @@ use tokio::sync::mpsc;
 /// One request as the upstream saw it.
 #[derive(Debug, Clone)]
 pub struct Received {
+    pub version: http::Version,
     pub path_and_query: String,
     pub headers: http::HeaderMap,
     pub body: Bytes,
@@ -79,6 +80,32 @@ impl Upstream {
         Self { addr, shared }
     }
 
+    /// An upstream that speaks HTTP/2 only, with prior knowledge (h2c): HTTP/1.1 requests
+    /// fail at the connection level.
+    pub async fn start_h2c() -> Self {
+        let shared = Arc::new(Shared::default());
+        let app = Router::new().fallback(handle).with_state(shared.clone());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                let service = hyper_util::service::TowerToHyperService::new(app.clone());
+                tokio::spawn(async move {
+                    let _ = hyper_util::server::conn::auto::Builder::new(
+                        hyper_util::rt::TokioExecutor::new(),
+                    )
+                    .http2_only()
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                    .await;
+                });
+            }
+        });
+        Self { addr, shared }
+    }
+
     pub fn base_url(&self) -> String {
         format!("http://{}/v1", self.addr)
     }
@@ -108,6 +135,7 @@ async fn handle(State(shared): State<Arc<Shared>>, request: Request) -> Response
         .and_then(|v| v["model"].as_str().map(str::to_owned))
         .unwrap_or_default();
     shared.received.lock().unwrap().push(Received {
+        version: parts.version,
         path_and_query: parts
             .uri
             .path_and_query()

@@ -1,0 +1,197 @@
+//! The processes a benchmark runs: the mock upstream, nginx, redis-server and gateways,
+//! each on a free loopback port, killed when dropped.
+
+use std::{
+    fs,
+    net::{SocketAddr, TcpListener},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, bail};
+
+/// A free loopback port (a tiny race with other programs is accepted).
+pub fn free_port() -> anyhow::Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// A loopback address on a free port.
+pub fn free_addr() -> anyhow::Result<SocketAddr> {
+    Ok(SocketAddr::from(([127, 0, 0, 1], free_port()?)))
+}
+
+/// A child process, killed and reaped on drop.
+#[derive(Debug)]
+pub struct Proc {
+    /// What it is, for messages.
+    pub name: String,
+    child: Child,
+    /// Its stdout and stderr.
+    pub log: PathBuf,
+}
+
+impl Proc {
+    /// Starts `cmd` with its output in `log`.
+    pub fn spawn(name: &str, mut cmd: Command, log: PathBuf) -> anyhow::Result<Self> {
+        let out = fs::File::create(&log).with_context(|| format!("{}", log.display()))?;
+        let err = out.try_clone()?;
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err)
+            .spawn()
+            .with_context(|| format!("starting {name} ({cmd:?})"))?;
+        Ok(Self {
+            name: name.to_owned(),
+            child,
+            log,
+        })
+    }
+
+    /// Process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Resident set size in KiB, from `/proc`.
+    pub fn rss_kib(&self) -> anyhow::Result<u64> {
+        rss_kib(self.pid())
+    }
+
+    /// Fails if the process has exited.
+    pub fn check_alive(&mut self) -> anyhow::Result<()> {
+        if let Some(status) = self.child.try_wait()? {
+            bail!(
+                "{} exited ({status}); its output:\n{}",
+                self.name,
+                tail(&self.log, 30)
+            );
+        }
+        Ok(())
+    }
+
+    /// Waits until something accepts connections on `addr`.
+    pub fn wait_listening(&mut self, addr: SocketAddr, patience: Duration) -> anyhow::Result<()> {
+        let deadline = Instant::now() + patience;
+        loop {
+            self.check_alive()?;
+            if std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!("{} did not listen on {addr} in {patience:?}", self.name);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Resident set size of `pid` in KiB.
+pub fn rss_kib(pid: u32) -> anyhow::Result<u64> {
+    let status = fs::read_to_string(format!("/proc/{pid}/status"))?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .context("no VmRSS in /proc/PID/status")
+}
+
+/// The last `n` lines of a file.
+pub fn tail(path: &Path, n: usize) -> String {
+    let text = fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+/// Finds a program on `PATH` (or in the usual sbin directories, for nginx).
+pub fn which(program: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .chain(["/usr/sbin", "/usr/local/sbin", "/sbin"].map(PathBuf::from))
+        .map(|dir| dir.join(program))
+        .find(|p| p.is_file())
+}
+
+/// Starts redis-server on a free port, without persistence.
+pub fn redis(dir: &Path) -> anyhow::Result<(Proc, SocketAddr)> {
+    let bin =
+        which("redis-server").context("redis-server not found (apt-get install redis-server)")?;
+    let addr = free_addr()?;
+    let mut cmd = Command::new(bin);
+    cmd.args(["--bind", "127.0.0.1", "--port", &addr.port().to_string()])
+        .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
+        .arg("--dir")
+        .arg(dir);
+    let mut p = Proc::spawn("redis-server", cmd, dir.join("redis.log"))?;
+    p.wait_listening(addr, Duration::from_secs(10))?;
+    Ok((p, addr))
+}
+
+/// Starts Debian's nginx as a plain keep-alive reverse proxy to `upstream`.
+pub fn nginx(dir: &Path, upstream: SocketAddr) -> anyhow::Result<(Proc, SocketAddr)> {
+    let bin = which("nginx").context("nginx not found (apt-get install nginx)")?;
+    let addr = free_addr()?;
+    let prefix = dir.join("nginx");
+    fs::create_dir_all(&prefix)?;
+    let p = prefix.display();
+    let conf = format!(
+        r#"# A plain reverse proxy, as a platform team would put in front of an LLM API.
+worker_processes auto;
+worker_rlimit_nofile 20000;
+daemon off;
+pid {p}/nginx.pid;
+error_log {p}/error.log warn;
+events {{ worker_connections 16384; }}
+http {{
+    access_log {p}/access.log combined buffer=64k flush=1s;
+    client_body_temp_path {p}/body;
+    proxy_temp_path {p}/proxy;
+    fastcgi_temp_path {p}/fastcgi;
+    uwsgi_temp_path {p}/uwsgi;
+    scgi_temp_path {p}/scgi;
+    keepalive_requests 1000000;
+    upstream mock {{
+        server {upstream};
+        keepalive 1024;
+        keepalive_requests 1000000;
+    }}
+    server {{
+        listen {addr} backlog=4096;
+        location / {{
+            proxy_pass http://mock;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_buffering off;
+            proxy_read_timeout 300s;
+        }}
+    }}
+}}
+"#
+    );
+    let conf_path = prefix.join("nginx.conf");
+    fs::write(&conf_path, conf)?;
+    let mut cmd = Command::new(bin);
+    cmd.arg("-p").arg(&prefix).arg("-c").arg(&conf_path);
+    let mut proc = Proc::spawn("nginx", cmd, prefix.join("stdout.log"))?;
+    proc.wait_listening(addr, Duration::from_secs(10))?;
+    Ok((proc, addr))
+}
+
+/// Starts the mock upstream (this same binary) with `threads` worker threads.
+pub fn upstream(dir: &Path, threads: usize) -> anyhow::Result<(Proc, SocketAddr)> {
+    let addr = free_addr()?;
+    let mut cmd = Command::new(std::env::current_exe()?);
+    cmd.args(["upstream", "--listen", &addr.to_string()])
+        .args(["--threads", &threads.to_string()]);
+    let mut p = Proc::spawn("mock upstream", cmd, dir.join("upstream.log"))?;
+    p.wait_listening(addr, Duration::from_secs(10))?;
+    Ok((p, addr))
+}
