@@ -98,6 +98,8 @@ pub struct Stats {
     pub p999_us: u64,
     /// Largest.
     pub max_us: u64,
+    /// Requests answered in all, warm-up included (for CPU per request).
+    pub answered_total: u64,
 }
 
 impl Stats {
@@ -117,6 +119,7 @@ impl Stats {
             p99_us: h.value_at_quantile(0.99),
             p999_us: h.value_at_quantile(0.999),
             max_us: h.max(),
+            answered_total: ok,
         }
     }
 }
@@ -125,6 +128,7 @@ impl Stats {
 struct Tally {
     latency: Histogram<u64>,
     ok: u64,
+    warmup: u64,
     errors: BTreeMap<String, u64>,
 }
 
@@ -133,6 +137,7 @@ impl Tally {
         Self {
             latency: histogram(),
             ok: 0,
+            warmup: 0,
             errors: BTreeMap::new(),
         }
     }
@@ -144,6 +149,7 @@ impl Tally {
     fn merge(&mut self, other: Self) {
         let _ = self.latency.add(&other.latency);
         self.ok += other.ok;
+        self.warmup += other.warmup;
         for (k, v) in other.errors {
             *self.errors.entry(k).or_default() += v;
         }
@@ -252,6 +258,7 @@ pub async fn closed(
                 }
                 let result = conn.call(&target).await;
                 if sent < measure_from {
+                    tally.warmup += u64::from(result.is_ok());
                     continue;
                 }
                 match result {
@@ -272,7 +279,9 @@ pub async fn closed(
     while let Some(Ok(t)) = set.join_next().await {
         all.merge(t);
     }
-    Stats::from(&all.latency, all.ok, all.errors, duration.as_secs_f64())
+    let mut stats = Stats::from(&all.latency, all.ok, all.errors, duration.as_secs_f64());
+    stats.answered_total = all.ok + all.warmup;
+    stats
 }
 
 /// One request at a time on one connection, `count` times after `warmup` requests.
@@ -304,8 +313,21 @@ pub async fn sequential(target: &Target, warmup: usize, count: usize) -> Stats {
 /// Open loop: requests due at `rate` per second for `duration`, over up to `connections`
 /// connections. Latency counts from each request's due time.
 pub async fn open(target: &Target, rate: f64, duration: Duration, connections: usize) -> Stats {
+    open_after(target, rate, Duration::ZERO, duration, connections).await
+}
+
+/// [`open`], after `warmup` at the same rate whose requests are not counted (pools fill,
+/// connections open).
+pub async fn open_after(
+    target: &Target,
+    rate: f64,
+    warmup: Duration,
+    duration: Duration,
+    connections: usize,
+) -> Stats {
     let conns = open_connections(target.addr, connections).await;
-    let total = (rate * duration.as_secs_f64()).round() as u64;
+    let skipped = (rate * warmup.as_secs_f64()).round() as u64;
+    let total = skipped + (rate * duration.as_secs_f64()).round() as u64;
     let next = Arc::new(AtomicU64::new(0));
     let start = tokio::time::Instant::now() + Duration::from_millis(20);
     let mut set = JoinSet::new();
@@ -322,6 +344,9 @@ pub async fn open(target: &Target, rate: f64, duration: Duration, connections: u
                 let due = start + Duration::from_secs_f64(i as f64 / rate);
                 tokio::time::sleep_until(due).await;
                 let result = conn.call(&target).await;
+                if i < skipped {
+                    continue;
+                }
                 match result {
                     Ok(()) => {
                         tally.ok += 1;
@@ -337,12 +362,7 @@ pub async fn open(target: &Target, rate: f64, duration: Duration, connections: u
     while let Some(Ok(t)) = set.join_next().await {
         all.merge(t);
     }
-    Stats::from(
-        &all.latency,
-        all.ok,
-        all.errors,
-        start.elapsed().as_secs_f64(),
-    )
+    Stats::from(&all.latency, all.ok, all.errors, duration.as_secs_f64())
 }
 
 /// Streaming figures.
@@ -512,7 +532,14 @@ pub async fn hold_streams(target: &Target, n: usize, patience: Duration) -> Held
                 return;
             };
             if !response.status().is_success() {
-                failed.fetch_add(1, Ordering::Relaxed);
+                if failed.fetch_add(1, Ordering::Relaxed) == 0 {
+                    let status = response.status();
+                    let body = response.into_body().collect().await.map(|b| b.to_bytes());
+                    eprintln!(
+                        "first failed stream: {status} {:?}",
+                        body.unwrap_or_default()
+                    );
+                }
                 return;
             }
             let mut body = response.into_body();

@@ -70,6 +70,9 @@ enum Cmd {
         /// connections) instead of closed loop.
         #[arg(long)]
         rate: Option<f64>,
+        /// Instead: open this many streams, keep them open for `seconds`, then close them.
+        #[arg(long)]
+        hold: Option<usize>,
     },
     /// Serves the mock upstream (the harness starts it itself; this is for manual runs).
     Upstream {
@@ -94,6 +97,7 @@ fn main() -> anyhow::Result<()> {
             connections,
             seconds,
             rate,
+            hold,
         } => {
             let key = key.unwrap_or_else(config::bench_key);
             let target = load::Target {
@@ -106,6 +110,15 @@ fn main() -> anyhow::Result<()> {
                 .enable_all()
                 .build()?;
             let duration = std::time::Duration::from_secs(seconds);
+            if let Some(n) = hold {
+                return runtime.block_on(async {
+                    let held = load::hold_streams(&target, n, duration).await;
+                    println!("{} streams open, {} failed", held.open, held.failed);
+                    tokio::time::sleep(duration).await;
+                    held.release().await;
+                    Ok(())
+                });
+            }
             let stats = runtime.block_on(async {
                 match rate {
                     Some(rate) => load::open(&target, rate, duration, connections).await,

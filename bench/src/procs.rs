@@ -94,6 +94,36 @@ impl Drop for Proc {
     }
 }
 
+/// CPU time (user + system) used so far by `pid` and its child processes that are still
+/// running (nginx's workers), in seconds.
+pub fn cpu_seconds(pid: u32) -> f64 {
+    let ticks_per_second = 100.0; // USER_HZ on Linux
+    let fields = |p: &str| -> Option<(u32, f64)> {
+        let stat = fs::read_to_string(format!("/proc/{p}/stat")).ok()?;
+        // Fields after the command name, which is parenthesised and may hold spaces.
+        let rest = stat.rsplit_once(')')?.1;
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        let ppid = f.get(1)?.parse().ok()?;
+        let utime: f64 = f.get(11)?.parse().ok()?;
+        let stime: f64 = f.get(12)?.parse().ok()?;
+        Some((ppid, (utime + stime) / ticks_per_second))
+    };
+    let mut total = fields(&pid.to_string()).map_or(0.0, |(_, t)| t);
+    if let Ok(entries) = fs::read_dir("/proc") {
+        for e in entries.flatten() {
+            let name = e.file_name();
+            let name = name.to_string_lossy();
+            if name.bytes().all(|b| b.is_ascii_digit())
+                && let Some((ppid, t)) = fields(&name)
+                && ppid == pid
+            {
+                total += t;
+            }
+        }
+    }
+    total
+}
+
 /// Resident set size of `pid` in KiB.
 pub fn rss_kib(pid: u32) -> anyhow::Result<u64> {
     let status = fs::read_to_string(format!("/proc/{pid}/status"))?;

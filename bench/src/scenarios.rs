@@ -156,11 +156,23 @@ fn http_get_status(addr: SocketAddr, path: &str) -> Option<u16> {
 struct Bed {
     upstream: SocketAddr,
     nginx: SocketAddr,
+    nginx_pid: u32,
+    redis_pid: u32,
     plain: Gateway,
     full: Gateway,
 }
 
 impl Bed {
+    /// The process whose CPU time a subject costs (none for direct calls).
+    fn pid_of(&self, subject: &str) -> Option<u32> {
+        match subject {
+            "nginx" => Some(self.nginx_pid),
+            s if s.starts_with("tollgate + redis") => Some(self.full.proc.pid()),
+            s if s.starts_with("tollgate") => Some(self.plain.proc.pid()),
+            _ => None,
+        }
+    }
+
     /// The same request direct, through nginx, and through both gateways.
     fn subjects(&self, model: &str, stream: bool) -> Vec<(&'static str, Target)> {
         let base = direct(self.upstream, model, stream);
@@ -213,13 +225,15 @@ fn note_errors(report: &mut Report, scenario: &str, subject: &str, stats: &Stats
 pub async fn run(s: &Settings, report: &mut Report) -> anyhow::Result<()> {
     std::fs::create_dir_all(&s.work)?;
     let (_upstream, upstream) = procs::upstream(&s.work, 2)?;
-    let (_nginx, nginx) = procs::nginx(&s.work, upstream)?;
-    let (_redis, redis) = procs::redis(&s.work)?;
+    let (nginx_proc, nginx) = procs::nginx(&s.work, upstream)?;
+    let (redis_proc, redis) = procs::redis(&s.work)?;
     let resources = s.work.join("resources");
     config::write(&resources, upstream)?;
     let bed = Bed {
         upstream,
         nginx,
+        nginx_pid: nginx_proc.pid(),
+        redis_pid: redis_proc.pid(),
         plain: Gateway::start(s, "tollgate", &resources, None)?,
         full: Gateway::start(s, "tollgate + redis", &resources, Some(redis))?,
     };
@@ -339,8 +353,16 @@ async fn saturation(s: &Settings, report: &mut Report, bed: &Bed) -> anyhow::Res
             bed.plain.target("bench-cached", false),
         ));
         let mut nginx_rps = 0.0;
+        let mut nginx_cpu = 0.0;
         for (name, target) in &subjects {
+            let pid = bed.pid_of(name);
+            let cpu_before = pid.map(procs::cpu_seconds);
+            let redis_before = procs::cpu_seconds(bed.redis_pid);
             let stats = load::closed(target, conns, warmup, secs).await;
+            let cpu = pid
+                .zip(cpu_before)
+                .map(|(p, before)| procs::cpu_seconds(p) - before);
+            let redis_cpu = procs::cpu_seconds(bed.redis_pid) - redis_before;
             note_errors(report, &scenario, name, &stats);
             let row = report.add(&scenario, name, "throughput", stats.rps, "req/s");
             match *name {
@@ -364,6 +386,22 @@ async fn saturation(s: &Settings, report: &mut Report, bed: &Bed) -> anyhow::Res
                 _ => {}
             }
             report.add(&scenario, name, "p99 latency", us(stats.p99_us), "µs");
+            if let Some(cpu) = cpu {
+                // CPU time of the proxy process(es) per answered request: steadier than
+                // throughput on a shared machine, and what capacity planning needs.
+                let per = cpu * 1e6 / stats.answered_total.max(1) as f64;
+                let row = report.add(&scenario, name, "proxy CPU per request", per, "µs");
+                if *name == "nginx" {
+                    nginx_cpu = per;
+                } else if nginx_cpu > 0.0 {
+                    row.baseline = Some(("nginx".to_owned(), nginx_cpu));
+                    row.ratio = Some(per / nginx_cpu);
+                }
+            }
+            if name.contains("redis") {
+                let per = redis_cpu * 1e6 / stats.answered_total.max(1) as f64;
+                report.add(&scenario, name, "Redis CPU per request", per, "µs");
+            }
         }
     }
     Ok(())
@@ -372,7 +410,7 @@ async fn saturation(s: &Settings, report: &mut Report, bed: &Bed) -> anyhow::Res
 /// Streams one at a time: time to first token and the gaps between chunks.
 async fn streaming(s: &Settings, report: &mut Report, bed: &Bed) -> anyhow::Result<()> {
     const SCENARIO: &str = "Streaming (20 chunks, 5 ms apart), one stream at a time";
-    let count = s.scale(600, 60) as usize;
+    let count = s.scale(300, 60) as usize;
     let subjects = bed.subjects("bench-stream", true);
     let mut direct_ttft = 0.0;
     let mut direct_gap = 0.0;
@@ -458,7 +496,8 @@ async fn slow_upstream(
         ("direct", base),
         ("tollgate + redis", full.target("bench-slow", false)),
     ] {
-        let st = load::open(&target, rate, secs, conns).await;
+        // Two seconds first, not counted: connection pools fill up.
+        let st = load::open_after(&target, rate, Duration::from_secs(2), secs, conns).await;
         note_errors(report, &scenario, name, &st);
         report.add(&scenario, name, "answered", st.ok as f64, "count");
         let row = report.add(&scenario, name, "failed", st.failed() as f64, "count");

@@ -148,8 +148,13 @@ async fn answer(answers: Arc<Answers>, req: Request<Incoming>) -> Response<Body>
 pub async fn serve(listener: TcpListener) {
     let answers = Arc::new(Answers::new());
     let mut builder = auto::Builder::new(TokioExecutor::new());
-    // Thousands of streams may share one HTTP/2 connection from the gateway.
-    builder.http2().max_concurrent_streams(100_000);
+    // Thousands of streams may share one HTTP/2 connection from the gateway, and when
+    // clients go away the gateway resets thousands at once: no "too many resets" GOAWAY.
+    builder
+        .http2()
+        .max_concurrent_streams(100_000)
+        .max_pending_accept_reset_streams(usize::MAX)
+        .max_local_error_reset_streams(None);
     let builder = Arc::new(builder);
     loop {
         let Ok((stream, _)) = listener.accept().await else {

@@ -79,7 +79,10 @@ pub struct CompiledProvider {
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub headers: BTreeMap<String, String>,
     /// HTTP version towards the upstream.
-    #[serde(default, skip_serializing_if = "crate::v1alpha1::HttpVersion::is_auto")]
+    #[serde(
+        default,
+        skip_serializing_if = "crate::v1alpha1::HttpVersion::is_default"
+    )]
     pub http_version: crate::v1alpha1::HttpVersion,
 }
 

@@ -392,3 +392,58 @@ async fn reload(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const CONFIG: &str = "apiVersion: tollgate.dev/v1alpha1\nkind: Provider\nmetadata: {name: mock}\nspec: {type: mock, models: [{name: demo}]}\n";
+
+    #[test]
+    fn polls_read_contents_only_when_metadata_changes_and_reload_only_on_new_content() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("config.yaml");
+        std::fs::write(&file, CONFIG).unwrap();
+        let source = Source::Resources(dir.path().to_owned());
+        let Outcome::Loaded(first) = source.load_if_changed(None, false) else {
+            panic!("the first look loads");
+        };
+        let fp = first.fingerprint;
+
+        // Nothing touched: answered from metadata alone.
+        assert!(matches!(
+            source.load_if_changed(Some(&fp), false),
+            Outcome::Unchanged(None)
+        ));
+
+        // Rewritten with the same bytes: contents read, nothing reloaded, and the new
+        // metadata remembered.
+        std::thread::sleep(Duration::from_millis(10));
+        std::fs::write(&file, CONFIG).unwrap();
+        let Outcome::Unchanged(Some(touched)) = source.load_if_changed(Some(&fp), false) else {
+            panic!("same content after a rewrite is unchanged");
+        };
+        assert_eq!(touched.content, fp.content);
+        assert_ne!(touched.stat, fp.stat);
+
+        // New content, even with the old modification time restored: ctime still moves.
+        let mtime = std::fs::metadata(&file).unwrap().modified().unwrap();
+        std::fs::write(&file, CONFIG.replace("demo", "demo-2")).unwrap();
+        std::fs::File::options()
+            .write(true)
+            .open(&file)
+            .unwrap()
+            .set_modified(mtime)
+            .unwrap();
+        assert!(matches!(
+            source.load_if_changed(Some(&touched), false),
+            Outcome::Loaded(_)
+        ));
+
+        // A forced verification reads the contents whatever the metadata says.
+        assert!(matches!(
+            source.load_if_changed(Some(&touched), true),
+            Outcome::Loaded(_)
+        ));
+    }
+}

@@ -410,7 +410,12 @@ async fn attempt_once(
             translate::anthropic_to_openai_request(v, upstream_model)
         })?,
     };
-    let url = upstream::endpoint(config, req.operation, upstream_model);
+    // Parsed once per reload; parsing on the fly only for a model the snapshot lacks.
+    let url = match provider.endpoint(req.operation, upstream_model) {
+        Some(url) => url,
+        None => reqwest::Url::parse(&upstream::endpoint(config, req.operation, upstream_model))
+            .map_err(|_| Failure::Connect(config.id.clone()))?,
+    };
     let mut headers = upstream::headers(config, provider.credential.as_deref(), &req.request_id);
     crate::telemetry::inject(&tracing::Span::current(), req.trace, &mut headers);
 
@@ -437,7 +442,11 @@ async fn attempt_once(
     let response = match sent {
         Err(_) => return Err(Failure::Timeout),
         Ok(Err(e)) if e.is_timeout() => return Err(Failure::Timeout),
-        Ok(Err(_)) => return Err(Failure::Connect(config.id.clone())),
+        Ok(Err(e)) => {
+            // The cause (refused, reset, TLS, HTTP/2 GOAWAY…), for whoever debugs a 502.
+            tracing::debug!(provider = %config.id, error = %ErrorChain(&e), "upstream request failed");
+            return Err(Failure::Connect(config.id.clone()));
+        }
         Ok(Ok(r)) => r,
     };
     let conversion = Conversion::between(client_dialect, upstream_dialect, req.head, inject_usage);
@@ -618,4 +627,19 @@ async fn serve_mock(
         .into_response());
     }
     Ok(Json(completion).into_response())
+}
+
+/// Displays an error with its sources (reqwest's own message is only the outermost).
+struct ErrorChain<'a>(&'a (dyn std::error::Error + 'static));
+
+impl std::fmt::Display for ErrorChain<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.0)?;
+        let mut source = self.0.source();
+        while let Some(s) = source {
+            write!(f, ": {s}")?;
+            source = s.source();
+        }
+        Ok(())
+    }
 }

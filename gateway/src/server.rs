@@ -177,6 +177,8 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         });
     };
     crate::listener::serve(listener, router, settings.header_read_timeout, shutdown).await;
+    // Usage is written to Redis in batches: write the last one before exiting.
+    state.limits.flush_usage(Duration::from_secs(2)).await;
     tracing::info!("stopped");
     Ok(())
 }

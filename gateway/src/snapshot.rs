@@ -4,6 +4,8 @@
 use std::{collections::HashMap, sync::Arc};
 
 use sha2::{Digest, Sha256};
+
+use crate::upstream::Operation;
 use tollgate_api::{
     compile::patterns,
     config::{CompiledKey, CompiledProvider, CompiledRoute, GatewayConfig},
@@ -70,6 +72,15 @@ pub struct Provider {
     pub client: Option<reqwest::Client>,
     /// Concurrency slots (`maxConcurrency`) for this replica, if limited.
     pub slots: Option<Arc<tokio::sync::Semaphore>>,
+    /// Upstream URLs by upstream model name and operation, parsed once per reload.
+    endpoints: HashMap<String, [Option<reqwest::Url>; 4]>,
+}
+
+impl Provider {
+    /// The URL of `operation` for `upstream_model`.
+    pub fn endpoint(&self, operation: Operation, upstream_model: &str) -> Option<reqwest::Url> {
+        self.endpoints.get(upstream_model)?[operation as usize].clone()
+    }
 }
 
 // Never print the credential.
@@ -116,7 +127,17 @@ impl Snapshot {
                         built.map_err(|e| tracing::error!(provider = %id, error = %e, "cannot build an HTTP client")).ok()
                     });
                 let slots = config.max_concurrency.map(|n| Arc::new(tokio::sync::Semaphore::new(n as usize)));
-                (id, Arc::new(Provider { config, credential, client, slots }))
+                let endpoints = config
+                    .models
+                    .values()
+                    .map(|m| {
+                        let url = |op| {
+                            reqwest::Url::parse(&crate::upstream::endpoint(&config, op, &m.upstream_name)).ok()
+                        };
+                        (m.upstream_name.clone(), Operation::ALL.map(url))
+                    })
+                    .collect();
+                (id, Arc::new(Provider { config, credential, client, slots, endpoints }))
             })
             .collect();
 

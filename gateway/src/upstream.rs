@@ -44,6 +44,14 @@ pub fn dialect(kind: ProviderType) -> Option<Dialect> {
 }
 
 impl Operation {
+    /// Every operation, in declaration order (`op as usize` indexes this).
+    pub const ALL: [Self; 4] = [
+        Self::ChatCompletions,
+        Self::Completions,
+        Self::Embeddings,
+        Self::Messages,
+    ];
+
     /// The metric label.
     pub fn label(self) -> crate::metrics::OperationLabel {
         match self {
@@ -101,14 +109,22 @@ pub fn client_for(provider: &CompiledProvider) -> Result<reqwest::Client, reqwes
         .pool_max_idle_per_host(usize::MAX)
         .tcp_nodelay(true)
         .user_agent(concat!("tollgate/", env!("CARGO_PKG_VERSION")));
-    match provider.http_version {
-        HttpVersion::Auto => builder,
-        HttpVersion::Http1 => builder.http1_only(),
-        HttpVersion::Http2 => builder
-            .http2_prior_knowledge()
-            .http2_adaptive_window(true)
+    // HTTP/2 carries every request to the provider on one connection. Token streams are
+    // many small DATA frames, and h2 drops the whole connection (GOAWAY "too many data
+    // frames") when small frames buffered but not yet read exceed a budget of half the
+    // connection window: a large connection window keeps thousands of streams, a few of
+    // them read slowly by their clients, from tripping it. Each stream's own window stays
+    // modest, so a stalled client buffers little.
+    let http2 = |b: reqwest::ClientBuilder| {
+        b.http2_initial_connection_window_size(64 * 1024 * 1024)
+            .http2_initial_stream_window_size(256 * 1024)
             .http2_keep_alive_interval(Duration::from_secs(30))
-            .http2_keep_alive_while_idle(true),
+            .http2_keep_alive_while_idle(true)
+    };
+    match provider.http_version {
+        HttpVersion::Http1 => builder.http1_only(),
+        HttpVersion::Auto => http2(builder),
+        HttpVersion::Http2 => http2(builder.http2_prior_knowledge()),
     }
     .build()
 }

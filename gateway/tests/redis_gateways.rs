@@ -419,3 +419,67 @@ async fn gateways_report_the_configuration_they_serve_for_the_operator() {
     let age = jiff::Timestamp::now().as_millisecond() - score;
     assert!((0..10_000).contains(&age), "report {age} ms old");
 }
+
+#[tokio::test]
+async fn batched_usage_survives_a_redis_stall_and_is_flushed_at_shutdown() {
+    let redis = Redis::start();
+    let dir = tempfile::tempdir().unwrap();
+    config(dir.path(), 100_000);
+    let mut gw = Gateway::start(&[
+        "--resources",
+        dir.path().to_str().unwrap(),
+        "--redis-url",
+        &redis.url(),
+        "--redis-timeout",
+        "200ms",
+        "--drain-delay",
+        "0s",
+    ]);
+    let key = tollgate_api::usage::usage_key(
+        &tollgate_api::compile::key_id("default", "limited"),
+        tollgate_api::usage::TOTAL,
+    );
+    let requests = || redis.cli(&["HGET", &key, "requests"]).trim().to_owned();
+    for _ in 0..20 {
+        assert_eq!(call(&gw, LIMITED).await, 200);
+    }
+    assert!(
+        eventually(Duration::from_secs(5), || async { requests() == "20" }).await,
+        "20 requests written in batches: {}",
+        requests()
+    );
+
+    // Redis stalls: answers go on (failOpen) and their usage waits in the gateway.
+    redis.signal("STOP");
+    for _ in 0..5 {
+        assert_eq!(call(&gw, LIMITED).await, 200);
+    }
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    redis.signal("CONT");
+    assert!(
+        eventually(Duration::from_secs(5), || async { requests() == "25" }).await,
+        "usage kept through the stall and written after it: {}",
+        requests()
+    );
+
+    // Answered just before SIGTERM: written on the way out, not lost.
+    for _ in 0..3 {
+        assert_eq!(call(&gw, LIMITED).await, 200);
+    }
+    std::process::Command::new("kill")
+        .args(["-TERM", &gw.pid().to_string()])
+        .status()
+        .unwrap();
+    assert!(
+        gw.wait_exit(Duration::from_secs(10)).is_some(),
+        "gateway exits"
+    );
+    assert_eq!(requests(), "28", "the last batch is flushed at shutdown");
+    // Each batch deletes its confirmed predecessor's marker: one is left, not one per
+    // batch.
+    let markers = redis.cli(&["KEYS", "*:usage:batch:*"]);
+    assert!(
+        markers.lines().filter(|l| !l.trim().is_empty()).count() <= 1,
+        "batch markers pile up: {markers}"
+    );
+}

@@ -656,7 +656,7 @@ async fn the_route_per_try_timeout_caps_each_attempt() {
 }
 
 #[tokio::test]
-async fn http_version_http2_talks_h2c_to_the_upstream_and_auto_stays_on_http1() {
+async fn http_version_http2_talks_h2c_to_the_upstream_and_the_default_is_http1() {
     // An h2c-only upstream: HTTP/1.1 requests fail there, so a 200 proves HTTP/2.
     let h2 = Upstream::start_h2c().await;
     let h1 = Upstream::start().await;
@@ -687,7 +687,7 @@ async fn http_version_http2_talks_h2c_to_the_upstream_and_auto_stays_on_http1() 
     let seen: Vec<http::Version> = h2.received().iter().map(|r| r.version).collect();
     assert_eq!(seen, [http::Version::HTTP_2, http::Version::HTTP_2]);
 
-    // The default (`auto`) on a plain-HTTP upstream is HTTP/1.1 with keep-alive.
+    // The default (`http1`) is HTTP/1.1 with keep-alive.
     config(
         dir.path(),
         &providers,

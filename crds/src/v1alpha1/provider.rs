@@ -104,12 +104,14 @@ pub struct ProviderSpec {
     #[schemars(extend("maxProperties" = 32))]
     pub headers: BTreeMap<String, String>,
 
-    /// HTTP version towards the upstream. `auto` (default): HTTP/2 when the TLS handshake
-    /// offers it (as OpenAI and Anthropic do), HTTP/1.1 with keep-alive otherwise.
-    /// `http1`: HTTP/1.1 only. `http2`: HTTP/2 only, with prior knowledge (h2c) on
-    /// `http://` URLs; every request to the Provider then shares a few multiplexed
-    /// connections, for in-cluster servers that speak h2c.
-    #[serde(default, skip_serializing_if = "HttpVersion::is_auto")]
+    /// HTTP version towards the upstream. `http1` (default): HTTP/1.1 with a keep-alive
+    /// pool, one connection per request in flight, so concurrency is never capped by the
+    /// server. `auto`: HTTP/2 when the TLS handshake offers it, else HTTP/1.1. `http2`:
+    /// HTTP/2 only, with prior knowledge (h2c) on `http://` URLs. With HTTP/2 every request
+    /// to the Provider shares one multiplexed connection per gateway replica: far fewer
+    /// sockets, but requests beyond the server's concurrent-stream limit (often 100 to
+    /// 250) wait for a free stream.
+    #[serde(default, skip_serializing_if = "HttpVersion::is_default")]
     pub http_version: HttpVersion,
 }
 
@@ -117,19 +119,19 @@ pub struct ProviderSpec {
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, Hash, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub enum HttpVersion {
-    /// Negotiated: HTTP/2 over TLS when the server offers it, else HTTP/1.1.
+    /// HTTP/1.1 only, with a keep-alive pool.
     #[default]
-    Auto,
-    /// HTTP/1.1 only.
     Http1,
+    /// Negotiated: HTTP/2 over TLS when the server offers it, else HTTP/1.1.
+    Auto,
     /// HTTP/2 only (h2c with prior knowledge on `http://`).
     Http2,
 }
 
 impl HttpVersion {
     /// Whether this is the default.
-    pub fn is_auto(&self) -> bool {
-        *self == Self::Auto
+    pub fn is_default(&self) -> bool {
+        *self == Self::Http1
     }
 }
 

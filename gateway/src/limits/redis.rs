@@ -85,12 +85,17 @@ enum Outcome {
     Refused(Rejection),
 }
 
+/// How long a usage batch's marker is kept: retries of the batch within this time
+/// cannot count it twice.
+pub const USAGE_BATCH_MARKER_TTL: Duration = Duration::from_secs(3600);
+
 /// The shared store.
 #[derive(Clone)]
 pub struct RedisLimits {
     conn: SharedConn,
     admit: Script,
     settle: Script,
+    usage: Script,
     timeout: Duration,
     lease: Duration,
     cancels: std::sync::Arc<tokio::sync::Semaphore>,
@@ -147,6 +152,7 @@ impl RedisLimits {
             conn,
             admit: Script::new(include_str!("admit.lua")),
             settle: Script::new(include_str!("settle.lua")),
+            usage: Script::new(include_str!("usage.lua")),
             timeout,
             lease,
             cancels: std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_PENDING_CANCELS)),
@@ -533,40 +539,47 @@ impl RedisLimits {
         Ok(())
     }
 
-    /// Adds one answered request to the key's daily, monthly and total usage counters, in one
-    /// pipelined round trip.
+    /// Adds one batch of usage to a key's daily, monthly and total counters, exactly
+    /// once per `batch_id` (a retry of a batch that did apply changes nothing), and
+    /// deletes the marker of `confirmed`, the previous batch already known to have
+    /// applied. The key's counters and the markers share a hash slot.
     pub async fn record_usage(
         &self,
         key_id: &str,
-        input: u64,
-        output: u64,
-        spend: f64,
+        day: &str,
+        batch_id: &str,
+        confirmed: Option<&str>,
+        totals: &super::store::UsageTotals,
     ) -> Result<(), StoreError> {
         use tollgate_api::usage;
-        let (day, month) = usage::periods(jiff::Timestamp::now());
-        let mut pipe = redis::pipe();
-        for (period, ttl) in [
-            (day, usage::DAILY_TTL_SECS),
-            (month, usage::MONTHLY_TTL_SECS),
-            (usage::TOTAL.to_owned(), usage::MONTHLY_TTL_SECS),
-        ] {
-            let key = usage::usage_key(key_id, &period);
-            pipe.hincr(&key, usage::REQUESTS, 1u64)
-                .ignore()
-                .hincr(&key, usage::INPUT_TOKENS, input)
-                .ignore()
-                .hincr(&key, usage::OUTPUT_TOKENS, output)
-                .ignore()
-                .cmd("HINCRBYFLOAT")
-                .arg(&key)
-                .arg(usage::SPEND)
-                .arg(spend)
-                .ignore()
-                .expire(&key, ttl)
-                .ignore();
-        }
+        // `YYYY-MM-DD` names the day; its first seven characters, the month.
+        let month = day.get(..7).unwrap_or(day);
+        let markers = usage::usage_key(key_id, "batch");
+        let marker = format!("{markers}:{batch_id}");
+        let previous = format!("{markers}:{}", confirmed.unwrap_or("none"));
+        let mut invocation = self.usage.prepare_invoke();
+        invocation
+            .key(marker)
+            .key(usage::usage_key(key_id, day))
+            .key(usage::usage_key(key_id, month))
+            .key(usage::usage_key(key_id, usage::TOTAL))
+            .key(previous)
+            .arg(totals.requests)
+            .arg(totals.input)
+            .arg(totals.output)
+            .arg(totals.spend)
+            .arg(usage::DAILY_TTL_SECS)
+            .arg(usage::MONTHLY_TTL_SECS)
+            .arg(USAGE_BATCH_MARKER_TTL.as_millis() as u64)
+            .arg(usage::REQUESTS)
+            .arg(usage::INPUT_TOKENS)
+            .arg(usage::OUTPUT_TOKENS)
+            .arg(usage::SPEND)
+            .arg(if confirmed.is_some() { "1" } else { "0" });
         let mut conn = self.conn.clone();
-        let _: () = self.bounded("usage", pipe.query_async(&mut conn)).await?;
+        let _: i64 = self
+            .bounded("usage", invocation.invoke_async(&mut conn))
+            .await?;
         Ok(())
     }
 

@@ -2,9 +2,13 @@
 //! mode for when Redis is unreachable (`failOpen`: the in-process limiter takes over per
 //! replica; `failClosed`: requests that need a limit decision get 503).
 
-use std::sync::{
-    Arc,
-    atomic::{AtomicBool, Ordering},
+use std::{
+    collections::HashMap,
+    sync::{
+        Arc, OnceLock,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Duration,
 };
 
 use clap::ValueEnum;
@@ -61,6 +65,48 @@ pub struct Limits {
     mode: FailureMode,
     /// Whether the last Redis call succeeded (for `/readyz`, metrics and transition logs).
     redis_up: AtomicBool,
+    /// Usage on its way to Redis (started with the first answer).
+    usage: OnceLock<tokio::sync::mpsc::UnboundedSender<UsageMsg>>,
+}
+
+/// How often usage counters are written to Redis: requests of the same key within one
+/// interval cost one pipelined write, whatever the request rate.
+pub const USAGE_FLUSH_INTERVAL: Duration = Duration::from_millis(250);
+
+/// To the usage writer.
+#[derive(Debug)]
+enum UsageMsg {
+    /// One answered request.
+    Add {
+        key_id: String,
+        /// UTC day (`YYYY-MM-DD`) it was answered on.
+        day: String,
+        totals: UsageTotals,
+    },
+    /// Write everything now, then answer.
+    Flush(tokio::sync::oneshot::Sender<()>),
+}
+
+/// Counters added to a key's usage for one day.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct UsageTotals {
+    /// Answered requests.
+    pub requests: u64,
+    /// Input tokens.
+    pub input: u64,
+    /// Output tokens.
+    pub output: u64,
+    /// Spend.
+    pub spend: f64,
+}
+
+impl UsageTotals {
+    fn add(&mut self, other: Self) {
+        self.requests += other.requests;
+        self.input += other.input;
+        self.output += other.output;
+        self.spend += other.spend;
+    }
 }
 
 impl Limits {
@@ -71,6 +117,7 @@ impl Limits {
             shared: None,
             mode: FailureMode::FailOpen,
             redis_up: AtomicBool::new(true),
+            usage: OnceLock::new(),
         }
     }
 
@@ -81,6 +128,7 @@ impl Limits {
             shared: Some(redis),
             mode,
             redis_up: AtomicBool::new(true),
+            usage: OnceLock::new(),
         }
     }
 
@@ -142,22 +190,52 @@ impl Limits {
     }
 
     /// Records an answered request in the shared usage counters (when Redis is
-    /// configured), in the background.
+    /// configured). A background writer sums the requests of each key and writes them
+    /// every [`USAGE_FLUSH_INTERVAL`]; what Redis refuses is kept and written once it is
+    /// back, and shutdown flushes the rest ([`Limits::flush_usage`]).
     pub fn record_usage(self: &Arc<Self>, key_id: &str, input: u64, output: u64, spend: f64) {
         if self.shared.is_none() {
             return;
         }
-        let (this, key_id) = (self.clone(), key_id.to_owned());
-        if let Ok(handle) = tokio::runtime::Handle::try_current() {
-            handle.spawn(async move {
-                if let Some(redis) = &this.shared
-                    && let Err(e) = redis.record_usage(&key_id, input, output, spend).await
-                {
-                    tracing::debug!(error = %e, "recording usage in Redis failed");
-                    this.mark(false);
-                }
-            });
+        let Some(tx) = self.usage_writer() else {
+            return;
+        };
+        let (day, _) = tollgate_api::usage::periods(jiff::Timestamp::now());
+        let totals = UsageTotals {
+            requests: 1,
+            input,
+            output,
+            spend,
+        };
+        let _ = tx.send(UsageMsg::Add {
+            key_id: key_id.to_owned(),
+            day,
+            totals,
+        });
+    }
+
+    /// Writes the usage not yet in Redis, waiting at most `deadline`.
+    pub async fn flush_usage(&self, deadline: Duration) {
+        let Some(tx) = self.usage.get() else {
+            return;
+        };
+        let (done, wait) = tokio::sync::oneshot::channel();
+        if tx.send(UsageMsg::Flush(done)).is_ok() {
+            let _ = tokio::time::timeout(deadline, wait).await;
         }
+    }
+
+    fn usage_writer(self: &Arc<Self>) -> Option<&tokio::sync::mpsc::UnboundedSender<UsageMsg>> {
+        if let Some(tx) = self.usage.get() {
+            return Some(tx);
+        }
+        let handle = tokio::runtime::Handle::try_current().ok()?;
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        if self.usage.set(tx).is_ok() {
+            // The writer holds a weak reference, so dropping the limits ends it.
+            handle.spawn(write_usage(Arc::downgrade(self), rx));
+        }
+        self.usage.get()
     }
 
     /// Settles a reservation. Shared settlements run in the background so they never
@@ -183,5 +261,115 @@ impl Limits {
                 }
             }
         }
+    }
+}
+
+/// A batch of one key's usage for one day, with the id that makes it count once.
+#[derive(Debug)]
+struct UsageBatch {
+    id: String,
+    /// The previous batch of the same counters, confirmed: its marker can go.
+    confirmed: Option<String>,
+    totals: UsageTotals,
+}
+
+/// The usage writer: sums usage per key and day, and writes it every
+/// [`USAGE_FLUSH_INTERVAL`]. A batch that fails is retried with the same id (exactly
+/// once, even when the failure was a timeout and the first try did apply); meanwhile new
+/// usage of that key and day accumulates for the next batch, so an outage costs memory
+/// per key, not per request.
+async fn write_usage(
+    limits: std::sync::Weak<Limits>,
+    mut rx: tokio::sync::mpsc::UnboundedReceiver<UsageMsg>,
+) {
+    let mut pending: HashMap<(String, String), UsageTotals> = HashMap::new();
+    let mut unconfirmed: HashMap<(String, String), UsageBatch> = HashMap::new();
+    // The last confirmed batch of each key and day, whose marker the next one deletes.
+    let mut confirmed: HashMap<(String, String), String> = HashMap::new();
+    let mut ticker = tokio::time::interval(USAGE_FLUSH_INTERVAL);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let done = tokio::select! {
+            msg = rx.recv() => match msg {
+                Some(UsageMsg::Add { key_id, day, totals }) => {
+                    pending.entry((key_id, day)).or_default().add(totals);
+                    continue;
+                }
+                Some(UsageMsg::Flush(done)) => Some(done),
+                None => None,
+            },
+            _ = ticker.tick() => None,
+        };
+        // New batches only where none is awaiting confirmation.
+        pending.retain(|slot, totals| {
+            if unconfirmed.contains_key(slot) {
+                return true;
+            }
+            let id = format!("{:016x}", fastrand::u64(..));
+            let batch = UsageBatch {
+                id,
+                confirmed: confirmed.remove(slot),
+                totals: *totals,
+            };
+            unconfirmed.insert(slot.clone(), batch);
+            false
+        });
+        if !unconfirmed.is_empty() {
+            let Some(limits) = limits.upgrade() else {
+                return;
+            };
+            for (slot, id) in limits.write_batches(&mut unconfirmed).await {
+                confirmed.insert(slot, id);
+            }
+            // Days gone by get no more batches: forget their last ids (the markers
+            // expire on their own).
+            if confirmed.len() > 1024 {
+                let (today, _) = tollgate_api::usage::periods(jiff::Timestamp::now());
+                confirmed.retain(|(_, day), _| *day == today);
+            }
+        }
+        if let Some(done) = done {
+            let _ = done.send(());
+        }
+    }
+}
+
+impl Limits {
+    /// Writes the batches to Redis, removing and returning those confirmed.
+    async fn write_batches(
+        &self,
+        batches: &mut HashMap<(String, String), UsageBatch>,
+    ) -> Vec<((String, String), String)> {
+        let Some(redis) = &self.shared else {
+            batches.clear();
+            return Vec::new();
+        };
+        let writes = batches.iter().map(|((key_id, day), batch)| async move {
+            let result = redis
+                .record_usage(
+                    key_id,
+                    day,
+                    &batch.id,
+                    batch.confirmed.as_deref(),
+                    &batch.totals,
+                )
+                .await;
+            ((key_id.clone(), day.clone()), result)
+        });
+        let mut done = Vec::new();
+        for (slot, result) in futures_util::future::join_all(writes).await {
+            match result {
+                Ok(()) => {
+                    if let Some(batch) = batches.remove(&slot) {
+                        done.push((slot, batch.id));
+                    }
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, "recording usage in Redis failed; retried next time");
+                    self.mark(false);
+                }
+            }
+        }
+        done
     }
 }
