@@ -101,12 +101,17 @@ impl Operation {
     }
 }
 
+/// Idle keep-alive connections kept per provider and replica.
+pub const MAX_IDLE_CONNECTIONS: usize = 1024;
+
 /// A pooled client for one provider, with its connect timeout.
 pub fn client_for(provider: &CompiledProvider) -> Result<reqwest::Client, reqwest::Error> {
     let builder = reqwest::Client::builder()
         .connect_timeout(Duration::from_millis(provider.connect_timeout_ms))
         .pool_idle_timeout(Duration::from_secs(90))
-        .pool_max_idle_per_host(usize::MAX)
+        // After a burst, keep enough warm connections for the next one, not all of them:
+        // each idle connection holds its buffers.
+        .pool_max_idle_per_host(MAX_IDLE_CONNECTIONS)
         .tcp_nodelay(true)
         .user_agent(concat!("tollgate/", env!("CARGO_PKG_VERSION")));
     // HTTP/2 carries every request to the provider on one connection. Token streams are
