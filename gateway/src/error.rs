@@ -12,18 +12,13 @@ use serde_json::json;
 /// An error answered to a client.
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
-    /// No key, or a key that is unknown, disabled, revoked or expired (deliberately one
-    /// answer for all, so callers learn nothing about which).
+    /// No key, or a key that is malformed (including a bad checksum), unknown, disabled,
+    /// revoked or expired (deliberately one answer for all, so callers learn nothing
+    /// about which).
     #[error(
         "Incorrect API key provided. Pass a valid key as `Authorization: Bearer <key>` or `x-api-key: <key>`."
     )]
     Unauthorized,
-    /// A key shaped like a generated one whose checksum does not match: a typo or a
-    /// truncated copy, caught without a lookup.
-    #[error(
-        "Malformed API key: its checksum does not match (a typo or an incomplete copy?). Copy the key again from its Secret."
-    )]
-    MalformedKey,
     /// The key may not use this model.
     #[error("This API key is not allowed to use the model `{0}`.")]
     ModelNotAllowed(String),
@@ -95,7 +90,7 @@ impl ApiError {
     /// HTTP status.
     pub fn status(&self) -> StatusCode {
         match self {
-            Self::Unauthorized | Self::MalformedKey => StatusCode::UNAUTHORIZED,
+            Self::Unauthorized => StatusCode::UNAUTHORIZED,
             Self::ModelNotAllowed(_) => StatusCode::FORBIDDEN,
             Self::ModelNotFound(_) | Self::NotFound { .. } => StatusCode::NOT_FOUND,
             Self::BadRequest { .. } => StatusCode::BAD_REQUEST,
@@ -115,7 +110,6 @@ impl ApiError {
     pub fn error_type(&self) -> &'static str {
         match self {
             Self::Unauthorized
-            | Self::MalformedKey
             | Self::ModelNotFound(_)
             | Self::BadRequest { .. }
             | Self::PayloadTooLarge(_)
@@ -139,7 +133,7 @@ impl ApiError {
     /// OpenAI's `code` field: stable, machine-readable.
     pub fn code(&self) -> &'static str {
         match self {
-            Self::Unauthorized | Self::MalformedKey => "invalid_api_key",
+            Self::Unauthorized => "invalid_api_key",
             Self::ModelNotAllowed(_) => "model_not_allowed",
             Self::ModelNotFound(_) => "model_not_found",
             Self::BadRequest { .. } => "invalid_request",

@@ -38,6 +38,8 @@ impl Gateway {
     pub fn start_with_env(args: &[&str], env: &[(&str, &str)]) -> Self {
         let mut child = Command::new(env!("CARGO_BIN_EXE_tollgate-gateway"))
             .args(args)
+            // `env` may set its own level.
+            .env("RUST_LOG", "info")
             .envs(env.iter().copied())
             .args([
                 "--listen",
@@ -47,7 +49,6 @@ impl Gateway {
                 "--log-format",
                 "json",
             ])
-            .env("RUST_LOG", "info")
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
