@@ -46,6 +46,23 @@ pub fn parse_head(body: &[u8]) -> Result<RequestHead, ApiError> {
             None,
         ));
     }
+    // JSON is UTF-8 (RFC 8259); skipped fields would otherwise reach the upstream
+    // unchecked.
+    if let Err(e) = std::str::from_utf8(body) {
+        return Err(ApiError::bad_request(
+            format!(
+                "The request body is not valid UTF-8 (at byte {}).",
+                e.valid_up_to()
+            ),
+            None,
+        ));
+    }
+    if nesting_exceeds(body, MAX_NESTING) {
+        return Err(ApiError::bad_request(
+            format!("The request body nests JSON deeper than {MAX_NESTING} levels."),
+            None,
+        ));
+    }
     serde_json::from_slice::<RequestHead>(body).map_err(|e| {
         let message = e.to_string();
         if message.contains("missing field `model`") {
@@ -56,6 +73,40 @@ pub fn parse_head(body: &[u8]) -> Result<RequestHead, ApiError> {
             ApiError::bad_request(format!("Invalid request: {e}"), None)
         }
     })
+}
+
+/// Deepest JSON nesting accepted: the limit of every full parse the gateway makes
+/// (translation, caching, usage injection), applied to every request alike, so whether a
+/// body is refused does not depend on the route it takes.
+pub const MAX_NESTING: usize = 128;
+
+/// Whether arrays and objects in `body` nest deeper than `limit` (strings skipped). One
+/// pass over the bytes, no allocation.
+fn nesting_exceeds(body: &[u8], limit: usize) -> bool {
+    let (mut depth, mut in_string, mut escaped) = (0usize, false, false);
+    for &b in body {
+        if in_string {
+            match b {
+                _ if escaped => escaped = false,
+                b'\\' => escaped = true,
+                b'"' => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_string = true,
+            b'[' | b'{' => {
+                depth += 1;
+                if depth > limit {
+                    return true;
+                }
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    false
 }
 
 /// A rough prompt-token estimate (about four bytes per token), used for mock usage and
@@ -83,10 +134,35 @@ mod tests {
             (b"{not json", "not valid JSON"),
             (br#"{"messages":[]}"#, "must provide a model"),
             (br#"{"model":42}"#, "Invalid request"),
+            (b"{\"model\":\"m\",\"x\":\"\xff\"}", "not valid UTF-8"),
+            (
+                format!(
+                    r#"{{"model":"m","x":{}{}}}"#,
+                    "[".repeat(200),
+                    "]".repeat(200)
+                )
+                .as_bytes(),
+                "deeper than 128",
+            ),
         ] {
             let err = parse_head(body).unwrap_err();
             assert_eq!(err.status(), 400);
             assert!(err.to_string().contains(needle), "{err}");
         }
+    }
+}
+
+#[cfg(test)]
+mod nesting {
+    use super::*;
+
+    #[test]
+    fn nesting_is_counted_outside_strings_only() {
+        let deep = |n: usize| format!("{}{}", "[".repeat(n), "]".repeat(n));
+        assert!(!nesting_exceeds(deep(128).as_bytes(), 128));
+        assert!(nesting_exceeds(deep(129).as_bytes(), 128));
+        // Brackets inside strings, escaped quotes included, do not count.
+        let text = format!(r#"{{"a":"{}\"{}"}}"#, "[".repeat(500), "{".repeat(500));
+        assert!(!nesting_exceeds(text.as_bytes(), 128));
     }
 }
