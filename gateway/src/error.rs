@@ -19,6 +19,9 @@ pub enum ApiError {
         "Incorrect API key provided. Pass a valid key as `Authorization: Bearer <key>` or `x-api-key: <key>`."
     )]
     Unauthorized,
+    /// Too many failed authentications from this client address.
+    #[error("Too many failed authentications from this address; retry later.")]
+    AuthThrottled(std::time::Duration),
     /// The key may not use this model.
     #[error("This API key is not allowed to use the model `{0}`.")]
     ModelNotAllowed(String),
@@ -100,7 +103,9 @@ impl ApiError {
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
             Self::Upstream(_) => StatusCode::BAD_GATEWAY,
             Self::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
-            Self::UpstreamRateLimited(_) | Self::LimitExceeded(_) => StatusCode::TOO_MANY_REQUESTS,
+            Self::UpstreamRateLimited(_) | Self::LimitExceeded(_) | Self::AuthThrottled(_) => {
+                StatusCode::TOO_MANY_REQUESTS
+            }
             Self::UpstreamUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             Self::NotImplemented(_) => StatusCode::NOT_IMPLEMENTED,
         }
@@ -121,7 +126,7 @@ impl ApiError {
             | Self::Upstream(_)
             | Self::UpstreamTimeout
             | Self::NotImplemented(_) => "server_error",
-            Self::UpstreamRateLimited(_) => "rate_limit_error",
+            Self::UpstreamRateLimited(_) | Self::AuthThrottled(_) => "rate_limit_error",
             Self::LimitExceeded(r) if r.limit == crate::limits::Limit::Budget => {
                 "insufficient_quota"
             }
@@ -146,6 +151,7 @@ impl ApiError {
             Self::Upstream(_) => "upstream_error",
             Self::UpstreamTimeout => "upstream_timeout",
             Self::UpstreamRateLimited(_) => "upstream_rate_limited",
+            Self::AuthThrottled(_) => "too_many_auth_failures",
             Self::LimitExceeded(r) if r.limit == crate::limits::Limit::Budget => {
                 "insufficient_quota"
             }
@@ -187,6 +193,7 @@ impl IntoResponse for ApiError {
                 Some(after.unwrap_or(std::time::Duration::from_secs(1)))
             }
             Self::LimitExceeded(r) => r.retry_after,
+            Self::AuthThrottled(wait) => Some(*wait),
             _ => None,
         };
         let headers = response.headers_mut();

@@ -12,18 +12,31 @@ use hyper_util::{
 };
 use tokio::net::TcpListener;
 
+use crate::http::ClientAddr;
+
+/// How connections are served.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Deadline for a request's headers.
+    pub header_timeout: Duration,
+    /// Header naming the client address (first of a comma-separated list), trusted
+    /// instead of the peer address when set.
+    pub client_address_header: Option<http::HeaderName>,
+}
+
 /// Serves `router` until `shutdown` completes, then stops accepting and waits for open
-/// connections to finish their in-flight requests (the caller bounds that wait).
+/// connections to finish their in-flight requests (the caller bounds that wait). Each
+/// request carries its [`ClientAddr`].
 pub async fn serve(
     listener: TcpListener,
     router: Router,
-    header_timeout: Duration,
+    options: Options,
     shutdown: impl Future<Output = ()>,
 ) {
     let graceful = GracefulShutdown::new();
     let mut shutdown = pin!(shutdown);
     loop {
-        let (stream, _) = tokio::select! {
+        let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok(conn) => conn,
                 Err(e) => {
@@ -38,10 +51,14 @@ pub async fn serve(
         let _ = stream.set_nodelay(true);
         let connection = http1::Builder::new()
             .timer(TokioTimer::new())
-            .header_read_timeout(header_timeout)
+            .header_read_timeout(options.header_timeout)
             .serve_connection(
                 TokioIo::new(stream),
-                TowerToHyperService::new(router.clone()),
+                TowerToHyperService::new(with_client_addr(
+                    router.clone(),
+                    peer.ip(),
+                    options.client_address_header.clone(),
+                )),
             );
         let connection = graceful.watch(connection);
         tokio::spawn(async move {
@@ -52,4 +69,35 @@ pub async fn serve(
     }
     drop(listener);
     graceful.shutdown().await;
+}
+
+/// `router`, with each request's [`ClientAddr`] set: the first address of `header` when
+/// configured and parseable, else the peer.
+fn with_client_addr(
+    router: Router,
+    peer: std::net::IpAddr,
+    header: Option<http::HeaderName>,
+) -> tower::util::MapRequest<
+    Router,
+    impl Fn(http::Request<hyper::body::Incoming>) -> http::Request<hyper::body::Incoming> + Clone,
+> {
+    tower::util::MapRequest::new(
+        router,
+        move |mut req: http::Request<hyper::body::Incoming>| {
+            let forwarded = header.as_ref().and_then(|h| {
+                req.headers()
+                    .get(h)?
+                    .to_str()
+                    .ok()?
+                    .split(',')
+                    .next()?
+                    .trim()
+                    .parse()
+                    .ok()
+            });
+            req.extensions_mut()
+                .insert(ClientAddr(forwarded.unwrap_or(peer)));
+            req
+        },
+    )
 }

@@ -130,6 +130,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
             shared_cache,
         )),
         cache_enabled: settings.cache_max_bytes > 0,
+        auth_throttle: crate::http::AuthThrottle::new(settings.auth_failures_per_minute),
     });
     let router = app(
         state.clone(),
@@ -176,7 +177,23 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
             std::process::exit(0);
         });
     };
-    crate::listener::serve(listener, router, settings.header_read_timeout, shutdown).await;
+    let client_address_header =
+        match settings.client_address_header.as_deref() {
+            Some(name) => Some(http::HeaderName::try_from(name.trim()).with_context(|| {
+                format!("--client-address-header {name:?} is not a header name")
+            })?),
+            None => None,
+        };
+    crate::listener::serve(
+        listener,
+        router,
+        crate::listener::Options {
+            header_timeout: settings.header_read_timeout,
+            client_address_header,
+        },
+        shutdown,
+    )
+    .await;
     // Usage is written to Redis in batches: write the last one before exiting.
     state.limits.flush_usage(Duration::from_secs(2)).await;
     tracing::info!("stopped");

@@ -106,6 +106,19 @@ pub struct Settings {
     #[arg(long, env = "TOLLGATE_REDIS_FAILURE_MODE", value_enum, default_value_t = FailureMode::FailOpen)]
     pub redis_failure_mode: FailureMode,
 
+    /// Failed authentications allowed per client address and minute; past that, the
+    /// address gets 429 (`too_many_auth_failures`) until its allowance refills. 0 turns
+    /// the throttle off.
+    #[arg(long, env = "TOLLGATE_AUTH_FAILURES_PER_MINUTE", default_value_t = 60)]
+    pub auth_failures_per_minute: u32,
+
+    /// Take the client address from this request header (its first address, e.g.
+    /// `x-forwarded-for`) instead of the connection's peer. Set it only when every
+    /// request passes a proxy that sets the header; behind an L7 proxy without it, all
+    /// clients share the proxy's address for the failed-authentication throttle.
+    #[arg(long, env = "TOLLGATE_CLIENT_ADDRESS_HEADER", value_name = "HEADER")]
+    pub client_address_header: Option<String>,
+
     /// Browser origins allowed to call the API (CORS), comma-separated; `*` allows any.
     /// Empty (the default) sends no CORS headers, so browsers refuse cross-origin calls.
     #[arg(long, env = "TOLLGATE_CORS_ORIGINS", value_delimiter = ',')]

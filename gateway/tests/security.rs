@@ -357,3 +357,53 @@ async fn security_headers_are_on_every_response_errors_and_streams_included() {
         assert!(headers.contains_key("x-request-id"), "{what}");
     }
 }
+
+#[tokio::test]
+async fn failed_authentications_are_throttled_per_client_address() {
+    let gw = Gateway::start(&[
+        "--resources",
+        common::examples().to_str().unwrap(),
+        "--auth-failures-per-minute",
+        "5",
+        "--client-address-header",
+        "x-forwarded-for",
+    ]);
+    let dev = "tg_localDevKeyForTheMockProviderOnly00000003";
+    let body = json!({"model": "demo-chat", "messages": [{"role": "user", "content": "hi"}]});
+    let call = |key: &'static str, from: Option<&'static str>| {
+        let mut req = client()
+            .post(gw.url("/v1/chat/completions"))
+            .bearer_auth(key)
+            .json(&body);
+        if let Some(addr) = from {
+            req = req.header("x-forwarded-for", format!("{addr}, 10.0.0.1"));
+        }
+        req.send()
+    };
+    let attacker = Some("203.0.113.7");
+    for _ in 0..5 {
+        assert_eq!(call("tg_guess", attacker).await.unwrap().status(), 401);
+    }
+    let refused = call("tg_guess", attacker).await.unwrap();
+    assert_eq!(refused.status(), 429);
+    let retry_after: u64 = refused.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(
+        (1..=12).contains(&retry_after),
+        "about 60 s / 5: {retry_after}"
+    );
+    let error: Value = refused.json().await.unwrap();
+    assert_eq!(error["error"]["code"], "too_many_auth_failures");
+    // The address is throttled whatever key it sends, before any lookup…
+    assert_eq!(call(dev, attacker).await.unwrap().status(), 429);
+    // …and only that address.
+    assert_eq!(call(dev, Some("198.51.100.1")).await.unwrap().status(), 200);
+    assert_eq!(
+        call(dev, None).await.unwrap().status(),
+        200,
+        "the peer address"
+    );
+}

@@ -27,6 +27,28 @@ fn presented(headers: &HeaderMap) -> Option<&str> {
         .map(str::trim)
 }
 
+/// [`authenticate`], throttled per client address: an address past its allowance of
+/// failures gets 429 before any lookup, and each failure counts against it.
+pub fn authenticate_client(
+    state: &super::AppState,
+    parts: &http::request::Parts,
+    snapshot: &Snapshot,
+) -> Result<Arc<Key>, ApiError> {
+    let client = parts.extensions.get::<super::ClientAddr>().map(|c| c.0);
+    if let Some(ip) = client
+        && let Some(wait) = state.auth_throttle.check(ip)
+    {
+        return Err(ApiError::AuthThrottled(wait));
+    }
+    let key = authenticate(&parts.headers, snapshot, &state.revocations);
+    if key.is_err()
+        && let Some(ip) = client
+    {
+        state.auth_throttle.failed(ip);
+    }
+    key
+}
+
 /// The calling key, or 401 for a missing, unknown, revoked or expired one.
 pub fn authenticate(
     headers: &HeaderMap,

@@ -7,6 +7,9 @@ mod caching;
 mod health;
 mod models;
 mod openai;
+mod throttle;
+
+pub use throttle::{AuthThrottle, ClientAddr};
 
 use std::{
     sync::{
@@ -60,6 +63,8 @@ pub struct AppState {
     pub cache: Arc<crate::cache::Cache>,
     /// Whether the cache is on (`--cache-max-bytes` above 0).
     pub cache_enabled: bool,
+    /// Failed-authentication throttle per client address.
+    pub auth_throttle: AuthThrottle,
 }
 
 impl AppState {

@@ -3,18 +3,18 @@
 use std::sync::Arc;
 
 use axum::{Json, extract::State};
-use http::HeaderMap;
 use serde_json::{Value, json};
 
-use super::{AppState, auth::authenticate};
+use super::{AppState, auth::authenticate_client};
 use crate::error::ApiError;
 
 pub async fn list_models(
     State(state): State<Arc<AppState>>,
-    headers: HeaderMap,
+    request: axum::extract::Request,
 ) -> Result<Json<Value>, ApiError> {
     let snapshot = state.snapshot()?;
-    let key = authenticate(&headers, &snapshot, &state.revocations)?;
+    let (parts, _) = request.into_parts();
+    let key = authenticate_client(&state, &parts, &snapshot)?;
     let data: Vec<Value> = snapshot
         .model_names()
         .into_iter()

@@ -9,7 +9,7 @@ use axum::{
     response::{IntoResponse, Response},
 };
 
-use super::{AppState, admission, auth::authenticate, caching, read_body, request_id};
+use super::{AppState, admission, auth::authenticate_client, caching, read_body, request_id};
 use crate::{
     accounting::UsageReport,
     error::ApiError,
@@ -232,7 +232,7 @@ async fn serve(
     } = cx;
     let snapshot = state.snapshot()?;
     let (parts, body) = request.into_parts();
-    let key = authenticate(&parts.headers, &snapshot, &state.revocations)?;
+    let key = authenticate_client(state, &parts, &snapshot)?;
     seen.key_id = Some(key.entry.id.clone());
     seen.owner = Some(key.entry.owner.clone());
     let body = read_body(body, state.max_body_bytes, state.body_read_timeout).await?;
