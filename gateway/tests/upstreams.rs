@@ -709,3 +709,64 @@ async fn http_version_http2_talks_h2c_to_the_upstream_and_the_default_is_http1()
             .all(|r| r.version == http::Version::HTTP_11)
     );
 }
+
+#[tokio::test]
+async fn no_retry_storm_when_every_upstream_fails_under_concurrent_load() {
+    // Two failing targets, retries on, 100 clients at once: attempts stay within
+    // 1 + retries per request, and once both circuits open, almost none reach upstream.
+    let (a, b) = (Upstream::start().await, Upstream::start().await);
+    let breaker = "  circuitBreaker: {failureThreshold: 5, openDuration: 60s}\n";
+    let providers = format!(
+        "{}---\n{}",
+        provider("a", "openaiCompatible", &a.base_url(), breaker),
+        provider("b", "openaiCompatible", &b.base_url(), breaker),
+    );
+    let route = "  models: [gpt-4o]\n  targets: [{provider: a}, {provider: b}]\n  retries: {attempts: 2, initialBackoff: 5ms, maxBackoff: 10ms}\n";
+    let (gw, _dir) = start(&providers, route).await;
+    for up in [&a, &b] {
+        up.script(
+            (0..1000).map(|_| Reply::Json(500, json!({"error": {"message": "down"}}), vec![])),
+        );
+    }
+    let requests = 100;
+    let mut calls = Vec::new();
+    for _ in 0..requests {
+        let gw = &gw;
+        calls.push(async move {
+            let resp = post(gw, r#"{"model":"gpt-4o","messages":[]}"#).await;
+            let status = resp.status().as_u16();
+            let body: Value = resp.json().await.expect("a JSON error body");
+            (status, body)
+        });
+    }
+    let answers = futures_util::future::join_all(calls).await;
+    for (status, body) in &answers {
+        assert!(matches!(status, 502 | 503), "{status} {body}");
+        assert!(body["error"]["message"].is_string(), "{body}");
+    }
+    let attempts = a.received().len() + b.received().len();
+    assert!(
+        attempts <= requests * 3,
+        "attempts bounded by (1 + retries) per request: {attempts}"
+    );
+    let opened = answers.iter().filter(|(s, _)| *s == 503).count();
+    assert!(opened > 0, "the circuits opened");
+    // Later requests are not sent at all.
+    let before = attempts;
+    for _ in 0..20 {
+        assert_eq!(
+            post(&gw, r#"{"model":"gpt-4o","messages":[]}"#)
+                .await
+                .status(),
+            503
+        );
+    }
+    assert_eq!(
+        a.received().len() + b.received().len(),
+        before,
+        "open circuits shed load"
+    );
+    eprintln!(
+        "{requests} concurrent requests against two failing upstreams: {attempts} upstream attempts, {opened} answered 503 by open circuits"
+    );
+}
