@@ -168,6 +168,23 @@ fn reservations_open(redis: &Redis) -> Vec<String> {
         .collect()
 }
 
+/// Waits until Redis holds no concurrency lease and no budget reservation.
+async fn nothing_held(redis: &Redis) {
+    assert!(
+        eventually(Duration::from_secs(5), || async { leases_held(redis) == 0 }).await,
+        "leases still held: {}",
+        leases_held(redis)
+    );
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            reservations_open(redis).is_empty()
+        })
+        .await,
+        "budget reservations still open: {:?}",
+        reservations_open(redis)
+    );
+}
+
 fn usage_counter(redis: &Redis, field: &str) -> f64 {
     let key_id = tollgate_api::compile::key_id("default", "client");
     let (_, month) = tollgate_api::usage::periods(jiff::Timestamp::now());
@@ -297,22 +314,7 @@ async fn clients_that_walk_away_mid_stream_cancel_the_upstream_are_billed_and_le
     );
 
     // Nothing stays held: no lease, no budget reservation, no socket.
-    assert!(
-        eventually(Duration::from_secs(5), || async {
-            leases_held(&redis) == 0
-        })
-        .await,
-        "leases still held: {}",
-        leases_held(&redis)
-    );
-    assert!(
-        eventually(Duration::from_secs(5), || async {
-            reservations_open(&redis).is_empty()
-        })
-        .await,
-        "budget reservations still open: {:?}",
-        reservations_open(&redis)
-    );
+    nothing_held(&redis).await;
     assert!(
         eventually(Duration::from_secs(5), || async {
             open_fds(gw.pid()) <= fds_before
@@ -406,22 +408,7 @@ async fn a_client_that_gives_up_before_the_answer_cancels_the_upstream_call_and_
         "four abandoned calls cancelled {:?} after they were sent",
         gone.elapsed()
     );
-    assert!(
-        eventually(Duration::from_secs(5), || async {
-            leases_held(&redis) == 0
-        })
-        .await,
-        "leases still held: {}",
-        leases_held(&redis)
-    );
-    assert!(
-        eventually(Duration::from_secs(5), || async {
-            reservations_open(&redis).is_empty()
-        })
-        .await,
-        "budget reservations still open: {:?}",
-        reservations_open(&redis)
-    );
+    nothing_held(&redis).await;
     assert_eq!(
         budget_spent(&redis),
         spent_before,
