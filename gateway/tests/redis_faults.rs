@@ -1,10 +1,12 @@
 //! Redis faults under sustained load, in both failure modes: Redis killed and restarted
-//! empty, hung (SIGSTOP) and paused (`CLIENT PAUSE … ALL`) while four clients keep calling
-//! one gateway. failOpen answers every request; failClosed answers 503 only while Redis is
-//! unreachable; no request waits much longer than the Redis timeout; and once Redis answers
-//! again the gateway goes back to the shared limits on its own, without a restart. Nor may
-//! a request the gateway gave up on at admission keep holding a concurrency lease or a
-//! budget reservation once Redis is back.
+//! empty, hung (SIGSTOP), paused (`CLIENT PAUSE … ALL`) and out of memory (writes refused
+//! with `noeviction`, keys evicted with `allkeys-lru`) while four clients keep calling one
+//! gateway. failOpen answers every request; failClosed answers 503 only while Redis is
+//! unreachable or refuses writes; no request waits much longer than the Redis timeout; and
+//! once Redis answers again the gateway goes back to the shared limits on its own, without
+//! a restart. Nor may a request the gateway gave up on at admission keep holding a
+//! concurrency lease or a budget reservation once Redis is back; and usage written while
+//! Redis refused writes arrives once it accepts them again, exactly once.
 //!
 //! Run with `--nocapture` to see each scenario's status mix, added latency and recovery
 //! time.
@@ -160,6 +162,53 @@ async fn load(
     samples
 }
 
+/// A gateway on the test config, sharing limits through `redis_url` in `mode`.
+fn start_gateway(dir: &std::path::Path, redis_url: &str, mode: &str) -> Gateway {
+    Gateway::start(&[
+        "--resources",
+        dir.to_str().unwrap(),
+        "--redis-url",
+        redis_url,
+        "--redis-timeout",
+        REDIS_TIMEOUT,
+        "--redis-failure-mode",
+        mode,
+    ])
+}
+
+/// [`LOOPS`] client loops calling `gw` with `key` until `stop`.
+fn spawn_load(
+    gw: &Gateway,
+    key: &'static str,
+    stop: &Arc<AtomicBool>,
+    epoch: Instant,
+) -> Vec<tokio::task::JoinHandle<Vec<Sample>>> {
+    (0..LOOPS)
+        .map(|_| {
+            tokio::spawn(load(
+                gw.url("/v1/chat/completions"),
+                key,
+                stop.clone(),
+                epoch,
+            ))
+        })
+        .collect()
+}
+
+/// Lets the load run 700 ms more, stops it and gathers its samples.
+async fn finish(
+    stop: &AtomicBool,
+    loops: Vec<tokio::task::JoinHandle<Vec<Sample>>>,
+) -> Vec<Sample> {
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    stop.store(true, Ordering::Relaxed);
+    let mut samples = Vec::new();
+    for l in loops {
+        samples.extend(l.await.unwrap());
+    }
+    samples
+}
+
 async fn readyz(gw: &Gateway) -> (u16, Value) {
     let resp = http().get(gw.url("/readyz")).send().await.unwrap();
     (resp.status().as_u16(), resp.json().await.unwrap())
@@ -209,6 +258,15 @@ fn latency(s: &Sample) -> Duration {
     s.end - s.start
 }
 
+/// Answers other than 200 or failClosed's OpenAI-shaped 503.
+fn neither_ok_nor_unavailable<'a>(samples: &[&'a Sample]) -> Vec<&'a Sample> {
+    samples
+        .iter()
+        .copied()
+        .filter(|s| !(s.status == 200 || (s.status == 503 && is_limits_unavailable_error(&s.body))))
+        .collect()
+}
+
 /// Whether `body` is the OpenAI-shaped error failClosed answers while limits cannot be
 /// checked.
 fn is_limits_unavailable_error(body: &Value) -> bool {
@@ -229,16 +287,7 @@ async fn scenario(mode: &str, fault: Fault) {
     let redis_url = redis.url();
     let dir = tempfile::tempdir().unwrap();
     config(dir.path());
-    let gw = Gateway::start(&[
-        "--resources",
-        dir.path().to_str().unwrap(),
-        "--redis-url",
-        &redis_url,
-        "--redis-timeout",
-        REDIS_TIMEOUT,
-        "--redis-failure-mode",
-        mode,
-    ]);
+    let gw = start_gateway(dir.path(), &redis_url, mode);
     assert!(
         admitted_through_redis(&gw, &redis_url).await,
         "healthy: requests are admitted through Redis"
@@ -246,16 +295,7 @@ async fn scenario(mode: &str, fault: Fault) {
 
     let epoch = Instant::now();
     let stop = Arc::new(AtomicBool::new(false));
-    let loops: Vec<_> = (0..LOOPS)
-        .map(|_| {
-            tokio::spawn(load(
-                gw.url("/v1/chat/completions"),
-                KEY,
-                stop.clone(),
-                epoch,
-            ))
-        })
-        .collect();
+    let loops = spawn_load(&gw, KEY, &stop, epoch);
     tokio::time::sleep(Duration::from_millis(700)).await;
 
     let fault_at = epoch.elapsed();
@@ -289,12 +329,7 @@ async fn scenario(mode: &str, fault: Fault) {
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    tokio::time::sleep(Duration::from_millis(700)).await;
-    stop.store(true, Ordering::Relaxed);
-    let mut samples = Vec::new();
-    for l in loops {
-        samples.extend(l.await.unwrap());
-    }
+    let samples = finish(&stop, loops).await;
 
     let label = format!("{mode}, Redis {fault:?}");
     let recovered_at = recovered_at.unwrap_or_else(|| {
@@ -370,12 +405,7 @@ async fn scenario(mode: &str, fault: Fault) {
             assert_eq!(ready_code, 200, "[{label}] failOpen stays ready");
         }
         _ => {
-            let wrong: Vec<_> = during
-                .iter()
-                .filter(|s| {
-                    !(s.status == 200 || (s.status == 503 && is_limits_unavailable_error(&s.body)))
-                })
-                .collect();
+            let wrong = neither_ok_nor_unavailable(&during);
             assert!(
                 wrong.is_empty(),
                 "[{label}] during the outage, failClosed answers 200 or an OpenAI-shaped 503: {wrong:?}"
@@ -438,16 +468,7 @@ async fn nothing_left_held(mode: &str, fault: Fault, key: &'static str) {
     let redis_url = redis.url();
     let dir = tempfile::tempdir().unwrap();
     config(dir.path());
-    let gw = Gateway::start(&[
-        "--resources",
-        dir.path().to_str().unwrap(),
-        "--redis-url",
-        &redis_url,
-        "--redis-timeout",
-        REDIS_TIMEOUT,
-        "--redis-failure-mode",
-        mode,
-    ]);
+    let gw = start_gateway(dir.path(), &redis_url, mode);
     let url = gw.url("/v1/chat/completions");
     assert_eq!(call(&http(), &url, key).await.0, 200);
 
@@ -461,9 +482,7 @@ async fn nothing_left_held(mode: &str, fault: Fault, key: &'static str) {
             redis.cli(&["CLIENT", "PAUSE", &pause, "ALL"]);
         }
     });
-    let loops: Vec<_> = (0..LOOPS)
-        .map(|_| tokio::spawn(load(url.clone(), key, stop.clone(), epoch)))
-        .collect();
+    let loops = spawn_load(&gw, key, &stop, epoch);
     tokio::time::sleep(FAULT).await;
     if let Fault::Hung = fault {
         tokio::task::block_in_place(|| redis.signal("CONT"));
@@ -523,4 +542,212 @@ async fn requests_that_timed_out_on_a_hung_redis_leave_no_concurrency_leases_beh
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn requests_refused_while_redis_was_paused_leave_no_budget_reservations_behind() {
     nothing_left_held("failClosed", Fault::Paused, BUDGETED).await;
+}
+
+/// Used memory of the server, from `INFO memory`.
+fn used_memory(redis: &Redis) -> u64 {
+    info_field(redis, "memory", "used_memory")
+}
+
+fn info_field(redis: &Redis, section: &str, field: &str) -> u64 {
+    let info = redis.cli(&["INFO", section]);
+    info.lines()
+        .find_map(|l| l.strip_prefix(&format!("{field}:")))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("INFO {section} has {field}: {info}"))
+}
+
+/// Requests counted in the key's shared usage counters today.
+async fn counted_requests(redis_url: &str) -> u64 {
+    let mut hget = redis::cmd("HGET");
+    hget.arg(tollgate_api::usage::usage_key(
+        &key_id(KEY),
+        &tollgate_api::usage::periods(jiff::Timestamp::now()).0,
+    ))
+    .arg("requests");
+    redis_query::<Option<u64>>(redis_url, &hget)
+        .await
+        .flatten()
+        .unwrap_or(0)
+}
+
+/// Redis runs out of memory under steady load: 2.5 MB of someone else's keys (no TTL)
+/// fill it, and `maxmemory` drops below what is used for [`FAULT`]. With `noeviction`
+/// every write is refused (`OOM command not allowed`), so the failure mode applies, and
+/// usage written meanwhile must arrive once memory is back: nothing is lost. With
+/// `allkeys-lru` Redis evicts instead of refusing, so the gateway keeps answering 200.
+async fn memory_full(mode: &str, policy: &str) {
+    let redis = Redis::start_with(&["--maxmemory-policy", policy]);
+    let redis_url = redis.url();
+    let client = redis::Client::open(redis_url.as_str()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let mut fill = redis::pipe();
+    for i in 0..2500 {
+        fill.cmd("SET")
+            .arg(format!("other-app:{i}"))
+            .arg(vec![b'x'; 1000])
+            .ignore();
+    }
+    let () = fill.query_async(&mut conn).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    config(dir.path());
+    let gw = start_gateway(dir.path(), &redis_url, mode);
+    let label = format!("{mode}, Redis memory full with {policy}");
+    let mut probes_answered = 0;
+    let mut probes = 0;
+    assert!(
+        admitted_through_redis(&gw, &redis_url).await,
+        "[{label}] healthy: requests are admitted through Redis"
+    );
+    probes_answered += 1;
+
+    let epoch = Instant::now();
+    let stop = Arc::new(AtomicBool::new(false));
+    let loops = spawn_load(&gw, KEY, &stop, epoch);
+    tokio::time::sleep(Duration::from_millis(700)).await;
+
+    let fault_at = epoch.elapsed();
+    let evicted_before = info_field(&redis, "stats", "evicted_keys");
+    let limit = used_memory(&redis) - 512 * 1024;
+    redis.cli(&["CONFIG", "SET", "maxmemory", &limit.to_string()]);
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let (ready_code, ready) = readyz(&gw).await;
+    tokio::time::sleep((fault_at + FAULT).saturating_sub(epoch.elapsed())).await;
+    redis.cli(&["CONFIG", "SET", "maxmemory", "0"]);
+    let back_at = epoch.elapsed();
+    let evicted = info_field(&redis, "stats", "evicted_keys") - evicted_before;
+
+    let mut recovered_at = None;
+    while epoch.elapsed() < back_at + Duration::from_secs(10) {
+        probes += 1;
+        if admitted_through_redis(&gw, &redis_url).await {
+            probes_answered += 1;
+            recovered_at = Some(epoch.elapsed());
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let samples = finish(&stop, loops).await;
+    let recovered_at = recovered_at.unwrap_or_else(|| {
+        panic!(
+            "[{label}] the gateway did not use Redis again within 10 s after memory was freed:\n{}",
+            gw.logs()
+        )
+    });
+    let before: Vec<&Sample> = samples.iter().filter(|s| s.end < fault_at).collect();
+    let during: Vec<&Sample> = samples
+        .iter()
+        .filter(|s| s.end >= fault_at && s.start <= recovered_at)
+        .collect();
+    let after: Vec<&Sample> = samples.iter().filter(|s| s.start > recovered_at).collect();
+    let slowest = samples.iter().map(latency).max().unwrap_or_default();
+    let answered = samples.iter().filter(|s| s.status == 200).count() as u64 + probes_answered;
+    // Usage batches refused meanwhile are retried until they land, each exactly once. A
+    // recovery probe that was answered without going through Redis is counted by the
+    // gateway but not in `answered`: at most `probes` more.
+    let counted = {
+        let mut counted = 0;
+        let deadline = Instant::now() + RECOVERY_BOUND;
+        while Instant::now() < deadline {
+            counted = counted_requests(&redis_url).await;
+            if counted >= answered {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        counted
+    };
+    eprintln!(
+        "[{label}] {} requests from {LOOPS} loops; status mix before {:?}, during {:?}, after {:?}; \
+         slowest {slowest:?}; readyz mid-fault {ready_code} {}; {evicted} keys evicted; recovered {:?} \
+         after memory was freed; usage counted {counted} of {answered} answered",
+        samples.len(),
+        mix(before.iter().copied()),
+        mix(during.iter().copied()),
+        mix(after.iter().copied()),
+        ready["redis"],
+        recovered_at - back_at,
+    );
+    assert!(
+        before.len() >= LOOPS && during.len() >= LOOPS && after.len() >= LOOPS,
+        "[{label}] every phase saw load"
+    );
+    assert!(
+        slowest <= LATENCY_BOUND,
+        "[{label}] a request took {slowest:?}"
+    );
+    let not_ok = |phase: &[&Sample]| -> Vec<String> {
+        phase
+            .iter()
+            .filter(|s| s.status != 200)
+            .map(|s| format!("{} {}", s.status, s.body))
+            .collect()
+    };
+    assert!(
+        not_ok(&before).is_empty(),
+        "[{label}] before: {:?}",
+        not_ok(&before)
+    );
+    assert!(
+        not_ok(&after).is_empty(),
+        "[{label}] after: {:?}",
+        not_ok(&after)
+    );
+    assert!(
+        recovered_at - back_at <= RECOVERY_BOUND,
+        "[{label}] recovery took {:?}",
+        recovered_at - back_at
+    );
+    match (policy, mode) {
+        ("noeviction", "failClosed") => {
+            let wrong = neither_ok_nor_unavailable(&during);
+            assert!(
+                wrong.is_empty(),
+                "[{label}] 200 or an OpenAI-shaped 503: {wrong:?}"
+            );
+            assert!(
+                during.iter().filter(|s| s.status == 503).count() >= LOOPS,
+                "[{label}] writes refused for lack of memory are refused like an outage"
+            );
+            assert_eq!(evicted, 0);
+        }
+        ("noeviction", _) => {
+            assert!(
+                not_ok(&during).is_empty(),
+                "[{label}] failOpen answers everything: {:?}",
+                not_ok(&during)
+            );
+            assert_eq!(evicted, 0);
+        }
+        _ => {
+            assert!(
+                not_ok(&during).is_empty(),
+                "[{label}] an evicting Redis never refuses: {:?}",
+                not_ok(&during)
+            );
+            assert!(evicted > 0, "[{label}] Redis evicted to make room");
+        }
+    }
+    if policy == "noeviction" {
+        assert!(
+            counted >= answered && counted <= answered + probes,
+            "[{label}] usage refused while memory was full is written once it is back, and \
+             only once: {counted} counted, {answered} answered"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fail_open_serves_every_request_and_loses_no_usage_while_redis_memory_is_full() {
+    memory_full("failOpen", "noeviction").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fail_closed_answers_503_only_while_redis_memory_is_full() {
+    memory_full("failClosed", "noeviction").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_evicting_redis_at_full_memory_keeps_serving_in_fail_closed() {
+    memory_full("failClosed", "allkeys-lru").await;
 }
