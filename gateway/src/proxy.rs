@@ -53,6 +53,8 @@ pub struct Forward<'a> {
     pub body: Bytes,
     /// Request id, forwarded upstream.
     pub request_id: String,
+    /// Largest upstream answer read whole.
+    pub max_response_bytes: usize,
     /// The operation.
     pub operation: Operation,
     /// Circuit breakers.
@@ -117,6 +119,8 @@ enum Failure {
     BadRequest(String),
     CircuitOpen(String),
     Saturated(String),
+    /// A whole answer larger than `--max-response-bytes`.
+    TooLarge(String, usize),
 }
 
 impl Failure {
@@ -128,7 +132,8 @@ impl Failure {
             Self::Server(_) => retry_on.contains(&RetryOn::ServerError),
             // Another target may be configured correctly: move on without counting on luck.
             Self::Credentials(_) | Self::Unsupported(_) | Self::NoModel(_) => true,
-            Self::BadRequest(_) => false,
+            // The same request would most likely get the same answer again.
+            Self::BadRequest(_) | Self::TooLarge(..) => false,
             Self::CircuitOpen(_) | Self::Saturated(_) => true,
         }
     }
@@ -140,6 +145,7 @@ impl Failure {
             Self::Timeout => "timeout",
             Self::RateLimited(_) => "rate_limited",
             Self::Server(_) => "server_error",
+            Self::TooLarge(..) => "too_large",
             Self::Credentials(_) => "credentials_rejected",
             Self::Saturated(_) => "saturated",
             Self::CircuitOpen(_) => "circuit_open",
@@ -157,6 +163,7 @@ impl Failure {
                 | Self::RateLimited(_)
                 | Self::Server(_)
                 | Self::Credentials(_)
+                | Self::TooLarge(..)
         )
     }
 
@@ -179,6 +186,9 @@ impl Failure {
             Self::BadRequest(message) => ApiError::bad_request(message, None),
             Self::CircuitOpen(provider) => ApiError::UpstreamUnavailable(format!(
                 "The upstream provider {provider} is failing and temporarily not called (circuit open); retry later."
+            )),
+            Self::TooLarge(provider, limit) => ApiError::Upstream(format!(
+                "The upstream provider {provider} answered with more than the gateway's limit of {limit} bytes."
             )),
             Self::Saturated(provider) => ApiError::UpstreamUnavailable(format!(
                 "The upstream provider {provider} is at its concurrency limit; retry later."
@@ -462,7 +472,17 @@ async fn attempt_once(
         401 | 403 => return Err(Failure::Credentials(config.id.clone())),
         // The upstream judged the request itself (400, 404, 422…): the client should see
         // what it said, in the client's dialect. Nothing was generated: nothing is billed.
-        _ => return whole(response, attempt_deadline, &conversion, None).await,
+        _ => {
+            return whole(
+                response,
+                attempt_deadline,
+                req.max_response_bytes,
+                &conversion,
+                None,
+            )
+            .await
+            .map_err(|f| f.named(&config.id));
+        }
     }
     if let Some(a) = accounting.as_mut() {
         a.answered_by(&config.id, model, pricing, req.prompt_estimate);
@@ -503,22 +523,42 @@ async fn attempt_once(
             guards,
         ))
     } else {
-        whole(response, attempt_deadline, &conversion, accounting.as_mut()).await
+        whole(
+            response,
+            attempt_deadline,
+            req.max_response_bytes,
+            &conversion,
+            accounting.as_mut(),
+        )
+        .await
+        .map_err(|f| f.named(&config.id))
     }
 }
 
 async fn whole(
     response: reqwest::Response,
     deadline: Instant,
+    limit: usize,
     conversion: &Conversion,
     accounting: Option<&mut Accounting>,
 ) -> Result<Response, Failure> {
-    relay::whole(response, deadline, conversion, accounting)
+    relay::whole(response, deadline, limit, conversion, accounting)
         .await
         .map_err(|e| match e {
             WholeError::Timeout => Failure::Timeout,
             WholeError::Broken => Failure::Server(StatusCode::BAD_GATEWAY),
+            WholeError::TooLarge => Failure::TooLarge(String::new(), limit),
         })
+}
+
+impl Failure {
+    /// Names the provider in a failure built without it.
+    fn named(self, provider: &str) -> Self {
+        match self {
+            Self::TooLarge(_, limit) => Self::TooLarge(provider.to_owned(), limit),
+            other => other,
+        }
+    }
 }
 
 /// Parses the client body and rewrites it, mapping failures to a 400.

@@ -121,22 +121,25 @@ pub enum WholeError {
     Timeout,
     /// The connection failed mid-body.
     Broken,
+    /// The body is larger than the limit.
+    TooLarge,
 }
 
-/// Relays a complete (non-streamed) upstream answer, recording its usage.
+/// Relays a complete (non-streamed) upstream answer of at most `limit` bytes, recording
+/// its usage.
 pub async fn whole(
     response: reqwest::Response,
     deadline: Instant,
+    limit: usize,
     conversion: &Conversion,
     accounting: Option<&mut Accounting>,
 ) -> Result<Response, WholeError> {
     let status = response.status();
     let content_type = response.headers().get(header::CONTENT_TYPE).cloned();
     let remaining = deadline.saturating_duration_since(Instant::now());
-    let bytes = match tokio::time::timeout(remaining, response.bytes()).await {
+    let bytes = match tokio::time::timeout(remaining, read_at_most(response, limit)).await {
         Err(_) => return Err(WholeError::Timeout),
-        Ok(Err(_)) => return Err(WholeError::Broken),
-        Ok(Ok(b)) => b,
+        Ok(result) => result?,
     };
     let bytes = conversion.body(status, bytes);
     if let Some(accounting) = accounting
@@ -157,6 +160,34 @@ pub async fn whole(
         content_type.unwrap_or_else(|| HeaderValue::from_static("application/json")),
     );
     Ok(out)
+}
+
+/// Reads a whole body, failing as soon as it is known to exceed `limit` bytes (from its
+/// `content-length`, or while it arrives).
+async fn read_at_most(response: reqwest::Response, limit: usize) -> Result<Bytes, WholeError> {
+    if response.content_length().is_some_and(|n| n > limit as u64) {
+        return Err(WholeError::TooLarge);
+    }
+    let mut body = response.bytes_stream();
+    let mut out = bytes::BytesMut::new();
+    let mut only = None;
+    while let Some(chunk) = body.next().await {
+        let chunk = chunk.map_err(|_| WholeError::Broken)?;
+        if out.len() + chunk.len() + only.as_ref().map_or(0, Bytes::len) > limit {
+            return Err(WholeError::TooLarge);
+        }
+        // The usual single-chunk body is kept as is, without a copy.
+        match only.take() {
+            None if out.is_empty() => only = Some(chunk),
+            first => {
+                if let Some(first) = first {
+                    out.extend_from_slice(&first);
+                }
+                out.extend_from_slice(&chunk);
+            }
+        }
+    }
+    Ok(only.unwrap_or_else(|| out.freeze()))
 }
 
 /// Records the time to the first streamed byte once.

@@ -119,6 +119,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     let state = Arc::new(AppState {
         config,
         max_body_bytes: settings.max_body_bytes,
+        max_response_bytes: settings.max_response_bytes,
         body_read_timeout: settings.body_read_timeout,
         draining: Default::default(),
         breakers: Default::default(),

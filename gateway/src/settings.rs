@@ -49,6 +49,12 @@ pub struct Settings {
     #[arg(long, env = "TOLLGATE_MAX_BODY_BYTES", default_value_t = 32 * 1024 * 1024)]
     pub max_body_bytes: usize,
 
+    /// Largest upstream answer read whole (non-streamed calls), in bytes; a larger one
+    /// fails with 502 instead of filling the gateway's memory. Streams are relayed event by
+    /// event (one event may be at most 8 MiB), so this does not cap their length.
+    #[arg(long, env = "TOLLGATE_MAX_RESPONSE_BYTES", default_value_t = 256 * 1024 * 1024)]
+    pub max_response_bytes: usize,
+
     /// Longest a client may take to send a request's headers (slow clients are cut off).
     #[arg(long, env = "TOLLGATE_HEADER_READ_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
     pub header_read_timeout: Duration,

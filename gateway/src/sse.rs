@@ -13,6 +13,9 @@ pub struct Event {
 #[derive(Debug, Default)]
 pub struct Parser {
     buffer: Vec<u8>,
+    /// Leading bytes of `buffer` known to start no separator: each byte is scanned once,
+    /// however finely a long event is split.
+    searched: usize,
 }
 
 /// Largest event accepted; a stream that never ends an event is cut off here.
@@ -24,12 +27,20 @@ impl Parser {
     pub fn feed(&mut self, chunk: &[u8]) -> Result<Vec<Event>, &'static str> {
         self.buffer.extend_from_slice(chunk);
         let mut events = Vec::new();
-        while let Some((end, sep)) = find_blank_line(&self.buffer) {
-            let raw: Vec<u8> = self.buffer.drain(..end + sep).collect();
-            if let Some(event) = parse_event(&raw[..end]) {
+        let mut start = 0;
+        let mut from = self.searched;
+        while let Some((at, sep)) = find_blank_line(&self.buffer[from..]) {
+            let end = from + at;
+            if let Some(event) = parse_event(&self.buffer[start..end]) {
                 events.push(event);
             }
+            start = end + sep;
+            from = start;
         }
+        // One move of the unfinished rest, however many events the chunk completed.
+        self.buffer.drain(..start);
+        // A separator may begin in the last three bytes and end in the next chunk.
+        self.searched = self.buffer.len().saturating_sub(3);
         if self.buffer.len() > MAX_EVENT_BYTES {
             return Err("an SSE event exceeded the size limit");
         }
@@ -122,6 +133,41 @@ mod tests {
                 data: "a\nb".into()
             }]
         );
+    }
+
+    #[test]
+    fn any_split_of_a_stream_yields_the_same_events() {
+        let stream: &[u8] = b": hi\r\n\r\nevent: a\ndata: 1\n\ndata: x\r\ndata: y\r\n\r\n\
+            data: {\"k\":\"v\"}\r\rdata: [DONE]\n\nid: 7\n\ndata:\n\n";
+        let whole = Parser::default().feed(stream).unwrap();
+        assert_eq!(whole.len(), 5, "{whole:?}");
+        let mut rng = fastrand::Rng::with_seed(7);
+        for _ in 0..2000 {
+            let mut p = Parser::default();
+            let mut events = Vec::new();
+            let mut rest = stream;
+            while !rest.is_empty() {
+                let n = rng.usize(1..=rest.len().min(6));
+                events.extend(p.feed(&rest[..n]).unwrap());
+                rest = &rest[n..];
+            }
+            assert_eq!(events, whole);
+        }
+    }
+
+    #[test]
+    fn a_long_event_in_small_chunks_is_scanned_once() {
+        // 4 MiB in 64-byte chunks: rescanning the buffer on every chunk would take
+        // 65,536 scans of up to 4 MiB each (minutes); scanning once takes milliseconds.
+        let mut p = Parser::default();
+        let mut event = b"data: ".to_vec();
+        event.resize(4 << 20, b'x');
+        for piece in event.chunks(64) {
+            assert!(p.feed(piece).unwrap().is_empty());
+        }
+        let done = p.feed(b"\n\n").unwrap();
+        assert_eq!(done.len(), 1);
+        assert_eq!(done[0].data.len(), (4 << 20) - 6);
     }
 
     #[test]

@@ -47,6 +47,8 @@ pub struct AppState {
     pub config: Arc<ConfigState>,
     /// Body size limit.
     pub max_body_bytes: usize,
+    /// Upstream answer size limit (non-streamed).
+    pub max_response_bytes: usize,
     /// Deadline for receiving a request body.
     pub body_read_timeout: std::time::Duration,
     /// Set on SIGTERM: readiness fails so traffic moves away before the listener closes.

@@ -298,6 +298,7 @@ async fn serve(
             head: &head,
             body,
             request_id: request_id.to_owned(),
+            max_response_bytes: state.max_response_bytes,
             operation,
             breakers: &state.breakers,
             metrics: &state.metrics,
