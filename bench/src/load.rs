@@ -37,7 +37,7 @@ pub struct Target {
 }
 
 impl Target {
-    fn request(&self) -> Request<Full<Bytes>> {
+    pub(crate) fn request(&self) -> Request<Full<Bytes>> {
         let mut req = Request::post(self.path.as_str())
             .header(header::HOST, "bench")
             .header(header::CONTENT_TYPE, "application/json")
@@ -157,17 +157,22 @@ impl Tally {
 }
 
 /// One keep-alive connection, reopened after errors.
-struct Conn {
+pub(crate) struct Conn {
     addr: SocketAddr,
     sender: Option<SendRequest<Full<Bytes>>>,
 }
 
 impl Conn {
-    fn new(addr: SocketAddr) -> Self {
+    pub(crate) fn new(addr: SocketAddr) -> Self {
         Self { addr, sender: None }
     }
 
-    async fn ready(&mut self) -> Result<&mut SendRequest<Full<Bytes>>, String> {
+    /// Closes the connection; the next request opens a new one.
+    pub(crate) fn reset(&mut self) {
+        self.sender = None;
+    }
+
+    pub(crate) async fn ready(&mut self) -> Result<&mut SendRequest<Full<Bytes>>, String> {
         if let Some(s) = &mut self.sender
             && s.ready().await.is_ok()
         {

@@ -5,6 +5,7 @@ mod load;
 mod procs;
 mod report;
 mod scenarios;
+mod soak;
 mod upstream;
 
 use std::{net::SocketAddr, path::PathBuf};
@@ -74,6 +75,32 @@ enum Cmd {
         #[arg(long)]
         hold: Option<usize>,
     },
+    /// Soak: one gateway with Redis under steady mixed traffic for a long time, sampling
+    /// RSS, open file descriptors, threads and Redis keys; fails on a growth trend or an
+    /// unexpected answer. Writes soak.md and soak.csv.
+    Soak {
+        /// Minutes to run.
+        #[arg(long, default_value_t = 30)]
+        minutes: u64,
+        /// Seconds instead of minutes (for a quick check of the harness).
+        #[arg(long)]
+        seconds: Option<u64>,
+        /// Requests per second, in all.
+        #[arg(long, default_value_t = 100.0)]
+        rate: f64,
+        /// Client connections.
+        #[arg(long, default_value_t = 8)]
+        connections: usize,
+        /// Seconds between samples.
+        #[arg(long, default_value_t = 10)]
+        sample_seconds: u64,
+        /// The gateway binary (a release build).
+        #[arg(long, default_value = "target/release/tollgate-gateway")]
+        gateway: PathBuf,
+        /// Where soak.md and soak.csv go.
+        #[arg(long, default_value = "bench/results")]
+        out: PathBuf,
+    },
     /// Serves the mock upstream (the harness starts it itself; this is for manual runs).
     Upstream {
         /// Address to listen on.
@@ -89,6 +116,46 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Cmd::Upstream { listen, threads } => upstream::run(listen, threads),
+        Cmd::Soak {
+            minutes,
+            seconds,
+            rate,
+            connections,
+            sample_seconds,
+            gateway,
+            out,
+        } => {
+            anyhow::ensure!(
+                gateway.is_file(),
+                "{} not found: build it with `cargo build --release -p tollgate-gateway` (bench/soak.sh does)",
+                gateway.display()
+            );
+            anyhow::ensure!(
+                rate > 0.0 && connections > 0,
+                "--rate and --connections must be positive"
+            );
+            let work = std::env::temp_dir().join(format!("tollgate-soak-{}", std::process::id()));
+            let settings = soak::Settings {
+                gateway: gateway.canonicalize()?,
+                duration: std::time::Duration::from_secs(seconds.unwrap_or(minutes * 60)),
+                rate,
+                connections,
+                sample_every: std::time::Duration::from_secs(sample_seconds.max(1)),
+                out,
+                work: work.clone(),
+            };
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()?;
+            let outcome = runtime.block_on(soak::run(&settings));
+            match &outcome {
+                Ok(()) => {
+                    let _ = std::fs::remove_dir_all(&work);
+                }
+                Err(_) => eprintln!("logs kept in {}", work.display()),
+            }
+            outcome
+        }
         Cmd::Load {
             addr,
             key,

@@ -132,7 +132,7 @@ impl Gateway {
     }
 }
 
-fn http_get_status(addr: SocketAddr, path: &str) -> Option<u16> {
+pub(crate) fn http_get_status(addr: SocketAddr, path: &str) -> Option<u16> {
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_millis(500)).ok()?;
     s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
     write!(
