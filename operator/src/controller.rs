@@ -50,6 +50,7 @@ use tracing::Instrument;
 use crate::{
     desired::{self, DesiredObject, LiveObjects, MANAGED_BY, MANAGED_BY_VALUE, Naming, PART_LABEL},
     keys::{self, API_KEY_LABEL, KeyAction},
+    leader::Fence,
     metrics::Metrics,
     status,
 };
@@ -325,6 +326,13 @@ pub enum ReconcileError {
     /// The configuration cannot be written.
     #[error("{0}")]
     Config(String),
+    /// This replica no longer holds the Lease: it stopped writing, mid-reconcile.
+    #[error("stopped writing: this replica no longer holds the lease")]
+    NotLeading,
+    /// The reconcile took longer than `--reconcile-timeout` (an API call that never
+    /// answers); it was abandoned and is retried.
+    #[error("the reconcile did not finish within {0:?}; abandoned")]
+    TimedOut(Duration),
 }
 
 fn kube_err(what: impl Into<String>) -> impl FnOnce(kube::Error) -> ReconcileError {
@@ -365,6 +373,8 @@ pub struct Reconciler {
     pub recorder: Recorder,
     /// Metrics.
     pub metrics: Arc<Metrics>,
+    /// Checked before every write: only the Lease holder writes.
+    pub fence: Fence,
 }
 
 /// The input of one reconcile, read from the caches.
@@ -468,7 +478,19 @@ fn status_patch<S: Serialize>(next: &S, previous: Option<&S>, owned_elsewhere: &
 }
 
 impl Reconciler {
+    /// Fails unless this replica may write now (see [`Fence`]).
+    fn may_write(&self) -> Result<(), ReconcileError> {
+        if self.fence.holds() {
+            Ok(())
+        } else {
+            Err(ReconcileError::NotLeading)
+        }
+    }
+
     async fn event<K: Resource<DynamicType = ()>>(&self, object: &K, note: &status::EventNote) {
+        if self.may_write().is_err() {
+            return;
+        }
         let event = Event {
             type_: if note.warning {
                 EventType::Warning
@@ -506,6 +528,9 @@ impl Reconciler {
                 .unwrap_or_default();
             format!("issued key {prefix}… into Secret {secret_name}{note}")
         };
+        if !matches!(action, KeyAction::Keep | KeyAction::Conflict(_)) {
+            self.may_write()?;
+        }
         match action {
             KeyAction::Keep => Ok(KeyOutcome::Unchanged),
             KeyAction::Conflict(message) => Ok(KeyOutcome::Conflict(message)),
@@ -528,10 +553,13 @@ impl Reconciler {
                         writes: 1,
                     })
                 }
-                // Exists without our label: somebody else's Secret.
-                Err(kube::Error::Api(s)) if s.code == 409 => Ok(KeyOutcome::Conflict(format!(
-                    "Secret {secret_name} exists and was not created for this ApiKey; delete it or set spec.secretName to a free name"
-                ))),
+                // Exists without our label: somebody else's Secret. Any other 409 (a
+                // conflict, not AlreadyExists) says nothing about the name: retried.
+                Err(kube::Error::Api(s)) if s.code == 409 && s.reason == "AlreadyExists" => {
+                    Ok(KeyOutcome::Conflict(format!(
+                        "Secret {secret_name} exists and was not created for this ApiKey; delete it or set spec.secretName to a free name"
+                    )))
+                }
                 Err(e) => Err(kube_err(format!("creating Secret {ns}/{secret_name}"))(e)),
             },
             KeyAction::Rotate {
@@ -556,6 +584,7 @@ impl Reconciler {
                         key.name_any()
                     )))?;
                 self.metrics.api_write("ApiKey", "patch-status");
+                self.may_write()?;
                 let written = secrets
                     .replace(&secret_name, &params, &secret)
                     .await
@@ -721,6 +750,7 @@ impl Reconciler {
             .unwrap_or_else(|| DEFAULT_NAMESPACE.to_owned());
         let api = Api::<K>::namespaced(self.client.clone(), &ns);
         let patch = status_patch(&update.status, previous, owned_elsewhere);
+        self.may_write()?;
         match api
             .patch_status(
                 &object.name_any(),
@@ -830,6 +860,7 @@ impl Reconciler {
         let ns = &self.naming.namespace;
         let apply = PatchParams::apply(MANAGER).force();
         for object in &plan.apply {
+            self.may_write()?;
             match object {
                 DesiredObject::ConfigMap(cm) => {
                     Api::<ConfigMap>::namespaced(self.client.clone(), ns)
@@ -851,6 +882,7 @@ impl Reconciler {
             report.config_writes += 1;
         }
         for name in &plan.delete {
+            self.may_write()?;
             match Api::<Secret>::namespaced(self.client.clone(), ns)
                 .delete(name, &DeleteParams::default())
                 .await
@@ -985,12 +1017,20 @@ pub async fn run_loop(
 ) {
     let mut wake: Option<tokio::time::Instant> = None;
     let mut failures = 0u32;
+    // Without leader election nobody sends on `leading`, and a closed channel is always
+    // "changed": stop listening to it rather than reconciling in a loop.
+    let mut election = true;
     loop {
         let sleep_until = wake.unwrap_or_else(|| tokio::time::Instant::now() + timing.resync);
         tokio::select! {
             _ = notify.notified() => {}
             _ = tokio::time::sleep_until(sleep_until) => {}
-            _ = leading.changed() => {}
+            changed = leading.changed(), if election => {
+                if changed.is_err() {
+                    election = false;
+                    continue;
+                }
+            }
             _ = shutdown.wait_for(|s| *s) => return,
         }
         // Trailing debounce, bounded so a steady stream of changes cannot starve us.
@@ -1025,10 +1065,11 @@ pub async fn run_loop(
             "tollgate.revoked" = tracing::field::Empty,
             "error.type" = tracing::field::Empty,
         );
-        let outcome = reconciler
-            .reconcile(snapshot)
-            .instrument(span.clone())
-            .await;
+        let outcome =
+            tokio::time::timeout(timing.reconcile_timeout, reconciler.reconcile(snapshot))
+                .instrument(span.clone())
+                .await
+                .unwrap_or(Err(ReconcileError::TimedOut(timing.reconcile_timeout)));
         match &outcome {
             Ok(r) => {
                 span.record(
@@ -1074,4 +1115,6 @@ pub struct LoopTiming {
     pub max_debounce: Duration,
     /// Reconcile at least this often.
     pub resync: Duration,
+    /// Longest one reconcile may take before it is abandoned and retried.
+    pub reconcile_timeout: Duration,
 }

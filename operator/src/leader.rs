@@ -4,8 +4,16 @@
 //! clock skew between nodes does not matter), renew it every retry period with an
 //! optimistic-concurrency replace, stop leading when renewals fail for the renew deadline,
 //! and release it on shutdown so a standby takes over at once.
+//!
+//! Leadership is also a [`Fence`] the controller checks before every write: it holds only
+//! until the renew deadline after the last renewal began, so a leader that stalls (a
+//! hung API call, a paused process) stops writing before any standby can take the Lease
+//! over, even in the middle of a reconcile.
 
-use std::time::Duration;
+use std::{
+    sync::{Arc, Mutex},
+    time::Duration,
+};
 
 use k8s_openapi::{
     api::coordination::v1::{Lease, LeaseSpec},
@@ -28,6 +36,42 @@ pub struct Timing {
     pub retry: Duration,
 }
 
+/// Whether this replica may write now. Cheap to clone and to check.
+#[derive(Debug, Clone)]
+pub struct Fence {
+    /// Until when writes are allowed (`None`: not leading); no election: always.
+    until: Option<Arc<Mutex<Option<Instant>>>>,
+}
+
+impl Fence {
+    /// A fence that always holds: leader election is off.
+    pub fn open() -> Self {
+        Self { until: None }
+    }
+
+    fn closed() -> Self {
+        Self {
+            until: Some(Arc::new(Mutex::new(None))),
+        }
+    }
+
+    /// Whether writes are allowed now.
+    pub fn holds(&self) -> bool {
+        self.until.as_ref().is_none_or(|until| {
+            until
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .is_some_and(|t| Instant::now() < t)
+        })
+    }
+
+    fn set(&self, until: Option<Instant>) {
+        if let Some(cell) = &self.until {
+            *cell.lock().unwrap_or_else(|e| e.into_inner()) = until;
+        }
+    }
+}
+
 /// One replica's elector.
 #[derive(Debug)]
 pub struct Elector {
@@ -37,6 +81,7 @@ pub struct Elector {
     timing: Timing,
     /// The Lease's resourceVersion when we last saw it change, and when (our clock).
     observed: Option<(String, Instant)>,
+    fence: Fence,
 }
 
 fn is_code(e: &kube::Error, code: u16) -> bool {
@@ -52,7 +97,13 @@ impl Elector {
             identity: identity.to_owned(),
             timing,
             observed: None,
+            fence: Fence::closed(),
         }
+    }
+
+    /// The fence this elector opens while it holds the Lease.
+    pub fn fence(&self) -> Fence {
+        self.fence.clone()
     }
 
     fn spec(&self, previous: Option<&LeaseSpec>) -> LeaseSpec {
@@ -154,8 +205,20 @@ impl Elector {
     pub async fn run(mut self, leading: watch::Sender<bool>, mut shutdown: watch::Receiver<bool>) {
         let mut last_renewal: Option<Instant> = None;
         loop {
-            match self.try_acquire_or_renew().await {
+            let attempt = Instant::now();
+            // A hung API call must not keep us "leading": give up on it at the deadline.
+            let outcome =
+                match tokio::time::timeout(self.timing.renew_deadline, self.try_acquire_or_renew())
+                    .await
+                {
+                    Ok(outcome) => outcome.map_err(|e| e.to_string()),
+                    Err(_) => Err("the API server did not answer in time".to_owned()),
+                };
+            match outcome {
                 Ok(true) => {
+                    // Counted from before the attempt: the Lease may have been written
+                    // as soon as it was sent.
+                    self.fence.set(Some(attempt + self.timing.renew_deadline));
                     last_renewal = Some(Instant::now());
                     if !*leading.borrow() {
                         tracing::info!(identity = %self.identity, lease = %self.name, "became the leader");
@@ -163,6 +226,7 @@ impl Elector {
                     }
                 }
                 Ok(false) => {
+                    self.fence.set(None);
                     if *leading.borrow() {
                         tracing::warn!(identity = %self.identity, "another replica holds the lease now; stopped leading");
                         let _ = leading.send(false);
@@ -173,6 +237,9 @@ impl Elector {
                     tracing::warn!(error = %e, "could not acquire or renew the lease");
                     let expired =
                         last_renewal.is_none_or(|at| at.elapsed() >= self.timing.renew_deadline);
+                    if expired {
+                        self.fence.set(None);
+                    }
                     if *leading.borrow() && expired {
                         tracing::error!(
                             "lease not renewed within the renew deadline; stopped leading"
@@ -186,6 +253,7 @@ impl Elector {
                 _ = shutdown.wait_for(|stop| *stop) => break,
             }
         }
+        self.fence.set(None);
         if *leading.borrow() {
             let _ = leading.send(false);
             match self.release().await {
@@ -266,6 +334,19 @@ mod tests {
         } else {
             serde_json::from_slice(&body).unwrap()
         }
+    }
+
+    #[test]
+    fn the_fence_holds_only_until_the_renew_deadline_after_the_last_renewal() {
+        assert!(Fence::open().holds(), "no election: always");
+        let fence = Fence::closed();
+        assert!(!fence.holds(), "not before the first renewal");
+        fence.set(Some(Instant::now() + Duration::from_secs(5)));
+        assert!(fence.clone().holds());
+        fence.set(Some(Instant::now() - Duration::from_millis(1)));
+        assert!(!fence.holds(), "a renewal too long ago");
+        fence.set(None);
+        assert!(!fence.holds());
     }
 
     #[tokio::test]

@@ -17,7 +17,7 @@ use tokio::sync::{Notify, watch};
 use crate::{
     controller::{self, LoopTiming, Reconciler, Watches},
     desired::Naming,
-    leader::{Elector, Timing},
+    leader::{Elector, Fence, Timing},
     metrics::Metrics,
     settings::{RunSettings, own_namespace},
 };
@@ -133,6 +133,7 @@ pub async fn run(settings: RunSettings) -> anyhow::Result<()> {
 
     // Leadership.
     let (leading_tx, leading_rx) = watch::channel(!settings.leader_election);
+    let mut fence = Fence::open();
     let elector_task = if settings.leader_election {
         let elector = Elector::new(
             Api::namespaced(client.clone(), &own_namespace()),
@@ -144,6 +145,7 @@ pub async fn run(settings: RunSettings) -> anyhow::Result<()> {
                 retry: settings.lease_retry,
             },
         );
+        fence = elector.fence();
         Some(tokio::spawn(elector.run(leading_tx, stop_rx.clone())))
     } else {
         drop(leading_tx);
@@ -190,6 +192,7 @@ pub async fn run(settings: RunSettings) -> anyhow::Result<()> {
         redis_timeout: settings.redis_timeout,
         recorder: Recorder::new(client.clone(), controller::reporter(&identity)),
         metrics: metrics.clone(),
+        fence: fence.clone(),
     };
     let loop_task = tokio::spawn(controller::run_loop(
         reconciler,
@@ -201,6 +204,7 @@ pub async fn run(settings: RunSettings) -> anyhow::Result<()> {
             debounce: settings.debounce,
             max_debounce: settings.max_debounce,
             resync: settings.resync,
+            reconcile_timeout: settings.reconcile_timeout,
         },
     ));
     // The first reconcile runs as soon as we lead.
@@ -221,7 +225,7 @@ pub async fn run(settings: RunSettings) -> anyhow::Result<()> {
                     _ = tokio::time::sleep(interval) => {}
                     _ = stop.wait_for(|s| *s) => return,
                 }
-                if !*leading.borrow() {
+                if !*leading.borrow() || !fence.holds() {
                     continue;
                 }
                 let currencies: BTreeSet<String> = watches

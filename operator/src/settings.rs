@@ -68,6 +68,11 @@ pub struct RunSettings {
     #[arg(long, env = "TOLLGATE_RESYNC", default_value = "5m", value_parser = parse_duration)]
     pub resync: Duration,
 
+    /// Longest one reconcile may take: a Kubernetes API call that never answers is
+    /// abandoned then, and the reconcile retried with backoff.
+    #[arg(long, env = "TOLLGATE_RECONCILE_TIMEOUT", default_value = "5m", value_parser = parse_duration)]
+    pub reconcile_timeout: Duration,
+
     /// Redis the gateways share (same URL and TLS settings as theirs): key revocations
     /// are published there, usage and spend are read from it into ApiKey status, and the
     /// gateways' configuration reports feed the `Propagated` condition. Unset: none of

@@ -15,6 +15,7 @@ use tollgate_api::v1alpha1::{ApiKey, Provider, RoutePolicy};
 use tollgate_operator::{
     controller::{Reconciler, Report, Snapshot, reporter},
     desired::Naming,
+    leader::Fence,
     metrics::Metrics,
 };
 
@@ -172,6 +173,7 @@ fn reconciler(client: Client) -> Reconciler {
         redis: None,
         redis_timeout: Duration::from_secs(1),
         metrics: Arc::new(Metrics::new()),
+        fence: Fence::open(),
     }
 }
 

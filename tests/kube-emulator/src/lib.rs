@@ -13,7 +13,8 @@
 //! [`Emulator::apply_yaml`], [`Emulator::get`], [`Emulator::list`],
 //! [`Emulator::patch_merge`], [`Emulator::delete`]; inspect the request log
 //! ([`Emulator::requests`], [`Emulator::write_count`]); inject faults
-//! ([`Emulator::fail_next`]); and project ConfigMaps and Secrets into a
+//! ([`Emulator::fail_next`], [`Emulator::delay_next`], [`Emulator::time_out_next`]);
+//! and project ConfigMaps and Secrets into a
 //! directory like kubelet does ([`Projection`]).
 //!
 //! ```no_run
@@ -429,7 +430,29 @@ impl Emulator {
     /// `503 ServiceUnavailable`, ...), without touching the store. Faults are
     /// consumed in the order they were armed.
     pub fn fail_next(&self, n: usize, status_code: u16, filter: RequestFilter) {
-        self.core.log().arm(n, status_code, filter);
+        self.core
+            .log()
+            .arm(n, log::FaultAction::Fail(status_code), filter);
+    }
+
+    /// Makes the next `n` requests matching `filter` wait `delay` before they are
+    /// served normally (a slow API server: the write happens after the delay).
+    /// Other requests are served meanwhile.
+    pub fn delay_next(&self, n: usize, delay: Duration, filter: RequestFilter) {
+        self.core
+            .log()
+            .arm(n, log::FaultAction::Delay(delay), filter);
+    }
+
+    /// Makes the next `n` requests matching `filter` time out: nothing changes, and
+    /// after `after` the answer is `504 Timeout`, as when the API server's request
+    /// deadline passes (kube-rs retries 504 by default). A long `after` is a hang.
+    /// These requests are logged when they arrive (with status 504), so a client that
+    /// gives up before the answer still shows in [`Emulator::requests`].
+    pub fn time_out_next(&self, n: usize, after: Duration, filter: RequestFilter) {
+        self.core
+            .log()
+            .arm(n, log::FaultAction::TimeOut(after), filter);
     }
 
     /// Disarms every pending fault.

@@ -5,6 +5,8 @@
 //! writes to one resource, and arm faults: the next `n` requests matching a
 //! [`RequestFilter`] are answered with an error `Status` and change nothing.
 
+use std::time::{Duration, Instant};
+
 use crate::error::ApiError;
 
 /// One HTTP request as seen by the emulator.
@@ -34,6 +36,9 @@ pub struct RequestRecord {
     pub watch: bool,
     /// HTTP status of the response (200 for a watch that started).
     pub status: u16,
+    /// When the request arrived (before any injected delay), to order requests and
+    /// measure the time between retries.
+    pub received_at: Instant,
 }
 
 impl RequestRecord {
@@ -61,6 +66,8 @@ pub struct RequestFilter {
     pub writes_only: bool,
     /// Only watches (`Some(true)`) or only non-watches (`Some(false)`).
     pub watch: Option<bool>,
+    /// Only requests whose `User-Agent` contains this text (one replica of several).
+    pub user_agent: Option<String>,
 }
 
 impl RequestFilter {
@@ -113,6 +120,12 @@ impl RequestFilter {
         self
     }
 
+    /// Restricts to clients whose `User-Agent` contains `text`.
+    pub fn user_agent(mut self, text: &str) -> Self {
+        self.user_agent = Some(text.to_string());
+        self
+    }
+
     /// Whether `r` is selected.
     pub fn matches(&self, r: &RequestRecord) -> bool {
         fn eq(want: &Option<String>, got: &Option<String>) -> bool {
@@ -127,13 +140,30 @@ impl RequestFilter {
             && eq(&self.subresource, &r.subresource)
             && (!self.writes_only || r.is_write())
             && self.watch.is_none_or(|w| w == r.watch)
+            && self.user_agent.as_ref().is_none_or(|want| {
+                r.user_agent
+                    .as_deref()
+                    .is_some_and(|got| got.contains(want.as_str()))
+            })
     }
+}
+
+/// What an armed fault does to a matching request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum FaultAction {
+    /// Answer at once with this status code; change nothing.
+    Fail(u16),
+    /// Serve the request normally, after this long (a slow API server).
+    Delay(Duration),
+    /// Change nothing and answer `504 Timeout` after this long (the API server's own
+    /// request deadline passing; a long one is a hang as far as the client can tell).
+    TimeOut(Duration),
 }
 
 #[derive(Debug)]
 struct Fault {
     remaining: usize,
-    code: u16,
+    action: FaultAction,
     filter: RequestFilter,
 }
 
@@ -157,11 +187,11 @@ impl RequestLog {
         self.records.clear();
     }
 
-    pub fn arm(&mut self, n: usize, code: u16, filter: RequestFilter) {
+    pub fn arm(&mut self, n: usize, action: FaultAction, filter: RequestFilter) {
         if n > 0 {
             self.faults.push(Fault {
                 remaining: n,
-                code,
+                action,
                 filter,
             });
         }
@@ -171,18 +201,30 @@ impl RequestLog {
         self.faults.clear();
     }
 
-    /// Consumes one matching fault, if any, and returns the error to send.
-    pub fn take_fault(&mut self, r: &RequestRecord) -> Option<ApiError> {
+    /// Consumes one matching fault, if any, and returns what to do.
+    pub fn take_fault(&mut self, r: &RequestRecord) -> Option<FaultAction> {
         let index = self.faults.iter().position(|f| f.filter.matches(r))?;
         let fault = &mut self.faults[index];
         fault.remaining -= 1;
-        let code = fault.code;
+        let action = fault.action;
         if fault.remaining == 0 {
             self.faults.remove(index);
         }
-        Some(ApiError::from_code(
-            code,
-            format!("injected fault for {} {}", r.method, r.path),
-        ))
+        Some(action)
     }
+}
+
+/// The error an injected [`FaultAction::Fail`] answers with.
+pub(crate) fn injected_error(code: u16, r: &RequestRecord) -> ApiError {
+    ApiError::from_code(code, format!("injected fault for {} {}", r.method, r.path))
+}
+
+/// The error an injected [`FaultAction::TimeOut`] answers with, worded like the API
+/// server's.
+pub(crate) fn timeout_error() -> ApiError {
+    ApiError::new(
+        504,
+        "Timeout",
+        "the server was unable to return a response in the time allotted, but may still be processing the request",
+    )
 }

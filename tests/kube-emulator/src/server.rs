@@ -13,7 +13,7 @@
 
 use crate::Core;
 use crate::error::ApiError;
-use crate::log::RequestRecord;
+use crate::log::{self, FaultAction, RequestRecord};
 use crate::registry::ResourceDef;
 use crate::selector::Selectors;
 use crate::store::{DeleteOpts, Target, Update, WriteOpts};
@@ -150,23 +150,36 @@ async fn handle(
         user_agent: header_str(&headers, header::USER_AGENT).map(str::to_string),
         watch: is_true(query.get("watch")),
         status: 0,
+        received_at: std::time::Instant::now(),
     };
     let fault = core.log().take_fault(&record);
-    let response = match fault {
-        Some(err) => error_response(&err),
-        None => {
-            let req = Req {
-                core: &core,
-                method: &method,
-                query: &query,
-                headers: &headers,
-                body: &body,
-            };
-            match route {
-                Route::Resource(rp) => req.resource(&rp).unwrap_or_else(|e| error_response(&e)),
-                other => req.discovery(&other),
-            }
+    let serve = |core: &Core| {
+        let req = Req {
+            core,
+            method: &method,
+            query: &query,
+            headers: &headers,
+            body: &body,
+        };
+        match route {
+            Route::Resource(rp) => req.resource(&rp).unwrap_or_else(|e| error_response(&e)),
+            other => req.discovery(&other),
         }
+    };
+    let response = match fault {
+        Some(FaultAction::Fail(code)) => error_response(&log::injected_error(code, &record)),
+        Some(FaultAction::TimeOut(after)) => {
+            // Logged on arrival: a client that gives up first never gets the answer.
+            record.status = 504;
+            core.log().push(record);
+            tokio::time::sleep(after).await;
+            return error_response(&log::timeout_error());
+        }
+        Some(FaultAction::Delay(delay)) => {
+            tokio::time::sleep(delay).await;
+            serve(&core)
+        }
+        None => serve(&core),
     };
     record.status = response.status().as_u16();
     tracing::debug!(

@@ -944,6 +944,63 @@ async fn fault_injection_and_request_log() {
 }
 
 #[tokio::test]
+async fn delayed_and_timed_out_requests_and_user_agent_filters() {
+    let emu = Emulator::start();
+    let http = Http::new(&emu);
+    let started = std::time::Instant::now();
+    // A slow server: the request is served, late, while others are answered at once.
+    emu.delay_next(
+        1,
+        Duration::from_millis(400),
+        RequestFilter::writes().resource("configmaps"),
+    );
+    let slow = {
+        let http = Http::new(&emu);
+        tokio::spawn(async move { http.post(CM, cm("slow", json!({}), json!({}))).await })
+    };
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert_eq!(http.get(CM).await.0, 200, "others are not held up");
+    assert!(started.elapsed() < Duration::from_millis(300));
+    assert!(emu.get("v1", "configmaps", "default", "slow").is_none());
+    assert_eq!(slow.await.unwrap().0, 201);
+    assert!(started.elapsed() >= Duration::from_millis(400));
+    assert!(emu.get("v1", "configmaps", "default", "slow").is_some());
+
+    // A timeout: nothing changes, and 504 Timeout comes after the wait.
+    let started = std::time::Instant::now();
+    emu.time_out_next(
+        1,
+        Duration::from_millis(300),
+        RequestFilter::writes().resource("configmaps"),
+    );
+    let (code, status) = http.post(CM, cm("late", json!({}), json!({}))).await;
+    assert_eq!((code, status["reason"].as_str()), (504, Some("Timeout")));
+    assert!(started.elapsed() >= Duration::from_millis(300));
+    assert!(emu.get("v1", "configmaps", "default", "late").is_none());
+
+    // Records carry their arrival time (before the wait), in arrival order here.
+    let posts = emu.requests_matching(&RequestFilter::writes().resource("configmaps"));
+    assert_eq!(posts.len(), 2);
+    assert!(posts[1].received_at >= posts[0].received_at);
+
+    // Faults and counts can single out one client by its User-Agent.
+    let other = reqwest::Client::builder()
+        .user_agent("replica/1 (op-b)")
+        .build()
+        .unwrap();
+    emu.fail_next(1, 500, RequestFilter::any().user_agent("(op-b)"));
+    assert_eq!(http.get(CM).await.0, 200);
+    let code = other
+        .get(format!("{}{CM}", emu.url()))
+        .send()
+        .await
+        .unwrap()
+        .status();
+    assert_eq!(code.as_u16(), 500);
+    assert_eq!(emu.count(&RequestFilter::any().user_agent("(op-b)")), 1);
+}
+
+#[tokio::test]
 async fn leases_and_events() {
     let emu = Emulator::start();
     let http = Http::new(&emu);

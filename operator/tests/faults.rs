@@ -1,0 +1,1434 @@
+//! Operator faults: the real operator binary against the emulated Kubernetes API while
+//! the API server fails (500), conflicts (409) or times out on each kind of write the
+//! operator makes; while a Provider's credential Secret is deleted and restored; while a
+//! RoutePolicy names a Provider that does not exist yet; next to invalid objects; and
+//! while the leader loses its lease in the middle of a reconcile.
+//!
+//! Every test runs on loopback with short timings (debounce 100 ms, lease 2 s); the
+//! figures they print (`--nocapture`) are the ones quoted in docs.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    io::{BufRead, BufReader},
+    process::{Child, Command, Stdio},
+    sync::{Arc, Mutex, mpsc},
+    time::{Duration, Instant},
+};
+
+use base64::Engine;
+use k8s_openapi::api::core::v1::Secret;
+use serde_json::{Value, json};
+use tollgate_api::{
+    compile::{DEFAULT_NAMESPACE, Resources, SecretStore, compile},
+    parts,
+    v1alpha1::{ApiKey, Provider, RoutePolicy},
+};
+use tollgate_kube_emulator::{Emulator, RequestFilter, RequestRecord};
+
+const CONFIG_SELECTOR: &str =
+    "app.kubernetes.io/managed-by=tollgate-operator,tollgate.dev/config-part";
+const KEY_SELECTOR: &str = "app.kubernetes.io/managed-by=tollgate-operator,tollgate.dev/api-key";
+const TG: &str = "tollgate.dev/v1alpha1";
+const CONFIG_MAP: &str = "tollgate-gateway-config";
+
+// === Processes ===
+
+/// The operator binary, its stderr (JSON logs) collected; killed on drop.
+struct Operator {
+    child: Child,
+    identity: String,
+    logs: Arc<Mutex<String>>,
+    admin: String,
+}
+
+impl Operator {
+    /// Starts `tollgate-operator run` against `emulator` with short timings.
+    fn start(emulator: &Emulator, identity: &str, extra: &[&str]) -> Self {
+        let url = emulator.url();
+        let mut args = vec![
+            "run",
+            "--kube-url",
+            &url,
+            "--namespaces",
+            "default",
+            "--gateway-namespace",
+            "tollgate",
+            "--admin-listen",
+            "127.0.0.1:0",
+            "--debounce",
+            "100ms",
+            "--max-debounce",
+            "1s",
+            "--identity",
+            identity,
+            "--log-format",
+            "json",
+            "--lease-duration",
+            "2s",
+            "--lease-renew-deadline",
+            "1500ms",
+            "--lease-retry",
+            "200ms",
+        ];
+        args.extend_from_slice(extra);
+        let mut child = Command::new(env!("CARGO_BIN_EXE_tollgate-operator"))
+            .args(&args)
+            .env("RUST_LOG", "info")
+            .env("POD_NAMESPACE", "tollgate")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("the operator starts");
+        let stderr = child.stderr.take().unwrap();
+        let logs = Arc::new(Mutex::new(String::new()));
+        let (tx, rx) = mpsc::channel();
+        let sink = logs.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                if let Ok(v) = serde_json::from_str::<Value>(&line)
+                    && let Some(addr) = v["admin_addr"].as_str()
+                {
+                    let _ = tx.send(addr.to_owned());
+                }
+                let mut logs = sink.lock().unwrap();
+                logs.push_str(&line);
+                logs.push('\n');
+            }
+        });
+        let admin = rx
+            .recv_timeout(Duration::from_secs(30))
+            .unwrap_or_else(|_| panic!("no admin address:\n{}", logs.lock().unwrap()));
+        Self {
+            child,
+            identity: identity.to_owned(),
+            logs,
+            admin,
+        }
+    }
+
+    fn logs(&self) -> String {
+        self.logs.lock().unwrap().clone()
+    }
+
+    /// Whether the process is still running (no crash, no exit).
+    fn alive(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// Sends `signal` (`STOP`, `CONT`) to the process.
+    fn signal(&self, signal: &str) {
+        let ok = Command::new("kill")
+            .args([&format!("-{signal}"), &self.child.id().to_string()])
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(ok, "kill -{signal}");
+    }
+
+    /// `tollgate_operator_reconciles_total{result=…}` from `/metrics`.
+    async fn reconciles(&self, result: &str) -> u64 {
+        let text = reqwest::get(format!("http://{}/metrics", self.admin))
+            .await
+            .expect("/metrics answers")
+            .text()
+            .await
+            .unwrap();
+        let series = format!("tollgate_operator_reconciles_total{{result=\"{result}\"}} ");
+        text.lines()
+            .find_map(|l| l.strip_prefix(series.as_str()))
+            .map_or(0, |v| v.trim().parse().unwrap_or(0))
+    }
+
+    /// Writes this replica made (by its User-Agent), leases excluded.
+    fn writes(&self, emulator: &Emulator) -> Vec<RequestRecord> {
+        emulator
+            .requests_matching(&RequestFilter::writes().user_agent(&format!("({})", self.identity)))
+            .into_iter()
+            .filter(|r| r.resource.as_deref() != Some("leases"))
+            .collect()
+    }
+}
+
+impl Drop for Operator {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+// === The world ===
+
+/// Two Providers (one with a credential Secret), a RoutePolicy for each, an ApiKey
+/// without a key yet, an ApiKey whose key is due for rotation, and a key shard Secret
+/// left over from a larger configuration: the first reconcile makes every kind of write.
+fn world() -> Emulator {
+    let emulator = Emulator::start();
+    emulator
+        .apply_yaml(
+            "apiVersion: v1\nkind: Namespace\nmetadata: {name: tollgate}\n---\n\
+             apiVersion: v1\nkind: Secret\nmetadata: {name: openai-credentials, namespace: default}\nstringData: {apiKey: sk-test-openai-0001}\n---\n\
+             apiVersion: tollgate.dev/v1alpha1\nkind: Provider\nmetadata: {name: mock, namespace: default}\nspec: {type: mock, models: [{name: demo-chat}]}\n---\n\
+             apiVersion: tollgate.dev/v1alpha1\nkind: Provider\nmetadata: {name: openai, namespace: default}\nspec: {type: openai, credentials: {secretRef: {name: openai-credentials, key: apiKey}}, models: [{name: gpt-4o}]}\n---\n\
+             apiVersion: tollgate.dev/v1alpha1\nkind: RoutePolicy\nmetadata: {name: demo, namespace: default}\nspec: {models: [demo-chat], targets: [{provider: mock}]}\n---\n\
+             apiVersion: tollgate.dev/v1alpha1\nkind: RoutePolicy\nmetadata: {name: chat, namespace: default}\nspec: {models: [gpt-4o], targets: [{provider: openai}]}\n---\n\
+             apiVersion: tollgate.dev/v1alpha1\nkind: ApiKey\nmetadata: {name: alpha, namespace: default}\nspec: {owner: team-a, allowedModels: [\"demo-*\"]}\n---\n\
+             apiVersion: tollgate.dev/v1alpha1\nkind: ApiKey\nmetadata: {name: beta, namespace: default}\nspec: {owner: team-b, rotation: {generation: 1, gracePeriod: 1h}}\n---\n\
+             apiVersion: v1\nkind: Secret\nmetadata:\n  name: tollgate-gateway-keys-07\n  namespace: tollgate\n  labels: {app.kubernetes.io/managed-by: tollgate-operator, tollgate.dev/config-part: keys}\n",
+        )
+        .unwrap();
+    let uid = emulator.get(TG, "apikeys", "default", "beta").unwrap()["metadata"]["uid"].clone();
+    // beta's key, issued before spec.rotation.generation became 1.
+    emulator
+        .apply_object(json!({
+            "apiVersion": "v1", "kind": "Secret",
+            "metadata": {
+                "name": "beta-key", "namespace": "default",
+                "labels": {"app.kubernetes.io/managed-by": "tollgate-operator", "tollgate.dev/api-key": "beta"},
+                "annotations": {"tollgate.dev/key-generation": "0"},
+                "ownerReferences": [{"apiVersion": TG, "kind": "ApiKey", "name": "beta", "uid": uid, "controller": true}],
+            },
+            "stringData": {"apiKey": "tg_beforeRotationKeyValue0000000000000000"},
+        }))
+        .unwrap();
+    emulator
+}
+
+fn decode(data: &Value) -> Vec<u8> {
+    base64::engine::general_purpose::STANDARD
+        .decode(data.as_str().unwrap_or_default())
+        .unwrap_or_default()
+}
+
+/// The configuration gateways would load from the generated objects, if any: an error
+/// when they are not a consistent set.
+fn served(e: &Emulator) -> Option<Result<parts::AssembledConfig, String>> {
+    let cm = e.get("v1", "configmaps", "tollgate", CONFIG_MAP)?;
+    let mut files: BTreeMap<String, Vec<u8>> = BTreeMap::new();
+    for (k, v) in cm["data"].as_object().into_iter().flatten() {
+        files.insert(
+            k.clone(),
+            v.as_str().unwrap_or_default().as_bytes().to_vec(),
+        );
+    }
+    for s in e
+        .list_selected("v1", "secrets", "tollgate", CONFIG_SELECTOR)
+        .unwrap()
+    {
+        for (k, v) in s["data"].as_object().into_iter().flatten() {
+            files.insert(k.clone(), decode(v));
+        }
+    }
+    Some(parts::assemble(&files).map_err(|err| err.to_string()))
+}
+
+fn typed<T: serde::de::DeserializeOwned>(e: &Emulator, plural: &str) -> Vec<T> {
+    e.list(TG, plural, "default")
+        .into_iter()
+        .map(|o| serde_json::from_value(o).unwrap())
+        .collect()
+}
+
+fn secrets(e: &Emulator) -> Vec<Secret> {
+    e.list("v1", "secrets", "default")
+        .into_iter()
+        .map(|o| serde_json::from_value(o).unwrap())
+        .collect()
+}
+
+/// The configuration hash a compile of what is in the cluster now gives.
+fn expected_hash(e: &Emulator) -> String {
+    let resources = Resources {
+        providers: typed::<Provider>(e, "providers"),
+        route_policies: typed::<RoutePolicy>(e, "routepolicies"),
+        api_keys: typed::<ApiKey>(e, "apikeys"),
+    };
+    let secrets = secrets(e);
+    let store = SecretStore::new(&secrets, DEFAULT_NAMESPACE);
+    let out = compile(&resources, &store, jiff::Timestamp::now());
+    parts::split(&out.config).unwrap().config_hash
+}
+
+fn live_hash(e: &Emulator) -> Option<String> {
+    e.get("v1", "configmaps", "tollgate", CONFIG_MAP)?["metadata"]["annotations"]
+        ["tollgate.dev/config-hash"]
+        .as_str()
+        .map(str::to_owned)
+}
+
+/// Key hashes a gateway may legitimately accept: each ApiKey's current key (in its
+/// Secret) and its rotated-out key during the grace period (in its status).
+fn issued_hashes(e: &Emulator) -> BTreeSet<String> {
+    let mut hashes: BTreeSet<String> = e
+        .list_selected("v1", "secrets", "default", KEY_SELECTOR)
+        .unwrap()
+        .iter()
+        .map(|s| {
+            let key = decode(&s["data"]["apiKey"]);
+            parts::sha256_hex(String::from_utf8_lossy(&key).trim().as_bytes())
+        })
+        .collect();
+    for k in e.list(TG, "apikeys", "default") {
+        if let Some(h) = k["status"]["previousKey"]["sha256"].as_str() {
+            hashes.insert(h.to_owned());
+        }
+    }
+    hashes
+}
+
+/// Why the generated objects are not a consistent configuration right now, if they are not.
+fn inconsistency(e: &Emulator) -> Option<String> {
+    let config = match served(e)? {
+        Ok(c) => c.config,
+        Err(err) => return Some(format!("the generated objects do not assemble: {err}")),
+    };
+    let issued = issued_hashes(e);
+    config
+        .keys
+        .keys
+        .iter()
+        .find(|k| !issued.contains(&k.sha256))
+        .map(|k| {
+            format!(
+                "the configuration accepts a key of {} that no Secret or status holds",
+                k.api_key
+            )
+        })
+}
+
+/// Watches the generated objects change. With fixed object names, a configuration
+/// change rewrites parts (Secrets) before the manifest (ConfigMap) that names them, so in
+/// between the old manifest sits next to a new part: a torn set, which gateways detect
+/// by its hashes and skip (they keep what they serve). What must never happen is a
+/// manifest written before its parts, or one naming keys nobody was issued.
+#[derive(Debug, Default)]
+struct Monitor {
+    manifest_version: Option<String>,
+    torn_since: Option<Instant>,
+    /// Longest time the set was torn.
+    torn_longest: Duration,
+    violation: Option<String>,
+}
+
+impl Monitor {
+    fn check(&mut self, e: &Emulator) {
+        let version = e
+            .get("v1", "configmaps", "tollgate", CONFIG_MAP)
+            .map(|cm| cm["metadata"]["resourceVersion"].to_string());
+        let new_manifest = version != self.manifest_version;
+        self.manifest_version = version;
+        match inconsistency(e) {
+            None => {
+                if let Some(since) = self.torn_since.take() {
+                    self.torn_longest = self.torn_longest.max(since.elapsed());
+                }
+            }
+            Some(why) if new_manifest || !why.starts_with("the generated objects") => {
+                self.violation.get_or_insert(why);
+            }
+            Some(_) => {
+                self.torn_since.get_or_insert_with(Instant::now);
+            }
+        }
+    }
+}
+
+/// What a user can observe, with the random parts (generated keys, timestamps) taken
+/// out (generated keys, grace ends): generated objects, served routing and credentials, served keys per ApiKey, key
+/// Secrets, and every object's conditions.
+fn state(e: &Emulator) -> Value {
+    let generated: Vec<String> = ["configmaps", "secrets"]
+        .iter()
+        .flat_map(|plural| {
+            e.list_selected("v1", plural, "tollgate", CONFIG_SELECTOR)
+                .unwrap()
+                .into_iter()
+                .map(move |o| format!("{plural}/{}", o["metadata"]["name"].as_str().unwrap()))
+        })
+        .collect();
+    let config = served(e).and_then(Result::ok).map(|c| c.config);
+    let keys: Vec<Value> = config.as_ref().map_or_else(Vec::new, |c| {
+        let mut keys: Vec<Value> = c
+            .keys
+            .keys
+            .iter()
+            .map(|k| {
+                let mut v = serde_json::to_value(k).unwrap();
+                v.as_object_mut().unwrap().remove("sha256");
+                v.as_object_mut().unwrap().remove("id");
+                // A rotated-out key's grace ends an hour after the rotation ran.
+                let previous = v.as_object_mut().unwrap().remove("expiresAt").is_some();
+                v["inGrace"] = json!(previous);
+                v
+            })
+            .collect();
+        keys.sort_by_key(|v| v.to_string());
+        keys
+    });
+    let key_secrets: BTreeMap<String, Value> = e
+        .list_selected("v1", "secrets", "default", KEY_SELECTOR)
+        .unwrap()
+        .iter()
+        .map(|s| {
+            (
+                s["metadata"]["name"].as_str().unwrap().to_owned(),
+                s["metadata"]["annotations"]["tollgate.dev/key-generation"].clone(),
+            )
+        })
+        .collect();
+    let mut statuses = BTreeMap::new();
+    for plural in ["providers", "routepolicies", "apikeys"] {
+        for o in e.list(TG, plural, "default") {
+            let s = &o["status"];
+            let conditions: Vec<Value> = s["conditions"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|c| json!([c["type"], c["status"], c["reason"]]))
+                .collect();
+            statuses.insert(
+                format!("{plural}/{}", o["metadata"]["name"].as_str().unwrap()),
+                json!({
+                    "conditions": conditions,
+                    "observed": s["observedGeneration"] == o["metadata"]["generation"],
+                    "keyPrefix": s["keyPrefix"].is_string(),
+                    "secretName": s["secretName"],
+                    "previousKey": s["previousKey"].is_object(),
+                }),
+            );
+        }
+    }
+    json!({
+        "generated": generated,
+        "routing": config.as_ref().map(|c| serde_json::to_value(&c.routing).unwrap()),
+        "credentials": config.as_ref().map(|c| serde_json::to_value(&c.credentials).unwrap()),
+        "keys": keys,
+        "keySecrets": key_secrets,
+        "statuses": statuses,
+    })
+}
+
+/// Whether the operator is done: the served configuration is what a compile of the
+/// cluster gives, and every object's status describes its current generation.
+fn settled(e: &Emulator) -> bool {
+    live_hash(e).is_some_and(|h| h == expected_hash(e))
+        && e.get("v1", "secrets", "tollgate", "tollgate-gateway-keys-07")
+            .is_none()
+        && ["providers", "routepolicies", "apikeys"]
+            .iter()
+            .all(|plural| {
+                e.list(TG, plural, "default").iter().all(|o| {
+                    o["status"]["observedGeneration"] == o["metadata"]["generation"]
+                        && o["status"]["conditions"]
+                            .as_array()
+                            .is_some_and(|c| !c.is_empty())
+                })
+            })
+}
+
+fn condition(e: &Emulator, plural: &str, name: &str, type_: &str) -> Option<Value> {
+    e.get(TG, plural, "default", name)?["status"]["conditions"]
+        .as_array()?
+        .iter()
+        .find(|c| c["type"] == type_)
+        .cloned()
+}
+
+fn ready_is(e: &Emulator, plural: &str, name: &str, status: &str) -> bool {
+    condition(e, plural, name, "Ready").is_some_and(|c| c["status"] == status)
+}
+
+/// Events recorded about `name` with `reason`.
+fn events(e: &Emulator, name: &str, reason: &str) -> Vec<Value> {
+    e.list("events.k8s.io/v1", "events", "default")
+        .into_iter()
+        .filter(|ev| ev["regarding"]["name"] == name && ev["reason"] == reason)
+        .collect()
+}
+
+/// Waits until `done` holds, checking at every change that the generated objects never
+/// form a wrong configuration (see [`Monitor`]). Returns how long it took and the longest
+/// torn window, or what went wrong.
+async fn converge(
+    e: &Emulator,
+    within: Duration,
+    mut done: impl FnMut(&Emulator) -> bool,
+) -> Result<(Duration, Duration), String> {
+    let started = Instant::now();
+    let mut monitor = Monitor::default();
+    let ok = e
+        .wait_for(within, |e| {
+            monitor.check(e);
+            monitor.violation.is_some() || (monitor.torn_since.is_none() && done(e))
+        })
+        .await;
+    match (monitor.violation, ok) {
+        (Some(why), _) => Err(why),
+        (None, true) => Ok((started.elapsed(), monitor.torn_longest)),
+        (None, false) => Err(format!("not done within {within:?}")),
+    }
+}
+
+// === Every write fails ===
+
+/// How the API server misbehaves.
+#[derive(Debug, Clone, Copy)]
+enum Fault {
+    /// Answers with this status code.
+    Status(u16),
+    /// Holds the request this long, changes nothing, answers 504 Timeout.
+    TimeOut(Duration),
+    /// Never answers (the operator runs with `--reconcile-timeout 2s`).
+    Hang,
+}
+
+/// One kind of write the operator makes, selected in the request log.
+struct WriteKind {
+    name: &'static str,
+    filter: fn() -> RequestFilter,
+    /// A failure of this write fails the reconcile (else it is best-effort or the
+    /// elector's, and the reconcile goes on).
+    fails_reconcile: bool,
+    /// The elector's write: a failure may cost the leadership (and so the reconcile in
+    /// progress) until the next renewal.
+    lease: bool,
+    /// What the operator's log says when it fails.
+    reported: &'static str,
+}
+
+fn write_kinds() -> Vec<WriteKind> {
+    vec![
+        WriteKind {
+            name: "key Secret create",
+            filter: || {
+                RequestFilter::writes()
+                    .method("POST")
+                    .resource("secrets")
+                    .namespace("default")
+            },
+            fails_reconcile: true,
+            lease: false,
+            reported: "creating Secret default/alpha-key",
+        },
+        WriteKind {
+            name: "rotation record (ApiKey status)",
+            filter: || {
+                RequestFilter::writes()
+                    .method("PATCH")
+                    .resource("apikeys")
+                    .name("beta")
+                    .subresource("status")
+            },
+            fails_reconcile: true,
+            lease: false,
+            reported: "recording the rotation of ApiKey default/beta",
+        },
+        WriteKind {
+            name: "rotated key Secret replace",
+            filter: || {
+                RequestFilter::writes()
+                    .method("PUT")
+                    .resource("secrets")
+                    .namespace("default")
+            },
+            fails_reconcile: true,
+            lease: false,
+            reported: "writing the rotated key into Secret default/beta-key",
+        },
+        WriteKind {
+            name: "credentials Secret apply",
+            filter: || {
+                RequestFilter::writes()
+                    .method("PATCH")
+                    .resource("secrets")
+                    .name("tollgate-gateway-credentials")
+            },
+            fails_reconcile: true,
+            lease: false,
+            reported: "applying Secret tollgate/tollgate-gateway-credentials",
+        },
+        WriteKind {
+            name: "key shard Secret apply",
+            filter: || {
+                RequestFilter::writes()
+                    .method("PATCH")
+                    .resource("secrets")
+                    .name("tollgate-gateway-keys-00")
+            },
+            fails_reconcile: true,
+            lease: false,
+            reported: "applying Secret tollgate/tollgate-gateway-keys-00",
+        },
+        WriteKind {
+            name: "ConfigMap apply",
+            filter: || {
+                RequestFilter::writes()
+                    .method("PATCH")
+                    .resource("configmaps")
+            },
+            fails_reconcile: true,
+            lease: false,
+            reported: "applying ConfigMap tollgate/tollgate-gateway-config",
+        },
+        WriteKind {
+            name: "stale shard delete",
+            filter: || RequestFilter::writes().method("DELETE").resource("secrets"),
+            fails_reconcile: true,
+            lease: false,
+            reported: "deleting Secret tollgate/tollgate-gateway-keys-07",
+        },
+        WriteKind {
+            name: "Provider status",
+            filter: || {
+                RequestFilter::writes()
+                    .resource("providers")
+                    .name("openai")
+                    .subresource("status")
+            },
+            fails_reconcile: true,
+            lease: false,
+            reported: "updating the status of Provider default/openai",
+        },
+        WriteKind {
+            name: "RoutePolicy status",
+            filter: || {
+                RequestFilter::writes()
+                    .resource("routepolicies")
+                    .name("demo")
+                    .subresource("status")
+            },
+            fails_reconcile: true,
+            lease: false,
+            reported: "updating the status of RoutePolicy default/demo",
+        },
+        WriteKind {
+            name: "ApiKey status",
+            filter: || {
+                RequestFilter::writes()
+                    .resource("apikeys")
+                    .name("alpha")
+                    .subresource("status")
+            },
+            fails_reconcile: true,
+            lease: false,
+            reported: "updating the status of ApiKey default/alpha",
+        },
+        WriteKind {
+            name: "Event",
+            filter: || RequestFilter::writes().resource("events"),
+            fails_reconcile: false,
+            lease: false,
+            reported: "could not record an Event",
+        },
+        WriteKind {
+            name: "Lease create",
+            filter: || RequestFilter::writes().method("POST").resource("leases"),
+            fails_reconcile: false,
+            lease: true,
+            reported: "",
+        },
+        WriteKind {
+            name: "Lease renewal",
+            filter: || RequestFilter::writes().method("PUT").resource("leases"),
+            fails_reconcile: false,
+            lease: true,
+            reported: "",
+        },
+    ]
+}
+
+/// The outcome of one fault-free run, the reference every faulty run must reach.
+struct Reference {
+    state: Value,
+    took: Duration,
+    writes: usize,
+}
+
+async fn reference() -> Reference {
+    let e = world();
+    let op = Operator::start(&e, "op-reference", &[]);
+    let (took, _) = converge(&e, Duration::from_secs(20), settled)
+        .await
+        .unwrap_or_else(|why| panic!("fault-free run: {why}\n{}", op.logs()));
+    // Let follow-up reconciles (triggered by its own writes) finish.
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert!(settled(&e));
+    let state = state(&e);
+    assert_eq!(
+        state["generated"],
+        json!([
+            "configmaps/tollgate-gateway-config",
+            "secrets/tollgate-gateway-credentials",
+            "secrets/tollgate-gateway-keys-00"
+        ])
+    );
+    assert_eq!(
+        state["keys"].as_array().unwrap().len(),
+        3,
+        "alpha, beta and beta's previous key"
+    );
+    assert_eq!(
+        (
+            events(&e, "alpha", "KeyIssued").len(),
+            events(&e, "beta", "KeyRotated").len()
+        ),
+        (1, 1)
+    );
+    Reference {
+        state,
+        took,
+        writes: op.writes(&e).len(),
+    }
+}
+
+/// What one faulty run showed.
+#[derive(Debug)]
+struct Outcome {
+    converged_in: Duration,
+    torn: Duration,
+    attempts: usize,
+    gaps: Vec<Duration>,
+    errors: u64,
+    successes: u64,
+    writes: usize,
+}
+
+async fn faulty_run(
+    kind: &WriteKind,
+    fault: Fault,
+    n: usize,
+    reference: &Value,
+) -> Result<Outcome, String> {
+    let e = world();
+    let filter = (kind.filter)();
+    match fault {
+        Fault::Status(code) => e.fail_next(n, code, filter.clone()),
+        Fault::TimeOut(after) => e.time_out_next(n, after, filter.clone()),
+        Fault::Hang => e.time_out_next(n, Duration::from_secs(3600), filter.clone()),
+    }
+    let identity = format!(
+        "op-{}",
+        kind.name
+            .replace(|c: char| !c.is_ascii_alphanumeric(), "-")
+            .to_lowercase()
+    );
+    let started = Instant::now();
+    let mut op = Operator::start(&e, &identity, &["--reconcile-timeout", "2s"]);
+    let context = |op: &Operator, why: &str| format!("{why}\n--- operator log ---\n{}", op.logs());
+    let (_, torn) = converge(&e, Duration::from_secs(40), |e| {
+        settled(e) && state(e) == *reference
+    })
+    .await
+    .map_err(|why| {
+        context(
+            &op,
+            &format!("{why}\nstate: {:#}\nreference: {reference:#}", state(&e)),
+        )
+    })?;
+    let converged_in = started.elapsed();
+    // Stays converged (no late write undoes it) and the process stays up.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    if state(&e) != *reference || !settled(&e) {
+        return Err(context(&op, "left the converged state"));
+    }
+    if !op.alive() {
+        return Err(context(&op, "the operator exited"));
+    }
+    // A timed-out request is logged when it is answered: wait for every fault to be hit.
+    let hit = |e: &Emulator| {
+        e.requests_matching(&filter)
+            .iter()
+            .filter(|r| r.status >= 400)
+            .count()
+    };
+    let want_hits = if kind.name == "Event" && matches!(fault, Fault::Status(_)) {
+        n.min(2)
+    } else {
+        n
+    };
+    e.wait_for(Duration::from_secs(10), |e| hit(e) >= want_hits)
+        .await;
+    let mut matching: Vec<RequestRecord> = e.requests_matching(&filter);
+    matching.sort_by_key(|r| r.received_at);
+    let failed: Vec<&RequestRecord> = matching.iter().filter(|r| r.status >= 400).collect();
+    // Every fault is hit (only two Events are ever sent).
+    if failed.len() != want_hits {
+        return Err(context(
+            &op,
+            &format!("{} of {n} injected faults were hit", failed.len()),
+        ));
+    }
+    let attempts = matching
+        .iter()
+        .position(|r| r.status < 400)
+        .map_or(matching.len(), |i| i + 1);
+    let gaps: Vec<Duration> = matching[..attempts]
+        .windows(2)
+        .map(|w| w[1].received_at.duration_since(w[0].received_at))
+        .collect();
+    let errors = op.reconciles("error").await;
+    let successes = op.reconciles("success").await;
+    let logs = op.logs();
+    // kube-rs itself retries 504 (up to 15 times, from 5 ms); an answer that never comes
+    // fails the reconcile at --reconcile-timeout, whatever the write (Events included).
+    let (want, reported) = match fault {
+        Fault::Status(_) if kind.fails_reconcile => (Some(n as u64), kind.reported),
+        Fault::Status(_) => (None, kind.reported),
+        // The elector gives up on an attempt at the renew deadline: with kube-rs'
+        // retries inside, that may cost the leadership (and a reconcile) for a moment.
+        Fault::TimeOut(_) if kind.lease => (None, ""),
+        Fault::TimeOut(_) => (Some(0), ""),
+        Fault::Hang if kind.lease => (None, "did not answer in time"),
+        Fault::Hang => (Some(n as u64), "did not finish within"),
+    };
+    match want {
+        Some(want) if errors != want => {
+            return Err(context(
+                &op,
+                &format!("{errors} failed reconciles, expected {want}"),
+            ));
+        }
+        // A lost leadership stops the reconcile in progress; it runs again once renewed.
+        None if kind.lease && errors > n as u64 => {
+            return Err(context(
+                &op,
+                &format!("{errors} failed reconciles for {n} lease fault(s)"),
+            ));
+        }
+        None if !kind.lease && errors != 0 => {
+            return Err(context(
+                &op,
+                &format!("{errors} failed reconciles for a best-effort write"),
+            ));
+        }
+        _ => {}
+    }
+    if errors > 0 && !logs.contains("reconcile failed") {
+        return Err(context(&op, "a failed reconcile is not logged"));
+    }
+    // The elector gives up on a hung call at the renew deadline, after convergence.
+    e.wait_for(Duration::from_secs(5), |_| op.logs().contains(reported))
+        .await;
+    let logs = op.logs();
+    if !logs.contains(reported) {
+        return Err(context(
+            &op,
+            &format!("the failure is not reported: no {reported:?}"),
+        ));
+    }
+    // No hot loop: failed reconciles are retried with growing pauses, and the whole run
+    // takes a handful of reconciles.
+    if kind.fails_reconcile && matches!(fault, Fault::Status(_)) {
+        if let Some(short) = gaps.iter().find(|g| **g < Duration::from_millis(90)) {
+            return Err(context(&op, &format!("retried after only {short:?}")));
+        }
+        if n >= 3
+            && gaps
+                .last()
+                .is_some_and(|g| *g < Duration::from_millis(1800))
+        {
+            return Err(context(
+                &op,
+                &format!("no backoff between retries: {gaps:?}"),
+            ));
+        }
+    }
+    if successes + errors > 6 + 2 * n as u64 {
+        return Err(context(
+            &op,
+            &format!("{} reconciles for {n} fault(s)", successes + errors),
+        ));
+    }
+    Ok(Outcome {
+        converged_in,
+        torn,
+        attempts,
+        gaps,
+        errors,
+        successes,
+        writes: op.writes(&e).len(),
+    })
+}
+
+/// Runs every kind of write with `fault` injected `n` times, concurrently (each case has
+/// its own emulator and operator process), and reports every case that went wrong.
+async fn every_write_kind(label: &str, fault: Fault, n: usize) {
+    let reference = reference().await;
+    eprintln!(
+        "fault-free run: converged in {:?}, {} writes",
+        reference.took, reference.writes
+    );
+    let kinds = write_kinds();
+    let runs = kinds
+        .iter()
+        .map(|kind| faulty_run(kind, fault, n, &reference.state));
+    let outcomes = futures_util::future::join_all(runs).await;
+    let mut failures = Vec::new();
+    for (kind, outcome) in kinds.iter().zip(outcomes) {
+        match outcome {
+            Ok(o) => eprintln!(
+                "{label} on {}: converged in {:?} (fault-free {:?}); {} attempt(s), gaps {:?}; {} failed and {} good reconciles; {} writes (fault-free {}); torn set for {:?}",
+                kind.name,
+                o.converged_in,
+                reference.took,
+                o.attempts,
+                o.gaps,
+                o.errors,
+                o.successes,
+                o.writes,
+                reference.writes,
+                o.torn
+            ),
+            Err(why) => failures.push(format!("{label} on {}: {why}", kind.name)),
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n\n"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_500_on_any_write_is_retried_to_the_fault_free_result() {
+    every_write_kind("500 once", Fault::Status(500), 1).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_409_conflict_on_any_write_is_retried_to_the_fault_free_result() {
+    every_write_kind("409 once", Fault::Status(409), 1).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn repeated_500s_on_any_write_are_retried_with_backoff_to_the_fault_free_result() {
+    every_write_kind("500 three times", Fault::Status(500), 3).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn timeouts_on_any_write_are_retried_to_the_fault_free_result() {
+    // Absorbed by kube-rs' own retry of 504: the reconcile does not even fail.
+    every_write_kind(
+        "timeout once",
+        Fault::TimeOut(Duration::from_millis(700)),
+        1,
+    )
+    .await;
+    every_write_kind(
+        "timeout four times",
+        Fault::TimeOut(Duration::from_millis(300)),
+        4,
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_that_never_gets_an_answer_is_abandoned_and_retried() {
+    every_write_kind("hang", Fault::Hang, 1).await;
+}
+
+// === Referenced objects come and go ===
+
+fn config_of(e: &Emulator) -> tollgate_api::config::GatewayConfig {
+    served(e)
+        .expect("a configuration is written")
+        .expect("the configuration is consistent")
+        .config
+}
+
+/// Waits for the first reconcile and for the follow-ups its own writes cause.
+async fn settle(e: &Emulator, op: &Operator) {
+    converge(e, Duration::from_secs(20), settled)
+        .await
+        .unwrap_or_else(|why| panic!("{why}\n{}", op.logs()));
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert!(settled(e), "{}", op.logs());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deleted_credential_secret_takes_out_only_its_provider_until_it_is_restored() {
+    let e = world();
+    let mut op = Operator::start(&e, "op-secret", &["--leader-election", "false"]);
+    settle(&e, &op).await;
+    let before = config_of(&e);
+    let hash_before = live_hash(&e).unwrap();
+    assert!(before.credentials.providers.contains_key("default/openai"));
+
+    e.delete("v1", "secrets", "default", "openai-credentials")
+        .unwrap();
+    let (took, torn) = converge(&e, Duration::from_secs(10), |e| {
+        ready_is(e, "providers", "openai", "False") && settled(e)
+    })
+    .await
+    .unwrap_or_else(|why| panic!("{why}\n{}", op.logs()));
+    let ready = condition(&e, "providers", "openai", "Ready").unwrap();
+    let refs = condition(&e, "providers", "openai", "ResolvedRefs").unwrap();
+    for c in [&ready, &refs] {
+        assert_eq!(
+            (c["status"].as_str(), c["reason"].as_str()),
+            (Some("False"), Some("SecretNotFound")),
+            "{c}"
+        );
+        assert!(
+            c["message"]
+                .as_str()
+                .unwrap()
+                .contains("Secret default/openai-credentials not found"),
+            "{c}"
+        );
+    }
+    assert!(
+        e.wait_for(Duration::from_secs(5), |e| events(
+            e,
+            "openai",
+            "SecretNotFound"
+        )
+        .iter()
+        .any(|ev| ev["type"] == "Warning"))
+            .await,
+        "a Warning Event says why: {:?}",
+        e.list("events.k8s.io/v1", "events", "default")
+    );
+    // DESIGN.md: a dangling reference surfaces as a condition and the rest keeps
+    // working. The Provider itself leaves the configuration (no credential to call it
+    // with), and so does the RoutePolicy whose only target it was.
+    let during = config_of(&e);
+    assert!(!during.routing.providers.contains_key("default/openai"));
+    assert!(!during.credentials.providers.contains_key("default/openai"));
+    assert!(during.routing.routes.iter().all(|r| r.id != "default/chat"));
+    assert!(ready_is(&e, "routepolicies", "chat", "False"));
+    // Everything else is served exactly as before.
+    assert_eq!(
+        during.routing.providers["default/mock"],
+        before.routing.providers["default/mock"]
+    );
+    assert_eq!(
+        during
+            .routing
+            .routes
+            .iter()
+            .find(|r| r.id == "default/demo"),
+        before
+            .routing
+            .routes
+            .iter()
+            .find(|r| r.id == "default/demo")
+    );
+    assert_eq!(during.keys, before.keys, "every key still works");
+    for (plural, name) in [
+        ("providers", "mock"),
+        ("routepolicies", "demo"),
+        ("apikeys", "alpha"),
+        ("apikeys", "beta"),
+    ] {
+        assert!(ready_is(&e, plural, name, "True"), "{plural}/{name}");
+    }
+
+    e.apply_yaml("apiVersion: v1\nkind: Secret\nmetadata: {name: openai-credentials, namespace: default}\nstringData: {apiKey: sk-test-openai-0001}\n")
+        .unwrap();
+    let (restored, torn_restore) = converge(&e, Duration::from_secs(10), |e| {
+        ready_is(e, "providers", "openai", "True")
+            && ready_is(e, "routepolicies", "chat", "True")
+            && settled(e)
+    })
+    .await
+    .unwrap_or_else(|why| panic!("{why}\n{}", op.logs()));
+    assert_eq!(
+        live_hash(&e).unwrap(),
+        hash_before,
+        "the restored Secret brings back exactly the configuration before"
+    );
+    assert!(op.alive());
+    eprintln!(
+        "credential Secret deleted: Provider False and configuration updated in {took:?} (parts ahead of the manifest for {torn:?}); restored: back to True and the previous configuration in {restored:?} (torn {torn_restore:?})"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_route_policy_naming_a_missing_provider_says_so_and_works_once_it_exists() {
+    let e = world();
+    e.apply_yaml("apiVersion: tollgate.dev/v1alpha1\nkind: RoutePolicy\nmetadata: {name: early, namespace: default}\nspec: {models: [later-chat], targets: [{provider: later}]}\n")
+        .unwrap();
+    let op = Operator::start(&e, "op-missing", &["--leader-election", "false"]);
+    settle(&e, &op).await;
+    let refs = condition(&e, "routepolicies", "early", "ResolvedRefs").unwrap();
+    assert_eq!(
+        (refs["status"].as_str(), refs["reason"].as_str()),
+        (Some("False"), Some("ProviderNotFound")),
+        "{refs}"
+    );
+    assert!(
+        refs["message"]
+            .as_str()
+            .unwrap()
+            .contains("Provider default/later not found"),
+        "{refs}"
+    );
+    assert!(ready_is(&e, "routepolicies", "early", "False"));
+    // Every valid object is served.
+    let config = config_of(&e);
+    let routes: Vec<&str> = config
+        .routing
+        .routes
+        .iter()
+        .map(|r| r.id.as_str())
+        .collect();
+    assert_eq!(routes, ["default/chat", "default/demo"]);
+    assert_eq!(config.routing.providers.len(), 2);
+    assert_eq!(config.keys.keys.len(), 3);
+    for (plural, name) in [
+        ("providers", "mock"),
+        ("providers", "openai"),
+        ("routepolicies", "demo"),
+        ("routepolicies", "chat"),
+        ("apikeys", "alpha"),
+        ("apikeys", "beta"),
+    ] {
+        assert!(ready_is(&e, plural, name, "True"), "{plural}/{name}");
+    }
+
+    e.apply_yaml("apiVersion: tollgate.dev/v1alpha1\nkind: Provider\nmetadata: {name: later, namespace: default}\nspec: {type: mock, models: [{name: later-chat}]}\n")
+        .unwrap();
+    let (took, torn) = converge(&e, Duration::from_secs(10), |e| {
+        ready_is(e, "routepolicies", "early", "True") && settled(e)
+    })
+    .await
+    .unwrap_or_else(|why| panic!("{why}\n{}", op.logs()));
+    let config = config_of(&e);
+    assert!(
+        config
+            .routing
+            .routes
+            .iter()
+            .any(|r| r.id == "default/early")
+    );
+    assert_eq!(config.routing.routes.len(), 3);
+    eprintln!(
+        "the missing Provider created: RoutePolicy Ready and served in {took:?} (torn {torn:?})"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalid_objects_next_to_valid_ones_change_nothing_that_is_served() {
+    let e = world();
+    let op = Operator::start(&e, "op-invalid", &["--leader-election", "false"]);
+    settle(&e, &op).await;
+    let before = config_of(&e);
+    let hash_before = live_hash(&e).unwrap();
+
+    // Each passes the CRD schema (and its CEL rules) but not the compile.
+    e.apply_yaml(
+        "apiVersion: tollgate.dev/v1alpha1\nkind: Provider\nmetadata: {name: leaky, namespace: default}\nspec: {type: openaiCompatible, baseUrl: \"https://user:secret@llm.internal/v1\", models: [{name: internal-chat}]}\n---\n\
+         apiVersion: tollgate.dev/v1alpha1\nkind: RoutePolicy\nmetadata: {name: to-leaky, namespace: default}\nspec: {models: [internal-chat], targets: [{provider: leaky}]}\n---\n\
+         apiVersion: tollgate.dev/v1alpha1\nkind: RoutePolicy\nmetadata: {name: takeover, namespace: default}\nspec: {models: [demo-chat], targets: [{provider: openai, model: gpt-4o}]}\n---\n\
+         apiVersion: tollgate.dev/v1alpha1\nkind: ApiKey\nmetadata: {name: broken-glob, namespace: default}\nspec: {owner: team-c, allowedModels: [\"demo-[\"]}\n",
+    )
+    .unwrap();
+    let invalid = [
+        ("providers", "leaky", "InvalidSpec"),
+        ("routepolicies", "to-leaky", "ProviderNotReady"),
+        ("routepolicies", "takeover", "ModelConflict"),
+        ("apikeys", "broken-glob", "InvalidModelPattern"),
+    ];
+    let (took, torn) = converge(&e, Duration::from_secs(10), |e| {
+        invalid
+            .iter()
+            .all(|(plural, name, _)| ready_is(e, plural, name, "False"))
+            && settled(e)
+    })
+    .await
+    .unwrap_or_else(|why| panic!("{why}\n{}", op.logs()));
+    for (plural, name, reason) in invalid {
+        let c = condition(&e, plural, name, "Ready").unwrap();
+        assert_eq!(c["reason"], reason, "{plural}/{name}: {c}");
+        assert!(!c["message"].as_str().unwrap().is_empty());
+    }
+    // The configuration is exactly the one before: every valid object, nothing else.
+    assert_eq!(config_of(&e), before);
+    assert_eq!(live_hash(&e).unwrap(), hash_before);
+    for (plural, name) in [
+        ("providers", "mock"),
+        ("providers", "openai"),
+        ("routepolicies", "demo"),
+        ("routepolicies", "chat"),
+        ("apikeys", "alpha"),
+        ("apikeys", "beta"),
+    ] {
+        assert!(ready_is(&e, plural, name, "True"), "{plural}/{name}");
+    }
+    eprintln!(
+        "four invalid objects added: reported, served configuration unchanged, in {took:?} (torn {torn:?})"
+    );
+}
+
+// === Leader loss ===
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_that_loses_its_lease_mid_reconcile_stops_writing_and_the_new_leader_converges() {
+    let e = world();
+    let a = Operator::start(&e, "op-a", &[]);
+    settle(&e, &a).await;
+    let b = Operator::start(&e, "op-b", &[]);
+    assert!(
+        e.wait_for(Duration::from_secs(10), |_| b
+            .logs()
+            .contains("caches synced"))
+            .await
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(b.writes(&e).len(), 0, "the standby does not write");
+
+    // A can no longer renew its Lease, and its next key Secret creation takes 3.5 s:
+    // it is in the middle of a reconcile when its Lease runs out.
+    e.fail_next(
+        1_000_000,
+        500,
+        RequestFilter::writes()
+            .resource("leases")
+            .user_agent("(op-a)"),
+    );
+    e.delay_next(
+        1,
+        Duration::from_millis(3500),
+        RequestFilter::writes()
+            .method("POST")
+            .resource("secrets")
+            .user_agent("(op-a)"),
+    );
+    e.apply_yaml("apiVersion: tollgate.dev/v1alpha1\nkind: ApiKey\nmetadata: {name: gamma, namespace: default}\nspec: {owner: team-g}\n")
+        .unwrap();
+    let changed = Instant::now();
+    let (took, torn) = converge(&e, Duration::from_secs(20), |e| {
+        ready_is(e, "apikeys", "gamma", "True") && settled(e)
+    })
+    .await
+    .unwrap_or_else(|why| panic!("{why}\n--- a ---\n{}\n--- b ---\n{}", a.logs(), b.logs()));
+    // Leave A time to finish the reconcile it was in (its delayed write answers at 3.5 s).
+    tokio::time::sleep(Duration::from_millis(4500).saturating_sub(changed.elapsed())).await;
+
+    let lease_writes = |who: &str| {
+        let mut w: Vec<RequestRecord> = e
+            .requests_matching(
+                &RequestFilter::writes()
+                    .resource("leases")
+                    .user_agent(&format!("({who})")),
+            )
+            .into_iter()
+            .filter(|r| r.status < 400)
+            .collect();
+        w.sort_by_key(|r| r.received_at);
+        w
+    };
+    let takeover = lease_writes("op-b")
+        .first()
+        .expect("B took the Lease")
+        .received_at;
+    let last_renewal = lease_writes("op-a")
+        .last()
+        .expect("A had renewed")
+        .received_at;
+    let late: Vec<String> = a
+        .writes(&e)
+        .iter()
+        .filter(|r| r.received_at > takeover)
+        .map(|r| format!("{} {} -> {}", r.method, r.path, r.status))
+        .collect();
+    assert!(
+        late.is_empty(),
+        "A wrote after B took the Lease: {late:?}\n{}",
+        a.logs()
+    );
+    assert!(
+        e.wait_for(Duration::from_secs(5), |_| a
+            .logs()
+            .contains("stopped writing"))
+            .await,
+        "A's reconcile ends without writing:\n{}",
+        a.logs()
+    );
+    let delayed = a
+        .writes(&e)
+        .into_iter()
+        .find(|r| r.method == "POST" && r.resource.as_deref() == Some("secrets"))
+        .expect("A's key Secret creation");
+    assert!(delayed.received_at < takeover, "sent while A still led");
+    // B finished the job: gamma's key is issued once, served, and never reported as
+    // conflicting with "somebody else's" Secret (A's late 409).
+    let gamma = condition(&e, "apikeys", "gamma", "Ready").unwrap();
+    assert_eq!(gamma["reason"], "Ready", "{gamma}");
+    assert!(events(&e, "gamma", "SecretConflict").is_empty());
+    assert!(!b.writes(&e).is_empty(), "the new leader writes");
+    let holder = e
+        .get(
+            "coordination.k8s.io/v1",
+            "leases",
+            "tollgate",
+            "tollgate-operator",
+        )
+        .unwrap()["spec"]["holderIdentity"]
+        .clone();
+    assert_eq!(holder, "op-b");
+    assert!(settled(&e) && inconsistency(&e).is_none());
+    eprintln!(
+        "leader lost its Lease mid-reconcile: last renewal to takeover {:?}; change to converged under the new leader {took:?}; writes by the old leader after the takeover: {}; torn set for {torn:?}",
+        takeover.duration_since(last_renewal),
+        late.len()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_paused_mid_reconcile_past_its_lease_writes_nothing_when_it_wakes_up() {
+    let e = world();
+    let a = Operator::start(&e, "op-a", &[]);
+    settle(&e, &a).await;
+    let b = Operator::start(&e, "op-b", &[]);
+    assert!(
+        e.wait_for(Duration::from_secs(10), |_| b
+            .logs()
+            .contains("caches synced"))
+            .await
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    // A starts a reconcile (its key Secret creation is slow), then the process freezes
+    // (a long GC-like pause, a throttled container) for longer than its Lease.
+    e.delay_next(
+        1,
+        Duration::from_millis(600),
+        RequestFilter::writes()
+            .method("POST")
+            .resource("secrets")
+            .user_agent("(op-a)"),
+    );
+    e.apply_yaml("apiVersion: tollgate.dev/v1alpha1\nkind: ApiKey\nmetadata: {name: gamma, namespace: default}\nspec: {owner: team-g}\n")
+        .unwrap();
+    // A's reconcile starts after the 100 ms debounce and waits for its slow write.
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    a.signal("STOP");
+    let stopped = Instant::now();
+    let (took, torn) = converge(&e, Duration::from_secs(20), |e| {
+        ready_is(e, "apikeys", "gamma", "True") && settled(e)
+    })
+    .await
+    .unwrap_or_else(|why| panic!("{why}\n--- b ---\n{}", b.logs()));
+    tokio::time::sleep(Duration::from_millis(3000).saturating_sub(stopped.elapsed())).await;
+    a.signal("CONT");
+    let resumed = Instant::now();
+    // Give A every chance to carry on with the reconcile it was in.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+
+    let takeover = e
+        .requests_matching(
+            &RequestFilter::writes()
+                .resource("leases")
+                .user_agent("(op-b)"),
+        )
+        .into_iter()
+        .filter(|r| r.status < 400)
+        .map(|r| r.received_at)
+        .min()
+        .expect("B took the Lease");
+    let late: Vec<String> = a
+        .writes(&e)
+        .iter()
+        .filter(|r| r.received_at > takeover)
+        .map(|r| format!("{} {} -> {}", r.method, r.path, r.status))
+        .collect();
+    assert!(
+        late.is_empty(),
+        "A wrote after B took the Lease: {late:?}\n{}",
+        a.logs()
+    );
+    assert!(settled(&e) && inconsistency(&e).is_none());
+    assert!(ready_is(&e, "apikeys", "gamma", "True"));
+    let holder = e
+        .get(
+            "coordination.k8s.io/v1",
+            "leases",
+            "tollgate",
+            "tollgate-operator",
+        )
+        .unwrap()["spec"]["holderIdentity"]
+        .clone();
+    assert_eq!(holder, "op-b", "A does not take the Lease back");
+    eprintln!(
+        "leader paused for {:?} mid-reconcile: standby took over {:?} after the pause began, converged in {took:?} (torn {torn:?}); writes by the paused leader after it woke: {}",
+        resumed.duration_since(stopped),
+        takeover.duration_since(stopped),
+        late.len()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_config_map_write_after_a_change_never_publishes_a_manifest_without_its_parts() {
+    let e = world();
+    let op = Operator::start(&e, "op-torn", &["--leader-election", "false"]);
+    settle(&e, &op).await;
+    let hash_before = live_hash(&e).unwrap();
+    // The upstream credential changes (a rotation by an external secrets manager), and
+    // the manifest write fails three times.
+    e.fail_next(
+        3,
+        500,
+        RequestFilter::writes()
+            .method("PATCH")
+            .resource("configmaps"),
+    );
+    e.apply_yaml("apiVersion: v1\nkind: Secret\nmetadata: {name: openai-credentials, namespace: default}\nstringData: {apiKey: sk-test-openai-0002}\n")
+        .unwrap();
+    let (took, torn) = converge(&e, Duration::from_secs(20), |e| {
+        settled(e) && live_hash(e).is_some_and(|h| h != hash_before)
+    })
+    .await
+    .unwrap_or_else(|why| panic!("{why}\n{}", op.logs()));
+    let config = config_of(&e);
+    assert!(
+        serde_json::to_string(&config.credentials)
+            .unwrap()
+            .contains("sk-test-openai-0002")
+    );
+    // With fixed object names the new credentials part precedes its manifest: gateways
+    // see a set whose hashes disagree and keep serving the previous configuration until
+    // the manifest lands. That window lasts as long as the retries.
+    assert!(
+        torn > Duration::ZERO && torn < Duration::from_secs(10),
+        "{torn:?}"
+    );
+    let mut attempts: Vec<RequestRecord> = e.requests_matching(
+        &RequestFilter::writes()
+            .method("PATCH")
+            .resource("configmaps"),
+    );
+    attempts.sort_by_key(|r| r.received_at);
+    // From the first failure (a follow-up of the first reconcile may have come first).
+    let first = attempts.iter().position(|r| r.status == 500).unwrap();
+    attempts.drain(..first);
+    let gaps: Vec<Duration> = attempts
+        .windows(2)
+        .map(|w| w[1].received_at.duration_since(w[0].received_at))
+        .collect();
+    eprintln!(
+        "credential rotated while the ConfigMap write failed 3 times: converged in {took:?}; parts ahead of their manifest for {torn:?}; ConfigMap attempts {} gaps {gaps:?}",
+        attempts.len()
+    );
+    assert_eq!(attempts.len(), 4);
+    assert!(
+        gaps.last().unwrap() >= &Duration::from_millis(1800),
+        "backoff: {gaps:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_operator_does_not_reconcile_in_a_loop_with_or_without_leader_election() {
+    for election in ["true", "false"] {
+        let e = world();
+        let op = Operator::start(
+            &e,
+            &format!("op-idle-{election}"),
+            &["--leader-election", election],
+        );
+        settle(&e, &op).await;
+        let before = op.reconciles("success").await + op.reconciles("error").await;
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let after = op.reconciles("success").await + op.reconciles("error").await;
+        assert!(
+            after - before <= 1,
+            "--leader-election {election}: {} reconciles in 2 s of nothing changing",
+            after - before
+        );
+    }
+}
