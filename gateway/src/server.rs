@@ -133,10 +133,14 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         cache_enabled: settings.cache_max_bytes > 0,
         auth_throttle: crate::http::AuthThrottle::new(settings.auth_failures_per_minute),
     });
+    // Raised shortly before the shutdown deadline: streams still open then end with an
+    // error event instead of being cut when the process exits.
+    let (end_streams, streams_end) = tokio::sync::watch::channel(false);
     let router = app(
         state.clone(),
         &HttpOptions {
             cors_origins: settings.cors_origins.clone(),
+            end_streams: Some(streams_end),
         },
     );
     let listener = TcpListener::bind(settings.listen)
@@ -171,9 +175,19 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
             ?shutdown_timeout,
             "closing the listener; waiting for in-flight requests"
         );
-        // Bound the drain: exit even if a stream never ends.
+        // Bound the drain: streams still open just before the deadline end with an error
+        // event (their limits and usage settle, the connections close cleanly, and the
+        // last usage is written); at the deadline the process exits whatever is left.
         tokio::spawn(async move {
-            tokio::time::sleep(shutdown_timeout).await;
+            let grace = stream_end_grace(shutdown_timeout);
+            tokio::time::sleep(shutdown_timeout - grace).await;
+            if end_streams.send(true).is_ok() {
+                tracing::warn!(
+                    ?grace,
+                    "in-flight requests did not finish in time; ending open streams with an error event"
+                );
+            }
+            tokio::time::sleep(grace).await;
             tracing::warn!("in-flight requests did not finish in time; exiting");
             std::process::exit(0);
         });
@@ -201,6 +215,12 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// How long before the shutdown deadline open streams are ended: time for their
+/// connections to close and the last usage to be written.
+fn stream_end_grace(shutdown_timeout: Duration) -> Duration {
+    (shutdown_timeout / 4).min(Duration::from_secs(1))
+}
+
 async fn shutdown_signal() {
     let ctrl_c = async {
         let _ = tokio::signal::ctrl_c().await;
@@ -216,5 +236,22 @@ async fn shutdown_signal() {
     tokio::select! {
         () = ctrl_c => {}
         () = term => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn open_streams_end_a_quarter_of_the_timeout_before_the_deadline_at_most_a_second() {
+        assert_eq!(
+            stream_end_grace(Duration::from_secs(20)),
+            Duration::from_secs(1)
+        );
+        assert_eq!(
+            stream_end_grace(Duration::from_secs(2)),
+            Duration::from_millis(500)
+        );
     }
 }

@@ -141,8 +141,10 @@ pub struct Settings {
     pub drain_delay: Duration,
 
     /// After the listener closes, how long in-flight requests and streams may take to
-    /// finish before the process exits anyway. Keep terminationGracePeriodSeconds above
-    /// drain delay + this.
+    /// finish before the process exits anyway. Streams still open a moment before the end
+    /// (a quarter of this, at most 1s) end with an error event, so clients see why and
+    /// their limits and usage settle. Keep terminationGracePeriodSeconds above drain
+    /// delay + this.
     #[arg(long, env = "TOLLGATE_SHUTDOWN_TIMEOUT", default_value = "20s", value_parser = parse_duration)]
     pub shutdown_timeout: Duration,
 }

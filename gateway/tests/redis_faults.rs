@@ -164,16 +164,7 @@ async fn load(
 
 /// A gateway on the test config, sharing limits through `redis_url` in `mode`.
 fn start_gateway(dir: &std::path::Path, redis_url: &str, mode: &str) -> Gateway {
-    Gateway::start(&[
-        "--resources",
-        dir.to_str().unwrap(),
-        "--redis-url",
-        redis_url,
-        "--redis-timeout",
-        REDIS_TIMEOUT,
-        "--redis-failure-mode",
-        mode,
-    ])
+    Gateway::with_redis(dir, redis_url, REDIS_TIMEOUT, mode)
 }
 
 /// [`LOOPS`] client loops calling `gw` with `key` until `stop`.
@@ -214,17 +205,7 @@ async fn readyz(gw: &Gateway) -> (u16, Value) {
     (resp.status().as_u16(), resp.json().await.unwrap())
 }
 
-/// Runs one command on a fresh connection, giving up after 500 ms.
-async fn redis_query<T: redis::FromRedisValue>(url: &str, cmd: &redis::Cmd) -> Option<T> {
-    let client = redis::Client::open(url).ok()?;
-    tokio::time::timeout(Duration::from_millis(500), async {
-        let mut conn = client.get_multiplexed_async_connection().await.ok()?;
-        cmd.query_async(&mut conn).await.ok()
-    })
-    .await
-    .ok()
-    .flatten()
-}
+use common::redis::query as redis_query;
 
 /// Whether a request sent now is admitted through Redis: it is answered 200 and the
 /// shared requests bucket was stamped at or after the Redis server time read just before.

@@ -25,16 +25,7 @@ fn config(dir: &std::path::Path, rpm: u32) {
 }
 
 fn gateway(dir: &std::path::Path, redis: &Redis, mode: &str) -> Gateway {
-    Gateway::start(&[
-        "--resources",
-        dir.to_str().unwrap(),
-        "--redis-url",
-        &redis.url(),
-        "--redis-timeout",
-        "200ms",
-        "--redis-failure-mode",
-        mode,
-    ])
+    Gateway::with_redis(dir, &redis.url(), "200ms", mode)
 }
 
 async fn call(gw: &Gateway, key: &str) -> u16 {

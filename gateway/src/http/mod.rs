@@ -4,6 +4,7 @@ mod admission;
 mod anthropic;
 mod auth;
 mod caching;
+mod drain;
 mod health;
 mod models;
 mod openai;
@@ -81,6 +82,8 @@ impl AppState {
 pub struct HttpOptions {
     /// CORS origins; empty disables CORS.
     pub cors_origins: Vec<String>,
+    /// Raised near the shutdown deadline: open streams then end with an error event.
+    pub end_streams: Option<tokio::sync::watch::Receiver<bool>>,
 }
 
 /// The gateway's router with its middleware.
@@ -101,7 +104,7 @@ pub fn app(state: Arc<AppState>, options: &HttpOptions) -> Router {
 
 /// The middleware stack, outermost first: request id (honoured or generated, then echoed),
 /// panic → OpenAI-style 500 (so it carries the request id too), CORS when configured,
-/// security headers.
+/// security headers, and the end of open streams at the shutdown deadline.
 fn with_middleware(router: Router, options: &HttpOptions) -> Router {
     router.layer(
         ServiceBuilder::new()
@@ -116,7 +119,12 @@ fn with_middleware(router: Router, options: &HttpOptions) -> Router {
             .layer(SetResponseHeaderLayer::if_not_present(
                 header::CACHE_CONTROL,
                 HeaderValue::from_static("no-store"),
-            )),
+            ))
+            .option_layer(options.end_streams.clone().map(|end| {
+                axum::middleware::from_fn(move |request, next| {
+                    drain::end_streams_on(end.clone(), request, next)
+                })
+            })),
     )
 }
 

@@ -99,6 +99,21 @@ impl Gateway {
         }
     }
 
+    /// A standalone gateway on `resources` sharing its limits through `redis_url`, with
+    /// this Redis timeout and failure mode.
+    pub fn with_redis(resources: &Path, redis_url: &str, timeout: &str, mode: &str) -> Self {
+        Self::start(&[
+            "--resources",
+            resources.to_str().unwrap(),
+            "--redis-url",
+            redis_url,
+            "--redis-timeout",
+            timeout,
+            "--redis-failure-mode",
+            mode,
+        ])
+    }
+
     pub fn url(&self, path: &str) -> String {
         format!("{}{path}", self.base)
     }

@@ -122,3 +122,16 @@ impl Drop for Redis {
         let _ = self.child.wait();
     }
 }
+
+/// Runs one command on a fresh connection (so it works across restarts), giving up after
+/// 500 ms: `None` when Redis does not answer in time or fails.
+pub async fn query<T: redis::FromRedisValue>(url: &str, cmd: &redis::Cmd) -> Option<T> {
+    let client = redis::Client::open(url).ok()?;
+    tokio::time::timeout(Duration::from_millis(500), async {
+        let mut conn = client.get_multiplexed_async_connection().await.ok()?;
+        cmd.query_async(&mut conn).await.ok()
+    })
+    .await
+    .ok()
+    .flatten()
+}
