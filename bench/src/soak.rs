@@ -405,6 +405,8 @@ pub async fn run(s: &Settings) -> anyhow::Result<()> {
     let resources = s.work.join("resources");
     write_config(&resources, upstream)?;
     let (mut gateway, addr) = start_gateway(s, &resources, redis)?;
+    // Described before the run: the commit is the one the binary was built from.
+    let machine = crate::report::Machine::probe();
     let pid = gateway.pid();
 
     let started = Instant::now();
@@ -479,7 +481,7 @@ pub async fn run(s: &Settings) -> anyhow::Result<()> {
         .map(|((kind, status), n)| format!("{kind:?} → {status}: {n}"))
         .collect();
     let trends = trends(&samples);
-    let md = markdown(s, &samples, &idle, &tally, &trends, &unexpected);
+    let md = markdown(s, &machine, &samples, &idle, &tally, &trends, &unexpected);
     std::fs::write(s.out.join("soak.md"), &md)?;
     println!("{md}");
     eprintln!("written to {}/soak.{{md,csv}}", s.out.display());
@@ -504,13 +506,13 @@ fn length(d: Duration) -> String {
 
 fn markdown(
     s: &Settings,
+    machine: &crate::report::Machine,
     samples: &[Sample],
     idle: &Sample,
     tally: &Tally,
     trends: &[Trend],
     unexpected: &[String],
 ) -> String {
-    let machine = crate::report::Machine::probe();
     let total: u64 = tally.values().sum();
     let mut md = String::new();
     let _ = writeln!(md, "# Soak run\n");
