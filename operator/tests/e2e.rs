@@ -7,10 +7,9 @@
 
 use std::{
     collections::BTreeMap,
-    io::{BufRead, BufReader},
     path::PathBuf,
     process::{Child, Command, Stdio},
-    sync::{Arc, Mutex, mpsc},
+    sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
 
@@ -18,75 +17,12 @@ use base64::Engine;
 use serde_json::{Value, json};
 use tollgate_kube_emulator::{Emulator, Projection, RequestFilter};
 
-const CONFIG_SELECTOR: &str =
-    "app.kubernetes.io/managed-by=tollgate-operator,tollgate.dev/config-part";
-const TG: &str = "tollgate.dev/v1alpha1";
+mod common;
 
-/// A child process whose stderr (JSON logs) is collected; killed on drop.
-struct Proc {
-    child: Child,
-    logs: Arc<Mutex<String>>,
-    announced: mpsc::Receiver<(String, String)>,
-}
+use common::{CONFIG_SELECTOR, Proc, TG, lease_holder, operator_binary, start_operator};
 
 impl Proc {
-    fn spawn(program: PathBuf, args: &[&str], env: &[(&str, &str)]) -> Self {
-        let mut child = Command::new(&program)
-            .args(args)
-            .envs(env.iter().copied())
-            .env("RUST_LOG", "info")
-            // The tests poll with keys not yet (or no longer) valid: no throttling.
-            .env("TOLLGATE_AUTH_FAILURES_PER_MINUTE", "0")
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap_or_else(|e| panic!("{} starts: {e}", program.display()));
-        let stderr = child.stderr.take().unwrap();
-        let logs = Arc::new(Mutex::new(String::new()));
-        let (tx, announced) = mpsc::channel();
-        let sink = logs.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines() {
-                let Ok(line) = line else { break };
-                if let Ok(v) = serde_json::from_str::<Value>(&line) {
-                    for field in ["addr", "admin_addr"] {
-                        if let Some(addr) = v[field].as_str() {
-                            let _ = tx.send((
-                                v["message"].as_str().unwrap_or_default().to_owned(),
-                                addr.to_owned(),
-                            ));
-                        }
-                    }
-                }
-                let mut logs = sink.lock().unwrap();
-                logs.push_str(&line);
-                logs.push('\n');
-            }
-        });
-        Self {
-            child,
-            logs,
-            announced,
-        }
-    }
-
-    /// The address announced by the log line `message`.
-    fn addr(&self, message: &str) -> String {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while Instant::now() < deadline {
-            if let Ok((m, addr)) = self.announced.recv_timeout(Duration::from_millis(100))
-                && m == message
-            {
-                return addr;
-            }
-        }
-        panic!("no {message:?} log line:\n{}", self.logs());
-    }
-
-    fn logs(&self) -> String {
-        self.logs.lock().unwrap().clone()
-    }
-
+    /// Sends SIGTERM and waits (up to 10 s) for the process to exit.
     fn terminate(&mut self) {
         let _ = Command::new("kill")
             .args(["-TERM", &self.child.id().to_string()])
@@ -100,17 +36,6 @@ impl Proc {
         }
         panic!("did not exit on SIGTERM:\n{}", self.logs());
     }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn operator_binary() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_tollgate-operator"))
 }
 
 /// The gateway binary, built if this test runs without the rest of the workspace.
@@ -136,44 +61,12 @@ fn gateway_binary() -> PathBuf {
     path
 }
 
+/// The operator (see [`start_operator`]) with `extra` arguments.
 fn operator(emulator: &Emulator, identity: &str, extra: &[&str]) -> Proc {
-    operator_with_env(emulator, identity, extra, &[])
+    start_operator(emulator, identity, extra, &[]).0
 }
 
-fn operator_with_env(
-    emulator: &Emulator,
-    identity: &str,
-    extra: &[&str],
-    env: &[(&str, &str)],
-) -> Proc {
-    let url = emulator.url();
-    let mut args = vec![
-        "run",
-        "--kube-url",
-        &url,
-        "--namespaces",
-        "default",
-        "--gateway-namespace",
-        "tollgate",
-        "--admin-listen",
-        "127.0.0.1:0",
-        "--debounce",
-        "100ms",
-        "--max-debounce",
-        "1s",
-        "--identity",
-        identity,
-        "--log-format",
-        "json",
-    ];
-    args.extend_from_slice(extra);
-    let mut env = env.to_vec();
-    env.push(("POD_NAMESPACE", "tollgate"));
-    let p = Proc::spawn(operator_binary(), &args, &env);
-    p.addr("admin listening");
-    p
-}
-
+/// Every example manifest (`examples/*.yaml`), as one multi-document YAML stream.
 fn examples() -> String {
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../examples");
     let mut text = String::new();
@@ -190,6 +83,7 @@ fn examples() -> String {
     text
 }
 
+/// The key held by the key Secret `secret` in `default`, if it exists.
 fn key_of(emulator: &Emulator, secret: &str) -> Option<String> {
     let s = emulator.get("v1", "secrets", "default", secret)?;
     let data = s["data"]["apiKey"].as_str()?;
@@ -199,15 +93,12 @@ fn key_of(emulator: &Emulator, secret: &str) -> Option<String> {
     String::from_utf8(bytes).ok()
 }
 
+/// The Ready condition of the Tollgate object `plural`/`name`, if it has one.
 fn ready(emulator: &Emulator, plural: &str, name: &str) -> Option<Value> {
-    let o = emulator.get(TG, plural, "default", name)?;
-    o["status"]["conditions"]
-        .as_array()?
-        .iter()
-        .find(|c| c["type"] == "Ready")
-        .cloned()
+    common::condition(emulator, plural, name, "Ready")
 }
 
+/// Sends a chat completion through `gateway` with `key`; returns the status code.
 async fn chat(gateway: &str, key: &str) -> u16 {
     reqwest::Client::new()
         .post(format!("http://{gateway}/v1/chat/completions"))
@@ -221,6 +112,7 @@ async fn chat(gateway: &str, key: &str) -> u16 {
         .as_u16()
 }
 
+/// How long until a chat completion with `key` gets `want`, if it does within `within`.
 async fn eventually_status(
     gateway: &str,
     key: &str,
@@ -237,6 +129,7 @@ async fn eventually_status(
     None
 }
 
+/// How many writes the replica `identity` made (by its User-Agent).
 fn writes_by(emulator: &Emulator, identity: &str) -> usize {
     emulator
         .requests_matching(&RequestFilter::writes())
@@ -247,17 +140,6 @@ fn writes_by(emulator: &Emulator, identity: &str) -> usize {
                 .is_some_and(|a| a.contains(identity))
         })
         .count()
-}
-
-fn lease_holder(emulator: &Emulator) -> Option<String> {
-    emulator.get(
-        "coordination.k8s.io/v1",
-        "leases",
-        "tollgate",
-        "tollgate-operator",
-    )?["spec"]["holderIdentity"]
-        .as_str()
-        .map(str::to_owned)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -788,7 +670,7 @@ async fn reconciles_are_traced_over_otlp() {
         .apply_yaml("apiVersion: v1\nkind: Namespace\nmetadata: {name: tollgate}\n")
         .unwrap();
     emulator.apply_yaml(&examples()).unwrap();
-    let op = operator_with_env(
+    let (op, _) = start_operator(
         &emulator,
         "op-traced",
         &["--leader-election", "false"],

@@ -9,9 +9,7 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    io::{BufRead, BufReader},
-    process::{Child, Command, Stdio},
-    sync::{Arc, Mutex, mpsc},
+    process::Command,
     time::{Duration, Instant},
 };
 
@@ -25,44 +23,28 @@ use tollgate_api::{
 };
 use tollgate_kube_emulator::{Emulator, RequestFilter, RequestRecord};
 
-const CONFIG_SELECTOR: &str =
-    "app.kubernetes.io/managed-by=tollgate-operator,tollgate.dev/config-part";
+mod common;
+
+use common::{CONFIG_SELECTOR, Proc, TG, condition, lease_holder, start_operator};
+
+/// Selects the key Secrets the operator issues for ApiKeys.
 const KEY_SELECTOR: &str = "app.kubernetes.io/managed-by=tollgate-operator,tollgate.dev/api-key";
-const TG: &str = "tollgate.dev/v1alpha1";
+/// The generated manifest (the ConfigMap gateways load first).
 const CONFIG_MAP: &str = "tollgate-gateway-config";
 
 // === Processes ===
 
-/// The operator binary, its stderr (JSON logs) collected; killed on drop.
+/// The operator binary (see [`start_operator`]), its logs collected; killed on drop.
 struct Operator {
-    child: Child,
+    process: Proc,
     identity: String,
-    logs: Arc<Mutex<String>>,
     admin: String,
 }
 
 impl Operator {
-    /// Starts `tollgate-operator run` against `emulator` with short timings.
+    /// Starts `tollgate-operator run` against `emulator` with short timings (lease 2 s).
     fn start(emulator: &Emulator, identity: &str, extra: &[&str]) -> Self {
-        let url = emulator.url();
         let mut args = vec![
-            "run",
-            "--kube-url",
-            &url,
-            "--namespaces",
-            "default",
-            "--gateway-namespace",
-            "tollgate",
-            "--admin-listen",
-            "127.0.0.1:0",
-            "--debounce",
-            "100ms",
-            "--max-debounce",
-            "1s",
-            "--identity",
-            identity,
-            "--log-format",
-            "json",
             "--lease-duration",
             "2s",
             "--lease-renew-deadline",
@@ -71,55 +53,28 @@ impl Operator {
             "200ms",
         ];
         args.extend_from_slice(extra);
-        let mut child = Command::new(env!("CARGO_BIN_EXE_tollgate-operator"))
-            .args(&args)
-            .env("RUST_LOG", "info")
-            .env("POD_NAMESPACE", "tollgate")
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("the operator starts");
-        let stderr = child.stderr.take().unwrap();
-        let logs = Arc::new(Mutex::new(String::new()));
-        let (tx, rx) = mpsc::channel();
-        let sink = logs.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines() {
-                let Ok(line) = line else { break };
-                if let Ok(v) = serde_json::from_str::<Value>(&line)
-                    && let Some(addr) = v["admin_addr"].as_str()
-                {
-                    let _ = tx.send(addr.to_owned());
-                }
-                let mut logs = sink.lock().unwrap();
-                logs.push_str(&line);
-                logs.push('\n');
-            }
-        });
-        let admin = rx
-            .recv_timeout(Duration::from_secs(30))
-            .unwrap_or_else(|_| panic!("no admin address:\n{}", logs.lock().unwrap()));
+        let (process, admin) = start_operator(emulator, identity, &args, &[]);
         Self {
-            child,
+            process,
             identity: identity.to_owned(),
-            logs,
             admin,
         }
     }
 
+    /// Everything the operator has logged so far.
     fn logs(&self) -> String {
-        self.logs.lock().unwrap().clone()
+        self.process.logs()
     }
 
     /// Whether the process is still running (no crash, no exit).
     fn alive(&mut self) -> bool {
-        matches!(self.child.try_wait(), Ok(None))
+        matches!(self.process.child.try_wait(), Ok(None))
     }
 
     /// Sends `signal` (`STOP`, `CONT`) to the process.
     fn signal(&self, signal: &str) {
         let ok = Command::new("kill")
-            .args([&format!("-{signal}"), &self.child.id().to_string()])
+            .args([&format!("-{signal}"), &self.process.child.id().to_string()])
             .status()
             .is_ok_and(|s| s.success());
         assert!(ok, "kill -{signal}");
@@ -146,13 +101,6 @@ impl Operator {
             .into_iter()
             .filter(|r| r.resource.as_deref() != Some("leases"))
             .collect()
-    }
-}
-
-impl Drop for Operator {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 
@@ -193,6 +141,17 @@ fn world() -> Emulator {
     emulator
 }
 
+/// The objects of [`world`] (plural, name), every one of them valid.
+const WORLD_OBJECTS: [(&str, &str); 6] = [
+    ("providers", "mock"),
+    ("providers", "openai"),
+    ("routepolicies", "demo"),
+    ("routepolicies", "chat"),
+    ("apikeys", "alpha"),
+    ("apikeys", "beta"),
+];
+
+/// The bytes of a Secret's `data` value (base64), empty if it has none.
 fn decode(data: &Value) -> Vec<u8> {
     base64::engine::general_purpose::STANDARD
         .decode(data.as_str().unwrap_or_default())
@@ -221,6 +180,7 @@ fn served(e: &Emulator) -> Option<Result<parts::AssembledConfig, String>> {
     Some(parts::assemble(&files).map_err(|err| err.to_string()))
 }
 
+/// Every Tollgate object of kind `plural` in `default`, typed.
 fn typed<T: serde::de::DeserializeOwned>(e: &Emulator, plural: &str) -> Vec<T> {
     e.list(TG, plural, "default")
         .into_iter()
@@ -228,6 +188,7 @@ fn typed<T: serde::de::DeserializeOwned>(e: &Emulator, plural: &str) -> Vec<T> {
         .collect()
 }
 
+/// Every Secret in `default`, typed.
 fn secrets(e: &Emulator) -> Vec<Secret> {
     e.list("v1", "secrets", "default")
         .into_iter()
@@ -248,6 +209,7 @@ fn expected_hash(e: &Emulator) -> String {
     parts::split(&out.config).unwrap().config_hash
 }
 
+/// The configuration hash the generated manifest announces, if there is one.
 fn live_hash(e: &Emulator) -> Option<String> {
     e.get("v1", "configmaps", "tollgate", CONFIG_MAP)?["metadata"]["annotations"]
         ["tollgate.dev/config-hash"]
@@ -310,6 +272,7 @@ struct Monitor {
 }
 
 impl Monitor {
+    /// Looks at the generated objects once; records a torn set or a violation.
     fn check(&mut self, e: &Emulator) {
         let version = e
             .get("v1", "configmaps", "tollgate", CONFIG_MAP)
@@ -332,8 +295,8 @@ impl Monitor {
     }
 }
 
-/// What a user can observe, with the random parts (generated keys, timestamps) taken
-/// out (generated keys, grace ends): generated objects, served routing and credentials, served keys per ApiKey, key
+/// What a user can observe, with the random parts (generated keys, grace ends) taken
+/// out: generated objects, served routing and credentials, served keys per ApiKey, key
 /// Secrets, and every object's conditions.
 fn state(e: &Emulator) -> Value {
     let generated: Vec<String> = ["configmaps", "secrets"]
@@ -425,14 +388,7 @@ fn settled(e: &Emulator) -> bool {
             })
 }
 
-fn condition(e: &Emulator, plural: &str, name: &str, type_: &str) -> Option<Value> {
-    e.get(TG, plural, "default", name)?["status"]["conditions"]
-        .as_array()?
-        .iter()
-        .find(|c| c["type"] == type_)
-        .cloned()
-}
-
+/// Whether the Ready condition of `plural`/`name` has this `status`.
 fn ready_is(e: &Emulator, plural: &str, name: &str, status: &str) -> bool {
     condition(e, plural, name, "Ready").is_some_and(|c| c["status"] == status)
 }
@@ -468,6 +424,40 @@ async fn converge(
     }
 }
 
+/// Like [`converge`], and panics with what went wrong and the logs of `ops`.
+async fn converged(
+    e: &Emulator,
+    ops: &[&Operator],
+    within: Duration,
+    done: impl FnMut(&Emulator) -> bool,
+) -> (Duration, Duration) {
+    converge(e, within, done).await.unwrap_or_else(|why| {
+        let logs: String = ops
+            .iter()
+            .map(|op| format!("\n--- {} ---\n{}", op.identity, op.logs()))
+            .collect();
+        panic!("{why}{logs}")
+    })
+}
+
+/// Asserts that the condition `c` has this `status` and `reason`, and a message that
+/// mentions `message`.
+fn assert_condition(c: &Value, status: &str, reason: &str, message: &str) {
+    assert_eq!(
+        (c["status"].as_str(), c["reason"].as_str()),
+        (Some(status), Some(reason)),
+        "{c}"
+    );
+    assert!(c["message"].as_str().unwrap().contains(message), "{c}");
+}
+
+/// Asserts that each of `objects` (plural, name) is Ready.
+fn assert_ready(e: &Emulator, objects: &[(&str, &str)]) {
+    for (plural, name) in objects {
+        assert!(ready_is(e, plural, name, "True"), "{plural}/{name}");
+    }
+}
+
 // === Every write fails ===
 
 /// How the API server misbehaves.
@@ -495,6 +485,7 @@ struct WriteKind {
     reported: &'static str,
 }
 
+/// Every kind of write the first reconcile of [`world`] makes.
 fn write_kinds() -> Vec<WriteKind> {
     vec![
         WriteKind {
@@ -643,6 +634,7 @@ struct Reference {
     writes: usize,
 }
 
+/// Runs the operator on [`world`] without faults and records what it converges to.
 async fn reference() -> Reference {
     let e = world();
     let op = Operator::start(&e, "op-reference", &[]);
@@ -692,6 +684,8 @@ struct Outcome {
     writes: usize,
 }
 
+/// Runs the operator on [`world`] with `fault` injected `n` times into `kind`, and
+/// checks that it reaches `reference` without a hot loop, reporting every failure.
 async fn faulty_run(
     kind: &WriteKind,
     fault: Fault,
@@ -923,6 +917,7 @@ async fn a_write_that_never_gets_an_answer_is_abandoned_and_retried() {
 
 // === Referenced objects come and go ===
 
+/// The configuration gateways load now; panics if there is none or it is torn.
 fn config_of(e: &Emulator) -> tollgate_api::config::GatewayConfig {
     served(e)
         .expect("a configuration is written")
@@ -932,9 +927,7 @@ fn config_of(e: &Emulator) -> tollgate_api::config::GatewayConfig {
 
 /// Waits for the first reconcile and for the follow-ups its own writes cause.
 async fn settle(e: &Emulator, op: &Operator) {
-    converge(e, Duration::from_secs(20), settled)
-        .await
-        .unwrap_or_else(|why| panic!("{why}\n{}", op.logs()));
+    converged(e, &[op], Duration::from_secs(20), settled).await;
     tokio::time::sleep(Duration::from_millis(800)).await;
     assert!(settled(e), "{}", op.logs());
 }
@@ -950,25 +943,18 @@ async fn a_deleted_credential_secret_takes_out_only_its_provider_until_it_is_res
 
     e.delete("v1", "secrets", "default", "openai-credentials")
         .unwrap();
-    let (took, torn) = converge(&e, Duration::from_secs(10), |e| {
+    let (took, torn) = converged(&e, &[&op], Duration::from_secs(10), |e| {
         ready_is(e, "providers", "openai", "False") && settled(e)
     })
-    .await
-    .unwrap_or_else(|why| panic!("{why}\n{}", op.logs()));
+    .await;
     let ready = condition(&e, "providers", "openai", "Ready").unwrap();
     let refs = condition(&e, "providers", "openai", "ResolvedRefs").unwrap();
     for c in [&ready, &refs] {
-        assert_eq!(
-            (c["status"].as_str(), c["reason"].as_str()),
-            (Some("False"), Some("SecretNotFound")),
-            "{c}"
-        );
-        assert!(
-            c["message"]
-                .as_str()
-                .unwrap()
-                .contains("Secret default/openai-credentials not found"),
-            "{c}"
+        assert_condition(
+            c,
+            "False",
+            "SecretNotFound",
+            "Secret default/openai-credentials not found",
         );
     }
     assert!(
@@ -1009,24 +995,24 @@ async fn a_deleted_credential_secret_takes_out_only_its_provider_until_it_is_res
             .find(|r| r.id == "default/demo")
     );
     assert_eq!(during.keys, before.keys, "every key still works");
-    for (plural, name) in [
-        ("providers", "mock"),
-        ("routepolicies", "demo"),
-        ("apikeys", "alpha"),
-        ("apikeys", "beta"),
-    ] {
-        assert!(ready_is(&e, plural, name, "True"), "{plural}/{name}");
-    }
+    assert_ready(
+        &e,
+        &[
+            ("providers", "mock"),
+            ("routepolicies", "demo"),
+            ("apikeys", "alpha"),
+            ("apikeys", "beta"),
+        ],
+    );
 
     e.apply_yaml("apiVersion: v1\nkind: Secret\nmetadata: {name: openai-credentials, namespace: default}\nstringData: {apiKey: sk-test-openai-0001}\n")
         .unwrap();
-    let (restored, torn_restore) = converge(&e, Duration::from_secs(10), |e| {
+    let (restored, torn_restore) = converged(&e, &[&op], Duration::from_secs(10), |e| {
         ready_is(e, "providers", "openai", "True")
             && ready_is(e, "routepolicies", "chat", "True")
             && settled(e)
     })
-    .await
-    .unwrap_or_else(|why| panic!("{why}\n{}", op.logs()));
+    .await;
     assert_eq!(
         live_hash(&e).unwrap(),
         hash_before,
@@ -1046,17 +1032,11 @@ async fn a_route_policy_naming_a_missing_provider_says_so_and_works_once_it_exis
     let op = Operator::start(&e, "op-missing", &["--leader-election", "false"]);
     settle(&e, &op).await;
     let refs = condition(&e, "routepolicies", "early", "ResolvedRefs").unwrap();
-    assert_eq!(
-        (refs["status"].as_str(), refs["reason"].as_str()),
-        (Some("False"), Some("ProviderNotFound")),
-        "{refs}"
-    );
-    assert!(
-        refs["message"]
-            .as_str()
-            .unwrap()
-            .contains("Provider default/later not found"),
-        "{refs}"
+    assert_condition(
+        &refs,
+        "False",
+        "ProviderNotFound",
+        "Provider default/later not found",
     );
     assert!(ready_is(&e, "routepolicies", "early", "False"));
     // Every valid object is served.
@@ -1070,24 +1050,14 @@ async fn a_route_policy_naming_a_missing_provider_says_so_and_works_once_it_exis
     assert_eq!(routes, ["default/chat", "default/demo"]);
     assert_eq!(config.routing.providers.len(), 2);
     assert_eq!(config.keys.keys.len(), 3);
-    for (plural, name) in [
-        ("providers", "mock"),
-        ("providers", "openai"),
-        ("routepolicies", "demo"),
-        ("routepolicies", "chat"),
-        ("apikeys", "alpha"),
-        ("apikeys", "beta"),
-    ] {
-        assert!(ready_is(&e, plural, name, "True"), "{plural}/{name}");
-    }
+    assert_ready(&e, &WORLD_OBJECTS);
 
     e.apply_yaml("apiVersion: tollgate.dev/v1alpha1\nkind: Provider\nmetadata: {name: later, namespace: default}\nspec: {type: mock, models: [{name: later-chat}]}\n")
         .unwrap();
-    let (took, torn) = converge(&e, Duration::from_secs(10), |e| {
+    let (took, torn) = converged(&e, &[&op], Duration::from_secs(10), |e| {
         ready_is(e, "routepolicies", "early", "True") && settled(e)
     })
-    .await
-    .unwrap_or_else(|why| panic!("{why}\n{}", op.logs()));
+    .await;
     let config = config_of(&e);
     assert!(
         config
@@ -1124,14 +1094,13 @@ async fn invalid_objects_next_to_valid_ones_change_nothing_that_is_served() {
         ("routepolicies", "takeover", "ModelConflict"),
         ("apikeys", "broken-glob", "InvalidModelPattern"),
     ];
-    let (took, torn) = converge(&e, Duration::from_secs(10), |e| {
+    let (took, torn) = converged(&e, &[&op], Duration::from_secs(10), |e| {
         invalid
             .iter()
             .all(|(plural, name, _)| ready_is(e, plural, name, "False"))
             && settled(e)
     })
-    .await
-    .unwrap_or_else(|why| panic!("{why}\n{}", op.logs()));
+    .await;
     for (plural, name, reason) in invalid {
         let c = condition(&e, plural, name, "Ready").unwrap();
         assert_eq!(c["reason"], reason, "{plural}/{name}: {c}");
@@ -1140,16 +1109,7 @@ async fn invalid_objects_next_to_valid_ones_change_nothing_that_is_served() {
     // The configuration is exactly the one before: every valid object, nothing else.
     assert_eq!(config_of(&e), before);
     assert_eq!(live_hash(&e).unwrap(), hash_before);
-    for (plural, name) in [
-        ("providers", "mock"),
-        ("providers", "openai"),
-        ("routepolicies", "demo"),
-        ("routepolicies", "chat"),
-        ("apikeys", "alpha"),
-        ("apikeys", "beta"),
-    ] {
-        assert!(ready_is(&e, plural, name, "True"), "{plural}/{name}");
-    }
+    assert_ready(&e, &WORLD_OBJECTS);
     eprintln!(
         "four invalid objects added: reported, served configuration unchanged, in {took:?} (torn {torn:?})"
     );
@@ -1157,18 +1117,81 @@ async fn invalid_objects_next_to_valid_ones_change_nothing_that_is_served() {
 
 // === Leader loss ===
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_leader_that_loses_its_lease_mid_reconcile_stops_writing_and_the_new_leader_converges() {
-    let e = world();
-    let a = Operator::start(&e, "op-a", &[]);
-    settle(&e, &a).await;
-    let b = Operator::start(&e, "op-b", &[]);
+/// On [`world`]: a leader, op-a, that has settled it, and a standby, op-b, whose caches
+/// are synced.
+async fn leader_and_standby(e: &Emulator) -> (Operator, Operator) {
+    let a = Operator::start(e, "op-a", &[]);
+    settle(e, &a).await;
+    let b = Operator::start(e, "op-b", &[]);
     assert!(
         e.wait_for(Duration::from_secs(10), |_| b
             .logs()
             .contains("caches synced"))
             .await
     );
+    (a, b)
+}
+
+/// Makes op-a's next key Secret creation take `delay`: the reconcile that sends it is
+/// still running that long.
+fn slow_key_secret_creation(e: &Emulator, delay: Duration) {
+    e.delay_next(
+        1,
+        delay,
+        RequestFilter::writes()
+            .method("POST")
+            .resource("secrets")
+            .user_agent("(op-a)"),
+    );
+}
+
+/// Adds the ApiKey gamma: the change whose reconcile creates a key Secret.
+fn add_gamma(e: &Emulator) {
+    e.apply_yaml("apiVersion: tollgate.dev/v1alpha1\nkind: ApiKey\nmetadata: {name: gamma, namespace: default}\nspec: {owner: team-g}\n")
+        .unwrap();
+}
+
+/// Whether gamma is Ready and the operator is done.
+fn gamma_settled(e: &Emulator) -> bool {
+    ready_is(e, "apikeys", "gamma", "True") && settled(e)
+}
+
+/// The Lease writes of replica `who` that succeeded, oldest first.
+fn lease_writes(e: &Emulator, who: &str) -> Vec<RequestRecord> {
+    let mut w: Vec<RequestRecord> = e
+        .requests_matching(
+            &RequestFilter::writes()
+                .resource("leases")
+                .user_agent(&format!("({who})")),
+        )
+        .into_iter()
+        .filter(|r| r.status < 400)
+        .collect();
+    w.sort_by_key(|r| r.received_at);
+    w
+}
+
+/// Asserts that A, the former leader, wrote nothing after `takeover` (B's first Lease
+/// write); returns how many writes it made since then, for the report.
+fn assert_no_writes_since(a: &Operator, e: &Emulator, takeover: Instant) -> usize {
+    let late: Vec<String> = a
+        .writes(e)
+        .iter()
+        .filter(|r| r.received_at > takeover)
+        .map(|r| format!("{} {} -> {}", r.method, r.path, r.status))
+        .collect();
+    assert!(
+        late.is_empty(),
+        "A wrote after B took the Lease: {late:?}\n{}",
+        a.logs()
+    );
+    late.len()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_that_loses_its_lease_mid_reconcile_stops_writing_and_the_new_leader_converges() {
+    let e = world();
+    let (a, b) = leader_and_standby(&e).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(b.writes(&e).len(), 0, "the standby does not write");
 
@@ -1181,57 +1204,22 @@ async fn a_leader_that_loses_its_lease_mid_reconcile_stops_writing_and_the_new_l
             .resource("leases")
             .user_agent("(op-a)"),
     );
-    e.delay_next(
-        1,
-        Duration::from_millis(3500),
-        RequestFilter::writes()
-            .method("POST")
-            .resource("secrets")
-            .user_agent("(op-a)"),
-    );
-    e.apply_yaml("apiVersion: tollgate.dev/v1alpha1\nkind: ApiKey\nmetadata: {name: gamma, namespace: default}\nspec: {owner: team-g}\n")
-        .unwrap();
+    slow_key_secret_creation(&e, Duration::from_millis(3500));
+    add_gamma(&e);
     let changed = Instant::now();
-    let (took, torn) = converge(&e, Duration::from_secs(20), |e| {
-        ready_is(e, "apikeys", "gamma", "True") && settled(e)
-    })
-    .await
-    .unwrap_or_else(|why| panic!("{why}\n--- a ---\n{}\n--- b ---\n{}", a.logs(), b.logs()));
+    let (took, torn) = converged(&e, &[&a, &b], Duration::from_secs(20), gamma_settled).await;
     // Leave A time to finish the reconcile it was in (its delayed write answers at 3.5 s).
     tokio::time::sleep(Duration::from_millis(4500).saturating_sub(changed.elapsed())).await;
 
-    let lease_writes = |who: &str| {
-        let mut w: Vec<RequestRecord> = e
-            .requests_matching(
-                &RequestFilter::writes()
-                    .resource("leases")
-                    .user_agent(&format!("({who})")),
-            )
-            .into_iter()
-            .filter(|r| r.status < 400)
-            .collect();
-        w.sort_by_key(|r| r.received_at);
-        w
-    };
-    let takeover = lease_writes("op-b")
+    let takeover = lease_writes(&e, "op-b")
         .first()
         .expect("B took the Lease")
         .received_at;
-    let last_renewal = lease_writes("op-a")
+    let last_renewal = lease_writes(&e, "op-a")
         .last()
         .expect("A had renewed")
         .received_at;
-    let late: Vec<String> = a
-        .writes(&e)
-        .iter()
-        .filter(|r| r.received_at > takeover)
-        .map(|r| format!("{} {} -> {}", r.method, r.path, r.status))
-        .collect();
-    assert!(
-        late.is_empty(),
-        "A wrote after B took the Lease: {late:?}\n{}",
-        a.logs()
-    );
+    let late = assert_no_writes_since(&a, &e, takeover);
     assert!(
         e.wait_for(Duration::from_secs(5), |_| a
             .logs()
@@ -1252,104 +1240,53 @@ async fn a_leader_that_loses_its_lease_mid_reconcile_stops_writing_and_the_new_l
     assert_eq!(gamma["reason"], "Ready", "{gamma}");
     assert!(events(&e, "gamma", "SecretConflict").is_empty());
     assert!(!b.writes(&e).is_empty(), "the new leader writes");
-    let holder = e
-        .get(
-            "coordination.k8s.io/v1",
-            "leases",
-            "tollgate",
-            "tollgate-operator",
-        )
-        .unwrap()["spec"]["holderIdentity"]
-        .clone();
-    assert_eq!(holder, "op-b");
+    assert_eq!(lease_holder(&e).as_deref(), Some("op-b"));
     assert!(settled(&e) && inconsistency(&e).is_none());
     eprintln!(
         "leader lost its Lease mid-reconcile: last renewal to takeover {:?}; change to converged under the new leader {took:?}; writes by the old leader after the takeover: {}; torn set for {torn:?}",
         takeover.duration_since(last_renewal),
-        late.len()
+        late
     );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_leader_paused_mid_reconcile_past_its_lease_writes_nothing_when_it_wakes_up() {
     let e = world();
-    let a = Operator::start(&e, "op-a", &[]);
-    settle(&e, &a).await;
-    let b = Operator::start(&e, "op-b", &[]);
-    assert!(
-        e.wait_for(Duration::from_secs(10), |_| b
-            .logs()
-            .contains("caches synced"))
-            .await
-    );
+    let (a, b) = leader_and_standby(&e).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
 
     // A starts a reconcile (its key Secret creation is slow), then the process freezes
     // (a long GC-like pause, a throttled container) for longer than its Lease.
-    e.delay_next(
-        1,
-        Duration::from_millis(600),
-        RequestFilter::writes()
-            .method("POST")
-            .resource("secrets")
-            .user_agent("(op-a)"),
-    );
-    e.apply_yaml("apiVersion: tollgate.dev/v1alpha1\nkind: ApiKey\nmetadata: {name: gamma, namespace: default}\nspec: {owner: team-g}\n")
-        .unwrap();
+    slow_key_secret_creation(&e, Duration::from_millis(600));
+    add_gamma(&e);
     // A's reconcile starts after the 100 ms debounce and waits for its slow write.
     tokio::time::sleep(Duration::from_millis(250)).await;
     a.signal("STOP");
     let stopped = Instant::now();
-    let (took, torn) = converge(&e, Duration::from_secs(20), |e| {
-        ready_is(e, "apikeys", "gamma", "True") && settled(e)
-    })
-    .await
-    .unwrap_or_else(|why| panic!("{why}\n--- b ---\n{}", b.logs()));
+    let (took, torn) = converged(&e, &[&b], Duration::from_secs(20), gamma_settled).await;
     tokio::time::sleep(Duration::from_millis(3000).saturating_sub(stopped.elapsed())).await;
     a.signal("CONT");
     let resumed = Instant::now();
     // Give A every chance to carry on with the reconcile it was in.
     tokio::time::sleep(Duration::from_millis(1500)).await;
 
-    let takeover = e
-        .requests_matching(
-            &RequestFilter::writes()
-                .resource("leases")
-                .user_agent("(op-b)"),
-        )
-        .into_iter()
-        .filter(|r| r.status < 400)
-        .map(|r| r.received_at)
-        .min()
-        .expect("B took the Lease");
-    let late: Vec<String> = a
-        .writes(&e)
-        .iter()
-        .filter(|r| r.received_at > takeover)
-        .map(|r| format!("{} {} -> {}", r.method, r.path, r.status))
-        .collect();
-    assert!(
-        late.is_empty(),
-        "A wrote after B took the Lease: {late:?}\n{}",
-        a.logs()
-    );
+    let takeover = lease_writes(&e, "op-b")
+        .first()
+        .expect("B took the Lease")
+        .received_at;
+    let late = assert_no_writes_since(&a, &e, takeover);
     assert!(settled(&e) && inconsistency(&e).is_none());
     assert!(ready_is(&e, "apikeys", "gamma", "True"));
-    let holder = e
-        .get(
-            "coordination.k8s.io/v1",
-            "leases",
-            "tollgate",
-            "tollgate-operator",
-        )
-        .unwrap()["spec"]["holderIdentity"]
-        .clone();
-    assert_eq!(holder, "op-b", "A does not take the Lease back");
+    assert_eq!(
+        lease_holder(&e).as_deref(),
+        Some("op-b"),
+        "A does not take the Lease back"
+    );
     eprintln!(
         "leader paused for {:?} mid-reconcile: standby took over {:?} after the pause began, converged in {took:?} (torn {torn:?}); writes by the paused leader after it woke: {}",
         resumed.duration_since(stopped),
         takeover.duration_since(stopped),
-        late.len()
+        late
     );
 }
 
@@ -1370,11 +1307,10 @@ async fn a_failing_config_map_write_after_a_change_never_publishes_a_manifest_wi
     );
     e.apply_yaml("apiVersion: v1\nkind: Secret\nmetadata: {name: openai-credentials, namespace: default}\nstringData: {apiKey: sk-test-openai-0002}\n")
         .unwrap();
-    let (took, torn) = converge(&e, Duration::from_secs(20), |e| {
+    let (took, torn) = converged(&e, &[&op], Duration::from_secs(20), |e| {
         settled(e) && live_hash(e).is_some_and(|h| h != hash_before)
     })
-    .await
-    .unwrap_or_else(|why| panic!("{why}\n{}", op.logs()));
+    .await;
     let config = config_of(&e);
     assert!(
         serde_json::to_string(&config.credentials)
@@ -1388,12 +1324,21 @@ async fn a_failing_config_map_write_after_a_change_never_publishes_a_manifest_wi
         torn > Duration::ZERO && torn < Duration::from_secs(10),
         "{torn:?}"
     );
-    let mut attempts: Vec<RequestRecord> = e.requests_matching(
-        &RequestFilter::writes()
-            .method("PATCH")
-            .resource("configmaps"),
-    );
-    attempts.sort_by_key(|r| r.received_at);
+    let patches = RequestFilter::writes()
+        .method("PATCH")
+        .resource("configmaps");
+    // The emulator logs a request once it has answered it, after its write shows: wait
+    // for the attempt that succeeded to be logged too.
+    let sorted = |e: &Emulator| {
+        let mut attempts: Vec<RequestRecord> = e.requests_matching(&patches);
+        attempts.sort_by_key(|r| r.received_at);
+        attempts
+    };
+    e.wait_for(Duration::from_secs(5), |e| {
+        sorted(e).last().is_some_and(|r| r.status < 400)
+    })
+    .await;
+    let mut attempts = sorted(&e);
     // From the first failure (a follow-up of the first reconcile may have come first).
     let first = attempts.iter().position(|r| r.status == 500).unwrap();
     attempts.drain(..first);

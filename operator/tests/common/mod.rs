@@ -1,0 +1,160 @@
+//! What the process-level tests (`e2e`, `faults`) share: child processes whose JSON logs
+//! are collected, the operator started on them against the emulated Kubernetes API, and
+//! readers of what it wrote there.
+
+use std::{
+    io::{BufRead, BufReader},
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+    sync::{Arc, Mutex, mpsc},
+    time::{Duration, Instant},
+};
+
+use serde_json::Value;
+use tollgate_kube_emulator::Emulator;
+
+/// Selects the objects the operator generates for gateways (the configuration parts).
+pub const CONFIG_SELECTOR: &str =
+    "app.kubernetes.io/managed-by=tollgate-operator,tollgate.dev/config-part";
+/// The API version of Tollgate's custom resources.
+pub const TG: &str = "tollgate.dev/v1alpha1";
+
+/// A child process whose stderr (JSON logs) is collected; killed on drop.
+pub struct Proc {
+    /// The process itself, for the tests that signal or wait for it.
+    pub child: Child,
+    logs: Arc<Mutex<String>>,
+    announced: mpsc::Receiver<(String, String)>,
+}
+
+impl Proc {
+    /// Starts `program` with `args` and `env` (plus `RUST_LOG=info`), stdout discarded.
+    pub fn spawn(program: PathBuf, args: &[&str], env: &[(&str, &str)]) -> Self {
+        let mut child = Command::new(&program)
+            .args(args)
+            .envs(env.iter().copied())
+            .env("RUST_LOG", "info")
+            // The tests poll with keys not yet (or no longer) valid: no throttling.
+            .env("TOLLGATE_AUTH_FAILURES_PER_MINUTE", "0")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("{} starts: {e}", program.display()));
+        let stderr = child.stderr.take().unwrap();
+        let logs = Arc::new(Mutex::new(String::new()));
+        let (tx, announced) = mpsc::channel();
+        let sink = logs.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                if let Ok(v) = serde_json::from_str::<Value>(&line) {
+                    for field in ["addr", "admin_addr"] {
+                        if let Some(addr) = v[field].as_str() {
+                            let _ = tx.send((
+                                v["message"].as_str().unwrap_or_default().to_owned(),
+                                addr.to_owned(),
+                            ));
+                        }
+                    }
+                }
+                let mut logs = sink.lock().unwrap();
+                logs.push_str(&line);
+                logs.push('\n');
+            }
+        });
+        Self {
+            child,
+            logs,
+            announced,
+        }
+    }
+
+    /// The address announced by the log line `message`.
+    pub fn addr(&self, message: &str) -> String {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            if let Ok((m, addr)) = self.announced.recv_timeout(Duration::from_millis(100))
+                && m == message
+            {
+                return addr;
+            }
+        }
+        panic!("no {message:?} log line:\n{}", self.logs());
+    }
+
+    /// Everything the process has logged so far.
+    pub fn logs(&self) -> String {
+        self.logs.lock().unwrap().clone()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The operator binary Cargo built for these tests.
+pub fn operator_binary() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_tollgate-operator"))
+}
+
+/// Starts `tollgate-operator run` against `emulator` as `identity` (namespace `default`,
+/// gateway namespace `tollgate`, debounce 100 ms, JSON logs) with `extra` arguments and
+/// `env`, and waits until it serves its admin listener: returns it with that address.
+pub fn start_operator(
+    emulator: &Emulator,
+    identity: &str,
+    extra: &[&str],
+    env: &[(&str, &str)],
+) -> (Proc, String) {
+    let url = emulator.url();
+    let mut args = vec![
+        "run",
+        "--kube-url",
+        &url,
+        "--namespaces",
+        "default",
+        "--gateway-namespace",
+        "tollgate",
+        "--admin-listen",
+        "127.0.0.1:0",
+        "--debounce",
+        "100ms",
+        "--max-debounce",
+        "1s",
+        "--identity",
+        identity,
+        "--log-format",
+        "json",
+    ];
+    args.extend_from_slice(extra);
+    let mut env = env.to_vec();
+    env.push(("POD_NAMESPACE", "tollgate"));
+    let p = Proc::spawn(operator_binary(), &args, &env);
+    let admin = p.addr("admin listening");
+    (p, admin)
+}
+
+/// The condition `type_` in the status of the Tollgate object `plural`/`name` (namespace
+/// `default`), if it has one.
+pub fn condition(e: &Emulator, plural: &str, name: &str, type_: &str) -> Option<Value> {
+    e.get(TG, plural, "default", name)?["status"]["conditions"]
+        .as_array()?
+        .iter()
+        .find(|c| c["type"] == type_)
+        .cloned()
+}
+
+/// Who holds the operator's leader-election Lease, if anybody.
+pub fn lease_holder(emulator: &Emulator) -> Option<String> {
+    emulator.get(
+        "coordination.k8s.io/v1",
+        "leases",
+        "tollgate",
+        "tollgate-operator",
+    )?["spec"]["holderIdentity"]
+        .as_str()
+        .map(str::to_owned)
+}
