@@ -42,8 +42,9 @@ pub fn usage_from_value(u: &Value) -> Option<Usage> {
     }
     let prompt = u["prompt_tokens"].as_u64().or_else(|| {
         u["input_tokens"].as_u64().map(|i| {
-            i + u["cache_read_input_tokens"].as_u64().unwrap_or(0)
-                + u["cache_creation_input_tokens"].as_u64().unwrap_or(0)
+            // Saturating: the numbers come from the upstream.
+            i.saturating_add(u["cache_read_input_tokens"].as_u64().unwrap_or(0))
+                .saturating_add(u["cache_creation_input_tokens"].as_u64().unwrap_or(0))
         })
     })?;
     let completion = u["completion_tokens"]
@@ -169,7 +170,11 @@ impl Accounting {
             + usage.completion as f64 * self.pricing.1)
             / 1_000_000.0;
         if let Some((limits, reservation)) = self.limits.take() {
-            limits.settle(reservation, usage.prompt + usage.completion, cost);
+            limits.settle(
+                reservation,
+                usage.prompt.saturating_add(usage.completion),
+                cost,
+            );
         }
         if let Some(provider) = &self.provider {
             use crate::telemetry::attr;

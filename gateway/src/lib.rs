@@ -6,6 +6,8 @@ pub mod cache;
 pub mod circuit;
 pub mod config_source;
 pub mod error;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod heartbeat;
 pub mod http;
 pub mod limits;

@@ -424,10 +424,15 @@ impl<'a> ChunkHead<'a> {
     }
 }
 
+/// Writes one event's data: a `data:` line per line of it (an event's data may span
+/// several), then the blank line that ends the event.
 fn push_data(out: &mut Vec<u8>, data: &str) {
-    out.extend_from_slice(b"data: ");
-    out.extend_from_slice(data.as_bytes());
-    out.extend_from_slice(b"\n\n");
+    for line in data.split('\n') {
+        out.extend_from_slice(b"data: ");
+        out.extend_from_slice(line.as_bytes());
+        out.push(b'\n');
+    }
+    out.push(b'\n');
 }
 
 fn relay_chunks<S>(
@@ -494,6 +499,20 @@ mod tests {
             accounting: None,
             first_byte: None,
             span: tracing::Span::none(),
+        }
+    }
+
+    #[test]
+    fn multi_line_data_is_relayed_as_several_data_lines() {
+        for conversion in [
+            Conversion::OpenAi { strip_usage: false },
+            Conversion::Anthropic,
+        ] {
+            let mut t = StreamTranslator::new(conversion);
+            let out = t
+                .feed(b"data: a\ndata: b\n\ndata:\ndata: x\n\n", None)
+                .unwrap();
+            assert_eq!(&out[..], b"data: a\ndata: b\n\ndata: \ndata: x\n\n");
         }
     }
 

@@ -1,7 +1,9 @@
 //! The few request fields the gateway itself needs, parsed without touching the rest (the
 //! original bytes are what gets forwarded).
 
-use serde::Deserialize;
+use std::marker::PhantomData;
+
+use serde::{Deserialize, Deserializer, de};
 
 use crate::error::ApiError;
 
@@ -14,7 +16,7 @@ pub struct RequestHead {
     #[serde(default)]
     pub stream: bool,
     /// `stream_options`.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "optional_object")]
     pub stream_options: Option<StreamOptions>,
     /// `max_tokens` (or its newer name), for token estimates.
     #[serde(default, alias = "max_completion_tokens")]
@@ -63,16 +65,49 @@ pub fn parse_head(body: &[u8]) -> Result<RequestHead, ApiError> {
             None,
         ));
     }
-    serde_json::from_slice::<RequestHead>(body).map_err(|e| {
-        let message = e.to_string();
-        if message.contains("missing field `model`") {
-            ApiError::bad_request("You must provide a model parameter.", Some("model"))
-        } else if e.is_syntax() || e.is_eof() {
-            ApiError::bad_request(format!("The request body is not valid JSON: {e}"), None)
-        } else {
-            ApiError::bad_request(format!("Invalid request: {e}"), None)
+    serde_json::from_slice::<FromObject<RequestHead>>(body)
+        .map(|FromObject(head)| head)
+        .map_err(|e| {
+            let message = e.to_string();
+            if message.contains("missing field `model`") {
+                ApiError::bad_request("You must provide a model parameter.", Some("model"))
+            } else if e.is_syntax() || e.is_eof() {
+                ApiError::bad_request(format!("The request body is not valid JSON: {e}"), None)
+            } else {
+                ApiError::bad_request(format!("Invalid request: {e}"), None)
+            }
+        })
+}
+
+/// `T` read from a JSON object only. Serde's derive also reads a struct from an array
+/// (`["gpt-4o", true]`); the gateway's rewrites of the body (`v["model"] = …`,
+/// `v["stream_options"]["include_usage"] = …`) would panic on one.
+struct FromObject<T>(T);
+
+impl<'de, T: Deserialize<'de>> Deserialize<'de> for FromObject<T> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visit<T>(PhantomData<T>);
+        impl<'de, T: Deserialize<'de>> de::Visitor<'de> for Visit<T> {
+            type Value = T;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: de::MapAccess<'de>>(self, map: A) -> Result<T, A::Error> {
+                T::deserialize(de::value::MapAccessDeserializer::new(map))
+            }
         }
-    })
+        deserializer
+            .deserialize_map(Visit(PhantomData))
+            .map(FromObject)
+    }
+}
+
+fn optional_object<'de, D, T>(deserializer: D) -> Result<Option<T>, D::Error>
+where
+    D: Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    Option::<FromObject<T>>::deserialize(deserializer).map(|o| o.map(|FromObject(v)| v))
 }
 
 /// Deepest JSON nesting accepted: the limit of every full parse the gateway makes
@@ -134,6 +169,11 @@ mod tests {
             (b"{not json", "not valid JSON"),
             (br#"{"messages":[]}"#, "must provide a model"),
             (br#"{"model":42}"#, "Invalid request"),
+            (br#"["m", true]"#, "expected a JSON object"),
+            (
+                br#"{"model":"m","stream":true,"stream_options":[]}"#,
+                "expected a JSON object",
+            ),
             (b"{\"model\":\"m\",\"x\":\"\xff\"}", "not valid UTF-8"),
             (
                 format!(

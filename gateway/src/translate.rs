@@ -181,10 +181,9 @@ pub fn openai_to_anthropic_request(
             out.insert("tool_choice".into(), json!({"type": "none"}));
         }
         Value::Object(o) if o.get("type").and_then(Value::as_str) == Some("function") => {
-            out.insert(
-                "tool_choice".into(),
-                json!({"type": "tool", "name": o["function"]["name"]}),
-            );
+            // `Map` indexing panics on a missing key; `Value` indexing gives null.
+            let name = o.get("function").map_or(&Value::Null, |f| &f["name"]);
+            out.insert("tool_choice".into(), json!({"type": "tool", "name": name}));
         }
         _ => {}
     }
@@ -204,12 +203,24 @@ fn finish_reason_from_anthropic(stop_reason: &Value) -> Value {
     }
 }
 
+/// Anthropic counts cached input apart; OpenAI's `prompt_tokens` includes it. Saturating:
+/// the numbers come from the upstream.
+fn anthropic_input_tokens(usage: &Value) -> u64 {
+    [
+        "input_tokens",
+        "cache_read_input_tokens",
+        "cache_creation_input_tokens",
+    ]
+    .iter()
+    .fold(0u64, |sum, field| {
+        sum.saturating_add(usage[field].as_u64().unwrap_or(0))
+    })
+}
+
 fn openai_usage_from_anthropic(usage: &Value) -> Value {
-    let input = usage["input_tokens"].as_u64().unwrap_or(0)
-        + usage["cache_read_input_tokens"].as_u64().unwrap_or(0)
-        + usage["cache_creation_input_tokens"].as_u64().unwrap_or(0);
+    let input = anthropic_input_tokens(usage);
     let output = usage["output_tokens"].as_u64().unwrap_or(0);
-    let mut u = json!({"prompt_tokens": input, "completion_tokens": output, "total_tokens": input + output});
+    let mut u = json!({"prompt_tokens": input, "completion_tokens": output, "total_tokens": input.saturating_add(output)});
     if let Some(cached) = usage["cache_read_input_tokens"].as_u64() {
         u["prompt_tokens_details"] = json!({"cached_tokens": cached});
     }
@@ -305,10 +316,7 @@ impl AnthropicToOpenAiStream {
                     .as_str()
                     .unwrap_or_default()
                     .to_owned();
-                let usage = &data["message"]["usage"];
-                self.input_tokens = usage["input_tokens"].as_u64().unwrap_or(0)
-                    + usage["cache_read_input_tokens"].as_u64().unwrap_or(0)
-                    + usage["cache_creation_input_tokens"].as_u64().unwrap_or(0);
+                self.input_tokens = anthropic_input_tokens(&data["message"]["usage"]);
                 out.push(
                     self.chunk(json!({"role": "assistant", "content": ""}), Value::Null)
                         .to_string(),
@@ -360,7 +368,7 @@ impl AnthropicToOpenAiStream {
                     u["usage"] = json!({
                         "prompt_tokens": self.input_tokens,
                         "completion_tokens": self.output_tokens,
-                        "total_tokens": self.input_tokens + self.output_tokens,
+                        "total_tokens": self.input_tokens.saturating_add(self.output_tokens),
                     });
                     out.push(u.to_string());
                 }
