@@ -76,6 +76,11 @@ pub enum ApiError {
         "Limits cannot be checked right now (the gateway's shared state is unreachable); retry shortly."
     )]
     LimitsUnavailable,
+    /// `/v1/usage` could not read the shared counters (Redis unreachable).
+    #[error(
+        "Usage cannot be read right now (the gateway's shared state is unreachable); retry shortly."
+    )]
+    UsageUnavailable,
     /// A bug; details are logged, not returned.
     #[error("The gateway hit an internal error. Request id: {0}.")]
     Internal(String),
@@ -99,7 +104,9 @@ impl ApiError {
             Self::BadRequest { .. } => StatusCode::BAD_REQUEST,
             Self::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             Self::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
-            Self::Unavailable | Self::LimitsUnavailable => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Unavailable | Self::LimitsUnavailable | Self::UsageUnavailable => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
             Self::Upstream(_) => StatusCode::BAD_GATEWAY,
             Self::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
@@ -121,7 +128,9 @@ impl ApiError {
             | Self::RequestTimeout
             | Self::NotFound { .. } => "invalid_request_error",
             Self::ModelNotAllowed(_) => "permission_error",
-            Self::Unavailable | Self::LimitsUnavailable => "service_unavailable",
+            Self::Unavailable | Self::LimitsUnavailable | Self::UsageUnavailable => {
+                "service_unavailable"
+            }
             Self::Internal(_)
             | Self::Upstream(_)
             | Self::UpstreamTimeout
@@ -147,6 +156,7 @@ impl ApiError {
             Self::NotFound { .. } => "unknown_url",
             Self::Unavailable => "not_ready",
             Self::LimitsUnavailable => "limits_unavailable",
+            Self::UsageUnavailable => "usage_unavailable",
             Self::Internal(_) => "internal_error",
             Self::Upstream(_) => "upstream_error",
             Self::UpstreamTimeout => "upstream_timeout",
@@ -186,9 +196,10 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let mut response = (self.status(), Json(self.body())).into_response();
         let retry_after = match &self {
-            Self::Unavailable | Self::LimitsUnavailable | Self::UpstreamUnavailable(_) => {
-                Some(std::time::Duration::from_secs(1))
-            }
+            Self::Unavailable
+            | Self::LimitsUnavailable
+            | Self::UsageUnavailable
+            | Self::UpstreamUnavailable(_) => Some(std::time::Duration::from_secs(1)),
             Self::UpstreamRateLimited(after) => {
                 Some(after.unwrap_or(std::time::Duration::from_secs(1)))
             }

@@ -49,6 +49,18 @@ pub fn authenticate_client(
     key
 }
 
+/// The configuration and the calling key of a bodiless request (`GET /v1/models`,
+/// `/v1/usage`), through [`authenticate_client`].
+pub fn calling_key(
+    state: &super::AppState,
+    request: axum::extract::Request,
+) -> Result<(Arc<Snapshot>, Arc<Key>), ApiError> {
+    let snapshot = state.snapshot()?;
+    let (parts, _) = request.into_parts();
+    let key = authenticate_client(state, &parts, &snapshot)?;
+    Ok((snapshot, key))
+}
+
 /// The calling key, or 401 for a missing, unknown, revoked or expired one.
 pub fn authenticate(
     headers: &HeaderMap,

@@ -9,6 +9,7 @@ mod health;
 mod models;
 mod openai;
 mod throttle;
+mod usage;
 
 pub use throttle::{AuthThrottle, ClientAddr};
 
@@ -94,6 +95,7 @@ pub fn app(state: Arc<AppState>, options: &HttpOptions) -> Router {
         .route("/v1/embeddings", post(openai::embeddings))
         .route("/v1/messages", post(anthropic::messages))
         .route("/v1/models", get(models::list_models))
+        .route("/v1/usage", get(usage::usage))
         .route("/livez", get(health::livez))
         .route("/readyz", get(health::readyz))
         .fallback(unknown_route)

@@ -5,16 +5,14 @@ use std::sync::Arc;
 use axum::{Json, extract::State};
 use serde_json::{Value, json};
 
-use super::{AppState, auth::authenticate_client};
+use super::{AppState, auth::calling_key};
 use crate::error::ApiError;
 
 pub async fn list_models(
     State(state): State<Arc<AppState>>,
     request: axum::extract::Request,
 ) -> Result<Json<Value>, ApiError> {
-    let snapshot = state.snapshot()?;
-    let (parts, _) = request.into_parts();
-    let key = authenticate_client(&state, &parts, &snapshot)?;
+    let (snapshot, key) = calling_key(&state, request)?;
     let data: Vec<Value> = snapshot
         .model_names()
         .into_iter()

@@ -10,7 +10,7 @@
 //! one refuses, the other's reservation is cancelled (refunded), so limits are never
 //! exceeded, at the price of a briefly held unit.
 
-use std::time::Duration;
+use std::{collections::HashMap, time::Duration};
 
 use redis::Script;
 
@@ -625,6 +625,23 @@ impl RedisLimits {
             )
             .await?;
         Ok(())
+    }
+
+    /// The usage hashes of a key in `periods` (day, month or `total` ids), in order; an
+    /// absent hash reads as empty.
+    pub async fn usage(
+        &self,
+        key_id: &str,
+        periods: &[String],
+    ) -> Result<Vec<HashMap<String, String>>, StoreError> {
+        let mut conn = self.conn.clone();
+        let mut pipe = redis::pipe();
+        for period in periods {
+            pipe.cmd("HGETALL")
+                .arg(tollgate_api::usage::usage_key(key_id, period));
+        }
+        self.bounded("usage_read", pipe.query_async(&mut conn))
+            .await
     }
 
     /// Settled spend of a key in its current budget period.

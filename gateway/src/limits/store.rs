@@ -14,8 +14,8 @@ use std::{
 use clap::ValueEnum;
 
 use super::{
-    Ask, LocalLimits, Quota, Rejection, Reservation,
-    redis::{RedisLimits, SharedReservation},
+    Ask, LocalLimits, Quota, Rejection, Reservation, budget_slot,
+    redis::{RedisLimits, SharedReservation, StoreError},
 };
 
 /// What to do when Redis cannot be reached.
@@ -67,6 +67,71 @@ pub struct Limits {
     redis_up: AtomicBool,
     /// Usage on its way to Redis (started with the first answer).
     usage: OnceLock<tokio::sync::mpsc::UnboundedSender<UsageMsg>>,
+    /// Usage counted in process when there is no Redis (for `/v1/usage`).
+    local_usage: std::sync::Mutex<LocalUsage>,
+}
+
+/// Usage per key and period (day, month, `total`) of a gateway without Redis. Periods
+/// older than the previous day and month are dropped when the day changes.
+#[derive(Debug, Default)]
+struct LocalUsage {
+    day: String,
+    counters: HashMap<(String, String), UsageTotals>,
+}
+
+impl LocalUsage {
+    fn add(&mut self, key_id: &str, totals: UsageTotals, now: jiff::Timestamp) {
+        let (day, month) = tollgate_api::usage::periods(now);
+        if self.day != day {
+            let keep = [
+                day.clone(),
+                month.clone(),
+                previous_period(&day),
+                previous_period(&month),
+                tollgate_api::usage::TOTAL.to_owned(),
+            ];
+            self.counters.retain(|(_, p), _| keep.contains(p));
+            self.day.clone_from(&day);
+        }
+        for period in [day, month, tollgate_api::usage::TOTAL.to_owned()] {
+            self.counters
+                .entry((key_id.to_owned(), period))
+                .or_default()
+                .add(totals);
+        }
+    }
+}
+
+/// The period before a day (`2026-11-01` → `2026-10-31`) or month (`2026-11` →
+/// `2026-10`) id; `total` has none and gives itself back.
+pub fn previous_period(id: &str) -> String {
+    if let Ok(date) = id.parse::<jiff::civil::Date>() {
+        return date
+            .yesterday()
+            .map_or_else(|_| id.to_owned(), |d| d.to_string());
+    }
+    if let Ok(date) = format!("{id}-01").parse::<jiff::civil::Date>() {
+        return date.checked_sub(jiff::Span::new().months(1)).map_or_else(
+            |_| id.to_owned(),
+            |d| format!("{:04}-{:02}", d.year(), d.month()),
+        );
+    }
+    id.to_owned()
+}
+
+impl UsageTotals {
+    fn from_fields(fields: &HashMap<String, String>) -> Self {
+        let int = |k: &str| fields.get(k).and_then(|v| v.parse().ok()).unwrap_or(0);
+        Self {
+            requests: int(tollgate_api::usage::REQUESTS),
+            input: int(tollgate_api::usage::INPUT_TOKENS),
+            output: int(tollgate_api::usage::OUTPUT_TOKENS),
+            spend: fields
+                .get(tollgate_api::usage::SPEND)
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0.0),
+        }
+    }
 }
 
 /// How often usage counters are written to Redis: requests of the same key within one
@@ -118,6 +183,7 @@ impl Limits {
             mode: FailureMode::FailOpen,
             redis_up: AtomicBool::new(true),
             usage: OnceLock::new(),
+            local_usage: Default::default(),
         }
     }
 
@@ -129,6 +195,7 @@ impl Limits {
             mode,
             redis_up: AtomicBool::new(true),
             usage: OnceLock::new(),
+            local_usage: Default::default(),
         }
     }
 
@@ -194,24 +261,73 @@ impl Limits {
     /// every [`USAGE_FLUSH_INTERVAL`]; what Redis refuses is kept and written once it is
     /// back, and shutdown flushes the rest ([`Limits::flush_usage`]).
     pub fn record_usage(self: &Arc<Self>, key_id: &str, input: u64, output: u64, spend: f64) {
-        if self.shared.is_none() {
-            return;
-        }
-        let Some(tx) = self.usage_writer() else {
-            return;
-        };
-        let (day, _) = tollgate_api::usage::periods(jiff::Timestamp::now());
         let totals = UsageTotals {
             requests: 1,
             input,
             output,
             spend,
         };
+        let now = jiff::Timestamp::now();
+        if self.shared.is_none() {
+            self.local_usage
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .add(key_id, totals, now);
+            return;
+        }
+        let Some(tx) = self.usage_writer() else {
+            return;
+        };
+        let (day, _) = tollgate_api::usage::periods(now);
         let _ = tx.send(UsageMsg::Add {
             key_id: key_id.to_owned(),
             day,
             totals,
         });
+    }
+
+    /// A key's usage in each of `periods` (day, month or `total` ids): from Redis when it
+    /// is configured (the counters every replica writes, as the operator reads them),
+    /// else from this process.
+    pub async fn usage(
+        &self,
+        key_id: &str,
+        periods: &[String],
+    ) -> Result<Vec<UsageTotals>, StoreError> {
+        let Some(redis) = &self.shared else {
+            let local = self.local_usage.lock().unwrap_or_else(|e| e.into_inner());
+            return Ok(periods
+                .iter()
+                .map(|p| {
+                    local
+                        .counters
+                        .get(&(key_id.to_owned(), p.clone()))
+                        .copied()
+                        .unwrap_or_default()
+                })
+                .collect());
+        };
+        let result = redis.usage(key_id, periods).await;
+        self.mark(result.is_ok());
+        Ok(result?.iter().map(UsageTotals::from_fields).collect())
+    }
+
+    /// Settled spend of a key in its current budget period, as admission counts it.
+    pub async fn budget_spent(
+        &self,
+        key_id: &str,
+        period: tollgate_api::v1alpha1::BudgetPeriod,
+    ) -> Result<f64, StoreError> {
+        match &self.shared {
+            Some(redis) => {
+                let result = redis.spent(key_id, period).await;
+                self.mark(result.is_ok());
+                result
+            }
+            None => Ok(self
+                .local
+                .spent(&budget_slot(key_id, period, jiff::Timestamp::now()).0)),
+        }
     }
 
     /// Writes the usage not yet in Redis, waiting at most `deadline`.
