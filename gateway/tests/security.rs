@@ -339,6 +339,8 @@ async fn security_headers_are_on_every_response_errors_and_streams_included() {
             "models",
             client().get(gw.url("/v1/models")).bearer_auth(dev),
         ),
+        ("usage", client().get(gw.url("/v1/usage")).bearer_auth(dev)),
+        ("usage 401", client().get(gw.url("/v1/usage"))),
         ("livez", client().get(gw.url("/livez"))),
         ("readyz", client().get(gw.url("/readyz"))),
     ];
