@@ -43,7 +43,8 @@ pub const MODELS: &[(&str, &str, &str)] = &[
 ];
 
 /// Writes the benchmark configuration into `dir`: providers pointing at `upstream`,
-/// routes (`bench-cached` serves `bench-small` through the response cache), and the
+/// routes (`bench-cached` serves `bench-small` through the response cache,
+/// `bench-guarded` behind guardrails), and the
 /// client key.
 pub fn write(dir: &Path, upstream: SocketAddr) -> anyhow::Result<()> {
     fs::create_dir_all(dir)?;
@@ -83,6 +84,17 @@ spec:
   cache: { ttl: 1h, scope: owner }
 ---
 "#,
+    );
+    // `bench-guarded`: `bench-small` behind every guardrail detector.
+    let _ = write!(
+        y,
+        "apiVersion: tollgate.dev/v1alpha1\nkind: RoutePolicy\nmetadata: {{ name: bench-guarded }}\n\
+         spec:\n  models: [bench-guarded]\n  targets: [{{ provider: bench-small, model: bench-small }}]\n\
+         \x20 guardrails: {}\n---\n",
+        crate::guardrails::RULES
+            .split_whitespace()
+            .collect::<Vec<_>>()
+            .join(" ")
     );
     y.push_str(&api_key("bench", &bench_key()));
     fs::write(dir.join("bench.yaml"), y)?;

@@ -1,6 +1,7 @@
 //! `tollgate-bench`: Tollgate's benchmark harness (see bench/README.md).
 
 mod config;
+mod guardrails;
 mod load;
 mod procs;
 mod report;
@@ -43,7 +44,7 @@ enum Cmd {
         #[arg(long, default_value = "examples")]
         examples: PathBuf,
         /// Only these scenarios (comma-separated): single, saturation, streaming,
-        /// slow-upstream, reload, memory.
+        /// slow-upstream, reload, memory, guardrails.
         #[arg(long, value_delimiter = ',')]
         only: Vec<String>,
     },

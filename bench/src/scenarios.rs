@@ -51,6 +51,7 @@ pub const SCENARIOS: &[&str] = &[
     "slow-upstream",
     "reload",
     "memory",
+    "guardrails",
 ];
 
 /// A running gateway.
@@ -221,6 +222,37 @@ fn note_errors(report: &mut Report, scenario: &str, subject: &str, stats: &Stats
     }
 }
 
+/// Sequential latency of each subject in three interleaved rounds (so a burst of noise
+/// hits every subject alike), reported as the median of the rounds' p50 and p99.
+async fn sequential_medians(
+    report: &mut Report,
+    scenario: &str,
+    subjects: &[(&'static str, Target)],
+    count: usize,
+) -> (Vec<u64>, Vec<u64>) {
+    let mut p50s: Vec<Vec<u64>> = vec![Vec::new(); subjects.len()];
+    let mut p99s: Vec<Vec<u64>> = vec![Vec::new(); subjects.len()];
+    for _round in 0..3 {
+        for (i, (name, target)) in subjects.iter().enumerate() {
+            let stats = load::sequential(target, count / 10, count / 3).await;
+            note_errors(report, scenario, name, &stats);
+            p50s[i].push(stats.p50_us);
+            p99s[i].push(stats.p99_us);
+        }
+    }
+    let median = |v: &mut Vec<u64>| {
+        v.sort_unstable();
+        v[v.len() / 2]
+    };
+    let p50: Vec<u64> = p50s.iter_mut().map(median).collect();
+    let p99: Vec<u64> = p99s.iter_mut().map(median).collect();
+    for (i, (name, _)) in subjects.iter().enumerate() {
+        report.add(scenario, name, "p50 latency", us(p50[i]), "µs");
+        report.add(scenario, name, "p99 latency", us(p99[i]), "µs");
+    }
+    (p50, p99)
+}
+
 /// Runs the selected scenarios.
 pub async fn run(s: &Settings, report: &mut Report) -> anyhow::Result<()> {
     std::fs::create_dir_all(&s.work)?;
@@ -249,6 +281,9 @@ pub async fn run(s: &Settings, report: &mut Report) -> anyhow::Result<()> {
     if s.wants("slow-upstream") {
         slow_upstream(s, report, upstream, &bed.full).await?;
     }
+    if s.wants("guardrails") {
+        guardrails(s, report, &bed).await?;
+    }
     let idle_full = bed.full.proc.rss_kib()?;
     drop(bed);
     if s.wants("reload") {
@@ -276,28 +311,7 @@ async fn single(s: &Settings, report: &mut Report, bed: &Bed) -> anyhow::Result<
             bed.full.target("bench-large", false),
         ),
     ]);
-    // Three interleaved rounds, so a burst of noise hits every subject alike; each
-    // figure is the median of its rounds.
-    let mut p50s: Vec<Vec<u64>> = vec![Vec::new(); subjects.len()];
-    let mut p99s: Vec<Vec<u64>> = vec![Vec::new(); subjects.len()];
-    for _round in 0..3 {
-        for (i, (name, target)) in subjects.iter().enumerate() {
-            let stats = load::sequential(target, count / 10, count / 3).await;
-            note_errors(report, SCENARIO, name, &stats);
-            p50s[i].push(stats.p50_us);
-            p99s[i].push(stats.p99_us);
-        }
-    }
-    let median = |v: &mut Vec<u64>| {
-        v.sort_unstable();
-        v[v.len() / 2]
-    };
-    let p50: Vec<u64> = p50s.iter_mut().map(median).collect();
-    let p99: Vec<u64> = p99s.iter_mut().map(median).collect();
-    for (i, (name, _)) in subjects.iter().enumerate() {
-        report.add(SCENARIO, name, "p50 latency", us(p50[i]), "µs");
-        report.add(SCENARIO, name, "p99 latency", us(p99[i]), "µs");
-    }
+    let (p50, p99) = sequential_medians(report, SCENARIO, &subjects, count).await;
     let added = |i: usize, base: usize| {
         (
             p50[i] as f64 - p50[base] as f64,
@@ -676,5 +690,53 @@ async fn memory(s: &Settings, report: &mut Report, idle_after_load_kib: u64) -> 
         ));
     }
     held.release().await;
+    Ok(())
+}
+
+/// What guardrails add: the in-process CPU time of checking typical prompts against every
+/// detector (vs parsing them alone), and the end-to-end latency of a route with every
+/// detector vs the same upstream without guardrails, one request at a time.
+async fn guardrails(s: &Settings, report: &mut Report, bed: &Bed) -> anyhow::Result<()> {
+    const SCENARIO: &str = "Guardrails (every detector, typical prompts)";
+    let iterations = s.scale(20_000, 2_000) as u32;
+    for (label, parse, checked) in crate::guardrails::measure(iterations)? {
+        report.add(SCENARIO, label, "parse only", parse * 1000.0, "ns");
+        let row = report.add(
+            SCENARIO,
+            label,
+            "added CPU per request",
+            (checked - parse) * 1000.0,
+            "ns",
+        );
+        row.baseline = Some(("parse only, ns".to_owned(), parse * 1000.0));
+        row.ratio = Some((checked - parse) / parse.max(0.001));
+    }
+    let count = s.scale(20_000, 2_000) as usize;
+    let subjects = [
+        (
+            "tollgate, no guardrails",
+            bed.plain.target("bench-small", false),
+        ),
+        (
+            "tollgate, guardrails",
+            bed.plain.target("bench-guarded", false),
+        ),
+    ];
+    let (p50, p99) = sequential_medians(report, SCENARIO, &subjects, count).await;
+    let row = report.add(
+        SCENARIO,
+        "tollgate, guardrails",
+        "added p50",
+        p50[1] as f64 - p50[0] as f64,
+        "µs",
+    );
+    row.baseline = Some(("no guardrails p50".to_owned(), us(p50[0])));
+    report.add(
+        SCENARIO,
+        "tollgate, guardrails",
+        "added p99",
+        p99[1] as f64 - p99[0] as f64,
+        "µs",
+    );
     Ok(())
 }

@@ -9,7 +9,9 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use crate::v1alpha1::{BudgetPeriod, CacheScope, ProviderType, RetryOn, Strategy};
+use crate::v1alpha1::{
+    BudgetPeriod, CacheScope, Detector, GuardrailAction, ProviderType, RetryOn, Strategy,
+};
 
 /// Version of the compiled format. Gateways refuse parts of a version they do not know.
 pub const SCHEMA_VERSION: u32 = 1;
@@ -166,6 +168,9 @@ pub struct CompiledRoute {
     /// Whether traces record prompts and completions.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub record_content: bool,
+    /// Guardrails checked on every request, in order.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub guardrails: Vec<CompiledGuardrail>,
 }
 
 /// One target of a route.
@@ -260,6 +265,36 @@ pub struct CompiledKey {
     /// Unix seconds after which the key is refused; the gateway checks this per request.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub expires_at: Option<i64>,
+    /// Guardrails checked after the route's.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub guardrails: Vec<CompiledGuardrail>,
+}
+
+/// A validated guardrail rule; [`crate::guardrails::Guardrails`] compiles a list of them
+/// for the hot path.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct CompiledGuardrail {
+    /// Rule name (the detector's name when the manifest gave none).
+    pub name: String,
+    /// What it looks for.
+    pub detector: Detector,
+    /// `regex`: the pattern.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pattern: Option<String>,
+    /// `blockedTerms`: the terms.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub terms: Vec<String>,
+    /// Size limits: the limit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limit: Option<u64>,
+    /// What happens on a hit.
+    pub action: GuardrailAction,
+    /// Whether it checks requests.
+    pub request: bool,
+    /// Whether it checks complete answers.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub response: bool,
 }
 
 /// Budget of a key.

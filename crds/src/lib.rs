@@ -12,6 +12,7 @@ pub mod config;
 pub mod crd;
 pub mod diagnostics;
 pub mod duration;
+pub mod guardrails;
 pub mod heartbeat;
 pub mod key_format;
 pub mod manifests;

@@ -79,6 +79,7 @@ fn route(id: &str, provider: &str, models: &[&str]) -> CompiledRoute {
             max_concurrent: None,
         }),
         record_content: false,
+        guardrails: Vec::new(),
     }
 }
 
@@ -107,6 +108,7 @@ fn key(i: usize) -> CompiledKey {
             currency: "USD".to_owned(),
         }),
         expires_at: Some(1_800_000_000 + i as i64),
+        guardrails: Vec::new(),
     }
 }
 

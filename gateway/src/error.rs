@@ -36,6 +36,24 @@ pub enum ApiError {
         /// The offending parameter.
         param: Option<&'static str>,
     },
+    /// A guardrail of the route or key refused the request's content. The message names
+    /// the rule and its detector, never the matched text.
+    #[error("The request was blocked by guardrail `{rule}` (detector: {detector}).")]
+    GuardrailBlocked {
+        /// Rule name.
+        rule: String,
+        /// Detector name.
+        detector: &'static str,
+    },
+    /// A guardrail withheld a complete answer (the upstream answered; the gateway does
+    /// not relay it).
+    #[error("The answer was withheld by guardrail `{rule}` (detector: {detector}).")]
+    GuardrailBlockedAnswer {
+        /// Rule name.
+        rule: String,
+        /// Detector name.
+        detector: &'static str,
+    },
     /// The body exceeds the configured limit.
     #[error("Request body is larger than the limit of {0} bytes.")]
     PayloadTooLarge(usize),
@@ -101,14 +119,14 @@ impl ApiError {
             Self::Unauthorized => StatusCode::UNAUTHORIZED,
             Self::ModelNotAllowed(_) => StatusCode::FORBIDDEN,
             Self::ModelNotFound(_) | Self::NotFound { .. } => StatusCode::NOT_FOUND,
-            Self::BadRequest { .. } => StatusCode::BAD_REQUEST,
+            Self::BadRequest { .. } | Self::GuardrailBlocked { .. } => StatusCode::BAD_REQUEST,
             Self::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             Self::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
             Self::Unavailable | Self::LimitsUnavailable | Self::UsageUnavailable => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
-            Self::Upstream(_) => StatusCode::BAD_GATEWAY,
+            Self::Upstream(_) | Self::GuardrailBlockedAnswer { .. } => StatusCode::BAD_GATEWAY,
             Self::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
             Self::UpstreamRateLimited(_) | Self::LimitExceeded(_) | Self::AuthThrottled(_) => {
                 StatusCode::TOO_MANY_REQUESTS
@@ -124,6 +142,7 @@ impl ApiError {
             Self::Unauthorized
             | Self::ModelNotFound(_)
             | Self::BadRequest { .. }
+            | Self::GuardrailBlocked { .. }
             | Self::PayloadTooLarge(_)
             | Self::RequestTimeout
             | Self::NotFound { .. } => "invalid_request_error",
@@ -133,6 +152,7 @@ impl ApiError {
             }
             Self::Internal(_)
             | Self::Upstream(_)
+            | Self::GuardrailBlockedAnswer { .. }
             | Self::UpstreamTimeout
             | Self::NotImplemented(_) => "server_error",
             Self::UpstreamRateLimited(_) | Self::AuthThrottled(_) => "rate_limit_error",
@@ -151,6 +171,9 @@ impl ApiError {
             Self::ModelNotAllowed(_) => "model_not_allowed",
             Self::ModelNotFound(_) => "model_not_found",
             Self::BadRequest { .. } => "invalid_request",
+            Self::GuardrailBlocked { .. } | Self::GuardrailBlockedAnswer { .. } => {
+                "guardrail_blocked"
+            }
             Self::PayloadTooLarge(_) => "request_too_large",
             Self::RequestTimeout => "request_timeout",
             Self::NotFound { .. } => "unknown_url",

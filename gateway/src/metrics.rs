@@ -107,11 +107,47 @@ pub struct CacheLabels {
     pub result: &'static str,
 }
 
+/// Labels of guardrail hits. Rule names come from RoutePolicy and ApiKey objects, so
+/// they are bounded by configuration; never the matched text.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct GuardrailLabels {
+    /// RoutePolicy id.
+    pub route: String,
+    /// Rule name.
+    pub rule: String,
+    /// `block`, `redact` or `log`.
+    pub action: &'static str,
+}
+
 /// Labels naming a route.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RouteLabels {
     /// RoutePolicy id.
     pub route: String,
+}
+
+/// Labels of a routing decision: the first choice of a request.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DecisionLabels {
+    /// RoutePolicy id.
+    pub route: String,
+    /// Provider chosen first.
+    pub provider: String,
+    /// `weighted`, `leastLatency` or `adaptive`.
+    pub strategy: &'static str,
+    /// Why (see `routing::Reason`).
+    pub reason: &'static str,
+}
+
+/// Labels naming an upstream target of a route.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RouteTargetLabels {
+    /// RoutePolicy id.
+    pub route: String,
+    /// Provider id.
+    pub provider: String,
+    /// Model name at the provider.
+    pub model: String,
 }
 
 /// Labels naming an upstream target.
@@ -170,6 +206,12 @@ pub struct Metrics {
     pub rejections: Family<RejectionLabels, Counter>,
     /// Cache lookups by route and result.
     pub cache: Family<CacheLabels, Counter>,
+    /// Requests on which a guardrail rule fired, by route, rule and action.
+    pub guardrail_hits: Family<GuardrailLabels, Counter>,
+    /// First choices of the routing strategy, by route, provider, strategy and reason.
+    pub route_decisions: Family<DecisionLabels, Counter>,
+    /// Moving average of attempt latency per route target, in seconds.
+    pub target_latency: Family<RouteTargetLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
     circuit_state: Family<TargetLabels, Gauge>,
     redis_up: Gauge,
     config_info: Family<ConfigLabels, Gauge>,
@@ -242,6 +284,24 @@ impl Metrics {
             "Requests refused with 429 by a limit or budget",
             rejections.clone(),
         );
+        let guardrail_hits = Family::default();
+        registry.register(
+            "guardrail_hits",
+            "Requests on which a guardrail rule fired, by route, rule and action (block, redact, log)",
+            guardrail_hits.clone(),
+        );
+        let route_decisions = Family::default();
+        registry.register(
+            "route_decisions",
+            "First choices of the routing strategy by route, provider, strategy and reason",
+            route_decisions.clone(),
+        );
+        let target_latency = Family::default();
+        registry.register(
+            "target_latency_ewma_seconds",
+            "Moving average of upstream attempt latency per route target (first byte of streams)",
+            target_latency.clone(),
+        );
         let circuit_state = Family::default();
         registry.register(
             "circuit_state",
@@ -283,6 +343,9 @@ impl Metrics {
             cost,
             rejections,
             cache,
+            guardrail_hits,
+            route_decisions,
+            target_latency,
             circuit_state,
             redis_up,
             config_info,

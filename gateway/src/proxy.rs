@@ -27,12 +27,13 @@ use crate::{
     accounting::{Accounting, Usage},
     circuit::Breakers,
     error::ApiError,
-    metrics::{AttemptLabels, Metrics},
+    metrics::{AttemptLabels, DecisionLabels, Metrics, RouteTargetLabels},
     providers::mock,
     relay::{self, Conversion, FirstByte, StreamGuards, StreamTranslator, WholeError},
     request::RequestHead,
-    routing::{attempt_order, backoff},
+    routing::{Observed, backoff, plan},
     snapshot::{Provider, Snapshot},
+    target_stats::TargetStatsStore,
     translate::{self, Untranslatable},
     upstream::{self, Dialect, Operation},
 };
@@ -59,6 +60,8 @@ pub struct Forward<'a> {
     pub operation: Operation,
     /// Circuit breakers.
     pub breakers: &'a Breakers,
+    /// Recent latency and outcomes per route target (`leastLatency`, `adaptive`).
+    pub target_stats: &'a TargetStatsStore,
     /// Metrics.
     pub metrics: &'a Arc<Metrics>,
     /// When the gateway received the request.
@@ -205,10 +208,33 @@ pub async fn forward(
 ) -> Result<Response, ApiError> {
     let route = req.route;
     let mut rng = fastrand::Rng::new();
-    let order = attempt_order(&route.tiers, &mut rng);
-    if order.is_empty() {
+    let target_model = |t: &'_ tollgate_api::config::CompiledTarget| {
+        t.model.clone().unwrap_or_else(|| req.head.model.clone())
+    };
+    let order = plan(
+        &route.tiers,
+        route.strategy,
+        |t| {
+            let model = target_model(t);
+            Observed {
+                stats: req.target_stats.get(&route.id, &t.provider, &model),
+                open: req.breakers.get(&t.provider, &model).state() == crate::circuit::State::Open,
+            }
+        },
+        &mut rng,
+    );
+    let Some(first) = order.first() else {
         return Err(ApiError::ModelNotFound(req.head.model.clone()));
-    }
+    };
+    req.metrics
+        .route_decisions
+        .get_or_create(&DecisionLabels {
+            route: route.id.clone(),
+            provider: first.target.provider.clone(),
+            strategy: route.strategy.as_str(),
+            reason: first.reason.as_str(),
+        })
+        .inc();
     let started = Instant::now();
     let deadline = route
         .total_timeout_ms
@@ -218,10 +244,11 @@ pub async fn forward(
     let mut attempts = 0;
     // Targets skipped without an attempt (open circuit, no free slot) do not use up the
     // retry budget, but each position is visited a bounded number of times.
-    for target in order.iter().cycle().take(budget + order.len()) {
+    for planned in order.iter().cycle().take(budget + order.len()) {
         if attempts >= budget {
             break;
         }
+        let target = planned.target;
         let Some(provider) = req.snapshot.provider(&target.provider) else {
             continue;
         };
@@ -280,11 +307,10 @@ pub async fn forward(
             "tollgate.provider" = %target.provider,
             "tollgate.attempt" = attempts as i64 + 1,
             // Priority tier of the target: above 0 is a fallback.
-            "tollgate.tier" = route
-                .tiers
-                .iter()
-                .position(|t| t.iter().any(|x| std::ptr::eq(x, *target)))
-                .unwrap_or(0) as i64,
+            "tollgate.tier" = planned.tier as i64,
+            "tollgate.strategy" = route.strategy.as_str(),
+            // Why this target holds its place (`retry` past the first of its tier).
+            "tollgate.route_reason" = planned.reason.as_str(),
             "tollgate.retry_reason" = last.as_ref().map(|(f, _)| f.outcome()),
             "http.response.status_code" = tracing::field::Empty,
             "error.type" = tracing::field::Empty,
@@ -301,10 +327,15 @@ pub async fn forward(
                 span.record("otel.status_code", "error");
             }
         }
-        req.timing.wait(attempt_started.elapsed());
+        let elapsed = attempt_started.elapsed();
+        req.timing.wait(elapsed);
         let failure = match outcome {
             Ok(mut response) => {
                 breaker.success();
+                observe(&req, &target.provider, model, |s| {
+                    s.observe_outcome(true);
+                    s.observe_latency(elapsed);
+                });
                 let outcome = if response.status().is_success() {
                     "success"
                 } else {
@@ -333,6 +364,9 @@ pub async fn forward(
             .inc();
         if failure.reached_upstream() {
             attempts += 1;
+            observe(&req, &target.provider, model, |s| {
+                s.observe_failure(elapsed)
+            });
             breaker.failure(
                 provider.config.circuit_failure_threshold,
                 provider.config.circuit_open_ms,
@@ -351,6 +385,28 @@ pub async fn forward(
         }
     }
     Err(last.map_or(ApiError::UpstreamTimeout, |(f, _)| f.into_error()))
+}
+
+/// Updates a target's routing statistics and its latency gauge.
+fn observe(
+    req: &Forward<'_>,
+    provider: &str,
+    model: &str,
+    change: impl FnOnce(&mut crate::target_stats::TargetStats),
+) {
+    let stats = req
+        .target_stats
+        .update(&req.route.id, provider, model, change);
+    if let Some(ms) = stats.latency_ms {
+        req.metrics
+            .target_latency
+            .get_or_create(&RouteTargetLabels {
+                route: req.route.id.clone(),
+                provider: provider.to_owned(),
+                model: model.to_owned(),
+            })
+            .set(ms / 1e3);
+    }
 }
 
 async fn attempt_once(

@@ -80,6 +80,16 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         });
     }
     let heartbeat_conn = redis.as_ref().map(RedisLimits::conn);
+    let target_stats = Arc::new(crate::target_stats::TargetStatsStore::default());
+    if let Some(store) = &redis {
+        // Routing statistics are merged across replicas, once a second, off the hot path.
+        tokio::spawn(crate::target_stats::share(
+            target_stats.clone(),
+            store.conn(),
+            crate::heartbeat::instance_id(),
+            settings.redis_timeout.max(Duration::from_millis(500)),
+        ));
+    }
     let limits = Arc::new(match redis {
         Some(redis) => {
             tracing::info!(mode = ?settings.redis_failure_mode, "limits, budgets and the cache shared through Redis");
@@ -123,6 +133,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         body_read_timeout: settings.body_read_timeout,
         draining: Default::default(),
         breakers: Default::default(),
+        target_stats,
         metrics,
         limits,
         revocations,

@@ -9,6 +9,7 @@ use crate::upstream::Operation;
 use tollgate_api::{
     compile::patterns,
     config::{CompiledKey, CompiledProvider, CompiledRoute, GatewayConfig},
+    guardrails::Guardrails,
 };
 
 /// A model name matcher: exact names plus globs.
@@ -52,6 +53,8 @@ pub struct Key {
     pub entry: CompiledKey,
     /// Allowed models; empty allows all.
     pub allowed: ModelSet,
+    /// The key's own guardrails, checked after the route's.
+    pub guardrails: Guards,
 }
 
 impl Key {
@@ -105,6 +108,9 @@ pub struct Snapshot {
     exact_routes: HashMap<String, usize>,
     glob_routes: Vec<(globset::GlobMatcher, usize)>,
     routes: Vec<Arc<CompiledRoute>>,
+    /// Compiled guardrails by route id (routes without any are absent). Behind a pointer:
+    /// snapshots move by value through the loader, and most configurations have none.
+    route_guardrails: Arc<HashMap<String, Guards>>,
     providers: HashMap<String, Arc<Provider>>,
 }
 
@@ -157,13 +163,28 @@ impl Snapshot {
         globs.sort_by(|a, b| b.0.cmp(&a.0).then_with(|| a.1.cmp(&b.1)));
         let glob_routes = globs.into_iter().map(|(_, _, m, i)| (m, i)).collect();
 
+        let route_guardrails = routing
+            .routes
+            .iter()
+            .filter_map(|r| Some((r.id.clone(), compile_guardrails(&r.id, &r.guardrails)?)))
+            .collect::<HashMap<_, _>>();
+
         let keys = keys
             .keys
             .into_iter()
             .filter_map(|entry| {
                 let hash = decode_hex32(&entry.sha256)?;
                 let allowed = ModelSet::new(&entry.allowed_models);
-                Some((hash, Arc::new(Key { entry, allowed })))
+                let guardrails =
+                    compile_guardrails(&entry.api_key, &entry.guardrails).unwrap_or_default();
+                Some((
+                    hash,
+                    Arc::new(Key {
+                        entry,
+                        allowed,
+                        guardrails,
+                    }),
+                ))
             })
             .collect();
 
@@ -173,6 +194,7 @@ impl Snapshot {
             exact_routes,
             glob_routes,
             routes: routing.routes.into_iter().map(Arc::new).collect(),
+            route_guardrails: Arc::new(route_guardrails),
             providers,
         }
     }
@@ -190,6 +212,11 @@ impl Snapshot {
     /// Hashes of every accepted key.
     pub fn key_hashes(&self) -> impl Iterator<Item = &[u8; 32]> {
         self.keys.keys()
+    }
+
+    /// The compiled guardrails of the route `route_id`, if it has any.
+    pub fn route_guardrails(&self, route_id: &str) -> Option<&Guards> {
+        self.route_guardrails.get(route_id)
     }
 
     /// The route serving `model`: an exact name first, then the most specific glob.
@@ -262,4 +289,46 @@ fn decode_hex32(hex: &str) -> Option<[u8; 32]> {
         out[i] = (digit(pair[0])? * 16 + digit(pair[1])?) as u8;
     }
     Some(out)
+}
+
+/// Guardrails of a route or key, compiled once per snapshot.
+#[derive(Debug, Default)]
+pub struct Guards {
+    /// Rules checking requests.
+    pub request: Option<Guardrails>,
+    /// Rules checking complete answers.
+    pub response: Option<Guardrails>,
+}
+
+/// Compiles a list of guardrails once per snapshot; `None` when it is empty. `compile`
+/// already validated them, so a failure here means a hand-edited configuration: the owner
+/// then gets a rule that blocks everything rather than no guardrails at all.
+fn compile_guardrails(
+    owner: &str,
+    rules: &[tollgate_api::config::CompiledGuardrail],
+) -> Option<Guards> {
+    if rules.is_empty() {
+        return None;
+    }
+    let build = |responses: bool| {
+        let selected: Vec<_> = rules
+            .iter()
+            .filter(|r| if responses { r.response } else { r.request })
+            .cloned()
+            .collect();
+        if selected.is_empty() {
+            return None;
+        }
+        match Guardrails::new(&selected) {
+            Ok(g) => Some(g),
+            Err(error) => {
+                tracing::error!(owner, %error, "invalid guardrails; every request of it is refused");
+                Some(Guardrails::refuse_all("invalid-configuration"))
+            }
+        }
+    };
+    Some(Guards {
+        request: build(false),
+        response: build(true),
+    })
 }

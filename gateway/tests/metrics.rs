@@ -66,7 +66,8 @@ fn config(dir: &std::path::Path, upstream: &Upstream) {
          apiVersion: tollgate.dev/v1alpha1\nkind: Provider\nmetadata: {{name: up}}\nspec:\n  type: openaiCompatible\n  baseUrl: {}\n\
          \x20 credentials: {{secretRef: {{name: up, key: token}}}}\n\
          \x20 models: [{{name: gpt-4o, pricing: {{inputPerMillion: 1000, outputPerMillion: 2000}}}}]\n---\n\
-         apiVersion: tollgate.dev/v1alpha1\nkind: RoutePolicy\nmetadata: {{name: chat}}\nspec:\n  models: [gpt-4o]\n  targets: [{{provider: up}}]\n  retries: {{attempts: 0}}\n  cache: {{ttl: 1m}}\n---\n\
+         apiVersion: tollgate.dev/v1alpha1\nkind: RoutePolicy\nmetadata: {{name: chat}}\nspec:\n  models: [gpt-4o]\n  targets: [{{provider: up}}]\n  retries: {{attempts: 0}}\n  cache: {{ttl: 1m}}\n\
+         \x20 guardrails: [{{name: watch, detector: blockedTerms, terms: [prompt], action: log}}]\n---\n\
          apiVersion: tollgate.dev/v1alpha1\nkind: ApiKey\nmetadata: {{name: main}}\nspec: {{owner: team-a}}\n---\n\
          apiVersion: v1\nkind: Secret\nmetadata: {{name: main-key}}\nstringData: {{apiKey: {KEY}}}\n---\n\
          apiVersion: tollgate.dev/v1alpha1\nkind: ApiKey\nmetadata: {{name: limited}}\nspec: {{owner: team-b, limits: {{requestsPerMinute: 1}}}}\n---\n\
@@ -254,6 +255,14 @@ async fn every_catalogued_metric_moves_with_its_labels_and_no_label_leaks() {
     // looked up too).
     let misses = value("tollgate_cache_lookups_total", &[route, ("result", "miss")]);
     assert!((3.0..=4.0).contains(&misses), "{misses}");
+    // The log-only rule fires on every request that reached the route (the 404 did not).
+    assert_eq!(
+        value(
+            "tollgate_guardrail_hits_total",
+            &[route, ("rule", "watch"), ("action", "log")]
+        ),
+        6.0
+    );
     assert_eq!(
         value(
             "tollgate_limit_rejections_total",

@@ -138,6 +138,9 @@ async fn requests_export_span_trees_with_genai_attributes_and_propagate_trace_co
         Some(0),
         "the first tier, not a fallback"
     );
+    // The routing decision: the default strategy, and why this target came first.
+    assert_eq!(attempt.str("tollgate.strategy"), Some("weighted"));
+    assert_eq!(attempt.str("tollgate.route_reason"), Some("weighted"));
     assert_eq!(attempt.int("http.response.status_code"), Some(200));
     // The upstream got the trace, parented on the attempt's span.
     let sent = upstream.received()[0].headers["traceparent"]

@@ -317,6 +317,7 @@ mod tests {
                     limits: None,
                     budget: None,
                     expires_at: None,
+                    guardrails: Vec::new(),
                 }
             })
             .collect();

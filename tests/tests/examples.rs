@@ -50,6 +50,7 @@ fn examples_compile_without_any_diagnostic() {
         .find(|r| r.id == "default/chat-default")
         .expect("chat-default route");
     assert_eq!(chat.tiers.len(), 2, "a weighted tier and a fallback tier");
+    assert_eq!(chat.guardrails.len(), 6, "the example guardrails compile");
     assert_eq!(
         chat.tiers[0].iter().map(|t| t.weight).collect::<Vec<_>>(),
         [80, 20]

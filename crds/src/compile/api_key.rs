@@ -205,6 +205,8 @@ fn compile_one(
             currency: b.currency.clone(),
         })
     });
+    let guardrails =
+        super::guardrails::compile(object, "spec.guardrails", &spec.guardrails, report);
     let expires_at = spec.expires_at.as_ref().map(|t| t.0);
     if spec.disabled {
         report.error(
@@ -296,6 +298,7 @@ fn compile_one(
         limits,
         budget,
         expires_at: expires_at.map(|t| t.as_second()),
+        guardrails: guardrails.unwrap_or_default(),
     };
     let mut entries = vec![current];
 

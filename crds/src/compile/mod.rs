@@ -6,6 +6,7 @@
 //! reported; it never breaks the rest.
 
 mod api_key;
+mod guardrails;
 pub mod patterns;
 mod provider;
 mod route;

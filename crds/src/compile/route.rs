@@ -277,6 +277,8 @@ fn compile_one(
         .rate_limit
         .as_ref()
         .and_then(|l| compile_limits(object, "spec.rateLimit", l, report));
+    let guardrails =
+        super::guardrails::compile(object, "spec.guardrails", &spec.guardrails, report);
 
     if report.errors_for(object) > before + partial {
         return None;
@@ -307,6 +309,7 @@ fn compile_one(
             }),
             rate_limit,
             record_content: spec.telemetry.as_ref().is_some_and(|t| t.record_content),
+            guardrails: guardrails.unwrap_or_default(),
         },
         wanted,
     ))

@@ -177,6 +177,7 @@ fn route(name: &str, models: &[&str], targets: Vec<RouteTarget>) -> RoutePolicy 
             cache: None,
             rate_limit: None,
             telemetry: None,
+            guardrails: Vec::new(),
         },
     ))
 }
@@ -196,6 +197,7 @@ fn api_key(name: &str) -> ApiKey {
             disabled: false,
             secret_name: None,
             rotation: None,
+            guardrails: Vec::new(),
         },
     ))
 }
@@ -2342,4 +2344,116 @@ fn repeated_retry_classes_are_compiled_once_in_their_first_order() {
     let out = openai_world().route(r).compile();
     let compiled = compiled_route(&out, "chat").expect("chat is served");
     assert_eq!(compiled.retry_on, [RetryOn::ConnectError, RetryOn::Timeout]);
+}
+
+// === Guardrails ===
+
+fn guardrail(detector: crate::v1alpha1::Detector) -> crate::v1alpha1::Guardrail {
+    crate::v1alpha1::Guardrail {
+        name: None,
+        detector,
+        pattern: None,
+        terms: Vec::new(),
+        limit: None,
+        action: crate::v1alpha1::GuardrailAction::Block,
+        apply_to: vec![crate::v1alpha1::GuardrailTarget::Request],
+    }
+}
+
+#[test]
+fn route_guardrails_compile_with_default_names() {
+    use crate::v1alpha1::{Detector, GuardrailAction};
+    let mut policy = route("chat", &["gpt-4o"], vec![target("openai")]);
+    let mut custom = guardrail(Detector::Regex);
+    custom.name = Some("ticket".into());
+    custom.pattern = Some(r"TCK-\d+".into());
+    custom.action = GuardrailAction::Redact;
+    let mut size = guardrail(Detector::MaxPromptBytes);
+    size.limit = Some(1000);
+    policy.spec.guardrails = vec![guardrail(Detector::Email), custom, size];
+    let out = openai_world().route(policy).compile();
+    assert_clean(&out, &route_ref("chat"));
+    let compiled = compiled_route(&out, "chat").expect("served");
+    let names: Vec<_> = compiled
+        .guardrails
+        .iter()
+        .map(|g| g.name.as_str())
+        .collect();
+    assert_eq!(names, ["email", "ticket", "maxPromptBytes"]);
+    assert_eq!(compiled.guardrails[1].action, GuardrailAction::Redact);
+}
+
+#[test]
+fn route_with_an_invalid_guardrail_is_left_out_with_invalid_spec_and_others_keep_serving() {
+    use crate::v1alpha1::{Detector, GuardrailAction};
+    let mut bad = route("strict", &["gpt-4o"], vec![target("openai")]);
+    let mut regex = guardrail(Detector::Regex);
+    regex.pattern = Some("(unclosed".into());
+    let mut size = guardrail(Detector::MaxMessages);
+    size.limit = Some(5);
+    size.action = GuardrailAction::Redact;
+    bad.spec.guardrails = vec![regex, size];
+    let good = route("mini", &["gpt-4o-mini"], vec![target("openai")]);
+    let out = openai_world().route(bad).route(good).compile();
+    let strict = route_ref("strict");
+    assert_diagnostic(
+        &out,
+        &strict,
+        Severity::Error,
+        reasons::INVALID_SPEC,
+        "spec.guardrails[0]",
+        "invalid pattern",
+    );
+    assert_diagnostic(
+        &out,
+        &strict,
+        Severity::Error,
+        reasons::INVALID_SPEC,
+        "spec.guardrails[1]",
+        "cannot redact",
+    );
+    assert_left_out(&out, &strict);
+    assert_served(&out, &route_ref("mini"));
+}
+
+#[test]
+fn duplicate_guardrail_names_are_invalid() {
+    use crate::v1alpha1::Detector;
+    let mut policy = route("chat", &["gpt-4o"], vec![target("openai")]);
+    policy.spec.guardrails = vec![guardrail(Detector::Email), guardrail(Detector::Email)];
+    let out = openai_world().route(policy).compile();
+    assert_diagnostic(
+        &out,
+        &route_ref("chat"),
+        Severity::Error,
+        reasons::INVALID_SPEC,
+        "spec.guardrails[1].name",
+        "used twice",
+    );
+    assert_left_out(&out, &route_ref("chat"));
+}
+
+#[test]
+fn api_key_guardrails_compile_and_an_invalid_one_keeps_the_key_out() {
+    use crate::v1alpha1::Detector;
+    let mut key = api_key("alice");
+    key.spec.guardrails = vec![guardrail(Detector::Secret)];
+    let out = keyed_world(key.clone()).compile();
+    assert_served(&out, &key_ref("alice"));
+    assert_eq!(compiled_keys(&out, "alice")[0].guardrails[0].name, "secret");
+
+    let mut terms = guardrail(Detector::BlockedTerms);
+    terms.terms = vec!["  ".into()];
+    key.spec.guardrails = vec![terms];
+    let out = keyed_world(key).compile();
+    assert_diagnostic(
+        &out,
+        &key_ref("alice"),
+        Severity::Error,
+        reasons::INVALID_SPEC,
+        "spec.guardrails[0]",
+        "blockedTerms",
+    );
+    assert_left_out(&out, &key_ref("alice"));
+    assert_served(&out, &route_ref("chat"));
 }

@@ -68,6 +68,13 @@ pub struct ApiKeySpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub limits: Option<Limits>,
 
+    /// Guardrails for this key's requests, checked in addition to (after) those of the
+    /// route; see RoutePolicy `spec.guardrails`. An invalid rule keeps the key from
+    /// being accepted.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 64))]
+    pub guardrails: Vec<super::guardrails::Guardrail>,
+
     /// Spending cap; requests are rejected with 429 once it is used up for the period.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub budget: Option<Budget>,

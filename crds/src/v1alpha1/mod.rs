@@ -2,11 +2,13 @@
 
 mod api_key;
 mod common;
+mod guardrails;
 mod provider;
 mod route_policy;
 
 pub use api_key::*;
 pub use common::*;
+pub use guardrails::*;
 pub use provider::*;
 pub use route_policy::*;
 

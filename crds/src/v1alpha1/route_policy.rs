@@ -45,7 +45,15 @@ pub struct RoutePolicySpec {
     #[schemars(length(min = 1, max = 64))]
     pub targets: Vec<RouteTarget>,
 
-    /// How a target is chosen within a priority tier.
+    /// How a target is chosen within a priority tier: `weighted` (random, proportional to
+    /// `weight`), `leastLatency` (lowest moving average of recent attempt latency, where a
+    /// failed attempt counts as its duration plus 1 s) or `adaptive` (Thompson sampling
+    /// over each target's recent success rate, scaled by the square root of its speed
+    /// relative to the fastest). With `leastLatency` and `adaptive`, targets not yet
+    /// measured are tried first and 10% of requests try another healthy target so a
+    /// recovered one is noticed. Targets with an open circuit are tried last in their
+    /// tier. Statistics are kept by each gateway replica and, with Redis, merged across
+    /// replicas about once a second (off the request path; local only while Redis fails).
     #[serde(default)]
     pub strategy: Strategy,
 
@@ -69,6 +77,14 @@ pub struct RoutePolicySpec {
     /// What traces of this route may record.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub telemetry: Option<RouteTelemetry>,
+
+    /// Content rules checked on every request's text before it is forwarded, and
+    /// optionally on complete answers (PII, secrets, prompt injection, blocked terms,
+    /// size limits), in order; the first `block` wins. An invalid rule keeps the whole
+    /// route from being served.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 64))]
+    pub guardrails: Vec<super::guardrails::Guardrail>,
 }
 
 /// Trace recording of a route.
@@ -116,8 +132,16 @@ pub enum Strategy {
     /// Random choice proportional to `weight`.
     #[default]
     Weighted,
-    /// The target with the lowest recent latency (moving average), ignoring weights.
+    /// The target with the lowest recent latency (an exponentially weighted moving
+    /// average of each attempt's latency: time to the first byte of a stream, the whole
+    /// answer otherwise), ignoring weights. Targets without measurements are tried first,
+    /// and 10% of requests go to another healthy target so a recovered one is noticed.
     LeastLatency,
+    /// A Thompson-sampling bandit: each target's recent success rate (a Beta posterior
+    /// whose past fades) is sampled and scaled by its latency relative to the fastest
+    /// target of the tier; the best score is tried first. 10% of requests explore
+    /// another healthy target so a recovered one is noticed.
+    Adaptive,
 }
 
 impl Strategy {
@@ -126,6 +150,7 @@ impl Strategy {
         match self {
             Self::Weighted => "weighted",
             Self::LeastLatency => "leastLatency",
+            Self::Adaptive => "adaptive",
         }
     }
 }

@@ -5,6 +5,7 @@ mod anthropic;
 mod auth;
 mod caching;
 mod drain;
+mod guardrails;
 mod health;
 mod models;
 mod openai;
@@ -57,6 +58,8 @@ pub struct AppState {
     pub draining: AtomicBool,
     /// Circuit breakers per upstream target; they outlive configuration reloads.
     pub breakers: crate::circuit::Breakers,
+    /// Recent latency and outcomes per route target, for adaptive routing.
+    pub target_stats: Arc<crate::target_stats::TargetStatsStore>,
     /// Metrics.
     pub metrics: Arc<crate::metrics::Metrics>,
     /// Limits and budgets (in process; shared through Redis when configured).

@@ -9,7 +9,9 @@ use axum::{
     response::{IntoResponse, Response},
 };
 
-use super::{AppState, admission, auth::authenticate_client, caching, read_body, request_id};
+use super::{
+    AppState, admission, auth::authenticate_client, caching, guardrails, read_body, request_id,
+};
 use crate::{
     accounting::UsageReport,
     error::ApiError,
@@ -246,6 +248,9 @@ async fn serve(
     if !key.may_use(&head.model) {
         return Err(ApiError::ModelNotAllowed(head.model.clone()));
     }
+    // Before anything else reads the content: a blocked request reaches no limit, cache
+    // or upstream, and redacted text is all that the cache key, traces and upstream see.
+    let body = guardrails::apply(state, &snapshot, route, &key, request_id, body)?;
     if route.record_content {
         let input = serde_json::from_slice::<serde_json::Value>(&body)
             .ok()
@@ -301,6 +306,7 @@ async fn serve(
             max_response_bytes: state.max_response_bytes,
             operation,
             breakers: &state.breakers,
+            target_stats: &state.target_stats,
             metrics: &state.metrics,
             started,
             prompt_estimate,
@@ -310,6 +316,12 @@ async fn serve(
         accounting,
     )
     .await?;
+    // Complete answers pass the response rules before they are recorded, cached or returned.
+    let response = if !head.stream && guardrails::checks_responses(&snapshot, route, &key) {
+        guardrails::apply_response(state, &snapshot, route, &key, request_id, response).await?
+    } else {
+        response
+    };
     // A non-streamed answer is whole in memory already: record it when the route opts in.
     let response = if route.record_content && !head.stream {
         let (parts, body) = response.into_parts();

@@ -1,0 +1,165 @@
+//! Applies the route's and the key's guardrails: to a request body before anything else
+//! sees it (admission, cache key, upstream), and to a complete answer before it is cached
+//! and returned. Blocks, redacts or only records hits.
+
+use axum::{body::Body, response::Response};
+use bytes::Bytes;
+use tollgate_api::{
+    config::CompiledRoute,
+    guardrails::{Guardrails, Verdict},
+};
+
+use super::AppState;
+use crate::{
+    error::ApiError,
+    metrics::GuardrailLabels,
+    snapshot::{Guards, Key, Snapshot},
+};
+
+/// Which side of the exchange is checked.
+#[derive(Clone, Copy)]
+enum Side {
+    Request,
+    Response,
+}
+
+/// The route's list, then the key's, for `side`.
+fn lists<'a>(
+    snapshot: &'a Snapshot,
+    route: &CompiledRoute,
+    key: &'a Key,
+    side: Side,
+) -> Vec<&'a Guardrails> {
+    let pick = |g: &'a Guards| match side {
+        Side::Request => g.request.as_ref(),
+        Side::Response => g.response.as_ref(),
+    };
+    snapshot
+        .route_guardrails(&route.id)
+        .and_then(pick)
+        .into_iter()
+        .chain(pick(&key.guardrails))
+        .filter(|g| !g.is_empty())
+        .collect()
+}
+
+/// Runs `lists` over `body`; `None` when nothing needs to change (or it is not JSON).
+fn run(
+    state: &AppState,
+    route: &CompiledRoute,
+    key: &Key,
+    request_id: &str,
+    lists: Vec<&Guardrails>,
+    body: &[u8],
+    side: Side,
+) -> Result<Option<Bytes>, Verdict> {
+    let Ok(mut doc) = serde_json::from_slice::<serde_json::Value>(body) else {
+        return Ok(None);
+    };
+    let mut verdict = Verdict::default();
+    for list in lists {
+        match side {
+            Side::Request => list.check(&mut doc, &mut verdict),
+            Side::Response => list.check_response(&mut doc, &mut verdict),
+        }
+        if verdict.blocked.is_some() {
+            break;
+        }
+    }
+    for hit in &verdict.hits {
+        state
+            .metrics
+            .guardrail_hits
+            .get_or_create(&GuardrailLabels {
+                route: route.id.clone(),
+                rule: hit.rule.clone(),
+                action: hit.action.as_str(),
+            })
+            .inc();
+        tracing::info!(
+            target: "tollgate::guardrails",
+            request_id,
+            route = %route.id,
+            key_id = %key.entry.id,
+            rule = %hit.rule,
+            detector = hit.detector.as_str(),
+            action = hit.action.as_str(),
+            on = match side { Side::Request => "request", Side::Response => "response" },
+            "guardrail hit"
+        );
+    }
+    if verdict.blocked.is_some() {
+        return Err(verdict);
+    }
+    if !verdict.redacted {
+        return Ok(None);
+    }
+    Ok(serde_json::to_vec(&doc).ok().map(Bytes::from))
+}
+
+/// The body to forward: the original bytes when no rule redacted anything, a re-encoded
+/// body otherwise; or the error of a blocking rule. Hits are counted and logged by rule
+/// name only, never with the matched text.
+pub(super) fn apply(
+    state: &AppState,
+    snapshot: &Snapshot,
+    route: &CompiledRoute,
+    key: &Key,
+    request_id: &str,
+    body: Bytes,
+) -> Result<Bytes, ApiError> {
+    let lists = lists(snapshot, route, key, Side::Request);
+    if lists.is_empty() {
+        return Ok(body);
+    }
+    match run(state, route, key, request_id, lists, &body, Side::Request) {
+        Ok(redacted) => Ok(redacted.unwrap_or(body)),
+        Err(verdict) => {
+            let blocked = verdict.blocked.expect("set when refused");
+            Err(ApiError::GuardrailBlocked {
+                rule: blocked.rule,
+                detector: blocked.detector.as_str(),
+            })
+        }
+    }
+}
+
+/// Whether any rule checks the answers of this route and key.
+pub(super) fn checks_responses(snapshot: &Snapshot, route: &CompiledRoute, key: &Key) -> bool {
+    !lists(snapshot, route, key, Side::Response).is_empty()
+}
+
+/// A complete, successful answer with `response` rules applied: unchanged, redacted, or
+/// withheld (502) by a blocking rule. Other answers pass untouched.
+pub(super) async fn apply_response(
+    state: &AppState,
+    snapshot: &Snapshot,
+    route: &CompiledRoute,
+    key: &Key,
+    request_id: &str,
+    response: Response,
+) -> Result<Response, ApiError> {
+    let lists = lists(snapshot, route, key, Side::Response);
+    if lists.is_empty() || !response.status().is_success() {
+        return Ok(response);
+    }
+    let (mut parts, body) = response.into_parts();
+    // A non-streamed answer is whole in memory already.
+    let bytes = axum::body::to_bytes(body, usize::MAX)
+        .await
+        .map_err(|_| ApiError::Internal(request_id.to_owned()))?;
+    match run(state, route, key, request_id, lists, &bytes, Side::Response) {
+        Ok(None) => Ok(Response::from_parts(parts, Body::from(bytes))),
+        Ok(Some(redacted)) => {
+            parts.headers.remove(http::header::CONTENT_LENGTH);
+            Ok(Response::from_parts(parts, Body::from(redacted)))
+        }
+        Err(verdict) => {
+            let blocked = verdict.blocked.expect("set when refused");
+            Err(ApiError::GuardrailBlockedAnswer {
+                rule: blocked.rule,
+                detector: blocked.detector.as_str(),
+            })
+        }
+    }
+}
