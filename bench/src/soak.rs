@@ -216,6 +216,39 @@ struct Sample {
     answered: u64,
 }
 
+impl Sample {
+    /// The CSV row (columns as in the header `run` writes).
+    fn csv_row(&self) -> String {
+        format!(
+            "{:.1},{},{},{},{},{},{}",
+            self.seconds,
+            self.rss_kib,
+            self.fds,
+            self.threads,
+            self.redis_keys,
+            self.redis_memory_kib,
+            self.answered
+        )
+    }
+
+    /// One progress line.
+    fn describe(&self) -> String {
+        let Self {
+            seconds,
+            rss_kib,
+            fds,
+            threads,
+            redis_keys,
+            redis_memory_kib,
+            answered,
+        } = self;
+        format!(
+            "{seconds:>6.0} s: RSS {rss_kib} KiB, {fds} fds, {threads} threads, \
+             Redis {redis_keys} keys / {redis_memory_kib} KiB, {answered} answered"
+        )
+    }
+}
+
 fn sample(
     gateway: u32,
     redis: SocketAddr,
@@ -435,28 +468,9 @@ pub async fn run(s: &Settings) -> anyhow::Result<()> {
     loop {
         gateway.check_alive()?;
         let now = sample(pid, redis, started, answered(&tally))?;
-        let _ = writeln!(
-            csv,
-            "{:.1},{},{},{},{},{},{}",
-            now.seconds,
-            now.rss_kib,
-            now.fds,
-            now.threads,
-            now.redis_keys,
-            now.redis_memory_kib,
-            now.answered
-        );
+        let _ = writeln!(csv, "{}", now.csv_row());
         std::fs::write(&csv_path, &csv)?;
-        eprintln!(
-            "soak {:>6.0} s: RSS {} KiB, {} fds, {} threads, Redis {} keys / {} KiB, {} answered",
-            now.seconds,
-            now.rss_kib,
-            now.fds,
-            now.threads,
-            now.redis_keys,
-            now.redis_memory_kib,
-            now.answered
-        );
+        eprintln!("soak {}", now.describe());
         samples.push(now);
         if Instant::now() >= end {
             break;

@@ -208,17 +208,18 @@ pub async fn forward(
 ) -> Result<Response, ApiError> {
     let route = req.route;
     let mut rng = fastrand::Rng::new();
-    let target_model = |t: &'_ tollgate_api::config::CompiledTarget| {
-        t.model.clone().unwrap_or_else(|| req.head.model.clone())
-    };
+    // `weighted` needs only the circuits: no statistics lookup on its requests.
+    let measured = route.strategy != tollgate_api::v1alpha1::Strategy::Weighted;
     let order = plan(
         &route.tiers,
         route.strategy,
         |t| {
-            let model = target_model(t);
+            let model = t.model.as_deref().unwrap_or(&req.head.model);
             Observed {
-                stats: req.target_stats.get(&route.id, &t.provider, &model),
-                open: req.breakers.get(&t.provider, &model).state() == crate::circuit::State::Open,
+                stats: measured
+                    .then(|| req.target_stats.get(&route.id, &t.provider, model))
+                    .flatten(),
+                open: req.breakers.get(&t.provider, model).state() == crate::circuit::State::Open,
             }
         },
         &mut rng,

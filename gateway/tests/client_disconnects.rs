@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use common::{
-    Gateway, client, eventually,
+    Gateway, client, eventually, metric,
     redis::Redis,
     upstream::{Reply, Upstream},
 };
@@ -204,13 +204,6 @@ fn budget_spent(redis: &Redis) -> f64 {
         tollgate_api::usage::budget_prefix(&key_id, &month)
     );
     redis.cli(&["GET", &key]).trim().parse().unwrap_or(0.0)
-}
-
-fn metric(text: &str, prefix: &str) -> f64 {
-    text.lines()
-        .filter(|l| l.starts_with(prefix))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
 }
 
 #[tokio::test]

@@ -964,17 +964,6 @@ fn check(path: &Path) -> Report {
     }
 }
 
-/// Checks a kept history again: `LIMITER_HISTORY=path cargo test -p tollgate-gateway
-/// --test limiter_history -- --ignored --nocapture recheck`.
-#[test]
-#[ignore = "a tool: set LIMITER_HISTORY to a history file"]
-fn recheck_a_kept_history() {
-    let path = std::env::var("LIMITER_HISTORY").expect("LIMITER_HISTORY names a history file");
-    let report = check(Path::new(&path));
-    eprint!("{}", report.table("recheck"));
-    assert!(report.problems.is_empty(), "{:#?}", report.problems);
-}
-
 /// The checker over a made-up history written like a real one.
 fn check_made_up(records: &[Value]) -> Report {
     let dir = tempfile::tempdir().unwrap();

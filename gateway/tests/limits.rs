@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use common::{
-    Gateway, client, eventually,
+    Gateway, client, eventually, metric,
     upstream::{Reply, Upstream, completion},
 };
 use futures_util::StreamExt;
@@ -54,13 +54,6 @@ async fn chat(gw: &Gateway, extra: Value) -> reqwest::Response {
         .send()
         .await
         .unwrap()
-}
-
-fn metric(text: &str, prefix: &str) -> f64 {
-    text.lines()
-        .filter(|l| l.starts_with(prefix))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
 }
 
 #[tokio::test]

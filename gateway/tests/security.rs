@@ -39,11 +39,7 @@ async fn post(gw: &Gateway, auth: Option<(&str, &str)>, body: &Value) -> (u16, S
     }
     let resp = req.send().await.unwrap();
     let status = resp.status().as_u16();
-    let content_type = resp
-        .headers()
-        .get("content-type")
-        .map(|v| v.to_str().unwrap().to_owned())
-        .unwrap_or_default();
+    let content_type = common::content_type(&resp);
     (status, content_type, resp.bytes().await.unwrap())
 }
 

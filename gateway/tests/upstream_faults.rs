@@ -439,11 +439,7 @@ fn sse_data(body: &str) -> Vec<String> {
 /// Checks one answer against `expect`; returns a description of what went wrong.
 async fn check(resp: reqwest::Response, expect: Expect) -> Result<(), String> {
     let status = resp.status().as_u16();
-    let content_type = resp
-        .headers()
-        .get("content-type")
-        .map(|v| v.to_str().unwrap().to_owned())
-        .unwrap_or_default();
+    let content_type = common::content_type(&resp);
     let body = resp.text().await.map_err(|e| format!("body: {e}"))?;
     let fail = |why: &str| Err(format!("{why}: {status} {content_type} {body:.300}"));
     match expect {
