@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::v1alpha1::{
     BudgetPeriod, CacheScope, Detector, GuardrailAction, ProviderType, RetryOn, Strategy,
+    StrategyOptions,
 };
 
 /// Version of the compiled format. Gateways refuse parts of a version they do not know.
@@ -143,6 +144,9 @@ pub struct CompiledRoute {
     pub globs: Vec<String>,
     /// Target choice within a tier.
     pub strategy: Strategy,
+    /// Tuning of `leastLatency` and `adaptive`.
+    #[serde(default, skip_serializing_if = "StrategyOptions::is_default")]
+    pub strategy_options: StrategyOptions,
     /// Tiers in fallback order; each non-empty.
     pub tiers: Vec<Vec<CompiledTarget>>,
     /// Extra attempts.

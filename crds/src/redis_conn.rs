@@ -122,15 +122,22 @@ impl RedisOptions {
             ))
         } else {
             let client = self.client(first)?;
+            // Reconnection backs off from 100 ms, doubling, but never waits more than
+            // RECONNECT_MAX_DELAY: a Redis that comes back is used again within it.
             let config = redis::aio::ConnectionManagerConfig::new()
                 .set_connection_timeout(Some(self.timeout))
-                .set_response_timeout(Some(self.timeout));
+                .set_response_timeout(Some(self.timeout))
+                .set_max_delay(RECONNECT_MAX_DELAY);
             Ok(SharedConn::Single(ConnectionManager::new_lazy_with_config(
                 client, config,
             )?))
         }
     }
 }
+
+/// Longest wait between two reconnection attempts to a single Redis (the library's
+/// default backoff reaches 3.2 s, which kept a recovered Redis unused that long).
+pub const RECONNECT_MAX_DELAY: Duration = Duration::from_millis(500);
 
 /// A connection to one Redis or to a cluster; cheap to clone (multiplexed).
 #[derive(Clone)]

@@ -61,6 +61,7 @@ fn route(id: &str, provider: &str, models: &[&str]) -> CompiledRoute {
         exact: models.iter().map(|m| (*m).to_owned()).collect(),
         globs: vec!["gpt-4o-*".to_owned()],
         strategy: Strategy::Weighted,
+        strategy_options: Default::default(),
         tiers: vec![vec![CompiledTarget {
             provider: provider.to_owned(),
             model: None,

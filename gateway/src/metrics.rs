@@ -148,6 +148,8 @@ pub struct RouteTargetLabels {
     pub provider: String,
     /// Model name at the provider.
     pub model: String,
+    /// Which moving average: `first_token` (streams) or `total`.
+    pub latency: &'static str,
 }
 
 /// Labels naming an upstream target.
@@ -210,7 +212,7 @@ pub struct Metrics {
     pub guardrail_hits: Family<GuardrailLabels, Counter>,
     /// First choices of the routing strategy, by route, provider, strategy and reason.
     pub route_decisions: Family<DecisionLabels, Counter>,
-    /// Moving average of attempt latency per route target, in seconds.
+    /// Moving averages of upstream latency per route target, in seconds.
     pub target_latency: Family<RouteTargetLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
     circuit_state: Family<TargetLabels, Gauge>,
     redis_up: Gauge,
@@ -299,7 +301,7 @@ impl Metrics {
         let target_latency = Family::default();
         registry.register(
             "target_latency_ewma_seconds",
-            "Moving average of upstream attempt latency per route target (first byte of streams)",
+            "Moving average of upstream latency per route target: time to the first token of streams (latency=\"first_token\") and to whole answers and completed streams (latency=\"total\")",
             target_latency.clone(),
         );
         let circuit_state = Family::default();

@@ -27,13 +27,13 @@ use crate::{
     accounting::{Accounting, Usage},
     circuit::Breakers,
     error::ApiError,
-    metrics::{AttemptLabels, DecisionLabels, Metrics, RouteTargetLabels},
+    metrics::{AttemptLabels, DecisionLabels, Metrics},
     providers::mock,
     relay::{self, Conversion, FirstByte, StreamGuards, StreamTranslator, WholeError},
     request::RequestHead,
-    routing::{Observed, backoff, plan},
+    routing::{Observed, Tuning, backoff, plan},
     snapshot::{Provider, Snapshot},
-    target_stats::TargetStatsStore,
+    target_stats::{Latency, StreamFeedback, TargetStatsStore},
     translate::{self, Untranslatable},
     upstream::{self, Dialect, Operation},
 };
@@ -61,7 +61,7 @@ pub struct Forward<'a> {
     /// Circuit breakers.
     pub breakers: &'a Breakers,
     /// Recent latency and outcomes per route target (`leastLatency`, `adaptive`).
-    pub target_stats: &'a TargetStatsStore,
+    pub target_stats: &'a Arc<TargetStatsStore>,
     /// Metrics.
     pub metrics: &'a Arc<Metrics>,
     /// When the gateway received the request.
@@ -210,9 +210,14 @@ pub async fn forward(
     let mut rng = fastrand::Rng::new();
     // `weighted` needs only the circuits: no statistics lookup on its requests.
     let measured = route.strategy != tollgate_api::v1alpha1::Strategy::Weighted;
+    let priced = measured && route.strategy_options.cost_weight > 0;
     let order = plan(
         &route.tiers,
         route.strategy,
+        &Tuning {
+            options: &route.strategy_options,
+            latency: Latency::of_request(req.head.stream),
+        },
         |t| {
             let model = t.model.as_deref().unwrap_or(&req.head.model);
             Observed {
@@ -220,6 +225,9 @@ pub async fn forward(
                     .then(|| req.target_stats.get(&route.id, &t.provider, model))
                     .flatten(),
                 open: req.breakers.get(&t.provider, model).state() == crate::circuit::State::Open,
+                price: priced
+                    .then(|| target_price(req.snapshot, &t.provider, model))
+                    .flatten(),
             }
         },
         &mut rng,
@@ -316,9 +324,16 @@ pub async fn forward(
             "http.response.status_code" = tracing::field::Empty,
             "error.type" = tracing::field::Empty,
         );
-        let outcome = attempt_once(&req, provider, model, deadline, &mut accounting)
-            .instrument(span.clone())
-            .await;
+        let outcome = attempt_once(
+            &req,
+            provider,
+            model,
+            deadline,
+            attempt_started,
+            &mut accounting,
+        )
+        .instrument(span.clone())
+        .await;
         match &outcome {
             Ok(r) => {
                 span.record("http.response.status_code", i64::from(r.status().as_u16()));
@@ -333,10 +348,18 @@ pub async fn forward(
         let failure = match outcome {
             Ok(mut response) => {
                 breaker.success();
-                observe(&req, &target.provider, model, |s| {
-                    s.observe_outcome(true);
-                    s.observe_latency(elapsed);
-                });
+                // A relayed stream reports its first token and its end itself.
+                if response
+                    .extensions_mut()
+                    .remove::<ReportsItself>()
+                    .is_none()
+                {
+                    let options = &route.strategy_options;
+                    observe(&req, &target.provider, model, |s| {
+                        s.observe_outcome(true, options);
+                        s.observe_latency(Latency::Total, elapsed, options);
+                    });
+                }
                 let outcome = if response.status().is_success() {
                     "success"
                 } else {
@@ -366,7 +389,7 @@ pub async fn forward(
         if failure.reached_upstream() {
             attempts += 1;
             observe(&req, &target.provider, model, |s| {
-                s.observe_failure(elapsed)
+                s.observe_failure(elapsed, true, &route.strategy_options)
             });
             breaker.failure(
                 provider.config.circuit_failure_threshold,
@@ -388,33 +411,41 @@ pub async fn forward(
     Err(last.map_or(ApiError::UpstreamTimeout, |(f, _)| f.into_error()))
 }
 
-/// Updates a target's routing statistics and its latency gauge.
+/// Updates a target's routing statistics and its latency gauges.
 fn observe(
     req: &Forward<'_>,
     provider: &str,
     model: &str,
     change: impl FnOnce(&mut crate::target_stats::TargetStats),
 ) {
-    let stats = req
-        .target_stats
-        .update(&req.route.id, provider, model, change);
-    if let Some(ms) = stats.latency_ms {
-        req.metrics
-            .target_latency
-            .get_or_create(&RouteTargetLabels {
-                route: req.route.id.clone(),
-                provider: provider.to_owned(),
-                model: model.to_owned(),
-            })
-            .set(ms / 1e3);
-    }
+    crate::target_stats::record(
+        req.target_stats,
+        req.metrics,
+        &req.route.id,
+        provider,
+        model,
+        change,
+    );
 }
+
+/// A target's price for the `adaptive` score: its model's input plus output price per
+/// million tokens; `None` when unknown or free.
+fn target_price(snapshot: &Snapshot, provider: &str, model: &str) -> Option<f64> {
+    let m = snapshot.provider(provider)?.config.models.get(model)?;
+    let price = m.input_per_million + m.output_per_million;
+    (price > 0.0).then_some(price)
+}
+
+/// Marks a response whose stream reports to routing statistics itself.
+#[derive(Clone, Copy)]
+struct ReportsItself;
 
 async fn attempt_once(
     req: &Forward<'_>,
     provider: &Arc<Provider>,
     model: &str,
     deadline: Option<Instant>,
+    attempt_started: Instant,
     accounting: &mut Option<Accounting>,
 ) -> Result<Response, Failure> {
     let config = &provider.config;
@@ -572,13 +603,25 @@ async fn attempt_once(
                 route: req.route.id.clone(),
                 started: req.started,
             }),
+            feedback: Some(StreamFeedback {
+                store: req.target_stats.clone(),
+                metrics: req.metrics.clone(),
+                route: req.route.id.clone(),
+                provider: config.id.clone(),
+                model: model.to_owned(),
+                options: req.route.strategy_options,
+                started: attempt_started,
+                first_token_seen: false,
+            }),
         };
-        Ok(relay::stream(
+        let mut response = relay::stream(
             response.bytes_stream(),
             Duration::from_millis(config.stream_idle_timeout_ms),
             conversion,
             guards,
-        ))
+        );
+        response.extensions_mut().insert(ReportsItself);
+        Ok(response)
     } else {
         whole(
             response,

@@ -220,6 +220,8 @@ pub struct StreamGuards {
     pub accounting: Option<Accounting>,
     /// Time-to-first-byte timer.
     pub first_byte: Option<FirstByte>,
+    /// Routing statistics of the target relayed from: first token, then how it ended.
+    pub feedback: Option<crate::target_stats::StreamFeedback>,
     /// The stream's span, ended when the stream is.
     pub span: tracing::Span,
 }
@@ -461,14 +463,25 @@ where
                             if let Some(fb) = guards.first_byte.take() {
                                 fb.observe();
                             }
+                            if let Some(f) = guards.feedback.as_mut() {
+                                f.first_token();
+                            }
                             return Some((Ok(out), (s, t, guards, false)));
                         }
                         Err(why) => why,
                     },
-                    Ok(None) => return None,
+                    Ok(None) => {
+                        if let Some(f) = guards.feedback.take() {
+                            f.completed();
+                        }
+                        return None;
+                    }
                     Ok(Some(Err(_))) => "The upstream stream was interrupted.",
                     Err(_) => "The upstream stream went silent and was abandoned.",
                 };
+                if let Some(f) = guards.feedback.take() {
+                    f.failed();
+                }
                 return Some((Ok(stream_error(error, dialect)), (s, t, guards, true)));
             }
         },
@@ -498,6 +511,7 @@ mod tests {
             permit: None,
             accounting: None,
             first_byte: None,
+            feedback: None,
             span: tracing::Span::none(),
         }
     }

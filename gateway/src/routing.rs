@@ -3,13 +3,21 @@
 
 use std::{cmp::Ordering, time::Duration};
 
-use tollgate_api::{config::CompiledTarget, v1alpha1::Strategy};
+use tollgate_api::{
+    config::CompiledTarget,
+    v1alpha1::{Strategy, StrategyOptions},
+};
 
-use crate::target_stats::TargetStats;
+use crate::target_stats::{Latency, TargetStats};
 
-/// Share of requests whose first choice within a tier is another healthy target than the
-/// best one (`leastLatency` and `adaptive`), so that a recovered target gets measured.
-pub const EXPLORATION: f64 = 0.1;
+/// How `leastLatency` and `adaptive` judge targets for one request.
+#[derive(Debug, Clone, Copy)]
+pub struct Tuning<'a> {
+    /// The route's options (exploration, latency and price weights).
+    pub options: &'a StrategyOptions,
+    /// The latency the request is ranked by: first token for streams, total otherwise.
+    pub latency: Latency,
+}
 
 /// Why a target holds its place in the attempt order, for spans and metrics.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -63,6 +71,8 @@ pub struct Observed {
     pub stats: Option<TargetStats>,
     /// Its circuit is open (checked without taking a half-open probe slot).
     pub open: bool,
+    /// Its price (input plus output per million tokens), when `adaptive` weighs price.
+    pub price: Option<f64>,
 }
 
 /// The attempt order under `strategy`: tier by tier (fallback), each tier ordered by the
@@ -70,6 +80,7 @@ pub struct Observed {
 pub fn plan<'a>(
     tiers: &'a [Vec<CompiledTarget>],
     strategy: Strategy,
+    tuning: &Tuning<'_>,
     observe: impl Fn(&CompiledTarget) -> Observed,
     rng: &mut fastrand::Rng,
 ) -> Vec<Planned<'a>> {
@@ -82,7 +93,7 @@ pub fn plan<'a>(
                 attempt_order(std::slice::from_ref(members), rng),
                 Reason::Weighted,
             ),
-            Strategy::LeastLatency | Strategy::Adaptive => rank(&observed, strategy, rng),
+            Strategy::LeastLatency | Strategy::Adaptive => rank(&observed, strategy, tuning, rng),
         };
         // Open circuits last (stable, so the strategy's order holds among the rest).
         let is_open = |t: &CompiledTarget| {
@@ -110,41 +121,47 @@ pub fn plan<'a>(
 fn rank<'a>(
     members: &[(&'a CompiledTarget, Observed)],
     strategy: Strategy,
+    tuning: &Tuning<'_>,
     rng: &mut fastrand::Rng,
 ) -> (Vec<&'a CompiledTarget>, Reason) {
-    // Unmeasured targets first, in random order, so each gets measured.
+    let latency = |o: &Observed| o.stats.and_then(|s| s.latency_ms(tuning.latency));
+    // Targets not measured for this kind of request go first, in random order, so each
+    // gets measured.
     let mut unexplored: Vec<&CompiledTarget> = members
         .iter()
-        .filter(|(_, o)| o.stats.and_then(|s| s.latency_ms).is_none())
+        .filter(|(_, o)| latency(o).is_none())
         .map(|(t, _)| *t)
         .collect();
     rng.shuffle(&mut unexplored);
-    let measured: Vec<(&CompiledTarget, TargetStats)> = members
+    let measured: Vec<(&CompiledTarget, TargetStats, f64, Option<f64>)> = members
         .iter()
-        .filter_map(|(t, o)| o.stats.filter(|s| s.latency_ms.is_some()).map(|s| (*t, s)))
+        .filter_map(|(t, o)| Some((*t, o.stats?, latency(o)?, o.price)))
         .collect();
     let mut scored: Vec<(&CompiledTarget, f64)> = match strategy {
         Strategy::Adaptive => {
-            let fastest = measured
-                .iter()
-                .filter_map(|(_, s)| s.latency_ms)
-                .fold(f64::INFINITY, f64::min)
-                .max(1.0);
+            let best = |values: &mut dyn Iterator<Item = f64>| values.fold(f64::INFINITY, f64::min);
+            let fastest = best(&mut measured.iter().map(|m| m.2)).max(1.0);
+            let cheapest = best(&mut measured.iter().filter_map(|m| m.3));
+            let (latency_exp, cost_exp) = (
+                tuning.options.latency_exponent(),
+                tuning.options.cost_exponent(),
+            );
             measured
                 .iter()
-                .map(|(t, s)| {
-                    // The square root keeps success dominant: a target four times slower
-                    // scores half, while one that fails most of the time scores near 0.
-                    let speed = (fastest / s.latency_ms.unwrap_or(fastest).max(1.0)).sqrt();
-                    (*t, s.sample_success_rate(rng) * speed)
+                .map(|(t, s, latency, price)| {
+                    // At the default exponent (0.5) success stays dominant: a target four
+                    // times slower scores half, one failing most of the time near 0.
+                    let speed = (fastest / latency.max(1.0)).powf(latency_exp);
+                    let thrift = match price {
+                        Some(p) if cost_exp > 0.0 => (cheapest / p).powf(cost_exp),
+                        _ => 1.0,
+                    };
+                    (*t, s.sample_success_rate(rng) * speed * thrift)
                 })
                 .collect()
         }
         // Higher is better: the negated average.
-        _ => measured
-            .iter()
-            .map(|(t, s)| (*t, -s.latency_ms.unwrap_or(0.0)))
-            .collect(),
+        _ => measured.iter().map(|m| (m.0, -m.2)).collect(),
     };
     scored.sort_by(|a, b| b.1.partial_cmp(&a.1).unwrap_or(Ordering::Equal));
     let mut ranked = unexplored.clone();
@@ -164,7 +181,7 @@ fn rank<'a>(
                 .any(|(t, o)| std::ptr::eq(*t, ranked[i]) && !o.open)
         })
         .collect();
-    if !healthy_others.is_empty() && rng.f64() < EXPLORATION {
+    if !healthy_others.is_empty() && rng.f64() < tuning.options.exploration() {
         let pick = healthy_others[rng.usize(0..healthy_others.len())];
         let chosen = ranked.remove(pick);
         ranked.insert(0, chosen);
@@ -262,14 +279,31 @@ mod tests {
         }
     }
 
+    const DEFAULTS: StrategyOptions = StrategyOptions {
+        exploration_percent: 10,
+        memory: 5,
+        latency_weight: 50,
+        cost_weight: 0,
+    };
+
+    /// Default tuning for a request judged by total latency (not streamed).
+    fn whole() -> Tuning<'static> {
+        Tuning {
+            options: &DEFAULTS,
+            latency: Latency::Total,
+        }
+    }
+
     fn measured(latency_ms: f64, successes: f64, failures: f64) -> Observed {
         Observed {
             stats: Some(TargetStats {
-                latency_ms: Some(latency_ms),
+                first_token_ms: None,
+                total_ms: Some(latency_ms),
                 successes,
                 failures,
             }),
             open: false,
+            price: None,
         }
     }
 
@@ -284,7 +318,7 @@ mod tests {
         let mut rng = fastrand::Rng::with_seed(seed);
         let mut counts = std::collections::BTreeMap::new();
         for _ in 0..n {
-            let order = plan(tiers, strategy, &observe, &mut rng);
+            let order = plan(tiers, strategy, &whole(), &observe, &mut rng);
             *counts.entry(order[0].target.provider.clone()).or_default() += 1;
         }
         counts
@@ -304,7 +338,7 @@ mod tests {
         let mut rng = fastrand::Rng::with_seed(9);
         let mut reasons = std::collections::BTreeMap::new();
         for _ in 0..2_000 {
-            let order = plan(&tiers, Strategy::LeastLatency, observe, &mut rng);
+            let order = plan(&tiers, Strategy::LeastLatency, &whole(), observe, &mut rng);
             assert_eq!(order.len(), 4);
             assert_eq!(order[3].target.provider, "c");
             assert_eq!(order[3].tier, 1);
@@ -377,7 +411,7 @@ mod tests {
             let mut rng = fastrand::Rng::with_seed(seed);
             (0..50)
                 .map(|_| {
-                    plan(&tiers, Strategy::Adaptive, observe, &mut rng)
+                    plan(&tiers, Strategy::Adaptive, &whole(), observe, &mut rng)
                         .iter()
                         .map(|p| p.target.provider.clone())
                         .collect::<Vec<_>>()
@@ -402,21 +436,21 @@ mod tests {
         ] {
             let mut rng = fastrand::Rng::with_seed(2);
             for _ in 0..500 {
-                let order = plan(&tiers, strategy, observe, &mut rng);
+                let order = plan(&tiers, strategy, &whole(), observe, &mut rng);
                 assert_eq!(order[0].target.provider, "ok", "{strategy:?}");
                 assert_eq!(order[1].target.provider, "broken", "kept for retries");
             }
         }
         // The strategy's own pick was the broken one: the reason says so.
         let mut rng = fastrand::Rng::with_seed(2);
-        let order = plan(&tiers, Strategy::Weighted, observe, &mut rng);
+        let order = plan(&tiers, Strategy::Weighted, &whole(), observe, &mut rng);
         assert_eq!(order[0].reason, Reason::OnlyHealthy);
         // When every member is open the order stays the strategy's.
         let all_open = |x: &CompiledTarget| Observed {
             open: true,
             ..observe(x)
         };
-        let order = plan(&tiers, Strategy::LeastLatency, all_open, &mut rng);
+        let order = plan(&tiers, Strategy::LeastLatency, &whole(), all_open, &mut rng);
         assert_eq!(order.len(), 2);
     }
 
@@ -448,5 +482,161 @@ mod tests {
             .collect();
         assert!(spread.len() > 10, "jittered");
         assert_eq!(backoff(1, 0, 0, &mut rng), Duration::ZERO);
+    }
+
+    /// Shares of first choices over `n` plans with `tuning`.
+    fn first_shares(
+        tiers: &[Vec<CompiledTarget>],
+        strategy: Strategy,
+        tuning: &Tuning<'_>,
+        observe: impl Fn(&CompiledTarget) -> Observed,
+        n: usize,
+    ) -> std::collections::BTreeMap<String, f64> {
+        let mut rng = fastrand::Rng::with_seed(13);
+        let mut counts = std::collections::BTreeMap::new();
+        for _ in 0..n {
+            let order = plan(tiers, strategy, tuning, &observe, &mut rng);
+            *counts.entry(order[0].target.provider.clone()).or_insert(0) += 1;
+        }
+        counts
+            .into_iter()
+            .map(|(k, c)| (k, f64::from(c) / n as f64))
+            .collect()
+    }
+
+    #[test]
+    fn streamed_requests_are_ranked_by_first_token_and_others_by_total_latency() {
+        // `quick` starts streaming fast but takes long to finish; `steady` the reverse.
+        let tiers = vec![vec![t("quick", 1), t("steady", 1)]];
+        let observe = |x: &CompiledTarget| {
+            let (first_token, total) = if x.provider == "quick" {
+                (20.0, 2_000.0)
+            } else {
+                (200.0, 500.0)
+            };
+            Observed {
+                stats: Some(TargetStats {
+                    first_token_ms: Some(first_token),
+                    total_ms: Some(total),
+                    successes: 5.0,
+                    failures: 0.0,
+                }),
+                ..Observed::default()
+            }
+        };
+        let no_exploration = StrategyOptions {
+            exploration_percent: 0,
+            ..DEFAULTS
+        };
+        for (latency, best) in [(Latency::FirstToken, "quick"), (Latency::Total, "steady")] {
+            let tuning = Tuning {
+                options: &no_exploration,
+                latency,
+            };
+            let shares = first_shares(&tiers, Strategy::LeastLatency, &tuning, observe, 200);
+            assert_eq!(shares[best], 1.0, "{latency:?}: {shares:?}");
+        }
+        // A target measured only by whole answers is still unexplored for streams.
+        let only_totals = |x: &CompiledTarget| {
+            if x.provider == "quick" {
+                measured(10.0, 5.0, 0.0)
+            } else {
+                observe(x)
+            }
+        };
+        let streamed = Tuning {
+            options: &no_exploration,
+            latency: Latency::FirstToken,
+        };
+        let mut rng = fastrand::Rng::with_seed(1);
+        let order = plan(
+            &tiers,
+            Strategy::LeastLatency,
+            &streamed,
+            only_totals,
+            &mut rng,
+        );
+        assert_eq!(order[0].target.provider, "quick");
+        assert_eq!(order[0].reason, Reason::Unexplored);
+    }
+
+    #[test]
+    fn the_exploration_share_follows_the_option() {
+        let tiers = vec![vec![t("best", 1), t("other", 1), t("third", 1)]];
+        let observe = |x: &CompiledTarget| match x.provider.as_str() {
+            "best" => measured(10.0, 5.0, 0.0),
+            "other" => measured(50.0, 5.0, 0.0),
+            _ => measured(90.0, 5.0, 0.0),
+        };
+        for (percent, low, high) in [(0, 0.0, 0.0), (10, 0.07, 0.13), (50, 0.45, 0.55)] {
+            let options = StrategyOptions {
+                exploration_percent: percent,
+                ..DEFAULTS
+            };
+            let tuning = Tuning {
+                options: &options,
+                latency: Latency::Total,
+            };
+            let shares = first_shares(&tiers, Strategy::LeastLatency, &tuning, observe, 4_000);
+            let explored = 1.0 - shares["best"];
+            assert!(
+                (low..=high).contains(&explored),
+                "{percent}%: explored {explored}"
+            );
+        }
+    }
+
+    #[test]
+    fn adaptive_weighs_latency_and_price_as_configured() {
+        let tiers = vec![vec![t("fast-dear", 1), t("slow-cheap", 1)]];
+        // Equally reliable; `fast-dear` 4x faster and 10x dearer.
+        let observe = |x: &CompiledTarget| {
+            let dear = x.provider == "fast-dear";
+            Observed {
+                price: Some(if dear { 20.0 } else { 2.0 }),
+                ..measured(if dear { 100.0 } else { 400.0 }, 20.0, 0.0)
+            }
+        };
+        let share = |latency_weight, cost_weight| {
+            let options = StrategyOptions {
+                exploration_percent: 0,
+                latency_weight,
+                cost_weight,
+                ..DEFAULTS
+            };
+            let tuning = Tuning {
+                options: &options,
+                latency: Latency::Total,
+            };
+            first_shares(&tiers, Strategy::Adaptive, &tuning, observe, 2_000)
+                .get("fast-dear")
+                .copied()
+                .unwrap_or(0.0)
+        };
+        // Latency only (the default weights): the fast one.
+        let default = share(50, 0);
+        assert!(default > 0.95, "default: fast first in {default}");
+        // Neither latency nor price: a coin toss between equally reliable targets.
+        let neither = share(0, 0);
+        assert!((0.4..0.6).contains(&neither), "neither: {neither}");
+        // Price weighed in fully: the cheap one, though slower.
+        let priced = share(50, 100);
+        assert!(priced < 0.05, "priced: fast-dear first in {priced}");
+        // Without a price for either, price cannot count.
+        let unpriced = |x: &CompiledTarget| Observed {
+            price: None,
+            ..observe(x)
+        };
+        let options = StrategyOptions {
+            exploration_percent: 0,
+            cost_weight: 100,
+            ..DEFAULTS
+        };
+        let tuning = Tuning {
+            options: &options,
+            latency: Latency::Total,
+        };
+        let shares = first_shares(&tiers, Strategy::Adaptive, &tuning, unpriced, 500);
+        assert!(shares["fast-dear"] > 0.95, "{shares:?}");
     }
 }

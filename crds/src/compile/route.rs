@@ -10,7 +10,7 @@ use crate::{
     config::{CompiledCache, CompiledRoute, CompiledTarget, GatewayConfig},
     diagnostics::{Kind, ObjectRef, reasons},
     duration,
-    v1alpha1::RoutePolicy,
+    v1alpha1::{RoutePolicy, Strategy},
 };
 
 pub(super) fn compile_all(
@@ -273,6 +273,28 @@ fn compile_one(
             "ttl and maxEntryBytes must be above 0",
         );
     }
+    if let Some(o) = &spec.strategy_options {
+        if o.exploration_percent > 50
+            || !(1..=100).contains(&o.memory)
+            || o.latency_weight > 400
+            || o.cost_weight > 400
+        {
+            report.error(
+                object,
+                reasons::INVALID_SPEC,
+                "spec.strategyOptions",
+                "explorationPercent must be at most 50, memory between 1 and 100, latencyWeight and costWeight at most 400",
+            );
+        }
+        if spec.strategy == Strategy::Weighted {
+            report.warning(
+                object,
+                reasons::INVALID_SPEC,
+                "spec.strategyOptions",
+                "strategyOptions has no effect with the weighted strategy",
+            );
+        }
+    }
     let rate_limit = spec
         .rate_limit
         .as_ref()
@@ -295,6 +317,7 @@ fn compile_one(
             exact: Vec::new(),
             globs: Vec::new(),
             strategy: spec.strategy,
+            strategy_options: spec.strategy_options.unwrap_or_default(),
             tiers: tiers.into_values().collect(),
             retry_attempts: r.attempts,
             retry_initial_backoff_ms: initial.unwrap_or_default(),

@@ -172,6 +172,7 @@ fn route(name: &str, models: &[&str], targets: Vec<RouteTarget>) -> RoutePolicy 
             models: models.iter().map(|m| (*m).to_owned()).collect(),
             targets,
             strategy: Default::default(),
+            strategy_options: None,
             retries: Default::default(),
             timeouts: None,
             cache: None,
@@ -2456,4 +2457,63 @@ fn api_key_guardrails_compile_and_an_invalid_one_keeps_the_key_out() {
     );
     assert_left_out(&out, &key_ref("alice"));
     assert_served(&out, &route_ref("chat"));
+}
+
+#[test]
+fn strategy_options_compile_and_out_of_range_ones_keep_the_route_out() {
+    use crate::v1alpha1::{Strategy, StrategyOptions};
+    let mut tuned = route("tuned", &["gpt-4o"], vec![target("openai")]);
+    tuned.spec.strategy = Strategy::Adaptive;
+    tuned.spec.strategy_options = Some(StrategyOptions {
+        exploration_percent: 0,
+        memory: 20,
+        latency_weight: 100,
+        cost_weight: 200,
+    });
+    let mut wild = route("wild", &["gpt-4o-mini"], vec![target("openai")]);
+    wild.spec.strategy = Strategy::LeastLatency;
+    wild.spec.strategy_options = Some(StrategyOptions {
+        memory: 0,
+        ..Default::default()
+    });
+    let out = openai_world().route(tuned).route(wild).compile();
+    assert_clean(&out, &route_ref("tuned"));
+    let compiled = compiled_route(&out, "tuned").unwrap();
+    assert_eq!(compiled.strategy_options.memory, 20);
+    assert_eq!(compiled.strategy_options.cost_exponent(), 2.0);
+    assert_eq!(compiled.strategy_options.exploration(), 0.0);
+    assert_diagnostic(
+        &out,
+        &route_ref("wild"),
+        Severity::Error,
+        reasons::INVALID_SPEC,
+        "spec.strategyOptions",
+        "memory between 1 and 100",
+    );
+    assert_left_out(&out, &route_ref("wild"));
+
+    // Options on a weighted route are accepted with a warning: they do nothing there.
+    let mut weighted = route("chat", &["gpt-4o"], vec![target("openai")]);
+    weighted.spec.strategy_options = Some(StrategyOptions::default());
+    let out = openai_world().route(weighted).compile();
+    assert_diagnostic(
+        &out,
+        &route_ref("chat"),
+        Severity::Warning,
+        reasons::INVALID_SPEC,
+        "spec.strategyOptions",
+        "no effect",
+    );
+    assert_served(&out, &route_ref("chat"));
+}
+
+#[test]
+fn default_strategy_options_are_left_out_of_compiled_configuration() {
+    let out = routed_world().compile();
+    let text = serde_json::to_string(compiled_route(&out, "chat").unwrap()).unwrap();
+    assert!(!text.contains("strategyOptions"), "{text}");
+    let back: CompiledRoute = serde_json::from_str(&text).unwrap();
+    assert_eq!(back.strategy_options, Default::default());
+    assert_eq!(back.strategy_options.ewma_alpha(), 2.0 / 6.0);
+    assert_eq!(back.strategy_options.outcome_decay(), 0.8);
 }

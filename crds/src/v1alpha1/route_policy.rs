@@ -46,16 +46,24 @@ pub struct RoutePolicySpec {
     pub targets: Vec<RouteTarget>,
 
     /// How a target is chosen within a priority tier: `weighted` (random, proportional to
-    /// `weight`), `leastLatency` (lowest moving average of recent attempt latency, where a
-    /// failed attempt counts as its duration plus 1 s) or `adaptive` (Thompson sampling
-    /// over each target's recent success rate, scaled by the square root of its speed
-    /// relative to the fastest). With `leastLatency` and `adaptive`, targets not yet
-    /// measured are tried first and 10% of requests try another healthy target so a
-    /// recovered one is noticed. Targets with an open circuit are tried last in their
-    /// tier. Statistics are kept by each gateway replica and, with Redis, merged across
-    /// replicas about once a second (off the request path; local only while Redis fails).
+    /// `weight`), `leastLatency` (lowest moving average of recent latency: time to the
+    /// first token for streamed requests, the whole answer otherwise; a failed attempt
+    /// counts as its duration plus 1 s) or `adaptive` (Thompson sampling over each
+    /// target's recent success rate, scaled by its speed, and optionally its price,
+    /// relative to the best of the tier). With `leastLatency` and `adaptive`, targets not
+    /// yet measured are tried first and 10% of requests (`strategyOptions`) try another
+    /// healthy target so a recovered one is noticed. Targets with an open circuit are
+    /// tried last in their tier. Statistics are kept by each gateway replica and, with
+    /// Redis, merged across replicas about once a second (off the request path; local
+    /// only while Redis fails).
     #[serde(default)]
     pub strategy: Strategy,
+
+    /// Tuning of the `leastLatency` and `adaptive` strategies (exploration, how much
+    /// history counts, and the weights of latency and price in `adaptive`'s score);
+    /// defaults apply when unset, and `weighted` ignores it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub strategy_options: Option<StrategyOptions>,
 
     /// Retries of failed upstream attempts. Retries and fallback happen only before the
     /// first byte is sent to the client.
@@ -132,16 +140,107 @@ pub enum Strategy {
     /// Random choice proportional to `weight`.
     #[default]
     Weighted,
-    /// The target with the lowest recent latency (an exponentially weighted moving
-    /// average of each attempt's latency: time to the first byte of a stream, the whole
-    /// answer otherwise), ignoring weights. Targets without measurements are tried first,
-    /// and 10% of requests go to another healthy target so a recovered one is noticed.
+    /// The target with the lowest recent latency, ignoring weights. Two exponentially
+    /// weighted moving averages are kept per target: time to the first token of streams,
+    /// and total time of whole answers and of completed streams. Streamed requests are
+    /// ranked by the first, others by the second. Targets without measurements are tried
+    /// first, and 10% of requests go to another healthy target so a recovered one is
+    /// noticed.
     LeastLatency,
     /// A Thompson-sampling bandit: each target's recent success rate (a Beta posterior
-    /// whose past fades) is sampled and scaled by its latency relative to the fastest
-    /// target of the tier; the best score is tried first. 10% of requests explore
-    /// another healthy target so a recovered one is noticed.
+    /// whose past fades) is sampled and scaled by its latency (as for `leastLatency`) and
+    /// optionally its price relative to the best target of the tier; the best score is
+    /// tried first. 10% of requests explore another healthy target so a recovered one is
+    /// noticed.
     Adaptive,
+}
+
+/// Tuning of the `leastLatency` and `adaptive` strategies.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct StrategyOptions {
+    /// Percentage of requests whose first attempt goes to another healthy target of the
+    /// tier than the strategy's best, so that a target that recovered is noticed. 0 turns
+    /// exploration off: a target that fell behind is then retried only when the others
+    /// degrade.
+    #[serde(default = "default_exploration_percent")]
+    #[schemars(range(min = 0, max = 50))]
+    pub exploration_percent: u32,
+    /// Roughly how many recent attempts of a target its statistics reflect: each attempt
+    /// weighs 2/(memory+1) in the latency averages, and the success tally keeps
+    /// (memory-1)/memory of its past at each new outcome. Smaller values react faster to
+    /// a change and are noisier.
+    #[serde(default = "default_memory")]
+    #[schemars(range(min = 1, max = 100))]
+    pub memory: u32,
+    /// `adaptive` only: how much latency counts, in percent. A target's sampled success
+    /// rate is multiplied by (fastest latency of the tier / its latency) to the power
+    /// latencyWeight/100: at 50 a target four times slower than the fastest scores half,
+    /// at 100 a quarter, at 0 latency is ignored.
+    #[serde(default = "default_latency_weight")]
+    #[schemars(range(min = 0, max = 400))]
+    pub latency_weight: u32,
+    /// `adaptive` only: how much price counts, in percent, like `latencyWeight`: the score
+    /// is also multiplied by (cheapest price of the tier / its price) to the power
+    /// costWeight/100, where a target's price is its model's input plus output price per
+    /// million tokens (the Provider's `models[].pricing`). 0 ignores price; a target
+    /// without a price counts as the cheapest.
+    #[serde(default)]
+    #[schemars(range(min = 0, max = 400))]
+    pub cost_weight: u32,
+}
+
+fn default_exploration_percent() -> u32 {
+    10
+}
+fn default_memory() -> u32 {
+    5
+}
+fn default_latency_weight() -> u32 {
+    50
+}
+
+impl Default for StrategyOptions {
+    fn default() -> Self {
+        Self {
+            exploration_percent: default_exploration_percent(),
+            memory: default_memory(),
+            latency_weight: default_latency_weight(),
+            cost_weight: 0,
+        }
+    }
+}
+
+impl StrategyOptions {
+    /// Whether these are the defaults (left out of compiled configuration).
+    pub fn is_default(&self) -> bool {
+        *self == Self::default()
+    }
+
+    /// Share of requests that explore, in `[0, 0.5]`.
+    pub fn exploration(&self) -> f64 {
+        f64::from(self.exploration_percent.min(50)) / 100.0
+    }
+
+    /// Weight of a new sample in the latency moving averages, in `(0, 1]`.
+    pub fn ewma_alpha(&self) -> f64 {
+        2.0 / (f64::from(self.memory.max(1)) + 1.0)
+    }
+
+    /// Factor applied to the success/failure tally before each new outcome, in `[0, 1)`.
+    pub fn outcome_decay(&self) -> f64 {
+        1.0 - 1.0 / f64::from(self.memory.max(1))
+    }
+
+    /// Exponent of relative speed in the `adaptive` score.
+    pub fn latency_exponent(&self) -> f64 {
+        f64::from(self.latency_weight) / 100.0
+    }
+
+    /// Exponent of relative price in the `adaptive` score.
+    pub fn cost_exponent(&self) -> f64 {
+        f64::from(self.cost_weight) / 100.0
+    }
 }
 
 impl Strategy {
