@@ -389,7 +389,7 @@ pub async fn forward(
         if failure.reached_upstream() {
             attempts += 1;
             observe(&req, &target.provider, model, |s| {
-                s.observe_failure(elapsed, true, &route.strategy_options)
+                s.observe_failure(elapsed, &route.strategy_options)
             });
             breaker.failure(
                 provider.config.circuit_failure_threshold,

@@ -94,19 +94,13 @@ impl TargetStats {
     }
 
     /// Records a failed attempt that took `elapsed`: a failure in the tally and a sample
-    /// of `elapsed` plus [`FAILURE_PENALTY`] in the total average and, when the failure
-    /// came before any token (`before_first_token`), in the first-token average too.
-    pub fn observe_failure(
-        &mut self,
-        elapsed: Duration,
-        before_first_token: bool,
-        options: &StrategyOptions,
-    ) {
+    /// of `elapsed` plus [`FAILURE_PENALTY`] in both averages. A stream that broke after a
+    /// fast first token counts too: its client got no answer, and `leastLatency`, which
+    /// has no tally, must not keep choosing a target that breaks every stream.
+    pub fn observe_failure(&mut self, elapsed: Duration, options: &StrategyOptions) {
         self.observe_outcome(false, options);
         let sample = elapsed + FAILURE_PENALTY;
-        if before_first_token {
-            self.observe_latency(Latency::FirstToken, sample, options);
-        }
+        self.observe_latency(Latency::FirstToken, sample, options);
         self.observe_latency(Latency::Total, sample, options);
     }
 
@@ -475,8 +469,7 @@ impl StreamFeedback {
     /// The upstream broke the stream (reset, silence, malformed events): a failure.
     pub fn failed(self) {
         let (elapsed, options) = (self.started.elapsed(), self.options);
-        let before_first_token = !self.first_token_seen;
-        self.record(|s| s.observe_failure(elapsed, before_first_token, &options));
+        self.record(|s| s.observe_failure(elapsed, &options));
     }
 }
 
@@ -584,15 +577,15 @@ mod tests {
         let mut s = TargetStats::default();
         s.observe_latency(Latency::FirstToken, Duration::from_millis(10), &DEFAULTS);
         s.observe_latency(Latency::Total, Duration::from_millis(10), &DEFAULTS);
-        s.observe_failure(Duration::from_millis(1), true, &DEFAULTS);
+        s.observe_failure(Duration::from_millis(1), &DEFAULTS);
         assert!(s.first_token_ms.unwrap() > 300.0, "{:?}", s.first_token_ms);
         assert!(s.total_ms.unwrap() > 300.0, "{:?}", s.total_ms);
         assert_eq!(s.failures, 1.0);
-        // A stream that broke after its first token: its first token was fine.
+        // A stream that broke after a fast first token: slow in both, not only in total.
         let mut s = TargetStats::default();
         s.observe_latency(Latency::FirstToken, Duration::from_millis(10), &DEFAULTS);
-        s.observe_failure(Duration::from_millis(200), false, &DEFAULTS);
-        assert_eq!(s.first_token_ms, Some(10.0));
+        s.observe_failure(Duration::from_millis(200), &DEFAULTS);
+        assert!((s.first_token_ms.unwrap() - 406.666).abs() < 0.01, "{s:?}");
         assert_eq!(s.total_ms, Some(1_200.0));
     }
 

@@ -409,9 +409,18 @@ async fn least_latency_ranks_streams_by_first_token_and_whole_answers_by_total_t
 
 #[tokio::test]
 async fn adaptive_moves_streams_off_a_target_whose_streams_break_midway() {
+    streams_leave_a_target_that_breaks_them("adaptive").await;
+}
+
+#[tokio::test]
+async fn least_latency_moves_streams_off_a_target_whose_streams_break_midway() {
+    streams_leave_a_target_that_breaks_them("leastLatency").await;
+}
+
+async fn streams_leave_a_target_that_breaks_them(strategy: &str) {
     let (a, a_url) = Tunable::start(5).await;
     let (b, b_url) = Tunable::start(40).await;
-    let (gw, _dir) = start("adaptive", &a_url, &b_url);
+    let (gw, _dir) = start(strategy, &a_url, &b_url);
     streak_of(&gw, &a, STREAM_BODY, true, 5, 40).await;
 
     // `a` still answers fast with a first token, then resets the connection: the client
@@ -433,13 +442,13 @@ async fn adaptive_moves_streams_off_a_target_whose_streams_break_midway() {
     }
     assert!(
         broken_first <= 9,
-        "a breaking target first {broken_first} of 30 times"
+        "{strategy}: a breaking target first {broken_first} of 30 times"
     );
 
     a.breaking.store(false, Ordering::SeqCst);
     let back = streak_of(&gw, &a, STREAM_BODY, true, 5, 300).await;
     eprintln!(
-        "streams left the breaking target after {shift} requests (then first {broken_first}/30), back after {back}; b served {}",
+        "{strategy}: streams left the breaking target after {shift} requests (then first {broken_first}/30), back after {back}; b served {}",
         b.hits()
     );
 }

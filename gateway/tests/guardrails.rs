@@ -486,3 +486,78 @@ async fn a_blocking_response_rule_withholds_the_answer_with_a_502() {
         "response-only rules leave requests alone"
     );
 }
+
+#[tokio::test]
+async fn a_cached_answer_passes_the_response_rules_of_the_key_that_reads_it() {
+    let up = Upstream::start().await;
+    // The route caches answers for every key; only `client` has a response rule.
+    let (gw, _dir) = start(
+        &up,
+        "",
+        "  cache: {ttl: 5m, scope: shared}\n",
+        "{detector: email, action: redact, applyTo: [response]}",
+    );
+    up.script([Reply::Json(
+        200,
+        completion("gpt-4o", &format!("Write to {EMAIL}.")),
+        vec![],
+    )]);
+    let body = chat("who do I write to?");
+    let other = post(&gw, OTHER_KEY, "/v1/chat/completions", &body).await;
+    assert_eq!(other.headers()["x-tollgate-cache"], "miss");
+    assert!(
+        other.text().await.unwrap().contains(EMAIL),
+        "no rule for `other`"
+    );
+    let mine = post(&gw, KEY, "/v1/chat/completions", &body).await;
+    assert_eq!(mine.status(), 200);
+    assert_eq!(mine.headers()["x-tollgate-cache"], "hit");
+    let answer: Value = mine.json().await.unwrap();
+    assert_eq!(
+        answer["choices"][0]["message"]["content"],
+        "Write to [REDACTED:email]."
+    );
+    assert_eq!(up.received().len(), 1, "served from the cache");
+}
+
+#[tokio::test]
+async fn what_the_rules_cannot_read_is_refused_rather_than_passed_unchecked() {
+    let up = Upstream::start().await;
+    let (gw, _dir) = start(
+        &up,
+        "{detector: secret, action: block, applyTo: [request, response]}",
+        "",
+        "",
+    );
+    // A lone surrogate escape: the head parser skims past it, a JSON parser refuses it.
+    let body = format!(
+        r#"{{"model": "gpt-4o", "messages": [{{"role": "user", "content": "{AWS_KEY} \udc00"}}]}}"#
+    );
+    let resp = post(&gw, KEY, "/v1/chat/completions", &body).await;
+    assert_eq!(resp.status(), 400);
+    let error: Value = resp.json().await.unwrap();
+    assert_eq!(error["error"]["type"], "invalid_request_error");
+    assert!(
+        error["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("guardrails"),
+        "{error}"
+    );
+    assert!(up.received().is_empty(), "never forwarded unchecked");
+
+    // An answer that is not JSON (an event stream to a whole-answer request) cannot be
+    // checked: withheld with a 502.
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    up.script([Reply::Stream(rx)]);
+    tx.send(Bytes::from(format!(
+        "data: {{\"leak\": \"{AWS_KEY}\"}}\n\n"
+    )))
+    .unwrap();
+    drop(tx);
+    let resp = post(&gw, KEY, "/v1/chat/completions", &chat("hi")).await;
+    assert_eq!(resp.status(), 502);
+    let text = resp.text().await.unwrap();
+    assert!(!text.contains(AWS_KEY), "{text}");
+    assert!(text.contains("response guardrails"), "{text}");
+}

@@ -43,19 +43,16 @@ fn lists<'a>(
         .collect()
 }
 
-/// Runs `lists` over `body`; `None` when nothing needs to change (or it is not JSON).
+/// Runs `lists` over the parsed `doc`; `None` when nothing needs to change.
 fn run(
     state: &AppState,
     route: &CompiledRoute,
     key: &Key,
     request_id: &str,
     lists: Vec<&Guardrails>,
-    body: &[u8],
+    mut doc: serde_json::Value,
     side: Side,
 ) -> Result<Option<Bytes>, Verdict> {
-    let Ok(mut doc) = serde_json::from_slice::<serde_json::Value>(body) else {
-        return Ok(None);
-    };
     let mut verdict = Verdict::default();
     for list in lists {
         match side {
@@ -112,7 +109,15 @@ pub(super) fn apply(
     if lists.is_empty() {
         return Ok(body);
     }
-    match run(state, route, key, request_id, lists, &body, Side::Request) {
+    // The head parser skims what it does not need; what the rules cannot read is refused
+    // rather than forwarded unchecked (a lone surrogate escape, nesting too deep).
+    let doc = serde_json::from_slice(&body).map_err(|e| {
+        ApiError::bad_request(
+            format!("The request body could not be checked by this route's guardrails: {e}"),
+            None,
+        )
+    })?;
+    match run(state, route, key, request_id, lists, doc, Side::Request) {
         Ok(redacted) => Ok(redacted.unwrap_or(body)),
         Err(verdict) => {
             let blocked = verdict.blocked.expect("set when refused");
@@ -129,8 +134,9 @@ pub(super) fn checks_responses(snapshot: &Snapshot, route: &CompiledRoute, key: 
     !lists(snapshot, route, key, Side::Response).is_empty()
 }
 
-/// A complete, successful answer with `response` rules applied: unchanged, redacted, or
-/// withheld (502) by a blocking rule. Other answers pass untouched.
+/// A complete, successful answer (fresh or from the cache) with `response` rules
+/// applied: unchanged, redacted, or withheld (502) by a blocking rule or when it cannot
+/// be read. Other answers pass untouched.
 pub(super) async fn apply_response(
     state: &AppState,
     snapshot: &Snapshot,
@@ -148,7 +154,14 @@ pub(super) async fn apply_response(
     let bytes = axum::body::to_bytes(body, usize::MAX)
         .await
         .map_err(|_| ApiError::Internal(request_id.to_owned()))?;
-    match run(state, route, key, request_id, lists, &bytes, Side::Response) {
+    // An answer the rules cannot read is withheld, not returned unchecked.
+    let Ok(doc) = serde_json::from_slice(&bytes) else {
+        return Err(ApiError::Upstream(
+            "The upstream answer is not JSON, so this route's response guardrails could not check it."
+                .to_owned(),
+        ));
+    };
+    match run(state, route, key, request_id, lists, doc, Side::Response) {
         Ok(None) => Ok(Response::from_parts(parts, Body::from(bytes))),
         Ok(Some(redacted)) => {
             parts.headers.remove(http::header::CONTENT_LENGTH);

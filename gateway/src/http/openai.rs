@@ -291,6 +291,12 @@ async fn serve(
     if let Some(mut hit) = lookup {
         // Nothing is generated: the accounting refunds the reservation when dropped.
         drop(accounting);
+        // The entry may come from another key (shared scope) or predate a rule: this
+        // key's and route's response rules apply to it as to a fresh answer.
+        if !head.stream && guardrails::checks_responses(&snapshot, route, &key) {
+            hit =
+                guardrails::apply_response(state, &snapshot, route, &key, request_id, hit).await?;
+        }
         if let Some(quota) = quota {
             admission::quota_headers(hit.headers_mut(), &quota);
         }
