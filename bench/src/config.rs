@@ -42,9 +42,17 @@ pub const MODELS: &[(&str, &str, &str)] = &[
     ("bench-long-stream", "small/0/100/2000", "http2"),
 ];
 
+/// Routes (model names) serving `bench-small` from two targets, by routing strategy.
+pub const ROUTING_STRATEGIES: &[(&str, &str)] = &[
+    ("bench-route-weighted", "weighted"),
+    ("bench-route-least-latency", "leastLatency"),
+    ("bench-route-adaptive", "adaptive"),
+];
+
 /// Writes the benchmark configuration into `dir`: providers pointing at `upstream`,
 /// routes (`bench-cached` serves `bench-small` through the response cache,
-/// `bench-guarded` behind guardrails), and the
+/// `bench-guarded` behind guardrails, `bench-route-*` from two targets per routing
+/// strategy), and the
 /// client key.
 pub fn write(dir: &Path, upstream: SocketAddr) -> anyhow::Result<()> {
     fs::create_dir_all(dir)?;
@@ -85,6 +93,29 @@ spec:
 ---
 "#,
     );
+    // `bench-route-<strategy>`: `bench-small` from two providers (the same upstream) under
+    // each routing strategy.
+    let _ = write!(
+        y,
+        "apiVersion: tollgate.dev/v1alpha1\nkind: Provider\nmetadata: {{ name: bench-small-twin }}\n\
+         spec:\n  type: openaiCompatible\n  baseUrl: http://{upstream}/small/0/0/0/v1\n\
+         \x20 models:\n    - name: bench-small\n      pricing: {{ inputPerMillion: 0.30, outputPerMillion: 1.20 }}\n\
+         \x20 timeouts: {{ connect: 2s, request: 300s, streamIdle: 60s }}\n---\n"
+    );
+    for (name, strategy) in ROUTING_STRATEGIES {
+        let options = if *strategy == "adaptive" {
+            // Price weighed in too: the whole score is computed.
+            "  strategyOptions: { costWeight: 50 }\n"
+        } else {
+            ""
+        };
+        let _ = write!(
+            y,
+            "apiVersion: tollgate.dev/v1alpha1\nkind: RoutePolicy\nmetadata: {{ name: {name} }}\n\
+             spec:\n  models: [{name}]\n  strategy: {strategy}\n{options}\
+             \x20 targets: [{{ provider: bench-small, model: bench-small }}, {{ provider: bench-small-twin, model: bench-small }}]\n---\n"
+        );
+    }
     // `bench-guarded`: `bench-small` behind every guardrail detector.
     let _ = write!(
         y,

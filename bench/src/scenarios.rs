@@ -52,6 +52,7 @@ pub const SCENARIOS: &[&str] = &[
     "reload",
     "memory",
     "guardrails",
+    "routing",
 ];
 
 /// A running gateway.
@@ -283,6 +284,9 @@ pub async fn run(s: &Settings, report: &mut Report) -> anyhow::Result<()> {
     }
     if s.wants("guardrails") {
         guardrails(s, report, &bed).await?;
+    }
+    if s.wants("routing") {
+        routing(s, report, &bed).await?;
     }
     let idle_full = bed.full.proc.rss_kib()?;
     drop(bed);
@@ -738,5 +742,39 @@ async fn guardrails(s: &Settings, report: &mut Report, bed: &Bed) -> anyhow::Res
         p99[1] as f64 - p99[0] as f64,
         "µs",
     );
+    Ok(())
+}
+
+/// What the routing strategies cost: the same two-target route under `weighted`,
+/// `leastLatency` and `adaptive` (price weighed in), saturated with 16 connections;
+/// proxy CPU per request and throughput against `weighted`'s, in this run.
+async fn routing(s: &Settings, report: &mut Report, bed: &Bed) -> anyhow::Result<()> {
+    const SCENARIO: &str = "Routing strategies (two targets, 16 connections, 1 KB answer)";
+    let secs = Duration::from_secs(s.scale(10, 3));
+    let warmup = Duration::from_secs(1);
+    let pid = bed.plain.proc.pid();
+    let mut baseline: Option<(f64, f64)> = None;
+    for (model, strategy) in crate::config::ROUTING_STRATEGIES {
+        let target = bed.plain.target(model, false);
+        let cpu_before = procs::cpu_seconds(pid);
+        let stats = load::closed(&target, 16, warmup, secs).await;
+        let cpu = procs::cpu_seconds(pid) - cpu_before;
+        note_errors(report, SCENARIO, strategy, &stats);
+        let per = cpu * 1e6 / stats.answered_total.max(1) as f64;
+        let rps = report.add(SCENARIO, strategy, "throughput", stats.rps, "req/s");
+        if let Some((base_rps, _)) = baseline {
+            rps.baseline = Some(("weighted".to_owned(), base_rps));
+            rps.ratio = Some(stats.rps / base_rps);
+        }
+        report.add(SCENARIO, strategy, "p99 latency", us(stats.p99_us), "µs");
+        let row = report.add(SCENARIO, strategy, "proxy CPU per request", per, "µs");
+        match baseline {
+            Some((_, base_cpu)) => {
+                row.baseline = Some(("weighted".to_owned(), base_cpu));
+                row.ratio = Some(per / base_cpu);
+            }
+            None => baseline = Some((stats.rps, per)),
+        }
+    }
     Ok(())
 }
