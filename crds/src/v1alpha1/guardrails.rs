@@ -75,27 +75,29 @@ pub enum GuardrailTarget {
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub enum Detector {
-    /// E-mail addresses.
+    /// E-mail addresses (Unicode letters allowed).
     Email,
     /// Phone numbers: international (`+` and 8–15 digits) or national (10–11 digits),
-    /// with spaces, dots, dashes or parentheses between groups.
+    /// with spaces, dots, dashes or parentheses between groups; not next to a letter,
+    /// digit or `.`, and not dates, Unix times or decimal numbers.
     Phone,
     /// Payment card numbers: 13–19 digits (spaces or dashes allowed) that pass the Luhn
-    /// check.
+    /// check, also when more digits follow (a CVV, an expiry date).
     CreditCard,
-    /// IBANs whose mod-97 check digits are valid.
+    /// IBANs (any case, spaces allowed) whose mod-97 check digits are valid.
     Iban,
     /// Credentials: OpenAI (`sk-…`, `sk-proj-…`), Anthropic (`sk-ant-…`), AWS access key
-    /// ids (`AKIA…`), GitHub tokens (`ghp_…` and kin), Google API keys (`AIza…`), Slack
-    /// tokens (`xoxb-…`, `xoxp-…`), Tollgate keys (`tg_…`) and PEM private keys.
+    /// ids (`AKIA…`, temporary `ASIA…`), GitHub tokens (`ghp_…` and kin), Google API keys
+    /// (`AIza…`), Slack tokens (`xoxb-…`, `xoxp-…`), Tollgate keys (`tg_…`) and PEM and
+    /// PGP private keys (through their END line).
     Secret,
-    /// The custom `pattern`.
+    /// The custom `pattern` (refused if it can match empty text).
     Regex,
     /// Prompt-injection phrasing such as "ignore all previous instructions", "disregard
     /// the system prompt", "reveal your system prompt" or "you are now DAN" (the rule set
     /// is listed in the README).
     PromptInjection,
-    /// Any of `terms`.
+    /// Any of `terms` (any white space between words).
     BlockedTerms,
     /// More than `limit` messages.
     MaxMessages,
