@@ -36,7 +36,7 @@ fn examples_compile_without_any_diagnostic() {
 
     let c = &out.config;
     assert_eq!(c.routing.providers.len(), 3, "mock, openai and anthropic");
-    assert_eq!(c.routing.routes.len(), 4);
+    assert_eq!(c.routing.routes.len(), 5);
     assert_eq!(c.keys.keys.len(), 3);
     assert_eq!(
         c.credentials.providers.len(),
