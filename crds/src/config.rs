@@ -175,6 +175,32 @@ pub struct CompiledRoute {
     /// Guardrails checked on every request, in order.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub guardrails: Vec<CompiledGuardrail>,
+    /// Other namespaces (or `*`) whose keys may use this route when they accept it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub shared_with: Vec<String>,
+}
+
+impl CompiledRoute {
+    /// The namespace of the RoutePolicy.
+    pub fn namespace(&self) -> &str {
+        namespace_of(&self.id)
+    }
+
+    /// Whether keys of `namespace` may use this route (their own namespace's, or shared
+    /// with it).
+    pub fn usable_from(&self, namespace: &str) -> bool {
+        self.namespace() == namespace || shares_with(&self.shared_with, namespace)
+    }
+}
+
+/// Whether a `sharedWith` list opens to `namespace`.
+pub fn shares_with(list: &[String], namespace: &str) -> bool {
+    list.iter().any(|n| n == "*" || n == namespace)
+}
+
+/// The namespace part of a `namespace/name` id.
+pub fn namespace_of(id: &str) -> &str {
+    id.split_once('/').map_or("", |(ns, _)| ns)
 }
 
 /// One target of a route.
@@ -248,11 +274,11 @@ pub struct KeysConfig {
 pub struct CompiledKey {
     /// SHA-256 of the presented key, lowercase hex.
     pub sha256: String,
-    /// Key id shown in logs and usage (first 12 hex digits of the current key's hash).
+    /// Key id shown in logs, limits, budgets and usage (see [`crate::compile::key_id`]).
     pub id: String,
     /// `namespace/name` of the ApiKey.
     pub api_key: String,
-    /// Owner, for attribution and cache scope.
+    /// Owner, for attribution and cache scope (within the key's namespace).
     pub owner: String,
     /// Team.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -260,6 +286,10 @@ pub struct CompiledKey {
     /// Allowed models (exact or globs); empty allows all.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub allowed_models: Vec<String>,
+    /// Other namespaces whose shared routes the key accepts, in order of precedence after
+    /// its own namespace.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub shared_routes_from: Vec<String>,
     /// Per-key limits.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub limits: Option<CompiledLimits>,

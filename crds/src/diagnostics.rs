@@ -56,6 +56,16 @@ pub mod reasons {
     pub const CURRENCY_MISMATCH: &str = "CurrencyMismatch";
     /// The ApiKey's Secret name is taken by a Secret the operator did not create.
     pub const SECRET_CONFLICT: &str = "SecretConflict";
+    /// A reference crosses a tenant boundary the other side has not opened (a Provider in
+    /// another namespace not shared with this one, a Secret without credential consent).
+    pub const REF_NOT_PERMITTED: &str = "RefNotPermitted";
+    /// Two ApiKeys would get the same key id.
+    pub const KEY_ID_CONFLICT: &str = "KeyIdConflict";
+    /// The key can reach no route: none in its namespace, none shared with it.
+    pub const NO_ROUTES: &str = "NoRoutes";
+    /// A shared route's name is served by the key's own namespace (or an earlier shared
+    /// namespace), which wins.
+    pub const SHARED_ROUTE_SHADOWED: &str = "SharedRouteShadowed";
 }
 
 /// Kind of a Tollgate object.

@@ -81,6 +81,7 @@ fn route(id: &str, provider: &str, models: &[&str]) -> CompiledRoute {
         }),
         record_content: false,
         guardrails: Vec::new(),
+        shared_with: Vec::new(),
     }
 }
 
@@ -88,7 +89,7 @@ fn route(id: &str, provider: &str, models: &[&str]) -> CompiledRoute {
 fn key(i: usize) -> CompiledKey {
     let sha256 = sha256_hex(format!("tg_live_{i:08}_generated_key_material").as_bytes());
     CompiledKey {
-        id: sha256[..12].to_owned(),
+        id: sha256[..24].to_owned(),
         sha256,
         api_key: format!("tenant-{:03}/key-{i:05}", i % 200),
         owner: format!("service-{:04}", i % 1_500),
@@ -98,6 +99,7 @@ fn key(i: usize) -> CompiledKey {
             "gpt-4o-mini".to_owned(),
             "claude-3-5-*".to_owned(),
         ],
+        shared_routes_from: Vec::new(),
         limits: Some(CompiledLimits {
             requests_per_minute: Some(600),
             tokens_per_minute: Some(200_000),

@@ -429,7 +429,9 @@ pub fn compile(data: &[u8]) {
     let snapshot = snapshot::Snapshot::new(assembled.config, assembled.config_hash);
     for route in &config.routing.routes {
         for name in &route.exact {
-            let owner = snapshot.route(name).map(|r| r.id.as_str());
+            let owner = snapshot
+                .route_in_namespace(route.namespace(), name)
+                .map(|r| r.id.as_str());
             assert_eq!(
                 owner,
                 Some(route.id.as_str()),

@@ -7,8 +7,8 @@ use sha2::{Digest, Sha256};
 
 use crate::upstream::Operation;
 use tollgate_api::{
-    compile::patterns,
-    config::{CompiledKey, CompiledProvider, CompiledRoute, GatewayConfig},
+    compile::{patterns, views},
+    config::{CompiledKey, CompiledProvider, CompiledRoute, GatewayConfig, namespace_of},
     guardrails::Guardrails,
 };
 
@@ -51,10 +51,69 @@ impl ModelSet {
 pub struct Key {
     /// Compiled entry (id, owner, limits, budget…).
     pub entry: CompiledKey,
+    /// The key's namespace (its tenant).
+    pub namespace: String,
     /// Allowed models; empty allows all.
     pub allowed: ModelSet,
     /// The key's own guardrails, checked after the route's.
     pub guardrails: Guards,
+    /// The routes the key can reach, shared by every key with the same namespace and
+    /// accepted namespaces.
+    routes: Arc<RouteView>,
+}
+
+/// Model names of one namespace's routes that one consumer namespace may use: exact names,
+/// then globs, most specific first (indices into the snapshot's routes).
+#[derive(Debug, Default)]
+struct RouteTable {
+    exact: HashMap<String, usize>,
+    globs: Vec<(globset::GlobMatcher, usize)>,
+}
+
+impl RouteTable {
+    fn new<'a>(routes: impl IntoIterator<Item = (usize, &'a CompiledRoute)>) -> Self {
+        let mut exact = HashMap::new();
+        let mut globs: Vec<(usize, &str, globset::GlobMatcher, usize)> = Vec::new();
+        for (i, route) in routes {
+            for name in &route.exact {
+                exact.insert(name.clone(), i);
+            }
+            for glob in &route.globs {
+                if let Ok(m) = patterns::compile_glob(glob) {
+                    globs.push((patterns::specificity(glob), &route.id, m, i));
+                }
+            }
+        }
+        // Most specific glob first; ties go to the route id, so the order is stable.
+        globs.sort_by(|a, b| b.0.cmp(&a.0).then_with(|| a.1.cmp(b.1)));
+        Self {
+            exact,
+            globs: globs.into_iter().map(|(_, _, m, i)| (m, i)).collect(),
+        }
+    }
+
+    fn route(&self, model: &str) -> Option<usize> {
+        self.exact.get(model).copied().or_else(|| {
+            self.globs
+                .iter()
+                .find(|(g, _)| g.is_match(model))
+                .map(|(_, i)| *i)
+        })
+    }
+}
+
+/// What one tenant sees: its namespace's routes, then those shared with it from the
+/// namespaces it accepts, in order ([`tollgate_api::compile::views`]).
+#[derive(Debug, Default)]
+pub struct RouteView {
+    layers: Vec<Arc<RouteTable>>,
+}
+
+impl RouteView {
+    /// Index of the route serving `model`: the first layer that serves it wins.
+    fn route(&self, model: &str) -> Option<usize> {
+        self.layers.iter().find_map(|t| t.route(model))
+    }
 }
 
 impl Key {
@@ -105,8 +164,6 @@ pub struct Snapshot {
     /// Hash identifying the configuration.
     pub config_hash: String,
     keys: HashMap<[u8; 32], Arc<Key>>,
-    exact_routes: HashMap<String, usize>,
-    glob_routes: Vec<(globset::GlobMatcher, usize)>,
     routes: Vec<Arc<CompiledRoute>>,
     /// Compiled guardrails by route id (routes without any are absent). Behind a pointer:
     /// snapshots move by value through the loader, and most configurations have none.
@@ -147,22 +204,7 @@ impl Snapshot {
             })
             .collect();
 
-        let mut exact_routes = HashMap::new();
-        let mut globs: Vec<(usize, String, globset::GlobMatcher, usize)> = Vec::new();
-        for (i, route) in routing.routes.iter().enumerate() {
-            for name in &route.exact {
-                exact_routes.insert(name.clone(), i);
-            }
-            for glob in &route.globs {
-                if let Ok(m) = patterns::compile_glob(glob) {
-                    globs.push((patterns::specificity(glob), route.id.clone(), m, i));
-                }
-            }
-        }
-        // Most specific glob first; ties go to the route id, so the order is stable.
-        globs.sort_by(|a, b| b.0.cmp(&a.0).then_with(|| a.1.cmp(&b.1)));
-        let glob_routes = globs.into_iter().map(|(_, _, m, i)| (m, i)).collect();
-
+        let mut views = Views::new(&routing.routes);
         let route_guardrails = routing
             .routes
             .iter()
@@ -177,22 +219,25 @@ impl Snapshot {
                 let allowed = ModelSet::new(&entry.allowed_models);
                 let guardrails =
                     compile_guardrails(&entry.api_key, &entry.guardrails).unwrap_or_default();
+                let namespace = namespace_of(&entry.api_key).to_owned();
+                let routes = views.view(&namespace, &entry.shared_routes_from);
                 Some((
                     hash,
                     Arc::new(Key {
                         entry,
+                        namespace,
                         allowed,
                         guardrails,
+                        routes,
                     }),
                 ))
             })
             .collect();
 
+        drop(views);
         Self {
             config_hash,
             keys,
-            exact_routes,
-            glob_routes,
             routes: routing.routes.into_iter().map(Arc::new).collect(),
             route_guardrails: Arc::new(route_guardrails),
             providers,
@@ -219,15 +264,18 @@ impl Snapshot {
         self.route_guardrails.get(route_id)
     }
 
-    /// The route serving `model`: an exact name first, then the most specific glob.
-    pub fn route(&self, model: &str) -> Option<&Arc<CompiledRoute>> {
-        let index = self.exact_routes.get(model).copied().or_else(|| {
-            self.glob_routes
-                .iter()
-                .find(|(g, _)| g.is_match(model))
-                .map(|(_, i)| *i)
-        })?;
-        self.routes.get(index)
+    /// The route serving `model` for `key`: among its namespace's routes first, then the
+    /// shared routes it accepts; within each, an exact name before the most specific glob.
+    pub fn route_for(&self, key: &Key, model: &str) -> Option<&Arc<CompiledRoute>> {
+        self.routes.get(key.routes.route(model)?)
+    }
+
+    /// The route serving `model` for a key of `namespace` that accepts no shared route
+    /// (tests and fuzzing).
+    pub fn route_in_namespace(&self, namespace: &str, model: &str) -> Option<&Arc<CompiledRoute>> {
+        let routes: Vec<CompiledRoute> = self.routes.iter().map(|r| (**r).clone()).collect();
+        let view = Views::new(&routes).view(namespace, &[]);
+        self.routes.get(view.route(model)?)
     }
 
     /// A provider by id.
@@ -235,27 +283,31 @@ impl Snapshot {
         self.providers.get(id)
     }
 
-    /// Every concrete model name clients can ask for: exact route names, plus the
-    /// provider models a glob route would send through unchanged.
-    pub fn model_names(&self) -> Vec<(String, String)> {
+    /// Every concrete model name `key` can reach, with the route that owns it: exact
+    /// route names, plus the provider models a glob route would send through unchanged.
+    pub fn model_names(&self, key: &Key) -> Vec<(String, String)> {
         let mut out = std::collections::BTreeMap::new();
-        for name in self.exact_routes.keys() {
-            if let Some(route) = self.route(name) {
-                out.insert(name.clone(), owner_of(route));
+        let wins = |name: &str, route: &Arc<CompiledRoute>| {
+            self.route_for(key, name)
+                .is_some_and(|r| Arc::ptr_eq(r, route))
+        };
+        for table in &key.routes.layers {
+            for (name, &i) in &table.exact {
+                if wins(name, &self.routes[i]) {
+                    out.insert(name.clone(), owner_of(&self.routes[i]));
+                }
             }
-        }
-        for route in &self.routes {
-            if route.globs.is_empty() {
-                continue;
-            }
-            for target in route.tiers.iter().flatten().filter(|t| t.model.is_none()) {
-                let Some(provider) = self.providers.get(&target.provider) else {
-                    continue;
-                };
-                for model in provider.config.models.keys() {
-                    // Only names this route actually wins.
-                    if self.route(model).is_some_and(|r| Arc::ptr_eq(r, route)) {
-                        out.insert(model.clone(), owner_of(route));
+            for &(_, i) in &table.globs {
+                let route = &self.routes[i];
+                for target in route.tiers.iter().flatten().filter(|t| t.model.is_none()) {
+                    let Some(provider) = self.providers.get(&target.provider) else {
+                        continue;
+                    };
+                    for model in provider.config.models.keys() {
+                        // Only names this route actually wins for this key.
+                        if wins(model, route) {
+                            out.insert(model.clone(), owner_of(route));
+                        }
                     }
                 }
             }
@@ -266,6 +318,55 @@ impl Snapshot {
     /// Number of accepted key entries.
     pub fn key_count(&self) -> usize {
         self.keys.len()
+    }
+}
+
+/// Builds [`RouteView`]s once per distinct (namespace, accepted namespaces), and each
+/// table once per (namespace of the routes, namespace of the keys).
+struct Views<'a> {
+    routes: &'a [CompiledRoute],
+    index: HashMap<&'a str, usize>,
+    tables: HashMap<(String, String), Arc<RouteTable>>,
+    views: HashMap<(String, Vec<String>), Arc<RouteView>>,
+}
+
+impl<'a> Views<'a> {
+    fn new(routes: &'a [CompiledRoute]) -> Self {
+        Self {
+            routes,
+            index: routes
+                .iter()
+                .enumerate()
+                .map(|(i, r)| (r.id.as_str(), i))
+                .collect(),
+            tables: HashMap::new(),
+            views: HashMap::new(),
+        }
+    }
+
+    fn view(&mut self, namespace: &str, shared_routes_from: &[String]) -> Arc<RouteView> {
+        let wanted = (namespace.to_owned(), shared_routes_from.to_vec());
+        if let Some(v) = self.views.get(&wanted) {
+            return v.clone();
+        }
+        let names = views::layer_namespaces(namespace, shared_routes_from);
+        let layers = views::layers(self.routes, namespace, shared_routes_from);
+        let mut tables = Vec::with_capacity(layers.len());
+        for (from, routes) in names.into_iter().zip(layers) {
+            let index = &self.index;
+            let table = self
+                .tables
+                .entry((from.to_owned(), namespace.to_owned()))
+                .or_insert_with(|| {
+                    Arc::new(RouteTable::new(
+                        routes.into_iter().map(|r| (index[r.id.as_str()], r)),
+                    ))
+                });
+            tables.push(table.clone());
+        }
+        let view = Arc::new(RouteView { layers: tables });
+        self.views.insert(wanted, view.clone());
+        view
     }
 }
 

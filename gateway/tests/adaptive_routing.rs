@@ -129,7 +129,7 @@ fn resources(strategy: &str, options: &str, a: &str, b: &str) -> tempfile::TempD
         format!("  strategyOptions: {options}\n")
     };
     let text = format!(
-        "apiVersion: v1\nkind: Secret\nmetadata: {{name: up-credentials}}\nstringData: {{token: sk-up}}\n---\n\
+        "apiVersion: v1\nkind: Secret\nmetadata: {{name: up-credentials, labels: {{tollgate.dev/credential: 'true'}}}}\nstringData: {{token: sk-up}}\n---\n\
          apiVersion: v1\nkind: Secret\nmetadata: {{name: client-key}}\nstringData: {{apiKey: {KEY}}}\n---\n\
          apiVersion: tollgate.dev/v1alpha1\nkind: ApiKey\nmetadata: {{name: client}}\nspec: {{owner: tests}}\n---\n\
          {}{}\

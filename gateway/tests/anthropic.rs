@@ -23,7 +23,7 @@ fn start(kind: &str, base_url: &str) -> (Gateway, tempfile::TempDir) {
         ""
     };
     let text = format!(
-        "apiVersion: v1\nkind: Secret\nmetadata: {{name: up}}\nstringData: {{token: {TOKEN}}}\n---\n\
+        "apiVersion: v1\nkind: Secret\nmetadata: {{name: up, labels: {{tollgate.dev/credential: 'true'}}}}\nstringData: {{token: {TOKEN}}}\n---\n\
          apiVersion: v1\nkind: Secret\nmetadata: {{name: client-key}}\nstringData: {{apiKey: {KEY}}}\n---\n\
          apiVersion: tollgate.dev/v1alpha1\nkind: ApiKey\nmetadata: {{name: client}}\nspec: {{owner: tests}}\n---\n\
          apiVersion: tollgate.dev/v1alpha1\nkind: Provider\nmetadata: {{name: up}}\nspec:\n  type: {kind}\n  baseUrl: {base_url}\n\

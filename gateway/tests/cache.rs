@@ -19,7 +19,7 @@ fn start(upstream: &Upstream, cache: &str) -> (Gateway, tempfile::TempDir) {
         )
     };
     let text = format!(
-        "{}{}{}apiVersion: v1\nkind: Secret\nmetadata: {{name: up}}\nstringData: {{token: sk-up}}\n---\n\
+        "{}{}{}apiVersion: v1\nkind: Secret\nmetadata: {{name: up, labels: {{tollgate.dev/credential: 'true'}}}}\nstringData: {{token: sk-up}}\n---\n\
          apiVersion: tollgate.dev/v1alpha1\nkind: Provider\nmetadata: {{name: up}}\nspec:\n  type: openaiCompatible\n  baseUrl: {}\n\
          \x20 credentials: {{secretRef: {{name: up, key: token}}}}\n  models: [{{name: gpt-4o}}, {{name: gpt-4o-mini}}]\n---\n\
          apiVersion: tollgate.dev/v1alpha1\nkind: RoutePolicy\nmetadata: {{name: cached}}\nspec:\n  models: [gpt-4o]\n  targets: [{{provider: up}}]\n{cache}---\n\

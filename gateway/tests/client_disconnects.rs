@@ -36,7 +36,7 @@ const CANCEL_BOUND: Duration = Duration::from_secs(5);
 
 fn config(dir: &std::path::Path, upstream: &Upstream) {
     let text = format!(
-        "apiVersion: v1\nkind: Secret\nmetadata: {{name: up}}\nstringData: {{token: sk-up}}\n---\n\
+        "apiVersion: v1\nkind: Secret\nmetadata: {{name: up, labels: {{tollgate.dev/credential: 'true'}}}}\nstringData: {{token: sk-up}}\n---\n\
          apiVersion: v1\nkind: Secret\nmetadata: {{name: client-key}}\nstringData: {{apiKey: {KEY}}}\n---\n\
          apiVersion: tollgate.dev/v1alpha1\nkind: ApiKey\nmetadata: {{name: client}}\nspec:\n  owner: team-a\n\
          \x20 limits: {{maxConcurrent: {STREAMS}}}\n  budget: {{amount: 1000, period: monthly}}\n---\n\

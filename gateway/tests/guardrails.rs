@@ -27,7 +27,7 @@ fn start(
     let dir = tempfile::tempdir().unwrap();
     let base = up.base_url();
     let text = format!(
-        "apiVersion: v1\nkind: Secret\nmetadata: {{name: up}}\nstringData: {{token: sk-upstream}}\n---\n\
+        "apiVersion: v1\nkind: Secret\nmetadata: {{name: up, labels: {{tollgate.dev/credential: 'true'}}}}\nstringData: {{token: sk-upstream}}\n---\n\
          apiVersion: v1\nkind: Secret\nmetadata: {{name: client-key}}\nstringData: {{apiKey: {KEY}}}\n---\n\
          apiVersion: v1\nkind: Secret\nmetadata: {{name: other-key}}\nstringData: {{apiKey: {OTHER_KEY}}}\n---\n\
          apiVersion: tollgate.dev/v1alpha1\nkind: ApiKey\nmetadata: {{name: client}}\nspec:\n  owner: tests\n  guardrails: [{key_rules}]\n---\n\

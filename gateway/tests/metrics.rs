@@ -62,7 +62,7 @@ fn samples(text: &str) -> Vec<(String, BTreeMap<String, String>, f64)> {
 
 fn config(dir: &std::path::Path, upstream: &Upstream) {
     let text = format!(
-        "apiVersion: v1\nkind: Secret\nmetadata: {{name: up}}\nstringData: {{token: sk-upstream-secret}}\n---\n\
+        "apiVersion: v1\nkind: Secret\nmetadata: {{name: up, labels: {{tollgate.dev/credential: 'true'}}}}\nstringData: {{token: sk-upstream-secret}}\n---\n\
          apiVersion: tollgate.dev/v1alpha1\nkind: Provider\nmetadata: {{name: up}}\nspec:\n  type: openaiCompatible\n  baseUrl: {}\n\
          \x20 credentials: {{secretRef: {{name: up, key: token}}}}\n\
          \x20 models: [{{name: gpt-4o, pricing: {{inputPerMillion: 1000, outputPerMillion: 2000}}}}]\n---\n\

@@ -253,7 +253,7 @@ async fn cached_answers_are_shared_by_every_gateway_and_a_redis_outage_is_only_a
     let up = common::upstream::Upstream::start().await;
     let dir = tempfile::tempdir().unwrap();
     let text = format!(
-        "apiVersion: v1\nkind: Secret\nmetadata: {{name: up}}\nstringData: {{token: sk-up}}\n---\n\
+        "apiVersion: v1\nkind: Secret\nmetadata: {{name: up, labels: {{tollgate.dev/credential: 'true'}}}}\nstringData: {{token: sk-up}}\n---\n\
          apiVersion: tollgate.dev/v1alpha1\nkind: Provider\nmetadata: {{name: up}}\nspec:\n  type: openaiCompatible\n  baseUrl: {}\n\
          \x20 credentials: {{secretRef: {{name: up, key: token}}}}\n  models: [{{name: gpt-4o}}]\n---\n\
          apiVersion: tollgate.dev/v1alpha1\nkind: RoutePolicy\nmetadata: {{name: cached}}\nspec: {{models: [gpt-4o], targets: [{{provider: up}}], cache: {{ttl: 5m}}}}\n---\n\

@@ -142,7 +142,7 @@ async fn canary_key_and_credential_appear_in_no_log_metric_response_span_or_redi
     let otlp = Receiver::start().await;
     let dir = tempfile::tempdir().unwrap();
     let mut config = format!(
-        "apiVersion: v1\nkind: Secret\nmetadata: {{name: up}}\nstringData: {{token: {canary_credential}}}\n---\n\
+        "apiVersion: v1\nkind: Secret\nmetadata: {{name: up, labels: {{tollgate.dev/credential: 'true'}}}}\nstringData: {{token: {canary_credential}}}\n---\n\
          apiVersion: tollgate.dev/v1alpha1\nkind: Provider\nmetadata: {{name: up}}\nspec:\n  type: openaiCompatible\n  baseUrl: {}\n\
          \x20 credentials: {{secretRef: {{name: up, key: token}}}}\n\
          \x20 models: [{{name: gpt-4o, pricing: {{inputPerMillion: 1, outputPerMillion: 2}}}}, {{name: other}}]\n---\n\

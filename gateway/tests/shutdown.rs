@@ -49,7 +49,7 @@ const SLACK: Duration = Duration::from_millis(1500);
 
 fn config(dir: &std::path::Path, up: &Upstream, capped: usize) {
     let text = format!(
-        "apiVersion: v1\nkind: Secret\nmetadata: {{name: up}}\nstringData: {{token: sk-up}}\n---\n\
+        "apiVersion: v1\nkind: Secret\nmetadata: {{name: up, labels: {{tollgate.dev/credential: 'true'}}}}\nstringData: {{token: sk-up}}\n---\n\
          apiVersion: tollgate.dev/v1alpha1\nkind: Provider\nmetadata: {{name: mock}}\nspec: {{type: mock, models: [{{name: demo}}], \
          mock: {{completionTokens: 8, latency: 5ms, chunkInterval: 10ms}}}}\n---\n\
          apiVersion: tollgate.dev/v1alpha1\nkind: RoutePolicy\nmetadata: {{name: demo}}\nspec: {{models: [demo], targets: [{{provider: mock}}]}}\n---\n\

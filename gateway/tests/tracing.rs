@@ -19,7 +19,7 @@ const PROMPT: &str = "a private prompt";
 
 fn config(dir: &std::path::Path, upstream: &Upstream) {
     let text = format!(
-        "apiVersion: v1\nkind: Secret\nmetadata: {{name: up}}\nstringData: {{token: sk-up}}\n---\n\
+        "apiVersion: v1\nkind: Secret\nmetadata: {{name: up, labels: {{tollgate.dev/credential: 'true'}}}}\nstringData: {{token: sk-up}}\n---\n\
          apiVersion: tollgate.dev/v1alpha1\nkind: Provider\nmetadata: {{name: up}}\nspec:\n  type: openaiCompatible\n  baseUrl: {}\n\
          \x20 credentials: {{secretRef: {{name: up, key: token}}}}\n\
          \x20 models: [{{name: gpt-4o, pricing: {{inputPerMillion: 1000, outputPerMillion: 1000}}}}]\n---\n\

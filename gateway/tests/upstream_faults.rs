@@ -363,7 +363,7 @@ fn rows() -> Vec<Row> {
 fn config(dir: &std::path::Path, upstream: &FaultyUpstream, rows: &[Row]) {
     let mut docs = vec![
         format!("apiVersion: v1\nkind: Secret\nmetadata: {{name: client-key}}\nstringData: {{apiKey: {KEY}}}\n"),
-        "apiVersion: v1\nkind: Secret\nmetadata: {name: up}\nstringData: {token: sk-up}\n".to_owned(),
+        "apiVersion: v1\nkind: Secret\nmetadata: {name: up, labels: {tollgate.dev/credential: 'true'}}\nstringData: {token: sk-up}\n".to_owned(),
         "apiVersion: tollgate.dev/v1alpha1\nkind: ApiKey\nmetadata: {name: client}\nspec: {owner: tests}\n".to_owned(),
     ];
     let backed: Vec<String> = rows

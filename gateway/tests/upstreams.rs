@@ -20,7 +20,7 @@ const UPSTREAM_TOKEN: &str = "sk-upstream-secret-token";
 /// `gpt-4o`, a RoutePolicy `chat` with `route_extra` YAML, and a client key.
 fn config(dir: &std::path::Path, providers: &str, route: &str) {
     let text = format!(
-        "apiVersion: v1\nkind: Secret\nmetadata: {{name: up-credentials}}\nstringData: {{token: {UPSTREAM_TOKEN}}}\n---\n\
+        "apiVersion: v1\nkind: Secret\nmetadata: {{name: up-credentials, labels: {{tollgate.dev/credential: 'true'}}}}\nstringData: {{token: {UPSTREAM_TOKEN}}}\n---\n\
          apiVersion: v1\nkind: Secret\nmetadata: {{name: client-key}}\nstringData: {{apiKey: {KEY}}}\n---\n\
          apiVersion: tollgate.dev/v1alpha1\nkind: ApiKey\nmetadata: {{name: client}}\nspec: {{owner: tests}}\n---\n\
          {providers}---\n\
@@ -600,7 +600,7 @@ async fn each_request_writes_one_access_log_line_without_secrets() {
     assert_eq!(entry["route"], "default/chat");
     assert_eq!(entry["provider"], "default/up");
     assert_eq!(entry["owner"], "tests");
-    assert_eq!(entry["key_id"].as_str().unwrap().len(), 12);
+    assert_eq!(entry["key_id"].as_str().unwrap().len(), 24);
     assert!(!gw.logs().contains(KEY) && !gw.logs().contains(UPSTREAM_TOKEN));
     assert!(!gw.logs().contains("\"hi\""), "prompts are not logged");
 }

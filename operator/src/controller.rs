@@ -18,7 +18,7 @@ use std::{
     collections::{BTreeMap, BTreeSet},
     fmt::Debug,
     hash::Hash,
-    sync::{Arc, Mutex},
+    sync::Arc,
     time::Duration,
 };
 
@@ -43,6 +43,7 @@ use tollgate_api::{
     diagnostics::{Diagnostic, Kind, ObjectRef, Severity, condition_types, reasons},
     parts,
     redis_conn::SharedConn,
+    v1alpha1::CREDENTIAL_LABEL,
     v1alpha1::{ApiKey, Provider, RoutePolicy},
 };
 use tracing::Instrument;
@@ -66,11 +67,7 @@ pub const WRITE_CONCURRENCY: usize = 16;
 enum KeyOutcome {
     Unchanged,
     Conflict(String),
-    Written {
-        secret: Box<Secret>,
-        status: Box<Option<tollgate_api::v1alpha1::ApiKeyStatus>>,
-        writes: usize,
-    },
+    Written { secret: Box<Secret>, writes: usize },
 }
 
 /// A cache of one kind, possibly over several namespaces.
@@ -169,11 +166,10 @@ pub struct Watches {
     pub generated_maps: Store<ConfigMap>,
     /// Generated Secrets in the gateway namespace (by label).
     pub generated_secrets: Store<Secret>,
-    /// Credential Secrets named by Providers, one field-selected watch each.
-    credentials: Mutex<BTreeMap<(String, String), Watched<Secret>>>,
-    client: Client,
-    notify: Arc<Notify>,
-    metrics: Arc<Metrics>,
+    /// Credential Secrets: only those labelled `tollgate.dev/credential=true` (a Secret
+    /// consents to Tollgate by its label; the operator reads no other Secret). Watched
+    /// from the start, by standbys too, so a new leader starts warm.
+    pub credentials: Cache<Secret>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
@@ -207,6 +203,11 @@ impl Watches {
                 .labels(&format!("{MANAGED_BY}={MANAGED_BY_VALUE},{API_KEY_LABEL}")),
             "key secrets"
         );
+        let credentials = kind_cache!(
+            Secret,
+            watcher::Config::default().labels(&format!("{CREDENTIAL_LABEL}=true")),
+            "credential secrets"
+        );
         let generated = watcher::Config::default()
             .labels(&format!("{MANAGED_BY}={MANAGED_BY_VALUE},{PART_LABEL}"));
         let (generated_maps, task) = reflect(
@@ -232,10 +233,7 @@ impl Watches {
             key_secrets,
             generated_maps,
             generated_secrets,
-            credentials: Mutex::new(BTreeMap::new()),
-            client: client.clone(),
-            notify,
-            metrics,
+            credentials,
             tasks,
         }
     }
@@ -246,67 +244,15 @@ impl Watches {
         self.routes.ready().await;
         self.keys.ready().await;
         self.key_secrets.ready().await;
+        self.credentials.ready().await;
         let _ = self.generated_maps.wait_until_ready().await;
         let _ = self.generated_secrets.wait_until_ready().await;
-    }
-
-    /// Watches exactly the credential Secrets `providers` name (by field selector), and
-    /// returns them once their watches hold their initial state.
-    async fn credentials(&self, providers: &[Provider]) -> Vec<Secret> {
-        let wanted: BTreeSet<(String, String)> = providers
-            .iter()
-            .filter_map(|p| {
-                let c = p.spec.credentials.as_ref()?;
-                Some((
-                    p.namespace()
-                        .unwrap_or_else(|| DEFAULT_NAMESPACE.to_owned()),
-                    c.secret_ref.name.clone(),
-                ))
-            })
-            .collect();
-        let stores: Vec<Store<Secret>> = {
-            let mut map = self.credentials.lock().unwrap_or_else(|e| e.into_inner());
-            map.retain(|k, (_, task)| {
-                let keep = wanted.contains(k);
-                if !keep {
-                    task.abort();
-                }
-                keep
-            });
-            for (ns, name) in &wanted {
-                map.entry((ns.clone(), name.clone())).or_insert_with(|| {
-                    reflect(
-                        Api::<Secret>::namespaced(self.client.clone(), ns),
-                        watcher::Config::default().fields(&format!("metadata.name={name}")),
-                        self.notify.clone(),
-                        self.metrics.clone(),
-                        "credential secret",
-                    )
-                });
-            }
-            map.values().map(|(s, _)| s.clone()).collect()
-        };
-        let mut secrets = Vec::new();
-        for store in stores {
-            // A new watch answers within a moment; never block the loop for long.
-            let _ = tokio::time::timeout(Duration::from_secs(5), store.wait_until_ready()).await;
-            secrets.extend(store.state().iter().map(|s| (**s).clone()));
-        }
-        secrets
     }
 }
 
 impl Drop for Watches {
     fn drop(&mut self) {
         for t in &self.tasks {
-            t.abort();
-        }
-        for (_, t) in self
-            .credentials
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .values()
-        {
             t.abort();
         }
     }
@@ -399,11 +345,9 @@ pub struct Snapshot {
 impl Snapshot {
     /// Reads every cache.
     pub async fn read(w: &Watches) -> Self {
-        let providers = w.providers.all();
-        let credentials = w.credentials(&providers).await;
         Self {
-            credentials,
-            providers,
+            credentials: w.credentials.all(),
+            providers: w.providers.all(),
             routes: w.routes.all(),
             keys: w.keys.all(),
             key_secrets: w
@@ -549,7 +493,6 @@ impl Reconciler {
                     .await;
                     Ok(KeyOutcome::Written {
                         secret: Box::new(created),
-                        status: Box::new(None),
                         writes: 1,
                     })
                 }
@@ -563,28 +506,9 @@ impl Reconciler {
                 Err(e) => Err(kube_err(format!("creating Secret {ns}/{secret_name}"))(e)),
             },
             KeyAction::Rotate {
-                secret,
-                previous,
-                generation,
+                secret, previous, ..
             } => {
-                // Record the old key first: an interruption between the two writes then
-                // never loses it (see `keys`).
-                let api = Api::<ApiKey>::namespaced(self.client.clone(), &ns);
-                let patch =
-                    json!({"status": {"rotatedGeneration": generation, "previousKey": previous}});
-                let updated = api
-                    .patch_status(
-                        &key.name_any(),
-                        &PatchParams::default(),
-                        &Patch::Merge(&patch),
-                    )
-                    .await
-                    .map_err(kube_err(format!(
-                        "recording the rotation of ApiKey {ns}/{}",
-                        key.name_any()
-                    )))?;
-                self.metrics.api_write("ApiKey", "patch-status");
-                self.may_write()?;
+                // One write holds the new key and the old key's grace period (see `keys`).
                 let written = secrets
                     .replace(&secret_name, &params, &secret)
                     .await
@@ -608,8 +532,7 @@ impl Reconciler {
                 .await;
                 Ok(KeyOutcome::Written {
                     secret: Box::new(written),
-                    status: Box::new(updated.status),
-                    writes: 2,
+                    writes: 1,
                 })
             }
         }
@@ -667,15 +590,8 @@ impl Reconciler {
                 Ok(KeyOutcome::Conflict(message)) => {
                     conflicts.insert(ObjectRef::new(Kind::ApiKey, &ns, &key.name_any()), message);
                 }
-                Ok(KeyOutcome::Written {
-                    secret,
-                    status,
-                    writes,
-                }) => {
+                Ok(KeyOutcome::Written { secret, writes }) => {
                     report.key_writes += writes;
-                    if status.is_some() {
-                        key.status = *status;
-                    }
                     snapshot
                         .key_secrets
                         .insert((ns, secret.name_any()), *secret);
@@ -791,13 +707,18 @@ impl Reconciler {
             route_policies: snapshot.routes.clone(),
             api_keys: snapshot.keys.clone(),
         };
-        let secrets = SecretStore::new(
-            snapshot
+        // Only key Secrets owned by their ApiKey (by uid): a labelled Secret someone else
+        // made never becomes a served key.
+        let owned = snapshot.keys.iter().filter_map(|key| {
+            let ns = key
+                .namespace()
+                .unwrap_or_else(|| DEFAULT_NAMESPACE.to_owned());
+            let secret = snapshot
                 .key_secrets
-                .values()
-                .chain(snapshot.credentials.iter()),
-            DEFAULT_NAMESPACE,
-        );
+                .get(&(ns, tollgate_api::compile::secret_name(key)))?;
+            keys::owned_by(secret, key).then_some(secret)
+        });
+        let secrets = SecretStore::new(snapshot.credentials.iter().chain(owned), DEFAULT_NAMESPACE);
         let mut out = compile(&resources, &secrets, now);
         apply_conflicts(&mut out, &conflicts);
         let split = parts::split(&out.config).map_err(|e| ReconcileError::Config(e.to_string()))?;
@@ -931,12 +852,20 @@ impl Reconciler {
             )));
         }
         for k in &snapshot.keys {
-            let update = status::api_key(k, &out, propagated, now);
+            let ns = k
+                .namespace()
+                .unwrap_or_else(|| DEFAULT_NAMESPACE.to_owned());
+            let rotation = snapshot
+                .key_secrets
+                .get(&(ns, tollgate_api::compile::secret_name(k)))
+                .filter(|s| keys::owned_by(s, k))
+                .map(keys::recorded_rotation);
+            let update = status::api_key(k, &out, propagated, rotation, now);
             writes.push(Box::pin(self.write_status(
                 k,
                 update,
                 k.status.as_ref(),
-                &["usage", "rotatedGeneration"],
+                &["usage"],
             )));
         }
         let writes: Vec<Result<bool, ReconcileError>> = futures_util::stream::iter(writes)
@@ -974,6 +903,9 @@ fn apply_conflicts(out: &mut CompileOutput, conflicts: &BTreeMap<ObjectRef, Stri
         if let Some(o) = out.objects.get_mut(object) {
             o.served = false;
         }
+        // Never served: the Secret of that name is not this ApiKey's.
+        let id = format!("{}/{}", object.namespace, object.name);
+        out.config.keys.keys.retain(|k| k.api_key != id);
     }
 }
 

@@ -308,12 +308,13 @@ mod tests {
             .map(|i| {
                 let sha256 = sha256_hex(format!("key-{i}").as_bytes());
                 CompiledKey {
-                    id: sha256[..12].to_owned(),
+                    id: sha256[..24].to_owned(),
                     sha256,
                     api_key: format!("default/key-{i}"),
                     owner: format!("team-{}", i % 7),
                     team: None,
                     allowed_models: vec!["gpt-*".into()],
+                    shared_routes_from: Vec::new(),
                     limits: None,
                     budget: None,
                     expires_at: None,

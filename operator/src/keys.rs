@@ -2,9 +2,10 @@
 //! grace period, and recover from a rotation interrupted half-way.
 //!
 //! The key is written only into a Secret owned by its ApiKey (garbage-collected with it),
-//! for the client application; gateways only ever get its SHA-256. A rotation records the
-//! old key's hash in `status.previousKey` *before* the Secret gets the new key, so an
-//! interruption can never lose the old key while clients still use it.
+//! for the client application; gateways only ever get its SHA-256. A rotation writes the
+//! new key, the old key's hash and the end of its grace period into that Secret in one
+//! write, so an interruption can never lose the old key while clients still use it, and
+//! nothing a user can write through `apikeys/status` makes a hash valid.
 
 use std::collections::BTreeMap;
 
@@ -19,7 +20,10 @@ use tollgate_api::{
     compile::secret_name,
     key_format,
     parts::sha256_hex,
-    v1alpha1::{API_KEY_SECRET_KEY, ApiKey, PreviousKey},
+    v1alpha1::{
+        API_KEY_SECRET_KEY, ApiKey, PREVIOUS_KEY_EXPIRES_SECRET_KEY,
+        PREVIOUS_KEY_SHA256_SECRET_KEY, PreviousKey,
+    },
 };
 
 use crate::desired::{MANAGED_BY, MANAGED_BY_VALUE};
@@ -39,8 +43,8 @@ pub enum KeyAction {
     Keep,
     /// No Secret yet: create it with a new key.
     Create(Secret),
-    /// Rotate: first record `previous` and `generation` in the ApiKey's status, then
-    /// replace the Secret with this one (carrying the live `resourceVersion`).
+    /// Rotate: replace the Secret with this one (carrying the live `resourceVersion`),
+    /// which holds the new key and `previous`; then show both in the status.
     Rotate {
         /// The Secret with the new key.
         secret: Secret,
@@ -84,7 +88,7 @@ pub fn os_random() -> [u8; key_format::bytes_needed()] {
 }
 
 /// Whether `secret` was created for `key` (owned by this very ApiKey, by uid).
-fn owned_by(secret: &Secret, key: &ApiKey) -> bool {
+pub fn owned_by(secret: &Secret, key: &ApiKey) -> bool {
     let uid = key.metadata.uid.as_deref();
     uid.is_some()
         && secret
@@ -100,9 +104,53 @@ pub fn secret_key(secret: &Secret) -> Option<String> {
     (!text.is_empty()).then(|| text.to_owned())
 }
 
+/// What a key Secret records of rotations: the generation its key was issued for and the
+/// previous key still in its grace period, for the ApiKey's status.
+pub fn recorded_rotation(secret: &Secret) -> (Option<i64>, Option<PreviousKey>) {
+    let data = secret.data.as_ref();
+    let text = |k: &str| {
+        data.and_then(|d| d.get(k))
+            .and_then(|v| std::str::from_utf8(&v.0).ok())
+            .map(str::trim)
+    };
+    let previous = match (
+        text(PREVIOUS_KEY_SHA256_SECRET_KEY),
+        text(PREVIOUS_KEY_EXPIRES_SECRET_KEY).and_then(|t| t.parse::<Timestamp>().ok()),
+    ) {
+        (Some(sha256), Some(until)) => Some(PreviousKey {
+            sha256: sha256.to_owned(),
+            expires_at: Time(until),
+        }),
+        _ => None,
+    };
+    (issued_generation(secret), previous)
+}
+
 /// The `spec.rotation.generation` a key was issued for.
 fn issued_generation(secret: &Secret) -> Option<i64> {
     secret.annotations().get(KEY_GENERATION)?.parse().ok()
+}
+
+/// The Secret that hands `plaintext`, issued for rotation `generation`, to the client
+/// application; with the previous key's hash and grace period when it still works.
+pub fn key_secret_with(
+    key: &ApiKey,
+    plaintext: &str,
+    generation: i64,
+    previous: Option<&PreviousKey>,
+) -> Secret {
+    let mut secret = key_secret(key, plaintext, generation);
+    if let (Some(p), Some(data)) = (previous, secret.data.as_mut()) {
+        data.insert(
+            PREVIOUS_KEY_SHA256_SECRET_KEY.to_owned(),
+            ByteString(p.sha256.as_bytes().to_vec()),
+        );
+        data.insert(
+            PREVIOUS_KEY_EXPIRES_SECRET_KEY.to_owned(),
+            ByteString(p.expires_at.0.to_string().into_bytes()),
+        );
+    }
+    secret
 }
 
 /// The Secret that hands `plaintext`, issued for rotation `generation`, to the client
@@ -166,7 +214,7 @@ pub fn key_action(
     let current = secret_key(live);
     let current_hash = current.as_deref().map(|k| sha256_hex(k.as_bytes()));
     let rotate = |previous: Option<PreviousKey>, generation: i64| {
-        let mut secret = key_secret(key, &new_key(random), generation);
+        let mut secret = key_secret_with(key, &new_key(random), generation, previous.as_ref());
         secret.metadata.resource_version = live.metadata.resource_version.clone();
         KeyAction::Rotate {
             secret,
@@ -174,19 +222,9 @@ pub fn key_action(
             generation,
         }
     };
-    let recorded = status.and_then(|s| s.previous_key.as_ref());
     match (wanted, current_hash) {
         // The Secret lost its key (edited by hand): issue a new one, nothing to keep.
         (_, None) => rotate(None, wanted.unwrap_or(served)),
-        // Recorded in status, but the Secret still holds the old key: the rotation was
-        // interrupted between the two writes. Finish it, keeping the recorded grace.
-        (Some(generation), Some(hash))
-            if generation != served
-                && status.and_then(|s| s.rotated_generation) == Some(generation)
-                && recorded.is_some_and(|p| p.sha256 == hash) =>
-        {
-            rotate(recorded.cloned(), generation)
-        }
         (Some(generation), Some(hash)) if generation != served => {
             let grace = key
                 .spec
@@ -348,24 +386,41 @@ mod tests {
     }
 
     #[test]
-    fn an_interrupted_rotation_is_finished_with_the_recorded_grace() {
+    fn a_rotation_writes_the_previous_key_into_the_secret_in_the_same_write() {
+        let key = api_key(Some(3), None);
         let old = "tg_existing_key_value_000000000000";
-        let recorded = PreviousKey {
-            sha256: sha256_hex(old.as_bytes()),
-            expires_at: Time("2026-11-22T10:30:00Z".parse().unwrap()),
-        };
-        let status = ApiKeyStatus {
-            rotated_generation: Some(3),
-            previous_key: Some(recorded.clone()),
-            ..ApiKeyStatus::default()
-        };
-        let key = api_key(Some(3), Some(status));
         let live = key_secret(&key, old, 2);
-        let KeyAction::Rotate { previous, .. } = key_action(&key, Some(&live), now(), counter())
+        let KeyAction::Rotate {
+            secret, previous, ..
+        } = key_action(&key, Some(&live), now(), counter())
         else {
             panic!()
         };
-        assert_eq!(previous, Some(recorded));
+        let data = secret.data.as_ref().unwrap();
+        let previous = previous.unwrap();
+        assert_eq!(
+            data[PREVIOUS_KEY_SHA256_SECRET_KEY].0,
+            sha256_hex(old.as_bytes()).into_bytes()
+        );
+        assert_eq!(
+            data[PREVIOUS_KEY_EXPIRES_SECRET_KEY].0,
+            previous.expires_at.0.to_string().into_bytes()
+        );
+        // A status that claims a previous key changes nothing: the Secret is the record.
+        let mut forged = key.clone();
+        forged.status = Some(ApiKeyStatus {
+            rotated_generation: Some(3),
+            previous_key: Some(PreviousKey {
+                sha256: "0".repeat(64),
+                expires_at: Time("2030-01-01T00:00:00Z".parse().unwrap()),
+            }),
+            ..ApiKeyStatus::default()
+        });
+        let KeyAction::Rotate { previous, .. } = key_action(&forged, Some(&live), now(), counter())
+        else {
+            panic!()
+        };
+        assert_eq!(previous.unwrap().sha256, sha256_hex(old.as_bytes()));
     }
 
     #[test]

@@ -10,7 +10,7 @@ use tollgate_api::{
     compile::CompileOutput,
     diagnostics::{ConditionState, Kind, ObjectRef, condition_types, reasons},
     v1alpha1::{
-        ApiKey, ApiKeyStatus, CommonStatus, Provider, ProviderStatus, RoutePolicy,
+        ApiKey, ApiKeyStatus, CommonStatus, PreviousKey, Provider, ProviderStatus, RoutePolicy,
         RoutePolicyStatus,
     },
 };
@@ -171,6 +171,7 @@ pub fn api_key(
     k: &ApiKey,
     out: &CompileOutput,
     propagated: Option<&ConditionState>,
+    rotation: Option<(Option<i64>, Option<PreviousKey>)>,
     now: Timestamp,
 ) -> Option<Update<ApiKeyStatus>> {
     let object = object_ref(Kind::ApiKey, k);
@@ -189,8 +190,16 @@ pub fn api_key(
         key_id: outcome.key_id.or(keep.key_id),
         key_prefix: outcome.key_prefix.or(keep.key_prefix),
         secret_name: outcome.secret_name.or(keep.secret_name),
-        rotated_generation: keep.rotated_generation,
-        previous_key: keep.previous_key.filter(|p| p.expires_at.0 > now),
+        // From the key Secret, the record the gateways trust; the status only shows it.
+        rotated_generation: match &rotation {
+            Some((Some(g), _)) => Some(*g),
+            _ => keep.rotated_generation,
+        },
+        previous_key: match rotation {
+            Some((_, previous)) => previous,
+            None => keep.previous_key,
+        }
+        .filter(|p| p.expires_at.0 > now),
         usage: keep.usage,
     };
     (previous != Some(&next)).then(|| Update {
@@ -298,16 +307,16 @@ mod tests {
         assert_eq!(types, ["Ready", "ResolvedRefs"]);
         assert_eq!(p.event, None, "a new, healthy object is no news");
 
-        let k = api_key(&r.api_keys[0], &out, None, now()).unwrap();
+        let k = api_key(&r.api_keys[0], &out, None, None, now()).unwrap();
         assert_eq!(k.status.secret_name.as_deref(), Some("app-key"));
         assert_eq!(k.status.key_prefix.as_deref(), Some("tg_some"));
-        assert_eq!(k.status.key_id.as_ref().map(String::len), Some(12));
+        assert_eq!(k.status.key_id.as_ref().map(String::len), Some(24));
 
         // Written back, a later compile changes nothing, even at a later time.
         let mut written = r.api_keys[0].clone();
         written.status = Some(k.status);
         let later = now() + jiff::SignedDuration::from_secs(60);
-        assert_eq!(api_key(&written, &out, None, later), None);
+        assert_eq!(api_key(&written, &out, None, None, later), None);
     }
 
     #[test]
@@ -315,11 +324,11 @@ mod tests {
         let r = load(WORLD);
         let good = compile(&r, &secrets(true), now());
         let mut key = r.api_keys[0].clone();
-        key.status = Some(api_key(&key, &good, None, now()).unwrap().status);
+        key.status = Some(api_key(&key, &good, None, None, now()).unwrap().status);
 
         let broken = compile(&r, &secrets(false), now());
         let later = now() + jiff::SignedDuration::from_secs(5);
-        let update = api_key(&key, &broken, None, later).unwrap();
+        let update = api_key(&key, &broken, None, None, later).unwrap();
         let ready = &update.status.common.conditions[0];
         assert_eq!(
             (ready.status.as_str(), ready.reason.as_str()),
@@ -366,15 +375,15 @@ mod tests {
         let r = load(WORLD);
         let out = compile(&r, &secrets(true), now());
         let mut key = r.api_keys[0].clone();
-        let mut status = api_key(&key, &out, None, now()).unwrap().status;
+        let mut status = api_key(&key, &out, None, None, now()).unwrap().status;
         status.previous_key = Some(tollgate_api::v1alpha1::PreviousKey {
             sha256: "0".repeat(64),
             expires_at: Time(now() + jiff::SignedDuration::from_secs(30)),
         });
         key.status = Some(status);
-        assert_eq!(api_key(&key, &out, None, now()), None);
+        assert_eq!(api_key(&key, &out, None, None, now()), None);
         let later = now() + jiff::SignedDuration::from_secs(31);
-        let update = api_key(&key, &out, None, later).unwrap();
+        let update = api_key(&key, &out, None, None, later).unwrap();
         assert_eq!(update.status.previous_key, None);
     }
 

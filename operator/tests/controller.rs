@@ -376,7 +376,7 @@ async fn nothing_is_written_when_nothing_changed() {
 }
 
 #[tokio::test]
-async fn rotation_records_the_old_key_before_writing_the_new_one() {
+async fn rotation_writes_the_new_key_and_the_old_keys_grace_in_one_secret_write() {
     let (mut snapshot, _) = settled().await;
     let old = snapshot.key_secrets[&("default".to_owned(), "app-key".to_owned())].clone();
     let old_key = String::from_utf8(old.data.as_ref().unwrap()["apiKey"].0.clone()).unwrap();
@@ -384,30 +384,34 @@ async fn rotation_records_the_old_key_before_writing_the_new_one() {
     let (client, api) = FakeApi::start(Box::new(|_| None));
     reconciler(client).reconcile(snapshot).await.unwrap();
     let writes = api.writes();
+    // The Secret is the record (one write); then the shard and the manifest change (new
+    // hash, old one kept for its grace period); the status shows it last.
     assert_eq!(
-        &writes[..2],
+        &writes[..3],
         [
-            "PATCH /apis/tollgate.dev/v1alpha1/namespaces/default/apikeys/app/status?",
-            "PUT /api/v1/namespaces/default/secrets/app-key?&fieldManager=tollgate-operator",
-        ]
-    );
-    // The shard and the manifest change (new hash, old one kept for its grace period).
-    assert_eq!(
-        &writes[2..4],
-        [
+            "PUT /api/v1/namespaces/default/secrets/app-key?&fieldManager=tollgate-operator"
+                .to_owned(),
             format!("PATCH /api/v1/namespaces/tollgate/secrets/tollgate-gateway-keys-00{SSA}"),
             format!("PATCH /api/v1/namespaces/tollgate/configmaps/tollgate-gateway-config{SSA}"),
         ]
     );
     let seen = api.seen();
-    let rotation = &seen[0];
-    assert_eq!(rotation.content_type, "application/merge-patch+json");
-    assert_eq!(rotation.body["status"]["rotatedGeneration"], 1);
+    let status = seen
+        .iter()
+        .find(|s| s.uri.contains("apikeys/app/status"))
+        .expect("the status shows the rotation");
+    assert_eq!(status.body["status"]["rotatedGeneration"], 1);
     assert_eq!(
-        rotation.body["status"]["previousKey"]["sha256"],
+        status.body["status"]["previousKey"]["sha256"],
         tollgate_api::parts::sha256_hex(old_key.as_bytes())
     );
-    let put: Secret = object(seen[1].body.clone());
+    let put: Secret = object(seen[0].body.clone());
+    let data = put.data.as_ref().unwrap();
+    assert_eq!(
+        data["previousKeySha256"].0,
+        tollgate_api::parts::sha256_hex(old_key.as_bytes()).into_bytes()
+    );
+    assert!(data.contains_key("previousKeyExpiresAt"));
     assert_eq!(
         put.metadata.resource_version.as_deref(),
         Some("100"),

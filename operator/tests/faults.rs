@@ -13,7 +13,6 @@ use std::{
     time::{Duration, Instant},
 };
 
-use base64::Engine;
 use k8s_openapi::api::core::v1::Secret;
 use serde_json::{Value, json};
 use tollgate_api::{
@@ -25,7 +24,7 @@ use tollgate_kube_emulator::{Emulator, RequestFilter, RequestRecord};
 
 mod common;
 
-use common::{CONFIG_SELECTOR, Proc, TG, condition, lease_holder, start_operator};
+use common::{CONFIG_SELECTOR, Proc, TG, condition, decode, lease_holder, served, start_operator};
 
 /// Selects the key Secrets the operator issues for ApiKeys.
 const KEY_SELECTOR: &str = "app.kubernetes.io/managed-by=tollgate-operator,tollgate.dev/api-key";
@@ -114,7 +113,7 @@ fn world() -> Emulator {
     emulator
         .apply_yaml(
             "apiVersion: v1\nkind: Namespace\nmetadata: {name: tollgate}\n---\n\
-             apiVersion: v1\nkind: Secret\nmetadata: {name: openai-credentials, namespace: default}\nstringData: {apiKey: sk-test-openai-0001}\n---\n\
+             apiVersion: v1\nkind: Secret\nmetadata: {name: openai-credentials, namespace: default, labels: {tollgate.dev/credential: 'true'}}\nstringData: {apiKey: sk-test-openai-0001}\n---\n\
              apiVersion: tollgate.dev/v1alpha1\nkind: Provider\nmetadata: {name: mock, namespace: default}\nspec: {type: mock, models: [{name: demo-chat}]}\n---\n\
              apiVersion: tollgate.dev/v1alpha1\nkind: Provider\nmetadata: {name: openai, namespace: default}\nspec: {type: openai, credentials: {secretRef: {name: openai-credentials, key: apiKey}}, models: [{name: gpt-4o}]}\n---\n\
              apiVersion: tollgate.dev/v1alpha1\nkind: RoutePolicy\nmetadata: {name: demo, namespace: default}\nspec: {models: [demo-chat], targets: [{provider: mock}]}\n---\n\
@@ -150,35 +149,6 @@ const WORLD_OBJECTS: [(&str, &str); 6] = [
     ("apikeys", "alpha"),
     ("apikeys", "beta"),
 ];
-
-/// The bytes of a Secret's `data` value (base64), empty if it has none.
-fn decode(data: &Value) -> Vec<u8> {
-    base64::engine::general_purpose::STANDARD
-        .decode(data.as_str().unwrap_or_default())
-        .unwrap_or_default()
-}
-
-/// The configuration gateways would load from the generated objects, if any: an error
-/// when they are not a consistent set.
-fn served(e: &Emulator) -> Option<Result<parts::AssembledConfig, String>> {
-    let cm = e.get("v1", "configmaps", "tollgate", CONFIG_MAP)?;
-    let mut files: BTreeMap<String, Vec<u8>> = BTreeMap::new();
-    for (k, v) in cm["data"].as_object().into_iter().flatten() {
-        files.insert(
-            k.clone(),
-            v.as_str().unwrap_or_default().as_bytes().to_vec(),
-        );
-    }
-    for s in e
-        .list_selected("v1", "secrets", "tollgate", CONFIG_SELECTOR)
-        .unwrap()
-    {
-        for (k, v) in s["data"].as_object().into_iter().flatten() {
-            files.insert(k.clone(), decode(v));
-        }
-    }
-    Some(parts::assemble(&files).map_err(|err| err.to_string()))
-}
 
 /// Every Tollgate object of kind `plural` in `default`, typed.
 fn typed<T: serde::de::DeserializeOwned>(e: &Emulator, plural: &str) -> Vec<T> {
@@ -217,21 +187,21 @@ fn live_hash(e: &Emulator) -> Option<String> {
         .map(str::to_owned)
 }
 
-/// Key hashes a gateway may legitimately accept: each ApiKey's current key (in its
-/// Secret) and its rotated-out key during the grace period (in its status).
+/// Key hashes a gateway may legitimately accept: each ApiKey's current key and its
+/// rotated-out key during the grace period (both in its Secret).
 fn issued_hashes(e: &Emulator) -> BTreeSet<String> {
-    let mut hashes: BTreeSet<String> = e
+    let mut hashes = BTreeSet::new();
+    for s in e
         .list_selected("v1", "secrets", "default", KEY_SELECTOR)
         .unwrap()
-        .iter()
-        .map(|s| {
-            let key = decode(&s["data"]["apiKey"]);
-            parts::sha256_hex(String::from_utf8_lossy(&key).trim().as_bytes())
-        })
-        .collect();
-    for k in e.list(TG, "apikeys", "default") {
-        if let Some(h) = k["status"]["previousKey"]["sha256"].as_str() {
-            hashes.insert(h.to_owned());
+    {
+        let key = decode(&s["data"]["apiKey"]);
+        hashes.insert(parts::sha256_hex(
+            String::from_utf8_lossy(&key).trim().as_bytes(),
+        ));
+        if s["data"]["previousKeySha256"].is_string() {
+            let previous = decode(&s["data"]["previousKeySha256"]);
+            hashes.insert(String::from_utf8_lossy(&previous).trim().to_owned());
         }
     }
     hashes
@@ -251,7 +221,7 @@ fn inconsistency(e: &Emulator) -> Option<String> {
         .find(|k| !issued.contains(&k.sha256))
         .map(|k| {
             format!(
-                "the configuration accepts a key of {} that no Secret or status holds",
+                "the configuration accepts a key of {} that no Secret holds",
                 k.api_key
             )
         })
@@ -499,19 +469,6 @@ fn write_kinds() -> Vec<WriteKind> {
             fails_reconcile: true,
             lease: false,
             reported: "creating Secret default/alpha-key",
-        },
-        WriteKind {
-            name: "rotation record (ApiKey status)",
-            filter: || {
-                RequestFilter::writes()
-                    .method("PATCH")
-                    .resource("apikeys")
-                    .name("beta")
-                    .subresource("status")
-            },
-            fails_reconcile: true,
-            lease: false,
-            reported: "recording the rotation of ApiKey default/beta",
         },
         WriteKind {
             name: "rotated key Secret replace",
@@ -1005,7 +962,7 @@ async fn a_deleted_credential_secret_takes_out_only_its_provider_until_it_is_res
         ],
     );
 
-    e.apply_yaml("apiVersion: v1\nkind: Secret\nmetadata: {name: openai-credentials, namespace: default}\nstringData: {apiKey: sk-test-openai-0001}\n")
+    e.apply_yaml("apiVersion: v1\nkind: Secret\nmetadata: {name: openai-credentials, namespace: default, labels: {tollgate.dev/credential: 'true'}}\nstringData: {apiKey: sk-test-openai-0001}\n")
         .unwrap();
     let (restored, torn_restore) = converged(&e, &[&op], Duration::from_secs(10), |e| {
         ready_is(e, "providers", "openai", "True")
@@ -1305,7 +1262,7 @@ async fn a_failing_config_map_write_after_a_change_never_publishes_a_manifest_wi
             .method("PATCH")
             .resource("configmaps"),
     );
-    e.apply_yaml("apiVersion: v1\nkind: Secret\nmetadata: {name: openai-credentials, namespace: default}\nstringData: {apiKey: sk-test-openai-0002}\n")
+    e.apply_yaml("apiVersion: v1\nkind: Secret\nmetadata: {name: openai-credentials, namespace: default, labels: {tollgate.dev/credential: 'true'}}\nstringData: {apiKey: sk-test-openai-0002}\n")
         .unwrap();
     let (took, torn) = converged(&e, &[&op], Duration::from_secs(20), |e| {
         settled(e) && live_hash(e).is_some_and(|h| h != hash_before)

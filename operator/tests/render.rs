@@ -112,7 +112,7 @@ fn diagnostics_as_json_never_contain_secret_values() {
     let dir = temp_dir("secret");
     std::fs::write(
         dir.join("p.yaml"),
-        "apiVersion: v1\nkind: Secret\nmetadata: {name: creds}\nstringData: {token: 'not a valid token value'}\n---\n\
+        "apiVersion: v1\nkind: Secret\nmetadata: {name: creds, labels: {tollgate.dev/credential: 'true'}}\nstringData: {token: 'not a valid token value'}\n---\n\
          apiVersion: tollgate.dev/v1alpha1\nkind: Provider\nmetadata: {name: vllm}\n\
          spec: {type: openaiCompatible, baseUrl: 'http://vllm:8000/v1', credentials: {secretRef: {name: creds, key: token}}, models: [{name: m}]}\n",
     )

@@ -8,12 +8,15 @@ use jiff::Timestamp;
 use super::{
     ObjectOutcome, Report, compile_limits, object_ref, patterns, precedence,
     secrets::{Lookup, SecretStore, clean_secret_value},
+    views::Views,
 };
 use crate::{
     config::{CompiledBudget, CompiledKey, GatewayConfig},
     diagnostics::{Kind, ObjectRef, reasons},
     parts::sha256_hex,
-    v1alpha1::{API_KEY_SECRET_KEY, ApiKey},
+    v1alpha1::{
+        API_KEY_SECRET_KEY, ApiKey, PREVIOUS_KEY_EXPIRES_SECRET_KEY, PREVIOUS_KEY_SHA256_SECRET_KEY,
+    },
 };
 
 /// Shortest key accepted. Generated keys are far longer; this stops `test`/`changeme`
@@ -28,13 +31,18 @@ pub fn secret_name(key: &ApiKey) -> String {
         .unwrap_or_else(|| format!("{}-key", key.metadata.name.as_deref().unwrap_or_default()))
 }
 
-/// Key id of the ApiKey `namespace/name`: the first 12 hex digits of the SHA-256 of
-/// `apikey:<namespace>/<name>`. Stable across rotations, so a key's limits, budget and
-/// usage carry over to its new key; never derived from the key itself.
+/// Hex digits of a key id: 96 bits, so that no name can be searched whose id equals
+/// another ApiKey's (which would share its limits, budget, usage and key-scoped cache).
+pub const KEY_ID_HEX_DIGITS: usize = 24;
+
+/// Key id of the ApiKey `namespace/name`: the first [`KEY_ID_HEX_DIGITS`] hex digits of
+/// the SHA-256 of `apikey:<namespace>/<name>`. Stable across rotations, so a key's limits,
+/// budget and usage carry over to its new key; never derived from the key itself.
+/// `compile` refuses a second ApiKey with the same id.
 pub fn key_id(namespace: &str, name: &str) -> String {
     sha256_hex(format!("apikey:{namespace}/{name}").as_bytes())
         .chars()
-        .take(12)
+        .take(KEY_ID_HEX_DIGITS)
         .collect()
 }
 
@@ -61,14 +69,10 @@ pub(super) fn compile_all(
         .values()
         .map(|p| p.currency.as_str())
         .collect();
-    let routes = &config.routing.routes;
-    let served_by_route = |model: &str| {
-        routes
-            .iter()
-            .any(|r| r.exact.iter().any(|e| e == model) || patterns::any_matches(&r.globs, model))
-    };
+    let mut views = Views::new(&config.routing.routes);
 
     let mut owners: BTreeMap<String, ObjectRef> = BTreeMap::new();
+    let mut ids: BTreeMap<String, ObjectRef> = BTreeMap::new();
     let mut compiled = Vec::new();
     for key in ordered {
         let object = object_ref(Kind::ApiKey, key);
@@ -83,7 +87,18 @@ pub(super) fn compile_all(
             let clash = entries
                 .iter()
                 .find_map(|e| owners.get(&e.sha256).map(|o| (e, o)));
-            if let Some((entry, other)) = clash {
+            let id_clash = entries.first().and_then(|e| ids.get(&e.id));
+            if let Some(other) = id_clash {
+                report.error(
+                    &object,
+                    reasons::KEY_ID_CONFLICT,
+                    "metadata.name",
+                    format!(
+                        "key id {} is already used by {other}; rename this ApiKey",
+                        entries[0].id
+                    ),
+                );
+            } else if let Some((entry, other)) = clash {
                 let which = if std::ptr::eq(entry, &entries[0]) {
                     "key"
                 } else {
@@ -109,17 +124,22 @@ pub(super) fn compile_all(
                 for e in &entries {
                     owners.insert(e.sha256.clone(), object.clone());
                 }
+                ids.insert(current.id.clone(), object.clone());
                 compiled.extend(entries);
             }
         }
         if outcome.served {
+            let view = views.get(&object.namespace, &key.spec.shared_routes_from);
+            for d in &view.diagnostics {
+                report.warning(&object, d.reason, &d.field, d.message.clone());
+            }
             for (i, m) in key.spec.allowed_models.iter().enumerate() {
-                if !patterns::is_glob(m) && !served_by_route(m) {
+                if !patterns::is_glob(m) && !view.serves(m) {
                     report.warning(
                         &object,
                         reasons::UNKNOWN_MODEL,
                         &format!("spec.allowedModels[{i}]"),
-                        format!("no RoutePolicy serves {m:?}"),
+                        format!("no RoutePolicy this key can use serves {m:?}"),
                     );
                 }
             }
@@ -227,7 +247,7 @@ fn compile_one(
     }
 
     let value = match secrets.get(&object.namespace, secret, API_KEY_SECRET_KEY) {
-        Lookup::NoSecret => {
+        Lookup::NoSecret | Lookup::NotPermitted => {
             report.ref_error(
                 object,
                 reasons::SECRET_NOT_FOUND,
@@ -295,6 +315,12 @@ fn compile_one(
         owner: spec.owner.clone(),
         team: spec.team.clone(),
         allowed_models: spec.allowed_models.clone(),
+        shared_routes_from: spec
+            .shared_routes_from
+            .iter()
+            .filter(|ns| **ns != object.namespace)
+            .cloned()
+            .collect(),
         limits,
         budget,
         expires_at: expires_at.map(|t| t.as_second()),
@@ -303,30 +329,81 @@ fn compile_one(
     let mut entries = vec![current];
 
     // A rotated-out key keeps working, with the same identity and policy, until its grace
-    // period (or the key's own expiry) ends.
-    if let Some(prev) = key.status.as_ref().and_then(|s| s.previous_key.as_ref()) {
-        let valid_hash = prev.sha256.len() == 64
-            && prev
-                .sha256
-                .bytes()
-                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
-        if !valid_hash {
-            report.warning(
-                object,
-                reasons::INVALID_KEY,
-                "status.previousKey.sha256",
-                "not a SHA-256 hex digest; the previous key is not accepted",
-            );
-        } else if prev.expires_at.0 > now && prev.sha256 != entries[0].sha256 {
-            let until = match expires_at {
-                Some(e) => e.min(prev.expires_at.0),
-                None => prev.expires_at.0,
-            };
-            let mut old = entries[0].clone();
-            old.sha256 = prev.sha256.clone();
-            old.expires_at = Some(until.as_second());
-            entries.push(old);
-        }
+    // period (or the key's own expiry) ends. Only the key Secret records it (the operator
+    // writes it there with the new key); the user-writable status is never trusted.
+    if let Some((hash, until)) = previous_key(object, key, secret, secrets, now, report)
+        && hash != entries[0].sha256
+    {
+        let until = match expires_at {
+            Some(e) => e.min(until),
+            None => until,
+        };
+        let mut old = entries[0].clone();
+        old.sha256 = hash;
+        old.expires_at = Some(until.as_second());
+        entries.push(old);
     }
     Some((entries, key_prefix(&value)))
+}
+
+/// The previous key's hash and the end of its grace period, from the key Secret, while
+/// it is still valid. A grace period ending further ahead than `spec.rotation.gracePeriod`
+/// from now is refused: no hand-written end date outlives the policy.
+fn previous_key(
+    object: &ObjectRef,
+    key: &ApiKey,
+    secret: &str,
+    secrets: &SecretStore,
+    now: Timestamp,
+    report: &mut Report,
+) -> Option<(String, Timestamp)> {
+    let field = "spec.secretName";
+    let text = |k| match secrets.get(&object.namespace, secret, k) {
+        Lookup::Found(v) => std::str::from_utf8(v).ok().map(|t| t.trim().to_owned()),
+        _ => None,
+    };
+    let hash = text(PREVIOUS_KEY_SHA256_SECRET_KEY)?;
+    let valid_hash = hash.len() == 64
+        && hash
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+    if !valid_hash {
+        report.warning(
+            object,
+            reasons::INVALID_KEY,
+            field,
+            format!("{PREVIOUS_KEY_SHA256_SECRET_KEY} in Secret {secret} is not a SHA-256 hex digest; the previous key is not accepted"),
+        );
+        return None;
+    }
+    let Some(until) =
+        text(PREVIOUS_KEY_EXPIRES_SECRET_KEY).and_then(|t| t.parse::<Timestamp>().ok())
+    else {
+        report.warning(
+            object,
+            reasons::INVALID_KEY,
+            field,
+            format!("{PREVIOUS_KEY_EXPIRES_SECRET_KEY} in Secret {secret} is missing or not an RFC 3339 time; the previous key is not accepted"),
+        );
+        return None;
+    };
+    if until <= now {
+        return None;
+    }
+    let grace = key
+        .spec
+        .rotation
+        .as_ref()
+        .and_then(|r| crate::duration::parse(&r.grace_period).ok())
+        .unwrap_or_default();
+    if until > now + grace {
+        report.warning(
+            object,
+            reasons::INVALID_KEY,
+            field,
+            format!("the previous key's grace period in Secret {secret} ends after spec.rotation.gracePeriod from now; the previous key is not accepted"),
+        );
+        return None;
+    }
+    Some((hash, until))
 }

@@ -11,6 +11,7 @@ pub mod patterns;
 mod provider;
 mod route;
 pub mod secrets;
+pub mod views;
 
 use std::collections::BTreeMap;
 

@@ -4,13 +4,16 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use super::{
     ObjectOutcome, Report, object_ref,
-    secrets::{Lookup, SecretStore, clean_secret_value},
+    secrets::{Consent, Lookup, SecretStore, clean_secret_value},
 };
 use crate::{
     config::{CompiledAuth, CompiledMock, CompiledModel, CompiledProvider, GatewayConfig},
     diagnostics::{Kind, ObjectRef, reasons},
     duration,
-    v1alpha1::{AuthStyle, Provider, ProviderSpec, ProviderType},
+    v1alpha1::{
+        ALLOWED_PROVIDERS_ANNOTATION, AuthStyle, CREDENTIAL_LABEL, Provider, ProviderSpec,
+        ProviderType,
+    },
 };
 
 /// Headers the gateway sets itself; a Provider may not override them.
@@ -29,8 +32,35 @@ const RESERVED_HEADERS: &[&str] = &[
     "proxy-authorization",
 ];
 
-/// Which Providers exist, by id, and whether each compiled.
-pub(super) type KnownProviders = BTreeMap<String, bool>;
+/// What RoutePolicies need to know of a Provider.
+pub(super) struct KnownProvider {
+    /// Whether it compiled.
+    pub served: bool,
+    /// Namespaces (or `*`) its `sharedWith` opens it to.
+    pub shared_with: Vec<String>,
+}
+
+/// Which Providers exist, by id.
+pub(super) type KnownProviders = BTreeMap<String, KnownProvider>;
+
+/// A `sharedWith` list, validated: warns about the object's own namespace (always
+/// allowed) and drops it.
+pub(super) fn shared_with(object: &ObjectRef, list: &[String], report: &mut Report) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    for (i, ns) in list.iter().enumerate() {
+        if *ns == object.namespace {
+            report.warning(
+                object,
+                reasons::INVALID_SPEC,
+                &format!("spec.sharedWith[{i}]"),
+                "the object's own namespace needs no sharing",
+            );
+        } else if !out.contains(ns) {
+            out.push(ns.clone());
+        }
+    }
+    out
+}
 
 pub(super) fn compile_all(
     providers: &[Provider],
@@ -64,7 +94,14 @@ pub(super) fn compile_all(
         }
         // Two objects cannot share namespace/name, so `insert` only repeats on bad input
         // (the same manifest twice); the last one wins, like `kubectl apply`.
-        known.insert(id, served);
+        let shared = shared_with(&object, &p.spec.shared_with, report);
+        known.insert(
+            id,
+            KnownProvider {
+                served,
+                shared_with: shared,
+            },
+        );
         objects.insert(object, outcome);
     }
     known
@@ -356,13 +393,35 @@ fn credentials(
     }
 
     let r = &creds.secret_ref;
-    let credential = match secrets.get(&object.namespace, &r.name, &r.key) {
+    let credential = match secrets.credential(&object.namespace, &r.name, &r.key, &object.name) {
         Lookup::NoSecret => {
             report.ref_error(
                 object,
                 reasons::SECRET_NOT_FOUND,
                 "spec.credentials.secretRef",
-                format!("Secret {}/{} not found", object.namespace, r.name),
+                format!(
+                    "Secret {}/{} not found (credential Secrets must carry the label {CREDENTIAL_LABEL}: \"true\"; Tollgate reads no other Secret)",
+                    object.namespace, r.name
+                ),
+            );
+            None
+        }
+        Lookup::NotPermitted => {
+            let why = match secrets.consent(&object.namespace, &r.name) {
+                Some(Consent::Providers(_)) => format!(
+                    "its annotation {ALLOWED_PROVIDERS_ANNOTATION} does not name Provider {}",
+                    object.name
+                ),
+                _ => format!("it does not carry the label {CREDENTIAL_LABEL}: \"true\""),
+            };
+            report.ref_error(
+                object,
+                reasons::REF_NOT_PERMITTED,
+                "spec.credentials.secretRef",
+                format!(
+                    "Secret {}/{} may not be used as this Provider's credential: {why}",
+                    object.namespace, r.name
+                ),
             );
             None
         }

@@ -4,10 +4,10 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use super::{
     ObjectOutcome, Report, compile_limits, object_ref, patterns, precedence,
-    provider::KnownProviders,
+    provider::{KnownProviders, shared_with},
 };
 use crate::{
-    config::{CompiledCache, CompiledRoute, CompiledTarget, GatewayConfig},
+    config::{CompiledCache, CompiledRoute, CompiledTarget, GatewayConfig, shares_with},
     diagnostics::{Kind, ObjectRef, reasons},
     duration,
     v1alpha1::{RoutePolicy, Strategy},
@@ -42,10 +42,13 @@ pub(super) fn compile_all(
         }
     }
 
-    let mut claimed: BTreeMap<String, String> = BTreeMap::new();
+    // Model names are claimed per namespace: a policy in one namespace never takes a
+    // name from another (tenancy: docs/tenancy.md).
+    let mut claimed: BTreeMap<(String, String), String> = BTreeMap::new();
     for (object, (mut route, wanted)) in valid {
         for (i, pattern) in wanted.iter().enumerate() {
-            if let Some(owner) = claimed.get(pattern) {
+            let claim = (object.namespace.clone(), pattern.clone());
+            if let Some(owner) = claimed.get(&claim) {
                 report.error(
                     &object,
                     reasons::MODEL_CONFLICT,
@@ -54,7 +57,7 @@ pub(super) fn compile_all(
                 );
                 continue;
             }
-            claimed.insert(pattern.clone(), route.id.clone());
+            claimed.insert(claim, route.id.clone());
             if patterns::is_glob(pattern) {
                 route.globs.push(pattern.clone());
             } else {
@@ -134,8 +137,27 @@ fn compile_one(
     }
     for (i, t) in spec.targets.iter().enumerate() {
         let field = format!("spec.targets[{i}]");
-        let id = format!("{}/{}", object.namespace, t.provider);
-        match providers.get(&id) {
+        let provider_ns = t.provider_namespace.as_deref().unwrap_or(&object.namespace);
+        let id = format!("{provider_ns}/{}", t.provider);
+        let known = providers.get(&id);
+        // A Provider of another namespace is usable only when it is shared with this one;
+        // "not found" and "not shared" read the same, so a policy cannot probe for names.
+        if provider_ns != object.namespace
+            && known.is_none_or(|p| !shares_with(&p.shared_with, &object.namespace))
+        {
+            report.ref_error(
+                object,
+                reasons::REF_NOT_PERMITTED,
+                &format!("{field}.provider"),
+                format!(
+                    "Provider {id} does not exist or is not shared with namespace {} (its spec.sharedWith must name it)",
+                    object.namespace
+                ),
+            );
+            partial += 1;
+            continue;
+        }
+        match known.map(|p| p.served) {
             None => {
                 report.ref_error(
                     object,
@@ -333,6 +355,7 @@ fn compile_one(
             rate_limit,
             record_content: spec.telemetry.as_ref().is_some_and(|t| t.record_content),
             guardrails: guardrails.unwrap_or_default(),
+            shared_with: shared_with(object, &spec.shared_with, report),
         },
         wanted,
     ))

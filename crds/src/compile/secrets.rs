@@ -1,14 +1,79 @@
-//! The Secrets `compile` may read, indexed by namespace and name.
+//! The Secrets `compile` may read, indexed by namespace and name, with their consent to
+//! serve as Provider credentials (label `tollgate.dev/credential`).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use k8s_openapi::api::core::v1::Secret;
 
+use crate::v1alpha1::{ALLOWED_PROVIDERS_ANNOTATION, CREDENTIAL_LABEL};
+
 /// Secret data by `(namespace, name)`, with `stringData` merged over `data` as the API
-/// server does. Never printed.
+/// server does, and each Secret's consent to serve as a Provider credential. Never printed.
 #[derive(Clone, Default)]
 pub struct SecretStore {
-    secrets: BTreeMap<(String, String), BTreeMap<String, Vec<u8>>>,
+    secrets: BTreeMap<(String, String), Stored>,
+}
+
+#[derive(Clone, Default)]
+struct Stored {
+    data: BTreeMap<String, Vec<u8>>,
+    consent: Consent,
+}
+
+/// Which Providers of its namespace a Secret lets use it as their credential.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum Consent {
+    /// Not labelled `tollgate.dev/credential: "true"`: no Provider.
+    #[default]
+    None,
+    /// Labelled, without a narrowing annotation: every Provider of the namespace.
+    AnyProvider,
+    /// Labelled, and `tollgate.dev/allowed-providers` names these Providers.
+    Providers(BTreeSet<String>),
+}
+
+impl Consent {
+    /// Reads the label and annotation of a Secret.
+    pub fn of(secret: &Secret) -> Self {
+        let labelled = secret
+            .metadata
+            .labels
+            .as_ref()
+            .and_then(|l| l.get(CREDENTIAL_LABEL))
+            .is_some_and(|v| v == "true");
+        if !labelled {
+            return Self::None;
+        }
+        let allowed = secret
+            .metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(ALLOWED_PROVIDERS_ANNOTATION));
+        match allowed {
+            None => Self::AnyProvider,
+            Some(list) => {
+                let names: BTreeSet<String> = list
+                    .split(',')
+                    .map(str::trim)
+                    .filter(|n| !n.is_empty())
+                    .map(str::to_owned)
+                    .collect();
+                if names.contains("*") {
+                    Self::AnyProvider
+                } else {
+                    Self::Providers(names)
+                }
+            }
+        }
+    }
+
+    fn allows(&self, provider: &str) -> bool {
+        match self {
+            Self::None => false,
+            Self::AnyProvider => true,
+            Self::Providers(names) => names.contains(provider),
+        }
+    }
 }
 
 impl std::fmt::Debug for SecretStore {
@@ -28,6 +93,8 @@ pub enum Lookup<'a> {
     NoSecret,
     /// The Secret exists without that key.
     NoKey,
+    /// The Secret exists but does not consent to this use (credential lookups only).
+    NotPermitted,
 }
 
 impl SecretStore {
@@ -53,23 +120,48 @@ impl SecretStore {
             for (k, v) in secret.string_data.iter().flatten() {
                 data.insert(k.clone(), v.as_bytes().to_vec());
             }
-            store.secrets.insert((namespace, name), data);
+            let consent = Consent::of(secret);
+            store
+                .secrets
+                .insert((namespace, name), Stored { data, consent });
         }
         store
     }
 
-    /// Adds or replaces one Secret's data.
+    /// Adds or replaces one Secret's data (with no credential consent).
     pub fn insert(&mut self, namespace: &str, name: &str, data: BTreeMap<String, Vec<u8>>) {
-        self.secrets
-            .insert((namespace.to_owned(), name.to_owned()), data);
+        self.secrets.insert(
+            (namespace.to_owned(), name.to_owned()),
+            Stored {
+                data,
+                consent: Consent::None,
+            },
+        );
     }
 
     /// Looks up `key` of Secret `namespace/name`.
     pub fn get(&self, namespace: &str, name: &str, key: &str) -> Lookup<'_> {
         match self.secrets.get(&(namespace.to_owned(), name.to_owned())) {
             None => Lookup::NoSecret,
-            Some(data) => data.get(key).map_or(Lookup::NoKey, |v| Lookup::Found(v)),
+            Some(s) => s.data.get(key).map_or(Lookup::NoKey, |v| Lookup::Found(v)),
         }
+    }
+
+    /// Looks up `key` of Secret `namespace/name` as the credential of Provider
+    /// `namespace/provider`: only if the Secret consents (see [`Consent`]).
+    pub fn credential(&self, namespace: &str, name: &str, key: &str, provider: &str) -> Lookup<'_> {
+        match self.secrets.get(&(namespace.to_owned(), name.to_owned())) {
+            None => Lookup::NoSecret,
+            Some(s) if !s.consent.allows(provider) => Lookup::NotPermitted,
+            Some(s) => s.data.get(key).map_or(Lookup::NoKey, |v| Lookup::Found(v)),
+        }
+    }
+
+    /// Whether the Secret `namespace/name` is known, and with which consent.
+    pub fn consent(&self, namespace: &str, name: &str) -> Option<&Consent> {
+        self.secrets
+            .get(&(namespace.to_owned(), name.to_owned()))
+            .map(|s| &s.consent)
     }
 }
 

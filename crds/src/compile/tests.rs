@@ -17,9 +17,10 @@ use crate::{
     diagnostics::{ConditionState, Kind, ObjectRef, Severity, condition_types, reasons},
     v1alpha1::{
         AnthropicSettings, ApiKey, ApiKeySpec, ApiKeyStatus, AuthStyle, AzureSettings, Budget,
-        BudgetPeriod, Credentials, Limits, MockSettings, PreviousKey, Pricing, Provider,
-        ProviderModel, ProviderSpec, ProviderType, Retries, RoutePolicy, RoutePolicySpec,
-        RouteTarget, SecretKeyRef,
+        BudgetPeriod, CREDENTIAL_LABEL, Credentials, Limits, MockSettings,
+        PREVIOUS_KEY_EXPIRES_SECRET_KEY, PREVIOUS_KEY_SHA256_SECRET_KEY, PreviousKey, Pricing,
+        Provider, ProviderModel, ProviderSpec, ProviderType, Retries, Rotation, RoutePolicy,
+        RoutePolicySpec, RouteTarget, SecretKeyRef,
     },
 };
 
@@ -100,6 +101,7 @@ fn provider(name: &str, kind: ProviderType, models: &[&str]) -> Provider {
             circuit_breaker: Default::default(),
             http_version: Default::default(),
             headers: BTreeMap::new(),
+            shared_with: Vec::new(),
         },
     ))
 }
@@ -144,14 +146,28 @@ fn data_secret(name: &str, entries: &[(&str, &[u8])]) -> Secret {
     }
 }
 
-/// The credential Secret [`provider`] refers to.
+/// The credential Secret [`provider`] refers to, labelled as a credential.
 fn credential_secret(provider: &str, value: &str) -> Secret {
-    string_secret(&format!("{provider}-credentials"), &[("token", value)])
+    labelled(string_secret(
+        &format!("{provider}-credentials"),
+        &[("token", value)],
+    ))
+}
+
+/// `secret` with the label that lets Providers use it.
+fn labelled(mut secret: Secret) -> Secret {
+    secret
+        .metadata
+        .labels
+        .get_or_insert_default()
+        .insert(CREDENTIAL_LABEL.to_owned(), "true".to_owned());
+    secret
 }
 
 fn target(provider: &str) -> RouteTarget {
     RouteTarget {
         provider: provider.to_owned(),
+        provider_namespace: None,
         model: None,
         weight: 1,
         priority: 0,
@@ -179,6 +195,7 @@ fn route(name: &str, models: &[&str], targets: Vec<RouteTarget>) -> RoutePolicy 
             rate_limit: None,
             telemetry: None,
             guardrails: Vec::new(),
+            shared_with: Vec::new(),
         },
     ))
 }
@@ -192,6 +209,7 @@ fn api_key(name: &str) -> ApiKey {
             team: None,
             description: None,
             allowed_models: Vec::new(),
+            shared_routes_from: Vec::new(),
             limits: None,
             budget: None,
             expires_at: None,
@@ -484,7 +502,10 @@ fn provider_without_its_credential_secret_reports_secret_not_found() {
 fn provider_whose_secret_lacks_the_key_reports_secret_key_not_found() {
     let out = World::default()
         .provider(openai(&["gpt-4o"]))
-        .secret(string_secret("openai-credentials", &[("apiKey", "sk-x")]))
+        .secret(labelled(string_secret(
+            "openai-credentials",
+            &[("apiKey", "sk-x")],
+        )))
         .compile();
 
     let object = provider_ref("openai");
@@ -551,10 +572,10 @@ fn empty_or_malformed_credential_reports_invalid_secret_without_revealing_it() {
 fn credential_from_data_has_its_trailing_newline_trimmed() {
     let out = World::default()
         .provider(openai(&["gpt-4o"]))
-        .secret(data_secret(
+        .secret(labelled(data_secret(
             "openai-credentials",
             &[("token", b"sk-from-data-123\n")],
-        ))
+        )))
         .compile();
 
     assert_clean(&out, &provider_ref("openai"));
@@ -566,7 +587,10 @@ fn credential_from_data_has_its_trailing_newline_trimmed() {
 
 #[test]
 fn string_data_overrides_data_for_the_same_key() {
-    let mut secret = data_secret("openai-credentials", &[("token", b"sk-old-data")]);
+    let mut secret = labelled(data_secret(
+        "openai-credentials",
+        &[("token", b"sk-old-data")],
+    ));
     secret.string_data = Some(BTreeMap::from([(
         "token".to_owned(),
         "sk-new-string-data".to_owned(),
@@ -1547,7 +1571,7 @@ fn valid_api_key_is_served_with_an_id_from_its_name_and_a_short_prefix() {
     assert_clean(&out, &object);
     let hash = sha256(ALICE_KEY);
     let outcome = &out.objects[&object];
-    let id = &sha256(&format!("apikey:{NS}/alice"))[..12];
+    let id = &sha256(&format!("apikey:{NS}/alice"))[..24];
     assert_eq!(outcome.key_id.as_deref(), Some(id));
     assert_eq!(super::key_id(&object.namespace, &object.name), id);
     assert_eq!(outcome.key_prefix.as_deref(), Some("tg_live"));
@@ -1846,7 +1870,7 @@ fn allowed_model_that_no_route_serves_warns_unknown_model() {
         Severity::Warning,
         reasons::UNKNOWN_MODEL,
         "spec.allowedModels[1]",
-        "no RoutePolicy serves \"gpt-5\"",
+        "no RoutePolicy this key can use serves \"gpt-5\"",
     );
     assert_eq!(
         out.diagnostics_for(&object).count(),
@@ -1971,28 +1995,43 @@ fn zero_key_limits_are_rejected() {
     assert_left_out(&out, &object);
 }
 
-fn rotated(key: ApiKey, previous: &str, grace_ends: Time) -> ApiKey {
-    ApiKey {
-        status: Some(ApiKeyStatus {
-            previous_key: Some(PreviousKey {
-                sha256: sha256(previous),
-                expires_at: grace_ends,
-            }),
-            ..ApiKeyStatus::default()
-        }),
-        ..key
-    }
+/// `key` with a rotation policy of one hour's grace.
+fn rotated(key: ApiKey) -> ApiKey {
+    let mut key = key;
+    key.spec.rotation = Some(Rotation {
+        generation: 1,
+        grace_period: "1h".to_owned(),
+    });
+    key
+}
+
+/// The key Secret of ApiKey `api_key` after a rotation: `value` is current, `previous`
+/// accepted until `grace_ends`, as the operator writes it.
+fn rotated_secret(api_key: &str, value: &str, previous: &str, grace_ends: Time) -> Secret {
+    string_secret(
+        &format!("{api_key}-key"),
+        &[
+            ("apiKey", value),
+            (PREVIOUS_KEY_SHA256_SECRET_KEY, &sha256(previous)),
+            (PREVIOUS_KEY_EXPIRES_SECRET_KEY, &grace_ends.0.to_string()),
+        ],
+    )
+}
+
+/// Alice rotated from `BOB_KEY` (as her previous key) to `ALICE_KEY`.
+fn alice_rotated(key: ApiKey, grace_ends: Time) -> World {
+    keyed_world(rotated(key)).secret(rotated_secret("alice", ALICE_KEY, BOB_KEY, grace_ends))
 }
 
 #[test]
 fn rotated_out_key_within_its_grace_period_is_accepted_under_the_same_id() {
-    let out = keyed_world(rotated(api_key("alice"), BOB_KEY, at(1_800))).compile();
+    let out = alice_rotated(api_key("alice"), at(1_800)).compile();
 
     assert_clean(&out, &key_ref("alice"));
     let entries = compiled_keys(&out, "alice");
     assert_eq!(entries.len(), 2);
     // The id names the ApiKey, not its key: a rotation keeps limits, budget and usage.
-    let id = &sha256(&format!("apikey:{NS}/alice"))[..12];
+    let id = &sha256(&format!("apikey:{NS}/alice"))[..24];
     let current = entries.iter().find(|e| e.sha256 == sha256(ALICE_KEY));
     let previous = entries.iter().find(|e| e.sha256 == sha256(BOB_KEY));
     let (current, previous) = (current.unwrap(), previous.unwrap());
@@ -2006,9 +2045,9 @@ fn rotated_out_key_within_its_grace_period_is_accepted_under_the_same_id() {
 
 #[test]
 fn rotated_out_key_stops_when_the_key_itself_expires_first() {
-    let mut key = rotated(api_key("alice"), BOB_KEY, at(1_800));
+    let mut key = api_key("alice");
     key.spec.expires_at = Some(at(600));
-    let out = keyed_world(key).compile();
+    let out = alice_rotated(key, at(1_800)).compile();
 
     let previous = compiled_keys(&out, "alice")
         .into_iter()
@@ -2019,7 +2058,7 @@ fn rotated_out_key_stops_when_the_key_itself_expires_first() {
 
 #[test]
 fn rotated_out_key_past_its_grace_period_is_dropped() {
-    let out = keyed_world(rotated(api_key("alice"), BOB_KEY, at(-1))).compile();
+    let out = alice_rotated(api_key("alice"), at(-1)).compile();
 
     assert_clean(&out, &key_ref("alice"));
     let entries = compiled_keys(&out, "alice");
@@ -2028,16 +2067,27 @@ fn rotated_out_key_past_its_grace_period_is_dropped() {
 }
 
 #[test]
-fn malformed_previous_key_hash_is_ignored_with_an_invalid_key_warning() {
-    let mut key = rotated(api_key("alice"), BOB_KEY, at(1_800));
-    key.status
-        .as_mut()
-        .unwrap()
-        .previous_key
-        .as_mut()
-        .unwrap()
-        .sha256 = "NOT-A-HASH".to_owned();
+fn a_previous_key_injected_through_the_status_is_never_accepted() {
+    // `apikeys/status` is writable by whoever may patch it: a hash of one's choosing with
+    // a far expiry must not become a valid key.
+    let mut key = api_key("alice");
+    key.status = Some(ApiKeyStatus {
+        previous_key: Some(PreviousKey {
+            sha256: sha256("tg_live_attacker_chosen_key_000"),
+            expires_at: at(10 * 365 * 86_400),
+        }),
+        ..ApiKeyStatus::default()
+    });
     let out = keyed_world(key).compile();
+
+    let entries = compiled_keys(&out, "alice");
+    assert_eq!(entries.len(), 1);
+    assert_eq!(entries[0].sha256, sha256(ALICE_KEY));
+}
+
+#[test]
+fn a_previous_key_grace_period_longer_than_the_policy_is_refused() {
+    let out = alice_rotated(api_key("alice"), at(30 * 86_400)).compile();
 
     let object = key_ref("alice");
     assert_diagnostic(
@@ -2045,8 +2095,33 @@ fn malformed_previous_key_hash_is_ignored_with_an_invalid_key_warning() {
         &object,
         Severity::Warning,
         reasons::INVALID_KEY,
-        "status.previousKey.sha256",
-        "not a SHA-256 hex digest",
+        "spec.secretName",
+        "ends after spec.rotation.gracePeriod from now",
+    );
+    assert_eq!(compiled_keys(&out, "alice").len(), 1);
+}
+
+#[test]
+fn malformed_previous_key_hash_is_ignored_with_an_invalid_key_warning() {
+    let out = keyed_world(rotated(api_key("alice")))
+        .secret(string_secret(
+            "alice-key",
+            &[
+                ("apiKey", ALICE_KEY),
+                (PREVIOUS_KEY_SHA256_SECRET_KEY, "NOT-A-HASH"),
+                (PREVIOUS_KEY_EXPIRES_SECRET_KEY, &at(60).0.to_string()),
+            ],
+        ))
+        .compile();
+
+    let object = key_ref("alice");
+    assert_diagnostic(
+        &out,
+        &object,
+        Severity::Warning,
+        reasons::INVALID_KEY,
+        "spec.secretName",
+        "is not a SHA-256 hex digest",
     );
     assert_conditions(
         &out,
@@ -2062,10 +2137,10 @@ fn malformed_previous_key_hash_is_ignored_with_an_invalid_key_warning() {
 #[test]
 fn previous_key_used_by_an_older_api_key_rejects_the_newer_with_key_conflict() {
     let older = created(api_key("zz-older"), 7_200);
-    let newer = rotated(created(api_key("aa-newer"), 60), ALICE_KEY, at(1_800));
+    let newer = rotated(created(api_key("aa-newer"), 60));
     let out = routed_world()
         .api_key(newer)
-        .secret(key_secret("aa-newer", BOB_KEY))
+        .secret(rotated_secret("aa-newer", BOB_KEY, ALICE_KEY, at(1_800)))
         .api_key(older)
         .secret(key_secret("zz-older", ALICE_KEY))
         .compile();
@@ -2086,12 +2161,13 @@ fn previous_key_used_by_an_older_api_key_rejects_the_newer_with_key_conflict() {
 #[test]
 fn compiled_keys_are_sorted_by_hash() {
     let out = routed_world()
-        .api_key(rotated(
-            api_key("alice"),
+        .api_key(rotated(api_key("alice")))
+        .secret(rotated_secret(
+            "alice",
+            ALICE_KEY,
             "tg_live_carol_0000000000000000",
             at(60),
         ))
-        .secret(key_secret("alice", ALICE_KEY))
         .api_key(api_key("bob"))
         .secret(key_secret("bob", BOB_KEY))
         .compile();
@@ -2256,12 +2332,13 @@ fn crowded_world() -> World {
         .secret(key_secret("alice", ALICE_KEY))
         .api_key(created(api_key("copycat"), 200))
         .secret(key_secret("copycat", ALICE_KEY))
-        .api_key(rotated(
-            created(api_key("bob"), 100),
+        .api_key(rotated(created(api_key("bob"), 100)))
+        .secret(rotated_secret(
+            "bob",
+            BOB_KEY,
             "tg_live_bob_previous_0000000",
             at(60),
         ))
-        .secret(key_secret("bob", BOB_KEY))
         .api_key(expired)
         .secret(key_secret("expired", "tg_live_expired_00000000000"))
 }
@@ -2517,3 +2594,5 @@ fn default_strategy_options_are_left_out_of_compiled_configuration() {
     assert_eq!(back.strategy_options.ewma_alpha(), 2.0 / 6.0);
     assert_eq!(back.strategy_options.outcome_decay(), 0.8);
 }
+
+mod tenancy;

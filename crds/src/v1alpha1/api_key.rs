@@ -7,10 +7,18 @@ use serde::{Deserialize, Serialize};
 
 use super::common::{
     CURRENCY_PATTERN, CommonStatus, DURATION_PATTERN, Limits, MODEL_PATTERN, NAME_PATTERN,
+    NAMESPACE_PATTERN,
 };
 
 /// Name of the data key that holds the plaintext API key in an ApiKey's Secret.
 pub const API_KEY_SECRET_KEY: &str = "apiKey";
+
+/// Data key of an ApiKey's Secret holding the SHA-256 (lowercase hex) of the key replaced
+/// by the last rotation, accepted until [`PREVIOUS_KEY_EXPIRES_SECRET_KEY`].
+pub const PREVIOUS_KEY_SHA256_SECRET_KEY: &str = "previousKeySha256";
+
+/// Data key of an ApiKey's Secret: end of the previous key's grace period (RFC 3339).
+pub const PREVIOUS_KEY_EXPIRES_SECRET_KEY: &str = "previousKeyExpiresAt";
 
 /// A client API key. The operator generates the key, writes it once into the Secret named
 /// by `secretName` for the client application, and gives gateways only its SHA-256 hash.
@@ -58,6 +66,15 @@ pub struct ApiKeySpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 1024))]
     pub description: Option<String>,
+
+    /// Other namespaces whose shared RoutePolicies this key may use, in order of
+    /// precedence. The key resolves a model name among its own namespace's routes first,
+    /// then among the routes of these namespaces that are shared with its namespace
+    /// (RoutePolicy `sharedWith`), in the order listed. Empty (the default): only its own
+    /// namespace's routes.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 16), inner(length(min = 1, max = 63), regex(pattern = NAMESPACE_PATTERN)), extend("x-kubernetes-list-type" = "set"))]
+    pub shared_routes_from: Vec<String>,
 
     /// Client-facing model names (or globs) the key may call. Empty allows every model.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -160,8 +177,8 @@ pub struct ApiKeyStatus {
     #[serde(flatten)]
     pub common: CommonStatus,
     /// Stable identifier of this ApiKey in logs, limits, budgets and usage records: the
-    /// first 12 hex digits of the SHA-256 of `apikey:<namespace>/<name>`. A rotation keeps
-    /// it, so limits and budgets carry over to the new key.
+    /// first 24 hex digits (96 bits) of the SHA-256 of `apikey:<namespace>/<name>`. A
+    /// rotation keeps it, so limits and budgets carry over to the new key.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub key_id: Option<String>,
     /// First characters of the key, to recognise it (e.g. `tg_4fZq`).
@@ -173,7 +190,10 @@ pub struct ApiKeyStatus {
     /// The `spec.rotation.generation` the current key was issued for.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rotated_generation: Option<i64>,
-    /// The key replaced by the last rotation, valid until `expiresAt`.
+    /// The key replaced by the last rotation, valid until `expiresAt`. Shown for
+    /// information: gateways accept the previous key only as recorded in the key Secret
+    /// (`previousKeySha256`, `previousKeyExpiresAt`), which the operator writes with the
+    /// new key.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub previous_key: Option<PreviousKey>,
     /// Usage and spend in the current budget period.

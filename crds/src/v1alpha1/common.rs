@@ -13,6 +13,20 @@ pub const CURRENCY_PATTERN: &str = r"^[A-Z]{3}$";
 /// A Kubernetes object name (RFC 1123 subdomain).
 pub const NAME_PATTERN: &str = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$";
 
+/// A namespace name (RFC 1123 label), or `*` for every namespace, in sharing lists.
+pub const SHARE_PATTERN: &str = r"^(\*|[a-z0-9]([-a-z0-9]*[a-z0-9])?)$";
+
+/// A namespace name (RFC 1123 label).
+pub const NAMESPACE_PATTERN: &str = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$";
+
+/// Label that marks a Secret as a credential Tollgate may read. Without it no Provider
+/// can use the Secret, and the operator never reads it.
+pub const CREDENTIAL_LABEL: &str = "tollgate.dev/credential";
+
+/// Annotation on a credential Secret naming the Providers (of its namespace, comma
+/// separated) allowed to use it; unset or `*` allows every Provider of the namespace.
+pub const ALLOWED_PROVIDERS_ANNOTATION: &str = "tollgate.dev/allowed-providers";
+
 /// Client-facing model name or glob (`*`, `?`, `[abc]`); no whitespace.
 pub const MODEL_PATTERN: &str = r"^[^\s]+$";
 

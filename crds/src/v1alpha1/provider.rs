@@ -7,7 +7,7 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use super::common::{
-    CURRENCY_PATTERN, CommonStatus, DURATION_PATTERN, MODEL_PATTERN, SecretKeyRef,
+    CURRENCY_PATTERN, CommonStatus, DURATION_PATTERN, MODEL_PATTERN, SHARE_PATTERN, SecretKeyRef,
 };
 
 /// An upstream LLM API (OpenAI, Anthropic, Azure OpenAI, any OpenAI-compatible server, or the
@@ -104,6 +104,15 @@ pub struct ProviderSpec {
     #[schemars(extend("maxProperties" = 32))]
     pub headers: BTreeMap<String, String>,
 
+    /// Other namespaces whose RoutePolicies may target this Provider (`*` for every
+    /// namespace). Empty (the default): only RoutePolicies of this namespace. Sharing
+    /// takes both sides: the RoutePolicy names this namespace in its target's
+    /// `providerNamespace`, and this list names the RoutePolicy's namespace. The other
+    /// namespace's callers then send prompts to this Provider, billed at its prices.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 64), inner(length(min = 1, max = 63), regex(pattern = SHARE_PATTERN)), extend("x-kubernetes-list-type" = "set"))]
+    pub shared_with: Vec<String>,
+
     /// HTTP version towards the upstream. `http1` (default): HTTP/1.1 with a keep-alive
     /// pool, one connection per request in flight, so concurrency is never capped by the
     /// server. `auto`: HTTP/2 when the TLS handshake offers it, else HTTP/1.1. `http2`:
@@ -183,7 +192,12 @@ impl ProviderType {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Credentials {
-    /// Secret (same namespace) and key holding the API key or token.
+    /// Secret (same namespace) and key holding the API key or token. The Secret must
+    /// consent: it carries the label `tollgate.dev/credential: "true"` (the operator reads
+    /// no other Secret), and, optionally, the annotation `tollgate.dev/allowed-providers`
+    /// listing the Providers of its namespace that may use it (comma separated; unset or
+    /// `*` allows all). Otherwise the Provider reports `SecretNotFound` or
+    /// `RefNotPermitted` and is not served.
     pub secret_ref: SecretKeyRef,
     /// How the credential is sent. Defaults by type: `bearer` for openai and
     /// openaiCompatible, `xApiKey` for anthropic, `apiKey` for azureOpenAI.

@@ -4,7 +4,10 @@ use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use super::common::{CommonStatus, DURATION_PATTERN, Limits, MODEL_PATTERN, NAME_PATTERN};
+use super::common::{
+    CommonStatus, DURATION_PATTERN, Limits, MODEL_PATTERN, NAME_PATTERN, NAMESPACE_PATTERN,
+    SHARE_PATTERN,
+};
 
 /// Routes client-facing model names to Provider targets, with retries, fallback, caching
 /// and route-wide limits.
@@ -34,8 +37,10 @@ use super::common::{CommonStatus, DURATION_PATTERN, Limits, MODEL_PATTERN, NAME_
 pub struct RoutePolicySpec {
     /// Client-facing model names this policy serves: exact names (`gpt-4o`) or globs
     /// (`gpt-4o-*`, `claude-?-*`). An exact name beats any glob; among globs the longest
-    /// pattern wins. Two policies claiming the same name or pattern conflict: the older
-    /// one keeps it and the newer one reports `ModelConflict`.
+    /// pattern wins. Names are per namespace: only ApiKeys of this namespace (and of
+    /// namespaces it is shared with, see `sharedWith`) reach them. Two policies of one
+    /// namespace claiming the same name or pattern conflict: the older one keeps it and
+    /// the newer one reports `ModelConflict`.
     #[schemars(length(min = 1, max = 256), inner(length(min = 1, max = 256), regex(pattern = MODEL_PATTERN)), extend("x-kubernetes-list-type" = "set"))]
     pub models: Vec<String>,
 
@@ -86,6 +91,14 @@ pub struct RoutePolicySpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub telemetry: Option<RouteTelemetry>,
 
+    /// Other namespaces whose ApiKeys may use this route (`*` for every namespace), when
+    /// they accept it by listing this namespace in their `sharedRoutesFrom`. Empty (the
+    /// default): only ApiKeys of this namespace. A key always resolves names among its
+    /// own namespace's routes first, so a shared route never shadows them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 64), inner(length(min = 1, max = 63), regex(pattern = SHARE_PATTERN)), extend("x-kubernetes-list-type" = "set"))]
+    pub shared_with: Vec<String>,
+
     /// Content rules checked on every request's text before it is forwarded, and
     /// optionally on complete answers (PII, secrets, prompt injection, blocked terms,
     /// size limits), in order; the first `block` wins. An invalid rule keeps the whole
@@ -110,9 +123,15 @@ pub struct RouteTelemetry {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct RouteTarget {
-    /// Name of a Provider in the same namespace.
+    /// Name of the Provider.
     #[schemars(length(min = 1, max = 253), regex(pattern = NAME_PATTERN))]
     pub provider: String,
+    /// Namespace of the Provider; defaults to this RoutePolicy's. A Provider in another
+    /// namespace must list this namespace in its `sharedWith`, else the target reports
+    /// `RefNotPermitted` and is left out.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 63), regex(pattern = NAMESPACE_PATTERN))]
+    pub provider_namespace: Option<String>,
     /// Model of that Provider (its `models[].name`). Defaults to the model the client
     /// asked for, which must then be one of the Provider's models.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -345,8 +364,11 @@ pub struct CachePolicy {
     #[serde(default = "default_cache_ttl")]
     #[schemars(regex(pattern = DURATION_PATTERN))]
     pub ttl: String,
-    /// Who shares cache entries: `owner` (keys of the same owner; default), `key` (each
-    /// key alone) or `shared` (every caller of the route; only for non-sensitive data).
+    /// Who shares cache entries: `owner` (keys with the same `owner` in the same
+    /// namespace; default), `key` (each key alone), `namespace` (every key of the caller's
+    /// namespace) or `shared` (every key that may use this route, which includes the
+    /// namespaces it is shared with; only for non-sensitive data). No scope ever joins
+    /// keys of two namespaces unless the route is shared with both.
     #[serde(default)]
     pub scope: CacheScope,
     /// Responses larger than this are not cached.
@@ -366,12 +388,14 @@ fn default_cache_max_entry() -> u32 {
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub enum CacheScope {
-    /// Keys with the same `owner` share entries.
+    /// Keys with the same `owner` in the same namespace share entries.
     #[default]
     Owner,
     /// Every key has its own entries.
     Key,
-    /// Every caller of the route shares entries.
+    /// Keys of the same namespace share entries.
+    Namespace,
+    /// Every key that may use the route shares entries.
     Shared,
 }
 

@@ -50,9 +50,13 @@ pub(super) fn plan(
     if bypass || cache_control.contains("no-store") {
         return CachePlan::Bypass;
     }
+    // Every scope but `shared` is within the key's namespace (namespaces and owners hold
+    // neither ':' nor '/'), so no free-text field joins two tenants; `shared` is the route's
+    // callers, which crosses namespaces only where the route is shared (docs/tenancy.md).
     let scope = match policy.scope {
-        CacheScope::Owner => format!("owner:{}", key.entry.owner),
+        CacheScope::Owner => format!("owner:{}/{}", key.namespace, key.entry.owner),
         CacheScope::Key => format!("key:{}", key.entry.id),
+        CacheScope::Namespace => format!("namespace:{}", key.namespace),
         CacheScope::Shared => "shared".to_owned(),
     };
     match cache::key(&scope, &route.id, operation.label_str(), body) {

@@ -1,4 +1,5 @@
-//! `GET /v1/models`: the models the calling key may use.
+//! `GET /v1/models`: exactly the models the calling key can reach (its namespace's routes
+//! and the shared ones it accepts) and may use (its allow-list).
 
 use std::sync::Arc;
 
@@ -14,7 +15,7 @@ pub async fn list_models(
 ) -> Result<Json<Value>, ApiError> {
     let (snapshot, key) = calling_key(&state, request)?;
     let data: Vec<Value> = snapshot
-        .model_names()
+        .model_names(&key)
         .into_iter()
         .filter(|(name, _)| key.may_use(name))
         .map(|(id, owned_by)| json!({ "id": id, "object": "model", "created": 0, "owned_by": owned_by }))

@@ -240,7 +240,7 @@ async fn serve(
     let body = read_body(body, state.max_body_bytes, state.body_read_timeout).await?;
     let head = parse_head(&body)?;
     let route = snapshot
-        .route(&head.model)
+        .route_for(&key, &head.model)
         .ok_or_else(|| ApiError::ModelNotFound(head.model.clone()))?;
     // The route id is bounded by configuration; the requested name only goes to logs.
     seen.route = Some(route.id.clone());

@@ -2,7 +2,10 @@
 //! are collected, the operator started on them against the emulated Kubernetes API, and
 //! readers of what it wrote there.
 
+#![allow(dead_code)]
+
 use std::{
+    collections::BTreeMap,
     io::{BufRead, BufReader},
     path::PathBuf,
     process::{Child, Command, Stdio},
@@ -10,7 +13,9 @@ use std::{
     time::{Duration, Instant},
 };
 
+use base64::Engine;
 use serde_json::Value;
+use tollgate_api::parts;
 use tollgate_kube_emulator::Emulator;
 
 /// Selects the objects the operator generates for gateways (the configuration parts).
@@ -157,4 +162,33 @@ pub fn lease_holder(emulator: &Emulator) -> Option<String> {
     )?["spec"]["holderIdentity"]
         .as_str()
         .map(str::to_owned)
+}
+
+/// The bytes of a Secret's `data` value (base64), empty if it has none.
+pub fn decode(data: &Value) -> Vec<u8> {
+    base64::engine::general_purpose::STANDARD
+        .decode(data.as_str().unwrap_or_default())
+        .unwrap_or_default()
+}
+
+/// The configuration gateways would load from the generated objects, if any: an error
+/// when they are not a consistent set.
+pub fn served(e: &Emulator) -> Option<Result<parts::AssembledConfig, String>> {
+    let cm = e.get("v1", "configmaps", "tollgate", "tollgate-gateway-config")?;
+    let mut files: BTreeMap<String, Vec<u8>> = BTreeMap::new();
+    for (k, v) in cm["data"].as_object().into_iter().flatten() {
+        files.insert(
+            k.clone(),
+            v.as_str().unwrap_or_default().as_bytes().to_vec(),
+        );
+    }
+    for s in e
+        .list_selected("v1", "secrets", "tollgate", CONFIG_SELECTOR)
+        .unwrap()
+    {
+        for (k, v) in s["data"].as_object().into_iter().flatten() {
+            files.insert(k.clone(), decode(v));
+        }
+    }
+    Some(parts::assemble(&files).map_err(|err| err.to_string()))
 }

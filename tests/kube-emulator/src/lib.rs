@@ -33,6 +33,7 @@ mod log;
 mod patch;
 #[cfg(unix)]
 mod projection;
+pub mod rbac;
 mod registry;
 mod selector;
 mod server;
@@ -83,6 +84,8 @@ impl Default for EmulatorOptions {
 pub(crate) struct Core {
     store: Mutex<Store>,
     log: Mutex<RequestLog>,
+    /// Authorization of HTTP requests, when set (see [`rbac`]).
+    rbac: Mutex<Option<rbac::Rbac>>,
     /// Bumped to end every open watch stream.
     close_watches: tokio_watch::Sender<u64>,
     options: EmulatorOptions,
@@ -95,6 +98,10 @@ impl Core {
 
     pub(crate) fn log(&self) -> MutexGuard<'_, RequestLog> {
         self.log.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    pub(crate) fn rbac(&self) -> MutexGuard<'_, Option<rbac::Rbac>> {
+        self.rbac.lock().unwrap_or_else(PoisonError::into_inner)
     }
 }
 
@@ -125,6 +132,7 @@ impl Emulator {
         let core = Arc::new(Core {
             store: Mutex::new(Store::new(options.history_limit)),
             log: Mutex::default(),
+            rbac: Mutex::default(),
             close_watches: tokio_watch::channel(0).0,
             options,
         });
@@ -182,6 +190,12 @@ impl Emulator {
              current-context: emulator\nusers:\n- name: emulator\n  user: {{}}\n",
             self.url
         )
+    }
+
+    /// Authorizes every HTTP resource request with `rules` from now on (403 `Forbidden`
+    /// when no rule allows it, logged like any answer); `None` allows everything again.
+    pub fn enforce_rbac(&self, rules: Option<rbac::Rbac>) {
+        *self.core.rbac() = rules;
     }
 
     // ----- registry -------------------------------------------------------

@@ -152,6 +152,12 @@ async fn handle(
         status: 0,
         received_at: std::time::Instant::now(),
     };
+    if let Some(denied) = route_forbidden(&core, &method, &route, &query, &headers) {
+        let response = error_response(&denied);
+        record.status = response.status().as_u16();
+        core.log().push(record);
+        return response;
+    }
     let fault = core.log().take_fault(&record);
     let serve = |core: &Core| {
         let req = Req {
@@ -191,6 +197,81 @@ async fn handle(
     );
     core.log().push(record);
     response
+}
+
+/// The 403 for a resource request the enforced RBAC rules do not allow, if any.
+fn route_forbidden(
+    core: &Core,
+    method: &Method,
+    route: &Route,
+    query: &HashMap<String, String>,
+    headers: &HeaderMap,
+) -> Option<ApiError> {
+    let rules = core.rbac().clone()?;
+    let Route::Resource(rp) = route else {
+        return None;
+    };
+    let collection = rp.name.is_none();
+    let verb = match (method.as_str(), collection) {
+        ("GET", true) if is_true(query.get("watch")) => "watch",
+        ("GET", true) => "list",
+        ("GET", false) => "get",
+        ("POST", _) => "create",
+        ("PUT", _) => "update",
+        ("PATCH", _) => "patch",
+        ("DELETE", true) => "deletecollection",
+        ("DELETE", false) => "delete",
+        _ => return None,
+    };
+    // A list or watch of one object by field selector may match `resourceNames`.
+    let name = rp.name.clone().or_else(|| {
+        query.get("fieldSelector").and_then(|f| {
+            f.strip_prefix("metadata.name=")
+                .filter(|n| !n.contains(','))
+                .map(str::to_owned)
+        })
+    });
+    let attributes = crate::rbac::Attributes {
+        verb: verb.to_owned(),
+        group: rp.group.clone(),
+        resource: match &rp.subresource {
+            Some(sub) => format!("{}/{sub}", rp.plural),
+            None => rp.plural.clone(),
+        },
+        namespace: rp.namespace.clone(),
+        name: if verb == "create" { None } else { name },
+    };
+    let forbidden = |a: &crate::rbac::Attributes| {
+        ApiError::new(403, "Forbidden", crate::rbac::forbidden_message(a))
+    };
+    if !rules.allows(&attributes) {
+        return Some(forbidden(&attributes));
+    }
+    // Server-side apply of a missing object creates it, which the API server authorizes
+    // as `create` too (with the object's name).
+    let apply = header_str(headers, header::CONTENT_TYPE)
+        .is_some_and(|c| c.starts_with("application/apply-patch"));
+    if verb == "patch" && apply && rp.subresource.is_none() {
+        let store = core.store();
+        let missing = store
+            .resource(&rp.group, &rp.version, &rp.plural)
+            .cloned()
+            .zip(rp.name.as_deref())
+            .is_some_and(|(def, name)| {
+                store
+                    .get(&def, rp.namespace.as_deref().unwrap_or_default(), name)
+                    .is_err()
+            });
+        drop(store);
+        let create = crate::rbac::Attributes {
+            verb: "create".to_owned(),
+            ..attributes
+        };
+        if missing && !rules.allows(&create) {
+            return Some(forbidden(&create));
+        }
+    }
+    None
 }
 
 /// One request being served.
