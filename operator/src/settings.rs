@@ -158,13 +158,27 @@ pub struct RunSettings {
 }
 
 impl RunSettings {
-    /// Namespaces to watch.
+    /// Namespaces to watch, each once (a namespace watched twice would list every object
+    /// in it twice); `*` alone when it is among them.
     pub fn watched_namespaces(&self) -> Vec<String> {
         if self.namespaces.is_empty() {
-            vec![own_namespace()]
-        } else {
-            self.namespaces.clone()
+            return vec![own_namespace()];
         }
+        if self.namespaces.iter().any(|n| n == "*") {
+            return vec!["*".to_owned()];
+        }
+        let mut out: Vec<String> = Vec::new();
+        for ns in self
+            .namespaces
+            .iter()
+            .map(|n| n.trim())
+            .filter(|n| !n.is_empty())
+        {
+            if !out.iter().any(|o| o == ns) {
+                out.push(ns.to_owned());
+            }
+        }
+        out
     }
 
     /// Namespace of the generated objects.

@@ -19,7 +19,10 @@ use tollgate_kube_emulator::{Emulator, Projection, RequestFilter};
 
 mod common;
 
-use common::{CONFIG_SELECTOR, Proc, TG, lease_holder, operator_binary, start_operator};
+use common::{
+    CONFIG_SELECTOR, Proc, TG, assert_nothing_refused, enforce_chart_rbac, examples, lease_holder,
+    operator_binary, start_operator,
+};
 
 impl Proc {
     /// Sends SIGTERM and waits (up to 10 s) for the process to exit.
@@ -64,23 +67,6 @@ fn gateway_binary() -> PathBuf {
 /// The operator (see [`start_operator`]) with `extra` arguments.
 fn operator(emulator: &Emulator, identity: &str, extra: &[&str]) -> Proc {
     start_operator(emulator, identity, extra, &[]).0
-}
-
-/// Every example manifest (`examples/*.yaml`), as one multi-document YAML stream.
-fn examples() -> String {
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../examples");
-    let mut text = String::new();
-    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
-        .collect();
-    files.sort();
-    for f in files {
-        text.push_str(&std::fs::read_to_string(f).unwrap());
-        text.push_str("\n---\n");
-    }
-    text
 }
 
 /// The key held by the key Secret `secret` in `default`, if it exists.
@@ -145,6 +131,8 @@ fn writes_by(emulator: &Emulator, identity: &str) -> usize {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn operator_to_files_to_gateway_with_leader_election_and_failover() {
     let emulator = Emulator::start();
+    // As the chart's ServiceAccount, within the chart's RBAC rules.
+    enforce_chart_rbac(&emulator, json!({"watchNamespaces": ["default"]}));
     emulator
         .apply_yaml("apiVersion: v1\nkind: Namespace\nmetadata: {name: tollgate}\n")
         .unwrap();
@@ -317,12 +305,15 @@ async fn operator_to_files_to_gateway_with_leader_election_and_failover() {
         writes_by(&emulator, standby_id) > 0,
         "the new leader writes"
     );
+    assert_nothing_refused(&emulator);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ten_thousand_api_keys_are_reconciled_with_a_handful_of_configuration_writes() {
     const KEYS: usize = 10_000;
     let emulator = Emulator::start();
+    // As the chart's ServiceAccount, within the chart's RBAC rules.
+    enforce_chart_rbac(&emulator, json!({"watchNamespaces": ["default"]}));
     emulator
         .apply_yaml("apiVersion: v1\nkind: Namespace\nmetadata: {name: tollgate}\n")
         .unwrap();
@@ -434,6 +425,7 @@ async fn ten_thousand_api_keys_are_reconciled_with_a_handful_of_configuration_wr
         before,
         "no writes once everything is reconciled"
     );
+    assert_nothing_refused(&emulator);
 }
 
 /// A real redis-server on a free port, stopped on drop.
@@ -485,6 +477,8 @@ impl Drop for Redis {
 async fn with_redis_the_operator_revokes_keys_reports_usage_and_propagation() {
     let redis = Redis::start();
     let emulator = Emulator::start();
+    // As the chart's ServiceAccount, within the chart's RBAC rules.
+    enforce_chart_rbac(&emulator, json!({"watchNamespaces": ["default"]}));
     emulator
         .apply_yaml("apiVersion: v1\nkind: Namespace\nmetadata: {name: tollgate}\n")
         .unwrap();
@@ -611,6 +605,7 @@ async fn with_redis_the_operator_revokes_keys_reports_usage_and_propagation() {
         started.elapsed()
     );
     assert!(took < Duration::from_secs(2), "{took:?}");
+    assert_nothing_refused(&emulator);
 }
 
 /// A minimal OTLP/HTTP receiver: span names and attributes (as text) of every export.

@@ -16,7 +16,7 @@ use std::{
 use base64::Engine;
 use serde_json::Value;
 use tollgate_api::parts;
-use tollgate_kube_emulator::Emulator;
+use tollgate_kube_emulator::{Emulator, rbac::Rbac};
 
 /// Selects the objects the operator generates for gateways (the configuration parts).
 pub const CONFIG_SELECTOR: &str =
@@ -191,4 +191,76 @@ pub fn served(e: &Emulator) -> Option<Result<parts::AssembledConfig, String>> {
         }
     }
     Some(parts::assemble(&files).map_err(|err| err.to_string()))
+}
+
+/// The chart rendered with `values` (release `tollgate` in namespace `tollgate`) by the
+/// real Helm SDK, as objects.
+fn rendered_chart(values: Value) -> Vec<Value> {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+    let python = std::env::var_os("TOLLGATE_PYTHON")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root.join(".venv/bin/python"));
+    let output = Command::new(&python)
+        .arg(root.join("tests/chart/helm.py"))
+        .args(["render", "--values-json", &values.to_string()])
+        .output()
+        .unwrap_or_else(|e| {
+            panic!(
+                "cannot run {}: {e}; `bash tests/run.sh` installs the Helm SDK into .venv",
+                python.display()
+            )
+        });
+    assert!(
+        output.status.success(),
+        "helm.py: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let out: Value = serde_json::from_slice(&output.stdout).unwrap();
+    out["docs"].as_array().cloned().unwrap_or_default()
+}
+
+/// Authorizes every request to `emulator` with the RBAC rules the chart (rendered with
+/// `values`) binds to the operator's ServiceAccount, as a cluster would.
+pub fn enforce_chart_rbac(emulator: &Emulator, values: Value) {
+    let rbac = Rbac::for_service_account(&rendered_chart(values), "tollgate", "tollgate-operator");
+    assert!(
+        !rbac.rules.is_empty(),
+        "the chart binds rules to the operator"
+    );
+    emulator.enforce_rbac(Some(rbac));
+}
+
+/// Requests the emulator refused with 403, as `METHOD path?query`.
+pub fn refused(emulator: &Emulator) -> Vec<String> {
+    emulator
+        .requests()
+        .iter()
+        .filter(|r| r.status == 403)
+        .map(|r| format!("{} {}?{}", r.method, r.path, r.query))
+        .collect()
+}
+
+/// Asserts that the RBAC rules refused nothing the operator asked for.
+#[track_caller]
+pub fn assert_nothing_refused(emulator: &Emulator) {
+    let refused = refused(emulator);
+    assert!(
+        refused.is_empty(),
+        "requests the chart's RBAC refuses: {refused:#?}"
+    );
+}
+
+/// Every example manifest (`examples/*.yaml`), as one multi-document YAML stream.
+pub fn examples() -> String {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../examples");
+    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
+        .collect();
+    files.sort();
+    files
+        .iter()
+        .map(|f| std::fs::read_to_string(f).unwrap() + "\n---\n")
+        .collect()
 }
