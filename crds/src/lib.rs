@@ -15,6 +15,8 @@ pub mod duration;
 pub mod guardrails;
 pub mod heartbeat;
 pub mod key_format;
+#[cfg(feature = "redis")]
+pub mod key_migration;
 pub mod manifests;
 pub mod parts;
 #[cfg(feature = "redis")]

@@ -43,7 +43,7 @@ async fn readyz_reports_the_loaded_config_and_livez_answers() {
         .await
         .unwrap();
     assert_eq!(ready["status"], "ready");
-    assert_eq!(ready["keys"], 3);
+    assert_eq!(ready["keys"], 5);
     assert_eq!(ready["configHash"].as_str().unwrap().len(), 64);
     let live = client().get(gw.url("/livez")).send().await.unwrap();
     assert_eq!(live.status(), 200);

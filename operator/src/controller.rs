@@ -272,6 +272,9 @@ pub enum ReconcileError {
     /// The configuration cannot be written.
     #[error("{0}")]
     Config(String),
+    /// Shared state in Redis that must change before the configuration cannot be written.
+    #[error("{0}")]
+    Redis(String),
     /// This replica no longer holds the Lease: it stopped writing, mid-reconcile.
     #[error("stopped writing: this replica no longer holds the lease")]
     NotLeading,
@@ -607,6 +610,43 @@ impl Reconciler {
         }
     }
 
+    /// Copies the budget spend and usage of ApiKeys whose key id changes (an upgrade to
+    /// longer ids) to the new id, so that no budget restarts. Fails the reconcile (so the
+    /// configuration is not switched) when Redis cannot be written.
+    async fn move_key_state(
+        &self,
+        live: &tollgate_api::config::KeysConfig,
+        new: &tollgate_api::config::KeysConfig,
+        now: Timestamp,
+    ) -> Result<(), ReconcileError> {
+        let changes = tollgate_api::key_migration::id_changes(live, new);
+        if changes.is_empty() {
+            return Ok(());
+        }
+        let Some(conn) = &self.redis else {
+            tracing::info!(
+                keys = changes.len(),
+                "key ids change; no Redis, so no state to move"
+            );
+            return Ok(());
+        };
+        self.may_write()?;
+        let copied = tollgate_api::key_migration::copy_state(
+            conn.clone(),
+            &changes,
+            now,
+            self.redis_timeout,
+        )
+        .await
+        .map_err(|e| ReconcileError::Redis(format!("moving key state to new key ids: {e}")))?;
+        tracing::info!(
+            keys = changes.len(),
+            copied,
+            "moved budget spend and usage to the new key ids"
+        );
+        Ok(())
+    }
+
     /// Gateways live now and how many serve `hash`, from their Redis reports.
     async fn propagation(&self, hash: &str) -> Option<(usize, usize)> {
         use tollgate_api::heartbeat::{CONFIG, LIVE_WITHIN_SECS, SEEN};
@@ -724,8 +764,11 @@ impl Reconciler {
         let split = parts::split(&out.config).map_err(|e| ReconcileError::Config(e.to_string()))?;
         report.config_hash = split.config_hash.clone();
 
-        // 3. Revocations, before the configuration changes.
+        // 3. Revocations, and key state moved to changed key ids, before the
+        //    configuration changes.
         if let Some(live) = live_config(&snapshot, &self.naming) {
+            self.move_key_state(&live.config.keys, &out.config.keys, now)
+                .await?;
             let served: BTreeSet<&str> = out
                 .config
                 .keys

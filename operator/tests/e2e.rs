@@ -8,7 +8,7 @@
 use std::{
     collections::BTreeMap,
     path::PathBuf,
-    process::{Child, Command, Stdio},
+    process::Command,
     sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
@@ -20,8 +20,8 @@ use tollgate_kube_emulator::{Emulator, Projection, RequestFilter};
 mod common;
 
 use common::{
-    CONFIG_SELECTOR, Proc, TG, assert_nothing_refused, enforce_chart_rbac, examples, lease_holder,
-    operator_binary, start_operator,
+    CONFIG_SELECTOR, Proc, Redis, TG, assert_nothing_refused, enforce_chart_rbac, examples,
+    lease_holder, operator_binary, start_operator,
 };
 
 impl Proc {
@@ -426,51 +426,6 @@ async fn ten_thousand_api_keys_are_reconciled_with_a_handful_of_configuration_wr
         "no writes once everything is reconciled"
     );
     assert_nothing_refused(&emulator);
-}
-
-/// A real redis-server on a free port, stopped on drop.
-struct Redis(Child, u16);
-
-impl Redis {
-    fn start() -> Self {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let child = Command::new("redis-server")
-            .args([
-                "--port",
-                &port.to_string(),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-            ])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("redis-server runs (tests/run.sh installs it)");
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < deadline, "redis-server did not start");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Self(child, port)
-    }
-
-    fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}/", self.1)
-    }
-}
-
-impl Drop for Redis {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

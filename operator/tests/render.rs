@@ -35,7 +35,7 @@ fn rendering_the_examples_succeeds_and_summarises_the_config() {
     assert!(out.status.success(), "{}", text(&out.stderr));
     let stdout = text(&out.stdout);
     assert!(
-        stdout.contains("3 provider(s), 5 route(s), 3 key entr(ies)"),
+        stdout.contains("5 provider(s), 8 route(s), 5 key entr(ies)"),
         "{stdout}"
     );
     assert!(
@@ -97,8 +97,8 @@ fn render_output_writes_parts_that_reassemble_into_the_same_config() {
         ]
     );
     let assembled = tollgate_api::parts::assemble(&files).expect("parts reassemble");
-    assert_eq!(assembled.config.keys.keys.len(), 3);
-    assert_eq!(assembled.config.routing.routes.len(), 5);
+    assert_eq!(assembled.config.keys.keys.len(), 5);
+    assert_eq!(assembled.config.routing.routes.len(), 8);
     let routing = text(&files["routing.json"]);
     assert!(
         !routing.contains("sk-replace"),

@@ -11,7 +11,7 @@ use tollgate_kube_emulator::Emulator;
 mod common;
 
 use common::{
-    Proc, TG, assert_nothing_refused, decode, enforce_chart_rbac, examples, refused, served,
+    Proc, Redis, TG, assert_nothing_refused, decode, enforce_chart_rbac, examples, refused, served,
     start_operator,
 };
 
@@ -174,4 +174,112 @@ async fn the_operator_needs_nothing_beyond_the_charts_rbac_for_listed_namespaces
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_operator_needs_nothing_beyond_the_charts_rbac_cluster_wide() {
     run_as_the_chart_allows(json!({"watchNamespaces": ["*"]}), "*").await;
+}
+
+/// Upgrading from 48-bit key ids: the operator finds the served configuration on the old
+/// ids and copies each key's budget spend and usage to its new id before switching, so a
+/// budget never restarts because of the upgrade.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upgrade_to_longer_key_ids_carries_budget_spend_and_usage_over() {
+    use tollgate_api::{parts, usage};
+    let redis = Redis::start();
+    let emulator = Emulator::start();
+    emulator
+        .apply_yaml("apiVersion: v1\nkind: Namespace\nmetadata: {name: tollgate}\n")
+        .unwrap();
+    emulator.apply_yaml(&examples()).unwrap();
+    enforce_chart_rbac(&emulator, json!({"watchNamespaces": ["default"]}));
+    let redis_url = redis.url();
+    let args = ["--redis-url", redis_url.as_str()];
+
+    // A first run, then the configuration as an older operator would have served it.
+    let (first, _) = start_operator(&emulator, "op-a", &args, &[]);
+    let ready = emulator
+        .wait_for(Duration::from_secs(30), |e| {
+            condition(e, "default", "apikeys", "search-team", "Ready")
+                .is_some_and(|c| c["status"] == "True")
+        })
+        .await;
+    assert!(ready, "{}", first.logs());
+    drop(first);
+    let mut old = served(&emulator).unwrap().unwrap().config;
+    for k in &mut old.keys.keys {
+        k.id.truncate(12);
+    }
+    let naming = tollgate_operator::desired::Naming {
+        namespace: "tollgate".into(),
+        prefix: "tollgate-gateway".into(),
+        max_key_shards: 16,
+    };
+    let split = parts::split(&old).unwrap();
+    for object in tollgate_operator::desired::desired_objects(&split, &naming).unwrap() {
+        let json = match object {
+            tollgate_operator::desired::DesiredObject::ConfigMap(cm) => {
+                serde_json::to_value(&cm).unwrap()
+            }
+            tollgate_operator::desired::DesiredObject::Secret(s) => {
+                serde_json::to_value(&s).unwrap()
+            }
+        };
+        emulator.apply_object(json).unwrap();
+    }
+    let search = old
+        .keys
+        .keys
+        .iter()
+        .find(|k| k.api_key == "default/search-team")
+        .unwrap()
+        .clone();
+    let now = jiff::Timestamp::now();
+    let (_, month) = usage::periods(now);
+    let period = usage::budget_period_id(tollgate_api::v1alpha1::BudgetPeriod::Monthly, now);
+    let spent = |id: &str| format!("{}:spent", usage::budget_prefix(id, &period));
+    let client = redis::Client::open(redis_url.as_str()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let _: () = redis::pipe()
+        .cmd("SET")
+        .arg(spent(&search.id))
+        .arg("187.5")
+        .ignore()
+        .cmd("HSET")
+        .arg(usage::usage_key(&search.id, &month))
+        .arg(usage::REQUESTS)
+        .arg(41)
+        .arg(usage::SPEND)
+        .arg("187.5")
+        .ignore()
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+
+    // The upgraded operator.
+    let (second, _) = start_operator(&emulator, "op-b", &args, &[]);
+    let switched = emulator
+        .wait_for(Duration::from_secs(30), |e| {
+            served(e)
+                .and_then(Result::ok)
+                .is_some_and(|c| c.config.keys.keys.iter().all(|k| k.id.len() == 24))
+        })
+        .await;
+    assert!(switched, "{}", second.logs());
+    let new_id = tollgate_api::compile::key_id("default", "search-team");
+    let carried: Option<String> = redis::cmd("GET")
+        .arg(spent(&new_id))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(carried.as_deref(), Some("187.5"), "{}", second.logs());
+    let requests: Option<u64> = redis::cmd("HGET")
+        .arg(usage::usage_key(&new_id, &month))
+        .arg(usage::REQUESTS)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(requests, Some(41));
+    assert!(
+        second
+            .logs()
+            .contains("moved budget spend and usage to the new key ids")
+    );
+    assert_nothing_refused(&emulator);
 }

@@ -35,9 +35,21 @@ fn examples_compile_without_any_diagnostic() {
     assert!(rendered.is_empty(), "{rendered:#?}");
 
     let c = &out.config;
-    assert_eq!(c.routing.providers.len(), 3, "mock, openai and anthropic");
-    assert_eq!(c.routing.routes.len(), 5);
-    assert_eq!(c.keys.keys.len(), 3);
+    assert_eq!(
+        c.routing.providers.len(),
+        5,
+        "mock, openai and anthropic; two mocks of the tenancy example"
+    );
+    assert_eq!(
+        c.routing.routes.len(),
+        8,
+        "five, and three of the tenancy example"
+    );
+    assert_eq!(
+        c.keys.keys.len(),
+        5,
+        "three, and two of the tenancy example"
+    );
     assert_eq!(
         c.credentials.providers.len(),
         2,
