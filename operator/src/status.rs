@@ -8,7 +8,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::ResourceExt;
 use tollgate_api::{
     compile::CompileOutput,
-    diagnostics::{ConditionState, Kind, ObjectRef, condition_types, reasons},
+    diagnostics::{ConditionState, Kind, ObjectRef, Severity, condition_types, reasons},
     v1alpha1::{
         ApiKey, ApiKeyStatus, CommonStatus, PreviousKey, Provider, ProviderStatus, RoutePolicy,
         RoutePolicyStatus,
@@ -84,6 +84,34 @@ fn transition(previous: Option<&CommonStatus>, next: &CommonStatus) -> Option<Ev
     })
 }
 
+/// The Event for a change of `Ready`, or else for a warning that was not in the previous
+/// `Ready` message (a shared route shadowed, a key that reaches no route…): a warning
+/// leaves `Ready` true, but the team that owns the object should still hear of it once.
+fn event(
+    previous: Option<&CommonStatus>,
+    next: &CommonStatus,
+    object: &ObjectRef,
+    out: &CompileOutput,
+) -> Option<EventNote> {
+    transition(previous, next).or_else(|| {
+        let before = previous
+            .and_then(|p| {
+                p.conditions
+                    .iter()
+                    .find(|c| c.type_ == condition_types::READY)
+            })
+            .map(|c| c.message.as_str())
+            .unwrap_or_default();
+        out.diagnostics_for(object)
+            .find(|d| d.severity == Severity::Warning && !before.contains(&d.message))
+            .map(|d| EventNote {
+                warning: true,
+                reason: d.reason.to_owned(),
+                note: truncate(&d.to_string(), 1000),
+            })
+    })
+}
+
 /// Events notes are limited to 1 KiB by the API server.
 fn truncate(text: &str, max: usize) -> String {
     if text.len() <= max {
@@ -134,7 +162,7 @@ pub fn provider(
         model_count: outcome.model_count,
     };
     (previous != Some(&next)).then(|| Update {
-        event: transition(previous.map(|s| &s.common), &next.common),
+        event: event(previous.map(|s| &s.common), &next.common, &object, out),
         status: next,
     })
 }
@@ -160,7 +188,7 @@ pub fn route_policy(
         ready_targets: outcome.ready_targets,
     };
     (previous != Some(&next)).then(|| Update {
-        event: transition(previous.map(|s| &s.common), &next.common),
+        event: event(previous.map(|s| &s.common), &next.common, &object, out),
         status: next,
     })
 }
@@ -203,7 +231,7 @@ pub fn api_key(
         usage: keep.usage,
     };
     (previous != Some(&next)).then(|| Update {
-        event: transition(previous.map(|s| &s.common), &next.common),
+        event: event(previous.map(|s| &s.common), &next.common, &object, out),
         status: next,
     })
 }
@@ -385,6 +413,33 @@ mod tests {
         let later = now() + jiff::SignedDuration::from_secs(31);
         let update = api_key(&key, &out, None, None, later).unwrap();
         assert_eq!(update.status.previous_key, None);
+    }
+
+    #[test]
+    fn a_new_warning_is_an_event_once_while_ready_stays_true() {
+        // The key's namespace serves nothing: Ready, with a NoRoutes warning.
+        let r = load(&WORLD.replace(
+            "kind: ApiKey\nmetadata: {name: app, namespace: default}",
+            "kind: ApiKey\nmetadata: {name: app, namespace: other}",
+        ));
+        let mut s = Secret::default();
+        s.metadata.name = Some("app-key".into());
+        s.metadata.namespace = Some("other".into());
+        s.data = Some(BTreeMap::from([(
+            "apiKey".to_owned(),
+            ByteString(b"tg_someKeyThatIsLongEnough000000000".to_vec()),
+        )]));
+        let out = compile(&r, &SecretStore::new([&s], "default"), now());
+        let mut key = r.api_keys[0].clone();
+        let update = api_key(&key, &out, None, None, now()).unwrap();
+        assert_eq!(update.status.common.conditions[0].status, "True");
+        let event = update.event.expect("the warning is news");
+        assert!(event.warning);
+        assert_eq!(event.reason, "NoRoutes");
+        // Written back, the same warning is not announced again.
+        key.status = Some(update.status);
+        let later = now() + jiff::SignedDuration::from_secs(60);
+        assert_eq!(api_key(&key, &out, None, None, later), None);
     }
 
     #[test]

@@ -50,6 +50,20 @@ apiVersion: tollgate.dev/v1alpha1
 kind: ApiKey
 metadata: {name: orphan, namespace: team-b}
 spec: {owner: search}
+---
+apiVersion: v1
+kind: Secret
+metadata: {name: some-token, namespace: team-b}
+stringData: {token: not-for-tollgate-0001}
+---
+apiVersion: tollgate.dev/v1alpha1
+kind: Provider
+metadata: {name: exfil, namespace: team-b}
+spec:
+  type: openaiCompatible
+  baseUrl: http://collector.example
+  credentials: {secretRef: {name: some-token, key: token}}
+  models: [{name: m}]
 "#;
 
 fn condition(e: &Emulator, ns: &str, plural: &str, name: &str, type_: &str) -> Option<Value> {
@@ -76,6 +90,7 @@ async fn run_as_the_chart_allows(values: Value, namespaces: &str) {
         .wait_for(Duration::from_secs(30), |e| {
             condition(e, "team-b", "apikeys", "app", "Ready").is_some_and(|c| c["status"] == "True")
                 && condition(e, "team-b", "apikeys", "orphan", "Ready").is_some()
+                && condition(e, "team-b", "providers", "exfil", "Ready").is_some()
                 && condition(e, "default", "apikeys", "local-dev", "Ready")
                     .is_some_and(|c| c["status"] == "True")
         })
@@ -108,6 +123,24 @@ async fn run_as_the_chart_allows(values: Value, namespaces: &str) {
             .keys
             .iter()
             .all(|k| k.api_key != "team-b/orphan")
+    );
+
+    // A Provider naming a Secret that never consented gets nothing, and the operator
+    // never asked the API for that Secret.
+    let exfil = condition(&emulator, "team-b", "providers", "exfil", "ResolvedRefs").unwrap();
+    assert_eq!(exfil["status"], "False");
+    assert_eq!(exfil["reason"], "SecretNotFound", "{exfil}");
+    assert!(!config.credentials.providers.contains_key("team-b/exfil"));
+    let secret_reads: Vec<String> = emulator
+        .requests()
+        .iter()
+        .filter(|r| r.resource.as_deref() == Some("secrets") && r.method == "GET")
+        .filter(|r| !r.query.contains("labelSelector"))
+        .map(|r| format!("{}?{}", r.path, r.query))
+        .collect();
+    assert!(
+        secret_reads.is_empty(),
+        "unselected Secret reads: {secret_reads:#?}"
     );
 
     // A rotation (replace of an owned Secret) is within the rules too.
