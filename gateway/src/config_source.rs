@@ -20,7 +20,7 @@ use arc_swap::ArcSwapOption;
 use prometheus_client::metrics::{counter::Counter, family::Family};
 use sha2::{Digest, Sha256};
 use tollgate_api::{
-    compile::{DEFAULT_NAMESPACE, SecretStore, compile},
+    compile::{CompileOptions, DEFAULT_NAMESPACE, SecretStore, compile_with},
     diagnostics::Severity,
     manifests, parts,
 };
@@ -253,7 +253,10 @@ fn compile_resources(files: &BTreeMap<String, Vec<u8>>) -> Result<Snapshot, Stri
         return Err(all.join("; "));
     }
     let secrets = SecretStore::new(&loaded.secrets, DEFAULT_NAMESPACE);
-    let out = compile(&loaded.resources, &secrets, jiff::Timestamp::now());
+    let options = CompileOptions {
+        allow_link_local_upstreams: crate::egress::allow_link_local(),
+    };
+    let out = compile_with(&loaded.resources, &secrets, jiff::Timestamp::now(), options);
     for d in &out.diagnostics {
         match d.severity {
             Severity::Error => {

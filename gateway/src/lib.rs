@@ -4,7 +4,9 @@
 pub mod accounting;
 pub mod cache;
 pub mod circuit;
+pub mod client_addr;
 pub mod config_source;
+pub mod egress;
 pub mod error;
 #[doc(hidden)]
 pub mod fuzzing;

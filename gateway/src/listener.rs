@@ -12,16 +12,17 @@ use hyper_util::{
 };
 use tokio::net::TcpListener;
 
-use crate::http::ClientAddr;
+use crate::{client_addr::TrustedProxies, http::ClientAddr};
 
 /// How connections are served.
 #[derive(Debug, Clone)]
 pub struct Options {
     /// Deadline for a request's headers.
     pub header_timeout: Duration,
-    /// Header naming the client address (first of a comma-separated list), trusted
-    /// instead of the peer address when set.
-    pub client_address_header: Option<http::HeaderName>,
+    /// Header proxies write the client address chain into (`x-forwarded-for`).
+    pub client_address_header: http::HeaderName,
+    /// Peers whose header is believed (see [`crate::client_addr`]).
+    pub trusted_proxies: std::sync::Arc<TrustedProxies>,
 }
 
 /// Serves `router` until `shutdown` completes, then stops accepting and waits for open
@@ -58,6 +59,7 @@ pub async fn serve(
                     router.clone(),
                     peer.ip(),
                     options.client_address_header.clone(),
+                    options.trusted_proxies.clone(),
                 )),
             );
         let connection = graceful.watch(connection);
@@ -71,12 +73,13 @@ pub async fn serve(
     graceful.shutdown().await;
 }
 
-/// `router`, with each request's [`ClientAddr`] set: the first address of `header` when
-/// configured and parseable, else the peer.
+/// `router`, with each request's [`ClientAddr`] set from the peer and, when the peer is a
+/// trusted proxy, the forwarding `header` ([`crate::client_addr`]).
 fn with_client_addr(
     router: Router,
     peer: std::net::IpAddr,
-    header: Option<http::HeaderName>,
+    header: http::HeaderName,
+    trusted: std::sync::Arc<TrustedProxies>,
 ) -> tower::util::MapRequest<
     Router,
     impl Fn(http::Request<hyper::body::Incoming>) -> http::Request<hyper::body::Incoming> + Clone,
@@ -84,19 +87,15 @@ fn with_client_addr(
     tower::util::MapRequest::new(
         router,
         move |mut req: http::Request<hyper::body::Incoming>| {
-            let forwarded = header.as_ref().and_then(|h| {
+            let addr = crate::client_addr::client_addr(
+                peer,
                 req.headers()
-                    .get(h)?
-                    .to_str()
-                    .ok()?
-                    .split(',')
-                    .next()?
-                    .trim()
-                    .parse()
-                    .ok()
-            });
-            req.extensions_mut()
-                .insert(ClientAddr(forwarded.unwrap_or(peer)));
+                    .get_all(&header)
+                    .iter()
+                    .filter_map(|v| v.to_str().ok()),
+                &trusted,
+            );
+            req.extensions_mut().insert(ClientAddr(addr));
             req
         },
     )

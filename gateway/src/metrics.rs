@@ -50,7 +50,8 @@ pub struct AttemptLabels {
     /// Provider id.
     pub provider: String,
     /// `success`, `connect_error`, `timeout`, `rate_limited`, `server_error`,
-    /// `credentials_rejected`, `circuit_open`, `saturated`, `client_error`.
+    /// `credentials_rejected`, `redirect`, `too_large`, `circuit_open`, `saturated`,
+    /// `client_error`.
     pub outcome: &'static str,
 }
 

@@ -124,6 +124,8 @@ enum Failure {
     Saturated(String),
     /// A whole answer larger than `--max-response-bytes`.
     TooLarge(String, usize),
+    /// A 3xx: redirects are never followed (they could carry the credential elsewhere).
+    Redirect(String, StatusCode),
 }
 
 impl Failure {
@@ -136,7 +138,7 @@ impl Failure {
             // Another target may be configured correctly: move on without counting on luck.
             Self::Credentials(_) | Self::Unsupported(_) | Self::NoModel(_) => true,
             // The same request would most likely get the same answer again.
-            Self::BadRequest(_) | Self::TooLarge(..) => false,
+            Self::BadRequest(_) | Self::TooLarge(..) | Self::Redirect(..) => false,
             Self::CircuitOpen(_) | Self::Saturated(_) => true,
         }
     }
@@ -149,6 +151,7 @@ impl Failure {
             Self::RateLimited(_) => "rate_limited",
             Self::Server(_) => "server_error",
             Self::TooLarge(..) => "too_large",
+            Self::Redirect(..) => "redirect",
             Self::Credentials(_) => "credentials_rejected",
             Self::Saturated(_) => "saturated",
             Self::CircuitOpen(_) => "circuit_open",
@@ -167,6 +170,7 @@ impl Failure {
                 | Self::Server(_)
                 | Self::Credentials(_)
                 | Self::TooLarge(..)
+                | Self::Redirect(..)
         )
     }
 
@@ -195,6 +199,10 @@ impl Failure {
             )),
             Self::Saturated(provider) => ApiError::UpstreamUnavailable(format!(
                 "The upstream provider {provider} is at its concurrency limit; retry later."
+            )),
+            Self::Redirect(provider, status) => ApiError::Upstream(format!(
+                "The upstream provider {provider} answered with a redirect (HTTP {}), which the gateway never follows; check the Provider's baseUrl.",
+                status.as_u16()
             )),
         }
     }
@@ -558,18 +566,27 @@ async fn attempt_once(
         }
         500 | 502 | 503 | 504 | 529 => return Err(Failure::Server(status)),
         401 | 403 => return Err(Failure::Credentials(config.id.clone())),
+        // Never followed and never relayed: a redirect would take the credential and the
+        // prompt to a host the Provider does not name (cloud metadata, for one).
+        300..=399 => return Err(Failure::Redirect(config.id.clone(), status)),
         // The upstream judged the request itself (400, 404, 422…): the client should see
-        // what it said, in the client's dialect. Nothing was generated: nothing is billed.
+        // what it said, in the client's dialect, but nothing of the Provider's credential
+        // or headers that the upstream may echo. Nothing was generated: nothing is billed.
         _ => {
-            return whole(
-                response,
-                attempt_deadline,
-                req.max_response_bytes,
-                &conversion,
-                None,
-            )
-            .await
-            .map_err(|f| f.named(&config.id));
+            let secrets: Vec<&str> = provider
+                .credential
+                .as_deref()
+                .into_iter()
+                .chain(config.headers.values().map(String::as_str))
+                .collect();
+            return relay::upstream_error(response, attempt_deadline, &conversion, &secrets)
+                .await
+                .map_err(|e| match e {
+                    WholeError::Timeout => Failure::Timeout,
+                    WholeError::Broken | WholeError::TooLarge => {
+                        Failure::Server(StatusCode::BAD_GATEWAY)
+                    }
+                });
         }
     }
     if let Some(a) = accounting.as_mut() {

@@ -78,7 +78,7 @@ impl Conversion {
         )
     }
 
-    fn client_dialect(&self) -> Dialect {
+    pub(crate) fn client_dialect(&self) -> Dialect {
         match self {
             Self::OpenAi { .. } | Self::AnthropicToOpenAi { .. } => Dialect::OpenAi,
             Self::Anthropic | Self::OpenAiToAnthropic { .. } => Dialect::Anthropic,
@@ -160,6 +160,153 @@ pub async fn whole(
         content_type.unwrap_or_else(|| HeaderValue::from_static("application/json")),
     );
     Ok(out)
+}
+
+/// Longest upstream error body read; the rest is not needed to say what went wrong.
+const MAX_ERROR_BODY: usize = 64 * 1024;
+
+/// Longest error message relayed from an upstream.
+const MAX_ERROR_MESSAGE: usize = 2_000;
+
+/// Relays an upstream's refusal (a non-2xx other than those the gateway answers itself)
+/// as a fresh error body in the client's dialect: the upstream's status, and its message,
+/// type and code when it gave them, with every `secrets` value (the Provider's credential
+/// and extra header values) cut out. Nothing else of the upstream body reaches the client,
+/// so an upstream that echoes request headers into its errors leaks nothing.
+pub async fn upstream_error(
+    response: reqwest::Response,
+    deadline: Instant,
+    conversion: &Conversion,
+    secrets: &[&str],
+) -> Result<Response, WholeError> {
+    let status = response.status();
+    let remaining = deadline.saturating_duration_since(Instant::now());
+    let bytes = match tokio::time::timeout(remaining, read_at_most(response, MAX_ERROR_BODY)).await
+    {
+        Err(_) => return Err(WholeError::Timeout),
+        Ok(Err(WholeError::TooLarge)) => Bytes::new(),
+        Ok(result) => result?,
+    };
+    let body = error_body(status, &bytes, conversion.client_dialect(), secrets);
+    let mut out = Response::new(Body::from(body.to_string()));
+    *out.status_mut() = status;
+    out.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    Ok(out)
+}
+
+/// The error body for an upstream refusal (see [`upstream_error`]).
+pub fn error_body(status: StatusCode, bytes: &[u8], dialect: Dialect, secrets: &[&str]) -> Value {
+    let upstream: Value = serde_json::from_slice(bytes).unwrap_or(Value::Null);
+    let error = &upstream["error"];
+    // OpenAI: {"error": {message, type, code, param}}; Anthropic: {"type": "error",
+    // "error": {type, message}}.
+    let text = |v: &Value| {
+        v.as_str()
+            .map(|t| redact(t, secrets))
+            .filter(|t| !t.is_empty())
+    };
+    let message = text(&error["message"]).unwrap_or_else(|| {
+        format!(
+            "The upstream provider refused the request with HTTP {}.",
+            status.as_u16()
+        )
+    });
+    let kind = text(&error["type"]).filter(|t| is_token(t));
+    let code = match &error["code"] {
+        Value::Number(n) => Some(n.to_string()),
+        other => text(other).filter(|t| is_token(t)),
+    };
+    let param = text(&error["param"]).filter(|t| t.len() <= 200);
+    match dialect {
+        Dialect::OpenAi => json!({"error": {
+            "message": message,
+            "type": kind.unwrap_or_else(|| "upstream_error".to_owned()),
+            "param": param,
+            "code": code,
+        }}),
+        Dialect::Anthropic => json!({"type": "error", "error": {
+            "type": kind.filter(|k| k.ends_with("_error")).unwrap_or_else(|| anthropic_kind(status).to_owned()),
+            "message": message,
+        }}),
+    }
+}
+
+/// Anthropic's error type for an HTTP status.
+fn anthropic_kind(status: StatusCode) -> &'static str {
+    match status.as_u16() {
+        400 | 413 | 422 => "invalid_request_error",
+        401 => "authentication_error",
+        403 => "permission_error",
+        404 => "not_found_error",
+        429 => "rate_limit_error",
+        503 | 529 => "overloaded_error",
+        _ => "api_error",
+    }
+}
+
+/// A short identifier-like string (an error type or code), nothing free-form.
+fn is_token(text: &str) -> bool {
+    text.len() <= 64
+        && text
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'))
+}
+
+/// Shortest run of a secret that is cut out of a message.
+const SECRET_WINDOW: usize = 8;
+
+/// `text` with every run of at least [`SECRET_WINDOW`] bytes taken from one of `secrets`
+/// (a whole value, or a piece of one that was cut or wrapped) replaced by `[redacted]`,
+/// cut to [`MAX_ERROR_MESSAGE`] bytes on a character boundary.
+fn redact(text: &str, secrets: &[&str]) -> String {
+    // Only what can be relayed is searched (a bounded cost on a 64 KiB body).
+    let mut cut = text.len().min(2 * MAX_ERROR_MESSAGE);
+    while !text.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    let text = &text[..cut];
+    let bytes = text.as_bytes();
+    let mut hidden = vec![false; bytes.len()];
+    for secret in secrets.iter().map(|s| s.as_bytes()) {
+        for window in secret.windows(SECRET_WINDOW) {
+            let mut from = 0;
+            while let Some(at) = find(&bytes[from..], window) {
+                let start = from + at;
+                hidden[start..start + window.len()].fill(true);
+                from = start + 1;
+            }
+        }
+    }
+    let mut out = String::with_capacity(text.len());
+    let mut in_secret = false;
+    for (i, c) in text.char_indices() {
+        if hidden[i..i + c.len_utf8()].iter().any(|h| *h) {
+            if !in_secret {
+                out.push_str("[redacted]");
+                in_secret = true;
+            }
+        } else {
+            in_secret = false;
+            out.push(c);
+        }
+    }
+    if out.len() > MAX_ERROR_MESSAGE {
+        let mut end = MAX_ERROR_MESSAGE;
+        while !out.is_char_boundary(end) {
+            end -= 1;
+        }
+        out.truncate(end);
+        out.push('…');
+    }
+    out
+}
+
+/// Where `needle` first occurs in `haystack`.
+fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
+    haystack.windows(needle.len()).position(|w| w == needle)
 }
 
 /// Reads a whole body, failing as soon as it is known to exceed `limit` bytes (from its
@@ -514,6 +661,53 @@ mod tests {
             feedback: None,
             span: tracing::Span::none(),
         }
+    }
+
+    #[test]
+    fn upstream_errors_are_rebuilt_in_the_clients_dialect_without_secrets() {
+        let secrets = ["sk-live-credential-0123456789", "org-header-value-99"];
+        let openai = br#"{"error": {"message": "bad key sk-live-credential-0123456789 (org-header-value-99), cut: sk-live-cred", "type": "invalid_request_error", "param": "model", "code": "model_not_found"}, "debug": "sk-live-credential-0123456789"}"#;
+        let out = error_body(StatusCode::NOT_FOUND, openai, Dialect::OpenAi, &secrets);
+        let text = out.to_string();
+        assert!(
+            !text.contains("sk-live-cred") && !text.contains("org-header"),
+            "{text}"
+        );
+        assert_eq!(out["error"]["type"], "invalid_request_error");
+        assert_eq!(out["error"]["code"], "model_not_found");
+        assert_eq!(out["error"]["param"], "model");
+        assert!(out.get("debug").is_none());
+
+        let anthropic =
+            br#"{"type": "error", "error": {"type": "not_found_error", "message": "model: nope"}}"#;
+        let out = error_body(
+            StatusCode::NOT_FOUND,
+            anthropic,
+            Dialect::Anthropic,
+            &secrets,
+        );
+        assert_eq!(
+            out,
+            json!({"type": "error", "error": {"type": "not_found_error", "message": "model: nope"}})
+        );
+        // Not JSON, or no message: a plain statement of the status, in either dialect.
+        let out = error_body(
+            StatusCode::IM_A_TEAPOT,
+            b"<html>sk-live-credential-0123456789</html>",
+            Dialect::Anthropic,
+            &secrets,
+        );
+        assert_eq!(out["error"]["type"], "api_error");
+        assert_eq!(
+            out["error"]["message"],
+            "The upstream provider refused the request with HTTP 418."
+        );
+        // Free text never passes as a type or code.
+        let odd =
+            br#"{"error": {"message": "m", "type": "a type with spaces", "code": {"nested": 1}}}"#;
+        let out = error_body(StatusCode::BAD_REQUEST, odd, Dialect::OpenAi, &secrets);
+        assert_eq!(out["error"]["type"], "upstream_error");
+        assert_eq!(out["error"]["code"], Value::Null);
     }
 
     #[test]

@@ -21,6 +21,8 @@ use crate::{
 
 /// Runs until a shutdown signal has been handled.
 pub async fn run(settings: Settings) -> anyhow::Result<()> {
+    // Before any configuration is compiled or any upstream client built.
+    crate::egress::set_policy(settings.allow_link_local_upstreams);
     let source = match &settings.resources {
         Some(path) => Source::Resources(path.clone()),
         None => Source::ConfigDirs(settings.config_dirs.clone()),
@@ -203,19 +205,27 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
             std::process::exit(0);
         });
     };
-    let client_address_header =
-        match settings.client_address_header.as_deref() {
-            Some(name) => Some(http::HeaderName::try_from(name.trim()).with_context(|| {
-                format!("--client-address-header {name:?} is not a header name")
-            })?),
-            None => None,
-        };
+    let trusted_proxies = crate::client_addr::TrustedProxies::parse(&settings.trusted_proxies)
+        .map_err(|e| anyhow::anyhow!("--trusted-proxies: {e}"))?;
+    // A header believed from any peer would let every client pick its own address.
+    if settings.client_address_header.is_some() && trusted_proxies.is_empty() {
+        anyhow::bail!(
+            "--client-address-header needs --trusted-proxies (the proxies' addresses or CIDRs): without them any client could name its own address"
+        );
+    }
+    let name = settings
+        .client_address_header
+        .as_deref()
+        .unwrap_or("x-forwarded-for");
+    let client_address_header = http::HeaderName::try_from(name.trim())
+        .with_context(|| format!("--client-address-header {name:?} is not a header name"))?;
     crate::listener::serve(
         listener,
         router,
         crate::listener::Options {
             header_timeout: settings.header_read_timeout,
             client_address_header,
+            trusted_proxies: std::sync::Arc::new(trusted_proxies),
         },
         shutdown,
     )

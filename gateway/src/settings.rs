@@ -118,12 +118,32 @@ pub struct Settings {
     #[arg(long, env = "TOLLGATE_AUTH_FAILURES_PER_MINUTE", default_value_t = 60)]
     pub auth_failures_per_minute: u32,
 
-    /// Take the client address from this request header (its first address, e.g.
-    /// `x-forwarded-for`) instead of the connection's peer. Set it only when every
-    /// request passes a proxy that sets the header; behind an L7 proxy without it, all
-    /// clients share the proxy's address for the failed-authentication throttle.
+    /// Proxies (addresses or CIDRs, comma-separated) whose forwarding header says who the
+    /// client is. A request from one of them gets the rightmost address of
+    /// `--client-address-header` that is not itself a trusted proxy (what the client wrote
+    /// further left is ignored); any other request gets its peer address. Empty (the
+    /// default): the header is never read. Behind an Ingress or L7 proxy, list its pod or
+    /// node CIDRs, or every client shares the proxy's address for the failed-
+    /// authentication throttle.
+    #[arg(
+        long,
+        env = "TOLLGATE_TRUSTED_PROXIES",
+        value_delimiter = ',',
+        value_name = "CIDR"
+    )]
+    pub trusted_proxies: Vec<String>,
+
+    /// The forwarding header trusted proxies write (default `x-forwarded-for`); needs
+    /// `--trusted-proxies`.
     #[arg(long, env = "TOLLGATE_CLIENT_ADDRESS_HEADER", value_name = "HEADER")]
     pub client_address_header: Option<String>,
+
+    /// Let Providers call link-local addresses (169.254.0.0/16, fe80::/10) and cloud
+    /// metadata endpoints (169.254.169.254, fd00:ec2::254, metadata.google.internal…).
+    /// Refused by default, in `baseUrl`s and whatever a name resolves to: they hand out
+    /// the node's credentials to whoever asks. Private ranges are always allowed.
+    #[arg(long, env = "TOLLGATE_ALLOW_LINK_LOCAL_UPSTREAMS")]
+    pub allow_link_local_upstreams: bool,
 
     /// Browser origins allowed to call the API (CORS), comma-separated; `*` allows any.
     /// Empty (the default) sends no CORS headers, so browsers refuse cross-origin calls.

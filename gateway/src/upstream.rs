@@ -113,6 +113,11 @@ pub fn client_for(provider: &CompiledProvider) -> Result<reqwest::Client, reqwes
         // each idle connection holds its buffers.
         .pool_max_idle_per_host(MAX_IDLE_CONNECTIONS)
         .tcp_nodelay(true)
+        // A redirect would send the credential header and the prompt to whatever host the
+        // upstream names; the attempt fails with a 502 instead (proxy.rs).
+        .redirect(reqwest::redirect::Policy::none())
+        // Names resolve through the egress policy (no link-local or metadata addresses).
+        .dns_resolver(crate::egress::EgressResolver::shared())
         .user_agent(concat!("tollgate/", env!("CARGO_PKG_VERSION")));
     // HTTP/2 carries every request to the provider on one connection. Token streams are
     // many small DATA frames, and h2 drops the whole connection (GOAWAY "too many data

@@ -370,8 +370,9 @@ async fn failed_authentications_are_throttled_per_client_address() {
         common::examples().to_str().unwrap(),
         "--auth-failures-per-minute",
         "5",
-        "--client-address-header",
-        "x-forwarded-for",
+        // The test client (127.0.0.1) plays an ingress behind an internal hop (10.0.0.1).
+        "--trusted-proxies",
+        "127.0.0.1/32,10.0.0.0/8",
     ]);
     let dev = "tg_localDevKeyForTheMockProviderOnly00000003";
     let body = json!({"model": "demo-chat", "messages": [{"role": "user", "content": "hi"}]});
@@ -411,4 +412,95 @@ async fn failed_authentications_are_throttled_per_client_address() {
         200,
         "the peer address"
     );
+}
+
+/// A gateway (failures allowed a minute: 3) trusting `proxies`.
+fn throttled_gateway(proxies: &str) -> Gateway {
+    Gateway::start(&[
+        "--resources",
+        common::examples().to_str().unwrap(),
+        "--auth-failures-per-minute",
+        "3",
+        "--trusted-proxies",
+        proxies,
+    ])
+}
+
+async fn guess(gw: &Gateway, forwarded: &str) -> u16 {
+    client()
+        .post(gw.url("/v1/chat/completions"))
+        .bearer_auth("tg_guess")
+        .header("x-forwarded-for", forwarded)
+        .json(&json!({"model": "demo-chat", "messages": [{"role": "user", "content": "hi"}]}))
+        .send()
+        .await
+        .unwrap()
+        .status()
+        .as_u16()
+}
+
+#[tokio::test]
+async fn a_client_that_is_not_a_trusted_proxy_cannot_dodge_the_throttle_with_forged_forwarding() {
+    // The test client (127.0.0.1) is not among the trusted proxies: its header is ignored.
+    let gw = throttled_gateway("10.0.0.0/8");
+    for i in 0..3 {
+        assert_eq!(guess(&gw, &format!("203.0.113.{i}")).await, 401);
+    }
+    for i in 3..6 {
+        assert_eq!(
+            guess(&gw, &format!("203.0.113.{i}")).await,
+            429,
+            "a fresh forged address is still the same peer"
+        );
+    }
+}
+
+#[tokio::test]
+async fn behind_trusted_proxies_the_rightmost_untrusted_address_is_throttled_not_the_forged_one() {
+    let gw = throttled_gateway("127.0.0.1/32,10.0.0.0/8");
+    // The client forges the left part; the ingress appended its real address.
+    for i in 0..3 {
+        assert_eq!(
+            guess(&gw, &format!("198.51.100.{i}, 203.0.113.7, 10.0.0.1")).await,
+            401
+        );
+    }
+    assert_eq!(
+        guess(&gw, "198.51.100.99, 203.0.113.7, 10.0.0.1").await,
+        429
+    );
+    // Nobody can get another client throttled by naming it on the left either.
+    assert_eq!(guess(&gw, "203.0.113.7, 192.0.2.50, 10.0.0.1").await, 401);
+}
+
+#[tokio::test]
+async fn ipv6_clients_are_throttled_per_64() {
+    let gw = throttled_gateway("127.0.0.1/32");
+    for host in ["2001:db8:5:6::1", "2001:db8:5:6::2", "2001:db8:5:6:aaaa::3"] {
+        assert_eq!(guess(&gw, host).await, 401);
+    }
+    assert_eq!(
+        guess(&gw, "2001:db8:5:6:ffff::4").await,
+        429,
+        "the same /64"
+    );
+    assert_eq!(guess(&gw, "2001:db8:5:7::1").await, 401, "another /64");
+}
+
+#[test]
+fn a_forwarding_header_without_trusted_proxies_is_refused_at_startup() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tollgate-gateway"))
+        .args([
+            "--resources",
+            common::examples().to_str().unwrap(),
+            "--client-address-header",
+            "x-forwarded-for",
+            "--listen",
+            "127.0.0.1:0",
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("--trusted-proxies"), "{stderr}");
 }

@@ -770,3 +770,164 @@ async fn no_retry_storm_when_every_upstream_fails_under_concurrent_load() {
         "{requests} concurrent requests against two failing upstreams: {attempts} upstream attempts, {opened} answered 503 by open circuits"
     );
 }
+
+#[tokio::test]
+async fn an_upstream_redirect_is_never_followed_and_never_carries_the_credential_away() {
+    // The Provider's host answers 302 towards another host (think cloud metadata): that
+    // host must see nothing, neither the credential nor the custom header nor the prompt.
+    let elsewhere = Upstream::start().await;
+    for status in [301, 302, 303, 307, 308] {
+        let up = Upstream::start().await;
+        up.script([Reply::Json(
+            status,
+            json!({"moved": true}),
+            vec![(
+                "location",
+                format!("{}/chat/completions", elsewhere.base_url()),
+            )],
+        )]);
+        let (gw, _dir) = start(
+            &provider(
+                "up",
+                "openaiCompatible",
+                &up.base_url(),
+                "  headers: {x-custom-credential: custom-secret-0001}\n",
+            ),
+            &simple_route(
+                "  retries: {attempts: 2, retryOn: [connectError, timeout, serverError]}\n",
+            ),
+        )
+        .await;
+        let resp = post(&gw, BODY).await;
+        assert_eq!(resp.status(), 502, "HTTP {status}");
+        let body: Value = resp.json().await.unwrap();
+        let message = body["error"]["message"].as_str().unwrap();
+        assert!(message.contains("redirect"), "{body}");
+        assert!(
+            !message.contains(&elsewhere.base_url()),
+            "the target is not echoed: {body}"
+        );
+        assert_eq!(up.received().len(), 1, "a redirect is not retried");
+        assert!(
+            elsewhere.received().is_empty(),
+            "HTTP {status}: the redirect was followed: {:?}",
+            elsewhere.received()
+        );
+        assert!(
+            gw.metrics().await.contains("outcome=\"redirect\""),
+            "HTTP {status}"
+        );
+    }
+}
+
+/// An upstream that answers every request with `status` and an error body echoing the
+/// request's headers (as some servers and proxies do), in its message and elsewhere.
+async fn echoing_upstream(status: u16) -> String {
+    use axum::{extract::Request, response::IntoResponse};
+    let app = axum::Router::new().fallback(move |request: Request| async move {
+        let headers: serde_json::Map<String, Value> = request
+            .headers()
+            .iter()
+            .map(|(k, v)| (k.to_string(), json!(v.to_str().unwrap_or_default())))
+            .collect();
+        let echoed = format!("{headers:?}");
+        let body = json!({
+            "error": {"message": format!("rejected; you sent {echoed}"), "type": "invalid_request_error", "code": "echo", "param": null},
+            "request_headers": headers,
+        });
+        (
+            http::StatusCode::from_u16(status).unwrap(),
+            [("content-type", "application/json")],
+            body.to_string(),
+        )
+            .into_response()
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    format!("http://{addr}/v1")
+}
+
+#[tokio::test]
+async fn upstream_errors_never_carry_the_providers_credential_or_headers_to_the_client() {
+    const CUSTOM: &str = "custom-header-secret-value-0001";
+    for status in [
+        301, 302, 400, 401, 403, 404, 409, 413, 418, 422, 429, 500, 501, 503, 505, 529,
+    ] {
+        let base = echoing_upstream(status).await;
+        let (gw, _dir) = start(
+            &provider(
+                "up",
+                "openaiCompatible",
+                &base,
+                &format!("  headers: {{x-custom-credential: {CUSTOM}}}\n"),
+            ),
+            &simple_route("  retries: {attempts: 0}\n"),
+        )
+        .await;
+        for stream in [false, true] {
+            let body = json!({"model": "gpt-4o", "stream": stream, "messages": [{"role": "user", "content": "hi"}]});
+            let resp = post(&gw, &body.to_string()).await;
+            let code = resp.status().as_u16();
+            assert!(code >= 400, "HTTP {status} became {code}");
+            let text = resp.text().await.unwrap();
+            for secret in [UPSTREAM_TOKEN, CUSTOM, &UPSTREAM_TOKEN[..12], &CUSTOM[..16]] {
+                assert!(
+                    !text.contains(secret),
+                    "HTTP {status} (stream {stream}) relayed {secret:?}: {text}"
+                );
+            }
+            let error: Value = serde_json::from_str(&text).unwrap_or_else(|_| panic!("{text}"));
+            assert!(error["error"]["message"].is_string(), "{text}");
+            assert!(error.get("request_headers").is_none(), "{text}");
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_provider_on_a_cloud_metadata_address_is_refused_unless_the_gateway_allows_it() {
+    // Never called: the only traffic these tests send stays on this machine.
+    let metadata = "http://169.254.169.254/latest";
+    let dir = tempfile::tempdir().unwrap();
+    config(
+        dir.path(),
+        &provider("up", "openaiCompatible", metadata, ""),
+        &simple_route(""),
+    );
+    let gw = Gateway::start(&["--resources", dir.path().to_str().unwrap()]);
+    let resp = post(&gw, BODY).await;
+    assert_eq!(resp.status(), 404, "the route has no usable target");
+    assert!(
+        gw.logs().contains("--allow-link-local-upstreams"),
+        "{}",
+        gw.logs()
+    );
+    let models = |gw: &Gateway| {
+        let url = gw.url("/v1/models");
+        async move {
+            client()
+                .get(url)
+                .bearer_auth(KEY)
+                .send()
+                .await
+                .unwrap()
+                .json::<Value>()
+                .await
+                .unwrap()["data"]
+                .as_array()
+                .unwrap()
+                .len()
+        }
+    };
+    assert_eq!(models(&gw).await, 0);
+    let allowed = Gateway::start(&[
+        "--resources",
+        dir.path().to_str().unwrap(),
+        "--allow-link-local-upstreams",
+    ]);
+    assert_eq!(
+        models(&allowed).await,
+        2,
+        "served when the operator of the gateway says so"
+    );
+}

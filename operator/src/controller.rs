@@ -39,7 +39,9 @@ use serde::{Serialize, de::DeserializeOwned};
 use serde_json::{Value, json};
 use tokio::sync::{Notify, watch};
 use tollgate_api::{
-    compile::{CompileOutput, DEFAULT_NAMESPACE, Resources, SecretStore, compile},
+    compile::{
+        CompileOptions, CompileOutput, DEFAULT_NAMESPACE, Resources, SecretStore, compile_with,
+    },
     diagnostics::{Diagnostic, Kind, ObjectRef, Severity, condition_types, reasons},
     parts,
     redis_conn::SharedConn,
@@ -324,6 +326,8 @@ pub struct Reconciler {
     pub metrics: Arc<Metrics>,
     /// Checked before every write: only the Lease holder writes.
     pub fence: Fence,
+    /// How objects are compiled (`--allow-link-local-upstreams`).
+    pub compile_options: CompileOptions,
 }
 
 /// The input of one reconcile, read from the caches.
@@ -759,7 +763,7 @@ impl Reconciler {
             keys::owned_by(secret, key).then_some(secret)
         });
         let secrets = SecretStore::new(snapshot.credentials.iter().chain(owned), DEFAULT_NAMESPACE);
-        let mut out = compile(&resources, &secrets, now);
+        let mut out = compile_with(&resources, &secrets, now, self.compile_options);
         apply_conflicts(&mut out, &conflicts);
         let split = parts::split(&out.config).map_err(|e| ReconcileError::Config(e.to_string()))?;
         report.config_hash = split.config_hash.clone();

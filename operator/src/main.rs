@@ -52,6 +52,10 @@ enum Command {
         /// With --objects: name prefix of the generated objects.
         #[arg(long, default_value = "tollgate-gateway", requires = "objects")]
         prefix: String,
+        /// Accept Provider baseUrls on link-local and cloud metadata addresses, as `run
+        /// --allow-link-local-upstreams` does.
+        #[arg(long)]
+        allow_link_local_upstreams: bool,
     },
     /// Print the CustomResourceDefinitions (YAML) for `kubectl apply -f -`.
     Crds,
@@ -102,6 +106,7 @@ fn main() -> ExitCode {
             show_secrets,
             namespace,
             prefix,
+            allow_link_local_upstreams,
         } => {
             let objects = objects.then_some(render::ObjectsOutput {
                 show_secrets,
@@ -111,7 +116,10 @@ fn main() -> ExitCode {
                     max_key_shards: tollgate_api::parts::MAX_KEY_SHARDS,
                 },
             });
-            render::run(&path, output.as_deref(), json, objects.as_ref())
+            let options = tollgate_api::compile::CompileOptions {
+                allow_link_local_upstreams,
+            };
+            render::run(&path, output.as_deref(), json, objects.as_ref(), options)
         }
         Command::Crds => {
             for (_, crd) in tollgate_api::crd::all() {

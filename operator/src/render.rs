@@ -4,7 +4,7 @@ use std::{path::Path, process::ExitCode};
 
 use anyhow::Context;
 use tollgate_api::{
-    compile::{DEFAULT_NAMESPACE, SecretStore, compile},
+    compile::{CompileOptions, DEFAULT_NAMESPACE, SecretStore, compile_with},
     diagnostics::Severity,
     manifests, parts,
 };
@@ -24,6 +24,7 @@ pub fn run(
     output: Option<&Path>,
     json: bool,
     objects: Option<&ObjectsOutput>,
+    options: CompileOptions,
 ) -> anyhow::Result<ExitCode> {
     let loaded = match manifests::load_path(path) {
         Ok(l) => l,
@@ -41,7 +42,7 @@ pub fn run(
         );
     }
     let secrets = SecretStore::new(&loaded.secrets, DEFAULT_NAMESPACE);
-    let out = compile(&loaded.resources, &secrets, jiff::Timestamp::now());
+    let out = compile_with(&loaded.resources, &secrets, jiff::Timestamp::now(), options);
 
     for d in &out.diagnostics {
         if json {

@@ -193,6 +193,9 @@ pub async fn run(settings: RunSettings) -> anyhow::Result<()> {
         recorder: Recorder::new(client.clone(), controller::reporter(&identity)),
         metrics: metrics.clone(),
         fence: fence.clone(),
+        compile_options: tollgate_api::compile::CompileOptions {
+            allow_link_local_upstreams: settings.allow_link_local_upstreams,
+        },
     };
     let loop_task = tokio::spawn(controller::run_loop(
         reconciler,

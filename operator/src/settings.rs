@@ -35,6 +35,12 @@ pub struct RunSettings {
     #[arg(long, env = "TOLLGATE_NAMESPACES", value_delimiter = ',')]
     pub namespaces: Vec<String>,
 
+    /// Accept Provider baseUrls on link-local addresses (169.254.0.0/16, fe80::/10) and
+    /// cloud metadata hosts; refused by default (gateways refuse them again at connect
+    /// time unless they run with the same flag).
+    #[arg(long, env = "TOLLGATE_ALLOW_LINK_LOCAL_UPSTREAMS")]
+    pub allow_link_local_upstreams: bool,
+
     /// Namespace the gateways run in, where the generated ConfigMap and Secrets are
     /// written. Default: the operator's own namespace.
     #[arg(long, env = "TOLLGATE_GATEWAY_NAMESPACE")]

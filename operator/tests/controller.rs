@@ -174,6 +174,7 @@ fn reconciler(client: Client) -> Reconciler {
         redis_timeout: Duration::from_secs(1),
         metrics: Arc::new(Metrics::new()),
         fence: Fence::open(),
+        compile_options: Default::default(),
     }
 }
 

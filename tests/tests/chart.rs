@@ -117,6 +117,11 @@ fn value_sets() -> Vec<(&'static str, Value, &'static [&'static str])> {
         ),
         ("no Redis", json!({"redis": {"mode": "none"}}), &[]),
         (
+            "trusted proxies, link-local upstreams allowed",
+            json!({"allowLinkLocalUpstreams": true, "gateway": {"trustedProxies": ["10.0.0.0/8", "fd00::/8"]}}),
+            &[],
+        ),
+        (
             "monitoring on",
             json!({"monitoring": {"serviceMonitor": {"enabled": true, "labels": {"release": "prom"}}, "prometheusRule": {"enabled": true}}}),
             &MONITORING,
@@ -957,4 +962,40 @@ fn the_grafana_dashboard_is_valid_and_queries_only_catalogued_metrics() {
             }
         }
     }
+}
+
+#[test]
+fn egress_and_proxy_settings_reach_the_pods_that_enforce_them() {
+    let r = render(
+        json!({"allowLinkLocalUpstreams": true, "gateway": {"trustedProxies": ["10.0.0.0/8"]}}),
+    );
+    let env_of = |component: &str| -> Vec<Value> {
+        r.docs
+            .iter()
+            .find(|d| {
+                d["kind"] == "Deployment"
+                    && d["metadata"]["labels"]["app.kubernetes.io/component"] == component
+            })
+            .unwrap_or_else(|| panic!("a {component} Deployment"))["spec"]["template"]["spec"]
+            ["containers"][0]["env"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+    };
+    let has = |env: &[Value], name: &str, value: &str| {
+        env.iter().any(|e| e["name"] == name && e["value"] == value)
+    };
+    let gateway = env_of("gateway");
+    assert!(has(&gateway, "TOLLGATE_TRUSTED_PROXIES", "10.0.0.0/8"));
+    assert!(has(&gateway, "TOLLGATE_ALLOW_LINK_LOCAL_UPSTREAMS", "true"));
+    assert!(has(
+        &env_of("operator"),
+        "TOLLGATE_ALLOW_LINK_LOCAL_UPSTREAMS",
+        "true"
+    ));
+    // Off by default: neither is set.
+    let defaults = render(json!({}));
+    let text = serde_json::to_string(&defaults.docs).unwrap();
+    assert!(!text.contains("TOLLGATE_ALLOW_LINK_LOCAL_UPSTREAMS"));
+    assert!(!text.contains("TOLLGATE_TRUSTED_PROXIES"));
 }

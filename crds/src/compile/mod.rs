@@ -6,6 +6,7 @@
 //! reported; it never breaks the rest.
 
 mod api_key;
+pub mod egress;
 mod guardrails;
 pub mod patterns;
 mod provider;
@@ -226,8 +227,26 @@ fn compile_limits(
     })
 }
 
-/// Compiles `resources` against `secrets` as of `now`.
+/// Choices of whoever runs `compile` (the operator's or the standalone gateway's flags).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CompileOptions {
+    /// Accept Provider `baseUrl`s on link-local addresses and cloud metadata hosts
+    /// (refused by default: see [`egress`]).
+    pub allow_link_local_upstreams: bool,
+}
+
+/// Compiles `resources` against `secrets` as of `now`, with default options.
 pub fn compile(resources: &Resources, secrets: &SecretStore, now: Timestamp) -> CompileOutput {
+    compile_with(resources, secrets, now, CompileOptions::default())
+}
+
+/// Compiles `resources` against `secrets` as of `now`.
+pub fn compile_with(
+    resources: &Resources,
+    secrets: &SecretStore,
+    now: Timestamp,
+    options: CompileOptions,
+) -> CompileOutput {
     let mut report = Report::default();
     let mut objects = BTreeMap::new();
     let mut config = GatewayConfig::default();
@@ -235,6 +254,7 @@ pub fn compile(resources: &Resources, secrets: &SecretStore, now: Timestamp) -> 
     let known_providers = provider::compile_all(
         &resources.providers,
         secrets,
+        options,
         &mut config,
         &mut report,
         &mut objects,

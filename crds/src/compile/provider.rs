@@ -65,6 +65,7 @@ pub(super) fn shared_with(object: &ObjectRef, list: &[String], report: &mut Repo
 pub(super) fn compile_all(
     providers: &[Provider],
     secrets: &SecretStore,
+    options: super::CompileOptions,
     config: &mut GatewayConfig,
     report: &mut Report,
     objects: &mut BTreeMap<ObjectRef, ObjectOutcome>,
@@ -73,7 +74,7 @@ pub(super) fn compile_all(
     for p in providers {
         let object = object_ref(Kind::Provider, p);
         let id = format!("{}/{}", object.namespace, object.name);
-        let compiled = compile_one(&id, &object, &p.spec, secrets, report);
+        let compiled = compile_one(&id, &object, &p.spec, secrets, options, report);
         let served = compiled.is_some();
         let mut outcome = ObjectOutcome {
             served,
@@ -112,12 +113,13 @@ fn compile_one(
     object: &ObjectRef,
     spec: &ProviderSpec,
     secrets: &SecretStore,
+    options: super::CompileOptions,
     report: &mut Report,
 ) -> Option<(CompiledProvider, Option<String>)> {
     let before = report.errors_for(object);
     let kind = spec.provider_type;
 
-    let base_url = base_url(object, spec, report);
+    let base_url = base_url(object, spec, options, report);
 
     // Per-type sections.
     if (kind == ProviderType::AzureOpenAi) != spec.azure.is_some() {
@@ -248,7 +250,12 @@ fn compile_one(
     ))
 }
 
-fn base_url(object: &ObjectRef, spec: &ProviderSpec, report: &mut Report) -> String {
+fn base_url(
+    object: &ObjectRef,
+    spec: &ProviderSpec,
+    options: super::CompileOptions,
+    report: &mut Report,
+) -> String {
     let field = "spec.baseUrl";
     let given = spec.base_url.as_deref();
     let text = match (spec.provider_type, given) {
@@ -305,6 +312,20 @@ fn base_url(object: &ObjectRef, spec: &ProviderSpec, report: &mut Report) -> Str
             field,
             "the URL must not have a query or fragment",
         ),
+        Ok(u)
+            if !options.allow_link_local_upstreams
+                && super::egress::forbidden_host(&u).is_some() =>
+        {
+            let why = super::egress::forbidden_host(&u).unwrap_or_default();
+            report.error(
+                object,
+                reasons::INVALID_SPEC,
+                field,
+                format!(
+                    "{why}: the gateway never calls such addresses unless it runs with --allow-link-local-upstreams"
+                ),
+            );
+        }
         Ok(_) => {}
     }
     text.trim_end_matches('/').to_owned()

@@ -729,6 +729,42 @@ fn base_url_with_userinfo_is_rejected_without_echoing_the_password() {
 }
 
 #[test]
+fn base_urls_on_cloud_metadata_or_link_local_addresses_are_refused_unless_allowed() {
+    for url in [
+        "http://169.254.169.254/latest/meta-data",
+        "http://[fd00:ec2::254]/v1",
+        "http://metadata.google.internal/computeMetadata/v1",
+    ] {
+        let mut p = provider("vllm", ProviderType::OpenaiCompatible, &["gpt-4o"]);
+        p.spec.base_url = Some(url.to_owned());
+        let world = World::default()
+            .provider(p)
+            .secret(credential_secret("vllm", "token-vllm"));
+        let out = world.compile();
+        let object = provider_ref("vllm");
+        assert_diagnostic(
+            &out,
+            &object,
+            Severity::Error,
+            reasons::INVALID_SPEC,
+            "spec.baseUrl",
+            "--allow-link-local-upstreams",
+        );
+        assert_left_out(&out, &object);
+        let store = SecretStore::new(&world.secrets, DEFAULT_NAMESPACE);
+        let allowed = super::compile_with(
+            &world.resources,
+            &store,
+            now(),
+            super::CompileOptions {
+                allow_link_local_upstreams: true,
+            },
+        );
+        assert_clean(&allowed, &object);
+    }
+}
+
+#[test]
 fn azure_section_is_required_exactly_for_azure_providers() {
     let mut azure_without = provider("azure", ProviderType::AzureOpenAi, &["gpt-4o"]);
     azure_without.spec.azure = None;

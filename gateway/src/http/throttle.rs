@@ -3,12 +3,15 @@
 //! get 429 before any key is looked at, until the bucket refills. Guessing keys from one
 //! address becomes slow, and a client stuck on a bad key backs off.
 //!
-//! Requests from addresses that never failed cost one atomic load: the map is consulted
-//! only while some address is throttled.
+//! IPv6 clients are counted per /64 (one customer network: rotating addresses within it
+//! changes nothing). Requests from addresses that never failed cost one atomic load: the
+//! tables are consulted only while some address is throttled. The tables are bounded and
+//! sharded: a full shard forgets its oldest entry (O(1)), never scanning under a lock.
 
 use std::{
-    collections::HashMap,
-    net::IpAddr,
+    collections::{HashMap, VecDeque},
+    hash::{BuildHasher, RandomState},
+    net::{IpAddr, Ipv6Addr},
     sync::{
         Mutex,
         atomic::{AtomicU64, Ordering},
@@ -16,11 +19,13 @@ use std::{
     time::{Duration, Instant},
 };
 
-/// Addresses tracked at most; beyond, those whose bucket is full again are forgotten.
+/// Addresses (or /64s) tracked at most, over all shards.
 const MAX_TRACKED: usize = 100_000;
 
-/// The client address of a request (set by the listener: the peer, or the first address
-/// of the configured forwarding header).
+/// Independent tables, so that failures from many addresses do not queue on one lock.
+const SHARDS: usize = 16;
+
+/// The client address of a request (set by the listener; see [`crate::client_addr`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ClientAddr(pub IpAddr);
 
@@ -30,6 +35,13 @@ struct Bucket {
     updated: Instant,
 }
 
+/// One shard: buckets, and their keys in insertion order for eviction.
+#[derive(Debug, Default)]
+struct Shard {
+    buckets: HashMap<IpAddr, Bucket>,
+    order: VecDeque<IpAddr>,
+}
+
 /// The throttle.
 #[derive(Debug)]
 pub struct AuthThrottle {
@@ -37,18 +49,43 @@ pub struct AuthThrottle {
     started: Instant,
     /// Until when (ms after `started`) some address may be throttled.
     throttled_until_ms: AtomicU64,
-    buckets: Mutex<HashMap<IpAddr, Bucket>>,
+    hasher: RandomState,
+    shards: Vec<Mutex<Shard>>,
+    per_shard: usize,
+}
+
+/// What the throttle counts for `addr`: the address, or its /64 for IPv6.
+fn throttle_key(addr: IpAddr) -> IpAddr {
+    match crate::client_addr::canonical(addr) {
+        IpAddr::V6(v6) => {
+            let bits = u128::from(v6) & !((1u128 << 64) - 1);
+            IpAddr::V6(Ipv6Addr::from(bits))
+        }
+        v4 => v4,
+    }
 }
 
 impl AuthThrottle {
     /// Allows `per_minute` failed authentications a minute per address; 0 turns it off.
     pub fn new(per_minute: u32) -> Self {
+        Self::with_capacity(per_minute, MAX_TRACKED)
+    }
+
+    /// Like [`AuthThrottle::new`], tracking at most about `capacity` addresses.
+    pub fn with_capacity(per_minute: u32, capacity: usize) -> Self {
         Self {
             per_minute,
             started: Instant::now(),
             throttled_until_ms: AtomicU64::new(0),
-            buckets: Mutex::new(HashMap::new()),
+            hasher: RandomState::new(),
+            shards: (0..SHARDS).map(|_| Mutex::default()).collect(),
+            per_shard: capacity.div_ceil(SHARDS).max(1),
         }
+    }
+
+    fn shard(&self, key: IpAddr) -> std::sync::MutexGuard<'_, Shard> {
+        let i = (self.hasher.hash_one(key) as usize) % SHARDS;
+        self.shards[i].lock().unwrap_or_else(|e| e.into_inner())
     }
 
     fn now_ms(&self) -> u64 {
@@ -69,8 +106,9 @@ impl AuthThrottle {
             return None;
         }
         let now = Instant::now();
-        let mut buckets = self.buckets.lock().unwrap_or_else(|e| e.into_inner());
-        let bucket = buckets.get_mut(&addr)?;
+        let key = throttle_key(addr);
+        let mut shard = self.shard(key);
+        let bucket = shard.buckets.get_mut(&key)?;
         self.refill(bucket, now);
         (bucket.tokens < 1.0).then(|| self.wait(bucket))
     }
@@ -85,15 +123,20 @@ impl AuthThrottle {
             return;
         }
         let now = Instant::now();
-        let mut buckets = self.buckets.lock().unwrap_or_else(|e| e.into_inner());
-        if buckets.len() >= MAX_TRACKED && !buckets.contains_key(&addr) {
-            let capacity = f64::from(self.per_minute);
-            buckets.retain(|_, b| {
-                self.refill(b, now);
-                b.tokens < capacity
-            });
+        let key = throttle_key(addr);
+        let mut guard = self.shard(key);
+        let shard = &mut *guard;
+        if !shard.buckets.contains_key(&key) {
+            // Full: forget the oldest entry (most likely refilled long ago).
+            while shard.buckets.len() >= self.per_shard {
+                let Some(oldest) = shard.order.pop_front() else {
+                    break;
+                };
+                shard.buckets.remove(&oldest);
+            }
+            shard.order.push_back(key);
         }
-        let bucket = buckets.entry(addr).or_insert(Bucket {
+        let bucket = shard.buckets.entry(key).or_insert(Bucket {
             tokens: f64::from(self.per_minute),
             updated: now,
         });
@@ -103,6 +146,14 @@ impl AuthThrottle {
             let until = self.now_ms() + self.wait(bucket).as_millis() as u64 + 1;
             self.throttled_until_ms.fetch_max(until, Ordering::Relaxed);
         }
+    }
+
+    /// Addresses (or /64s) tracked now.
+    pub fn tracked(&self) -> usize {
+        self.shards
+            .iter()
+            .map(|s| s.lock().unwrap_or_else(|e| e.into_inner()).buckets.len())
+            .sum()
     }
 }
 
@@ -125,6 +176,38 @@ mod tests {
             "{wait:?}"
         );
         assert_eq!(throttle.check(b), None, "other addresses are not");
+    }
+
+    #[test]
+    fn ipv6_clients_are_counted_per_64_and_ipv4_mapped_as_ipv4() {
+        let throttle = AuthThrottle::new(2);
+        throttle.failed("2001:db8:1:2::1".parse().unwrap());
+        throttle.failed("2001:db8:1:2:ffff::9".parse().unwrap());
+        // Another address of the same /64: throttled with it.
+        assert!(
+            throttle
+                .check("2001:db8:1:2::abcd".parse().unwrap())
+                .is_some()
+        );
+        assert_eq!(throttle.check("2001:db8:1:3::1".parse().unwrap()), None);
+        throttle.failed("::ffff:192.0.2.1".parse().unwrap());
+        throttle.failed("192.0.2.1".parse().unwrap());
+        assert!(throttle.check("192.0.2.1".parse().unwrap()).is_some());
+    }
+
+    #[test]
+    fn the_table_stays_bounded_and_forgets_its_oldest_entries() {
+        let throttle = AuthThrottle::with_capacity(1, 160);
+        for i in 0..10_000u32 {
+            throttle.failed(IpAddr::from(i.to_be_bytes()));
+        }
+        assert!(throttle.tracked() <= 160, "{}", throttle.tracked());
+        // The newest are still throttled.
+        assert!(
+            throttle
+                .check(IpAddr::from(9_999u32.to_be_bytes()))
+                .is_some()
+        );
     }
 
     #[test]
