@@ -537,6 +537,11 @@ fn monitoring_alerts_use_metrics_tollgate_exports() {
     for m in &monitors {
         assert_eq!(m["spec"]["endpoints"][0]["port"], "admin");
         assert_eq!(m["spec"]["endpoints"][0]["path"], "/metrics");
+        // Only the metrics Services carry the admin port.
+        assert_eq!(
+            m["spec"]["selector"]["matchLabels"]["tollgate.dev/metrics"],
+            "true"
+        );
     }
     let rule = r
         .docs
@@ -998,4 +1003,72 @@ fn egress_and_proxy_settings_reach_the_pods_that_enforce_them() {
     let text = serde_json::to_string(&defaults.docs).unwrap();
     assert!(!text.contains("TOLLGATE_ALLOW_LINK_LOCAL_UPSTREAMS"));
     assert!(!text.contains("TOLLGATE_TRUSTED_PROXIES"));
+}
+
+#[test]
+fn network_defaults_are_closed_and_metrics_never_share_the_api_service() {
+    let port_names = |svc: &Value| -> Vec<String> {
+        svc["spec"]["ports"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| p["name"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    // A public API does not publish the admin port (metrics, probes).
+    let r = good(
+        json!({"gateway": {"service": {"type": "LoadBalancer"}}}),
+        &[],
+    );
+    let api = find(&r.docs, "Service", "tollgate-gateway");
+    assert_eq!(api["spec"]["type"], "LoadBalancer");
+    assert_eq!(port_names(api), ["http"]);
+    let metrics = find(&r.docs, "Service", "tollgate-gateway-metrics");
+    assert_eq!(metrics["spec"]["type"], "ClusterIP");
+    assert_eq!(port_names(metrics), ["admin"]);
+
+    // NetworkPolicies by default: the API open to the cluster's pods, admin ports closed.
+    let r = good(json!({}), &[]);
+    let gateway = find(&r.docs, "NetworkPolicy", "tollgate-gateway");
+    let rules = gateway["spec"]["ingress"].as_array().unwrap();
+    assert_eq!(rules.len(), 1, "{rules:?}");
+    assert_eq!(rules[0]["ports"][0]["port"], "http");
+    assert_eq!(rules[0]["from"], json!([{"namespaceSelector": {}}]));
+    let operator = find(&r.docs, "NetworkPolicy", "tollgate-operator");
+    assert_eq!(operator["spec"]["ingress"], json!([]));
+    assert!(
+        !r.docs
+            .iter()
+            .any(|d| d["metadata"]["name"] == "tollgate-gateway-egress"),
+        "egress stays open unless asked"
+    );
+
+    // Scraping is opened to exactly the peers named.
+    let scraper = json!([{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}]);
+    let r = good(
+        json!({"networkPolicy": {"metricsFrom": scraper, "egress": {"enabled": true, "to": [{"ipBlock": {"cidr": "0.0.0.0/0", "except": ["169.254.0.0/16"]}}], "ports": [{"port": 443, "protocol": "TCP"}]}}}),
+        &[],
+    );
+    for name in ["tollgate-gateway", "tollgate-operator"] {
+        let rules = find(&r.docs, "NetworkPolicy", name)["spec"]["ingress"]
+            .as_array()
+            .unwrap()
+            .clone();
+        let admin = rules
+            .iter()
+            .find(|r| r["ports"][0]["port"] == "admin")
+            .unwrap_or_else(|| panic!("{name}: no admin rule"));
+        assert_eq!(admin["from"], scraper, "{name}");
+    }
+    let egress = find(&r.docs, "NetworkPolicy", "tollgate-gateway-egress");
+    let to: Vec<&Value> = egress["spec"]["egress"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .collect();
+    assert_eq!(to[0]["ports"][0]["port"], 53, "DNS first");
+    assert_eq!(
+        to.last().unwrap()["to"][0]["ipBlock"]["except"],
+        json!(["169.254.0.0/16"])
+    );
 }
