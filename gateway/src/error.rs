@@ -57,6 +57,12 @@ pub enum ApiError {
     /// The body exceeds the configured limit.
     #[error("Request body is larger than the limit of {0} bytes.")]
     PayloadTooLarge(usize),
+    /// The request needs more memory than the whole in-flight budget (`--max-inflight-bytes`).
+    #[error("{0}")]
+    TooComplex(String),
+    /// The in-flight memory budget is used up by other requests right now.
+    #[error("The gateway is at its limit of request memory in flight; retry shortly.")]
+    Overloaded,
     /// The body did not arrive in time.
     #[error("The request body was not received in time.")]
     RequestTimeout,
@@ -120,11 +126,12 @@ impl ApiError {
             Self::ModelNotAllowed(_) => StatusCode::FORBIDDEN,
             Self::ModelNotFound(_) | Self::NotFound { .. } => StatusCode::NOT_FOUND,
             Self::BadRequest { .. } | Self::GuardrailBlocked { .. } => StatusCode::BAD_REQUEST,
-            Self::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::PayloadTooLarge(_) | Self::TooComplex(_) => StatusCode::PAYLOAD_TOO_LARGE,
             Self::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
-            Self::Unavailable | Self::LimitsUnavailable | Self::UsageUnavailable => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
+            Self::Unavailable
+            | Self::LimitsUnavailable
+            | Self::UsageUnavailable
+            | Self::Overloaded => StatusCode::SERVICE_UNAVAILABLE,
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
             Self::Upstream(_) | Self::GuardrailBlockedAnswer { .. } => StatusCode::BAD_GATEWAY,
             Self::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
@@ -144,12 +151,14 @@ impl ApiError {
             | Self::BadRequest { .. }
             | Self::GuardrailBlocked { .. }
             | Self::PayloadTooLarge(_)
+            | Self::TooComplex(_)
             | Self::RequestTimeout
             | Self::NotFound { .. } => "invalid_request_error",
             Self::ModelNotAllowed(_) => "permission_error",
-            Self::Unavailable | Self::LimitsUnavailable | Self::UsageUnavailable => {
-                "service_unavailable"
-            }
+            Self::Unavailable
+            | Self::LimitsUnavailable
+            | Self::UsageUnavailable
+            | Self::Overloaded => "service_unavailable",
             Self::Internal(_)
             | Self::Upstream(_)
             | Self::GuardrailBlockedAnswer { .. }
@@ -174,7 +183,8 @@ impl ApiError {
             Self::GuardrailBlocked { .. } | Self::GuardrailBlockedAnswer { .. } => {
                 "guardrail_blocked"
             }
-            Self::PayloadTooLarge(_) => "request_too_large",
+            Self::PayloadTooLarge(_) | Self::TooComplex(_) => "request_too_large",
+            Self::Overloaded => "overloaded",
             Self::RequestTimeout => "request_timeout",
             Self::NotFound { .. } => "unknown_url",
             Self::Unavailable => "not_ready",
@@ -222,6 +232,7 @@ impl IntoResponse for ApiError {
             Self::Unavailable
             | Self::LimitsUnavailable
             | Self::UsageUnavailable
+            | Self::Overloaded
             | Self::UpstreamUnavailable(_) => Some(std::time::Duration::from_secs(1)),
             Self::UpstreamRateLimited(after) => {
                 Some(after.unwrap_or(std::time::Duration::from_secs(1)))

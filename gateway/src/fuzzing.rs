@@ -46,10 +46,15 @@ pub fn request(data: &[u8]) {
         same, original,
         "a body without rename must be forwarded as is"
     );
-    if let Ok(renamed) = upstream::body(&original, &head.model, UPSTREAM_MODEL) {
-        let renamed: Value = serde_json::from_slice(&renamed).expect("renamed body is JSON");
-        assert_eq!(renamed["model"], UPSTREAM_MODEL);
-    }
+    // The edits copy every other member as it came (a number serde_json's Value cannot
+    // hold included), so what the head parser accepted it accepts again, renamed.
+    let renamed = upstream::body(&original, &head.model, UPSTREAM_MODEL).expect("renamed");
+    let again = request::parse_head(&renamed).expect("the renamed body parses as the original did");
+    assert_eq!(again.model, UPSTREAM_MODEL);
+    assert_eq!(again.stream, head.stream);
+    let with_usage = upstream::body_with_usage(&original, UPSTREAM_MODEL).expect("usage added");
+    let again = request::parse_head(&with_usage).expect("the edited body parses");
+    assert!(again.include_usage() && again.model == UPSTREAM_MODEL);
 
     // Values the head skipped (e.g. out-of-range numbers) may still fail a full parse;
     // the gateway answers 400 then. When it succeeds, the rewrites index into it as an
@@ -64,9 +69,15 @@ pub fn request(data: &[u8]) {
         matches!(value["stream_options"], Value::Null | Value::Object(_)),
         "accepted stream_options that is not an object"
     );
+    // Where the tree parses, the edits change exactly the edited members.
     let mut injected = value.clone();
     injected["model"] = Value::String(UPSTREAM_MODEL.to_owned());
     injected["stream_options"]["include_usage"] = Value::Bool(true);
+    let edited: Value = serde_json::from_slice(&with_usage).expect("edited body is JSON");
+    assert_eq!(
+        edited, injected,
+        "the edits changed more than model and stream_options"
+    );
 
     if let Ok(out) = translate::openai_to_anthropic_request(&value, UPSTREAM_MODEL) {
         check_anthropic_request(&out);

@@ -14,6 +14,7 @@ pub mod heartbeat;
 pub mod http;
 pub mod limits;
 pub mod listener;
+pub mod memory;
 pub mod metrics;
 pub mod providers;
 pub mod proxy;

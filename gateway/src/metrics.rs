@@ -219,6 +219,8 @@ pub struct Metrics {
     redis_up: Gauge,
     config_info: Family<ConfigLabels, Gauge>,
     config_keys: Gauge,
+    inflight_bytes: Gauge,
+    inflight_budget: Gauge,
 }
 
 impl Metrics {
@@ -334,6 +336,18 @@ impl Metrics {
             "Client key entries in the served configuration",
             config_keys.clone(),
         );
+        let inflight_bytes = Gauge::default();
+        registry.register(
+            "inflight_request_bytes",
+            "Request memory held by requests in flight (bodies and parsed-tree estimates), against --max-inflight-bytes",
+            inflight_bytes.clone(),
+        );
+        let inflight_budget = Gauge::default();
+        registry.register(
+            "inflight_request_bytes_limit",
+            "The budget of request memory in flight (--max-inflight-bytes; 0 when unlimited)",
+            inflight_budget.clone(),
+        );
         Self {
             registry,
             requests,
@@ -353,6 +367,16 @@ impl Metrics {
             redis_up,
             config_info,
             config_keys,
+            inflight_bytes,
+            inflight_budget,
+        }
+    }
+
+    /// Mirrors the in-flight memory budget into its gauges (before `render`).
+    pub fn set_memory(&self, budget: &crate::memory::Budget) {
+        self.inflight_bytes.set(budget.in_use_bytes() as i64);
+        if budget.total_bytes() != usize::MAX {
+            self.inflight_budget.set(budget.total_bytes() as i64);
         }
     }
 

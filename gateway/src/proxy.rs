@@ -436,6 +436,52 @@ fn observe(
     );
 }
 
+/// What an attempt may make of the body, over the targets of `route`: a translation
+/// (the parsed body and its translation held at once), or a copy with `model` or
+/// `stream_options` edited. Requests reserve that memory before the first attempt.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct BodyWork {
+    /// Some target speaks another dialect than the client.
+    pub translates: bool,
+    /// Some target gets an edited copy of the body.
+    pub edits: bool,
+}
+
+/// [`BodyWork`] for a request on `route`.
+pub fn body_work(
+    snapshot: &Snapshot,
+    route: &CompiledRoute,
+    head: &RequestHead,
+    operation: Operation,
+) -> BodyWork {
+    let client = operation.client_dialect();
+    let mut work = BodyWork::default();
+    for t in route.tiers.iter().flatten() {
+        let Some(provider) = snapshot.provider(&t.provider) else {
+            continue;
+        };
+        let Some(dialect) = upstream::dialect(provider.config.provider_type) else {
+            continue;
+        };
+        if dialect != client {
+            work.translates = true;
+            continue;
+        }
+        let model = t.model.as_deref().unwrap_or(&head.model);
+        let renamed = provider
+            .config
+            .models
+            .get(model)
+            .is_some_and(|m| m.upstream_name != head.model);
+        let injects = dialect == Dialect::OpenAi
+            && head.stream
+            && !head.include_usage()
+            && operation != Operation::Embeddings;
+        work.edits |= renamed || injects;
+    }
+    work
+}
+
 /// A target's price for the `adaptive` score: its model's input plus output price per
 /// million tokens; `None` when unknown or free.
 fn target_price(snapshot: &Snapshot, provider: &str, model: &str) -> Option<f64> {
@@ -501,12 +547,10 @@ async fn attempt_once(
         && !req.head.include_usage()
         && req.operation != Operation::Embeddings;
     let body = match (client_dialect, upstream_dialect) {
-        (Dialect::OpenAi, Dialect::OpenAi) if inject_usage => translated(&req.body, |v| {
-            let mut v = v.clone();
-            v["model"] = serde_json::Value::String(upstream_model.to_owned());
-            v["stream_options"]["include_usage"] = serde_json::Value::Bool(true);
-            Ok(v)
-        })?,
+        (Dialect::OpenAi, Dialect::OpenAi) if inject_usage => {
+            upstream::body_with_usage(&req.body, upstream_model)
+                .map_err(|e| Failure::BadRequest(e.to_string()))?
+        }
         (c, u) if c == u => upstream::body(&req.body, &req.head.model, upstream_model)
             .map_err(|e| Failure::BadRequest(e.to_string()))?,
         (Dialect::OpenAi, _) => translated(&req.body, |v| {

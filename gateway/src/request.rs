@@ -110,15 +110,120 @@ where
     Option::<FromObject<T>>::deserialize(deserializer).map(|o| o.map(|FromObject(v)| v))
 }
 
+/// A change to one member of a JSON object (see [`edit_members`]).
+#[derive(Debug)]
+pub enum Edit<'a> {
+    /// Sets the member to this JSON text (added at the end when missing).
+    Set(&'a str),
+    /// Edits the members of the member, which must be an object (created when missing
+    /// or `null`).
+    Inside(Vec<(&'a str, Edit<'a>)>),
+}
+
+/// `body`, a JSON object, with `edits` applied to its members, every other member
+/// copied as it came (no tree is built, whatever the body holds: the memory used is the
+/// output, at most the body plus the edits). Keys are matched after unescaping.
+pub fn edit_members(body: &[u8], edits: &[(&str, Edit<'_>)]) -> Result<Vec<u8>, serde_json::Error> {
+    let mut out = Vec::with_capacity(body.len() + 64);
+    write_edited(body, edits, &mut out)?;
+    Ok(out)
+}
+
+fn write_edited(
+    body: &[u8],
+    edits: &[(&str, Edit<'_>)],
+    out: &mut Vec<u8>,
+) -> Result<(), serde_json::Error> {
+    struct Members<'e, 'o, 'a> {
+        edits: &'e [(&'e str, Edit<'a>)],
+        out: &'o mut Vec<u8>,
+    }
+    impl<'de> de::Visitor<'de> for Members<'_, '_, '_> {
+        type Value = ();
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("a JSON object")
+        }
+        fn visit_map<A: de::MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+            let mut done = vec![false; self.edits.len()];
+            self.out.push(b'{');
+            let mut first = true;
+            while let Some(key) = map.next_key::<String>()? {
+                let raw: &'de serde_json::value::RawValue = map.next_value()?;
+                if !first {
+                    self.out.push(b',');
+                }
+                first = false;
+                serde_json::to_writer(&mut *self.out, &key).map_err(de::Error::custom)?;
+                self.out.push(b':');
+                match self.edits.iter().position(|(name, _)| *name == key) {
+                    None => self.out.extend_from_slice(raw.get().as_bytes()),
+                    Some(i) => {
+                        done[i] = true;
+                        write_edit(&self.edits[i].1, Some(raw.get()), self.out)
+                            .map_err(de::Error::custom)?;
+                    }
+                }
+            }
+            for (i, (name, edit)) in self.edits.iter().enumerate() {
+                if done[i] {
+                    continue;
+                }
+                if !first {
+                    self.out.push(b',');
+                }
+                first = false;
+                serde_json::to_writer(&mut *self.out, name).map_err(de::Error::custom)?;
+                self.out.push(b':');
+                write_edit(edit, None, self.out).map_err(de::Error::custom)?;
+            }
+            self.out.push(b'}');
+            Ok(())
+        }
+    }
+    let mut de = serde_json::Deserializer::from_slice(body);
+    de::Deserializer::deserialize_map(&mut de, Members { edits, out })?;
+    de.end()
+}
+
+fn write_edit(
+    edit: &Edit<'_>,
+    current: Option<&str>,
+    out: &mut Vec<u8>,
+) -> Result<(), serde_json::Error> {
+    match edit {
+        Edit::Set(json) => out.extend_from_slice(json.as_bytes()),
+        Edit::Inside(edits) => match current.map(str::trim) {
+            None | Some("null") => write_edited(b"{}", edits, out)?,
+            Some(inner) => write_edited(inner.as_bytes(), edits, out)?,
+        },
+    }
+    Ok(())
+}
+
 /// Deepest JSON nesting accepted: the limit of every full parse the gateway makes
 /// (translation, caching, usage injection), applied to every request alike, so whether a
 /// body is refused does not depend on the route it takes.
 pub const MAX_NESTING: usize = 128;
 
-/// Whether arrays and objects in `body` nest deeper than `limit` (strings skipped). One
-/// pass over the bytes, no allocation.
+/// Whether arrays and objects in `body` nest deeper than `limit` (strings skipped).
 fn nesting_exceeds(body: &[u8], limit: usize) -> bool {
-    let (mut depth, mut in_string, mut escaped) = (0usize, false, false);
+    shape(body).depth > limit
+}
+
+/// What a JSON text holds, counted outside strings in one pass without allocating.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Shape {
+    /// Deepest nesting of arrays and objects.
+    pub depth: usize,
+    /// Values: each element and member value, and the outer one (an empty container
+    /// over-counts by one, harmlessly).
+    pub values: usize,
+}
+
+/// The [`Shape`] of `body`.
+pub fn shape(body: &[u8]) -> Shape {
+    let (mut depth, mut deepest, mut values) = (0usize, 0usize, 1usize);
+    let (mut in_string, mut escaped) = (false, false);
     for &b in body {
         if in_string {
             match b {
@@ -133,15 +238,18 @@ fn nesting_exceeds(body: &[u8], limit: usize) -> bool {
             b'"' => in_string = true,
             b'[' | b'{' => {
                 depth += 1;
-                if depth > limit {
-                    return true;
-                }
+                deepest = deepest.max(depth);
+                values += 1;
             }
             b']' | b'}' => depth = depth.saturating_sub(1),
+            b',' => values += 1,
             _ => {}
         }
     }
-    false
+    Shape {
+        depth: deepest,
+        values,
+    }
 }
 
 /// A rough prompt-token estimate (about four bytes per token), used for mock usage and
@@ -188,6 +296,73 @@ mod tests {
             let err = parse_head(body).unwrap_err();
             assert_eq!(err.status(), 400);
             assert!(err.to_string().contains(needle), "{err}");
+        }
+    }
+}
+
+#[cfg(test)]
+mod edits {
+    use super::*;
+
+    fn edited(body: &str, edits: &[(&str, Edit<'_>)]) -> serde_json::Value {
+        serde_json::from_slice(&edit_members(body.as_bytes(), edits).unwrap()).unwrap()
+    }
+
+    #[test]
+    fn members_are_replaced_added_and_merged_without_touching_the_rest() {
+        let body =
+            r#"{"model":"a","messages":[{"role":"user","content":"h\u00e9"}],"stream":true}"#;
+        let out = edit_members(
+            body.as_bytes(),
+            &[
+                ("model", Edit::Set(r#""b""#)),
+                (
+                    "stream_options",
+                    Edit::Inside(vec![("include_usage", Edit::Set("true"))]),
+                ),
+            ],
+        )
+        .unwrap();
+        // Untouched members keep their exact bytes (escapes included).
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            r#"{"model":"b","messages":[{"role":"user","content":"h\u00e9"}],"stream":true,"stream_options":{"include_usage":true}}"#
+        );
+        let merged = edited(
+            r#"{"model":"a","stream_options":{"include_usage":false,"x":1}}"#,
+            &[(
+                "stream_options",
+                Edit::Inside(vec![("include_usage", Edit::Set("true"))]),
+            )],
+        );
+        assert_eq!(
+            merged["stream_options"],
+            serde_json::json!({"include_usage": true, "x": 1})
+        );
+        let from_null = edited(
+            r#"{"model":"a","stream_options":null}"#,
+            &[(
+                "stream_options",
+                Edit::Inside(vec![("include_usage", Edit::Set("true"))]),
+            )],
+        );
+        assert_eq!(
+            from_null["stream_options"],
+            serde_json::json!({"include_usage": true})
+        );
+        // A key spelled with escapes is the same key.
+        let escaped = edited(r#"{"mod\u0065l":"a"}"#, &[("model", Edit::Set(r#""b""#))]);
+        assert_eq!(escaped, serde_json::json!({"model": "b"}));
+    }
+
+    #[test]
+    fn what_is_not_an_object_is_refused() {
+        for body in ["[1]", "{\"a\":1", "{} x", "{\"stream_options\":[]}"] {
+            let edits = [(
+                "stream_options",
+                Edit::Inside(vec![("include_usage", Edit::Set("true"))]),
+            )];
+            assert!(edit_members(body.as_bytes(), &edits).is_err(), "{body}");
         }
     }
 }

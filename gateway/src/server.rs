@@ -21,6 +21,13 @@ use crate::{
 
 /// Runs until a shutdown signal has been handled.
 pub async fn run(settings: Settings) -> anyhow::Result<()> {
+    if settings.max_inflight_bytes != 0 && settings.max_inflight_bytes < settings.max_body_bytes {
+        anyhow::bail!(
+            "--max-inflight-bytes ({}) is smaller than --max-body-bytes ({}): no body of the largest accepted size could ever be read",
+            settings.max_inflight_bytes,
+            settings.max_body_bytes
+        );
+    }
     // Before any configuration is compiled or any upstream client built.
     crate::egress::set_policy(settings.allow_link_local_upstreams);
     let source = match &settings.resources {
@@ -131,6 +138,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     let state = Arc::new(AppState {
         config,
         max_body_bytes: settings.max_body_bytes,
+        memory: crate::memory::Budget::new(settings.max_inflight_bytes),
         max_response_bytes: settings.max_response_bytes,
         body_read_timeout: settings.body_read_timeout,
         draining: Default::default(),

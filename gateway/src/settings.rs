@@ -49,6 +49,16 @@ pub struct Settings {
     #[arg(long, env = "TOLLGATE_MAX_BODY_BYTES", default_value_t = 32 * 1024 * 1024)]
     pub max_body_bytes: usize,
 
+    /// Memory all requests in flight may hold for their bodies, in bytes: each body as it
+    /// arrives, plus an estimate of the parsed tree where guardrails, the cache key,
+    /// translation or content recording need one (96 bytes per JSON value). Beyond it
+    /// requests get `503 overloaded` with Retry-After instead of growing the process; a
+    /// single request that needs more than all of it gets 413. Must be at least
+    /// --max-body-bytes; 0 disables the budget. Size it with the pod's memory limit
+    /// (docs/production.md).
+    #[arg(long, env = "TOLLGATE_MAX_INFLIGHT_BYTES", default_value_t = 256 * 1024 * 1024)]
+    pub max_inflight_bytes: usize,
+
     /// Largest upstream answer read whole (non-streamed calls), in bytes; a larger one
     /// fails with 502 instead of filling the gateway's memory. Streams are relayed event by
     /// event (one event may be at most 8 MiB), so this does not cap their length.

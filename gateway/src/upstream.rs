@@ -10,6 +10,8 @@ use tollgate_api::{
     v1alpha1::{HttpVersion, ProviderType},
 };
 
+use crate::request::Edit;
+
 /// The OpenAI-style operation being proxied.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Operation {
@@ -199,7 +201,7 @@ pub fn headers(
 }
 
 /// The body to send: the client's bytes untouched when the upstream model name is the one
-/// the client sent, otherwise with `model` replaced.
+/// the client sent, otherwise with `model` replaced (the rest copied as it came, no tree).
 pub fn body(
     original: &Bytes,
     requested_model: &str,
@@ -208,9 +210,25 @@ pub fn body(
     if requested_model == upstream_model {
         return Ok(original.clone());
     }
-    let mut value: serde_json::Value = serde_json::from_slice(original)?;
-    value["model"] = serde_json::Value::String(upstream_model.to_owned());
-    serde_json::to_vec(&value).map(Bytes::from)
+    let model = serde_json::to_string(upstream_model)?;
+    crate::request::edit_members(original, &[("model", Edit::Set(&model))]).map(Bytes::from)
+}
+
+/// The body of a stream to an OpenAI-style upstream with `stream_options.include_usage`
+/// set, so the gateway can account the answer, and `model` set to `upstream_model`.
+pub fn body_with_usage(original: &Bytes, upstream_model: &str) -> Result<Bytes, serde_json::Error> {
+    let model = serde_json::to_string(upstream_model)?;
+    crate::request::edit_members(
+        original,
+        &[
+            ("model", Edit::Set(&model)),
+            (
+                "stream_options",
+                Edit::Inside(vec![("include_usage", Edit::Set("true"))]),
+            ),
+        ],
+    )
+    .map(Bytes::from)
 }
 
 /// Seconds from a `Retry-After` (or `retry-after-ms`) header, if present and sane.

@@ -294,6 +294,12 @@ async fn every_catalogued_metric_moves_with_its_labels_and_no_label_leaks() {
         1.0
     );
     assert_eq!(value("tollgate_config_keys", &[]), 2.0);
+    // Nothing in flight at scrape time; the default budget is 256 MiB.
+    assert_eq!(value("tollgate_inflight_request_bytes", &[]), 0.0);
+    assert_eq!(
+        value("tollgate_inflight_request_bytes_limit", &[]),
+        256.0 * 1024.0 * 1024.0
+    );
 
     // No key, key id, prompt, upstream credential or invented model name in any label.
     let key_ids = [

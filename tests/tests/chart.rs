@@ -511,6 +511,10 @@ fn invalid_values_are_refused_with_a_clear_message() {
         ),
         (json!({"unknownKnob": true}), "unknownKnob"),
         (json!({"redis": {"mode": "external"}}), "redis.external.url"),
+        (
+            json!({"gateway": {"maxBodyBytes": 1048576, "maxInflightBytes": 1024}}),
+            "gateway.maxInflightBytes",
+        ),
     ] {
         let r = render(values.clone());
         let text = format!("{} {}", r.error.clone().unwrap_or_default(), r.lint);
@@ -992,6 +996,8 @@ fn egress_and_proxy_settings_reach_the_pods_that_enforce_them() {
     };
     let gateway = env_of("gateway");
     assert!(has(&gateway, "TOLLGATE_TRUSTED_PROXIES", "10.0.0.0/8"));
+    // The in-flight memory budget is always set (256 MiB by default).
+    assert!(has(&gateway, "TOLLGATE_MAX_INFLIGHT_BYTES", "268435456"));
     assert!(has(&gateway, "TOLLGATE_ALLOW_LINK_LOCAL_UPSTREAMS", "true"));
     assert!(has(
         &env_of("operator"),

@@ -4,7 +4,7 @@ use axum::response::Response;
 use tollgate_api::{config::CompiledRoute, v1alpha1::CacheScope};
 
 use super::AppState;
-use crate::{cache, metrics::CacheLabels, snapshot::Key, upstream::Operation};
+use crate::{cache, error::ApiError, metrics::CacheLabels, snapshot::Key, upstream::Operation};
 
 /// Tells clients whether an answer came from the cache.
 pub(super) const CACHE_HEADER: http::HeaderName = http::HeaderName::from_static("x-tollgate-cache");
@@ -34,9 +34,10 @@ pub(super) fn plan(
     operation: Operation,
     headers: &http::HeaderMap,
     body: &[u8],
-) -> CachePlan {
+    share: &crate::memory::Share,
+) -> Result<CachePlan, ApiError> {
     let Some(policy) = route.cache.as_ref().filter(|_| state.cache_enabled) else {
-        return CachePlan::Bypass;
+        return Ok(CachePlan::Bypass);
     };
     let cache_control = headers
         .get(http::header::CACHE_CONTROL)
@@ -48,7 +49,7 @@ pub(super) fn plan(
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.eq_ignore_ascii_case("bypass"));
     if bypass || cache_control.contains("no-store") {
-        return CachePlan::Bypass;
+        return Ok(CachePlan::Bypass);
     }
     // Every scope but `shared` is within the key's namespace (namespaces and owners hold
     // neither ':' nor '/'), so no free-text field joins two tenants; `shared` is the route's
@@ -59,16 +60,20 @@ pub(super) fn plan(
         CacheScope::Namespace => format!("namespace:{}", key.namespace),
         CacheScope::Shared => "shared".to_owned(),
     };
-    match cache::key(&scope, &route.id, operation.label_str(), body) {
-        Some(k) => CachePlan::Use {
-            key: k,
-            lookup: !cache_control.contains("no-cache"),
-            store: true,
-            ttl: std::time::Duration::from_millis(policy.ttl_ms),
-            max_entry_bytes: policy.max_entry_bytes as usize,
+    // The key is computed from the parsed body (normalised key order).
+    share.reserve_trees(body, 1, "its cache key")?;
+    Ok(
+        match cache::key(&scope, &route.id, operation.label_str(), body) {
+            Some(k) => CachePlan::Use {
+                key: k,
+                lookup: !cache_control.contains("no-cache"),
+                store: true,
+                ttl: std::time::Duration::from_millis(policy.ttl_ms),
+                max_entry_bytes: policy.max_entry_bytes as usize,
+            },
+            None => CachePlan::Bypass,
         },
-        None => CachePlan::Bypass,
-    }
+    )
 }
 
 /// The cached answer for a request, if the plan allows a lookup and there is one.

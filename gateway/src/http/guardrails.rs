@@ -104,11 +104,14 @@ pub(super) fn apply(
     key: &Key,
     request_id: &str,
     body: Bytes,
+    share: &crate::memory::Share,
 ) -> Result<Bytes, ApiError> {
     let lists = lists(snapshot, route, key, Side::Request);
     if lists.is_empty() {
         return Ok(body);
     }
+    // The rules read a parsed tree; a redaction re-encodes it (at most the body's size).
+    share.reserve_trees(&body, 1, "this route's guardrails")?;
     // The head parser skims what it does not need; what the rules cannot read is refused
     // rather than forwarded unchecked (a lone surrogate escape, nesting too deep).
     let doc = serde_json::from_slice(&body).map_err(|e| {

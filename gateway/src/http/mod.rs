@@ -50,6 +50,8 @@ pub struct AppState {
     pub config: Arc<ConfigState>,
     /// Body size limit.
     pub max_body_bytes: usize,
+    /// The budget of request memory in flight, shared by every request.
+    pub memory: Arc<crate::memory::Budget>,
     /// Upstream answer size limit (non-streamed).
     pub max_response_bytes: usize,
     /// Deadline for receiving a request body.
@@ -197,6 +199,7 @@ pub fn admin_app(state: Arc<AppState>) -> Router {
 }
 
 async fn metrics(axum::extract::State(state): axum::extract::State<Arc<AppState>>) -> Response {
+    state.metrics.set_memory(&state.memory);
     let body = state
         .metrics
         .render(&state.config, &state.breakers, state.limits.redis_state());
@@ -250,25 +253,64 @@ pub fn request_id(headers: &http::HeaderMap) -> String {
 
 /// Reads a whole body, answering 413 beyond `limit` and 408 when it takes longer than
 /// `timeout` (a client trickling its upload).
+/// Reads a request body of at most `limit` bytes within `timeout`, holding its bytes in
+/// `share` of the in-flight budget as they arrive: a declared `Content-Length` is
+/// checked and held before anything is read, and the buffer is sized to it (no growth by
+/// doubling).
 pub async fn read_body(
     body: Body,
+    declared: Option<usize>,
     limit: usize,
     timeout: std::time::Duration,
+    share: &crate::memory::Share,
 ) -> Result<bytes::Bytes, ApiError> {
-    let read = tokio::time::timeout(timeout, axum::body::to_bytes(body, limit))
-        .await
-        .map_err(|_| ApiError::RequestTimeout)?;
-    read.map_err(|e| {
-        let too_large = std::error::Error::source(&e).is_some_and(|s| {
-            s.downcast_ref::<http_body_util::LengthLimitError>()
-                .is_some()
-        }) || e.to_string().contains("length limit");
-        if too_large {
-            ApiError::PayloadTooLarge(limit)
-        } else {
-            ApiError::bad_request(format!("Could not read the request body: {e}"), None)
+    use http_body_util::BodyExt;
+    if declared.is_some_and(|n| n > limit) {
+        return Err(ApiError::PayloadTooLarge(limit));
+    }
+    const WHAT: &str = "its body";
+    let mut held = declared.unwrap_or(0);
+    share.grow(held, WHAT)?;
+    let read = async {
+        let mut body = body;
+        let mut buf = bytes::BytesMut::with_capacity(held);
+        // A body in one frame is kept as it arrived, without a copy.
+        let mut single: Option<bytes::Bytes> = None;
+        while let Some(frame) = body.frame().await {
+            let frame = frame.map_err(|e| {
+                ApiError::bad_request(format!("Could not read the request body: {e}"), None)
+            })?;
+            let Ok(data) = frame.into_data() else {
+                continue;
+            };
+            let len = buf.len() + single.as_ref().map_or(0, |b| b.len()) + data.len();
+            if len > limit {
+                return Err(ApiError::PayloadTooLarge(limit));
+            }
+            if buf.is_empty() && single.is_none() {
+                if len > held {
+                    share.grow(len - held, WHAT)?;
+                    held = len;
+                }
+                single = Some(data);
+                continue;
+            }
+            if let Some(first) = single.take() {
+                buf.reserve(first.len());
+                buf.extend_from_slice(&first);
+            }
+            buf.reserve(data.len());
+            if buf.capacity() > held {
+                share.grow(buf.capacity() - held, WHAT)?;
+                held = buf.capacity();
+            }
+            buf.extend_from_slice(&data);
         }
-    })
+        Ok(single.unwrap_or_else(|| buf.freeze()))
+    };
+    tokio::time::timeout(timeout, read)
+        .await
+        .map_err(|_| ApiError::RequestTimeout)?
 }
 
 #[cfg(test)]

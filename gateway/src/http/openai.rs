@@ -237,7 +237,22 @@ async fn serve(
     let key = authenticate_client(state, &parts, &snapshot)?;
     seen.key_id = Some(key.entry.id.clone());
     seen.owner = Some(key.entry.owner.clone());
-    let body = read_body(body, state.max_body_bytes, state.body_read_timeout).await?;
+    // What this request holds of the gateway-wide memory budget, returned when the
+    // response head is sent (streams hold none).
+    let share = state.memory.share();
+    let declared = parts
+        .headers
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok());
+    let body = read_body(
+        body,
+        declared,
+        state.max_body_bytes,
+        state.body_read_timeout,
+        &share,
+    )
+    .await?;
     let head = parse_head(&body)?;
     let route = snapshot
         .route_for(&key, &head.model)
@@ -250,8 +265,9 @@ async fn serve(
     }
     // Before anything else reads the content: a blocked request reaches no limit, cache
     // or upstream, and redacted text is all that the cache key, traces and upstream see.
-    let body = guardrails::apply(state, &snapshot, route, &key, request_id, body)?;
+    let body = guardrails::apply(state, &snapshot, route, &key, request_id, body, &share)?;
     if route.record_content {
+        share.reserve_trees(&body, 1, "recording its content")?;
         let input = serde_json::from_slice::<serde_json::Value>(&body)
             .ok()
             .and_then(|v| {
@@ -284,7 +300,16 @@ async fn serve(
     accounting.trace_into(tracing::Span::current());
     accounting.report_to(usage.clone());
     let accounting = Some(accounting);
-    let cache = caching::plan(state, route, &key, operation, &parts.headers, &body);
+    let cache = caching::plan(state, route, &key, operation, &parts.headers, &body, &share)?;
+    // What attempts may make of the body: a target of another dialect holds the parsed
+    // body and its translation at once; an edited copy is one more body.
+    let work = crate::proxy::body_work(&snapshot, route, &head, operation);
+    if work.translates {
+        share.reserve_trees(&body, 2, "translating it")?;
+    }
+    if work.edits {
+        share.grow(body.len(), "an edited copy of it")?;
+    }
     let lookup = caching::lookup(state, route, &cache)
         .instrument(tracing::info_span!("cache lookup"))
         .await;
