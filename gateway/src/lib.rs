@@ -26,6 +26,7 @@ pub mod server;
 pub mod settings;
 pub mod snapshot;
 pub mod sse;
+pub mod stream_guard;
 pub mod target_stats;
 pub use tollgate_api::telemetry;
 pub mod translate;

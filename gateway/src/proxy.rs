@@ -72,6 +72,18 @@ pub struct Forward<'a> {
     pub timing: &'a Timing,
     /// The caller's trace context, propagated upstream.
     pub trace: &'a opentelemetry::Context,
+    /// Response guardrails for streamed answers (whole answers are checked by the
+    /// caller).
+    pub answers: Option<Arc<crate::stream_guard::AnswerRules>>,
+}
+
+impl Forward<'_> {
+    /// A fresh guard for one streamed answer in the client's dialect.
+    fn answer_guard(&self) -> Option<crate::stream_guard::StreamGuard> {
+        self.answers.as_ref().map(|rules| {
+            crate::stream_guard::StreamGuard::new(rules.clone(), self.operation.client_dialect())
+        })
+    }
 }
 
 /// Time a request spent waiting on upstreams (attempts, including failed ones, and the
@@ -656,6 +668,7 @@ async fn attempt_once(
             a.trace_into(span.clone());
         }
         let guards = StreamGuards {
+            answers: req.answer_guard(),
             span,
             permit,
             accounting,
@@ -803,7 +816,7 @@ async fn serve_mock(
         } else {
             Conversion::OpenAi { strip_usage: false }
         };
-        let mut translator = StreamTranslator::new(conversion);
+        let mut translator = StreamTranslator::new(conversion).guarded(req.answer_guard());
         let translated = frames.map(move |frame| {
             Ok::<_, std::io::Error>(
                 translator

@@ -371,6 +371,8 @@ pub struct StreamGuards {
     pub feedback: Option<crate::target_stats::StreamFeedback>,
     /// The stream's span, ended when the stream is.
     pub span: tracing::Span,
+    /// The route's and key's response guardrails, applied as events are relayed.
+    pub answers: Option<crate::stream_guard::StreamGuard>,
 }
 
 /// Relays an upstream SSE stream. Dropping the response (client gone) drops the upstream
@@ -389,6 +391,15 @@ where
     )))
 }
 
+/// Whether `response` is an SSE stream (by its content type).
+pub fn is_event_stream(response: &Response) -> bool {
+    response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("text/event-stream"))
+}
+
 /// An empty SSE response with the usual headers.
 pub fn sse_response(body: Body) -> Response {
     let mut response = Response::new(body);
@@ -402,12 +413,14 @@ pub fn sse_response(body: Body) -> Response {
     response
 }
 
-/// Turns upstream SSE bytes into client SSE bytes, event by event.
+/// Turns upstream SSE bytes into client SSE bytes, event by event, through the response
+/// guardrails when the route or key has some.
 #[derive(Debug)]
 pub struct StreamTranslator {
     parser: sse::Parser,
     mode: Mode,
     prompt: u64,
+    guard: Option<crate::stream_guard::StreamGuard>,
 }
 
 #[derive(Debug)]
@@ -440,7 +453,32 @@ impl StreamTranslator {
             parser: sse::Parser::default(),
             mode,
             prompt: 0,
+            guard: None,
         }
+    }
+
+    /// Sends the client events through `guard` (response guardrails).
+    pub fn guarded(mut self, guard: Option<crate::stream_guard::StreamGuard>) -> Self {
+        self.guard = guard;
+        self
+    }
+
+    /// Whether a guardrail ended the stream: its error event was the last output.
+    pub fn stopped(&self) -> bool {
+        self.guard.as_ref().is_some_and(|g| g.stopped())
+    }
+
+    /// At the end of the upstream stream: what the guardrails still hold.
+    pub fn finish(&mut self) -> Bytes {
+        let mut out = Vec::new();
+        if let Some(guard) = self.guard.as_mut() {
+            let mut events = Vec::new();
+            guard.finish(&mut events);
+            for (name, data) in events {
+                write_event(&mut out, name.as_deref(), &data);
+            }
+        }
+        Bytes::from(out)
     }
 
     /// The client bytes for an upstream chunk; usage seen goes to `accounting`.
@@ -450,7 +488,14 @@ impl StreamTranslator {
         mut accounting: Option<&mut Accounting>,
     ) -> Result<Bytes, &'static str> {
         let mut out = Vec::new();
+        if self.stopped() {
+            return Ok(Bytes::new());
+        }
+        let guard = &mut self.guard;
         for event in self.parser.feed(chunk)? {
+            if guard.as_ref().is_some_and(|g| g.stopped()) {
+                break;
+            }
             match &mut self.mode {
                 Mode::OpenAi { strip_usage } => {
                     if event.data != "[DONE]" {
@@ -468,7 +513,7 @@ impl StreamTranslator {
                             continue;
                         }
                     }
-                    push_data(&mut out, &event.data);
+                    emit(&mut out, guard, None, &event.data);
                 }
                 Mode::Anthropic => {
                     let v: Value = serde_json::from_str(&event.data).unwrap_or_default();
@@ -495,10 +540,7 @@ impl StreamTranslator {
                         }
                         _ => {}
                     }
-                    if let Some(name) = &event.event {
-                        out.extend_from_slice(format!("event: {name}\n").as_bytes());
-                    }
-                    push_data(&mut out, &event.data);
+                    emit(&mut out, guard, event.event.as_deref(), &event.data);
                 }
                 Mode::AnthropicToOpenAi(t) => {
                     let data: Value = serde_json::from_str(&event.data).unwrap_or_default();
@@ -514,7 +556,7 @@ impl StreamTranslator {
                         a.relayed_piece();
                     }
                     for payload in t.on_event(&name, &data) {
-                        push_data(&mut out, &payload);
+                        emit(&mut out, guard, None, &payload);
                     }
                     if let (Some(a), Some(u)) = (accounting.as_deref_mut(), t.usage()) {
                         a.report(u);
@@ -527,9 +569,7 @@ impl StreamTranslator {
                         {
                             a.relayed_piece();
                         }
-                        out.extend_from_slice(
-                            format!("event: {name}\ndata: {data}\n\n").as_bytes(),
-                        );
+                        emit(&mut out, guard, Some(&name), &data.to_string());
                     }
                     if let (Some(a), Some(u)) = (accounting.as_deref_mut(), t.usage()) {
                         a.report(u);
@@ -573,6 +613,35 @@ impl<'a> ChunkHead<'a> {
     }
 }
 
+/// Writes one client event, through the guard when there is one.
+fn emit(
+    out: &mut Vec<u8>,
+    guard: &mut Option<crate::stream_guard::StreamGuard>,
+    name: Option<&str>,
+    data: &str,
+) {
+    match guard {
+        None => write_event(out, name, data),
+        Some(guard) => {
+            let mut events = Vec::new();
+            guard.on_event(name, data, &mut events);
+            for (name, data) in events {
+                write_event(out, name.as_deref(), &data);
+            }
+        }
+    }
+}
+
+/// Writes one event: its `event:` line when named, then its data.
+pub(crate) fn write_event(out: &mut Vec<u8>, name: Option<&str>, data: &str) {
+    if let Some(name) = name {
+        out.extend_from_slice(b"event: ");
+        out.extend_from_slice(name.as_bytes());
+        out.push(b'\n');
+    }
+    push_data(out, data);
+}
+
 /// Writes one event's data: a `data:` line per line of it (an event's data may span
 /// several), then the blank line that ends the event.
 fn push_data(out: &mut Vec<u8>, data: &str) {
@@ -594,7 +663,8 @@ where
     S: Stream<Item = Result<Bytes, reqwest::Error>> + Send + Unpin + 'static,
 {
     let dialect = conversion.client_dialect();
-    let translator = StreamTranslator::new(conversion);
+    let mut guards = guards;
+    let translator = StreamTranslator::new(conversion).guarded(guards.answers.take());
     stream::unfold(
         (upstream, translator, guards, false),
         move |(mut s, mut t, mut guards, finished)| async move {
@@ -613,7 +683,13 @@ where
                             if let Some(f) = guards.feedback.as_mut() {
                                 f.first_token();
                             }
-                            return Some((Ok(out), (s, t, guards, false)));
+                            // A guardrail that blocked the answer ended the stream with
+                            // its error event; the upstream is dropped with the stream.
+                            let stopped = t.stopped();
+                            if stopped && let Some(f) = guards.feedback.take() {
+                                f.completed();
+                            }
+                            return Some((Ok(out), (s, t, guards, stopped)));
                         }
                         Err(why) => why,
                     },
@@ -621,7 +697,9 @@ where
                         if let Some(f) = guards.feedback.take() {
                             f.completed();
                         }
-                        return None;
+                        // Text the guardrails still hold goes out (checked) last.
+                        let tail = t.finish();
+                        return (!tail.is_empty()).then_some((Ok(tail), (s, t, guards, true)));
                     }
                     Ok(Some(Err(_))) => "The upstream stream was interrupted.",
                     Err(_) => "The upstream stream went silent and was abandoned.",
@@ -660,6 +738,7 @@ mod tests {
             first_byte: None,
             feedback: None,
             span: tracing::Span::none(),
+            answers: None,
         }
     }
 

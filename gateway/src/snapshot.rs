@@ -396,9 +396,9 @@ fn decode_hex32(hex: &str) -> Option<[u8; 32]> {
 #[derive(Debug, Default)]
 pub struct Guards {
     /// Rules checking requests.
-    pub request: Option<Guardrails>,
-    /// Rules checking complete answers.
-    pub response: Option<Guardrails>,
+    pub request: Option<Arc<Guardrails>>,
+    /// Rules checking answers (whole, and streamed as they are relayed).
+    pub response: Option<Arc<Guardrails>>,
 }
 
 /// Compiles a list of guardrails once per snapshot; `None` when it is empty. `compile`
@@ -421,10 +421,10 @@ fn compile_guardrails(
             return None;
         }
         match Guardrails::new(&selected) {
-            Ok(g) => Some(g),
+            Ok(g) => Some(Arc::new(g)),
             Err(error) => {
                 tracing::error!(owner, %error, "invalid guardrails; every request of it is refused");
-                Some(Guardrails::refuse_all("invalid-configuration"))
+                Some(Arc::new(Guardrails::refuse_all("invalid-configuration")))
             }
         }
     };

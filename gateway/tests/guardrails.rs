@@ -561,3 +561,198 @@ async fn what_the_rules_cannot_read_is_refused_rather_than_passed_unchecked() {
     assert!(!text.contains(AWS_KEY), "{text}");
     assert!(text.contains("response guardrails"), "{text}");
 }
+
+/// An OpenAI stream carrying `text` in the content of chunks of `piece` characters (and,
+/// when `tool`, in a tool call's arguments), as raw SSE bytes.
+fn openai_sse(text: &str, piece: usize, tool: bool) -> Vec<u8> {
+    let chars: Vec<char> = text.chars().collect();
+    let mut out = String::new();
+    for part in chars.chunks(piece) {
+        let part: String = part.iter().collect();
+        let delta = if tool {
+            json!({"tool_calls": [{"index": 0, "id": "call_1", "type": "function", "function": {"name": "note", "arguments": part}}]})
+        } else {
+            json!({"content": part})
+        };
+        let chunk = json!({"id": "c1", "object": "chat.completion.chunk", "created": 1, "model": "gpt-4o",
+                           "choices": [{"index": 0, "delta": delta, "finish_reason": null}]});
+        out.push_str(&format!("data: {chunk}\n\n"));
+    }
+    let last = json!({"id": "c1", "object": "chat.completion.chunk", "created": 1, "model": "gpt-4o",
+                      "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}],
+                      "usage": {"prompt_tokens": 5, "completion_tokens": 40, "total_tokens": 45}});
+    out.push_str(&format!("data: {last}\n\ndata: [DONE]\n\n"));
+    out.into_bytes()
+}
+
+/// Feeds `bytes` to the upstream's stream `split` bytes at a time (1: every byte its
+/// own network chunk).
+fn feed_stream(up: &Upstream, bytes: Vec<u8>, split: usize) {
+    let feed = up.stream();
+    for piece in bytes.chunks(split) {
+        feed.send(Bytes::copy_from_slice(piece)).unwrap();
+    }
+}
+
+/// What a client assembles from an OpenAI stream: content and tool-call arguments.
+fn assemble_openai(sse: &str) -> (String, String) {
+    let (mut content, mut arguments) = (String::new(), String::new());
+    for line in sse.lines() {
+        let Some(data) = line.strip_prefix("data: ") else {
+            continue;
+        };
+        let Ok(v) = serde_json::from_str::<Value>(data) else {
+            continue;
+        };
+        if let Some(s) = v
+            .pointer("/choices/0/delta/content")
+            .and_then(Value::as_str)
+        {
+            content.push_str(s);
+        }
+        if let Some(s) = v
+            .pointer("/choices/0/delta/tool_calls/0/function/arguments")
+            .and_then(Value::as_str)
+        {
+            arguments.push_str(s);
+        }
+    }
+    (content, arguments)
+}
+
+#[tokio::test]
+async fn response_rules_redact_streamed_answers_split_at_every_byte_in_both_dialects() {
+    let up = Upstream::start().await;
+    let (gw, _dir) = start(
+        &up,
+        "{detector: email, action: redact, applyTo: [response]}, {detector: creditCard, action: redact, applyTo: [response]}",
+        "  cache: {ttl: 5m}\n",
+        "",
+    );
+    let answer = format!("Write to {EMAIL} and pay with {CARD}, then {EMAIL} again.");
+    let redacted = "Write to [REDACTED:email] and pay with [REDACTED:creditCard], then [REDACTED:email] again.";
+    let streamed = |content: &str| {
+        json!({"model": "gpt-4o", "stream": true, "messages": [{"role": "user", "content": content}]})
+            .to_string()
+    };
+    // OpenAI clients: content, then tool-call arguments, every byte its own network chunk
+    // and a few characters per event; then whole events in one chunk.
+    for (tool, piece, split) in [(false, 1, 1), (true, 3, 1), (false, 7, 4096)] {
+        feed_stream(&up, openai_sse(&answer, piece, tool), split);
+        let resp = post(
+            &gw,
+            KEY,
+            "/v1/chat/completions",
+            &streamed(&format!("ask {piece} {tool}")),
+        )
+        .await;
+        assert_eq!(resp.status(), 200);
+        assert_eq!(resp.headers()["content-type"], "text/event-stream");
+        let text = resp.text().await.unwrap();
+        assert!(!text.contains(EMAIL) && !text.contains(CARD), "{text}");
+        assert!(text.ends_with("data: [DONE]\n\n"), "{text}");
+        let (content, arguments) = assemble_openai(&text);
+        assert_eq!(if tool { arguments } else { content }, redacted);
+    }
+    // The same answer replayed from the cache is redacted too.
+    let resp = post(&gw, KEY, "/v1/chat/completions", &streamed("ask 1 false")).await;
+    assert_eq!(resp.headers()["x-tollgate-cache"], "hit");
+    let text = resp.text().await.unwrap();
+    assert!(!text.contains(EMAIL) && !text.contains(CARD), "{text}");
+    assert_eq!(assemble_openai(&text).0, redacted);
+
+    // Anthropic clients of the same upstream get Anthropic events, redacted alike.
+    feed_stream(&up, openai_sse(&answer, 2, false), 1);
+    let resp = post(
+        &gw,
+        KEY,
+        "/v1/messages",
+        &json!({"model": "gpt-4o", "max_tokens": 100, "stream": true, "messages": [{"role": "user", "content": "ask anthropic"}]}).to_string(),
+    )
+    .await;
+    assert_eq!(resp.status(), 200);
+    let text = resp.text().await.unwrap();
+    assert!(!text.contains(EMAIL) && !text.contains(CARD), "{text}");
+    let mut assembled = String::new();
+    for line in text.lines() {
+        let Some(data) = line.strip_prefix("data: ") else {
+            continue;
+        };
+        let v: Value = serde_json::from_str(data).unwrap();
+        if let Some(s) = v.pointer("/delta/text").and_then(Value::as_str) {
+            assembled.push_str(s);
+        }
+    }
+    assert_eq!(assembled, redacted);
+    assert!(text.contains("event: message_stop"), "{text}");
+
+    // Each rule's hits are counted by name; the matched text is in no log line.
+    let metrics = gw.metrics().await;
+    assert!(
+        metrics.contains(
+            r#"tollgate_guardrail_hits_total{route="default/chat",rule="email",action="redact"}"#
+        ),
+        "{metrics}"
+    );
+    let logs = gw.logs();
+    assert!(!logs.contains(EMAIL) && !logs.contains(CARD));
+}
+
+#[tokio::test]
+async fn a_blocking_response_rule_ends_a_stream_with_an_error_event_and_never_relays_the_match() {
+    let up = Upstream::start().await;
+    let (gw, _dir) = start(
+        &up,
+        "{name: no-keys, detector: secret, action: block, applyTo: [response]}",
+        "",
+        "",
+    );
+    let answer = format!(
+        "{} Here is the key: {AWS_KEY} and more text after it.",
+        "Some preamble. ".repeat(20)
+    );
+    let secret_at = answer.find(AWS_KEY).unwrap();
+    feed_stream(&up, openai_sse(&answer, 1, false), 1);
+    let resp = post(
+        &gw,
+        KEY,
+        "/v1/chat/completions",
+        &json!({"model": "gpt-4o", "stream": true, "messages": [{"role": "user", "content": "hi"}]}).to_string(),
+    )
+    .await;
+    assert_eq!(resp.status(), 200);
+    let text = resp.text().await.unwrap();
+    assert!(!text.contains("AKIA"), "{text}");
+    let (content, _) = assemble_openai(&text);
+    assert!(
+        answer.starts_with(&content) && content.len() < secret_at,
+        "{content}"
+    );
+    let last = text.trim_end().lines().last().unwrap();
+    let error: Value = serde_json::from_str(last.strip_prefix("data: ").unwrap()).unwrap();
+    assert_eq!(error["error"]["code"], "guardrail_blocked", "{error}");
+    assert!(
+        error["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("no-keys")
+    );
+    assert!(
+        !text.contains("[DONE]"),
+        "a blocked stream does not end as complete"
+    );
+
+    // Anthropic clients get an `error` event.
+    feed_stream(&up, openai_sse(&answer, 5, false), 3);
+    let resp = post(
+        &gw,
+        KEY,
+        "/v1/messages",
+        &json!({"model": "gpt-4o", "max_tokens": 100, "stream": true, "messages": [{"role": "user", "content": "hi"}]}).to_string(),
+    )
+    .await;
+    let text = resp.text().await.unwrap();
+    assert!(!text.contains("AKIA"), "{text}");
+    assert!(text.contains("event: error\ndata: "), "{text}");
+    assert!(!text.contains("message_stop"), "{text}");
+}

@@ -488,6 +488,28 @@ impl Guardrails {
         }
     }
 
+    /// The confirmed matches of the text rules in `text`, for callers that release text
+    /// piece by piece (streamed answers): each hit is added to `verdict` (a `block` rule
+    /// sets `blocked`; a list built by [`Guardrails::refuse_all`] blocks at once), and
+    /// `redact` matches carry their placeholder. Nothing is rewritten here.
+    pub fn find(&self, text: &str, verdict: &mut Verdict) -> Vec<Found<'_>> {
+        if let Some(refuse) = &self.refuse {
+            verdict.blocked.get_or_insert_with(|| refuse.clone());
+            return Vec::new();
+        }
+        let mut found = Vec::new();
+        for (index, range) in self.scan(text) {
+            let rule = &self.rules[index];
+            verdict.hit(self.id, index, rule);
+            found.push(Found {
+                range,
+                placeholder: (rule.action == GuardrailAction::Redact)
+                    .then_some(rule.placeholder.as_str()),
+            });
+        }
+        found
+    }
+
     /// Names of the rules that fire on `text` alone (size limits aside).
     pub fn matching_rules(&self, text: &str) -> Vec<&str> {
         let mut names: Vec<&str> = Vec::new();
@@ -555,25 +577,43 @@ impl Guardrails {
         }
     }
 
-    /// `text` with each range replaced by its rule's placeholder; overlapping ranges merge
-    /// (the earliest keeps its placeholder).
-    fn redact(&self, text: &str, mut ranges: Vec<(Range<usize>, usize)>) -> String {
-        ranges.sort_by_key(|(r, _)| (r.start, std::cmp::Reverse(r.end)));
-        let mut out = String::with_capacity(text.len());
-        let mut at = 0;
-        for (range, index) in ranges {
-            if range.end <= at {
-                continue;
-            }
-            if range.start >= at {
-                out.push_str(&text[at..range.start]);
-                out.push_str(&self.rules[index].placeholder);
-            }
-            at = range.end;
-        }
-        out.push_str(&text[at..]);
-        out
+    /// `text` with each range replaced by its rule's placeholder.
+    fn redact(&self, text: &str, ranges: Vec<(Range<usize>, usize)>) -> String {
+        let ranges = ranges
+            .into_iter()
+            .map(|(range, index)| (range, self.rules[index].placeholder.as_str()))
+            .collect();
+        redact(text, ranges)
     }
+}
+
+/// A confirmed match of [`Guardrails::find`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Found<'a> {
+    /// Where it is.
+    pub range: Range<usize>,
+    /// `[REDACTED:<rule>]` for a `redact` rule; `None` for the other actions.
+    pub placeholder: Option<&'a str>,
+}
+
+/// `text` with each range replaced by its placeholder; overlapping ranges merge (the
+/// earliest keeps its placeholder).
+pub fn redact(text: &str, mut ranges: Vec<(Range<usize>, &str)>) -> String {
+    ranges.sort_by_key(|(r, _)| (r.start, std::cmp::Reverse(r.end)));
+    let mut out = String::with_capacity(text.len());
+    let mut at = 0;
+    for (range, placeholder) in ranges {
+        if range.end <= at {
+            continue;
+        }
+        if range.start >= at {
+            out.push_str(&text[at..range.start]);
+            out.push_str(placeholder);
+        }
+        at = range.end;
+    }
+    out.push_str(&text[at..]);
+    out
 }
 
 /// Confirms the regex candidate `range` of `text` in code where the pattern alone is too

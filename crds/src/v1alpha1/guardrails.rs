@@ -48,10 +48,11 @@ pub struct Guardrail {
     /// or cached (not for size limits); `log` only logs and counts the hit.
     pub action: GuardrailAction,
     /// What the rule checks: `request` (the default) and/or `response`, the text of
-    /// complete (non-streamed) answers. A `block` on a response withholds the answer
-    /// (HTTP 502, code `guardrail_blocked`); a `redact` rewrites it before it is cached
-    /// and returned. Size limits apply to requests only; streamed answers are never
-    /// checked.
+    /// answers, complete or streamed. A `block` on a complete answer withholds it (HTTP
+    /// 502, code `guardrail_blocked`) and ends a stream with an error event before any of
+    /// the match is relayed; a `redact` rewrites the answer before it is cached and
+    /// returned (streamed text is held back up to 128 bytes so a match split across
+    /// chunks is still caught). Size limits apply to requests only.
     #[serde(default = "default_apply_to")]
     #[schemars(length(min = 1, max = 2), extend("x-kubernetes-list-type" = "set"))]
     pub apply_to: Vec<GuardrailTarget>,
@@ -67,7 +68,7 @@ fn default_apply_to() -> Vec<GuardrailTarget> {
 pub enum GuardrailTarget {
     /// The request's text.
     Request,
-    /// The text of a complete (non-streamed) answer.
+    /// The text of an answer, complete or streamed.
     Response,
 }
 

@@ -2,18 +2,21 @@
 //! sees it (admission, cache key, upstream), and to a complete answer before it is cached
 //! and returned. Blocks, redacts or only records hits.
 
+use std::sync::Arc;
+
 use axum::{body::Body, response::Response};
 use bytes::Bytes;
 use tollgate_api::{
     config::CompiledRoute,
-    guardrails::{Guardrails, Verdict},
+    guardrails::{Guardrails, RuleHit, Verdict},
 };
 
 use super::AppState;
 use crate::{
     error::ApiError,
-    metrics::GuardrailLabels,
+    metrics::{GuardrailLabels, Metrics},
     snapshot::{Guards, Key, Snapshot},
+    stream_guard::AnswerRules,
 };
 
 /// Which side of the exchange is checked.
@@ -29,7 +32,7 @@ fn lists<'a>(
     route: &CompiledRoute,
     key: &'a Key,
     side: Side,
-) -> Vec<&'a Guardrails> {
+) -> Vec<&'a Arc<Guardrails>> {
     let pick = |g: &'a Guards| match side {
         Side::Request => g.request.as_ref(),
         Side::Response => g.response.as_ref(),
@@ -49,7 +52,7 @@ fn run(
     route: &CompiledRoute,
     key: &Key,
     request_id: &str,
-    lists: Vec<&Guardrails>,
+    lists: Vec<&Arc<Guardrails>>,
     mut doc: serde_json::Value,
     side: Side,
 ) -> Result<Option<Bytes>, Verdict> {
@@ -63,26 +66,18 @@ fn run(
             break;
         }
     }
+    let on = match side {
+        Side::Request => "request",
+        Side::Response => "response",
+    };
     for hit in &verdict.hits {
-        state
-            .metrics
-            .guardrail_hits
-            .get_or_create(&GuardrailLabels {
-                route: route.id.clone(),
-                rule: hit.rule.clone(),
-                action: hit.action.as_str(),
-            })
-            .inc();
-        tracing::info!(
-            target: "tollgate::guardrails",
+        record_hit(
+            &state.metrics,
+            &route.id,
+            &key.entry.id,
             request_id,
-            route = %route.id,
-            key_id = %key.entry.id,
-            rule = %hit.rule,
-            detector = hit.detector.as_str(),
-            action = hit.action.as_str(),
-            on = match side { Side::Request => "request", Side::Response => "response" },
-            "guardrail hit"
+            hit,
+            on,
         );
     }
     if verdict.blocked.is_some() {
@@ -92,6 +87,61 @@ fn run(
         return Ok(None);
     }
     Ok(serde_json::to_vec(&doc).ok().map(Bytes::from))
+}
+
+/// Counts a rule that fired and logs it, by rule name only (never the matched text);
+/// `on` is `request` or `response`.
+pub(crate) fn record_hit(
+    metrics: &Metrics,
+    route: &str,
+    key_id: &str,
+    request_id: &str,
+    hit: &RuleHit,
+    on: &'static str,
+) {
+    metrics
+        .guardrail_hits
+        .get_or_create(&GuardrailLabels {
+            route: route.to_owned(),
+            rule: hit.rule.clone(),
+            action: hit.action.as_str(),
+        })
+        .inc();
+    tracing::info!(
+        target: "tollgate::guardrails",
+        request_id,
+        route,
+        key_id,
+        rule = %hit.rule,
+        detector = hit.detector.as_str(),
+        action = hit.action.as_str(),
+        on,
+        "guardrail hit"
+    );
+}
+
+/// The rules that check this route's and key's answers, for a streamed answer; `None`
+/// when there are none.
+pub(super) fn answer_rules(
+    state: &AppState,
+    snapshot: &Snapshot,
+    route: &CompiledRoute,
+    key: &Key,
+    request_id: &str,
+) -> Option<Arc<AnswerRules>> {
+    let lists: Vec<Arc<Guardrails>> = lists(snapshot, route, key, Side::Response)
+        .into_iter()
+        .cloned()
+        .collect();
+    (!lists.is_empty()).then(|| {
+        Arc::new(AnswerRules {
+            lists,
+            route: route.id.clone(),
+            key_id: key.entry.id.clone(),
+            request_id: request_id.to_owned(),
+            metrics: state.metrics.clone(),
+        })
+    })
 }
 
 /// The body to forward: the original bytes when no rule redacted anything, a re-encoded
@@ -178,4 +228,20 @@ pub(super) async fn apply_response(
             })
         }
     }
+}
+
+/// A stored stream (a cache hit) passed through the response rules as a whole.
+pub(super) async fn apply_to_stored_stream(
+    response: Response,
+    rules: Arc<AnswerRules>,
+    operation: crate::upstream::Operation,
+) -> Result<Response, ApiError> {
+    let (mut parts, body) = response.into_parts();
+    let bytes = axum::body::to_bytes(body, usize::MAX)
+        .await
+        .map_err(|_| ApiError::Internal(rules.request_id.clone()))?;
+    let guard = crate::stream_guard::StreamGuard::new(rules, operation.client_dialect());
+    let out = crate::stream_guard::guard_whole(&bytes, guard);
+    parts.headers.remove(http::header::CONTENT_LENGTH);
+    Ok(Response::from_parts(parts, Body::from(out)))
 }

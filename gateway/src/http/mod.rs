@@ -5,7 +5,7 @@ mod anthropic;
 mod auth;
 mod caching;
 mod drain;
-mod guardrails;
+pub(crate) mod guardrails;
 mod health;
 mod models;
 mod openai;

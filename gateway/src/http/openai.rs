@@ -17,6 +17,7 @@ use crate::{
     error::ApiError,
     metrics::{RequestLabels, RouteLabels},
     proxy::{AnsweredBy, Forward, Timing, forward},
+    relay,
     request::{estimate_prompt_tokens, parse_head},
     telemetry::{self, attr},
     upstream::Operation,
@@ -318,9 +319,16 @@ async fn serve(
         drop(accounting);
         // The entry may come from another key (shared scope) or predate a rule: this
         // key's and route's response rules apply to it as to a fresh answer.
-        if !head.stream && guardrails::checks_responses(&snapshot, route, &key) {
-            hit =
-                guardrails::apply_response(state, &snapshot, route, &key, request_id, hit).await?;
+        if guardrails::checks_responses(&snapshot, route, &key) {
+            hit = match guardrails::answer_rules(state, &snapshot, route, &key, request_id) {
+                Some(rules) if head.stream && relay::is_event_stream(&hit) => {
+                    guardrails::apply_to_stored_stream(hit, rules, operation).await?
+                }
+                _ => {
+                    guardrails::apply_response(state, &snapshot, route, &key, request_id, hit)
+                        .await?
+                }
+            };
         }
         if let Some(quota) = quota {
             admission::quota_headers(hit.headers_mut(), &quota);
@@ -343,12 +351,19 @@ async fn serve(
             prompt_estimate,
             timing,
             trace,
+            // Streamed answers pass the response rules as they are relayed.
+            answers: head
+                .stream
+                .then(|| guardrails::answer_rules(state, &snapshot, route, &key, request_id))
+                .flatten(),
         },
         accounting,
     )
     .await?;
-    // Complete answers pass the response rules before they are recorded, cached or returned.
-    let response = if !head.stream && guardrails::checks_responses(&snapshot, route, &key) {
+    // Complete answers pass the response rules before they are recorded, cached or
+    // returned (a stream request answered with a whole body too).
+    let guarded_in_relay = head.stream && relay::is_event_stream(&response);
+    let response = if !guarded_in_relay && guardrails::checks_responses(&snapshot, route, &key) {
         guardrails::apply_response(state, &snapshot, route, &key, request_id, response).await?
     } else {
         response
