@@ -23,6 +23,9 @@ pub struct RedisOptions {
     pub client_cert: Option<(PathBuf, PathBuf)>,
     /// Deadline for connecting and for every answer.
     pub timeout: Duration,
+    /// Password for every URL (overrides one written in them), so a URL can live in
+    /// configuration and the password in a Secret.
+    pub password: Option<String>,
 }
 
 /// An invalid Redis configuration.
@@ -84,11 +87,24 @@ impl RedisOptions {
         }))
     }
 
-    /// A client for one of the URLs (TLS material applied).
+    /// A URL's connection details with the password applied.
+    fn info(&self, url: &str) -> Result<redis::ConnectionInfo, OptionsError> {
+        let info = redis::IntoConnectionInfo::into_connection_info(url)?;
+        Ok(match &self.password {
+            Some(password) => {
+                let settings = info.redis_settings().clone().set_password(password);
+                info.set_redis_settings(settings)
+            }
+            None => info,
+        })
+    }
+
+    /// A client for one of the URLs (TLS material and password applied).
     fn client(&self, url: &str) -> Result<redis::Client, OptionsError> {
+        let info = self.info(url)?;
         Ok(match self.certificates()? {
-            Some(certs) => redis::Client::build_with_tls(url, certs)?,
-            None => redis::Client::open(url)?,
+            Some(certs) => redis::Client::build_with_tls(info, certs)?,
+            None => redis::Client::open(info)?,
         })
     }
 
@@ -112,6 +128,9 @@ impl RedisOptions {
                 .retries(1);
             if let Some(certs) = self.certificates()? {
                 builder = builder.certs(certs);
+            }
+            if let Some(password) = &self.password {
+                builder = builder.password(password);
             }
             let client = builder.build()?;
             let config = redis::cluster::ClusterConfig::new()

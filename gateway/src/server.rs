@@ -39,6 +39,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     let redis_options = settings.redis_url.as_ref().map(|url| {
         let mut options = RedisOptions::new(url, settings.redis_timeout);
         options.cluster = settings.redis_cluster;
+        options.password = settings.redis_password.clone();
         options.ca_file = settings.redis_ca_file.clone();
         options.client_cert = settings
             .redis_client_cert
@@ -59,7 +60,25 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         ),
         None => None,
     };
-    let shared_cache = redis.clone().filter(|_| settings.cache_max_bytes > 0);
+    // The cache on its own Redis when one is named: cache pressure there never evicts
+    // limits, budgets or usage.
+    let cache_redis = match (&redis_options, &settings.redis_cache_url) {
+        (Some(options), Some(url)) => Some(
+            RedisLimits::with(
+                RedisOptions {
+                    urls: RedisOptions::new(url, options.timeout).urls,
+                    ..options.clone()
+                }
+                .connect_lazy()
+                .map_err(|e| anyhow::anyhow!("--redis-cache-url: {e}"))?,
+                settings.redis_timeout,
+                limits::redis::DEFAULT_LEASE,
+            )
+            .with_metrics(metrics.redis_latency.clone()),
+        ),
+        _ => redis.clone(),
+    };
+    let shared_cache = cache_redis.filter(|_| settings.cache_max_bytes > 0);
     let revocations = Arc::new(Revocations::default());
     if let (Some(options), Some(store)) = (&redis_options, &redis) {
         let clients = options

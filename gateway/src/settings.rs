@@ -89,6 +89,28 @@ pub struct Settings {
     #[arg(long, env = "TOLLGATE_REDIS_CLUSTER")]
     pub redis_cluster: bool,
 
+    /// Password for Redis (every URL, the cache's included), so URLs need not carry it.
+    /// Prefer the environment variable (from a Secret) to the flag.
+    #[arg(
+        long,
+        env = "TOLLGATE_REDIS_PASSWORD",
+        value_name = "PASSWORD",
+        hide_env_values = true
+    )]
+    pub redis_password: Option<String>,
+
+    /// A Redis for the shared response cache only (same password, TLS and cluster
+    /// settings as --redis-url), so cache entries never compete for memory with limits,
+    /// budgets and usage: run it with `maxmemory-policy allkeys-lru` and the state Redis
+    /// with `noeviction`. Unset: the cache shares the --redis-url Redis.
+    #[arg(
+        long,
+        env = "TOLLGATE_REDIS_CACHE_URL",
+        value_name = "URL",
+        requires = "redis_url"
+    )]
+    pub redis_cache_url: Option<String>,
+
     /// PEM file of the CAs that sign the Redis server certificate (`rediss://`), instead
     /// of the system's trusted roots.
     #[arg(long, env = "TOLLGATE_REDIS_CA_FILE", value_name = "FILE")]

@@ -474,3 +474,109 @@ async fn batched_usage_survives_a_redis_stall_and_is_flushed_at_shutdown() {
         "batch markers pile up: {markers}"
     );
 }
+
+/// Every key name held by `redis` (authenticating with `password`).
+fn keys(redis: &Redis, password: &str) -> String {
+    redis.cli(&["--no-auth-warning", "-a", password, "--scan"])
+}
+
+#[tokio::test]
+async fn a_password_protected_redis_and_a_separate_cache_redis_each_hold_only_their_state() {
+    const PASSWORD: &str = "a9F3kPq7Zr2Lm8Xc4Vt6Bn1Hd5Js0Wy";
+    let state = Redis::start_with(&[
+        "--requirepass",
+        PASSWORD,
+        "--maxmemory-policy",
+        "noeviction",
+    ]);
+    let cache = Redis::start_with(&[
+        "--requirepass",
+        PASSWORD,
+        "--maxmemory-policy",
+        "allkeys-lru",
+    ]);
+    let up = common::upstream::Upstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let text = format!(
+        "apiVersion: v1\nkind: Secret\nmetadata: {{name: up, labels: {{tollgate.dev/credential: 'true'}}}}\nstringData: {{token: sk-up}}\n---\n\
+         apiVersion: tollgate.dev/v1alpha1\nkind: Provider\nmetadata: {{name: up}}\nspec:\n  type: openaiCompatible\n  baseUrl: {}\n\
+         \x20 credentials: {{secretRef: {{name: up, key: token}}}}\n  models: [{{name: gpt-4o}}]\n---\n\
+         apiVersion: tollgate.dev/v1alpha1\nkind: RoutePolicy\nmetadata: {{name: cached}}\nspec: {{models: [gpt-4o], targets: [{{provider: up}}], cache: {{ttl: 5m}}}}\n---\n\
+         apiVersion: tollgate.dev/v1alpha1\nkind: ApiKey\nmetadata: {{name: limited}}\nspec: {{owner: a, limits: {{requestsPerMinute: 100}}}}\n---\n\
+         apiVersion: v1\nkind: Secret\nmetadata: {{name: limited-key}}\nstringData: {{apiKey: {LIMITED}}}\n",
+        up.base_url()
+    );
+    std::fs::write(dir.path().join("config.yaml"), text).unwrap();
+    let ask = |gw: &Gateway| {
+        let url = gw.url("/v1/chat/completions");
+        async move {
+            client()
+                .post(url)
+                .bearer_auth(LIMITED)
+                .json(&json!({"model": "gpt-4o", "messages": [{"role": "user", "content": "cached?"}]}))
+                .send()
+                .await
+                .unwrap()
+        }
+    };
+
+    // Without the password the gateway cannot use Redis (fail open: it serves, Redis down).
+    let blind = Gateway::start(&[
+        "--resources",
+        dir.path().to_str().unwrap(),
+        "--redis-url",
+        &state.url(),
+    ]);
+    assert_eq!(ask(&blind).await.status(), 200);
+    let metrics = blind.metrics().await;
+    assert_eq!(
+        common::metric(&metrics, "tollgate_redis_up "),
+        0.0,
+        "{metrics}"
+    );
+    drop(blind);
+    assert_eq!(
+        keys(&state, PASSWORD).trim(),
+        "",
+        "nothing was written without the password"
+    );
+
+    // With it (from the environment, as the chart passes it), limits go to the state
+    // Redis and cache entries to the cache Redis only.
+    let gw = Gateway::start_with_env(
+        &[
+            "--resources",
+            dir.path().to_str().unwrap(),
+            "--redis-url",
+            &state.url(),
+            "--redis-cache-url",
+            &cache.url(),
+        ],
+        &[("TOLLGATE_REDIS_PASSWORD", PASSWORD)],
+    );
+    assert_eq!(ask(&gw).await.headers()["x-tollgate-cache"], "miss");
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            ask(&gw).await.headers()["x-tollgate-cache"] == "hit"
+        })
+        .await
+    );
+    assert_eq!(
+        common::metric(&gw.metrics().await, "tollgate_redis_up "),
+        1.0
+    );
+    let (state_keys, cache_keys) = (keys(&state, PASSWORD), keys(&cache, PASSWORD));
+    assert!(
+        state_keys.contains("}:rpm"),
+        "the key's rate window: {state_keys}"
+    );
+    assert!(!state_keys.contains(":cache:"), "{state_keys}");
+    assert!(cache_keys.contains(":cache:"), "{cache_keys}");
+    assert!(
+        cache_keys.lines().all(|k| k.contains(":cache:")),
+        "only cache entries in the cache Redis: {cache_keys}"
+    );
+    // The password is in no log line or metric.
+    assert!(!gw.logs().contains(PASSWORD));
+    assert!(!gw.metrics().await.contains(PASSWORD));
+}

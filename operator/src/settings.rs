@@ -90,6 +90,16 @@ pub struct RunSettings {
     #[arg(long, env = "TOLLGATE_REDIS_CLUSTER")]
     pub redis_cluster: bool,
 
+    /// Password for Redis, so the URL need not carry it. Prefer the environment variable
+    /// (from a Secret) to the flag.
+    #[arg(
+        long,
+        env = "TOLLGATE_REDIS_PASSWORD",
+        value_name = "PASSWORD",
+        hide_env_values = true
+    )]
+    pub redis_password: Option<String>,
+
     /// PEM file of the CAs that sign the Redis server certificate (`rediss://`).
     #[arg(long, env = "TOLLGATE_REDIS_CA_FILE", value_name = "FILE")]
     pub redis_ca_file: Option<PathBuf>,
@@ -210,6 +220,7 @@ impl RunSettings {
         self.redis_url.as_ref().map(|url| {
             let mut o = tollgate_api::redis_conn::RedisOptions::new(url, self.redis_timeout);
             o.cluster = self.redis_cluster;
+            o.password = self.redis_password.clone();
             o.ca_file = self.redis_ca_file.clone();
             o.client_cert = self
                 .redis_client_cert

@@ -109,12 +109,20 @@ def dump(docs):
     return "".join("---\n" + yaml.safe_dump(d, sort_keys=False) for d in docs)
 
 
+# The plain manifests name the bundled Redis password Secret instead of generating one
+# (a password committed to the repository would be everyone's): docs/install.md creates
+# it before `kubectl apply`.
+MANIFEST_VALUES = {"redis": {"bundled": {"auth": {"existingSecret": "tollgate-redis-auth"}}}}
+
+
 def manifests(args):
-    crds, docs, _ = template(None)
+    crds, docs, _ = template(MANIFEST_VALUES)
     os.makedirs(args.dir, exist_ok=True)
     header = ("# Generated from charts/tollgate with its default values (release tollgate in\n"
               "# namespace tollgate) by tests/chart/helm.py; do not edit. A test fails when\n"
-              "# these files drift from the chart.\n")
+              "# these files drift from the chart. One difference: the bundled Redis password\n"
+              "# comes from the Secret tollgate-redis-auth, which you create first\n"
+              "# (docs/install.md).\n")
     namespace = {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "tollgate"}}
     files = {
         "00-namespace.yaml": [namespace],

@@ -501,6 +501,149 @@ fn redis_modes_give_both_components_the_same_url_source() {
 }
 
 #[test]
+fn the_bundled_redis_has_a_generated_password_and_keeps_the_cache_apart_from_state() {
+    let secret_ref = |c: &Value, name: &str| -> (String, String) {
+        let from = &env(c, name).unwrap_or_else(|| panic!("{name}"))["valueFrom"]["secretKeyRef"];
+        (
+            from["name"].as_str().unwrap().to_owned(),
+            from["key"].as_str().unwrap().to_owned(),
+        )
+    };
+    let auth = ("tollgate-redis-auth".to_owned(), "password".to_owned());
+    let r = good(json!({}), &[]);
+    // A generated password: 32 random alphanumerics, different in every fresh render
+    // (upgrades keep the one in the cluster through `lookup`).
+    let password = |r: &Render| {
+        let secret = find(&r.docs, "Secret", "tollgate-redis-auth");
+        let b64 = secret["data"]["password"].as_str().unwrap().to_owned();
+        String::from_utf8(base64_decode(&b64)).unwrap()
+    };
+    let first = password(&r);
+    assert_eq!(first.len(), 32);
+    assert!(first.chars().all(|c| c.is_ascii_alphanumeric()), "{first}");
+    assert_ne!(first, password(&good(json!({}), &[])));
+    let pod = &find(&r.docs, "Deployment", "tollgate-redis")["spec"]["template"]["spec"];
+    let containers = pod["containers"].as_array().unwrap();
+    let arg_after = |c: &Value, flag: &str| -> String {
+        let args: Vec<&str> = c["args"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|a| a.as_str().unwrap())
+            .collect();
+        let at = args
+            .iter()
+            .position(|a| *a == flag)
+            .unwrap_or_else(|| panic!("{flag} in {args:?}"));
+        args[at + 1].to_owned()
+    };
+    // State: password, never evicted. Cache: password, its own memory, LRU.
+    let state = containers.iter().find(|c| c["name"] == "redis").unwrap();
+    let cache = containers
+        .iter()
+        .find(|c| c["name"] == "redis-cache")
+        .unwrap();
+    for (c, port, policy) in [
+        (state, "6379", "noeviction"),
+        (cache, "6380", "allkeys-lru"),
+    ] {
+        assert_eq!(arg_after(c, "--port"), port);
+        assert_eq!(arg_after(c, "--maxmemory-policy"), policy);
+        assert_eq!(arg_after(c, "--requirepass"), "$(REDIS_PASSWORD)");
+        assert_eq!(secret_ref(c, "REDIS_PASSWORD"), auth);
+    }
+    // Both components get the password from the Secret, never in a plain value; the
+    // gateway also gets the cache Redis.
+    for name in ["tollgate-gateway", "tollgate-operator"] {
+        let c = &find(&r.docs, "Deployment", name)["spec"]["template"]["spec"]["containers"][0];
+        assert_eq!(secret_ref(c, "TOLLGATE_REDIS_PASSWORD"), auth, "{name}");
+    }
+    let gateway = &find(&r.docs, "Deployment", "tollgate-gateway")["spec"]["template"]["spec"]["containers"]
+        [0];
+    assert_eq!(
+        secret_ref(gateway, "TOLLGATE_REDIS_CACHE_URL"),
+        ("tollgate-redis-url".to_owned(), "cacheUrl".to_owned())
+    );
+    let urls = find(&r.docs, "Secret", "tollgate-redis-url");
+    assert!(
+        urls["stringData"]["cacheUrl"]
+            .as_str()
+            .unwrap()
+            .ends_with(":6380/0")
+    );
+    let text = serde_json::to_string(&r.docs).unwrap();
+    assert_eq!(
+        text.matches(&first).count(),
+        0,
+        "the password appears only base64-encoded"
+    );
+    // Only Tollgate's pods reach either port.
+    let policy = find(&r.docs, "NetworkPolicy", "tollgate-redis");
+    assert_eq!(
+        policy["spec"]["ingress"][0]["ports"]
+            .as_array()
+            .unwrap()
+            .len(),
+        2
+    );
+
+    // An existing Secret: nothing generated, everything points at it.
+    let r = good(
+        json!({"redis": {"bundled": {"auth": {"existingSecret": "mine", "existingSecretKey": "pw"}}}}),
+        &[],
+    );
+    assert!(!kinds(&r.docs).contains(&"Secret/tollgate-redis-auth".to_owned()));
+    let c = &find(&r.docs, "Deployment", "tollgate-operator")["spec"]["template"]["spec"]["containers"]
+        [0];
+    assert_eq!(
+        secret_ref(c, "TOLLGATE_REDIS_PASSWORD"),
+        ("mine".to_owned(), "pw".to_owned())
+    );
+
+    // External Redis: no password variable; a separate cache Redis only when named.
+    let r = good(
+        json!({"redis": {"mode": "external", "external": {"url": "redis://r:6379"}}}),
+        &[],
+    );
+    let gateway = &find(&r.docs, "Deployment", "tollgate-gateway")["spec"]["template"]["spec"]["containers"]
+        [0];
+    assert!(env(gateway, "TOLLGATE_REDIS_PASSWORD").is_none());
+    assert!(env(gateway, "TOLLGATE_REDIS_CACHE_URL").is_none());
+    let r = good(
+        json!({"redis": {"mode": "external", "external": {"url": "redis://r:6379", "cacheUrl": "redis://c:6379"}}}),
+        &[],
+    );
+    let gateway = &find(&r.docs, "Deployment", "tollgate-gateway")["spec"]["template"]["spec"]["containers"]
+        [0];
+    assert_eq!(
+        secret_ref(gateway, "TOLLGATE_REDIS_CACHE_URL"),
+        ("tollgate-redis-url".to_owned(), "cacheUrl".to_owned())
+    );
+
+    // The plain manifests commit no password: they name a Secret the user creates.
+    let manifests =
+        std::fs::read_to_string(repo_root().join("manifests/02-tollgate.yaml")).unwrap();
+    assert!(manifests.contains("name: tollgate-redis-auth"));
+    let docs: Vec<Value> = manifests
+        .split("\n---\n")
+        .filter_map(|d| serde_yaml::from_str(d).ok())
+        .collect();
+    assert!(
+        !docs
+            .iter()
+            .any(|d| d["kind"] == "Secret" && d["metadata"]["name"] == "tollgate-redis-auth"),
+        "manifests/ must not carry a password"
+    );
+}
+
+fn base64_decode(text: &str) -> Vec<u8> {
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD
+        .decode(text)
+        .unwrap()
+}
+
+#[test]
 fn invalid_values_are_refused_with_a_clear_message() {
     for (values, expect) in [
         (json!({"redis": {"mode": "cluster"}}), "mode"),

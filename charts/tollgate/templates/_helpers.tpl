@@ -64,6 +64,18 @@ app.kubernetes.io/component: {{ .component }}
 {{- if and (eq .Values.redis.mode "external") .Values.redis.external.existingSecret }}{{ .Values.redis.external.existingSecretKey }}{{ else }}url{{ end }}
 {{- end }}
 
+{{/* The bundled Redis password: the chart's generated Secret or an existing one. */}}
+{{- define "tollgate.redisAuthSecretName" -}}
+{{- if .Values.redis.bundled.auth.existingSecret }}{{ .Values.redis.bundled.auth.existingSecret }}{{ else }}{{ include "tollgate.fullname" . }}-redis-auth{{ end }}
+{{- end }}
+{{- define "tollgate.redisAuthEnv" -}}
+- name: {{ .name }}
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "tollgate.redisAuthSecretName" .root }}
+      key: {{ .root.Values.redis.bundled.auth.existingSecretKey }}
+{{- end }}
+
 {{/* Environment shared by the gateway and the operator to reach Redis. */}}
 {{- define "tollgate.redisEnv" -}}
 {{- if ne .Values.redis.mode "none" }}
@@ -72,6 +84,9 @@ app.kubernetes.io/component: {{ .component }}
     secretKeyRef:
       name: {{ include "tollgate.redisSecretName" . }}
       key: {{ include "tollgate.redisSecretKey" . }}
+{{- if eq .Values.redis.mode "bundled" }}
+{{ include "tollgate.redisAuthEnv" (dict "root" . "name" "TOLLGATE_REDIS_PASSWORD") }}
+{{- end }}
 {{- if and (eq .Values.redis.mode "external") .Values.redis.external.cluster }}
 - name: TOLLGATE_REDIS_CLUSTER
   value: "true"
@@ -80,6 +95,18 @@ app.kubernetes.io/component: {{ .component }}
 - name: TOLLGATE_REDIS_CA_FILE
   value: /etc/tollgate/redis-ca/ca.crt
 {{- end }}
+{{- end }}
+{{- end }}
+
+{{/* The gateway's Redis for the response cache, when it has its own. */}}
+{{- define "tollgate.redisCacheEnv" -}}
+{{- $e := .Values.redis.external }}
+{{- if or (eq .Values.redis.mode "bundled") (and (eq .Values.redis.mode "external") (or (and $e.existingSecret $e.existingSecretCacheKey) (and (not $e.existingSecret) $e.cacheUrl))) }}
+- name: TOLLGATE_REDIS_CACHE_URL
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "tollgate.redisSecretName" . }}
+      key: {{ if and (eq .Values.redis.mode "external") $e.existingSecret }}{{ $e.existingSecretCacheKey }}{{ else }}cacheUrl{{ end }}
 {{- end }}
 {{- end }}
 
