@@ -73,7 +73,7 @@ pub fn histogram() -> Histogram<u64> {
     Histogram::new_with_bounds(1, 60_000_000, 3).expect("static bounds are valid")
 }
 
-fn micros(d: Duration) -> u64 {
+pub(crate) fn micros(d: Duration) -> u64 {
     u64::try_from(d.as_micros()).unwrap_or(u64::MAX).max(1)
 }
 
@@ -108,7 +108,12 @@ impl Stats {
         self.errors.values().sum()
     }
 
-    fn from(h: &Histogram<u64>, ok: u64, errors: BTreeMap<String, u64>, seconds: f64) -> Self {
+    pub(crate) fn from(
+        h: &Histogram<u64>,
+        ok: u64,
+        errors: BTreeMap<String, u64>,
+        seconds: f64,
+    ) -> Self {
         Self {
             ok,
             errors,
@@ -191,7 +196,7 @@ impl Conn {
     }
 
     /// Sends one request and reads the whole answer.
-    async fn call(&mut self, target: &Target) -> Result<(), String> {
+    pub(crate) async fn call(&mut self, target: &Target) -> Result<(), String> {
         let sender = self.ready().await?;
         let response = sender
             .send_request(target.request())

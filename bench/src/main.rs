@@ -2,6 +2,7 @@
 
 mod config;
 mod guardrails;
+mod hostile;
 mod load;
 mod procs;
 mod report;
@@ -44,7 +45,7 @@ enum Cmd {
         #[arg(long, default_value = "examples")]
         examples: PathBuf,
         /// Only these scenarios (comma-separated): single, saturation, streaming,
-        /// slow-upstream, reload, memory, guardrails.
+        /// slow-upstream, reload, memory, guardrails, routing, hostile.
         #[arg(long, value_delimiter = ',')]
         only: Vec<String>,
     },

@@ -29,6 +29,9 @@ pub struct Proc {
     child: Child,
     /// Its stdout and stderr.
     pub log: PathBuf,
+    /// Asked to stop with SIGTERM before it is killed: a killed nginx master leaves its
+    /// workers running.
+    term_first: bool,
 }
 
 impl Proc {
@@ -46,6 +49,7 @@ impl Proc {
             name: name.to_owned(),
             child,
             log,
+            term_first: false,
         })
     }
 
@@ -89,6 +93,17 @@ impl Proc {
 
 impl Drop for Proc {
     fn drop(&mut self) {
+        if self.term_first
+            && Command::new("kill")
+                .args(["-TERM", &self.pid().to_string()])
+                .status()
+                .is_ok_and(|s| s.success())
+        {
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while matches!(self.child.try_wait(), Ok(None)) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
@@ -126,12 +141,29 @@ pub fn cpu_seconds(pid: u32) -> f64 {
 
 /// Resident set size of `pid` in KiB.
 pub fn rss_kib(pid: u32) -> anyhow::Result<u64> {
+    status_kib(pid, "VmRSS")
+}
+
+/// Peak resident set size of `pid` in KiB (since it started, or since
+/// [`reset_peak_rss`]).
+pub fn peak_rss_kib(pid: u32) -> anyhow::Result<u64> {
+    status_kib(pid, "VmHWM")
+}
+
+/// Resets `pid`'s peak resident set size to its current one (Linux 4.0 and later).
+pub fn reset_peak_rss(pid: u32) -> anyhow::Result<()> {
+    fs::write(format!("/proc/{pid}/clear_refs"), "5")
+        .with_context(|| format!("writing 5 to /proc/{pid}/clear_refs"))
+}
+
+/// A `kB` field of `/proc/PID/status`.
+fn status_kib(pid: u32, field: &str) -> anyhow::Result<u64> {
     let status = fs::read_to_string(format!("/proc/{pid}/status"))?;
     status
         .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .context("no VmRSS in /proc/PID/status")
+        .with_context(|| format!("no {field} in /proc/{pid}/status"))
 }
 
 /// The last `n` lines of a file.
@@ -211,6 +243,7 @@ http {{
     let mut cmd = Command::new(bin);
     cmd.arg("-p").arg(&prefix).arg("-c").arg(&conf_path);
     let mut proc = Proc::spawn("nginx", cmd, prefix.join("stdout.log"))?;
+    proc.term_first = true;
     proc.wait_listening(addr, Duration::from_secs(10))?;
     Ok((proc, addr))
 }

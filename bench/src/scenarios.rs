@@ -53,6 +53,7 @@ pub const SCENARIOS: &[&str] = &[
     "memory",
     "guardrails",
     "routing",
+    "hostile",
 ];
 
 /// A running gateway.
@@ -60,6 +61,8 @@ pub const SCENARIOS: &[&str] = &[
 struct Gateway {
     proc: Proc,
     addr: SocketAddr,
+    /// The admin listener (`/metrics`).
+    admin: SocketAddr,
 }
 
 impl Gateway {
@@ -69,16 +72,18 @@ impl Gateway {
         resources: &Path,
         redis: Option<SocketAddr>,
     ) -> anyhow::Result<Self> {
-        Self::start_from(s, name, "--resources", resources, redis)
+        Self::start_from(s, name, "--resources", resources, redis, &[])
     }
 
-    /// Starts a gateway reading `source_flag` (`--resources` or `--config-dir`) `path`.
+    /// Starts a gateway reading `source_flag` (`--resources` or `--config-dir`) `path`,
+    /// with `extra` arguments.
     fn start_from(
         s: &Settings,
         name: &str,
         source_flag: &str,
         path: &Path,
         redis: Option<SocketAddr>,
+        extra: &[&str],
     ) -> anyhow::Result<Self> {
         let addr = procs::free_addr()?;
         let admin = procs::free_addr()?;
@@ -88,6 +93,7 @@ impl Gateway {
             .args(["--listen", &addr.to_string()])
             .args(["--admin-listen", &admin.to_string()])
             .args(["--reload-interval", "100ms", "--log-format", "json"])
+            .args(extra)
             .env_remove("RUST_LOG")
             .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
             .env_remove("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT");
@@ -107,7 +113,7 @@ impl Gateway {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
-        Ok(Self { proc, addr })
+        Ok(Self { proc, addr, admin })
     }
 
     fn target(&self, model: &str, stream: bool) -> Target {
@@ -295,6 +301,9 @@ pub async fn run(s: &Settings, report: &mut Report) -> anyhow::Result<()> {
     }
     if s.wants("memory") {
         memory(s, report, idle_full).await?;
+    }
+    if s.wants("hostile") {
+        hostile(s, report).await?;
     }
     Ok(())
 }
@@ -555,7 +564,7 @@ async fn reload(s: &Settings, report: &mut Report, upstream: SocketAddr) -> anyh
         ("operator files", "--config-dir", &rendered),
         ("standalone manifests", "--resources", &manifests),
     ] {
-        let gw = Gateway::start_from(s, &format!("tollgate ({subject})"), flag, path, None)?;
+        let gw = Gateway::start_from(s, &format!("tollgate ({subject})"), flag, path, None, &[])?;
         let from_files = flag == "--config-dir";
         let target = gw.target("bench-small", false);
         let quiet = load::open(&target, 1000.0, Duration::from_secs(secs), 32).await;
@@ -694,6 +703,277 @@ async fn memory(s: &Settings, report: &mut Report, idle_after_load_kib: u64) -> 
         ));
     }
     held.release().await;
+    Ok(())
+}
+
+/// One burst of the hostile scenario, measured.
+#[derive(Debug)]
+struct Measured {
+    burst: crate::hostile::Burst,
+    /// Normal requests sent one at a time during the burst.
+    during: crate::hostile::Probed,
+    seen: crate::hostile::Samples,
+    /// Peak RSS in the burst, KiB.
+    peak_kib: u64,
+    /// Why the kernel's peak could not be reset (the peak is then VmRSS sampled).
+    no_hwm: Option<String>,
+}
+
+/// Sends `n` copies of `target`'s request at once to `gw` while sampling its in-flight
+/// bytes and RSS and sending `normal` requests one at a time.
+async fn measure_burst(
+    gw: &mut Gateway,
+    target: &Target,
+    n: usize,
+    normal: &Target,
+) -> anyhow::Result<Measured> {
+    let pid = gw.proc.pid();
+    let no_hwm = procs::reset_peak_rss(pid).err().map(|e| format!("{e:#}"));
+    let sampler = crate::hostile::Sampler::start(gw.admin, pid, Duration::from_millis(2));
+    let prober = crate::hostile::Prober::start(normal.clone());
+    let burst = crate::hostile::burst(target, n).await;
+    let during = prober.finish().await?;
+    let seen = sampler.finish().await;
+    gw.proc
+        .check_alive()
+        .context("the gateway died during the hostile burst")?;
+    let peak_kib = match no_hwm {
+        None => procs::peak_rss_kib(pid)?.max(seen.max_rss_kib),
+        Some(_) => seen.max_rss_kib,
+    };
+    Ok(Measured {
+        burst,
+        during,
+        seen,
+        peak_kib,
+        no_hwm,
+    })
+}
+
+/// Hostile input: streamed chat bodies just under `--max-body-bytes` holding 16 million
+/// JSON values, one, 8 and 64 at once (16 in quick mode), against the default 256 MiB
+/// in-flight budget: the gateway's peak RSS against the bytes it admitted, the requests
+/// it refused, a normal request's latency meanwhile, and the memory given back after.
+async fn hostile(s: &Settings, report: &mut Report) -> anyhow::Result<()> {
+    // The chart's memory limit for the gateway container.
+    const POD_LIMIT_MIB: f64 = 1024.0;
+    let mib = |kib: u64| kib as f64 / 1024.0;
+    let bytes_mib = |b: f64| b / (1024.0 * 1024.0);
+    let body = crate::hostile::body("bench-stream", crate::hostile::PAD_ELEMENTS);
+    let scenario = format!(
+        "Hostile input ({} B = {:.1} MiB streamed chat bodies, {} array elements; 256 MiB in-flight budget)",
+        body.len(),
+        bytes_mib(body.len() as f64),
+        crate::hostile::PAD_ELEMENTS
+    );
+    // The defaults, spelled out: the figures are only meaningful against them.
+    let budget = [
+        "--max-body-bytes",
+        "33554432",
+        "--max-inflight-bytes",
+        "268435456",
+    ];
+    let resources = s.work.join("resources");
+    let mut gw = Gateway::start_from(
+        s,
+        "tollgate (hostile)",
+        "--resources",
+        &resources,
+        None,
+        &budget,
+    )?;
+    let pid = gw.proc.pid();
+    let normal = gw.target("bench-small", false);
+    // Baseline latency with nothing else in flight; it also warms the pools, so the idle
+    // figure after it is the gateway at work, not just started.
+    let count = s.scale(2_000, 500) as usize;
+    let quiet = crate::hostile::probe(&normal, count / 10, count).await;
+    note_errors(report, &scenario, "normal requests, no burst", &quiet.stats);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let idle = gw.proc.rss_kib()?;
+    report.add(
+        &scenario,
+        "idle, after the baseline",
+        "RSS",
+        mib(idle),
+        "MiB",
+    );
+    for (metric, value) in [
+        ("p50 latency", quiet.stats.p50_us),
+        ("p99 latency", quiet.stats.p99_us),
+        ("gateway overhead p50", quiet.overhead_p50_us),
+        ("gateway overhead p99", quiet.overhead_p99_us),
+    ] {
+        report.add(
+            &scenario,
+            "normal requests, no burst",
+            metric,
+            us(value),
+            "µs",
+        );
+    }
+    let hostile = Target {
+        body,
+        ..gw.target("bench-stream", true)
+    };
+    let sizes: &[usize] = if s.quick { &[1, 8, 16] } else { &[1, 8, 64] };
+    let mut hwm_noted = false;
+    for &n in sizes {
+        let who = if n == 1 {
+            "1 body".to_owned()
+        } else {
+            format!("{n} bodies at once")
+        };
+        let m = measure_burst(&mut gw, &hostile, n, &normal).await?;
+        if let Some(why) = m.no_hwm.as_ref().filter(|_| !hwm_noted) {
+            hwm_noted = true;
+            report.notes.push(format!(
+                "{scenario}: the kernel's peak RSS could not be reset ({why}); peaks are VmRSS sampled every 2 ms"
+            ));
+        }
+        let peak = mib(m.peak_kib);
+        let growth = mib(m.peak_kib.saturating_sub(idle));
+        let admitted = bytes_mib(m.seen.max_inflight_bytes);
+        let row = report.add(&scenario, &who, "peak RSS", peak, "MiB");
+        row.baseline = Some(("idle".to_owned(), mib(idle)));
+        row.target = Some(format!("< {POD_LIMIT_MIB:.0} MiB (chart limit)"));
+        row.met = Some(peak < POD_LIMIT_MIB);
+        let row = report.add(
+            &scenario,
+            &who,
+            "in-flight bytes admitted, max",
+            admitted,
+            "MiB",
+        );
+        row.baseline = Some(("budget".to_owned(), bytes_mib(m.seen.limit_bytes)));
+        row.ratio = Some(m.seen.max_inflight_bytes / m.seen.limit_bytes.max(1.0));
+        let row = report.add(&scenario, &who, "RSS growth over idle", growth, "MiB");
+        row.baseline = Some(("admitted".to_owned(), admitted));
+        row.ratio = (admitted > 0.0).then(|| growth / admitted);
+        row.target = Some("≤ 4× admitted".to_owned());
+        row.met = Some(admitted > 0.0 && growth <= 4.0 * admitted);
+        let row = report.add(
+            &scenario,
+            &who,
+            "answered 200",
+            m.burst.count("200") as f64,
+            "count",
+        );
+        if n == 1 {
+            // One body fits the budget whole: refusing it would be a regression.
+            row.target = Some("1".to_owned());
+            row.met = Some(m.burst.count("200") == 1);
+        }
+        report.add(
+            &scenario,
+            &who,
+            "refused, 503 overloaded",
+            m.burst.count("503 overloaded") as f64,
+            "count",
+        );
+        let others = m.burst.others(&["200", "503 overloaded"]);
+        report.add(
+            &scenario,
+            &who,
+            "other outcomes",
+            others.values().sum::<u64>() as f64,
+            "count",
+        );
+        if !others.is_empty() {
+            report
+                .notes
+                .push(format!("{scenario}, {who}: other outcomes {others:?}"));
+        }
+        report.add(
+            &scenario,
+            &who,
+            "burst duration",
+            m.burst.seconds * 1000.0,
+            "ms",
+        );
+        let normal_who = format!("normal requests during {who}");
+        let during = &m.during.stats;
+        let row = report.add(
+            &scenario,
+            &normal_who,
+            "answered",
+            during.ok as f64,
+            "count",
+        );
+        row.target = Some("all".to_owned());
+        row.met = Some(during.ok > 0 && during.failed() == 0);
+        note_errors(report, &scenario, &normal_who, during);
+        for (metric, value, base) in [
+            ("p50 latency", during.p50_us, quiet.stats.p50_us),
+            ("p99 latency", during.p99_us, quiet.stats.p99_us),
+            (
+                "gateway overhead p50",
+                m.during.overhead_p50_us,
+                quiet.overhead_p50_us,
+            ),
+            (
+                "gateway overhead p99",
+                m.during.overhead_p99_us,
+                quiet.overhead_p99_us,
+            ),
+        ] {
+            let row = report.add(&scenario, &normal_who, metric, us(value), "µs");
+            row.baseline = Some(("no burst".to_owned(), us(base)));
+            row.ratio = Some(value as f64 / base.max(1) as f64);
+        }
+        // Memory given back: wait (bounded) for RSS to come down to idle or stop falling.
+        let (after, waited) =
+            crate::hostile::rss_given_back(pid, idle, 4 * 1024, Duration::from_secs(30)).await?;
+        let row = report.add(
+            &scenario,
+            &who,
+            "RSS after the burst, lowest",
+            mib(after),
+            "MiB",
+        );
+        row.baseline = Some(("idle".to_owned(), mib(idle)));
+        row.ratio = Some(after as f64 / idle.max(1) as f64);
+        // 0 when it was already at its lowest as the last answer ended.
+        report.add(
+            &scenario,
+            &who,
+            "time until RSS was lowest",
+            waited.as_secs_f64() * 1000.0,
+            "ms",
+        );
+    }
+    // The same body on a route with guardrails: its parsed tree (16 million values) could
+    // never fit the budget, so it is refused before anything parses it.
+    let who = "1 body, route with guardrails";
+    drop(hostile);
+    let guarded = Target {
+        body: crate::hostile::body("bench-guarded", crate::hostile::PAD_ELEMENTS),
+        ..gw.target("bench-guarded", true)
+    };
+    let m = measure_burst(&mut gw, &guarded, 1, &normal).await?;
+    let row = report.add(
+        &scenario,
+        who,
+        "answered 413",
+        m.burst.count("413") as f64,
+        "count",
+    );
+    row.target = Some("1".to_owned());
+    row.met = Some(m.burst.count("413") == 1);
+    let others = m.burst.others(&["413"]);
+    if !others.is_empty() {
+        report
+            .notes
+            .push(format!("{scenario}, {who}: other outcomes {others:?}"));
+    }
+    let row = report.add(
+        &scenario,
+        who,
+        "RSS growth over idle",
+        mib(m.peak_kib.saturating_sub(idle)),
+        "MiB",
+    );
+    row.baseline = Some(("admitted".to_owned(), bytes_mib(m.seen.max_inflight_bytes)));
     Ok(())
 }
 

@@ -12,6 +12,8 @@
 //!   chunks, then the finish chunk, the usage chunk and `[DONE]`;
 //! - `interval_ms`: pause between chunks.
 //!
+//! Request bodies are read to the end and dropped frame by frame, never parsed.
+//!
 //! It speaks HTTP/1.1 with keep-alive, and HTTP/2 with prior knowledge (h2c).
 
 use std::{convert::Infallible, net::SocketAddr, sync::Arc, time::Duration};
@@ -106,8 +108,11 @@ async fn answer(answers: Arc<Answers>, req: Request<Incoming>) -> Response<Body>
             )
             .unwrap_or_default();
     };
-    // Read the whole request, as a real server would before answering.
-    let _ = req.into_body().collect().await;
+    // Read the whole request, as a real server would before answering, dropping each
+    // frame as it comes: the hostile scenario sends many 30 MiB bodies at once, and the
+    // mock neither parses nor keeps them.
+    let mut body = req.into_body();
+    while let Some(Ok(_)) = body.frame().await {}
     if !shape.delay.is_zero() {
         tokio::time::sleep(shape.delay).await;
     }

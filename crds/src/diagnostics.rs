@@ -56,6 +56,10 @@ pub mod reasons {
     pub const CURRENCY_MISMATCH: &str = "CurrencyMismatch";
     /// The ApiKey's Secret name is taken by a Secret the operator did not create.
     pub const SECRET_CONFLICT: &str = "SecretConflict";
+    /// The Kubernetes API refused to write the ApiKey's Secret (invalid, over a quota,
+    /// denied by an admission webhook, a terminating namespace, no permission there); the
+    /// message is the API's.
+    pub const SECRET_REFUSED: &str = "SecretRefused";
     /// A reference crosses a tenant boundary the other side has not opened (a Provider in
     /// another namespace not shared with this one, a Secret without credential consent).
     pub const REF_NOT_PERMITTED: &str = "RefNotPermitted";

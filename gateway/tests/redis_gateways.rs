@@ -65,7 +65,19 @@ async fn three_gateways_sharing_redis_admit_exactly_the_key_limit() {
         statuses.push(t.await.unwrap());
     }
     // The bucket refills one request every 2 s: a slow machine may legitimately admit more.
-    let allowed = 30 + (started.elapsed().as_secs_f64() / 2.0).floor() as usize;
+    // So may fail-open: an admission whose Redis call missed the 200 ms deadline (a loaded
+    // machine) is decided by the gateway's own limiter, by design; each such call is
+    // counted as an `admit` error.
+    let mut fell_open = 0.0;
+    for gw in &gateways {
+        let metrics = gw.metrics().await;
+        fell_open += common::metric(
+            &metrics,
+            r#"tollgate_redis_call_duration_seconds_count{operation="admit",result="error"}"#,
+        );
+    }
+    let allowed =
+        30 + (started.elapsed().as_secs_f64() / 2.0).floor() as usize + fell_open as usize;
     let admitted = statuses.iter().filter(|s| **s == 200).count();
     let refused = statuses.iter().filter(|s| **s == 429).count();
     assert_eq!(admitted + refused, 90);

@@ -69,7 +69,27 @@ pub const WRITE_CONCURRENCY: usize = 16;
 enum KeyOutcome {
     Unchanged,
     Conflict(String),
-    Written { secret: Box<Secret>, writes: usize },
+    /// The API refused the write for reasons of this object alone: reported on it, the
+    /// rest of the reconcile goes on.
+    Refused(String),
+    Written {
+        secret: Box<Secret>,
+        writes: usize,
+    },
+}
+
+/// Whether an API error refuses one object's write for good (until that object, its
+/// namespace or a policy changes), rather than failing transiently: 400 (an admission
+/// webhook's denial), 403 (a quota, a terminating namespace, no permission in that
+/// namespace), 404 (the namespace is gone), 422 (invalid). Retrying the whole reconcile
+/// would not help, and must not hold back every other object.
+fn refused_for_good(error: &kube::Error) -> Option<String> {
+    match error {
+        kube::Error::Api(s) if matches!(s.code, 400 | 403 | 404 | 422) => {
+            Some(format!("{} ({} {})", s.message, s.code, s.reason))
+        }
+        _ => None,
+    }
 }
 
 /// A cache of one kind, possibly over several namespaces.
@@ -302,6 +322,8 @@ pub struct Report {
     pub status_writes: usize,
     /// Key Secrets created or rotated.
     pub key_writes: usize,
+    /// Key Secret writes the API refused for good (reported on their ApiKeys).
+    pub refused_writes: usize,
     /// Key hashes revoked.
     pub revoked: usize,
     /// When the next reconcile is due even without changes (an expiry, a grace period
@@ -503,25 +525,74 @@ impl Reconciler {
                         writes: 1,
                     })
                 }
-                // Exists without our label: somebody else's Secret. Any other 409 (a
-                // conflict, not AlreadyExists) says nothing about the name: retried.
+                // Exists, though the cache did not show it: it may be ours (the cache is
+                // behind, after a relist) or somebody else's. Only the Secret itself,
+                // read now, tells: ours by ownerReference uid is used as it is. Any
+                // other 409 (a conflict, not AlreadyExists) says nothing: retried.
                 Err(kube::Error::Api(s)) if s.code == 409 && s.reason == "AlreadyExists" => {
+                    let live = secrets.get(&secret_name).await.map_err(kube_err(format!(
+                        "reading Secret {ns}/{secret_name}, which already exists"
+                    )))?;
+                    if keys::owned_by(&live, key) {
+                        // Ours. If its labels were removed the watch cannot see it:
+                        // put them back, so later reconciles find it in the cache.
+                        let labels = live.metadata.labels.clone().unwrap_or_default();
+                        let label = keys::api_key_label(key);
+                        if labels.get(MANAGED_BY).map(String::as_str) == Some(MANAGED_BY_VALUE)
+                            && labels.get(API_KEY_LABEL) == Some(&label)
+                        {
+                            return Ok(KeyOutcome::Written {
+                                secret: Box::new(live),
+                                writes: 0,
+                            });
+                        }
+                        let patch = json!({"metadata": {"labels": {
+                            MANAGED_BY: MANAGED_BY_VALUE,
+                            API_KEY_LABEL: label,
+                        }}});
+                        let repaired = secrets
+                            .patch(&secret_name, &PatchParams::default(), &Patch::Merge(&patch))
+                            .await
+                            .map_err(kube_err(format!(
+                                "restoring the labels of Secret {ns}/{secret_name}"
+                            )))?;
+                        self.metrics.api_write("Secret", "patch");
+                        return Ok(KeyOutcome::Written {
+                            secret: Box::new(repaired),
+                            writes: 1,
+                        });
+                    }
                     Ok(KeyOutcome::Conflict(format!(
                         "Secret {secret_name} exists and was not created for this ApiKey; delete it or set spec.secretName to a free name"
                     )))
                 }
-                Err(e) => Err(kube_err(format!("creating Secret {ns}/{secret_name}"))(e)),
+                Err(e) => match refused_for_good(&e) {
+                    Some(why) => Ok(KeyOutcome::Refused(format!(
+                        "the API refused to create Secret {secret_name}: {why}"
+                    ))),
+                    None => Err(kube_err(format!("creating Secret {ns}/{secret_name}"))(e)),
+                },
             },
             KeyAction::Rotate {
                 secret, previous, ..
             } => {
                 // One write holds the new key and the old key's grace period (see `keys`).
-                let written = secrets
-                    .replace(&secret_name, &params, &secret)
-                    .await
-                    .map_err(kube_err(format!(
-                        "writing the rotated key into Secret {ns}/{secret_name}"
-                    )))?;
+                let written = match secrets.replace(&secret_name, &params, &secret).await {
+                    Ok(written) => written,
+                    // The old key keeps working; the rotation waits for the object.
+                    Err(e) => match refused_for_good(&e) {
+                        Some(why) => {
+                            return Ok(KeyOutcome::Refused(format!(
+                                "the API refused to write the rotated key into Secret {secret_name}: {why}; the previous key keeps working"
+                            )));
+                        }
+                        None => {
+                            return Err(kube_err(format!(
+                                "writing the rotated key into Secret {ns}/{secret_name}"
+                            ))(e));
+                        }
+                    },
+                };
                 self.metrics.api_write("Secret", "replace");
                 let grace = match &previous {
                     Some(p) => format!("; the previous key works until {}", p.expires_at.0),
@@ -545,18 +616,20 @@ impl Reconciler {
         }
     }
 
-    /// Step 1: key Secrets, [`WRITE_CONCURRENCY`] at a time. Returns the conflicts to
-    /// report, by ApiKey.
+    /// Step 1: key Secrets, [`WRITE_CONCURRENCY`] at a time. Returns what to report on
+    /// ApiKeys whose Secret could not be written: `(reason, message)` by ApiKey.
     async fn key_lifecycle(
         &self,
         snapshot: &mut Snapshot,
         now: Timestamp,
         report: &mut Report,
-    ) -> Result<BTreeMap<ObjectRef, String>, ReconcileError> {
+    ) -> Result<BTreeMap<ObjectRef, (&'static str, String)>, ReconcileError> {
         let work: Vec<(usize, KeyAction)> = snapshot
             .keys
             .iter()
             .enumerate()
+            // A Secret name the API can never accept is compile's to report.
+            .filter(|(_, key)| tollgate_api::compile::secret_name_problem(key).is_none())
             .filter_map(|(i, key)| {
                 let ns = key
                     .namespace()
@@ -595,7 +668,17 @@ impl Reconciler {
             match outcome {
                 Ok(KeyOutcome::Unchanged) => {}
                 Ok(KeyOutcome::Conflict(message)) => {
-                    conflicts.insert(ObjectRef::new(Kind::ApiKey, &ns, &key.name_any()), message);
+                    conflicts.insert(
+                        ObjectRef::new(Kind::ApiKey, &ns, &key.name_any()),
+                        (reasons::SECRET_CONFLICT, message),
+                    );
+                }
+                Ok(KeyOutcome::Refused(message)) => {
+                    report.refused_writes += 1;
+                    conflicts.insert(
+                        ObjectRef::new(Kind::ApiKey, &ns, &key.name_any()),
+                        (reasons::SECRET_REFUSED, message),
+                    );
                 }
                 Ok(KeyOutcome::Written { secret, writes }) => {
                     report.key_writes += writes;
@@ -924,8 +1007,14 @@ impl Reconciler {
         }
         self.metrics.observe_compile(&out, &split.config_hash);
 
-        // Wake up for the next expiry or end of a grace period.
+        // Wake up for the next expiry or end of a grace period, and to retry Secret
+        // writes the API refused (a quota raised or a webhook fixed sends no event).
         let next = next_deadline(&snapshot.keys, now);
+        let next = match (next, report.refused_writes > 0) {
+            (Some(n), true) => Some(n.min(REFUSED_RETRY)),
+            (None, true) => Some(REFUSED_RETRY),
+            (n, false) => n,
+        };
         report.wake_in = match (report.wake_in, next) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
@@ -934,19 +1023,30 @@ impl Reconciler {
     }
 }
 
-/// Reports ApiKeys whose Secret name is taken, replacing the "not found" compile saw.
-fn apply_conflicts(out: &mut CompileOutput, conflicts: &BTreeMap<ObjectRef, String>) {
-    for (object, message) in conflicts {
+/// How soon Secret writes the API refused for good are tried again.
+const REFUSED_RETRY: Duration = Duration::from_secs(30);
+
+/// Reports ApiKeys whose Secret could not be written (name taken, or refused by the
+/// API), replacing the "not found" compile saw. A conflicting Secret is never served; a
+/// refused rotation leaves the previous key, which compile read, serving.
+fn apply_conflicts(
+    out: &mut CompileOutput,
+    conflicts: &BTreeMap<ObjectRef, (&'static str, String)>,
+) {
+    for (object, (reason, message)) in conflicts {
         out.diagnostics
             .retain(|d| !(&d.object == object && d.reason == reasons::SECRET_NOT_FOUND));
         out.diagnostics.push(Diagnostic {
             object: object.clone(),
             severity: Severity::Error,
             condition: condition_types::RESOLVED_REFS,
-            reason: reasons::SECRET_CONFLICT,
+            reason,
             message: message.clone(),
             field: Some("spec.secretName".to_owned()),
         });
+        if *reason != reasons::SECRET_CONFLICT {
+            continue;
+        }
         if let Some(o) = out.objects.get_mut(object) {
             o.served = false;
         }

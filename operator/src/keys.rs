@@ -153,6 +153,23 @@ pub fn key_secret_with(
     secret
 }
 
+/// The value of [`API_KEY_LABEL`] for `key`: its name when that is a valid label value
+/// (at most 63 characters), otherwise its first characters and its key id, so a long
+/// name never makes the Secret invalid. The label marks key Secrets for the operator's
+/// watch; ownership is decided by the ownerReference uid, never by this value.
+pub fn api_key_label(key: &ApiKey) -> String {
+    let name = key.name_any();
+    if name.len() <= 63 {
+        return name;
+    }
+    let ns = key
+        .namespace()
+        .unwrap_or_else(|| tollgate_api::compile::DEFAULT_NAMESPACE.to_owned());
+    let id = tollgate_api::compile::key_id(&ns, &name);
+    let head = name[..63 - id.len() - 1].trim_end_matches(|c: char| !c.is_ascii_alphanumeric());
+    format!("{head}-{id}")
+}
+
 /// The Secret that hands `plaintext`, issued for rotation `generation`, to the client
 /// application.
 pub fn key_secret(key: &ApiKey, plaintext: &str, generation: i64) -> Secret {
@@ -167,7 +184,7 @@ pub fn key_secret(key: &ApiKey, plaintext: &str, generation: i64) -> Secret {
             )])),
             labels: Some(BTreeMap::from([
                 (MANAGED_BY.to_owned(), MANAGED_BY_VALUE.to_owned()),
-                (API_KEY_LABEL.to_owned(), name.clone()),
+                (API_KEY_LABEL.to_owned(), api_key_label(key)),
             ])),
             owner_references: Some(vec![OwnerReference {
                 api_version: "tollgate.dev/v1alpha1".to_owned(),

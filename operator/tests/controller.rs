@@ -487,14 +487,27 @@ async fn an_api_error_fails_the_reconcile_before_any_status_is_written() {
 
 #[tokio::test]
 async fn a_secret_name_taken_by_someone_else_is_reported_not_overwritten() {
+    // The Secret exists (the create says so), and read back it is somebody else's.
     let (client, api) = FakeApi::start(Box::new(|s| {
-        (s.method == "POST" && s.uri.contains("/secrets"))
-            .then(|| (409, status(409, "AlreadyExists")))
+        if s.method == "POST" && s.uri.contains("/secrets") {
+            return Some((409, status(409, "AlreadyExists")));
+        }
+        (s.method == "GET" && s.uri.contains("/secrets/app-key")).then(|| {
+            (
+                200,
+                serde_json::json!({
+                    "apiVersion": "v1", "kind": "Secret",
+                    "metadata": {"name": "app-key", "namespace": "default", "uid": "someone-elses"},
+                    "data": {"apiKey": "dGdfbm90X3lvdXJz"},
+                }),
+            )
+        })
     }));
     reconciler(client).reconcile(world()).await.unwrap();
     assert!(
-        !api.writes().iter().any(|w| w.starts_with("PUT")),
-        "never overwritten"
+        !api.writes().iter().any(|w| w.starts_with("PUT")
+            || w.starts_with("PATCH /api/v1/namespaces/default/secrets/app-key")),
+        "never overwritten, never relabelled"
     );
     let status = api.body_of(
         "PATCH",

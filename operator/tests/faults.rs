@@ -1334,3 +1334,163 @@ async fn an_idle_operator_does_not_reconcile_in_a_loop_with_or_without_leader_el
         );
     }
 }
+
+// === One object's failure stays its own ===
+
+/// The ApiKeys of `config` (namespace/name) that are served.
+fn served_keys(e: &Emulator) -> BTreeSet<String> {
+    served(e)
+        .and_then(Result::ok)
+        .map(|s| s.config.keys.keys.into_iter().map(|k| k.api_key).collect())
+        .unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_invalid_name_or_a_refused_secret_marks_only_its_own_api_key() {
+    let e = world();
+    // 70 characters: longer than a label value may be. 250: `<name>-key` is no valid
+    // Secret name at all.
+    let long = format!("long-{}", "n".repeat(65));
+    let too_long = format!("t{}", "o".repeat(249));
+    e.apply_yaml(&format!(
+        "apiVersion: v1\nkind: Namespace\nmetadata: {{name: team-b}}\n---\n\
+         apiVersion: tollgate.dev/v1alpha1\nkind: Provider\nmetadata: {{name: mock, namespace: team-b}}\nspec: {{type: mock, models: [{{name: b-chat}}]}}\n---\n\
+         apiVersion: tollgate.dev/v1alpha1\nkind: RoutePolicy\nmetadata: {{name: chat, namespace: team-b}}\nspec: {{models: [b-chat], targets: [{{provider: mock}}]}}\n---\n\
+         apiVersion: tollgate.dev/v1alpha1\nkind: ApiKey\nmetadata: {{name: quota, namespace: team-b}}\nspec: {{owner: team-b}}\n---\n\
+         apiVersion: tollgate.dev/v1alpha1\nkind: ApiKey\nmetadata: {{name: {long}, namespace: default}}\nspec: {{owner: team-a}}\n---\n\
+         apiVersion: tollgate.dev/v1alpha1\nkind: ApiKey\nmetadata: {{name: {too_long}, namespace: default}}\nspec: {{owner: team-a}}\n"
+    ))
+    .unwrap();
+    // team-b is over its Secret quota: every Secret creation there is refused.
+    const QUOTA: &str = "secrets \"quota-key\" is forbidden: exceeded quota: secrets, requested: count/secrets=1, used: count/secrets=5, limited: count/secrets=5";
+    e.refuse(
+        RequestFilter::any()
+            .method("POST")
+            .resource("secrets")
+            .namespace("team-b"),
+        403,
+        QUOTA,
+    );
+    let op = Operator::start(
+        &e,
+        "op-isolation",
+        &["--leader-election", "false", "--namespaces", "team-b"],
+    );
+    let quota_ready = |e: &Emulator| {
+        e.get(TG, "apikeys", "team-b", "quota").and_then(|o| {
+            o["status"]["conditions"]
+                .as_array()?
+                .iter()
+                .find(|c| c["type"] == "Ready")
+                .cloned()
+        })
+    };
+    let done = e
+        .wait_for(Duration::from_secs(30), |e| {
+            ready_is(e, "apikeys", "alpha", "True")
+                && ready_is(e, "apikeys", &long, "True")
+                && ready_is(e, "apikeys", &too_long, "False")
+                && quota_ready(e).is_some_and(|c| c["status"] == "False")
+        })
+        .await;
+    assert!(done, "{}", op.logs());
+    // The refused one says why, in the API's words, and only it.
+    let c = quota_ready(&e).unwrap();
+    assert_eq!(c["reason"], "SecretRefused", "{c}");
+    assert!(
+        c["message"].as_str().unwrap().contains("exceeded quota"),
+        "{c}"
+    );
+    let warned = e
+        .wait_for(Duration::from_secs(10), |e| {
+            e.list("events.k8s.io/v1", "events", "team-b")
+                .iter()
+                .any(|ev| ev["regarding"]["name"] == "quota" && ev["type"] == "Warning")
+        })
+        .await;
+    assert!(warned, "a Warning Event on the ApiKey: {}", op.logs());
+    let c = condition(&e, "apikeys", &too_long, "Ready").unwrap();
+    assert_condition(&c, "False", "InvalidSpec", "not a valid Secret name");
+    // Everything else is served: the long name got its Secret, with a label value an API
+    // server accepts.
+    let served = served_keys(&e);
+    for key in ["default/alpha", "default/beta", &format!("default/{long}")] {
+        assert!(served.contains(key), "{key} in {served:?}");
+    }
+    let secret = e
+        .get("v1", "secrets", "default", &format!("{long}-key"))
+        .unwrap();
+    let label = secret["metadata"]["labels"]["tollgate.dev/api-key"]
+        .as_str()
+        .unwrap();
+    assert!(label.len() <= 63 && label.starts_with("long-n"), "{label}");
+    // No Secret was ever attempted for the invalid name: the only Secrets created in
+    // `default` are alpha's and the long name's.
+    let creates = e.count(
+        &RequestFilter::any()
+            .method("POST")
+            .resource("secrets")
+            .namespace("default"),
+    );
+    assert_eq!(creates, 2, "{}", op.logs());
+
+    // The quota is raised: the key is issued on the next reconcile, nothing else moves.
+    e.clear_faults();
+    // (The operator retries refused writes every 30 s on its own; an edit of the object
+    // retries at once.)
+    e.patch_merge(
+        TG,
+        "apikeys",
+        "team-b",
+        "quota",
+        json!({"metadata": {"annotations": {"nudge": "1"}}}),
+    )
+    .unwrap();
+    let issued = e
+        .wait_for(Duration::from_secs(20), |e| {
+            quota_ready(e).is_some_and(|c| c["status"] == "True")
+                && e.get("v1", "secrets", "team-b", "quota-key").is_some()
+        })
+        .await;
+    assert!(issued, "{}", op.logs());
+    assert!(served_keys(&e).contains("team-b/quota"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_secret_the_cache_does_not_show_is_read_before_anything_is_decided() {
+    let e = world();
+    let op = Operator::start(&e, "op-stale", &["--leader-election", "false"]);
+    settle(&e, &op).await;
+    let key_of = |e: &Emulator| {
+        e.get("v1", "secrets", "default", "alpha-key")
+            .and_then(|s| s["data"]["apiKey"].as_str().map(str::to_owned))
+    };
+    let issued = key_of(&e).expect("alpha's key");
+    // Its labels go (a hand edit; the same as a watch cache that has not seen it): the
+    // label-selected cache loses it, and creating it again answers AlreadyExists.
+    e.patch_merge(
+        "v1",
+        "secrets",
+        "default",
+        "alpha-key",
+        json!({"metadata": {"labels": {"app.kubernetes.io/managed-by": null, "tollgate.dev/api-key": null}}}),
+    )
+    .unwrap();
+    let repaired = e
+        .wait_for(Duration::from_secs(20), |e| {
+            e.get("v1", "secrets", "default", "alpha-key")
+                .is_some_and(|s| s["metadata"]["labels"]["tollgate.dev/api-key"] == "alpha")
+        })
+        .await;
+    assert!(repaired, "{}", op.logs());
+    settle(&e, &op).await;
+    // The same key, still served, and never called a conflict.
+    assert_eq!(key_of(&e), Some(issued));
+    assert!(ready_is(&e, "apikeys", "alpha", "True"));
+    assert!(served_keys(&e).contains("default/alpha"));
+    assert!(
+        events(&e, "alpha", "SecretConflict").is_empty(),
+        "{}",
+        op.logs()
+    );
+}

@@ -31,6 +31,37 @@ pub fn secret_name(key: &ApiKey) -> String {
         .unwrap_or_else(|| format!("{}-key", key.metadata.name.as_deref().unwrap_or_default()))
 }
 
+/// Why `key`'s Secret name could never be created (an RFC 1123 subdomain: at most 253
+/// lowercase alphanumerics, `-` and `.`, alphanumeric at both ends), if it could not. The
+/// default `<metadata.name>-key` breaks that for names over 249 characters.
+pub fn secret_name_problem(key: &ApiKey) -> Option<String> {
+    let name = secret_name(key);
+    let valid = !name.is_empty()
+        && name.len() <= 253
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
+        && name
+            .bytes()
+            .next()
+            .is_some_and(|b| b.is_ascii_alphanumeric())
+        && name
+            .bytes()
+            .last()
+            .is_some_and(|b| b.is_ascii_alphanumeric());
+    (!valid).then(|| {
+        let origin = if key.spec.secret_name.is_some() {
+            "spec.secretName"
+        } else {
+            "the default Secret name `<metadata.name>-key`"
+        };
+        format!(
+            "{origin} ({} characters) is not a valid Secret name: at most 253 lowercase letters, digits, '-' or '.', starting and ending with a letter or digit; set a shorter spec.secretName",
+            name.len()
+        )
+    })
+}
+
 /// Hex digits of a key id: 96 bits, so that no name can be searched whose id equals
 /// another ApiKey's (which would share its limits, budget, usage and key-scoped cache).
 pub const KEY_ID_HEX_DIGITS: usize = 24;
@@ -183,6 +214,9 @@ fn compile_one(
             "spec.owner",
             "owner must not be empty",
         );
+    }
+    if let Some(problem) = secret_name_problem(key) {
+        report.error(object, reasons::INVALID_SPEC, "spec.secretName", problem);
     }
     for (i, m) in spec.allowed_models.iter().enumerate() {
         // A broken entry is not dropped: an allow-list that loses entries could become

@@ -26,7 +26,7 @@ use crate::{
     },
     v1alpha1::{ApiKey, Limits, Provider, RoutePolicy},
 };
-pub use api_key::{key_id, key_prefix, secret_name};
+pub use api_key::{key_id, key_prefix, secret_name, secret_name_problem};
 pub use secrets::SecretStore;
 
 /// Namespace assumed for objects that name none (standalone manifests).

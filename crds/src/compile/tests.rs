@@ -2632,3 +2632,43 @@ fn default_strategy_options_are_left_out_of_compiled_configuration() {
 }
 
 mod tenancy;
+
+#[test]
+fn an_api_key_whose_secret_name_can_never_exist_is_invalid_alone() {
+    // 250 characters: `<name>-key` is 254, one over the API's limit for Secret names.
+    let long = format!("a{}", "b".repeat(249));
+    let out = keyed_world(api_key("alice"))
+        .api_key(api_key(&long))
+        .secret(key_secret(&long, BOB_KEY))
+        .compile();
+    let object = key_ref(&long);
+    assert_diagnostic(
+        &out,
+        &object,
+        Severity::Error,
+        reasons::INVALID_SPEC,
+        "spec.secretName",
+        "254 characters) is not a valid Secret name",
+    );
+    assert_left_out(&out, &object);
+    // The others are untouched.
+    assert_clean(&out, &key_ref("alice"));
+    // A short spec.secretName fixes it; a bad one is named as such.
+    let mut fixed = api_key(&long);
+    fixed.spec.secret_name = Some("long-key".to_owned());
+    let out = routed_world()
+        .api_key(fixed.clone())
+        .secret(string_secret("long-key", &[("apiKey", BOB_KEY)]))
+        .compile();
+    assert_clean(&out, &object);
+    fixed.spec.secret_name = Some("Bad_Name".to_owned());
+    let out = routed_world().api_key(fixed).compile();
+    assert_diagnostic(
+        &out,
+        &object,
+        Severity::Error,
+        reasons::INVALID_SPEC,
+        "spec.secretName",
+        "spec.secretName (8 characters)",
+    );
+}

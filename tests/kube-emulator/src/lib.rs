@@ -469,6 +469,19 @@ impl Emulator {
             .arm(n, log::FaultAction::TimeOut(after), filter);
     }
 
+    /// Refuses every request matching `filter` with `status_code` and `message`, as an
+    /// admission step does until its cause goes away: a ResourceQuota (`403`,
+    /// `exceeded quota: …`), a validating webhook (`400`, `admission webhook … denied the
+    /// request: …`), a terminating namespace (`403`, `… because it is being terminated`).
+    /// Lasts until [`Emulator::clear_faults`].
+    pub fn refuse(&self, filter: RequestFilter, status_code: u16, message: &'static str) {
+        self.core.log().arm(
+            usize::MAX,
+            log::FaultAction::Refuse(status_code, message),
+            filter,
+        );
+    }
+
     /// Disarms every pending fault.
     pub fn clear_faults(&self) {
         self.core.log().disarm();

@@ -158,6 +158,9 @@ pub(crate) enum FaultAction {
     /// Change nothing and answer `504 Timeout` after this long (the API server's own
     /// request deadline passing; a long one is a hang as far as the client can tell).
     TimeOut(Duration),
+    /// Refuse as admission does (a quota, a webhook, a terminating namespace): this
+    /// status code and message, nothing changed.
+    Refuse(u16, &'static str),
 }
 
 #[derive(Debug)]

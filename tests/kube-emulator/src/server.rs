@@ -174,6 +174,9 @@ async fn handle(
     };
     let response = match fault {
         Some(FaultAction::Fail(code)) => error_response(&log::injected_error(code, &record)),
+        Some(FaultAction::Refuse(code, message)) => {
+            error_response(&crate::error::ApiError::from_code(code, message.to_owned()))
+        }
         Some(FaultAction::TimeOut(after)) => {
             // Logged on arrival: a client that gives up first never gets the answer.
             record.status = 504;
