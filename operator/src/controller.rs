@@ -118,14 +118,89 @@ where
     }
 }
 
-/// Starts a reflector on `api`, notifying `notify` on every change (and when the initial
-/// list is in, so a re-list never triggers a compile on half-replaced state).
+/// What of an object a compile reads, hashed: an event that leaves it unchanged (a
+/// status write, the operator's own or anyone's; a resync) triggers no reconcile.
+pub type Fingerprint<K> = fn(&K) -> u64;
+
+/// The fingerprints of every watched object by kind, namespace and name, shared by the
+/// watches and the reconciler: what the operator writes is recorded here before it is
+/// written (and again as the API returned it), so the watch event of its own write
+/// changes nothing and triggers no reconcile.
+#[derive(Debug, Clone, Default)]
+pub struct Seen(Arc<std::sync::Mutex<std::collections::HashMap<String, u64>>>);
+
+/// `Kind/namespace/name`.
+fn seen_key<K: Resource<DynamicType = ()>>(o: &K) -> String {
+    format!(
+        "{}/{}/{}",
+        K::kind(&()),
+        o.meta().namespace.as_deref().unwrap_or_default(),
+        o.meta().name.as_deref().unwrap_or_default()
+    )
+}
+
+impl Seen {
+    /// Records `print` for `key`; returns whether it differs from what was recorded.
+    fn record(&self, key: String, print: u64) -> bool {
+        self.0.lock().expect("seen lock").insert(key, print) != Some(print)
+    }
+
+    fn forget(&self, key: &str) {
+        self.0.lock().expect("seen lock").remove(key);
+    }
+
+    /// Records an object this operator writes (before the write, as it will be; after
+    /// it, as the API returned it).
+    fn wrote<K: Resource<DynamicType = ()>>(&self, object: &K, fingerprint: Fingerprint<K>) {
+        self.record(seen_key(object), fingerprint(object));
+    }
+}
+
+fn hash_of(parts: impl Serialize) -> u64 {
+    use std::hash::Hasher;
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    h.write(&serde_json::to_vec(&parts).unwrap_or_default());
+    h.finish()
+}
+
+/// The metadata every compile reads: labels, annotations, owners, deletion.
+fn meta_parts(m: &kube::api::ObjectMeta) -> Value {
+    json!([
+        m.labels,
+        m.annotations,
+        m.owner_references,
+        m.deletion_timestamp,
+        m.finalizers
+    ])
+}
+
+/// Tollgate resources: their spec (by `metadata.generation`, which only spec changes
+/// bump) and metadata; never their status.
+fn spec_fingerprint<K: Resource>(o: &K) -> u64 {
+    hash_of((o.meta().generation, meta_parts(o.meta())))
+}
+
+/// Secrets: their data and metadata.
+fn secret_fingerprint(o: &Secret) -> u64 {
+    hash_of((&o.data, meta_parts(&o.metadata)))
+}
+
+/// ConfigMaps: their data and metadata.
+fn configmap_fingerprint(o: &ConfigMap) -> u64 {
+    hash_of((&o.data, &o.binary_data, meta_parts(&o.metadata)))
+}
+
+/// Starts a reflector on `api`, notifying `notify` on every change that matters to a
+/// compile (by `fingerprint`), on deletions, and when the initial list is in (so a
+/// re-list never triggers a compile on half-replaced state).
 fn reflect<K>(
     api: Api<K>,
     config: watcher::Config,
     notify: Arc<Notify>,
     metrics: Arc<Metrics>,
     what: &'static str,
+    fingerprint: Fingerprint<K>,
+    seen: Seen,
 ) -> Watched<K>
 where
     K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
@@ -140,13 +215,27 @@ where
         let mut stream = std::pin::pin!(stream);
         while let Some(event) = stream.next().await {
             match event {
-                Ok(
-                    watcher::Event::Apply(_) | watcher::Event::Delete(_) | watcher::Event::InitDone,
-                ) => {
-                    metrics.change_seen();
+                Ok(watcher::Event::Apply(o)) => {
+                    if seen.record(seen_key(&o), fingerprint(&o)) {
+                        metrics.change_seen(what);
+                        notify.notify_one();
+                    } else {
+                        metrics.change_ignored(what);
+                    }
+                }
+                Ok(watcher::Event::InitApply(o)) => {
+                    seen.record(seen_key(&o), fingerprint(&o));
+                }
+                Ok(watcher::Event::Delete(o)) => {
+                    seen.forget(&seen_key(&o));
+                    metrics.change_seen(what);
                     notify.notify_one();
                 }
-                Ok(_) => {}
+                Ok(watcher::Event::InitDone) => {
+                    metrics.change_seen(what);
+                    notify.notify_one();
+                }
+                Ok(watcher::Event::Init) => {}
                 Err(e) => {
                     tracing::warn!(error = %e, watch = what, "watch failed; retrying with backoff")
                 }
@@ -192,6 +281,8 @@ pub struct Watches {
     /// consents to Tollgate by its label; the operator reads no other Secret). Watched
     /// from the start, by standbys too, so a new leader starts warm.
     pub credentials: Cache<Secret>,
+    /// Fingerprints of what the watches and the reconciler last saw or wrote.
+    pub seen: Seen,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
@@ -205,30 +296,56 @@ impl Watches {
         metrics: Arc<Metrics>,
     ) -> Self {
         let mut tasks = Vec::new();
+        let seen = Seen::default();
         macro_rules! kind_cache {
-            ($k:ty, $cfg:expr, $what:expr) => {{
+            ($k:ty, $cfg:expr, $what:expr, $print:expr) => {{
                 let mut stores = Vec::new();
                 for api in apis::<$k>(client, namespaces) {
-                    let (store, task) = reflect(api, $cfg, notify.clone(), metrics.clone(), $what);
+                    let (store, task) = reflect(
+                        api,
+                        $cfg,
+                        notify.clone(),
+                        metrics.clone(),
+                        $what,
+                        $print,
+                        seen.clone(),
+                    );
                     stores.push(store);
                     tasks.push(task);
                 }
                 Cache { stores }
             }};
         }
-        let providers = kind_cache!(Provider, watcher::Config::default(), "providers");
-        let routes = kind_cache!(RoutePolicy, watcher::Config::default(), "routepolicies");
-        let keys = kind_cache!(ApiKey, watcher::Config::default(), "apikeys");
+        let providers = kind_cache!(
+            Provider,
+            watcher::Config::default(),
+            "providers",
+            spec_fingerprint
+        );
+        let routes = kind_cache!(
+            RoutePolicy,
+            watcher::Config::default(),
+            "routepolicies",
+            spec_fingerprint
+        );
+        let keys = kind_cache!(
+            ApiKey,
+            watcher::Config::default(),
+            "apikeys",
+            spec_fingerprint
+        );
         let key_secrets = kind_cache!(
             Secret,
             watcher::Config::default()
                 .labels(&format!("{MANAGED_BY}={MANAGED_BY_VALUE},{API_KEY_LABEL}")),
-            "key secrets"
+            "key secrets",
+            secret_fingerprint
         );
         let credentials = kind_cache!(
             Secret,
             watcher::Config::default().labels(&format!("{CREDENTIAL_LABEL}=true")),
-            "credential secrets"
+            "credential secrets",
+            secret_fingerprint
         );
         let generated = watcher::Config::default()
             .labels(&format!("{MANAGED_BY}={MANAGED_BY_VALUE},{PART_LABEL}"));
@@ -238,6 +355,8 @@ impl Watches {
             notify.clone(),
             metrics.clone(),
             "generated configmaps",
+            configmap_fingerprint,
+            seen.clone(),
         );
         tasks.push(task);
         let (generated_secrets, task) = reflect(
@@ -246,6 +365,8 @@ impl Watches {
             notify.clone(),
             metrics.clone(),
             "generated secrets",
+            secret_fingerprint,
+            seen.clone(),
         );
         tasks.push(task);
         Self {
@@ -256,6 +377,7 @@ impl Watches {
             generated_maps,
             generated_secrets,
             credentials,
+            seen,
             tasks,
         }
     }
@@ -350,6 +472,8 @@ pub struct Reconciler {
     pub fence: Fence,
     /// How objects are compiled (`--allow-link-local-upstreams`).
     pub compile_options: CompileOptions,
+    /// Where its own writes are recorded, so their watch events trigger nothing.
+    pub seen: Seen,
 }
 
 /// The input of one reconcile, read from the caches.
@@ -481,6 +605,17 @@ impl Reconciler {
     }
 
     /// Carries out one key action; returns what changed.
+    /// Creates `secret`, recorded first as this operator's own write.
+    async fn create_recorded(
+        &self,
+        secrets: &Api<Secret>,
+        params: &PostParams,
+        secret: &Secret,
+    ) -> Result<Secret, kube::Error> {
+        self.seen.wrote(secret, secret_fingerprint);
+        secrets.create(params, secret).await
+    }
+
     async fn key_step(
         &self,
         key: &ApiKey,
@@ -507,76 +642,81 @@ impl Reconciler {
         match action {
             KeyAction::Keep => Ok(KeyOutcome::Unchanged),
             KeyAction::Conflict(message) => Ok(KeyOutcome::Conflict(message)),
-            KeyAction::Create(secret) => match secrets.create(&params, &secret).await {
-                Ok(created) => {
-                    self.metrics.api_write("Secret", "create");
-                    let note = issued(&created, "");
-                    self.event(
-                        key,
-                        &status::EventNote {
-                            warning: false,
-                            reason: "KeyIssued".to_owned(),
-                            note,
-                        },
-                    )
-                    .await;
-                    Ok(KeyOutcome::Written {
-                        secret: Box::new(created),
-                        writes: 1,
-                    })
-                }
-                // Exists, though the cache did not show it: it may be ours (the cache is
-                // behind, after a relist) or somebody else's. Only the Secret itself,
-                // read now, tells: ours by ownerReference uid is used as it is. Any
-                // other 409 (a conflict, not AlreadyExists) says nothing: retried.
-                Err(kube::Error::Api(s)) if s.code == 409 && s.reason == "AlreadyExists" => {
-                    let live = secrets.get(&secret_name).await.map_err(kube_err(format!(
-                        "reading Secret {ns}/{secret_name}, which already exists"
-                    )))?;
-                    if keys::owned_by(&live, key) {
-                        // Ours. If its labels were removed the watch cannot see it:
-                        // put them back, so later reconciles find it in the cache.
-                        let labels = live.metadata.labels.clone().unwrap_or_default();
-                        let label = keys::api_key_label(key);
-                        if labels.get(MANAGED_BY).map(String::as_str) == Some(MANAGED_BY_VALUE)
-                            && labels.get(API_KEY_LABEL) == Some(&label)
-                        {
+            KeyAction::Create(secret) => {
+                match self.create_recorded(&secrets, &params, &secret).await {
+                    Ok(created) => {
+                        self.metrics.api_write("Secret", "create");
+                        self.seen.wrote(&created, secret_fingerprint);
+                        let note = issued(&created, "");
+                        self.event(
+                            key,
+                            &status::EventNote {
+                                warning: false,
+                                reason: "KeyIssued".to_owned(),
+                                note,
+                            },
+                        )
+                        .await;
+                        Ok(KeyOutcome::Written {
+                            secret: Box::new(created),
+                            writes: 1,
+                        })
+                    }
+                    // Exists, though the cache did not show it: it may be ours (the cache is
+                    // behind, after a relist) or somebody else's. Only the Secret itself,
+                    // read now, tells: ours by ownerReference uid is used as it is. Any
+                    // other 409 (a conflict, not AlreadyExists) says nothing: retried.
+                    Err(kube::Error::Api(s)) if s.code == 409 && s.reason == "AlreadyExists" => {
+                        let live = secrets.get(&secret_name).await.map_err(kube_err(format!(
+                            "reading Secret {ns}/{secret_name}, which already exists"
+                        )))?;
+                        if keys::owned_by(&live, key) {
+                            // Ours. If its labels were removed the watch cannot see it:
+                            // put them back, so later reconciles find it in the cache.
+                            let labels = live.metadata.labels.clone().unwrap_or_default();
+                            let label = keys::api_key_label(key);
+                            if labels.get(MANAGED_BY).map(String::as_str) == Some(MANAGED_BY_VALUE)
+                                && labels.get(API_KEY_LABEL) == Some(&label)
+                            {
+                                return Ok(KeyOutcome::Written {
+                                    secret: Box::new(live),
+                                    writes: 0,
+                                });
+                            }
+                            let patch = json!({"metadata": {"labels": {
+                                MANAGED_BY: MANAGED_BY_VALUE,
+                                API_KEY_LABEL: label,
+                            }}});
+                            let repaired = secrets
+                                .patch(&secret_name, &PatchParams::default(), &Patch::Merge(&patch))
+                                .await
+                                .map_err(kube_err(format!(
+                                    "restoring the labels of Secret {ns}/{secret_name}"
+                                )))?;
+                            self.metrics.api_write("Secret", "patch");
+                            self.seen.wrote(&repaired, secret_fingerprint);
                             return Ok(KeyOutcome::Written {
-                                secret: Box::new(live),
-                                writes: 0,
+                                secret: Box::new(repaired),
+                                writes: 1,
                             });
                         }
-                        let patch = json!({"metadata": {"labels": {
-                            MANAGED_BY: MANAGED_BY_VALUE,
-                            API_KEY_LABEL: label,
-                        }}});
-                        let repaired = secrets
-                            .patch(&secret_name, &PatchParams::default(), &Patch::Merge(&patch))
-                            .await
-                            .map_err(kube_err(format!(
-                                "restoring the labels of Secret {ns}/{secret_name}"
-                            )))?;
-                        self.metrics.api_write("Secret", "patch");
-                        return Ok(KeyOutcome::Written {
-                            secret: Box::new(repaired),
-                            writes: 1,
-                        });
+                        Ok(KeyOutcome::Conflict(format!(
+                            "Secret {secret_name} exists and was not created for this ApiKey; delete it or set spec.secretName to a free name"
+                        )))
                     }
-                    Ok(KeyOutcome::Conflict(format!(
-                        "Secret {secret_name} exists and was not created for this ApiKey; delete it or set spec.secretName to a free name"
-                    )))
+                    Err(e) => match refused_for_good(&e) {
+                        Some(why) => Ok(KeyOutcome::Refused(format!(
+                            "the API refused to create Secret {secret_name}: {why}"
+                        ))),
+                        None => Err(kube_err(format!("creating Secret {ns}/{secret_name}"))(e)),
+                    },
                 }
-                Err(e) => match refused_for_good(&e) {
-                    Some(why) => Ok(KeyOutcome::Refused(format!(
-                        "the API refused to create Secret {secret_name}: {why}"
-                    ))),
-                    None => Err(kube_err(format!("creating Secret {ns}/{secret_name}"))(e)),
-                },
-            },
+            }
             KeyAction::Rotate {
                 secret, previous, ..
             } => {
                 // One write holds the new key and the old key's grace period (see `keys`).
+                self.seen.wrote(&secret, secret_fingerprint);
                 let written = match secrets.replace(&secret_name, &params, &secret).await {
                     Ok(written) => written,
                     // The old key keeps working; the rotation waits for the object.
@@ -594,6 +734,7 @@ impl Reconciler {
                     },
                 };
                 self.metrics.api_write("Secret", "replace");
+                self.seen.wrote(&written, secret_fingerprint);
                 let grace = match &previous {
                     Some(p) => format!("; the previous key works until {}", p.expires_at.0),
                     None => "; the previous key stopped working".to_owned(),
@@ -914,19 +1055,23 @@ impl Reconciler {
             self.may_write()?;
             match object {
                 DesiredObject::ConfigMap(cm) => {
-                    Api::<ConfigMap>::namespaced(self.client.clone(), ns)
+                    self.seen.wrote(cm, configmap_fingerprint);
+                    let written = Api::<ConfigMap>::namespaced(self.client.clone(), ns)
                         .patch(&cm.name_any(), &apply, &Patch::Apply(cm))
                         .await
                         .map_err(kube_err(format!(
                             "applying ConfigMap {ns}/{}",
                             cm.name_any()
                         )))?;
+                    self.seen.wrote(&written, configmap_fingerprint);
                 }
                 DesiredObject::Secret(s) => {
-                    Api::<Secret>::namespaced(self.client.clone(), ns)
+                    self.seen.wrote(s, secret_fingerprint);
+                    let written = Api::<Secret>::namespaced(self.client.clone(), ns)
                         .patch(&s.name_any(), &apply, &Patch::Apply(s))
                         .await
                         .map_err(kube_err(format!("applying Secret {ns}/{}", s.name_any())))?;
+                    self.seen.wrote(&written, secret_fingerprint);
                 }
             }
             self.metrics.api_write(object.kind(), "apply");
@@ -1009,7 +1154,7 @@ impl Reconciler {
 
         // Wake up for the next expiry or end of a grace period, and to retry Secret
         // writes the API refused (a quota raised or a webhook fixed sends no event).
-        let next = next_deadline(&snapshot.keys, now);
+        let next = next_deadline(&snapshot, now);
         let next = match (next, report.refused_writes > 0) {
             (Some(n), true) => Some(n.min(REFUSED_RETRY)),
             (None, true) => Some(REFUSED_RETRY),
@@ -1056,15 +1201,23 @@ fn apply_conflicts(
     }
 }
 
-/// Time until the next key expiry or grace-period end after `now`.
-fn next_deadline(keys: &[ApiKey], now: Timestamp) -> Option<Duration> {
-    keys.iter()
+/// Time until the next key expiry or grace-period end after `now`. Grace periods are
+/// read from the key Secrets, which record them (the status only shows them, and its
+/// writes trigger no reconcile).
+fn next_deadline(snapshot: &Snapshot, now: Timestamp) -> Option<Duration> {
+    snapshot
+        .keys
+        .iter()
         .flat_map(|k| {
             let expiry = k.spec.expires_at.as_ref().map(|t| t.0);
-            let grace = k
-                .status
-                .as_ref()
-                .and_then(|s| s.previous_key.as_ref())
+            let ns = k
+                .namespace()
+                .unwrap_or_else(|| DEFAULT_NAMESPACE.to_owned());
+            let grace = snapshot
+                .key_secrets
+                .get(&(ns, tollgate_api::compile::secret_name(k)))
+                .filter(|secret| keys::owned_by(secret, k))
+                .and_then(|secret| keys::recorded_rotation(secret).1)
                 .map(|p| p.expires_at.0);
             [expiry, grace]
         })

@@ -16,6 +16,12 @@ struct ResultLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct WatchLabels {
+    watch: &'static str,
+    result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct WriteLabels {
     kind: String,
     verb: &'static str,
@@ -45,6 +51,7 @@ pub struct Metrics {
     pending: Gauge,
     config: Family<ConfigLabels, Gauge>,
     usage_reads: Family<ResultLabels, Counter>,
+    watch_events: Family<WatchLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -70,6 +77,7 @@ impl Metrics {
             pending: Gauge::default(),
             config: Family::default(),
             usage_reads: Family::default(),
+            watch_events: Family::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -108,6 +116,11 @@ impl Metrics {
             m.revocations.clone(),
         );
         registry.register(
+            "watch_events",
+            "Watch events by watch and result: `changed` (a reconcile follows) or `ignored` (nothing a compile reads changed: a status write, a resync)",
+            m.watch_events.clone(),
+        );
+        registry.register(
             "pending_changes",
             "Changes seen since the last reconcile (the queue depth)",
             m.pending.clone(),
@@ -136,9 +149,25 @@ impl Metrics {
         self.pending.set(0);
     }
 
-    /// A change seen by a watch.
-    pub fn change_seen(&self) {
+    /// A change seen by a watch (a reconcile follows).
+    pub fn change_seen(&self, watch: &'static str) {
         self.pending.inc();
+        self.watch_events
+            .get_or_create(&WatchLabels {
+                watch,
+                result: "changed",
+            })
+            .inc();
+    }
+
+    /// A watch event that changed nothing a compile reads.
+    pub fn change_ignored(&self, watch: &'static str) {
+        self.watch_events
+            .get_or_create(&WatchLabels {
+                watch,
+                result: "ignored",
+            })
+            .inc();
     }
 
     /// One API write.
@@ -249,7 +278,8 @@ mod tests {
         m.reconciled(false, Duration::from_millis(5));
         m.api_write("Secret", "apply");
         m.api_write("Secret", "apply");
-        m.change_seen();
+        m.change_seen("apikeys");
+        m.change_ignored("apikeys");
         m.revoked(3);
         m.set_leader(true);
         m.usage_read(true);

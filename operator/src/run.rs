@@ -196,6 +196,7 @@ pub async fn run(settings: RunSettings) -> anyhow::Result<()> {
         compile_options: tollgate_api::compile::CompileOptions {
             allow_link_local_upstreams: settings.allow_link_local_upstreams,
         },
+        seen: watches.seen.clone(),
     };
     let loop_task = tokio::spawn(controller::run_loop(
         reconciler,

@@ -175,6 +175,7 @@ fn reconciler(client: Client) -> Reconciler {
         metrics: Arc::new(Metrics::new()),
         fence: Fence::open(),
         compile_options: Default::default(),
+        seen: Default::default(),
     }
 }
 

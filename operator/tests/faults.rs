@@ -81,13 +81,21 @@ impl Operator {
 
     /// `tollgate_operator_reconciles_total{result=…}` from `/metrics`.
     async fn reconciles(&self, result: &str) -> u64 {
+        self.counter(&format!(
+            "tollgate_operator_reconciles_total{{result=\"{result}\"}}"
+        ))
+        .await
+    }
+
+    /// One series of `/metrics` (0 when absent).
+    async fn counter(&self, series: &str) -> u64 {
         let text = reqwest::get(format!("http://{}/metrics", self.admin))
             .await
             .expect("/metrics answers")
             .text()
             .await
             .unwrap();
-        let series = format!("tollgate_operator_reconciles_total{{result=\"{result}\"}} ");
+        let series = format!("{series} ");
         text.lines()
             .find_map(|l| l.strip_prefix(series.as_str()))
             .map_or(0, |v| v.trim().parse().unwrap_or(0))
@@ -1491,6 +1499,59 @@ async fn a_key_secret_the_cache_does_not_show_is_read_before_anything_is_decided
     assert!(
         events(&e, "alpha", "SecretConflict").is_empty(),
         "{}",
+        op.logs()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_writes_and_resyncs_trigger_no_reconcile_and_spec_changes_do() {
+    let e = world();
+    let op = Operator::start(&e, "op-quiet", &["--leader-election", "false"]);
+    settle(&e, &op).await;
+    const IGNORED: &str =
+        "tollgate_operator_watch_events_total{watch=\"apikeys\",result=\"ignored\"}";
+    let (reconciles, ignored) = (op.reconciles("success").await, op.counter(IGNORED).await);
+    // A status-only write, as the operator's own status writes are (or another replica's).
+    e.patch_merge(
+        TG,
+        "apikeys",
+        "default",
+        "alpha",
+        json!({"status": {"usage": {"requestsToday": 7}}}),
+    )
+    .unwrap();
+    let mut seen = ignored;
+    for _ in 0..200 {
+        seen = op.counter(IGNORED).await;
+        if seen > ignored {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert_eq!(seen, ignored + 1, "the status write was seen and ignored");
+    // A spec change, after it on the same watch, is what the next reconcile is for.
+    e.patch_merge(
+        TG,
+        "apikeys",
+        "default",
+        "beta",
+        json!({"spec": {"allowedModels": ["gpt-4o"]}}),
+    )
+    .unwrap();
+    let mut now = reconciles;
+    for _ in 0..400 {
+        now = op.reconciles("success").await;
+        if now > reconciles {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert_eq!(now, reconciles + 1, "{}", op.logs());
+    settle(&e, &op).await;
+    assert_eq!(
+        op.reconciles("success").await,
+        reconciles + 1,
+        "the reconcile's own status writes caused no other: {}",
         op.logs()
     );
 }
