@@ -1014,6 +1014,8 @@ impl Reconciler {
                 .collect();
             if !gone.is_empty() {
                 report.revoked = gone.len();
+                // Revocations are writes too: only the lease holder publishes them.
+                self.may_write()?;
                 match &self.redis {
                     Some(conn) => match tollgate_api::revocation::publish(
                         conn.clone(),

@@ -244,6 +244,7 @@ pub async fn run(settings: RunSettings) -> anyhow::Result<()> {
                     &watches.keys.all(),
                     &currencies,
                     timeout,
+                    &fence,
                 )
                 .await
                 {

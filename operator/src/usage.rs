@@ -127,6 +127,7 @@ pub async fn refresh(
     keys: &[ApiKey],
     currencies: &BTreeSet<String>,
     timeout: Duration,
+    fence: &crate::leader::Fence,
 ) -> Result<usize, String> {
     let now = Timestamp::now();
     let currency = (currencies.len() == 1)
@@ -165,6 +166,10 @@ pub async fn refresh(
             let ns = key
                 .namespace()
                 .unwrap_or_else(|| DEFAULT_NAMESPACE.to_owned());
+            // Every write is fenced: a pass may outlast this replica's leadership.
+            if !fence.holds() {
+                return Err("stopped writing: this replica no longer holds the lease".to_owned());
+            }
             let api = Api::<ApiKey>::namespaced(client.clone(), &ns);
             let patch = json!({"status": {"usage": next}});
             match api
