@@ -540,6 +540,16 @@ mod tests {
         "MIIEpAIBAAKCAQEA7",
     ];
 
+    /// Every text detector the answer exercises.
+    const DETECTORS: [Detector; 6] = [
+        Detector::Email,
+        Detector::Phone,
+        Detector::CreditCard,
+        Detector::Iban,
+        Detector::Secret,
+        Detector::BlockedTerms,
+    ];
+
     fn rule(detector: Detector, action: GuardrailAction) -> CompiledGuardrail {
         CompiledGuardrail {
             name: detector.as_str().to_owned(),
@@ -603,17 +613,7 @@ mod tests {
     fn whole_answer(action: GuardrailAction, text: &str) -> (String, Verdict) {
         let mut doc = json!({"choices": [{"index": 0, "message": {"content": text}}]});
         let mut verdict = Verdict::default();
-        let all: Vec<_> = [
-            Detector::Email,
-            Detector::Phone,
-            Detector::CreditCard,
-            Detector::Iban,
-            Detector::Secret,
-            Detector::BlockedTerms,
-        ]
-        .iter()
-        .map(|d| rule(*d, action))
-        .collect();
+        let all: Vec<_> = DETECTORS.iter().map(|d| rule(*d, action)).collect();
         Guardrails::new(&all)
             .unwrap()
             .check_response(&mut doc, &mut verdict);
@@ -781,14 +781,7 @@ mod tests {
 
     #[test]
     fn a_blocking_rule_ends_the_stream_before_any_of_the_match_is_released() {
-        for detector in [
-            Detector::Email,
-            Detector::Phone,
-            Detector::CreditCard,
-            Detector::Iban,
-            Detector::Secret,
-            Detector::BlockedTerms,
-        ] {
+        for detector in DETECTORS {
             let rules = answer_rules(vec![vec![rule(detector, GuardrailAction::Block)]]);
             for dialect in [Dialect::OpenAi, Dialect::Anthropic] {
                 for (how, seed) in [("whole", 0), ("1-byte", 0), ("random", 7)] {
