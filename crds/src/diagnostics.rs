@@ -60,6 +60,9 @@ pub mod reasons {
     /// denied by an admission webhook, a terminating namespace, no permission there); the
     /// message is the API's.
     pub const SECRET_REFUSED: &str = "SecretRefused";
+    /// The object does not fit in the configuration the gateways mount (an ApiKey whose
+    /// key needs a key shard beyond `--max-key-shards`); what is served keeps updating.
+    pub const CONFIG_TOO_LARGE: &str = "ConfigTooLarge";
     /// A reference crosses a tenant boundary the other side has not opened (a Provider in
     /// another namespace not shared with this one, a Secret without credential consent).
     pub const REF_NOT_PERMITTED: &str = "RefNotPermitted";

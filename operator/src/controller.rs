@@ -51,7 +51,7 @@ use tollgate_api::{
 use tracing::Instrument;
 
 use crate::{
-    desired::{self, DesiredObject, LiveObjects, MANAGED_BY, MANAGED_BY_VALUE, Naming, PART_LABEL},
+    desired::{self, DesiredObject, LiveObjects, MANAGED_BY, MANAGED_BY_VALUE, Naming},
     keys::{self, API_KEY_LABEL, KeyAction},
     leader::Fence,
     metrics::Metrics,
@@ -60,6 +60,9 @@ use crate::{
 
 /// The field manager of every write.
 pub const MANAGER: &str = "tollgate-operator";
+
+/// The field manager of the propagation record on the generated ConfigMap.
+pub const PROPAGATION_MANAGER: &str = "tollgate-operator-propagation";
 
 /// Writes to the API server in flight at once (key Secrets, statuses): 10,000 ApiKeys
 /// are not written one round trip at a time.
@@ -127,7 +130,29 @@ pub type Fingerprint<K> = fn(&K) -> u64;
 /// written (and again as the API returned it), so the watch event of its own write
 /// changes nothing and triggers no reconcile.
 #[derive(Debug, Clone, Default)]
-pub struct Seen(Arc<std::sync::Mutex<std::collections::HashMap<String, u64>>>);
+pub struct Seen {
+    prints: Arc<std::sync::Mutex<std::collections::HashMap<String, u64>>>,
+    statuses: Arc<std::sync::Mutex<std::collections::HashMap<String, WrittenStatus>>>,
+}
+
+/// A status this replica wrote, kept until the cache shows it: a reconcile that runs
+/// before the watch has brought back its own status writes (10,000 of them take a
+/// while) starts from what it wrote, not from the older status, and writes nothing again.
+#[derive(Debug, Clone)]
+struct WrittenStatus {
+    generation: Option<i64>,
+    resource_version: Option<String>,
+    status: Value,
+}
+
+/// `Kind/namespace/name/uid`: a status belongs to one incarnation of an object.
+fn status_key<K: Resource<DynamicType = ()>>(o: &K) -> String {
+    format!(
+        "{}/{}",
+        seen_key(o),
+        o.meta().uid.as_deref().unwrap_or_default()
+    )
+}
 
 /// `Kind/namespace/name`.
 fn seen_key<K: Resource<DynamicType = ()>>(o: &K) -> String {
@@ -142,11 +167,68 @@ fn seen_key<K: Resource<DynamicType = ()>>(o: &K) -> String {
 impl Seen {
     /// Records `print` for `key`; returns whether it differs from what was recorded.
     fn record(&self, key: String, print: u64) -> bool {
-        self.0.lock().expect("seen lock").insert(key, print) != Some(print)
+        self.prints.lock().expect("seen lock").insert(key, print) != Some(print)
     }
 
     fn forget(&self, key: &str) {
-        self.0.lock().expect("seen lock").remove(key);
+        self.prints.lock().expect("seen lock").remove(key);
+    }
+
+    /// Records the status this replica just wrote to `object` (as the API returned it).
+    fn wrote_status<K: Resource<DynamicType = ()> + Serialize>(&self, object: &K) {
+        let status = serde_json::to_value(object)
+            .ok()
+            .and_then(|mut v| v.get_mut("status").map(Value::take));
+        if let Some(status) = status {
+            self.statuses.lock().expect("seen lock").insert(
+                status_key(object),
+                WrittenStatus {
+                    generation: object.meta().generation,
+                    resource_version: object.meta().resource_version.clone(),
+                    status,
+                },
+            );
+        }
+    }
+
+    /// Replaces the status of cached objects that do not show this replica's last write
+    /// yet by that write (`usage`, which has its own writer, stays the cache's). Entries
+    /// the cache has caught up with, or whose object changed generation, are dropped.
+    fn overlay_statuses<K>(&self, objects: &mut [K])
+    where
+        K: Resource<DynamicType = ()> + Serialize + DeserializeOwned,
+    {
+        let mut written = self.statuses.lock().expect("seen lock");
+        if written.is_empty() {
+            return;
+        }
+        for object in objects.iter_mut() {
+            let key = status_key(object);
+            let Some(w) = written.get(&key) else {
+                continue;
+            };
+            if w.resource_version == object.meta().resource_version
+                || w.generation != object.meta().generation
+            {
+                written.remove(&key);
+                continue;
+            }
+            let Ok(mut value) = serde_json::to_value(&*object) else {
+                continue;
+            };
+            let usage = value
+                .get_mut("status")
+                .and_then(|s| s.get_mut("usage"))
+                .map(Value::take);
+            let mut status = w.status.clone();
+            if let (Some(usage), Some(map)) = (usage, status.as_object_mut()) {
+                map.insert("usage".to_owned(), usage);
+            }
+            value["status"] = status;
+            if let Ok(updated) = serde_json::from_value(value) {
+                *object = updated;
+            }
+        }
     }
 
     /// Records an object this operator writes (before the write, as it will be; after
@@ -185,22 +267,34 @@ fn secret_fingerprint(o: &Secret) -> u64 {
     hash_of((&o.data, meta_parts(&o.metadata)))
 }
 
-/// ConfigMaps: their data and metadata.
+/// ConfigMaps: their data and metadata, except the propagation record (the operator's
+/// own bookkeeping, which no compile reads).
 fn configmap_fingerprint(o: &ConfigMap) -> u64 {
-    hash_of((&o.data, &o.binary_data, meta_parts(&o.metadata)))
+    let mut meta = o.metadata.clone();
+    if let Some(a) = meta.annotations.as_mut() {
+        a.remove(status::PROPAGATION_ANNOTATION);
+    }
+    hash_of((&o.data, &o.binary_data, meta_parts(&meta)))
 }
 
 /// Starts a reflector on `api`, notifying `notify` on every change that matters to a
 /// compile (by `fingerprint`), on deletions, and when the initial list is in (so a
 /// re-list never triggers a compile on half-replaced state).
+/// What every watch shares: whom to wake, where to count, what was seen, how many relist.
+#[derive(Clone)]
+struct WatchShared {
+    notify: Arc<Notify>,
+    metrics: Arc<Metrics>,
+    seen: Seen,
+    relisting: Arc<std::sync::atomic::AtomicUsize>,
+}
+
 fn reflect<K>(
     api: Api<K>,
     config: watcher::Config,
-    notify: Arc<Notify>,
-    metrics: Arc<Metrics>,
     what: &'static str,
     fingerprint: Fingerprint<K>,
-    seen: Seen,
+    shared: WatchShared,
 ) -> Watched<K>
 where
     K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
@@ -211,8 +305,18 @@ where
         .default_backoff()
         .modify(|o: &mut K| o.managed_fields_mut().clear())
         .reflect(writer);
+    let WatchShared {
+        notify,
+        metrics,
+        seen,
+        relisting,
+    } = shared;
     let task = tokio::spawn(async move {
+        use std::sync::atomic::Ordering::SeqCst;
         let mut stream = std::pin::pin!(stream);
+        // Between `Init` and `InitDone` this cache is being replaced by a fresh list
+        // (the first one, or a relist after 410 Gone): counted in `relisting`.
+        let mut listing = false;
         while let Some(event) = stream.next().await {
             match event {
                 Ok(watcher::Event::Apply(o)) => {
@@ -232,10 +336,17 @@ where
                     notify.notify_one();
                 }
                 Ok(watcher::Event::InitDone) => {
+                    if std::mem::take(&mut listing) {
+                        relisting.fetch_sub(1, SeqCst);
+                    }
                     metrics.change_seen(what);
                     notify.notify_one();
                 }
-                Ok(watcher::Event::Init) => {}
+                Ok(watcher::Event::Init) => {
+                    if !std::mem::replace(&mut listing, true) {
+                        relisting.fetch_add(1, SeqCst);
+                    }
+                }
                 Err(e) => {
                     tracing::warn!(error = %e, watch = what, "watch failed; retrying with backoff")
                 }
@@ -283,6 +394,8 @@ pub struct Watches {
     pub credentials: Cache<Secret>,
     /// Fingerprints of what the watches and the reconciler last saw or wrote.
     pub seen: Seen,
+    /// Watches whose cache is being replaced by a fresh list right now.
+    relisting: Arc<std::sync::atomic::AtomicUsize>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
@@ -291,25 +404,24 @@ impl Watches {
     pub fn start(
         client: &Client,
         namespaces: &[String],
-        gateway_namespace: &str,
+        naming: &Naming,
         notify: Arc<Notify>,
         metrics: Arc<Metrics>,
     ) -> Self {
         let mut tasks = Vec::new();
         let seen = Seen::default();
+        let relisting = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let shared = WatchShared {
+            notify,
+            metrics,
+            seen: seen.clone(),
+            relisting: relisting.clone(),
+        };
         macro_rules! kind_cache {
             ($k:ty, $cfg:expr, $what:expr, $print:expr) => {{
                 let mut stores = Vec::new();
                 for api in apis::<$k>(client, namespaces) {
-                    let (store, task) = reflect(
-                        api,
-                        $cfg,
-                        notify.clone(),
-                        metrics.clone(),
-                        $what,
-                        $print,
-                        seen.clone(),
-                    );
+                    let (store, task) = reflect(api, $cfg, $what, $print, shared.clone());
                     stores.push(store);
                     tasks.push(task);
                 }
@@ -347,29 +459,26 @@ impl Watches {
             "credential secrets",
             secret_fingerprint
         );
-        let generated = watcher::Config::default()
-            .labels(&format!("{MANAGED_BY}={MANAGED_BY_VALUE},{PART_LABEL}"));
+        let gateway_namespace = naming.namespace.as_str();
+        let generated = watcher::Config::default().labels(&naming.selector());
         let (generated_maps, task) = reflect(
             Api::<ConfigMap>::namespaced(client.clone(), gateway_namespace),
             generated.clone(),
-            notify.clone(),
-            metrics.clone(),
             "generated configmaps",
             configmap_fingerprint,
-            seen.clone(),
+            shared.clone(),
         );
         tasks.push(task);
         let (generated_secrets, task) = reflect(
             Api::<Secret>::namespaced(client.clone(), gateway_namespace),
             generated,
-            notify.clone(),
-            metrics.clone(),
             "generated secrets",
             secret_fingerprint,
-            seen.clone(),
+            shared.clone(),
         );
         tasks.push(task);
         Self {
+            relisting,
             providers,
             routes,
             keys,
@@ -380,6 +489,13 @@ impl Watches {
             seen,
             tasks,
         }
+    }
+
+    /// Whether some watch is relisting (its cache is about to be replaced after a
+    /// watch expired, e.g. an API server restart): no decision is taken from a view
+    /// that is known to be stale; the reconcile waits for the fresh list.
+    pub fn relisting(&self) -> bool {
+        self.relisting.load(std::sync::atomic::Ordering::SeqCst) > 0
     }
 
     /// Waits until every cache holds its initial list.
@@ -523,13 +639,6 @@ impl Snapshot {
                 .collect(),
         }
     }
-}
-
-fn hash_annotation<K: ResourceExt>(o: &K) -> String {
-    o.annotations()
-        .get(desired::CONTENT_HASH)
-        .cloned()
-        .unwrap_or_default()
 }
 
 /// The configuration the generated objects hold now, if they form a consistent set.
@@ -876,9 +985,11 @@ impl Reconciler {
     }
 
     /// Gateways live now and how many serve `hash`, from their Redis reports.
-    async fn propagation(&self, hash: &str) -> Option<(usize, usize)> {
+    async fn propagation<'h>(&self, hash: &'h str) -> status::Propagation<'h> {
         use tollgate_api::heartbeat::{CONFIG, LIVE_WITHIN_SECS, SEEN};
-        let mut conn = self.redis.clone()?;
+        let Some(mut conn) = self.redis.clone() else {
+            return status::Propagation::Off;
+        };
         let now = Timestamp::now().as_millisecond();
         let work = async {
             let live: Vec<String> = redis::cmd("ZRANGEBYSCORE")
@@ -899,16 +1010,79 @@ impl Reconciler {
             Ok((serving, live.len()))
         };
         match tokio::time::timeout(self.redis_timeout, work).await {
-            Ok(Ok(counts)) => Some(counts),
+            Ok(Ok((serving, live))) => {
+                self.metrics.gateways(serving, live);
+                status::Propagation::Known {
+                    hash,
+                    serving,
+                    live,
+                }
+            }
             Ok(Err(e)) => {
-                tracing::warn!(error = %e, "could not read the gateways' configuration reports");
-                None
+                tracing::warn!(error = %e, "could not read the gateways' configuration reports; propagation statuses keep their last value");
+                status::Propagation::Unknown
             }
             Err(_) => {
-                tracing::warn!("reading the gateways' configuration reports timed out");
-                None
+                tracing::warn!(
+                    "reading the gateways' configuration reports timed out; propagation statuses keep their last value"
+                );
+                status::Propagation::Unknown
             }
         }
+    }
+
+    /// Step 5, globally: the gateways' progress on the latest configuration, on the
+    /// generated ConfigMap, when it changed (one write per configuration, state or
+    /// gateway count; none while the reports cannot be read). Its own field manager, so
+    /// the configuration's apply never removes it.
+    async fn record_propagation(
+        &self,
+        snapshot: &Snapshot,
+        propagation: status::Propagation<'_>,
+        now: Timestamp,
+    ) -> Result<bool, ReconcileError> {
+        let Some(record) = status::Record::of(propagation, now) else {
+            return Ok(false);
+        };
+        let name = self.naming.config_map();
+        let previous = snapshot
+            .generated_maps
+            .iter()
+            .find(|cm| cm.name_any() == name)
+            .and_then(|cm| {
+                cm.annotations()
+                    .get(status::PROPAGATION_ANNOTATION)
+                    .cloned()
+            });
+        if record.same_as(previous.as_deref()) {
+            return Ok(false);
+        }
+        let ns = &self.naming.namespace;
+        let patch = json!({
+            "apiVersion": "v1",
+            "kind": "ConfigMap",
+            "metadata": {
+                "name": name,
+                "namespace": ns,
+                "annotations": {
+                    status::PROPAGATION_ANNOTATION: serde_json::to_string(&record).unwrap_or_default(),
+                },
+            },
+        });
+        self.may_write()?;
+        let written = Api::<ConfigMap>::namespaced(self.client.clone(), ns)
+            .patch(
+                &name,
+                &PatchParams::apply(PROPAGATION_MANAGER).force(),
+                &Patch::Apply(&patch),
+            )
+            .await
+            .map_err(kube_err(format!(
+                "recording propagation on ConfigMap {ns}/{name}"
+            )))?;
+        self.seen.wrote(&written, configmap_fingerprint);
+        self.metrics.api_write("ConfigMap", "apply");
+        Ok(true)
     }
 
     /// Step 5 for one kind.
@@ -922,6 +1096,7 @@ impl Reconciler {
     where
         K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
             + Clone
+            + Serialize
             + DeserializeOwned
             + Debug,
         S: Serialize,
@@ -943,7 +1118,7 @@ impl Reconciler {
             )
             .await
         {
-            Ok(_) => {}
+            Ok(written) => self.seen.wrote_status(&written),
             // Deleted meanwhile: nothing to report on.
             Err(kube::Error::Api(s)) if s.code == 404 => return Ok(false),
             Err(e) => {
@@ -989,12 +1164,38 @@ impl Reconciler {
         let secrets = SecretStore::new(snapshot.credentials.iter().chain(owned), DEFAULT_NAMESPACE);
         let mut out = compile_with(&resources, &secrets, now, self.compile_options);
         apply_conflicts(&mut out, &conflicts);
-        let split = parts::split(&out.config).map_err(|e| ReconcileError::Config(e.to_string()))?;
+        let live_now = live_config(&snapshot, &self.naming);
+        let config_error = |e: &dyn std::fmt::Display| ReconcileError::Config(e.to_string());
+        let mut split = parts::split(&out.config).map_err(|e| config_error(&e))?;
+        // Too many key shards: the keys not served yet are left out (and told why), so
+        // what is served keeps updating and every status is still written.
+        let objects = match desired::desired_objects(&split, &self.naming) {
+            Err(desired::DesiredError::TooManyShards(need, max)) => {
+                let served: BTreeSet<&str> = live_now
+                    .iter()
+                    .flat_map(|l| l.config.keys.keys.iter().map(|k| k.sha256.as_str()))
+                    .collect();
+                let left = leave_out_new_keys(&mut out, &served, need, max);
+                self.metrics.keys_left_out(left);
+                tracing::warn!(
+                    keys = left,
+                    need,
+                    max,
+                    "the keys need more shards than the gateways mount; keys not served yet are left out (ConfigTooLarge)"
+                );
+                split = parts::split(&out.config).map_err(|e| config_error(&e))?;
+                desired::desired_objects(&split, &self.naming).map_err(|e| config_error(&e))?
+            }
+            other => {
+                self.metrics.keys_left_out(0);
+                other.map_err(|e| config_error(&e))?
+            }
+        };
         report.config_hash = split.config_hash.clone();
 
         // 3. Revocations, and key state moved to changed key ids, before the
         //    configuration changes.
-        if let Some(live) = live_config(&snapshot, &self.naming) {
+        if let Some(live) = &live_now {
             self.move_key_state(&live.config.keys, &out.config.keys, now)
                 .await?;
             let served: BTreeSet<&str> = out
@@ -1041,14 +1242,35 @@ impl Reconciler {
         }
 
         // 4. Generated objects.
-        let objects = desired::desired_objects(&split, &self.naming)
-            .map_err(|e| ReconcileError::Config(e.to_string()))?;
+        // Compared by content, so hand edits are repaired; only this release's objects.
         let mut live: LiveObjects = BTreeMap::new();
         for cm in &snapshot.generated_maps {
-            live.insert(("ConfigMap", cm.name_any()), hash_annotation(cm));
+            if cm.name_any() != self.naming.config_map() {
+                continue;
+            }
+            let files = cm
+                .data
+                .iter()
+                .flatten()
+                .map(|(k, v)| (k.as_str(), v.as_bytes()));
+            live.insert(
+                ("ConfigMap", cm.name_any()),
+                desired::live_hash(files, cm.metadata.annotations.as_ref()),
+            );
         }
         for s in &snapshot.generated_secrets {
-            live.insert(("Secret", s.name_any()), hash_annotation(s));
+            if !self.naming.owns_secret(&s.name_any()) {
+                continue;
+            }
+            let files = s
+                .data
+                .iter()
+                .flatten()
+                .map(|(k, v)| (k.as_str(), v.0.as_slice()));
+            live.insert(
+                ("Secret", s.name_any()),
+                desired::live_hash(files, s.metadata.annotations.as_ref()),
+            );
         }
         let plan = desired::plan(objects, &live);
         let ns = &self.naming.namespace;
@@ -1096,19 +1318,26 @@ impl Reconciler {
             tracing::info!(config_hash = %&split.config_hash[..16], writes = report.config_writes, "configuration written");
         }
 
-        // 5. Status.
+        // 5. Status, from what this replica last wrote where the cache is behind.
+        self.seen.overlay_statuses(&mut snapshot.providers);
+        self.seen.overlay_statuses(&mut snapshot.routes);
+        self.seen.overlay_statuses(&mut snapshot.keys);
         let propagation = self.propagation(&split.config_hash).await;
-        let propagated = propagation
-            .map(|(serving, live)| status::propagated(&split.config_hash, serving, live));
-        // Look again while gateways catch up, and now and then while none reports.
+        // Look again while gateways catch up, and now and then while none reports or
+        // the reports cannot be read.
+        let every = tollgate_api::heartbeat::EVERY_SECS;
         report.wake_in = match propagation {
-            Some((serving, live)) if serving < live => {
-                Some(Duration::from_secs(tollgate_api::heartbeat::EVERY_SECS))
+            status::Propagation::Known { serving, live, .. } if serving < live => {
+                Some(Duration::from_secs(every))
             }
-            Some((_, 0)) => Some(Duration::from_secs(3 * tollgate_api::heartbeat::EVERY_SECS)),
+            status::Propagation::Known { live: 0, .. } | status::Propagation::Unknown => {
+                Some(Duration::from_secs(3 * every))
+            }
             _ => None,
         };
-        let propagated = propagated.as_ref();
+        report.status_writes +=
+            usize::from(self.record_propagation(&snapshot, propagation, now).await?);
+        let propagated = propagation;
         let mut writes: Vec<BoxFuture<'_, Result<bool, ReconcileError>>> = Vec::new();
         for p in &snapshot.providers {
             let update = status::provider(p, &out, propagated, now);
@@ -1168,6 +1397,45 @@ impl Reconciler {
         };
         Ok(report)
     }
+}
+
+/// Leaves the keys `served` does not hold out of the configuration, reporting each on its
+/// ApiKey (`Ready` False, `ConfigTooLarge`, hence a Warning Event); returns how many.
+fn leave_out_new_keys(
+    out: &mut CompileOutput,
+    served: &BTreeSet<&str>,
+    need: usize,
+    max: usize,
+) -> usize {
+    let message = format!(
+        "not served: the keys need {need} key shards but gateways mount {max}; raise --max-key-shards and the chart's keyShards together (keys already served keep working)"
+    );
+    let mut left = Vec::new();
+    out.config.keys.keys.retain(|k| {
+        let keep = served.contains(k.sha256.as_str());
+        if !keep {
+            left.push(k.api_key.clone());
+        }
+        keep
+    });
+    for id in &left {
+        let Some((namespace, name)) = id.split_once('/') else {
+            continue;
+        };
+        let object = ObjectRef::new(Kind::ApiKey, namespace, name);
+        if let Some(o) = out.objects.get_mut(&object) {
+            o.served = false;
+        }
+        out.diagnostics.push(Diagnostic {
+            object,
+            severity: Severity::Error,
+            condition: condition_types::READY,
+            reason: reasons::CONFIG_TOO_LARGE,
+            message: message.clone(),
+            field: None,
+        });
+    }
+    left.len()
 }
 
 /// How soon Secret writes the API refused for good are tried again.
@@ -1284,6 +1552,14 @@ pub async fn run_loop(
             wake = None;
             continue;
         }
+        // No revocation, no dropping of a served object, no status from a cache that is
+        // being relisted: its `InitDone` triggers the reconcile (checked again in 1 s).
+        if watches.relisting() {
+            tracing::info!("a watch is relisting; the reconcile waits for its fresh list");
+            reconciler.metrics.reconcile_deferred();
+            wake = Some(tokio::time::Instant::now() + Duration::from_secs(1));
+            continue;
+        }
         let snapshot = Snapshot::read(&watches).await;
         let timer = std::time::Instant::now();
         let span = tracing::info_span!(
@@ -1325,7 +1601,19 @@ pub async fn run_loop(
             Ok(report) => {
                 failures = 0;
                 reconciler.metrics.reconciled(true, timer.elapsed());
-                tracing::debug!(?report, "reconciled");
+                let writes = report.config_writes + report.status_writes + report.key_writes;
+                if writes > 0 {
+                    tracing::info!(
+                        took_ms = timer.elapsed().as_millis() as u64,
+                        config_writes = report.config_writes,
+                        status_writes = report.status_writes,
+                        key_writes = report.key_writes,
+                        revoked = report.revoked,
+                        "reconciled"
+                    );
+                } else {
+                    tracing::debug!(?report, "reconciled");
+                }
                 wake = report.wake_in.map(|d| tokio::time::Instant::now() + d);
             }
             Err(e) => {
@@ -1351,4 +1639,76 @@ pub struct LoopTiming {
     pub resync: Duration,
     /// Longest one reconcile may take before it is abandoned and retried.
     pub reconcile_timeout: Duration,
+}
+
+#[cfg(test)]
+mod tests {
+    use tollgate_api::{compile::ObjectOutcome, config::CompiledKey, parts::sha256_hex};
+
+    use super::*;
+
+    #[test]
+    fn keys_beyond_the_mounted_shards_are_left_out_and_told_why_and_served_keys_stay() {
+        let naming = Naming {
+            namespace: "tollgate".into(),
+            prefix: "tollgate-gateway".into(),
+            max_key_shards: 2,
+        };
+        let mut out = CompileOutput::default();
+        for i in 0..6000 {
+            let sha256 = sha256_hex(format!("key-{i}").as_bytes());
+            out.config.keys.keys.push(CompiledKey {
+                id: sha256[..24].to_owned(),
+                sha256,
+                api_key: format!("default/key-{i}"),
+                owner: format!("team-{}-with-a-longer-owner-name", i % 7),
+                team: None,
+                allowed_models: vec!["gpt-*".into(), "claude-*".into()],
+                shared_routes_from: Vec::new(),
+                limits: None,
+                budget: None,
+                expires_at: None,
+                guardrails: Vec::new(),
+            });
+            out.objects.insert(
+                ObjectRef::new(Kind::ApiKey, "default", &format!("key-{i}")),
+                ObjectOutcome {
+                    served: true,
+                    ..ObjectOutcome::default()
+                },
+            );
+        }
+        out.config.keys.keys.sort_by(|a, b| a.sha256.cmp(&b.sha256));
+        let split = parts::split(&out.config).unwrap();
+        let Err(desired::DesiredError::TooManyShards(need, max)) =
+            desired::desired_objects(&split, &naming)
+        else {
+            panic!("6,000 keys need more than two shards here");
+        };
+        // The first 1,000 keys were served before.
+        let before: Vec<String> = (0..1000)
+            .map(|i| sha256_hex(format!("key-{i}").as_bytes()))
+            .collect();
+        let served: BTreeSet<&str> = before.iter().map(String::as_str).collect();
+        assert_eq!(leave_out_new_keys(&mut out, &served, need, max), 5000);
+        let split = parts::split(&out.config).unwrap();
+        assert!(desired::desired_objects(&split, &naming).is_ok());
+        assert_eq!(out.config.keys.keys.len(), 1000);
+        let left = ObjectRef::new(Kind::ApiKey, "default", "key-4321");
+        assert!(!out.objects[&left].served);
+        let d = out.diagnostics_for(&left).next().unwrap();
+        assert_eq!(d.reason, reasons::CONFIG_TOO_LARGE);
+        assert!(
+            d.message.contains("raise --max-key-shards"),
+            "{}",
+            d.message
+        );
+        let ready = out.conditions(&left);
+        assert_eq!(
+            (ready[0].status, ready[0].reason),
+            ("False", reasons::CONFIG_TOO_LARGE)
+        );
+        let kept = ObjectRef::new(Kind::ApiKey, "default", "key-12");
+        assert!(out.objects[&kept].served && out.diagnostics_for(&kept).next().is_none());
+    }
 }

@@ -27,6 +27,10 @@ pub const MANAGED_BY: &str = "app.kubernetes.io/managed-by";
 pub const MANAGED_BY_VALUE: &str = "tollgate-operator";
 /// Label naming the part of the configuration an object holds.
 pub const PART_LABEL: &str = "tollgate.dev/config-part";
+/// Label scoping generated objects to one release: the name prefix (the start of it and
+/// a hash when it is longer than a label value may be). The watch selects by it, so two
+/// releases in one namespace never see, repair or delete each other's objects.
+pub const PREFIX_LABEL: &str = "tollgate.dev/config-prefix";
 /// Annotation: SHA-256 of the object's data.
 pub const CONTENT_HASH: &str = "tollgate.dev/content-hash";
 /// Annotation on the ConfigMap: hash of the whole configuration.
@@ -115,6 +119,33 @@ impl Naming {
     pub fn key_shard(&self, index: usize) -> String {
         format!("{}-keys-{index:02}", self.prefix)
     }
+
+    /// The value of [`PREFIX_LABEL`].
+    pub fn prefix_label(&self) -> String {
+        if self.prefix.len() <= 63 {
+            return self.prefix.clone();
+        }
+        let hash = sha256_hex(self.prefix.as_bytes());
+        let head = self.prefix[..50].trim_end_matches(|c: char| !c.is_ascii_alphanumeric());
+        format!("{head}-{}", &hash[..12])
+    }
+
+    /// The label selector of this release's generated objects.
+    pub fn selector(&self) -> String {
+        format!(
+            "{MANAGED_BY}={MANAGED_BY_VALUE},{PART_LABEL},{PREFIX_LABEL}={}",
+            self.prefix_label()
+        )
+    }
+
+    /// Whether `name` is one of the objects this release generates (a Secret: the
+    /// credentials or a key shard), so only those are ever deleted.
+    pub fn owns_secret(&self, name: &str) -> bool {
+        name == self.credentials()
+            || name
+                .strip_prefix(&format!("{}-keys-", self.prefix))
+                .is_some_and(|n| n.len() >= 2 && n.bytes().all(|b| b.is_ascii_digit()))
+    }
 }
 
 /// Why the configuration cannot be written.
@@ -148,6 +179,7 @@ fn meta(naming: &Naming, name: String, part: &str, data_hash: String) -> ObjectM
                 "tollgate".to_owned(),
             ),
             (PART_LABEL.to_owned(), part.to_owned()),
+            (PREFIX_LABEL.to_owned(), naming.prefix_label()),
         ])),
         annotations: Some(BTreeMap::from([(CONTENT_HASH.to_owned(), data_hash)])),
         ..ObjectMeta::default()
@@ -241,8 +273,23 @@ pub fn desired_objects(
     Ok(objects)
 }
 
-/// What is live in the gateway namespace: (kind, name) → content hash annotation.
+/// What is live in the gateway namespace: (kind, name) → content hash (see
+/// [`live_hash`]).
 pub type LiveObjects = BTreeMap<(&'static str, String), String>;
+
+/// The content hash of a live object, computed from its data: a hand edit of `data` (or
+/// of the hash annotation) makes it differ from the desired one, so the object is
+/// repaired on the next reconcile. Empty when the annotation disagrees with the data.
+pub fn live_hash<'a>(
+    files: impl IntoIterator<Item = (&'a str, &'a [u8])>,
+    annotations: Option<&BTreeMap<String, String>>,
+) -> String {
+    let computed = data_hash(files);
+    match annotations.and_then(|a| a.get(CONTENT_HASH)) {
+        Some(recorded) if *recorded == computed => computed,
+        _ => String::new(),
+    }
+}
 
 /// The writes that bring the live objects to the desired ones.
 #[derive(Debug, Default, PartialEq)]
@@ -419,6 +466,83 @@ mod tests {
         live.insert(("ConfigMap", "other".into()), "x".into());
         let p = plan(desired_objects(&small, &naming()).unwrap(), &live);
         assert!(!p.delete.contains(&"other".to_owned()));
+    }
+
+    #[test]
+    fn live_objects_are_compared_by_their_data_and_scoped_to_the_release() {
+        let split = parts::split(&config(100)).unwrap();
+        let objects = desired_objects(&split, &naming()).unwrap();
+        let DesiredObject::Secret(shard) = objects.last().unwrap().clone() else {
+            panic!("a key shard last")
+        };
+        let files = |s: &Secret| {
+            s.data
+                .clone()
+                .unwrap()
+                .into_iter()
+                .map(|(k, v)| (k, v.0))
+                .collect::<Vec<_>>()
+        };
+        let hash_of = |s: &Secret| {
+            let f = files(s);
+            live_hash(
+                f.iter().map(|(k, v)| (k.as_str(), v.as_slice())),
+                s.metadata.annotations.as_ref(),
+            )
+        };
+        assert_eq!(
+            hash_of(&shard),
+            shard.metadata.annotations.as_ref().unwrap()[CONTENT_HASH]
+        );
+        // A hand edit of the data, with the annotation left alone, is seen.
+        let mut edited = shard.clone();
+        edited.data.as_mut().unwrap().values_mut().next().unwrap().0 = b"{}".to_vec();
+        assert_eq!(hash_of(&edited), "");
+        // So is an annotation edited to match nothing.
+        let mut relabelled = shard.clone();
+        relabelled
+            .metadata
+            .annotations
+            .as_mut()
+            .unwrap()
+            .insert(CONTENT_HASH.into(), "0".repeat(64));
+        assert_eq!(hash_of(&relabelled), "");
+
+        let n = naming();
+        assert_eq!(
+            shard.metadata.labels.as_ref().unwrap()[PREFIX_LABEL],
+            "tollgate-gateway"
+        );
+        assert!(
+            n.selector()
+                .ends_with(",tollgate.dev/config-prefix=tollgate-gateway")
+        );
+        assert!(
+            n.owns_secret("tollgate-gateway-keys-03")
+                && n.owns_secret("tollgate-gateway-credentials")
+        );
+        for other in [
+            "tollgate-gateway-2-keys-03",
+            "tollgate-keys-03",
+            "tollgate-gateway-keys-x1",
+            "tollgate-gateway-keys-",
+        ] {
+            assert!(!n.owns_secret(other), "{other}");
+        }
+        let long = Naming {
+            prefix: "p".repeat(100),
+            ..naming()
+        };
+        let label = long.prefix_label();
+        assert!(label.len() <= 63, "{label}");
+        assert_ne!(
+            label,
+            Naming {
+                prefix: format!("{}q", "p".repeat(99)),
+                ..naming()
+            }
+            .prefix_label()
+        );
     }
 
     #[test]

@@ -52,6 +52,8 @@ pub struct Metrics {
     config: Family<ConfigLabels, Gauge>,
     usage_reads: Family<ResultLabels, Counter>,
     watch_events: Family<WatchLabels, Counter>,
+    gateways: Family<ResultLabels, Gauge>,
+    keys_left_out: Gauge,
 }
 
 impl Default for Metrics {
@@ -78,6 +80,8 @@ impl Metrics {
             config: Family::default(),
             usage_reads: Family::default(),
             watch_events: Family::default(),
+            gateways: Family::default(),
+            keys_left_out: Gauge::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -134,6 +138,16 @@ impl Metrics {
             "usage_reads",
             "Usage refreshes from Redis, by result",
             m.usage_reads.clone(),
+        );
+        registry.register(
+            "gateways",
+            "Gateways that reported within the last 20 s (`result=\"live\"`) and those of them serving the latest configuration (`result=\"serving\"`), from their Redis reports",
+            m.gateways.clone(),
+        );
+        registry.register(
+            "keys_left_out",
+            "ApiKeys left out of the configuration at the last reconcile because the key shards the gateways mount are full (reported ConfigTooLarge on each)",
+            m.keys_left_out.clone(),
         );
         Self { registry, ..m }
     }
@@ -193,6 +207,28 @@ impl Metrics {
     /// Revocations published.
     pub fn revoked(&self, n: usize) {
         self.revocations.inc_by(n as u64);
+    }
+
+    /// ApiKeys left out for size at the last reconcile.
+    pub fn keys_left_out(&self, n: usize) {
+        self.keys_left_out.set(n as i64);
+    }
+
+    /// A reconcile put off because a watch was relisting.
+    pub fn reconcile_deferred(&self) {
+        self.reconciles
+            .get_or_create(&ResultLabels { result: "deferred" })
+            .inc();
+    }
+
+    /// The gateways' reports, as last read.
+    pub fn gateways(&self, serving: usize, live: usize) {
+        self.gateways
+            .get_or_create(&ResultLabels { result: "serving" })
+            .set(serving as i64);
+        self.gateways
+            .get_or_create(&ResultLabels { result: "live" })
+            .set(live as i64);
     }
 
     /// Leadership changed.
@@ -283,6 +319,8 @@ mod tests {
         m.revoked(3);
         m.set_leader(true);
         m.usage_read(true);
+        m.gateways(2, 3);
+        m.keys_left_out(0);
         m.observe_compile(&CompileOutput::default(), "0123456789abcdef0123");
         let text = m.encode();
         let catalogue = catalogue();

@@ -162,11 +162,16 @@ pub async fn run(settings: RunSettings) -> anyhow::Result<()> {
         });
     }
 
+    let naming = Naming {
+        namespace: gateway_namespace.clone(),
+        prefix: settings.config_prefix.clone(),
+        max_key_shards: settings.max_key_shards,
+    };
     let notify = Arc::new(Notify::new());
     let watches = Arc::new(Watches::start(
         &client,
         &namespaces,
-        &gateway_namespace,
+        &naming,
         notify.clone(),
         metrics.clone(),
     ));
@@ -183,11 +188,7 @@ pub async fn run(settings: RunSettings) -> anyhow::Result<()> {
 
     let reconciler = Reconciler {
         client: client.clone(),
-        naming: Naming {
-            namespace: gateway_namespace,
-            prefix: settings.config_prefix.clone(),
-            max_key_shards: settings.max_key_shards,
-        },
+        naming,
         redis: redis.clone(),
         redis_timeout: settings.redis_timeout,
         recorder: Recorder::new(client.clone(), controller::reporter(&identity)),

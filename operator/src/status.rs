@@ -1,7 +1,14 @@
 //! Status of every object from one compile (pure): `observedGeneration`, `Ready` and
 //! `ResolvedRefs` straight from the compile diagnostics, plus `Propagated` (whether the
-//! gateways serve the configuration), kind-specific fields, and the Events that mark a
-//! transition. Nothing is patched when nothing changed.
+//! gateways serve this generation of the object), kind-specific fields, and the Events
+//! that mark a transition. Nothing is patched when nothing changed.
+//!
+//! Propagation costs O(1) writes per change, whatever the number of objects: an object's
+//! `Propagated` describes its own generation only (False when it changes, True once every
+//! live gateway serves a configuration built from it, then left alone while other objects
+//! change), and the gateways' progress on the latest configuration is one record on the
+//! generated ConfigMap ([`Record`]). While the reports cannot be read (Redis failing),
+//! every condition keeps its last value.
 
 use jiff::Timestamp;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
@@ -17,6 +24,142 @@ use tollgate_api::{
 
 /// Condition type: whether the gateways serve the configuration holding this object.
 pub const PROPAGATED: &str = "Propagated";
+
+/// Annotation on the generated ConfigMap: the gateways' progress on the latest
+/// configuration, as a JSON [`Record`].
+pub const PROPAGATION_ANNOTATION: &str = "tollgate.dev/propagation";
+
+/// What the gateways' reports say about the configuration just written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Propagation<'a> {
+    /// Nothing reports (no Redis): objects carry no `Propagated` condition.
+    Off,
+    /// The reports could not be read (Redis failing): every condition and the record
+    /// keep their last value.
+    Unknown,
+    /// `serving` of the `live` gateways serve configuration `hash`.
+    Known {
+        /// The configuration just written.
+        hash: &'a str,
+        /// Live gateways serving it.
+        serving: usize,
+        /// Gateways that reported recently.
+        live: usize,
+    },
+}
+
+/// The gateways' progress on the latest configuration, kept on the generated ConfigMap
+/// (`tollgate.dev/propagation`) and rewritten only when the configuration, its state or
+/// the number of live gateways changes, never for each gateway that catches up.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Record {
+    /// The latest configuration.
+    pub config_hash: String,
+    /// `Serving` (every live gateway serves it), `Propagating` or `NoGatewayReports`.
+    pub state: String,
+    /// Live gateways when the state was recorded.
+    pub gateways: usize,
+    /// When the state was recorded (RFC 3339).
+    pub since: String,
+}
+
+impl Record {
+    /// The record for `propagation`, or `None` when nothing is known.
+    pub fn of(propagation: Propagation<'_>, now: Timestamp) -> Option<Self> {
+        let Propagation::Known {
+            hash,
+            serving,
+            live,
+        } = propagation
+        else {
+            return None;
+        };
+        Some(Self {
+            config_hash: hash.to_owned(),
+            state: object_state(serving, live).reason.to_owned(),
+            gateways: live,
+            since: now.to_string(),
+        })
+    }
+
+    /// Whether `previous` (the annotation now on the ConfigMap) already says this.
+    pub fn same_as(&self, previous: Option<&str>) -> bool {
+        previous
+            .and_then(|p| serde_json::from_str::<Self>(p).ok())
+            .is_some_and(|p| {
+                (&p.config_hash, &p.state, p.gateways)
+                    == (&self.config_hash, &self.state, self.gateways)
+            })
+    }
+}
+
+/// An object's `Propagated` for its current generation: no counts and no configuration
+/// hash while it waits, so other objects' changes and gateways catching up one by one
+/// never rewrite it.
+fn object_state(serving: usize, live: usize) -> ConditionState {
+    if live == 0 {
+        ConditionState {
+            type_: PROPAGATED,
+            status: "Unknown",
+            reason: "NoGatewayReports",
+            message: "no gateway has reported the configuration it serves (gateways report through Redis every 5 s)".to_owned(),
+        }
+    } else if serving == live {
+        ConditionState {
+            type_: PROPAGATED,
+            status: "True",
+            reason: "Serving",
+            message: String::new(),
+        }
+    } else {
+        ConditionState {
+            type_: PROPAGATED,
+            status: "False",
+            reason: "Propagating",
+            message:
+                "waiting for every live gateway to serve a configuration built from this generation"
+                    .to_owned(),
+        }
+    }
+}
+
+/// The `Propagated` condition of an object at `generation`, given its previous one.
+fn propagated_condition(
+    previous: Option<&Condition>,
+    generation: Option<i64>,
+    propagation: Propagation<'_>,
+    now: Timestamp,
+) -> Option<Condition> {
+    let Propagation::Known {
+        hash,
+        serving,
+        live,
+    } = propagation
+    else {
+        return match propagation {
+            Propagation::Off => None,
+            _ => previous.cloned(),
+        };
+    };
+    let mut state = object_state(serving, live);
+    // At most two writes per generation: when it changes (waiting) and when every live
+    // gateway serves it. Served once, later configurations still hold it; while it waits,
+    // the waiting state is not rewritten as gateways come, go or catch up.
+    if let Some(p) = previous
+        && p.observed_generation == generation
+        && (p.status == "True" || state.status != "True")
+    {
+        return Some(p.clone());
+    }
+    if state.status == "True" {
+        state.message = format!(
+            "every live gateway ({live}) serves it, since configuration {}",
+            &hash[..hash.len().min(12)]
+        );
+    }
+    Some(state.to_condition(generation, Time(now), previous))
+}
 
 /// An Event to record about an object.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -35,14 +178,19 @@ fn common(
     generation: Option<i64>,
     previous: Option<&CommonStatus>,
     states: &[ConditionState],
-    propagated: Option<&ConditionState>,
+    propagation: Propagation<'_>,
     now: Timestamp,
 ) -> CommonStatus {
     let old = |t: &str| previous.and_then(|p| p.conditions.iter().find(|c| c.type_ == t));
     let conditions: Vec<Condition> = states
         .iter()
-        .chain(propagated)
         .map(|s| s.to_condition(generation, Time(now), old(s.type_)))
+        .chain(propagated_condition(
+            old(PROPAGATED),
+            generation,
+            propagation,
+            now,
+        ))
         .collect();
     CommonStatus {
         observed_generation: generation,
@@ -145,7 +293,7 @@ fn object_ref<K: ResourceExt>(kind: Kind, o: &K) -> ObjectRef {
 pub fn provider(
     p: &Provider,
     out: &CompileOutput,
-    propagated: Option<&ConditionState>,
+    propagation: Propagation<'_>,
     now: Timestamp,
 ) -> Option<Update<ProviderStatus>> {
     let object = object_ref(Kind::Provider, p);
@@ -156,7 +304,7 @@ pub fn provider(
             p.metadata.generation,
             previous.map(|s| &s.common),
             &out.conditions(&object),
-            propagated,
+            propagation,
             now,
         ),
         model_count: outcome.model_count,
@@ -171,7 +319,7 @@ pub fn provider(
 pub fn route_policy(
     r: &RoutePolicy,
     out: &CompileOutput,
-    propagated: Option<&ConditionState>,
+    propagation: Propagation<'_>,
     now: Timestamp,
 ) -> Option<Update<RoutePolicyStatus>> {
     let object = object_ref(Kind::RoutePolicy, r);
@@ -182,7 +330,7 @@ pub fn route_policy(
             r.metadata.generation,
             previous.map(|s| &s.common),
             &out.conditions(&object),
-            propagated,
+            propagation,
             now,
         ),
         ready_targets: outcome.ready_targets,
@@ -198,7 +346,7 @@ pub fn route_policy(
 pub fn api_key(
     k: &ApiKey,
     out: &CompileOutput,
-    propagated: Option<&ConditionState>,
+    propagation: Propagation<'_>,
     rotation: Option<(Option<i64>, Option<PreviousKey>)>,
     now: Timestamp,
 ) -> Option<Update<ApiKeyStatus>> {
@@ -211,7 +359,7 @@ pub fn api_key(
             k.metadata.generation,
             previous.map(|s| &s.common),
             &out.conditions(&object),
-            propagated,
+            propagation,
             now,
         ),
         // A key that is not served (disabled, expired…) still shows which key it is.
@@ -234,35 +382,6 @@ pub fn api_key(
         event: event(previous.map(|s| &s.common), &next.common, &object, out),
         status: next,
     })
-}
-
-/// `Propagated` from how many live gateways serve the configuration `hash`.
-pub fn propagated(hash: &str, serving: usize, live: usize) -> ConditionState {
-    let short = &hash[..hash.len().min(12)];
-    if live == 0 {
-        ConditionState {
-            type_: PROPAGATED,
-            status: "Unknown",
-            reason: "NoGatewayReports",
-            message: format!(
-                "no gateway has reported the configuration it serves (needs Redis); latest is {short}"
-            ),
-        }
-    } else if serving == live {
-        ConditionState {
-            type_: PROPAGATED,
-            status: "True",
-            reason: "Serving",
-            message: format!("{serving}/{live} gateways serve configuration {short}"),
-        }
-    } else {
-        ConditionState {
-            type_: PROPAGATED,
-            status: "False",
-            reason: "Propagating",
-            message: format!("{serving}/{live} gateways serve configuration {short}"),
-        }
-    }
 }
 
 #[cfg(test)]
@@ -322,7 +441,7 @@ mod tests {
     fn statuses_come_from_the_compile_and_are_written_once() {
         let r = load(WORLD);
         let out = compile(&r, &secrets(true), now());
-        let p = provider(&r.providers[0], &out, None, now()).unwrap();
+        let p = provider(&r.providers[0], &out, Propagation::Off, now()).unwrap();
         assert_eq!(p.status.common.observed_generation, Some(2));
         assert_eq!(p.status.model_count, Some(1));
         let types: Vec<&str> = p
@@ -335,7 +454,7 @@ mod tests {
         assert_eq!(types, ["Ready", "ResolvedRefs"]);
         assert_eq!(p.event, None, "a new, healthy object is no news");
 
-        let k = api_key(&r.api_keys[0], &out, None, None, now()).unwrap();
+        let k = api_key(&r.api_keys[0], &out, Propagation::Off, None, now()).unwrap();
         assert_eq!(k.status.secret_name.as_deref(), Some("app-key"));
         assert_eq!(k.status.key_prefix.as_deref(), Some("tg_some"));
         assert_eq!(k.status.key_id.as_ref().map(String::len), Some(24));
@@ -344,7 +463,7 @@ mod tests {
         let mut written = r.api_keys[0].clone();
         written.status = Some(k.status);
         let later = now() + jiff::SignedDuration::from_secs(60);
-        assert_eq!(api_key(&written, &out, None, None, later), None);
+        assert_eq!(api_key(&written, &out, Propagation::Off, None, later), None);
     }
 
     #[test]
@@ -352,11 +471,15 @@ mod tests {
         let r = load(WORLD);
         let good = compile(&r, &secrets(true), now());
         let mut key = r.api_keys[0].clone();
-        key.status = Some(api_key(&key, &good, None, None, now()).unwrap().status);
+        key.status = Some(
+            api_key(&key, &good, Propagation::Off, None, now())
+                .unwrap()
+                .status,
+        );
 
         let broken = compile(&r, &secrets(false), now());
         let later = now() + jiff::SignedDuration::from_secs(5);
-        let update = api_key(&key, &broken, None, None, later).unwrap();
+        let update = api_key(&key, &broken, Propagation::Off, None, later).unwrap();
         let ready = &update.status.common.conditions[0];
         assert_eq!(
             (ready.status.as_str(), ready.reason.as_str()),
@@ -370,32 +493,131 @@ mod tests {
         assert_eq!(update.status.key_id, key.status.as_ref().unwrap().key_id);
     }
 
+    fn propagated_of(r: &RoutePolicy) -> Condition {
+        r.status
+            .as_ref()
+            .unwrap()
+            .common
+            .conditions
+            .iter()
+            .find(|c| c.type_ == PROPAGATED)
+            .unwrap()
+            .clone()
+    }
+
     #[test]
-    fn propagation_is_reported_as_a_condition_and_changes_without_an_event() {
+    fn propagation_is_written_once_per_change_of_the_object_itself() {
         let r = load(WORLD);
         let out = compile(&r, &secrets(true), now());
         let mut route = r.route_policies[0].clone();
-        let pending = propagated("abcdef0123456789", 1, 3);
-        let first = route_policy(&route, &out, Some(&pending), now()).unwrap();
-        let cond = first.status.common.conditions.last().unwrap();
+        route.metadata.generation = Some(1);
+        let known = |hash, serving, live| Propagation::Known {
+            hash,
+            serving,
+            live,
+        };
+        let first = route_policy(&route, &out, known("abcdef0123456789", 1, 3), now()).unwrap();
+        assert_eq!(first.event, None, "only Ready transitions make Events");
+        route.status = Some(first.status);
+        let c = propagated_of(&route);
         assert_eq!(
+            (c.status.as_str(), c.reason.as_str()),
+            ("False", "Propagating")
+        );
+        assert_eq!(c.observed_generation, Some(1));
+
+        // Gateways catching up one by one, coming and going, and other objects changing
+        // the configuration, rewrite nothing while this generation waits.
+        for (hash, serving, live) in [
+            ("abcdef0123456789", 2, 3),
+            ("0123456789abcdef", 0, 3),
+            ("0123456789abcdef", 0, 0),
+        ] {
+            assert_eq!(
+                route_policy(&route, &out, known(hash, serving, live), now()),
+                None
+            );
+        }
+        // Unreadable reports (Redis failing) keep the last value: no write.
+        assert_eq!(
+            route_policy(&route, &out, Propagation::Unknown, now()),
+            None
+        );
+
+        let served = route_policy(&route, &out, known("0123456789abcdef", 3, 3), now()).unwrap();
+        route.status = Some(served.status);
+        let c = propagated_of(&route);
+        assert_eq!(
+            (c.status.as_str(), c.message.as_str()),
             (
-                cond.type_.as_str(),
-                cond.status.as_str(),
-                cond.message.as_str()
-            ),
-            (
-                PROPAGATED,
-                "False",
-                "1/3 gateways serve configuration abcdef012345"
+                "True",
+                "every live gateway (3) serves it, since configuration 0123456789ab"
             )
         );
-        route.status = Some(first.status);
-        let done = propagated("abcdef0123456789", 3, 3);
-        let second = route_policy(&route, &out, Some(&done), now()).unwrap();
-        assert_eq!(second.status.common.conditions[2].status, "True");
-        assert_eq!(second.event, None, "only Ready transitions make Events");
-        assert_eq!(propagated("ab", 0, 0).status, "Unknown");
+        // Once served, later configurations and scale changes leave it alone...
+        for p in [
+            known("fedcba9876543210", 0, 4),
+            known("fedcba9876543210", 1, 1),
+            known("fedcba9876543210", 0, 0),
+            Propagation::Unknown,
+        ] {
+            assert_eq!(route_policy(&route, &out, p, now()), None, "{p:?}");
+        }
+        // ...until the object itself changes.
+        route.metadata.generation = Some(2);
+        let next = route_policy(&route, &out, known("fedcba9876543210", 0, 4), now()).unwrap();
+        let cond = next
+            .status
+            .common
+            .conditions
+            .iter()
+            .find(|c| c.type_ == PROPAGATED)
+            .unwrap();
+        assert_eq!(
+            (cond.status.as_str(), cond.observed_generation),
+            ("False", Some(2))
+        );
+
+        // Without Redis there is no condition at all.
+        route.status = None;
+        let off = route_policy(&route, &out, Propagation::Off, now()).unwrap();
+        assert!(
+            off.status
+                .common
+                .conditions
+                .iter()
+                .all(|c| c.type_ != PROPAGATED)
+        );
+        let none = route_policy(&route, &out, known("ab", 0, 0), now()).unwrap();
+        let c = none.status.common.conditions.last().unwrap();
+        assert_eq!(
+            (c.status.as_str(), c.reason.as_str()),
+            ("Unknown", "NoGatewayReports")
+        );
+    }
+
+    #[test]
+    fn the_global_record_changes_with_the_configuration_its_state_or_the_gateway_count() {
+        let known = |hash, serving, live| Propagation::Known {
+            hash,
+            serving,
+            live,
+        };
+        let first = Record::of(known("aa", 1, 3), now()).unwrap();
+        assert_eq!(first.state, "Propagating");
+        let text = serde_json::to_string(&first).unwrap();
+        let later = now() + jiff::SignedDuration::from_secs(5);
+        let same = |p| Record::of(p, later).unwrap().same_as(Some(&text));
+        assert!(
+            same(known("aa", 2, 3)),
+            "a gateway catching up changes nothing"
+        );
+        for changed in [known("aa", 3, 3), known("bb", 1, 3), known("aa", 1, 4)] {
+            assert!(!same(changed), "{changed:?}");
+        }
+        assert!(!first.same_as(None) && !first.same_as(Some("garbage")));
+        assert_eq!(Record::of(Propagation::Unknown, now()), None);
+        assert_eq!(Record::of(Propagation::Off, now()), None);
     }
 
     #[test]
@@ -403,15 +625,17 @@ mod tests {
         let r = load(WORLD);
         let out = compile(&r, &secrets(true), now());
         let mut key = r.api_keys[0].clone();
-        let mut status = api_key(&key, &out, None, None, now()).unwrap().status;
+        let mut status = api_key(&key, &out, Propagation::Off, None, now())
+            .unwrap()
+            .status;
         status.previous_key = Some(tollgate_api::v1alpha1::PreviousKey {
             sha256: "0".repeat(64),
             expires_at: Time(now() + jiff::SignedDuration::from_secs(30)),
         });
         key.status = Some(status);
-        assert_eq!(api_key(&key, &out, None, None, now()), None);
+        assert_eq!(api_key(&key, &out, Propagation::Off, None, now()), None);
         let later = now() + jiff::SignedDuration::from_secs(31);
-        let update = api_key(&key, &out, None, None, later).unwrap();
+        let update = api_key(&key, &out, Propagation::Off, None, later).unwrap();
         assert_eq!(update.status.previous_key, None);
     }
 
@@ -431,7 +655,7 @@ mod tests {
         )]));
         let out = compile(&r, &SecretStore::new([&s], "default"), now());
         let mut key = r.api_keys[0].clone();
-        let update = api_key(&key, &out, None, None, now()).unwrap();
+        let update = api_key(&key, &out, Propagation::Off, None, now()).unwrap();
         assert_eq!(update.status.common.conditions[0].status, "True");
         let event = update.event.expect("the warning is news");
         assert!(event.warning);
@@ -439,7 +663,7 @@ mod tests {
         // Written back, the same warning is not announced again.
         key.status = Some(update.status);
         let later = now() + jiff::SignedDuration::from_secs(60);
-        assert_eq!(api_key(&key, &out, None, None, later), None);
+        assert_eq!(api_key(&key, &out, Propagation::Off, None, later), None);
     }
 
     #[test]

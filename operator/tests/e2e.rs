@@ -15,7 +15,7 @@ use std::{
 
 use base64::Engine;
 use serde_json::{Value, json};
-use tollgate_kube_emulator::{Emulator, Projection, RequestFilter};
+use tollgate_kube_emulator::{Emulator, Projection, ProjectionOptions, RequestFilter};
 
 mod common;
 
@@ -212,23 +212,7 @@ async fn operator_to_files_to_gateway_with_leader_election_and_failover() {
     let dir = tempfile::tempdir().unwrap();
     let _projection =
         Projection::start(&emulator, "tollgate", CONFIG_SELECTOR, dir.path()).unwrap();
-    let config_dir = dir.path().to_str().unwrap().to_owned();
-    let gateway = Proc::spawn(
-        gateway_binary(),
-        &[
-            "--config-dir",
-            &config_dir,
-            "--listen",
-            "127.0.0.1:0",
-            "--admin-listen",
-            "127.0.0.1:0",
-            "--reload-interval",
-            "100ms",
-            "--log-format",
-            "json",
-        ],
-        &[],
-    );
+    let gateway = gateway_on(dir.path(), None);
     let gw = gateway.addr("listening");
     assert!(
         eventually_status(&gw, &key, 200, Duration::from_secs(10))
@@ -308,9 +292,62 @@ async fn operator_to_files_to_gateway_with_leader_election_and_failover() {
     assert_nothing_refused(&emulator);
 }
 
+/// A gateway process serving `dir` (a kubelet-style projection), with Redis if given.
+fn gateway_on(dir: &std::path::Path, redis_url: Option<&str>) -> Proc {
+    let mut args = vec![
+        "--config-dir",
+        dir.to_str().unwrap(),
+        "--listen",
+        "127.0.0.1:0",
+        "--admin-listen",
+        "127.0.0.1:0",
+        "--reload-interval",
+        "100ms",
+        "--log-format",
+        "json",
+    ];
+    if let Some(url) = redis_url {
+        args.extend(["--redis-url", url]);
+    }
+    Proc::spawn(gateway_binary(), &args, &[])
+}
+
+/// Successful reconciles of the operator whose admin listener is `admin`.
+async fn reconciles(admin: &str) -> u64 {
+    common::metric(
+        admin,
+        "tollgate_operator_reconciles_total{result=\"success\"}",
+    )
+    .await
+}
+
+/// Waits (up to a minute) until the operator has reconciled successfully `n` times.
+async fn reconciles_reach(admin: &str, n: u64) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while reconciles(admin).await < n {
+        assert!(Instant::now() < deadline, "the operator reconciles");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The propagation record on the generated ConfigMap.
+fn propagation_record(e: &Emulator) -> Option<Value> {
+    let cm = e.get("v1", "configmaps", "tollgate", "tollgate-gateway-config")?;
+    serde_json::from_str(cm["metadata"]["annotations"]["tollgate.dev/propagation"].as_str()?).ok()
+}
+
+/// Whether the ApiKey `name` is Ready and Propagated.
+fn served_everywhere(e: &Emulator, name: &str) -> bool {
+    let status = |t| common::condition(e, "apikeys", name, t).map(|c| c["status"] == "True");
+    status("Ready") == Some(true) && status("Propagated") == Some(true)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn ten_thousand_api_keys_are_reconciled_with_a_handful_of_configuration_writes() {
+async fn ten_thousand_api_keys_with_redis_and_three_gateways_cost_a_handful_of_writes_per_change() {
     const KEYS: usize = 10_000;
+    const GATEWAYS: usize = 3;
+    let redis = Redis::start();
+    let redis_url = redis.url();
     let emulator = Emulator::start();
     // As the chart's ServiceAccount, within the chart's RBAC rules.
     enforce_chart_rbac(&emulator, json!({"watchNamespaces": ["default"]}));
@@ -318,8 +355,8 @@ async fn ten_thousand_api_keys_are_reconciled_with_a_handful_of_configuration_wr
         .apply_yaml("apiVersion: v1\nkind: Namespace\nmetadata: {name: tollgate}\n")
         .unwrap();
     let mut yaml = String::from(
-        "apiVersion: tollgate.dev/v1alpha1\nkind: Provider\nmetadata: {name: mock}\nspec: {type: mock, models: [{name: demo}]}\n---\n\
-         apiVersion: tollgate.dev/v1alpha1\nkind: RoutePolicy\nmetadata: {name: demo}\nspec: {models: [demo], targets: [{provider: mock}]}\n",
+        "apiVersion: tollgate.dev/v1alpha1\nkind: Provider\nmetadata: {name: mock}\nspec: {type: mock, models: [{name: demo-chat}]}\n---\n\
+         apiVersion: tollgate.dev/v1alpha1\nkind: RoutePolicy\nmetadata: {name: demo}\nspec: {models: [demo-chat], targets: [{provider: mock}]}\n",
     );
     for i in 0..KEYS {
         yaml.push_str(&format!(
@@ -329,41 +366,94 @@ async fn ten_thousand_api_keys_are_reconciled_with_a_handful_of_configuration_wr
     }
     emulator.apply_yaml(&yaml).unwrap();
     let started = Instant::now();
-    let op = operator(&emulator, "op-scale", &["--leader-election", "false"]);
-    let all_ready = |e: &Emulator| {
-        e.list(TG, "apikeys", "default")
-            .iter()
-            .filter(|k| {
-                k["status"]["conditions"].as_array().is_some_and(|cs| {
-                    cs.iter()
-                        .any(|c| c["type"] == "Ready" && c["status"] == "True")
-                })
-            })
-            .count()
-            == KEYS
-    };
-    let mut finished = false;
-    let deadline = Instant::now() + Duration::from_secs(240);
-    while Instant::now() < deadline {
-        if all_ready(&emulator) {
-            finished = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
-    assert!(
-        finished,
-        "every ApiKey becomes Ready:\n{}",
-        op.logs()
+    // A short resync, so reconciles run while Redis is paused below.
+    let (op, admin) = common::start_operator(
+        &emulator,
+        "op-scale",
+        &[
+            "--leader-election",
+            "false",
+            "--redis-url",
+            &redis_url,
+            "--resync",
+            "2s",
+        ],
+        &[],
+    );
+    let tail = |p: &Proc| {
+        p.logs()
             .lines()
             .rev()
-            .take(20)
+            .take(40)
             .collect::<Vec<_>>()
             .join("\n")
+    };
+    assert!(
+        emulator
+            .wait_for(Duration::from_secs(240), |e| e
+                .get("v1", "configmaps", "tollgate", "tollgate-gateway-config")
+                .is_some())
+            .await,
+        "the configuration is written:\n{}",
+        tail(&op)
+    );
+    // Three gateways, each with its own kubelet: every mounted object's copy catches up
+    // on its own, 1–5 s after a change (a real kubelet: up to its sync period plus its
+    // cache TTL, 60–90 s), and the volume is rewritten every second.
+    let dirs: Vec<tempfile::TempDir> = (0..GATEWAYS)
+        .map(|_| tempfile::tempdir().unwrap())
+        .collect();
+    let _projections: Vec<Projection> = dirs
+        .iter()
+        .enumerate()
+        .map(|(i, d)| {
+            let options = ProjectionOptions {
+                object_delay: (Duration::from_secs(1), Duration::from_secs(5)),
+                seed: 7 + i as u64,
+                sync_period: Duration::from_secs(1),
+                ..ProjectionOptions::default()
+            };
+            Projection::start_with(&emulator, "tollgate", CONFIG_SELECTOR, d.path(), options)
+                .unwrap()
+        })
+        .collect();
+    let gateways: Vec<Proc> = dirs
+        .iter()
+        .map(|d| gateway_on(d.path(), Some(&redis_url)))
+        .collect();
+    let addrs: Vec<String> = gateways.iter().map(|g| g.addr("listening")).collect();
+
+    let everything_served = |e: &Emulator| {
+        let keys = e.list(TG, "apikeys", "default");
+        keys.len() == KEYS + usize::from(keys.len() > KEYS)
+            && keys.iter().all(|k| {
+                k["status"]["conditions"].as_array().is_some_and(|cs| {
+                    ["Ready", "Propagated"]
+                        .iter()
+                        .all(|t| cs.iter().any(|c| c["type"] == *t && c["status"] == "True"))
+                })
+            })
+            && propagation_record(e)
+                .is_some_and(|r| r["state"] == "Serving" && r["gateways"] == GATEWAYS)
+    };
+    // Polled every 2 s: listing 10,000 objects on every write (wait_for) would slow the
+    // emulator down quadratically.
+    let deadline = Instant::now() + Duration::from_secs(300);
+    while !everything_served(&emulator) && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
+    assert!(
+        everything_served(&emulator),
+        "every ApiKey becomes Ready and Propagated, the record says Serving: {:?}\nfirst key not served: {:?}\n{}",
+        propagation_record(&emulator),
+        emulator
+            .list(TG, "apikeys", "default")
+            .iter()
+            .find(|k| !served_everywhere(&emulator, k["metadata"]["name"].as_str().unwrap()))
+            .map(|k| k["status"].clone()),
+        tail(&op)
     );
     let took = started.elapsed();
-    // Let any follow-up reconcile (triggered by its own writes) finish.
-    tokio::time::sleep(Duration::from_secs(2)).await;
 
     let count = |plural: &str, method: &str| {
         emulator.count(&RequestFilter::writes().resource(plural).method(method))
@@ -381,14 +471,14 @@ async fn ten_thousand_api_keys_are_reconciled_with_a_handful_of_configuration_wr
             .list_selected("v1", "configmaps", "tollgate", CONFIG_SELECTOR)
             .unwrap()
             .len();
+    let status_patches = emulator.count(
+        &RequestFilter::writes()
+            .resource("apikeys")
+            .subresource("status"),
+    );
     eprintln!(
-        "{KEYS} ApiKeys reconciled in {took:?}: {} key Secrets created, {} status patches, {config_writes} configuration writes for {generated} generated objects, {} Events, {} writes in all",
+        "{KEYS} ApiKeys reconciled and served by {GATEWAYS} gateways in {took:?}: {} key Secrets created, {status_patches} status patches, {config_writes} configuration writes for {generated} generated objects, {} Events, {} writes in all",
         count("secrets", "POST"),
-        emulator.count(
-            &RequestFilter::writes()
-                .resource("apikeys")
-                .subresource("status")
-        ),
         emulator.count(&RequestFilter::writes().resource("events")),
         emulator.write_count(),
     );
@@ -398,7 +488,16 @@ async fn ten_thousand_api_keys_are_reconciled_with_a_handful_of_configuration_wr
         "one key Secret each, written once"
     );
     assert!(
-        config_writes <= 2 * generated,
+        status_patches <= 2 * KEYS,
+        "Ready, then Propagated: at most two status writes per new ApiKey, not one per configuration change: {status_patches}\n{}",
+        op.logs()
+            .lines()
+            .filter(|l| l.contains("reconciled") || l.contains("WARN"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    assert!(
+        config_writes <= 2 * generated + 8,
         "the burst causes a handful of configuration writes: {config_writes} for {generated} objects"
     );
     // The configuration holds every key, in objects under the size limit (the emulator
@@ -417,14 +516,111 @@ async fn ten_thousand_api_keys_are_reconciled_with_a_handful_of_configuration_wr
     assert!(shards >= 2, "{shards} key shards");
     assert_eq!(generated, shards + 2);
 
-    // Nothing changes now: a resync writes nothing.
-    let before = emulator.resource_version();
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    assert_eq!(
-        emulator.resource_version(),
-        before,
-        "no writes once everything is reconciled"
+    // One new ApiKey: a handful of writes, whatever the number of objects, and the time
+    // until every gateway accepts its key.
+    emulator.reset_log();
+    let applied = Instant::now();
+    emulator
+        .apply_yaml("apiVersion: tollgate.dev/v1alpha1\nkind: ApiKey\nmetadata: {name: newcomer}\nspec: {owner: team-new}\n")
+        .unwrap();
+    assert!(
+        emulator
+            .wait_for(Duration::from_secs(60), |e| key_of(e, "newcomer-key")
+                .is_some())
+            .await,
+        "{}",
+        tail(&op)
     );
+    let key = key_of(&emulator, "newcomer-key").unwrap();
+    let mut accepted = Vec::new();
+    for gw in &addrs {
+        let waited = eventually_status(gw, &key, 200, Duration::from_secs(120)).await;
+        assert!(waited.is_some(), "gateway {gw} accepts the new key");
+        accepted.push(applied.elapsed());
+    }
+    assert!(
+        emulator
+            .wait_for(Duration::from_secs(60), |e| served_everywhere(
+                e, "newcomer"
+            ) && propagation_record(e)
+                .is_some_and(|r| r["state"] == "Serving"))
+            .await,
+        "the new key is reported Propagated: {:?}\n{}",
+        common::condition(&emulator, "apikeys", "newcomer", "Propagated"),
+        tail(&op)
+    );
+    // Whatever a follow-up reconcile does, it has done after two more.
+    let runs = reconciles(&admin).await;
+    reconciles_reach(&admin, runs + 2).await;
+    let writes = emulator.requests_matching(&RequestFilter::writes());
+    let described: Vec<String> = writes
+        .iter()
+        .map(|r| {
+            format!(
+                "{} {}{}",
+                r.method,
+                r.resource.as_deref().unwrap_or_default(),
+                r.subresource
+                    .as_deref()
+                    .map(|s| format!("/{s}"))
+                    .unwrap_or_default()
+            )
+        })
+        .collect();
+    eprintln!(
+        "one new ApiKey next to {KEYS}: {} API writes ({described:?}); every gateway accepted its key {:?} after it was applied ({accepted:?})",
+        writes.len(),
+        accepted.last().unwrap(),
+    );
+    assert!(
+        writes.len() <= 10,
+        "adding one ApiKey costs at most 10 writes: {described:?}"
+    );
+
+    // The usage refresher mirrors the three answered requests first (a write of its
+    // own, every --usage-interval).
+    assert!(
+        emulator
+            .wait_for(Duration::from_secs(90), |e| e
+                .get(TG, "apikeys", "default", "newcomer")
+                .is_some_and(|k| k["status"]["usage"]["requests"] == GATEWAYS))
+            .await,
+        "{}",
+        tail(&op)
+    );
+
+    // A Redis blip (the server stopped, then resumed) while reconciles run: nothing
+    // written.
+    emulator.reset_log();
+    let warned = |p: &Proc| {
+        p.logs()
+            .matches("propagation statuses keep their last value")
+            .count()
+    };
+    let before = warned(&op);
+    redis.freeze(true);
+    let noticed = emulator
+        .wait_for(Duration::from_secs(60), |_| warned(&op) > before)
+        .await;
+    redis.freeze(false);
+    assert!(
+        noticed,
+        "a reconcile ran while Redis was stopped:\n{}",
+        tail(&op)
+    );
+    let runs = reconciles(&admin).await;
+    reconciles_reach(&admin, runs + 2).await;
+    let blip_writes = emulator.requests_matching(&RequestFilter::writes());
+    eprintln!(
+        "a Redis blip next to {} ApiKeys: {} API writes",
+        KEYS + 1,
+        blip_writes.len()
+    );
+    assert!(
+        blip_writes.is_empty(),
+        "a Redis blip writes nothing: {blip_writes:?}"
+    );
+    assert!(everything_served(&emulator));
     assert_nothing_refused(&emulator);
 }
 
@@ -466,25 +662,7 @@ async fn with_redis_the_operator_revokes_keys_reports_usage_and_propagation() {
     let key = key_of(&emulator, "local-dev-key").unwrap();
     let dir = tempfile::tempdir().unwrap();
     let projection = Projection::start(&emulator, "tollgate", CONFIG_SELECTOR, dir.path()).unwrap();
-    let config_dir = dir.path().to_str().unwrap().to_owned();
-    let gateway = Proc::spawn(
-        gateway_binary(),
-        &[
-            "--config-dir",
-            &config_dir,
-            "--redis-url",
-            &redis_url,
-            "--listen",
-            "127.0.0.1:0",
-            "--admin-listen",
-            "127.0.0.1:0",
-            "--reload-interval",
-            "100ms",
-            "--log-format",
-            "json",
-        ],
-        &[],
-    );
+    let gateway = gateway_on(dir.path(), Some(&redis_url));
     let gw = gateway.addr("listening");
     assert!(
         eventually_status(&gw, &key, 200, Duration::from_secs(10))
@@ -519,8 +697,14 @@ async fn with_redis_the_operator_revokes_keys_reports_usage_and_propagation() {
         .unwrap()
         .to_owned();
     assert!(
-        message.starts_with("1/1 gateways serve configuration"),
+        message.starts_with("every live gateway (1) serves it, since configuration"),
         "{message}"
+    );
+    let record = propagation_record(&emulator).unwrap();
+    assert_eq!(
+        (&record["state"], &record["gateways"]),
+        (&json!("Serving"), &json!(1)),
+        "{record}"
     );
 
     // Usage: the three answered requests, mirrored into the ApiKey's status.

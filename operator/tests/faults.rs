@@ -89,16 +89,7 @@ impl Operator {
 
     /// One series of `/metrics` (0 when absent).
     async fn counter(&self, series: &str) -> u64 {
-        let text = reqwest::get(format!("http://{}/metrics", self.admin))
-            .await
-            .expect("/metrics answers")
-            .text()
-            .await
-            .unwrap();
-        let series = format!("{series} ");
-        text.lines()
-            .find_map(|l| l.strip_prefix(series.as_str()))
-            .map_or(0, |v| v.trim().parse().unwrap_or(0))
+        common::metric(&self.admin, series).await
     }
 
     /// Writes this replica made (by its User-Agent), leases excluded.
@@ -128,7 +119,7 @@ fn world() -> Emulator {
              apiVersion: tollgate.dev/v1alpha1\nkind: RoutePolicy\nmetadata: {name: chat, namespace: default}\nspec: {models: [gpt-4o], targets: [{provider: openai}]}\n---\n\
              apiVersion: tollgate.dev/v1alpha1\nkind: ApiKey\nmetadata: {name: alpha, namespace: default}\nspec: {owner: team-a, allowedModels: [\"demo-*\"]}\n---\n\
              apiVersion: tollgate.dev/v1alpha1\nkind: ApiKey\nmetadata: {name: beta, namespace: default}\nspec: {owner: team-b, rotation: {generation: 1, gracePeriod: 1h}}\n---\n\
-             apiVersion: v1\nkind: Secret\nmetadata:\n  name: tollgate-gateway-keys-07\n  namespace: tollgate\n  labels: {app.kubernetes.io/managed-by: tollgate-operator, tollgate.dev/config-part: keys}\n",
+             apiVersion: v1\nkind: Secret\nmetadata:\n  name: tollgate-gateway-keys-07\n  namespace: tollgate\n  labels: {app.kubernetes.io/managed-by: tollgate-operator, tollgate.dev/config-part: keys, tollgate.dev/config-prefix: tollgate-gateway}\n",
         )
         .unwrap();
     let uid = emulator.get(TG, "apikeys", "default", "beta").unwrap()["metadata"]["uid"].clone();
@@ -1554,4 +1545,130 @@ async fn status_writes_and_resyncs_trigger_no_reconcile_and_spec_changes_do() {
         "the reconcile's own status writes caused no other: {}",
         op.logs()
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hand_edits_of_generated_data_are_repaired_and_another_releases_objects_left_alone() {
+    let e = world();
+    // Another release in the same namespace (prefix `other`), with the same kinds of
+    // generated objects.
+    e.apply_yaml(
+        "apiVersion: v1\nkind: Secret\nmetadata:\n  name: other-keys-00\n  namespace: tollgate\n  labels: {app.kubernetes.io/managed-by: tollgate-operator, tollgate.dev/config-part: keys, tollgate.dev/config-prefix: other}\nstringData: {keys-000.json: '{}'}\n---\n\
+         apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: other-config\n  namespace: tollgate\n  labels: {app.kubernetes.io/managed-by: tollgate-operator, tollgate.dev/config-part: routing, tollgate.dev/config-prefix: other}\ndata: {manifest.json: '{}'}\n",
+    )
+    .unwrap();
+    let theirs = |e: &Emulator| {
+        [("secrets", "other-keys-00"), ("configmaps", "other-config")].map(|(plural, name)| {
+            e.get("v1", plural, "tollgate", name)
+                .map(|o| o["metadata"]["resourceVersion"].clone())
+        })
+    };
+    let before = theirs(&e);
+    let op = Operator::start(&e, "op-repair", &["--leader-election", "false"]);
+    settle(&e, &op).await;
+    assert!(
+        e.get("v1", "secrets", "tollgate", "tollgate-gateway-keys-07")
+            .is_none(),
+        "this release's unneeded shard is deleted"
+    );
+    let cm = e.get("v1", "configmaps", "tollgate", CONFIG_MAP).unwrap();
+    let served = cm["data"].clone();
+    let shard_name = e
+        .list_selected(
+            "v1",
+            "secrets",
+            "tollgate",
+            "tollgate.dev/config-part=keys,tollgate.dev/config-prefix=tollgate-gateway",
+        )
+        .unwrap()[0]["metadata"]["name"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let shard = e.get("v1", "secrets", "tollgate", &shard_name).unwrap()["data"].clone();
+
+    // Hand edits of the data (the content-hash annotation left as it was).
+    let file = cm["data"]
+        .as_object()
+        .unwrap()
+        .keys()
+        .find(|k| *k != "manifest.json")
+        .unwrap()
+        .clone();
+    e.patch_merge(
+        "v1",
+        "configmaps",
+        "tollgate",
+        CONFIG_MAP,
+        json!({"data": {file.clone(): "{}"}}),
+    )
+    .unwrap();
+    let shard_file = shard.as_object().unwrap().keys().next().unwrap().clone();
+    e.patch_merge(
+        "v1",
+        "secrets",
+        "tollgate",
+        &shard_name,
+        json!({"data": {shard_file: "e30="}}),
+    )
+    .unwrap();
+    assert!(
+        e.wait_for(Duration::from_secs(20), |e| {
+            e.get("v1", "configmaps", "tollgate", CONFIG_MAP).unwrap()["data"] == served
+                && e.get("v1", "secrets", "tollgate", &shard_name).unwrap()["data"] == shard
+        })
+        .await,
+        "the edited ConfigMap and Secret are repaired:\n{}",
+        op.logs()
+    );
+    settle(&e, &op).await;
+    assert_eq!(
+        theirs(&e),
+        before,
+        "the other release's objects are neither written nor deleted"
+    );
+    assert!(before.iter().all(Option::is_some));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_reconcile_decides_from_a_cache_that_is_being_relisted() {
+    let e = world();
+    let op = Operator::start(&e, "op-relist", &["--leader-election", "false"]);
+    settle(&e, &op).await;
+    let before = op.reconciles("success").await;
+    let deferred = "tollgate_operator_reconciles_total{result=\"deferred\"}";
+    let apikey_lists = RequestFilter::any()
+        .resource("apikeys")
+        .method("GET")
+        .watch(false);
+    let lists = e.count(&apikey_lists);
+    // An API server restart: every watch expires (410 Gone) and relists; the ApiKeys'
+    // list is slow to come back. The other watches relist at once and ask for a reconcile.
+    e.delay_next(1, Duration::from_secs(4), apikey_lists.clone());
+    e.compact();
+    e.close_watches();
+    let mut waited = false;
+    while e.count(&apikey_lists) == lists {
+        let now = op.reconciles("success").await;
+        assert_eq!(
+            now,
+            before,
+            "no reconcile while the ApiKeys are being relisted:\n{}",
+            op.logs()
+        );
+        waited |= op.counter(deferred).await > 0;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        waited,
+        "a reconcile was asked for and deferred:\n{}",
+        op.logs()
+    );
+    // Once the fresh list is in, the reconcile runs, on a complete view: nothing changes.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while op.reconciles("success").await == before {
+        assert!(Instant::now() < deadline, "{}", op.logs());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    settle(&e, &op).await;
+    assert_eq!(served_keys(&e).len(), 2, "both keys still served");
 }

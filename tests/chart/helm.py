@@ -5,6 +5,9 @@ manifests/.
 
   helm.py render [--values-json JSON] [--name N] [--namespace NS] [--kube-version V]
                  [--api-version A ...]     -> JSON {"lint": {...}, "docs": [...]} on stdout
+                                              ("crds": the chart's crds/ directory, which
+                                              Helm never upgrades, so it stays empty; the
+                                              CRDs are templates and come in "docs")
   helm.py manifests DIR                    -> writes DIR/00-namespace.yaml, 01-crds.yaml,
                                               02-tollgate.yaml (the default render)
 """
@@ -47,7 +50,8 @@ def lint(values, kube_version=KUBE_VERSION, namespace="tollgate"):
 
 def template(values, name="tollgate", namespace="tollgate", kube_version=KUBE_VERSION,
              api_versions=(), include_crds=True):
-    """`helm template NAME CHART -n NS --kube-version V --api-versions A... --include-crds`."""
+    """`helm template NAME CHART -n NS --kube-version V --api-versions A... --include-crds`,
+    as (the documents of crds/, the rendered documents, NOTES.txt)."""
     opts = {"name": name, "namespace": namespace, "kube_version": kube_version}
     if api_versions:
         opts["api_versions"] = list(api_versions)
@@ -115,8 +119,17 @@ def dump(docs):
 MANIFEST_VALUES = {"redis": {"bundled": {"auth": {"existingSecret": "tollgate-redis-auth"}}}}
 
 
+def is_crd(doc):
+    return doc.get("kind") == "CustomResourceDefinition"
+
+
 def manifests(args):
-    crds, docs, _ = template(MANIFEST_VALUES)
+    crds_dir, rendered, _ = template(MANIFEST_VALUES)
+    # The CRDs are templates (so that `helm upgrade` upgrades them); the plain manifests
+    # still keep them in a file of their own, applied before the objects that need them.
+    docs = crds_dir + rendered
+    crds = [d for d in docs if is_crd(d)]
+    docs = [d for d in docs if not is_crd(d)]
     os.makedirs(args.dir, exist_ok=True)
     header = ("# Generated from charts/tollgate with its default values (release tollgate in\n"
               "# namespace tollgate) by tests/chart/helm.py; do not edit. A test fails when\n"

@@ -764,30 +764,71 @@ fn monitoring_alerts_use_metrics_tollgate_exports() {
     }
 }
 
-#[test]
-fn the_chart_ships_the_generated_crds() {
-    let r = good(json!({}), &[]);
-    let shipped: BTreeMap<String, Value> = r
-        .crds
-        .iter()
+/// The CustomResourceDefinitions among rendered documents, by the kind they define.
+fn crds_by_kind(docs: &[Value]) -> BTreeMap<String, Value> {
+    docs.iter()
+        .filter(|d| d["kind"] == "CustomResourceDefinition")
         .map(|c| {
             (
                 c["spec"]["names"]["kind"].as_str().unwrap().to_owned(),
                 c.clone(),
             )
         })
-        .collect();
+        .collect()
+}
+
+#[test]
+fn the_chart_ships_the_generated_crds_as_templates_that_uninstall_keeps() {
+    let r = good(json!({}), &[]);
+    assert!(
+        r.crds.is_empty(),
+        "nothing in the chart's crds/, which Helm never upgrades: {:?}",
+        kinds(&r.crds)
+    );
+    let shipped = crds_by_kind(&r.docs);
     let committed = tollgate_tests::committed_crds();
     assert_eq!(
         shipped.keys().collect::<Vec<_>>(),
         committed.keys().collect::<Vec<_>>()
     );
-    for (name, crd) in &committed {
+    for (kind, crd) in &committed {
+        let mut shipped = shipped[kind].clone();
+        let annotations = shipped["metadata"]
+            .as_object_mut()
+            .unwrap()
+            .remove("annotations");
         assert_eq!(
-            &shipped[name], crd,
-            "charts/tollgate/crds/ differs from crds/ for {name}: run `cargo run -p tollgate-api --bin tollgate-crdgen`"
+            annotations,
+            Some(json!({"helm.sh/resource-policy": "keep"})),
+            "{kind}: `helm uninstall` must leave the CRD (and every {kind}) in place"
+        );
+        assert!(
+            shipped == *crd,
+            "charts/tollgate/files/crds/ differs from crds/ for {kind}: run `cargo run -p tollgate-api --bin tollgate-crdgen`"
         );
     }
+    // crds.keep=false: exactly the generated CRDs, which `helm uninstall` deletes.
+    let r = good(json!({"crds": {"keep": false}}), &[]);
+    assert!(
+        crds_by_kind(&r.docs) == committed,
+        "with crds.keep=false the chart renders exactly crds/"
+    );
+}
+
+#[test]
+fn crds_install_false_leaves_the_crds_to_whoever_manages_them() {
+    let r = good(json!({"crds": {"install": false}}), &[]);
+    assert!(
+        r.crds.is_empty() && crds_by_kind(&r.docs).is_empty(),
+        "{:?}",
+        kinds(&r.docs)
+    );
+    // The rest of the release is unchanged.
+    let rest: Vec<String> = kinds(&good(json!({}), &[]).docs)
+        .into_iter()
+        .filter(|k| !k.starts_with("CustomResourceDefinition/"))
+        .collect();
+    assert_eq!(kinds(&r.docs), rest);
 }
 
 #[test]
@@ -872,6 +913,22 @@ fn manifests_match_the_default_render() {
             "manifests/{name} drifted from the chart; regenerate with `.venv/bin/python tests/chart/helm.py manifests manifests`"
         );
     }
+    // The CRDs (templates in the chart) have a file of their own, applied before the
+    // objects of the other files.
+    let docs = |name: &str| -> Vec<Value> {
+        tollgate_tests::yaml_documents(&committed.join(name))
+            .into_iter()
+            .map(|(_, d)| d)
+            .collect()
+    };
+    let crd_file = docs("01-crds.yaml");
+    let crds = crds_by_kind(&crd_file);
+    assert_eq!(crds.len(), crd_file.len(), "01-crds.yaml holds only CRDs");
+    assert_eq!(
+        crds.keys().collect::<Vec<_>>(),
+        tollgate_tests::committed_crds().keys().collect::<Vec<_>>()
+    );
+    assert!(crds_by_kind(&docs("02-tollgate.yaml")).is_empty());
     // And they validate, Namespace included.
     let files: Vec<PathBuf> = ["00-namespace.yaml", "01-crds.yaml", "02-tollgate.yaml"]
         .iter()

@@ -1,12 +1,13 @@
 //! Writes (or, with `--check`, verifies) the CRD YAML files in `crds/`, and their copies
-//! in the Helm chart (`charts/tollgate/crds/`).
+//! in the Helm chart (`charts/tollgate/files/crds/`, rendered by `templates/crds.yaml` so
+//! that `helm upgrade` upgrades them).
 
 use std::{path::PathBuf, process::ExitCode};
 
 fn main() -> ExitCode {
     let mut check = false;
     let source = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-    let mut dirs = vec![source.clone(), source.join("../charts/tollgate/crds")];
+    let mut dirs = vec![source.clone(), source.join("../charts/tollgate/files/crds")];
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         match arg.as_str() {
@@ -19,7 +20,7 @@ fn main() -> ExitCode {
                 println!(
                     "tollgate-crdgen [--check] [--out DIR]\n\n\
                      Writes the Provider, RoutePolicy and ApiKey CRDs generated from the Rust types\n\
-                     into DIR (default: crds/ and charts/tollgate/crds/ of the source tree).\n\n\
+                     into DIR (default: crds/ and charts/tollgate/files/crds/ of the source tree).\n\n\
                      --check    write nothing; exit 1 if a committed file differs from the types\n\
                      --out DIR  directory to write to or check"
                 );

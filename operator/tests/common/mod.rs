@@ -142,6 +142,20 @@ pub fn start_operator(
     (p, admin)
 }
 
+/// One series of the operator's `/metrics` at `admin` (0 when absent).
+pub async fn metric(admin: &str, series: &str) -> u64 {
+    let text = reqwest::get(format!("http://{admin}/metrics"))
+        .await
+        .expect("/metrics answers")
+        .text()
+        .await
+        .unwrap();
+    let series = format!("{series} ");
+    text.lines()
+        .find_map(|l| l.strip_prefix(series.as_str()))
+        .map_or(0, |v| v.trim().parse().unwrap_or(0))
+}
+
 /// The condition `type_` in the status of the Tollgate object `plural`/`name` (namespace
 /// `default`), if it has one.
 pub fn condition(e: &Emulator, plural: &str, name: &str, type_: &str) -> Option<Value> {
@@ -300,6 +314,17 @@ impl Redis {
 
     pub fn url(&self) -> String {
         format!("redis://127.0.0.1:{}/", self.1)
+    }
+
+    /// Stops (`true`) or resumes (`false`) the server process: a blip in which every
+    /// connection stays open and nothing answers, with every key intact afterwards.
+    pub fn freeze(&self, frozen: bool) {
+        let signal = if frozen { "-STOP" } else { "-CONT" };
+        let ok = Command::new("kill")
+            .args([signal, &self.0.id().to_string()])
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(ok, "kill {signal} redis-server");
     }
 }
 

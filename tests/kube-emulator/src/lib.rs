@@ -17,6 +17,11 @@
 //! and project ConfigMaps and Secrets into a
 //! directory like kubelet does ([`Projection`]).
 //!
+//! Opt-in cluster lag: per-object projection delays ([`ProjectionOptions`]), a
+//! lagging garbage collector and namespace controller
+//! ([`EmulatorOptions::gc_delay`]) and a watch cache that is behind
+//! ([`Emulator::delay_watches`]).
+//!
 //! ```no_run
 //! use tollgate_kube_emulator::Emulator;
 //!
@@ -44,7 +49,7 @@ mod watch;
 pub use error::ApiError;
 pub use log::{RequestFilter, RequestRecord};
 #[cfg(unix)]
-pub use projection::Projection;
+pub use projection::{Projection, ProjectionOptions};
 pub use registry::ResourceDef;
 pub use selector::{FieldSelector, LabelSelector};
 
@@ -67,6 +72,17 @@ pub struct EmulatorOptions {
     pub history_limit: usize,
     /// Watch duration when the request has no `timeoutSeconds`.
     pub default_watch_timeout: Duration,
+    /// `None` (the default): garbage collection and namespace deletion are
+    /// synchronous. `Some(delay)`: they lag like the controllers of a real
+    /// cluster. When an owner is removed, its dependents are deleted `delay`
+    /// later by a background task (background propagation, the default;
+    /// `Foreground` and `Orphan` deletes still act at once), each level of a
+    /// cascade another `delay` later. A deleted Namespace becomes
+    /// `Terminating` (`deletionTimestamp`, `status.phase`), creating objects
+    /// in it is `403 Forbidden`, and `delay` later its contents are deleted
+    /// and it is removed once empty (re-checked every `delay` while
+    /// finalizers hold something).
+    pub gc_delay: Option<Duration>,
 }
 
 impl Default for EmulatorOptions {
@@ -75,6 +91,7 @@ impl Default for EmulatorOptions {
             bookmark_interval: Duration::from_secs(1),
             history_limit: 10_000,
             default_watch_timeout: Duration::from_secs(1800),
+            gc_delay: None,
         }
     }
 }
@@ -88,6 +105,8 @@ pub(crate) struct Core {
     rbac: Mutex<Option<rbac::Rbac>>,
     /// Bumped to end every open watch stream.
     close_watches: tokio_watch::Sender<u64>,
+    /// How long after its write a change reaches watchers (see [`Emulator::delay_watches`]).
+    watch_lag: tokio_watch::Sender<Duration>,
     options: EmulatorOptions,
 }
 
@@ -130,10 +149,11 @@ impl Emulator {
     /// If no local port can be bound or the server thread cannot start.
     pub fn start_with(options: EmulatorOptions) -> Emulator {
         let core = Arc::new(Core {
-            store: Mutex::new(Store::new(options.history_limit)),
+            store: Mutex::new(Store::new(options.history_limit, options.gc_delay)),
             log: Mutex::default(),
             rbac: Mutex::default(),
             close_watches: tokio_watch::channel(0).0,
+            watch_lag: tokio_watch::channel(Duration::ZERO).0,
             options,
         });
         let listener =
@@ -143,6 +163,7 @@ impl Emulator {
             .expect("kube-emulator: non-blocking listener");
         let addr = listener.local_addr().expect("kube-emulator: local address");
         let app = server::router(core.clone());
+        let collector = core.options.gc_delay.is_some().then(|| core.clone());
         let (stop, stopped) = oneshot::channel::<()>();
         let thread = std::thread::Builder::new()
             .name(format!("kube-emulator-{}", addr.port()))
@@ -152,6 +173,9 @@ impl Emulator {
                     .build()
                     .expect("kube-emulator: tokio runtime");
                 runtime.block_on(async move {
+                    if let Some(core) = collector {
+                        tokio::spawn(run_collector(core));
+                    }
                     let listener = tokio::net::TcpListener::from_std(listener)
                         .expect("kube-emulator: tokio listener");
                     let serve = async move { axum::serve(listener, app).await };
@@ -390,9 +414,22 @@ impl Emulator {
     }
 
     /// Ends every open watch stream; clients resume from their last
-    /// resourceVersion.
+    /// resourceVersion. Events a stream had not sent yet (see
+    /// [`Emulator::delay_watches`]) are lost with it; after [`Emulator::compact`]
+    /// the resume gets 410 Gone and the client relists.
     pub fn close_watches(&self) {
         self.core.close_watches.send_modify(|n| *n += 1);
+    }
+
+    /// Makes every watch stream, open or future, deliver each change `lag`
+    /// after the write that made it, in order, as when the API server's watch
+    /// cache is behind. GET and LIST still answer the latest state at once,
+    /// and so does the initial state of a watch without a resourceVersion;
+    /// changes replayed from a resourceVersion are delayed as well. Bookmarks
+    /// never get ahead of the delayed events. A new `lag` (`Duration::ZERO`
+    /// ends it) applies at once, also to events already waiting.
+    pub fn delay_watches(&self, lag: Duration) {
+        self.core.watch_lag.send_replace(lag);
     }
 
     // ----- request log and faults -----------------------------------------
@@ -541,6 +578,18 @@ impl Drop for Emulator {
         if let Some(thread) = self.thread.take() {
             let _ = thread.join();
         }
+    }
+}
+
+/// The lagging garbage collector and namespace controller
+/// ([`EmulatorOptions::gc_delay`]): runs due work, on the server's runtime.
+async fn run_collector(core: Arc<Core>) {
+    const IDLE: Duration = Duration::from_millis(20);
+    loop {
+        let now = Instant::now();
+        let next = core.store().run_gc(now);
+        let wait = next.map_or(IDLE, |due| due.saturating_duration_since(now).min(IDLE));
+        tokio::time::sleep(wait).await;
     }
 }
 

@@ -20,23 +20,33 @@
 //! base64-decoded, ConfigMap `binaryData` too. When several objects carry the
 //! same key, ConfigMaps are applied before Secrets and each in name order;
 //! the last one wins.
+//!
+//! Like kubelet, the projection writes from its own cached copy of each
+//! object, and [`ProjectionOptions::object_delay`] makes each change of each
+//! object reach that copy after its own delay (kubelet's watch-based cache),
+//! so one version of the directory may pair a new ConfigMap with an old
+//! Secret until the Secret's copy catches up.
 
 use crate::selector::LabelSelector;
 use crate::{Core, Emulator};
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as BASE64;
+use serde_json::Value;
 use std::collections::BTreeMap;
+use std::collections::VecDeque;
 use std::io;
 use std::os::unix::fs::symlink;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, mpsc};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use std::{fmt, fs};
 
-/// How often the projection polls the store.
-const POLL_INTERVAL: Duration = Duration::from_millis(100);
+/// How often a projection with object delays looks at the store (at most). Each look
+/// lists the store under its lock, so looking more often slows a busy emulator down
+/// (10,000 objects being written); delays are drawn in seconds, 100 ms is precise enough.
+const OBSERVE_INTERVAL: Duration = Duration::from_millis(100);
 
 /// Name of the symlink to the current version.
 const DATA_LINK: &str = "..data";
@@ -46,6 +56,40 @@ static VERSION_SEQ: AtomicU64 = AtomicU64::new(0);
 
 /// File name to contents.
 type Payload = BTreeMap<String, Vec<u8>>;
+
+/// Options of [`Projection::start_with`]. The default is [`Projection::start`]'s
+/// behaviour: no delays, a volume sync every 100 ms.
+#[derive(Clone, Debug)]
+pub struct ProjectionOptions {
+    /// `(min, max)`: each change of each selected object (an update, its
+    /// deletion, or it entering or leaving the selector) reaches the
+    /// projection's cached copy of that object after its own delay, drawn
+    /// uniformly from this range, so objects changed together catch up
+    /// independently. Changes of one object stay in order. The state when
+    /// the projection starts is not delayed. Default `(0, 0)`.
+    pub object_delay: (Duration, Duration),
+    /// Per-object ranges that replace `object_delay`, keyed
+    /// `configmaps/<name>` or `secrets/<name>` (e.g. a Secret whose copy
+    /// lags behind its ConfigMap's). Default empty.
+    pub object_delays: BTreeMap<String, (Duration, Duration)>,
+    /// Seed of the random number generator drawing the delays (same seed,
+    /// same sequence of delays).
+    pub seed: u64,
+    /// How often the directory is rewritten from the cached copies
+    /// (kubelet's volume sync). Default 100 ms.
+    pub sync_period: Duration,
+}
+
+impl Default for ProjectionOptions {
+    fn default() -> Self {
+        Self {
+            object_delay: (Duration::ZERO, Duration::ZERO),
+            object_delays: BTreeMap::new(),
+            seed: 1,
+            sync_period: Duration::from_millis(100),
+        }
+    }
+}
 
 /// A running projection; stops polling when dropped (the files stay).
 pub struct Projection {
@@ -68,15 +112,62 @@ struct Shared {
     namespace: String,
     selector: LabelSelector,
     dir: PathBuf,
+    options: ProjectionOptions,
     state: Mutex<State>,
 }
 
-#[derive(Default)]
+/// Objects are keyed `<plural>/<name>`, so ConfigMaps sort before Secrets.
 struct State {
     /// What is on disk now (`None` before the first write).
     current: Option<Payload>,
     /// Number of versions written.
     writes: u64,
+    /// The cached copies the directory is written from.
+    cache: BTreeMap<String, Value>,
+    /// Changes not in the cache yet, per object in order: when they are due
+    /// and the new state (`None`: gone).
+    pending: BTreeMap<String, VecDeque<(Instant, Option<Value>)>>,
+    /// resourceVersion of every object as last observed in the store.
+    seen: BTreeMap<String, String>,
+    /// The store's resourceVersion at the last observation.
+    seen_rv: Option<u64>,
+    /// resourceVersions of the cached copies at the last volume sync.
+    visible: BTreeMap<String, String>,
+    /// xorshift64 state.
+    rng: u64,
+}
+
+impl State {
+    fn new(seed: u64) -> Self {
+        Self {
+            current: None,
+            writes: 0,
+            cache: BTreeMap::new(),
+            pending: BTreeMap::new(),
+            seen: BTreeMap::new(),
+            seen_rv: None,
+            visible: BTreeMap::new(),
+            // xorshift needs a non-zero state.
+            rng: if seed == 0 {
+                0x9e37_79b9_7f4a_7c15
+            } else {
+                seed
+            },
+        }
+    }
+
+    /// A delay drawn uniformly from `(min, max)`.
+    fn draw(&mut self, (min, max): (Duration, Duration)) -> Duration {
+        if max <= min {
+            return min;
+        }
+        self.rng ^= self.rng << 13;
+        self.rng ^= self.rng >> 7;
+        self.rng ^= self.rng << 17;
+        let span = (max - min).as_nanos();
+        let offset = u128::from(self.rng) % (span + 1);
+        min + Duration::from_nanos(u64::try_from(offset).unwrap_or(u64::MAX))
+    }
 }
 
 impl Projection {
@@ -90,23 +181,61 @@ impl Projection {
         label_selector: &str,
         dir: impl Into<PathBuf>,
     ) -> io::Result<Projection> {
+        Self::start_with(
+            emulator,
+            namespace,
+            label_selector,
+            dir,
+            ProjectionOptions::default(),
+        )
+    }
+
+    /// Like [`Projection::start`], with per-object delays and a volume sync
+    /// period (see [`ProjectionOptions`]). The first version is written from
+    /// the current objects before this returns.
+    pub fn start_with(
+        emulator: &Emulator,
+        namespace: &str,
+        label_selector: &str,
+        dir: impl Into<PathBuf>,
+        options: ProjectionOptions,
+    ) -> io::Result<Projection> {
         let selector = LabelSelector::parse(label_selector)
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+        let delayed = std::iter::once(&options.object_delay)
+            .chain(options.object_delays.values())
+            .any(|(_, max)| *max > Duration::ZERO);
+        let sync_period = options.sync_period.max(Duration::from_millis(1));
         let shared = Arc::new(Shared {
             core: emulator.core.clone(),
             namespace: namespace.to_string(),
             selector,
             dir: dir.into(),
-            state: Mutex::default(),
+            state: Mutex::new(State::new(options.seed)),
+            options,
         });
-        shared.sync()?;
+        shared.initialize()?;
         let (stop, stopped) = mpsc::channel::<()>();
         let poller = shared.clone();
+        // Without delays the store is only read at each volume sync (as
+        // `start` always did); with delays more often, so that each change is
+        // delayed from about when it happened.
+        let tick = if delayed {
+            sync_period.min(OBSERVE_INTERVAL)
+        } else {
+            sync_period
+        };
         let thread = std::thread::Builder::new()
             .name("kube-emulator-projection".into())
             .spawn(move || {
-                while let Err(mpsc::RecvTimeoutError::Timeout) = stopped.recv_timeout(POLL_INTERVAL) {
-                    if let Err(e) = poller.sync() {
+                let mut next_sync = Instant::now() + sync_period;
+                while let Err(mpsc::RecvTimeoutError::Timeout) = stopped.recv_timeout(tick) {
+                    let now = Instant::now();
+                    let write = now >= next_sync;
+                    if write {
+                        next_sync = now + sync_period;
+                    }
+                    if let Err(e) = poller.update(write) {
                         tracing::warn!(dir = %poller.dir.display(), "projection update failed: {e}");
                     }
                 }
@@ -124,14 +253,25 @@ impl Projection {
     }
 
     /// Brings the directory up to date now, without waiting for the next
-    /// poll. Returns whether a new version was written.
+    /// poll: looks at the store and rewrites the directory from the cached
+    /// copies. Without object delays that is the current state; changes
+    /// whose delay has not passed yet stay invisible. Returns whether a new
+    /// version was written.
     pub fn sync(&self) -> io::Result<bool> {
-        self.shared.sync()
+        self.shared.update(true)
     }
 
     /// How many versions have been written (the first one included).
     pub fn writes(&self) -> u64 {
         self.shared.lock().writes
+    }
+
+    /// The objects the directory was last synced from, as
+    /// `configmaps/<name>` or `secrets/<name>` → resourceVersion of the
+    /// cached copy. A change that does not alter the files (e.g. a label)
+    /// still shows here after the next volume sync.
+    pub fn visible_versions(&self) -> BTreeMap<String, String> {
+        self.shared.lock().visible.clone()
     }
 }
 
@@ -149,59 +289,160 @@ impl Shared {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Writes a new version if the selected data changed. The state lock is
-    /// held from reading the store to writing the files, so concurrent syncs
-    /// (poller and [`Projection::sync`]) never write an older payload last.
-    fn sync(&self) -> io::Result<bool> {
+    /// Fills the cache with the current objects and writes the first version.
+    fn initialize(&self) -> io::Result<()> {
         let mut state = self.lock();
-        let payload = self.collect();
-        if state.current.as_ref() == Some(&payload) {
-            return Ok(false);
+        let (rv, objects) = self.selected();
+        state.seen_rv = Some(rv);
+        for (key, obj) in objects {
+            state.seen.insert(key.clone(), resource_version(&obj));
+            state.cache.insert(key, obj);
         }
-        write_version(&self.dir, &payload)?;
-        state.current = Some(payload);
-        state.writes += 1;
-        Ok(true)
+        self.write(&mut state)?;
+        Ok(())
     }
 
-    /// The files the selected ConfigMaps and Secrets project.
-    fn collect(&self) -> Payload {
+    /// Observes the store, moves due changes into the cache and, when
+    /// `write`, writes a new version if the projected data changed (returning
+    /// whether it did). The state lock is held from reading the store to
+    /// writing the files, so concurrent updates (poller and
+    /// [`Projection::sync`]) never write an older payload last.
+    fn update(&self, write: bool) -> io::Result<bool> {
+        let mut state = self.lock();
+        let now = Instant::now();
+        self.observe(&mut state, now);
+        let State { pending, cache, .. } = &mut *state;
+        pending.retain(|key, changes| {
+            while changes.front().is_some_and(|(due, _)| *due <= now) {
+                match changes.pop_front().and_then(|(_, change)| change) {
+                    Some(obj) => cache.insert(key.clone(), obj),
+                    None => cache.remove(key),
+                };
+            }
+            !changes.is_empty()
+        });
+        if !write {
+            return Ok(false);
+        }
+        self.write(&mut state)
+    }
+
+    /// Queues every change of the selected objects since the last look, each
+    /// due after its own delay (never before an earlier change of the same object).
+    fn observe(&self, state: &mut State, now: Instant) {
+        if state.seen_rv == Some(self.core.store().rv()) {
+            return;
+        }
+        let (rv, objects) = self.selected();
+        state.seen_rv = Some(rv);
+        let gone: Vec<String> = state
+            .seen
+            .keys()
+            .filter(|key| !objects.contains_key(*key))
+            .cloned()
+            .collect();
+        let mut changes: Vec<(String, Option<Value>)> =
+            gone.into_iter().map(|key| (key, None)).collect();
+        for (key, obj) in objects {
+            if state.seen.get(&key) != Some(&resource_version(&obj)) {
+                changes.push((key, Some(obj)));
+            }
+        }
+        for (key, change) in changes {
+            match &change {
+                Some(obj) => state.seen.insert(key.clone(), resource_version(obj)),
+                None => state.seen.remove(&key),
+            };
+            let range = self
+                .options
+                .object_delays
+                .get(&key)
+                .unwrap_or(&self.options.object_delay);
+            let mut due = now + state.draw(*range);
+            let queue = state.pending.entry(key).or_default();
+            if let Some((last, _)) = queue.back() {
+                due = due.max(*last);
+            }
+            queue.push_back((due, change));
+        }
+    }
+
+    /// The store's resourceVersion and the selected ConfigMaps and Secrets,
+    /// keyed `<plural>/<name>`.
+    fn selected(&self) -> (u64, BTreeMap<String, Value>) {
         let store = self.core.store();
         let selectors = crate::selector::Selectors {
             labels: self.selector.clone(),
             fields: Default::default(),
         };
-        let mut payload = Payload::new();
-        for (plural, string_field, base64_field) in [
-            ("configmaps", Some("data"), "binaryData"),
-            ("secrets", None, "data"),
-        ] {
+        let mut objects = BTreeMap::new();
+        for plural in ["configmaps", "secrets"] {
             let Some(def) = store.resource("", "v1", plural) else {
                 continue;
             };
             for obj in store.list(def, Some(&self.namespace), &selectors) {
-                if let Some(field) = string_field
-                    && let Some(map) = obj[field].as_object()
-                {
-                    for (key, value) in map {
-                        if let Some(text) = value.as_str() {
-                            payload.insert(key.clone(), text.as_bytes().to_vec());
-                        }
-                    }
-                }
-                if let Some(map) = obj[base64_field].as_object() {
-                    for (key, value) in map {
-                        if let Some(bytes) = value.as_str().and_then(|v| BASE64.decode(v).ok()) {
-                            payload.insert(key.clone(), bytes);
-                        }
-                    }
+                let name = obj["metadata"]["name"].as_str().unwrap_or_default();
+                objects.insert(format!("{plural}/{name}"), obj);
+            }
+        }
+        (store.rv(), objects)
+    }
+
+    /// Writes a new version from the cache if the projected data changed.
+    fn write(&self, state: &mut State) -> io::Result<bool> {
+        let payload = collect(&state.cache);
+        let changed = state.current.as_ref() != Some(&payload);
+        if changed {
+            write_version(&self.dir, &payload)?;
+            state.current = Some(payload);
+            state.writes += 1;
+        }
+        state.visible = state
+            .cache
+            .iter()
+            .map(|(key, obj)| (key.clone(), resource_version(obj)))
+            .collect();
+        Ok(changed)
+    }
+}
+
+fn resource_version(obj: &Value) -> String {
+    obj["metadata"]["resourceVersion"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string()
+}
+
+/// The files the cached ConfigMaps and Secrets project (ConfigMaps first,
+/// each kind in name order: the cache's key order).
+fn collect(cache: &BTreeMap<String, Value>) -> Payload {
+    let mut payload = Payload::new();
+    for (key, obj) in cache {
+        let (string_field, base64_field) = if key.starts_with("configmaps/") {
+            (Some("data"), "binaryData")
+        } else {
+            (None, "data")
+        };
+        if let Some(field) = string_field
+            && let Some(map) = obj[field].as_object()
+        {
+            for (key, value) in map {
+                if let Some(text) = value.as_str() {
+                    payload.insert(key.clone(), text.as_bytes().to_vec());
                 }
             }
         }
-        // Keys that would collide with the bookkeeping entries are never projected.
-        payload.retain(|key, _| !key.starts_with("..") && !key.contains('/'));
-        payload
+        if let Some(map) = obj[base64_field].as_object() {
+            for (key, value) in map {
+                if let Some(bytes) = value.as_str().and_then(|v| BASE64.decode(v).ok()) {
+                    payload.insert(key.clone(), bytes);
+                }
+            }
+        }
     }
+    // Keys that would collide with the bookkeeping entries are never projected.
+    payload.retain(|key, _| !key.starts_with("..") && !key.contains('/'));
+    payload
 }
 
 /// Writes `payload` as a new version of `dir` with the AtomicWriter protocol.

@@ -16,7 +16,7 @@ use crate::error::ApiError;
 use crate::log::{self, FaultAction, RequestRecord};
 use crate::registry::ResourceDef;
 use crate::selector::Selectors;
-use crate::store::{DeleteOpts, Target, Update, WriteOpts};
+use crate::store::{DeleteOpts, Propagation, Target, Update, WriteOpts};
 use crate::watch::{self, WatchParams};
 use axum::Router;
 use axum::body::{Body, Bytes};
@@ -462,7 +462,8 @@ impl Req<'_> {
             metadata_only: self.wants_metadata_only(),
         };
         let close = self.core.close_watches.subscribe();
-        let stream = watch::start(&self.core.store(), params, close);
+        let lag = self.core.watch_lag.subscribe();
+        let stream = watch::start(&self.core.store(), params, close, lag);
         let mut response = Body::from_stream(stream).into_response();
         response.headers_mut().insert(
             header::CONTENT_TYPE,
@@ -511,7 +512,12 @@ impl Req<'_> {
         Ok(DeleteOpts {
             dry_run: self.query.contains_key("dryRun")
                 || body["dryRun"].as_array().is_some_and(|a| !a.is_empty()),
-            orphan: policy == Some("Orphan") || body["orphanDependents"].as_bool() == Some(true),
+            propagation: match policy {
+                Some("Orphan") => Propagation::Orphan,
+                Some("Foreground") => Propagation::Foreground,
+                _ if body["orphanDependents"].as_bool() == Some(true) => Propagation::Orphan,
+                _ => Propagation::Background,
+            },
             precondition_uid: pre["uid"].as_str().map(str::to_string),
             precondition_rv: pre["resourceVersion"].as_str().map(str::to_string),
         })

@@ -9,6 +9,10 @@
 //!
 //! The same pipeline serves HTTP requests and the direct test API; direct
 //! writes are "privileged" (they may set `.status` through the main resource).
+//!
+//! Garbage collection and namespace deletion happen inside the write that
+//! removes the owner, or, with a `gc_delay`, later from a queue that the
+//! emulator's collector task drains with [`Store::run_gc`].
 
 use crate::error::ApiError;
 use crate::fields::{self, Scope, WriteKind};
@@ -21,6 +25,7 @@ use std::collections::{BTreeMap, VecDeque};
 use std::hash::{BuildHasher, RandomState};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 use tokio::sync::{broadcast, watch};
 
 /// Key of an object: resource, namespace (empty when cluster-scoped), name.
@@ -51,6 +56,8 @@ pub(crate) struct Change {
     pub object: Value,
     /// The object before the change, if it existed.
     pub previous: Option<Value>,
+    /// When the change was committed (watch-cache lag counts from here).
+    pub at: Instant,
 }
 
 /// Which part of an object a request addresses.
@@ -94,12 +101,24 @@ pub(crate) enum Update {
     Apply(Value),
 }
 
+/// What happens to the dependents of a removed owner (`propagationPolicy`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) enum Propagation {
+    /// The default: the garbage collector deletes them (after
+    /// `EmulatorOptions::gc_delay`, when set).
+    #[default]
+    Background,
+    /// Deleted together with the owner, always at once.
+    Foreground,
+    /// They lose the owner reference instead, at once.
+    Orphan,
+}
+
 /// Options of a delete.
 #[derive(Clone, Debug, Default)]
 pub(crate) struct DeleteOpts {
     pub dry_run: bool,
-    /// `propagationPolicy=Orphan`: dependents lose the owner reference instead.
-    pub orphan: bool,
+    pub propagation: Propagation,
     pub precondition_uid: Option<String>,
     pub precondition_rv: Option<String>,
 }
@@ -112,6 +131,28 @@ pub(crate) fn now() -> String {
     jiff::Timestamp::now()
         .strftime("%Y-%m-%dT%H:%M:%SZ")
         .to_string()
+}
+
+/// Work left to the (lagging) garbage collector and namespace controller.
+#[derive(Debug)]
+enum GcJob {
+    /// Delete (or un-own) the dependents of the removed owner with this uid.
+    Dependents(String),
+    /// Empty this terminating namespace, then remove it.
+    Namespace(String),
+}
+
+/// Key of the Namespace object `name`.
+fn namespace_key(name: &str) -> ObjKey {
+    (
+        (String::new(), "v1".to_string(), "namespaces".to_string()),
+        String::new(),
+        name.to_string(),
+    )
+}
+
+fn is_namespace(key: &ObjKey) -> bool {
+    key.0.0.is_empty() && key.0.1 == "v1" && key.0.2 == "namespaces"
 }
 
 /// The store; callers hold it behind a mutex.
@@ -129,10 +170,15 @@ pub(crate) struct Store {
     history_floor: u64,
     changes: broadcast::Sender<Arc<Change>>,
     revision: watch::Sender<u64>,
+    /// `Some`: garbage collection and namespace deletion run this long after
+    /// the removal that triggers them (see [`Store::run_gc`]).
+    gc_delay: Option<Duration>,
+    /// Pending collector work, in due order (the delay is constant).
+    gc_queue: VecDeque<(Instant, GcJob)>,
 }
 
 impl Store {
-    pub fn new(history_limit: usize) -> Self {
+    pub fn new(history_limit: usize, gc_delay: Option<Duration>) -> Self {
         let instance =
             (u64::from(std::process::id()) << 16) ^ INSTANCE.fetch_add(1, Ordering::Relaxed);
         let mut store = Self {
@@ -147,6 +193,8 @@ impl Store {
             history_floor: 0,
             changes: broadcast::channel(BROADCAST_CAPACITY).0,
             revision: watch::channel(0).0,
+            gc_delay,
+            gc_queue: VecDeque::new(),
         };
         for def in builtin_resources() {
             store.register(def);
@@ -324,6 +372,21 @@ impl Store {
         let key = Self::key(def, ns, &name);
         if self.objects.contains_key(&key) {
             return Err(ApiError::already_exists(&def.qualified_plural(), &name));
+        }
+        if def.namespaced
+            && self
+                .objects
+                .get(&namespace_key(ns))
+                .is_some_and(|n| n["metadata"].get("deletionTimestamp").is_some())
+        {
+            return Err(ApiError::new(
+                403,
+                "Forbidden",
+                format!(
+                    "{} \"{name}\" is forbidden: unable to create new content in namespace {ns} because it is being terminated",
+                    def.qualified_plural()
+                ),
+            ));
         }
         let uid = self.next_uid();
         let mut obj = body;
@@ -530,7 +593,7 @@ impl Store {
         if opts.dry_run {
             return Ok((old, false));
         }
-        let last = self.delete_key(&key, opts.orphan);
+        let last = self.delete_key(&key, opts.propagation);
         Ok((last, !self.objects.contains_key(&key)))
     }
 
@@ -559,18 +622,31 @@ impl Store {
                 );
                 self.objects
                     .contains_key(&key)
-                    .then(|| self.delete_key(&key, opts.orphan))
+                    .then(|| self.delete_key(&key, opts.propagation))
             })
             .collect()
     }
 
     /// Deletes a stored object (honouring finalizers) and returns its last state.
-    fn delete_key(&mut self, key: &ObjKey, orphan: bool) -> Value {
+    /// With a `gc_delay` a Namespace only starts terminating (see [`Store::run_gc`]).
+    fn delete_key(&mut self, key: &ObjKey, propagation: Propagation) -> Value {
         let Some(old) = self.objects.get(key).cloned() else {
             return Value::Null;
         };
+        let terminating = old["metadata"].get("deletionTimestamp").is_some();
+        if self.gc_delay.is_some() && is_namespace(key) {
+            if terminating {
+                return old;
+            }
+            let mut new = old;
+            new["metadata"]["deletionTimestamp"] = json!(now());
+            new["status"]["phase"] = json!("Terminating");
+            let new = self.commit(key.clone(), new, ChangeType::Modified);
+            self.schedule(GcJob::Namespace(key.2.clone()));
+            return new;
+        }
         if has_finalizers(&old) {
-            if old["metadata"].get("deletionTimestamp").is_some() {
+            if terminating {
                 return old;
             }
             let mut new = old;
@@ -578,39 +654,47 @@ impl Store {
             new["metadata"]["deletionGracePeriodSeconds"] = json!(0);
             return self.commit(key.clone(), new, ChangeType::Modified);
         }
+        self.remove(key, old, propagation)
+    }
+
+    /// Removes a stored object now, publishes the deletion and cascades it.
+    fn remove(&mut self, key: &ObjKey, old: Value, propagation: Propagation) -> Value {
         self.objects.remove(key);
         self.rv += 1;
         let mut last = old.clone();
         last["metadata"]["resourceVersion"] = json!(self.rv.to_string());
         self.emit(key.0.clone(), ChangeType::Deleted, last.clone(), Some(old));
-        self.after_removal(key, &last, orphan);
+        self.after_removal(key, &last, propagation);
         last
     }
 
     /// Cascades a removal: dependents (ownerReferences) and, for a
-    /// Namespace, everything in it.
-    fn after_removal(&mut self, key: &ObjKey, obj: &Value, orphan: bool) {
+    /// Namespace, everything in it. Background collection waits for the
+    /// `gc_delay`, when set.
+    fn after_removal(&mut self, key: &ObjKey, obj: &Value, propagation: Propagation) {
         if let Some(uid) = obj["metadata"]["uid"].as_str() {
-            self.collect_garbage(uid, orphan);
+            if propagation == Propagation::Background && self.gc_delay.is_some() {
+                self.schedule(GcJob::Dependents(uid.to_string()));
+            } else {
+                self.collect_garbage(uid, propagation);
+            }
         }
-        if key.0 == (String::new(), "v1".to_string(), "namespaces".to_string()) {
-            let ns = &key.2;
-            let contents: Vec<ObjKey> = self
-                .objects
-                .keys()
-                .filter(|k| k.1 == *ns)
-                .cloned()
-                .collect();
-            for k in contents {
-                self.delete_key(&k, false);
+        if is_namespace(key) {
+            for k in self.namespace_contents(&key.2) {
+                self.delete_key(&k, Propagation::Background);
             }
         }
     }
 
-    /// Background garbage collection of the dependents of a removed owner.
-    /// A dependent that still has another live owner only loses the
-    /// reference; with `orphan` every dependent just loses it.
-    fn collect_garbage(&mut self, owner_uid: &str, orphan: bool) {
+    fn namespace_contents(&self, ns: &str) -> Vec<ObjKey> {
+        self.objects.keys().filter(|k| k.1 == ns).cloned().collect()
+    }
+
+    /// Garbage collection of the dependents of a removed owner. A dependent
+    /// that still has another live owner only loses the reference; with
+    /// [`Propagation::Orphan`] every dependent just loses it. Deleted
+    /// dependents cascade with the same propagation.
+    fn collect_garbage(&mut self, owner_uid: &str, propagation: Propagation) {
         let owned_by = |obj: &Value| {
             obj["metadata"]["ownerReferences"]
                 .as_array()
@@ -638,7 +722,7 @@ impl Store {
             let live_owner = remaining
                 .iter()
                 .any(|r| r["uid"].as_str().is_some_and(|uid| self.uid_exists(uid)));
-            if orphan || live_owner {
+            if propagation == Propagation::Orphan || live_owner {
                 let mut new = obj;
                 if remaining.is_empty() {
                     if let Some(meta) = new["metadata"].as_object_mut() {
@@ -649,9 +733,49 @@ impl Store {
                 }
                 self.commit(key, new, ChangeType::Modified);
             } else {
-                self.delete_key(&key, false);
+                self.delete_key(&key, propagation);
             }
         }
+    }
+
+    /// Queues collector work for `gc_delay` from now.
+    fn schedule(&mut self, job: GcJob) {
+        let delay = self.gc_delay.unwrap_or_default();
+        self.gc_queue.push_back((Instant::now() + delay, job));
+    }
+
+    /// Runs the collector work due by `now` and returns when the next is due.
+    /// A terminating Namespace has its contents deleted (in the background);
+    /// it is removed once it is empty and has no finalizers, else checked
+    /// again a `gc_delay` later.
+    pub fn run_gc(&mut self, now: Instant) -> Option<Instant> {
+        while self.gc_queue.front().is_some_and(|(due, _)| *due <= now) {
+            let Some((_, job)) = self.gc_queue.pop_front() else {
+                break;
+            };
+            match job {
+                GcJob::Dependents(uid) => self.collect_garbage(&uid, Propagation::Background),
+                GcJob::Namespace(ns) => {
+                    let key = namespace_key(&ns);
+                    if !self.objects.contains_key(&key) {
+                        continue;
+                    }
+                    for k in self.namespace_contents(&ns) {
+                        self.delete_key(&k, Propagation::Background);
+                    }
+                    match self.objects.get(&key).cloned() {
+                        Some(obj)
+                            if !has_finalizers(&obj) && self.namespace_contents(&ns).is_empty() =>
+                        {
+                            self.remove(&key, obj, Propagation::Background);
+                        }
+                        Some(_) => self.schedule(GcJob::Namespace(ns)),
+                        None => {}
+                    }
+                }
+            }
+        }
+        self.gc_queue.front().map(|(due, _)| *due)
     }
 
     fn uid_exists(&self, uid: &str) -> bool {
@@ -666,13 +790,15 @@ impl Store {
         let previous = self.objects.get(&key).cloned();
         self.rv += 1;
         obj["metadata"]["resourceVersion"] = json!(self.rv.to_string());
+        // With a gc_delay a terminating Namespace waits for the namespace controller.
         if change == ChangeType::Modified
             && obj["metadata"].get("deletionTimestamp").is_some()
             && !has_finalizers(&obj)
+            && !(self.gc_delay.is_some() && is_namespace(&key))
         {
             self.objects.remove(&key);
             self.emit(key.0.clone(), ChangeType::Deleted, obj.clone(), previous);
-            self.after_removal(&key, &obj, false);
+            self.after_removal(&key, &obj, Propagation::Background);
             return obj;
         }
         self.objects.insert(key.clone(), obj.clone());
@@ -687,6 +813,7 @@ impl Store {
             change,
             object,
             previous,
+            at: Instant::now(),
         });
         self.history.push_back(change.clone());
         while self.history.len() > self.history_limit {

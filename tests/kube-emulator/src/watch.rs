@@ -15,6 +15,10 @@
 //! 3. periodic `BOOKMARK`s when `allowWatchBookmarks=true`;
 //! 4. the end of the stream after `timeoutSeconds`, or when the test calls
 //!    `Emulator::close_watches`, or when the watch falls too far behind.
+//!
+//! With a watch-cache lag (`Emulator::delay_watches`) every change, replayed
+//! or live, is held until its commit time plus the lag before it is sent or
+//! counted for bookmarks; the initial state is sent at once.
 
 use crate::registry::{ResKey, ResourceDef};
 use crate::selector::Selectors;
@@ -26,7 +30,7 @@ use std::collections::VecDeque;
 use std::convert::Infallible;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant as StdInstant};
 use tokio::sync::{broadcast, watch};
 use tokio::time::{Instant, Interval, Sleep};
 
@@ -89,9 +93,13 @@ impl Filter {
 struct WatchState {
     params: WatchParams,
     filter: Filter,
-    backlog: VecDeque<Bytes>,
+    /// Lines to send before live changes; replayed changes carry their
+    /// commit time (held back by the lag), the initial state does not.
+    backlog: VecDeque<(Option<StdInstant>, Bytes)>,
     changes: broadcast::Receiver<Arc<Change>>,
     close: watch::Receiver<u64>,
+    /// The watch-cache lag.
+    lag: watch::Receiver<Duration>,
     deadline: Pin<Box<Sleep>>,
     bookmarks: Option<Interval>,
     /// Changes up to this rv were in the backlog; skip them when live.
@@ -107,6 +115,7 @@ pub(crate) fn start(
     store: &Store,
     params: WatchParams,
     close: watch::Receiver<u64>,
+    lag: watch::Receiver<Duration>,
 ) -> impl Stream<Item = Result<Bytes, Infallible>> + Send + 'static {
     let filter = Filter {
         res: params.def.key(),
@@ -124,24 +133,26 @@ pub(crate) fn start(
         None => {
             let ns = params.namespace.as_deref();
             for obj in store.list(&params.def, ns, &params.selectors) {
-                backlog.push_back(event_line("ADDED", &obj, params.metadata_only));
+                backlog.push_back((None, event_line("ADDED", &obj, params.metadata_only)));
             }
             if params.send_initial_events {
                 let mut bm = bookmark(&params.def, snapshot_rv);
                 bm["metadata"]["annotations"] = json!({"k8s.io/initial-events-end": "true"});
-                backlog.push_back(line(json!({"type": "BOOKMARK", "object": bm})));
+                backlog.push_back((None, line(json!({"type": "BOOKMARK", "object": bm}))));
             }
         }
         Some(since) => match store.changes_since(&filter.res, since) {
             Ok(changes) => {
                 for change in changes {
                     if let Some(ty) = filter.event_type(&change) {
-                        backlog.push_back(event_line(ty, &change.object, params.metadata_only));
+                        let event = event_line(ty, &change.object, params.metadata_only);
+                        backlog.push_back((Some(change.at), event));
                     }
                 }
             }
             Err(gone) => {
-                backlog.push_back(line(json!({"type": "ERROR", "object": gone.to_status()})));
+                let error = line(json!({"type": "ERROR", "object": gone.to_status()}));
+                backlog.push_back((None, error));
                 finished = true;
             }
         },
@@ -158,6 +169,7 @@ pub(crate) fn start(
         backlog,
         changes,
         close,
+        lag,
         bookmarks,
         snapshot_rv,
         last_rv: snapshot_rv,
@@ -171,7 +183,12 @@ pub(crate) fn start(
 
 /// The next line to send, or `None` when the stream ends.
 async fn next_line(st: &mut WatchState) -> Option<Bytes> {
-    if let Some(line) = st.backlog.pop_front() {
+    if let Some((at, line)) = st.backlog.pop_front() {
+        if let Some(at) = at
+            && !wait_for_lag(st, at).await
+        {
+            return None;
+        }
         return Some(line);
     }
     if st.finished {
@@ -189,6 +206,9 @@ async fn next_line(st: &mut WatchState) -> Option<Bytes> {
                     if change.rv <= st.snapshot_rv {
                         continue;
                     }
+                    if !wait_for_lag(st, change.at).await {
+                        return None;
+                    }
                     st.last_rv = st.last_rv.max(change.rv);
                     if let Some(ty) = st.filter.event_type(&change) {
                         return Some(event_line(ty, &change.object, st.params.metadata_only));
@@ -202,6 +222,27 @@ async fn next_line(st: &mut WatchState) -> Option<Bytes> {
                 let bm = bookmark(&st.params.def, st.last_rv);
                 return Some(line(json!({"type": "BOOKMARK", "object": bm})));
             }
+        }
+    }
+}
+
+/// Waits until a change committed `at` is due under the current lag.
+/// Returns `false` when the stream must end meanwhile (closed, timed out).
+async fn wait_for_lag(st: &mut WatchState, at: StdInstant) -> bool {
+    loop {
+        let due = at + *st.lag.borrow_and_update();
+        if due <= StdInstant::now() {
+            return true;
+        }
+        tokio::select! {
+            biased;
+            _ = st.close.changed() => return false,
+            _ = st.deadline.as_mut() => return false,
+            changed = st.lag.changed() => if changed.is_err() {
+                return false;
+            },
+            // Checked again above: never early, whatever the timer's rounding.
+            _ = tokio::time::sleep_until(Instant::from_std(due)) => {}
         }
     }
 }

@@ -1,12 +1,13 @@
 //! The kubelet-like projection of ConfigMaps and Secrets into a directory.
 
 use serde_json::json;
+use std::collections::BTreeMap;
 use std::fs;
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
-use tollgate_kube_emulator::{Emulator, Projection};
+use std::time::{Duration, Instant};
+use tollgate_kube_emulator::{Emulator, Projection, ProjectionOptions};
 
 /// Names of the timestamped version directories.
 fn versions(dir: &Path) -> Vec<String> {
@@ -186,4 +187,199 @@ fn readers_never_see_a_half_written_version() {
     assert!(reader.join().unwrap() > 0);
     assert_eq!(read(&dir, "a"), "20");
     assert_eq!(versions(&dir).len(), 1, "old versions are cleaned up");
+}
+
+/// Reads `keys` from one resolved version, as a loader following `..data` does.
+fn read_version(dir: &Path, keys: &[&str]) -> Option<Vec<String>> {
+    let version = fs::read_link(dir.join("..data")).ok()?;
+    keys.iter()
+        .map(|key| fs::read_to_string(dir.join(&version).join(key)).ok())
+        .collect()
+}
+
+fn rv_of(emu: &Emulator, plural: &str, name: &str) -> String {
+    emu.get("v1", plural, "default", name).unwrap()["metadata"]["resourceVersion"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
+const PAIR: &str = "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: config, labels: {app: gw}}\n\
+                    data: {config.yaml: '1'}\n---\n\
+                    apiVersion: v1\nkind: Secret\nmetadata: {name: keys, labels: {app: gw}}\n\
+                    stringData: {keys.json: '1'}\n";
+
+#[test]
+fn a_lagging_secret_pairs_with_a_new_configmap_until_it_catches_up() {
+    const SECRET_DELAY: Duration = Duration::from_secs(3);
+    let emu = Emulator::start();
+    emu.apply_yaml(PAIR).unwrap();
+    let old_secret = rv_of(&emu, "secrets", "keys");
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().to_path_buf();
+    let options = ProjectionOptions {
+        object_delays: BTreeMap::from([("secrets/keys".to_string(), (SECRET_DELAY, SECRET_DELAY))]),
+        ..ProjectionOptions::default()
+    };
+    let projection = Projection::start_with(&emu, "default", "app=gw", &dir, options).unwrap();
+    // The state at start is not delayed.
+    assert_eq!(
+        read_version(&dir, &["config.yaml", "keys.json"]).unwrap(),
+        ["1", "1"]
+    );
+
+    // Both objects change together; the Secret's copy lags.
+    let written = Instant::now();
+    emu.patch_merge(
+        "v1",
+        "secrets",
+        "default",
+        "keys",
+        json!({"stringData": {"keys.json": "2"}}),
+    )
+    .unwrap();
+    emu.patch_merge(
+        "v1",
+        "configmaps",
+        "default",
+        "config",
+        json!({"data": {"config.yaml": "2"}}),
+    )
+    .unwrap();
+    let (new_config, new_secret) = (
+        rv_of(&emu, "configmaps", "config"),
+        rv_of(&emu, "secrets", "keys"),
+    );
+    assert!(emu.wait_for_blocking(Duration::from_secs(20), |_| {
+        projection.visible_versions().get("configmaps/config") == Some(&new_config)
+    }));
+    let projected = projection.visible_versions();
+    let files = read_version(&dir, &["config.yaml", "keys.json"]).unwrap();
+    // The Secret's change cannot be visible before its delay has passed.
+    if written.elapsed() < SECRET_DELAY {
+        assert_eq!(projected["secrets/keys"], old_secret, "{projected:?}");
+        assert_eq!(files, ["2", "1"], "a new ConfigMap with the old Secret");
+        assert_eq!(projection.writes(), 2);
+    }
+
+    // Eventually both.
+    assert!(emu.wait_for_blocking(Duration::from_secs(30), |_| {
+        projection.visible_versions().get("secrets/keys") == Some(&new_secret)
+    }));
+    assert_eq!(
+        read_version(&dir, &["config.yaml", "keys.json"]).unwrap(),
+        ["2", "2"]
+    );
+    assert!(!projection.sync().unwrap(), "nothing left to catch up");
+
+    // Deletions lag the same way.
+    let deleted = Instant::now();
+    emu.delete("v1", "secrets", "default", "keys").unwrap();
+    projection.sync().unwrap();
+    if deleted.elapsed() < SECRET_DELAY {
+        assert_eq!(visible(&dir), ["config.yaml", "keys.json"]);
+    }
+    assert!(
+        emu.wait_for_blocking(Duration::from_secs(30), |_| visible(&dir)
+            == ["config.yaml"])
+    );
+    assert_eq!(
+        projection.visible_versions().keys().collect::<Vec<_>>(),
+        ["configmaps/config"]
+    );
+}
+
+#[test]
+fn random_delays_keep_each_object_in_order_and_converge() {
+    let emu = Emulator::start();
+    emu.apply_yaml(PAIR).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().to_path_buf();
+    let options = ProjectionOptions {
+        object_delay: (Duration::ZERO, Duration::from_millis(400)),
+        seed: 42,
+        sync_period: Duration::from_millis(20),
+        ..ProjectionOptions::default()
+    };
+    let projection = Projection::start_with(&emu, "default", "app=gw", &dir, options).unwrap();
+    let numbers = |versions: &BTreeMap<String, String>| -> Vec<u64> {
+        versions.values().map(|rv| rv.parse().unwrap()).collect()
+    };
+    let mut last = numbers(&projection.visible_versions());
+    for n in 2..=20 {
+        emu.patch_merge(
+            "v1",
+            "configmaps",
+            "default",
+            "config",
+            json!({"data": {"config.yaml": n.to_string()}}),
+        )
+        .unwrap();
+        emu.patch_merge(
+            "v1",
+            "secrets",
+            "default",
+            "keys",
+            json!({"stringData": {"keys.json": n.to_string()}}),
+        )
+        .unwrap();
+        // Each object's projected version only moves forward.
+        let now = numbers(&projection.visible_versions());
+        assert!(
+            now.iter().zip(&last).all(|(now, last)| now >= last),
+            "{last:?} -> {now:?}"
+        );
+        last = now;
+        std::thread::sleep(Duration::from_millis(30));
+    }
+    let final_versions = BTreeMap::from([
+        (
+            "configmaps/config".to_string(),
+            rv_of(&emu, "configmaps", "config"),
+        ),
+        ("secrets/keys".to_string(), rv_of(&emu, "secrets", "keys")),
+    ]);
+    assert!(emu.wait_for_blocking(Duration::from_secs(30), |_| {
+        projection.visible_versions() == final_versions
+    }));
+    assert_eq!(
+        read_version(&dir, &["config.yaml", "keys.json"]).unwrap(),
+        ["20", "20"]
+    );
+    assert_eq!(versions(&dir).len(), 1, "old versions are cleaned up");
+}
+
+#[test]
+fn without_delays_every_change_is_projected_at_once() {
+    let emu = Emulator::start();
+    emu.apply_yaml(PAIR).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().to_path_buf();
+    // No delays; a volume sync period long enough that only `sync()` writes.
+    let options = ProjectionOptions {
+        sync_period: Duration::from_secs(3600),
+        ..ProjectionOptions::default()
+    };
+    let projection = Projection::start_with(&emu, "default", "app=gw", &dir, options).unwrap();
+    emu.patch_merge(
+        "v1",
+        "configmaps",
+        "default",
+        "config",
+        json!({"data": {"config.yaml": "2"}}),
+    )
+    .unwrap();
+    emu.delete("v1", "secrets", "default", "keys").unwrap();
+    // A forced sync sees every change at once, as with `start`.
+    assert!(projection.sync().unwrap());
+    assert_eq!(visible(&dir), ["config.yaml"]);
+    assert_eq!(read(&dir, "config.yaml"), "2");
+    assert_eq!(
+        projection.visible_versions(),
+        BTreeMap::from([(
+            "configmaps/config".to_string(),
+            rv_of(&emu, "configmaps", "config")
+        )])
+    );
+    assert_eq!(projection.writes(), 2);
 }
