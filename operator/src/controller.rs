@@ -1113,7 +1113,10 @@ impl Reconciler {
         match api
             .patch_status(
                 &object.name_any(),
-                &PatchParams::default(),
+                &PatchParams {
+                    field_manager: Some(MANAGER.to_owned()),
+                    ..PatchParams::default()
+                },
                 &Patch::Merge(&patch),
             )
             .await

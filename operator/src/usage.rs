@@ -119,6 +119,9 @@ fn same_figures(a: &KeyUsage, b: &KeyUsage) -> bool {
     strip(a) == strip(b)
 }
 
+/// The field manager of usage writes (`status.usage` only).
+pub const USAGE_MANAGER: &str = "tollgate-operator-usage";
+
 /// Reads every key's counters and writes changed figures. Returns how many statuses were
 /// written.
 pub async fn refresh(
@@ -177,7 +180,10 @@ pub async fn refresh(
             match api
                 .patch_status(
                     &key.name_any(),
-                    &PatchParams::default(),
+                    &PatchParams {
+                        field_manager: Some(USAGE_MANAGER.to_owned()),
+                        ..PatchParams::default()
+                    },
                     &Patch::Merge(&patch),
                 )
                 .await

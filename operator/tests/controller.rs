@@ -234,11 +234,11 @@ async fn a_new_world_gets_a_key_secret_the_config_objects_and_statuses() {
             format!("PATCH /api/v1/namespaces/tollgate/secrets/tollgate-gateway-credentials{SSA}"),
             format!("PATCH /api/v1/namespaces/tollgate/secrets/tollgate-gateway-keys-00{SSA}"),
             format!("PATCH /api/v1/namespaces/tollgate/configmaps/tollgate-gateway-config{SSA}"),
-            "PATCH /apis/tollgate.dev/v1alpha1/namespaces/default/providers/mock/status?"
+            "PATCH /apis/tollgate.dev/v1alpha1/namespaces/default/providers/mock/status?&fieldManager=tollgate-operator"
                 .to_owned(),
-            "PATCH /apis/tollgate.dev/v1alpha1/namespaces/default/routepolicies/demo/status?"
+            "PATCH /apis/tollgate.dev/v1alpha1/namespaces/default/routepolicies/demo/status?&fieldManager=tollgate-operator"
                 .to_owned(),
-            "PATCH /apis/tollgate.dev/v1alpha1/namespaces/default/apikeys/app/status?".to_owned(),
+            "PATCH /apis/tollgate.dev/v1alpha1/namespaces/default/apikeys/app/status?&fieldManager=tollgate-operator".to_owned(),
         ]
     );
     assert_eq!(
@@ -298,7 +298,7 @@ async fn a_new_world_gets_a_key_secret_the_config_objects_and_statuses() {
     // Status: merge patches with conditions from the compile.
     let status = api.body_of(
         "PATCH",
-        "/apis/tollgate.dev/v1alpha1/namespaces/default/apikeys/app/status?",
+        "/apis/tollgate.dev/v1alpha1/namespaces/default/apikeys/app/status?&fieldManager=tollgate-operator",
     );
     let s = &status["status"];
     assert_eq!(s["observedGeneration"], 1);
@@ -512,7 +512,7 @@ async fn a_secret_name_taken_by_someone_else_is_reported_not_overwritten() {
     );
     let status = api.body_of(
         "PATCH",
-        "/apis/tollgate.dev/v1alpha1/namespaces/default/apikeys/app/status?",
+        "/apis/tollgate.dev/v1alpha1/namespaces/default/apikeys/app/status?&fieldManager=tollgate-operator",
     );
     let ready = &status["status"]["conditions"][0];
     assert_eq!(ready["status"], "False");

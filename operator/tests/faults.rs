@@ -1644,10 +1644,21 @@ async fn no_reconcile_decides_from_a_cache_that_is_being_relisted() {
     // An API server restart: every watch expires (410 Gone) and relists; the ApiKeys'
     // list is slow to come back. The other watches relist at once and ask for a reconcile.
     e.delay_next(1, Duration::from_secs(4), apikey_lists.clone());
+    // A write no watch sees moves the resourceVersion on, so every resume is too old.
+    e.apply_yaml(
+        "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: unrelated, namespace: default}\n",
+    )
+    .unwrap();
     e.compact();
     e.close_watches();
     let mut waited = false;
+    let deadline = Instant::now() + Duration::from_secs(30);
     while e.count(&apikey_lists) == lists {
+        assert!(
+            Instant::now() < deadline,
+            "the ApiKeys are relisted:\n{}",
+            op.logs()
+        );
         let now = op.reconciles("success").await;
         assert_eq!(
             now,
