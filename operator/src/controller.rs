@@ -287,6 +287,7 @@ struct WatchShared {
     metrics: Arc<Metrics>,
     seen: Seen,
     relisting: Arc<std::sync::atomic::AtomicUsize>,
+    failed_at: Arc<std::sync::Mutex<Option<std::time::Instant>>>,
 }
 
 fn reflect<K>(
@@ -310,6 +311,7 @@ where
         metrics,
         seen,
         relisting,
+        failed_at,
     } = shared;
     let task = tokio::spawn(async move {
         use std::sync::atomic::Ordering::SeqCst;
@@ -348,6 +350,9 @@ where
                     }
                 }
                 Err(e) => {
+                    // Until it resumes or relists (after a backoff), this cache may be
+                    // behind without anything saying so.
+                    *failed_at.lock().expect("failed_at lock") = Some(std::time::Instant::now());
                     tracing::warn!(error = %e, watch = what, "watch failed; retrying with backoff")
                 }
             }
@@ -396,6 +401,8 @@ pub struct Watches {
     pub seen: Seen,
     /// Watches whose cache is being replaced by a fresh list right now.
     relisting: Arc<std::sync::atomic::AtomicUsize>,
+    /// When a watch last failed.
+    failed_at: Arc<std::sync::Mutex<Option<std::time::Instant>>>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
@@ -411,11 +418,13 @@ impl Watches {
         let mut tasks = Vec::new();
         let seen = Seen::default();
         let relisting = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let failed_at = Arc::new(std::sync::Mutex::new(None));
         let shared = WatchShared {
             notify,
             metrics,
             seen: seen.clone(),
             relisting: relisting.clone(),
+            failed_at: failed_at.clone(),
         };
         macro_rules! kind_cache {
             ($k:ty, $cfg:expr, $what:expr, $print:expr) => {{
@@ -479,6 +488,7 @@ impl Watches {
         tasks.push(task);
         Self {
             relisting,
+            failed_at,
             providers,
             routes,
             keys,
@@ -494,8 +504,16 @@ impl Watches {
     /// Whether some watch is relisting (its cache is about to be replaced after a
     /// watch expired, e.g. an API server restart): no decision is taken from a view
     /// that is known to be stale; the reconcile waits for the fresh list.
+    /// A watch that failed counts as relisting for [`WATCH_SETTLE`] (kube's watcher backs
+    /// off before it resumes or relists), so a failure that needs no relist holds
+    /// reconciles back only that long.
     pub fn relisting(&self) -> bool {
         self.relisting.load(std::sync::atomic::Ordering::SeqCst) > 0
+            || self
+                .failed_at
+                .lock()
+                .expect("failed_at lock")
+                .is_some_and(|t| t.elapsed() < WATCH_SETTLE)
     }
 
     /// Waits until every cache holds its initial list.
@@ -1440,6 +1458,9 @@ fn leave_out_new_keys(
     }
     left.len()
 }
+
+/// How long after a watch failure reconciles wait for it to resume or relist.
+pub const WATCH_SETTLE: Duration = Duration::from_secs(5);
 
 /// How soon Secret writes the API refused for good are tried again.
 const REFUSED_RETRY: Duration = Duration::from_secs(30);
