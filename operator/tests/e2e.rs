@@ -330,6 +330,22 @@ async fn reconciles_reach(admin: &str, n: u64) {
     }
 }
 
+/// The writes logged since the last `reset_log`, once whatever a follow-up reconcile
+/// does is done (two more reconciles), leaving out usage writes: those mirror the
+/// requests the test sent, not the change under test.
+async fn writes_once_settled(
+    emulator: &Emulator,
+    admin: &str,
+) -> Vec<tollgate_kube_emulator::RequestRecord> {
+    let runs = reconciles(admin).await;
+    reconciles_reach(admin, runs + 2).await;
+    emulator
+        .requests_matching(&RequestFilter::writes())
+        .into_iter()
+        .filter(|r| r.field_manager.as_deref() != Some("tollgate-operator-usage"))
+        .collect()
+}
+
 /// The propagation record on the generated ConfigMap.
 fn propagation_record(e: &Emulator) -> Option<Value> {
     let cm = e.get("v1", "configmaps", "tollgate", "tollgate-gateway-config")?;
@@ -549,15 +565,7 @@ async fn ten_thousand_api_keys_with_redis_and_three_gateways_cost_a_handful_of_w
         common::condition(&emulator, "apikeys", "newcomer", "Propagated"),
         tail(&op)
     );
-    // Whatever a follow-up reconcile does, it has done after two more.
-    let runs = reconciles(&admin).await;
-    reconciles_reach(&admin, runs + 2).await;
-    // Usage writes (the requests the test sent) are not caused by the new ApiKey.
-    let writes: Vec<_> = emulator
-        .requests_matching(&RequestFilter::writes())
-        .into_iter()
-        .filter(|r| r.field_manager.as_deref() != Some("tollgate-operator-usage"))
-        .collect();
+    let writes = writes_once_settled(&emulator, &admin).await;
     let described: Vec<String> = writes
         .iter()
         .map(|r| {
@@ -613,14 +621,7 @@ async fn ten_thousand_api_keys_with_redis_and_three_gateways_cost_a_handful_of_w
         "a reconcile ran while Redis was stopped:\n{}",
         tail(&op)
     );
-    let runs = reconciles(&admin).await;
-    reconciles_reach(&admin, runs + 2).await;
-    // The usage refresher may still mirror the requests sent above; that is not the blip.
-    let blip_writes: Vec<_> = emulator
-        .requests_matching(&RequestFilter::writes())
-        .into_iter()
-        .filter(|r| r.field_manager.as_deref() != Some("tollgate-operator-usage"))
-        .collect();
+    let blip_writes = writes_once_settled(&emulator, &admin).await;
     eprintln!(
         "a Redis blip next to {} ApiKeys: {} API writes",
         KEYS + 1,
