@@ -63,6 +63,10 @@ pub mod reasons {
     /// The object does not fit in the configuration the gateways mount (an ApiKey whose
     /// key needs a key shard beyond `--max-key-shards`); what is served keeps updating.
     pub const CONFIG_TOO_LARGE: &str = "ConfigTooLarge";
+    /// A new key is in the configuration but not yet in its Secret: it is written there
+    /// once every live gateway serves it (at most the operator's `--key-publish-wait`
+    /// later), so a client never reads a key the gateways still refuse.
+    pub const KEY_PENDING: &str = "KeyPending";
     /// A reference crosses a tenant boundary the other side has not opened (a Provider in
     /// another namespace not shared with this one, a Secret without credential consent).
     pub const REF_NOT_PERMITTED: &str = "RefNotPermitted";

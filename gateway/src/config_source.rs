@@ -60,6 +60,9 @@ pub struct ConfigState {
     pub removed_keys: std::sync::OnceLock<tokio::sync::mpsc::UnboundedSender<Vec<[u8; 32]>>>,
     /// The last rejection, for /readyz.
     pub last_error: std::sync::Mutex<Option<String>>,
+    /// Notified after each new configuration is swapped in (the heartbeat reports it at
+    /// once, so the operator can hand out keys it holds without waiting for a round).
+    pub loaded: tokio::sync::Notify,
 }
 
 impl ConfigState {
@@ -373,6 +376,7 @@ async fn reload(
                 .get_or_create(&ReloadLabels { result: "success" })
                 .inc();
             *state.last_error.lock().unwrap_or_else(|e| e.into_inner()) = None;
+            state.loaded.notify_one();
             // Read, compile, index and swap: what a reload costs.
             let load_ms = started.elapsed().as_secs_f64() * 1000.0;
             tracing::info!(config_hash = %&hash[..16], keys, load_ms, "configuration loaded");

@@ -19,13 +19,17 @@ pub fn instance_id() -> String {
     format!("{host}-{:06x}", fastrand::u32(..0x100_0000))
 }
 
-/// Reports forever, every `EVERY_SECS`; failures are left to the next round (Redis state
-/// is already reported by the limits store).
+/// Reports forever, every `EVERY_SECS` and right after each new configuration is loaded;
+/// failures are left to the next round (Redis state is already reported by the limits
+/// store).
 pub async fn run(mut conn: SharedConn, config: Arc<ConfigState>, instance: String) {
     let mut tick = tokio::time::interval(Duration::from_secs(EVERY_SECS));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        tick.tick().await;
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = config.loaded.notified() => {}
+        }
         let hash = config
             .current
             .load()

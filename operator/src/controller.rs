@@ -55,6 +55,7 @@ use crate::{
     keys::{self, API_KEY_LABEL, KeyAction},
     leader::Fence,
     metrics::Metrics,
+    publish::{self, Holds},
     status,
 };
 
@@ -79,6 +80,18 @@ enum KeyOutcome {
         secret: Box<Secret>,
         writes: usize,
     },
+}
+
+/// What step 1 leaves for the rest of the reconcile.
+#[derive(Default)]
+struct KeySecrets {
+    /// `(reason, message)` by ApiKey whose Secret could not be written.
+    conflicts: BTreeMap<ObjectRef, (&'static str, String)>,
+    /// Secrets of keys held until the gateways serve them, by (namespace, name): what
+    /// the compile reads instead of the live Secret.
+    held: BTreeMap<(String, String), Secret>,
+    /// ApiKeys whose first key is held: `Ready` False, `KeyPending`, with this message.
+    pending: BTreeMap<ObjectRef, String>,
 }
 
 /// Whether an API error refuses one object's write for good (until that object, its
@@ -608,6 +621,10 @@ pub struct Reconciler {
     pub compile_options: CompileOptions,
     /// Where its own writes are recorded, so their watch events trigger nothing.
     pub seen: Seen,
+    /// New and rotated keys held until the gateways serve them ([`crate::publish`]).
+    pub holds: Holds,
+    /// Longest a new key is held (`--key-publish-wait`; 0: written at once).
+    pub key_publish_wait: Duration,
 }
 
 /// The input of one reconcile, read from the caches.
@@ -884,15 +901,55 @@ impl Reconciler {
         }
     }
 
-    /// Step 1: key Secrets, [`WRITE_CONCURRENCY`] at a time. Returns what to report on
-    /// ApiKeys whose Secret could not be written: `(reason, message)` by ApiKey.
+    /// Holds a new or rotated key until the gateways serve it ([`crate::publish`]), or
+    /// says to write it now (with why).
+    fn hold_or_publish(
+        &self,
+        key: &ApiKey,
+        live: Option<&Secret>,
+        action: KeyAction,
+        view: &publish::View,
+    ) -> (KeyAction, publish::Decision) {
+        let (Some(uid), Some(secret)) = (key.metadata.uid.as_deref(), keys::action_secret(&action))
+        else {
+            return (action, publish::Decision::Publish(publish::Why::NoReports));
+        };
+        if matches!(view, publish::View::Off) || self.key_publish_wait.is_zero() {
+            return (action, publish::Decision::Publish(publish::Why::NoReports));
+        }
+        let basis = publish::Basis {
+            secret_version: live.and_then(|s| s.metadata.resource_version.clone()),
+            generation: keys::issued_generation(secret).unwrap_or(0),
+        };
+        let key_hash = keys::secret_key(secret)
+            .map(|k| tollgate_api::parts::sha256_hex(k.as_bytes()))
+            .unwrap_or_default();
+        let action = self.holds.hold(uid, action, key_hash, basis);
+        let decision =
+            self.holds
+                .decide(uid, view, self.key_publish_wait, std::time::Instant::now());
+        (action, decision)
+    }
+
+    /// Step 1: key Secrets, [`WRITE_CONCURRENCY`] at a time. New and rotated keys are
+    /// written only once the gateways serve them; until then they are compiled from
+    /// memory ([`crate::publish`]).
     async fn key_lifecycle(
         &self,
         snapshot: &mut Snapshot,
         now: Timestamp,
         report: &mut Report,
-    ) -> Result<BTreeMap<ObjectRef, (&'static str, String)>, ReconcileError> {
-        let work: Vec<(usize, KeyAction)> = snapshot
+    ) -> Result<KeySecrets, ReconcileError> {
+        let uids: BTreeSet<&str> = snapshot
+            .keys
+            .iter()
+            .filter_map(|k| k.metadata.uid.as_deref())
+            .collect();
+        self.holds.retain(&uids);
+        // Key Secrets written by earlier reconciles that the cache does not show yet.
+        self.holds
+            .overlay(&snapshot.keys, &mut snapshot.key_secrets);
+        let mut work: Vec<(usize, KeyAction)> = snapshot
             .keys
             .iter()
             .enumerate()
@@ -911,6 +968,52 @@ impl Reconciler {
                 }
             })
             .collect();
+        let issuing = work.iter().any(|(_, a)| keys::action_secret(a).is_some());
+        let view = if issuing && !self.key_publish_wait.is_zero() {
+            self.holds.view(&self.gateway_reports().await)
+        } else {
+            publish::View::Off
+        };
+        let mut out = KeySecrets::default();
+        let mut publishing = BTreeMap::new();
+        work.retain_mut(|(i, action)| {
+            let key = &snapshot.keys[*i];
+            if keys::action_secret(action).is_none() {
+                return true;
+            }
+            let ns = key
+                .namespace()
+                .unwrap_or_else(|| DEFAULT_NAMESPACE.to_owned());
+            let name = tollgate_api::compile::secret_name(key);
+            let live = snapshot.key_secrets.get(&(ns.clone(), name.clone()));
+            let (decided, decision) =
+                self.hold_or_publish(key, live, std::mem::replace(action, KeyAction::Keep), &view);
+            match decision {
+                publish::Decision::Publish(why) => {
+                    *action = decided;
+                    publishing.insert(*i, why);
+                    true
+                }
+                publish::Decision::Hold { .. } => {
+                    let creating = matches!(decided, KeyAction::Create(_));
+                    if let Some(secret) = keys::action_secret(&decided) {
+                        out.held.insert((ns.clone(), name.clone()), secret.clone());
+                    }
+                    // No gateway count in the message: it would rewrite the status as
+                    // each gateway catches up (the propagation record shows them).
+                    if creating {
+                        out.pending.insert(
+                            ObjectRef::new(Kind::ApiKey, &ns, &key.name_any()),
+                            format!(
+                                "the new key is written into Secret {name} once every live gateway serves it (at most {}s after it was issued)",
+                                self.key_publish_wait.as_secs()
+                            ),
+                        );
+                    }
+                    false
+                }
+            }
+        });
         let keys_now = snapshot.keys.clone();
         let steps: Vec<BoxFuture<'_, (usize, Result<KeyOutcome, ReconcileError>)>> = work
             .into_iter()
@@ -926,7 +1029,6 @@ impl Reconciler {
                 .buffer_unordered(WRITE_CONCURRENCY)
                 .collect()
                 .await;
-        let mut conflicts = BTreeMap::new();
         let mut first_error = None;
         for (i, outcome) in outcomes {
             let key = &mut snapshot.keys[i];
@@ -936,20 +1038,33 @@ impl Reconciler {
             match outcome {
                 Ok(KeyOutcome::Unchanged) => {}
                 Ok(KeyOutcome::Conflict(message)) => {
-                    conflicts.insert(
+                    out.conflicts.insert(
                         ObjectRef::new(Kind::ApiKey, &ns, &key.name_any()),
                         (reasons::SECRET_CONFLICT, message),
                     );
                 }
                 Ok(KeyOutcome::Refused(message)) => {
                     report.refused_writes += 1;
-                    conflicts.insert(
+                    out.conflicts.insert(
                         ObjectRef::new(Kind::ApiKey, &ns, &key.name_any()),
                         (reasons::SECRET_REFUSED, message),
                     );
                 }
                 Ok(KeyOutcome::Written { secret, writes }) => {
                     report.key_writes += writes;
+                    if let Some(uid) = key.metadata.uid.as_deref() {
+                        self.holds.release(uid, &secret);
+                    }
+                    if let Some(why) = publishing.get(&i) {
+                        self.metrics.key_published(why.label());
+                        if *why == publish::Why::Waited {
+                            tracing::warn!(
+                                api_key = %format!("{ns}/{}", key.name_any()),
+                                wait_secs = self.key_publish_wait.as_secs(),
+                                "key written before every live gateway reported serving it (--key-publish-wait ran out); clients may be refused until their configuration updates"
+                            );
+                        }
+                    }
                     snapshot
                         .key_secrets
                         .insert((ns, secret.name_any()), *secret);
@@ -959,9 +1074,10 @@ impl Reconciler {
                 }
             }
         }
+        self.metrics.keys_held(self.holds.len());
         match first_error {
             Some(e) => Err(e),
-            None => Ok(conflicts),
+            None => Ok(out),
         }
     }
 
@@ -1002,11 +1118,11 @@ impl Reconciler {
         Ok(())
     }
 
-    /// Gateways live now and how many serve `hash`, from their Redis reports.
-    async fn propagation<'h>(&self, hash: &'h str) -> status::Propagation<'h> {
+    /// The configuration hash each live gateway reports serving.
+    async fn gateway_reports(&self) -> publish::Reports {
         use tollgate_api::heartbeat::{CONFIG, LIVE_WITHIN_SECS, SEEN};
         let Some(mut conn) = self.redis.clone() else {
-            return status::Propagation::Off;
+            return publish::Reports::Off;
         };
         let now = Timestamp::now().as_millisecond();
         let work = async {
@@ -1017,34 +1133,44 @@ impl Reconciler {
                 .query_async(&mut conn)
                 .await?;
             if live.is_empty() {
-                return Ok::<_, redis::RedisError>((0, 0));
+                return Ok::<_, redis::RedisError>(Vec::new());
             }
             let hashes: Vec<Option<String>> = redis::cmd("HMGET")
                 .arg(CONFIG)
                 .arg(&live)
                 .query_async(&mut conn)
                 .await?;
-            let serving = hashes.iter().filter(|h| h.as_deref() == Some(hash)).count();
-            Ok((serving, live.len()))
+            Ok(hashes.into_iter().map(Option::unwrap_or_default).collect())
         };
         match tokio::time::timeout(self.redis_timeout, work).await {
-            Ok(Ok((serving, live))) => {
+            Ok(Ok(hashes)) => publish::Reports::Live(hashes),
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "could not read the gateways' configuration reports; propagation statuses keep their last value");
+                publish::Reports::Unknown
+            }
+            Err(_) => {
+                tracing::warn!(
+                    "reading the gateways' configuration reports timed out; propagation statuses keep their last value"
+                );
+                publish::Reports::Unknown
+            }
+        }
+    }
+
+    /// Gateways live now and how many serve `hash`, from their Redis reports.
+    async fn propagation<'h>(&self, hash: &'h str) -> status::Propagation<'h> {
+        match self.gateway_reports().await {
+            publish::Reports::Off => status::Propagation::Off,
+            publish::Reports::Unknown => status::Propagation::Unknown,
+            publish::Reports::Live(hashes) => {
+                let serving = hashes.iter().filter(|h| *h == hash).count();
+                let live = hashes.len();
                 self.metrics.gateways(serving, live);
                 status::Propagation::Known {
                     hash,
                     serving,
                     live,
                 }
-            }
-            Ok(Err(e)) => {
-                tracing::warn!(error = %e, "could not read the gateways' configuration reports; propagation statuses keep their last value");
-                status::Propagation::Unknown
-            }
-            Err(_) => {
-                tracing::warn!(
-                    "reading the gateways' configuration reports timed out; propagation statuses keep their last value"
-                );
-                status::Propagation::Unknown
             }
         }
     }
@@ -1163,7 +1289,7 @@ impl Reconciler {
         let mut report = Report::default();
 
         // 1. Key Secrets.
-        let conflicts = self.key_lifecycle(&mut snapshot, now, &mut report).await?;
+        let key_secrets = self.key_lifecycle(&mut snapshot, now, &mut report).await?;
 
         // 2. Compile.
         let resources = Resources {
@@ -1172,19 +1298,24 @@ impl Reconciler {
             api_keys: snapshot.keys.clone(),
         };
         // Only key Secrets owned by their ApiKey (by uid): a labelled Secret someone else
-        // made never becomes a served key.
+        // made never becomes a served key. A key held until the gateways serve it is
+        // compiled from memory.
         let owned = snapshot.keys.iter().filter_map(|key| {
-            let ns = key
-                .namespace()
-                .unwrap_or_else(|| DEFAULT_NAMESPACE.to_owned());
-            let secret = snapshot
-                .key_secrets
-                .get(&(ns, tollgate_api::compile::secret_name(key)))?;
+            let id = (
+                key.namespace()
+                    .unwrap_or_else(|| DEFAULT_NAMESPACE.to_owned()),
+                tollgate_api::compile::secret_name(key),
+            );
+            if let Some(held) = key_secrets.held.get(&id) {
+                return Some(held);
+            }
+            let secret = snapshot.key_secrets.get(&id)?;
             keys::owned_by(secret, key).then_some(secret)
         });
         let secrets = SecretStore::new(snapshot.credentials.iter().chain(owned), DEFAULT_NAMESPACE);
         let mut out = compile_with(&resources, &secrets, now, self.compile_options);
-        apply_conflicts(&mut out, &conflicts);
+        apply_conflicts(&mut out, &key_secrets.conflicts);
+        apply_pending(&mut out, &key_secrets.pending);
         let live_now = live_config(&snapshot, &self.naming);
         let config_error = |e: &dyn std::fmt::Display| ReconcileError::Config(e.to_string());
         let mut split = parts::split(&out.config).map_err(|e| config_error(&e))?;
@@ -1338,6 +1469,19 @@ impl Reconciler {
         if !plan.is_empty() {
             tracing::info!(config_hash = %&split.config_hash[..16], writes = report.config_writes, "configuration written");
         }
+        // The configuration is in place: held keys it serves wait for the gateways from
+        // here.
+        let served: BTreeSet<&str> = if self.holds.is_empty() {
+            BTreeSet::new()
+        } else {
+            out.config
+                .keys
+                .keys
+                .iter()
+                .map(|k| k.sha256.as_str())
+                .collect()
+        };
+        self.holds.written(&split.config_hash, &served);
 
         // 5. Status, from what this replica last wrote where the cache is behind.
         self.seen.overlay_statuses(&mut snapshot.providers);
@@ -1411,6 +1555,12 @@ impl Reconciler {
             (Some(n), true) => Some(n.min(REFUSED_RETRY)),
             (None, true) => Some(REFUSED_RETRY),
             (n, false) => n,
+        };
+        // While keys are held, look often: a client is waiting for each.
+        let next = match (next, self.holds.is_empty()) {
+            (n, true) => n,
+            (Some(n), false) => Some(n.min(publish::CHECK_EVERY)),
+            (None, false) => Some(publish::CHECK_EVERY),
         };
         report.wake_in = match (report.wake_in, next) {
             (Some(a), Some(b)) => Some(a.min(b)),
@@ -1495,6 +1645,28 @@ fn apply_conflicts(
     }
 }
 
+/// ApiKeys whose first key is held until the gateways serve it: `Ready` False with
+/// `KeyPending` (their Secret does not exist yet); the key stays in the configuration.
+fn apply_pending(out: &mut CompileOutput, pending: &BTreeMap<ObjectRef, String>) {
+    for (object, message) in pending {
+        let Some(o) = out.objects.get_mut(object) else {
+            continue;
+        };
+        if !o.served {
+            continue;
+        }
+        o.served = false;
+        out.diagnostics.push(Diagnostic {
+            object: object.clone(),
+            severity: Severity::Error,
+            condition: condition_types::READY,
+            reason: reasons::KEY_PENDING,
+            message: message.clone(),
+            field: None,
+        });
+    }
+}
+
 /// Time until the next key expiry or grace-period end after `now`. Grace periods are
 /// read from the key Secrets, which record them (the status only shows them, and its
 /// writes trigger no reconcile).
@@ -1573,6 +1745,9 @@ pub async fn run_loop(
             return;
         }
         if !*leading.borrow() {
+            // Keys held for the gateways are the leader's: the next one decides afresh.
+            reconciler.holds.clear();
+            reconciler.metrics.keys_held(0);
             wake = None;
             continue;
         }

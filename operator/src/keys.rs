@@ -37,7 +37,7 @@ pub const API_KEY_LABEL: &str = "tollgate.dev/api-key";
 pub const KEY_GENERATION: &str = "tollgate.dev/key-generation";
 
 /// What to do about one ApiKey's Secret.
-#[derive(PartialEq)]
+#[derive(Clone, PartialEq)]
 pub enum KeyAction {
     /// Nothing: the Secret holds the current key.
     Keep,
@@ -127,7 +127,7 @@ pub fn recorded_rotation(secret: &Secret) -> (Option<i64>, Option<PreviousKey>) 
 }
 
 /// The `spec.rotation.generation` a key was issued for.
-fn issued_generation(secret: &Secret) -> Option<i64> {
+pub fn issued_generation(secret: &Secret) -> Option<i64> {
     secret.annotations().get(KEY_GENERATION)?.parse().ok()
 }
 
@@ -202,6 +202,14 @@ pub fn key_secret(key: &ApiKey, plaintext: &str, generation: i64) -> Secret {
             ByteString(plaintext.as_bytes().to_vec()),
         )])),
         ..Secret::default()
+    }
+}
+
+/// The Secret a Create or Rotate action writes.
+pub fn action_secret(action: &KeyAction) -> Option<&Secret> {
+    match action {
+        KeyAction::Create(secret) | KeyAction::Rotate { secret, .. } => Some(secret),
+        KeyAction::Keep | KeyAction::Conflict(_) => None,
     }
 }
 

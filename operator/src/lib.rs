@@ -7,6 +7,7 @@ pub mod desired;
 pub mod keys;
 pub mod leader;
 pub mod metrics;
+pub mod publish;
 pub mod render;
 pub mod run;
 pub mod settings;

@@ -54,6 +54,13 @@ pub struct Metrics {
     watch_events: Family<WatchLabels, Counter>,
     gateways: Family<ResultLabels, Gauge>,
     keys_left_out: Gauge,
+    keys_held: Gauge,
+    keys_published: Family<AfterLabels, Counter>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct AfterLabels {
+    after: &'static str,
 }
 
 impl Default for Metrics {
@@ -82,6 +89,8 @@ impl Metrics {
             watch_events: Family::default(),
             gateways: Family::default(),
             keys_left_out: Gauge::default(),
+            keys_held: Gauge::default(),
+            keys_published: Family::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -149,6 +158,16 @@ impl Metrics {
             "ApiKeys left out of the configuration at the last reconcile because the key shards the gateways mount are full (reported ConfigTooLarge on each)",
             m.keys_left_out.clone(),
         );
+        registry.register(
+            "keys_held",
+            "New or rotated keys in the configuration but not yet in their Secret: written once every live gateway serves them (ApiKey reason KeyPending)",
+            m.keys_held.clone(),
+        );
+        registry.register(
+            "keys_published",
+            "Keys written into their Secrets, by what they waited for: `served` (every live gateway serves them), `no_gateways`, `no_reports` (no Redis, or --key-publish-wait 0), `not_served` (the configuration does not serve them), `waited` (--key-publish-wait ran out)",
+            m.keys_published.clone(),
+        );
         Self { registry, ..m }
     }
 
@@ -212,6 +231,18 @@ impl Metrics {
     /// ApiKeys left out for size at the last reconcile.
     pub fn keys_left_out(&self, n: usize) {
         self.keys_left_out.set(n as i64);
+    }
+
+    /// Keys held until the gateways serve them.
+    pub fn keys_held(&self, n: usize) {
+        self.keys_held.set(n as i64);
+    }
+
+    /// A key written into its Secret, after `after` (a [`crate::publish::Why`] label).
+    pub fn key_published(&self, after: &'static str) {
+        self.keys_published
+            .get_or_create(&AfterLabels { after })
+            .inc();
     }
 
     /// A reconcile put off because a watch was relisting.
@@ -321,6 +352,8 @@ mod tests {
         m.usage_read(true);
         m.gateways(2, 3);
         m.keys_left_out(0);
+        m.keys_held(1);
+        m.key_published("served");
         m.observe_compile(&CompileOutput::default(), "0123456789abcdef0123");
         let text = m.encode();
         let catalogue = catalogue();

@@ -198,6 +198,8 @@ pub async fn run(settings: RunSettings) -> anyhow::Result<()> {
             allow_link_local_upstreams: settings.allow_link_local_upstreams,
         },
         seen: watches.seen.clone(),
+        holds: Default::default(),
+        key_publish_wait: settings.key_publish_wait,
     };
     let loop_task = tokio::spawn(controller::run_loop(
         reconciler,

@@ -131,6 +131,14 @@ pub struct RunSettings {
     #[arg(long, env = "TOLLGATE_USAGE_INTERVAL", default_value = "30s", value_parser = parse_duration)]
     pub usage_interval: Duration,
 
+    /// With Redis, a new or rotated key is written into its Secret only once every live
+    /// gateway reports serving a configuration that holds it, so a client never reads a
+    /// key the gateways still refuse (the ApiKey shows `KeyPending` meanwhile). This is
+    /// the longest that wait lasts (a gateway that never catches up); 0 writes keys at
+    /// once. Keep it above the kubelet's sync period plus its cache TTL.
+    #[arg(long, env = "TOLLGATE_KEY_PUBLISH_WAIT", default_value = "3m", value_parser = parse_duration)]
+    pub key_publish_wait: Duration,
+
     /// Elect a leader on a coordination.k8s.io Lease so only one replica writes; the
     /// others keep their caches warm and take over within the lease duration.
     #[arg(long, env = "TOLLGATE_LEADER_ELECTION", default_value_t = true, action = clap::ArgAction::Set)]

@@ -221,6 +221,18 @@ fn transition(previous: Option<&CommonStatus>, next: &CommonStatus) -> Option<Ev
     {
         return None;
     }
+    // A new key waiting for the gateways is normal too, and its end is told by the
+    // `KeyIssued` Event: no Event into or out of `KeyPending` (unless it was something
+    // else before, or becomes something else than Ready).
+    let pending =
+        |c: &Option<(String, String)>| c.as_ref().is_some_and(|(_, r)| r == reasons::KEY_PENDING);
+    let simply_ready = |c: &Option<(String, String)>| {
+        c.as_ref()
+            .is_some_and(|(s, r)| s == "True" && r == reasons::READY)
+    };
+    if (before.is_none() && pending(&after)) || (pending(&before) && simply_ready(&after)) {
+        return None;
+    }
     let cond = next
         .conditions
         .iter()
@@ -372,7 +384,13 @@ pub fn api_key(
             _ => keep.rotated_generation,
         },
         previous_key: match rotation {
-            Some((_, previous)) => previous,
+            // As the API stores it (whole seconds), so a status read back compares equal.
+            Some((_, previous)) => previous.map(|p| PreviousKey {
+                expires_at: Time(
+                    Timestamp::from_second(p.expires_at.0.as_second()).unwrap_or(p.expires_at.0),
+                ),
+                ..p
+            }),
             None => keep.previous_key,
         }
         .filter(|p| p.expires_at.0 > now),
@@ -664,6 +682,25 @@ mod tests {
         key.status = Some(update.status);
         let later = now() + jiff::SignedDuration::from_secs(60);
         assert_eq!(api_key(&key, &out, Propagation::Off, None, later), None);
+    }
+
+    #[test]
+    fn a_key_waiting_for_the_gateways_is_no_event_and_neither_is_its_end() {
+        let with_ready = |status: &str, reason: &str| -> CommonStatus {
+            serde_json::from_value(serde_json::json!({"conditions": [{
+                "type": "Ready", "status": status, "reason": reason, "message": "m",
+                "lastTransitionTime": "2026-11-22T10:00:00Z",
+            }]}))
+            .unwrap()
+        };
+        let pending = with_ready("False", reasons::KEY_PENDING);
+        let ready = with_ready("True", reasons::READY);
+        let refused = with_ready("False", reasons::SECRET_REFUSED);
+        assert_eq!(transition(None, &pending), None);
+        assert_eq!(transition(Some(&pending), &ready), None);
+        // Anything else stays news.
+        assert!(transition(Some(&pending), &refused).is_some_and(|e| e.warning));
+        assert!(transition(Some(&ready), &pending).is_some_and(|e| e.warning));
     }
 
     #[test]

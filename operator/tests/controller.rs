@@ -176,6 +176,8 @@ fn reconciler(client: Client) -> Reconciler {
         fence: Fence::open(),
         compile_options: Default::default(),
         seen: Default::default(),
+        holds: Default::default(),
+        key_publish_wait: Duration::from_secs(180),
     }
 }
 

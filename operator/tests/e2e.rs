@@ -312,6 +312,56 @@ fn gateway_on(dir: &std::path::Path, redis_url: Option<&str>) -> Proc {
     Proc::spawn(gateway_binary(), &args, &[])
 }
 
+/// Gateway processes, each on its own emulated kubelet.
+struct Fleet {
+    /// Each kubelet's projection (`None` once stopped: its files stay as they were).
+    projections: Vec<Option<Projection>>,
+    _gateways: Vec<Proc>,
+    addrs: Vec<String>,
+    _dirs: Vec<tempfile::TempDir>,
+}
+
+/// `n` gateways with Redis, each on its own kubelet whose copy of every generated object
+/// catches up `delay` (drawn per object and change) after it changes, rewriting the
+/// volume every `sync`.
+fn fleet(
+    emulator: &Emulator,
+    n: usize,
+    redis_url: &str,
+    delay: (Duration, Duration),
+    sync: Duration,
+    seed: u64,
+) -> Fleet {
+    let dirs: Vec<tempfile::TempDir> = (0..n).map(|_| tempfile::tempdir().unwrap()).collect();
+    let projections = dirs
+        .iter()
+        .enumerate()
+        .map(|(i, d)| {
+            let options = ProjectionOptions {
+                object_delay: delay,
+                seed: seed + i as u64,
+                sync_period: sync,
+                ..ProjectionOptions::default()
+            };
+            Some(
+                Projection::start_with(emulator, "tollgate", CONFIG_SELECTOR, d.path(), options)
+                    .unwrap(),
+            )
+        })
+        .collect();
+    let gateways: Vec<Proc> = dirs
+        .iter()
+        .map(|d| gateway_on(d.path(), Some(redis_url)))
+        .collect();
+    let addrs = gateways.iter().map(|g| g.addr("listening")).collect();
+    Fleet {
+        projections,
+        _gateways: gateways,
+        addrs,
+        _dirs: dirs,
+    }
+}
+
 /// Successful reconciles of the operator whose admin listener is `admin`.
 async fn reconciles(admin: &str) -> u64 {
     common::metric(
@@ -416,28 +466,15 @@ async fn ten_thousand_api_keys_with_redis_and_three_gateways_cost_a_handful_of_w
     // Three gateways, each with its own kubelet: every mounted object's copy catches up
     // on its own, 1–5 s after a change (a real kubelet: up to its sync period plus its
     // cache TTL, 60–90 s), and the volume is rewritten every second.
-    let dirs: Vec<tempfile::TempDir> = (0..GATEWAYS)
-        .map(|_| tempfile::tempdir().unwrap())
-        .collect();
-    let _projections: Vec<Projection> = dirs
-        .iter()
-        .enumerate()
-        .map(|(i, d)| {
-            let options = ProjectionOptions {
-                object_delay: (Duration::from_secs(1), Duration::from_secs(5)),
-                seed: 7 + i as u64,
-                sync_period: Duration::from_secs(1),
-                ..ProjectionOptions::default()
-            };
-            Projection::start_with(&emulator, "tollgate", CONFIG_SELECTOR, d.path(), options)
-                .unwrap()
-        })
-        .collect();
-    let gateways: Vec<Proc> = dirs
-        .iter()
-        .map(|d| gateway_on(d.path(), Some(&redis_url)))
-        .collect();
-    let addrs: Vec<String> = gateways.iter().map(|g| g.addr("listening")).collect();
+    let fleet = fleet(
+        &emulator,
+        GATEWAYS,
+        &redis_url,
+        (Duration::from_secs(1), Duration::from_secs(5)),
+        Duration::from_secs(1),
+        7,
+    );
+    let addrs = fleet.addrs.clone();
 
     let everything_served = |e: &Emulator| {
         let keys = e.list(TG, "apikeys", "default");
@@ -533,26 +570,18 @@ async fn ten_thousand_api_keys_with_redis_and_three_gateways_cost_a_handful_of_w
     assert_eq!(generated, shards + 2);
 
     // One new ApiKey: a handful of writes, whatever the number of objects, and the time
-    // until every gateway accepts its key.
+    // until its key is readable, which is when every gateway accepts it.
     emulator.reset_log();
-    let applied = Instant::now();
-    emulator
-        .apply_yaml("apiVersion: tollgate.dev/v1alpha1\nkind: ApiKey\nmetadata: {name: newcomer}\nspec: {owner: team-new}\n")
-        .unwrap();
-    assert!(
-        emulator
-            .wait_for(Duration::from_secs(60), |e| key_of(e, "newcomer-key")
-                .is_some())
-            .await,
-        "{}",
+    let (key, _, readable) = apply_new_key(&emulator, "newcomer", Duration::from_secs(120), || {
         tail(&op)
-    );
-    let key = key_of(&emulator, "newcomer-key").unwrap();
-    let mut accepted = Vec::new();
+    })
+    .await;
     for gw in &addrs {
-        let waited = eventually_status(gw, &key, 200, Duration::from_secs(120)).await;
-        assert!(waited.is_some(), "gateway {gw} accepts the new key");
-        accepted.push(applied.elapsed());
+        assert_eq!(
+            chat(gw, &key).await,
+            200,
+            "gateway {gw} accepts the new key as soon as it is readable"
+        );
     }
     assert!(
         emulator
@@ -581,9 +610,8 @@ async fn ten_thousand_api_keys_with_redis_and_three_gateways_cost_a_handful_of_w
         })
         .collect();
     eprintln!(
-        "one new ApiKey next to {KEYS}: {} API writes ({described:?}); every gateway accepted its key {:?} after it was applied ({accepted:?})",
+        "one new ApiKey next to {KEYS}: {} API writes ({described:?}); its key was readable, and accepted by every gateway, {readable:?} after it was applied",
         writes.len(),
-        accepted.last().unwrap(),
     );
     assert!(
         writes.len() <= 10,
@@ -854,4 +882,185 @@ async fn reconciles_are_traced_over_otlp() {
     assert_eq!(attrs["tollgate.api_keys"], "IntValue(3)");
     assert!(attrs["tollgate.config_hash"].starts_with("StringValue("));
     assert!(attrs["tollgate.key_writes"] != "IntValue(0)", "{attrs:?}");
+}
+
+/// The ApiKey `name`'s Ready condition reason, if it has one.
+fn ready_reason(e: &Emulator, name: &str) -> Option<String> {
+    ready(e, "apikeys", name).and_then(|c| c["reason"].as_str().map(str::to_owned))
+}
+
+/// Polls (every 20 ms, up to `within`) until the key Secret `secret` holds a key other
+/// than `old`, noting the ApiKey `name`'s Ready reasons seen meanwhile.
+async fn readable_key(
+    e: &Emulator,
+    secret: &str,
+    name: &str,
+    old: Option<&str>,
+    within: Duration,
+) -> (Option<String>, BTreeMap<String, usize>) {
+    let deadline = Instant::now() + within;
+    let mut reasons = BTreeMap::new();
+    while Instant::now() < deadline {
+        if let Some(reason) = ready_reason(e, name) {
+            *reasons.entry(reason).or_insert(0) += 1;
+        }
+        if let Some(key) = key_of(e, secret).filter(|k| Some(k.as_str()) != old) {
+            return (Some(key), reasons);
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    (None, reasons)
+}
+
+/// Applies a new ApiKey `name` and waits (up to `within`) for its key to be readable;
+/// returns the key, the Ready reasons seen meanwhile and how long it took.
+async fn apply_new_key(
+    e: &Emulator,
+    name: &str,
+    within: Duration,
+    logs: impl Fn() -> String,
+) -> (String, BTreeMap<String, usize>, Duration) {
+    let applied = Instant::now();
+    e.apply_yaml(&format!(
+        "apiVersion: tollgate.dev/v1alpha1\nkind: ApiKey\nmetadata: {{name: {name}}}\nspec: {{owner: team-{name}}}\n"
+    ))
+    .unwrap();
+    let (key, reasons) = readable_key(e, &format!("{name}-key"), name, None, within).await;
+    let took = applied.elapsed();
+    let key = key.unwrap_or_else(|| panic!("the key of {name} is written\n{}", logs()));
+    (key, reasons, took)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_or_rotated_key_is_readable_only_once_every_gateway_accepts_it() {
+    const WAIT: &str = "30s";
+    let redis = Redis::start();
+    let redis_url = redis.url();
+    let emulator = Emulator::start();
+    enforce_chart_rbac(&emulator, json!({"watchNamespaces": ["default"]}));
+    emulator
+        .apply_yaml("apiVersion: v1\nkind: Namespace\nmetadata: {name: tollgate}\n")
+        .unwrap();
+    emulator
+        .apply_yaml(
+            "apiVersion: tollgate.dev/v1alpha1\nkind: Provider\nmetadata: {name: mock}\nspec: {type: mock, models: [{name: demo-chat}]}\n---\n\
+             apiVersion: tollgate.dev/v1alpha1\nkind: RoutePolicy\nmetadata: {name: demo}\nspec: {models: [demo-chat], targets: [{provider: mock}]}\n",
+        )
+        .unwrap();
+    let (op, admin) = start_operator(
+        &emulator,
+        "op-publish",
+        &[
+            "--leader-election",
+            "false",
+            "--redis-url",
+            &redis_url,
+            "--key-publish-wait",
+            WAIT,
+        ],
+        &[],
+    );
+    // Two gateways, each on its own kubelet whose copies of the generated objects catch
+    // up 1–4 s after each change, independently.
+    let mut fleet = fleet(
+        &emulator,
+        2,
+        &redis_url,
+        (Duration::from_secs(1), Duration::from_secs(4)),
+        Duration::from_millis(500),
+        11,
+    );
+    let addrs = fleet.addrs.clone();
+    assert!(
+        emulator
+            .wait_for(Duration::from_secs(60), |e| propagation_record(e)
+                .is_some_and(|r| r["state"] == "Serving" && r["gateways"] == 2))
+            .await,
+        "both gateways report serving: {:?}\n{}",
+        propagation_record(&emulator),
+        op.logs()
+    );
+
+    // A new ApiKey: its Secret appears only once both gateways accept its key, so the
+    // very first request made with it, through either, succeeds.
+    let (key, reasons, readable_after) =
+        apply_new_key(&emulator, "fresh", Duration::from_secs(60), || op.logs()).await;
+    for gw in &addrs {
+        assert_eq!(
+            chat(gw, &key).await,
+            200,
+            "gateway {gw} accepts the key as soon as it is readable ({readable_after:?} after the apply)"
+        );
+    }
+    assert!(
+        reasons.contains_key("KeyPending"),
+        "the ApiKey says why its Secret is not there yet: {reasons:?}"
+    );
+    assert!(
+        emulator
+            .wait_for(Duration::from_secs(30), |e| served_everywhere(e, "fresh"))
+            .await,
+        "{:?}",
+        ready(&emulator, "apikeys", "fresh")
+    );
+    eprintln!("a new key was readable {readable_after:?} after its ApiKey was applied");
+
+    // A rotation with a grace period: the new key is readable only once both gateways
+    // accept it, and the old one keeps working.
+    emulator
+        .apply_yaml("apiVersion: tollgate.dev/v1alpha1\nkind: ApiKey\nmetadata: {name: fresh}\nspec: {owner: team-a, rotation: {generation: 1, gracePeriod: 1h}}\n")
+        .unwrap();
+    let (rotated, _) = readable_key(
+        &emulator,
+        "fresh-key",
+        "fresh",
+        Some(&key),
+        Duration::from_secs(60),
+    )
+    .await;
+    let rotated = rotated.unwrap_or_else(|| panic!("the rotated key is written\n{}", op.logs()));
+    for gw in &addrs {
+        assert_eq!(
+            chat(gw, &rotated).await,
+            200,
+            "{gw} accepts the rotated key"
+        );
+        assert_eq!(chat(gw, &key).await, 200, "{gw} still accepts the old key");
+    }
+    let published = |after: &'static str| {
+        let admin = admin.clone();
+        async move {
+            common::metric(
+                &admin,
+                &format!("tollgate_operator_keys_published_total{{after=\"{after}\"}}"),
+            )
+            .await
+        }
+    };
+    assert_eq!(published("served").await, 2);
+    assert_eq!(published("waited").await, 0);
+
+    // A gateway whose kubelet stops updating its files (it still reports): the key is
+    // written after --key-publish-wait all the same, and the metric says so.
+    fleet.projections[1] = None;
+    let (late, reasons, took) =
+        apply_new_key(&emulator, "late", Duration::from_secs(120), || op.logs()).await;
+    assert!(
+        took >= Duration::from_secs(29),
+        "held for the whole wait: {took:?}"
+    );
+    assert!(reasons.contains_key("KeyPending"), "{reasons:?}");
+    assert_eq!(chat(&addrs[0], &late).await, 200);
+    assert_eq!(
+        chat(&addrs[1], &late).await,
+        401,
+        "the stuck gateway does not know it"
+    );
+    assert_eq!(published("waited").await, 1);
+    assert!(
+        op.logs().contains("--key-publish-wait ran out"),
+        "{}",
+        op.logs()
+    );
+    assert_nothing_refused(&emulator);
 }

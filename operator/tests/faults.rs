@@ -1683,3 +1683,159 @@ async fn no_reconcile_decides_from_a_cache_that_is_being_relisted() {
     settle(&e, &op).await;
     assert_eq!(served_keys(&e).len(), 2, "both keys still served");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_provider_whose_credentials_are_not_listed_yet_keeps_its_served_form() {
+    let e = world();
+    {
+        let first = Operator::start(&e, "op-first", &["--leader-election", "false"]);
+        settle(&e, &first).await;
+    }
+    let hash = live_hash(&e).unwrap();
+    assert!(
+        config_of(&e)
+            .credentials
+            .providers
+            .contains_key("default/openai")
+    );
+    let openai_ready = common::condition(&e, "providers", "openai", "Ready");
+    let beta_before = e.get(TG, "apikeys", "default", "beta").unwrap()["status"].clone();
+    // The next leader starts while the API server is slow to list the credential
+    // Secrets (`labelSelector=tollgate.dev/credential=true`).
+    let credential_lists = RequestFilter::any()
+        .resource("secrets")
+        .method("GET")
+        .watch(false)
+        .query_contains("credential");
+    let listed = e.count(&credential_lists);
+    e.delay_next(1, Duration::from_secs(4), credential_lists.clone());
+    let next = Operator::start(&e, "op-next", &["--leader-election", "false"]);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    // Until they are listed, nothing is decided: no write, the served configuration
+    // (with the Provider's credentials) stays.
+    while e.count(&credential_lists) == listed {
+        assert!(Instant::now() < deadline, "{}", next.logs());
+        assert_eq!(
+            next.writes(&e),
+            vec![],
+            "no write before the credentials are listed"
+        );
+        assert_eq!(live_hash(&e).as_deref(), Some(hash.as_str()));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    settle(&e, &next).await;
+    assert_eq!(
+        live_hash(&e).as_deref(),
+        Some(hash.as_str()),
+        "the Provider keeps its served form"
+    );
+    assert_eq!(
+        common::condition(&e, "providers", "openai", "Ready"),
+        openai_ready
+    );
+    assert_eq!(
+        next.writes(&e),
+        vec![],
+        "nothing to write: beta before {beta_before:#}\nafter {:#}",
+        e.get(TG, "apikeys", "default", "beta").unwrap()["status"]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_usage_pass_that_outlives_the_lease_writes_nothing_more() {
+    let redis = common::Redis::start();
+    let url = redis.url();
+    let e = world();
+    let args = ["--redis-url", url.as_str(), "--usage-interval", "200ms"];
+    let a = Operator::start(&e, "op-a", &args);
+    settle(&e, &a).await;
+    let b = Operator::start(&e, "op-b", &args);
+    assert!(
+        e.wait_for(Duration::from_secs(10), |_| b
+            .logs()
+            .contains("caches synced"))
+            .await
+    );
+    // A's next usage write is slow: its pass is still running when it loses the lease.
+    let usage_writes = |who: &str| {
+        RequestFilter::writes()
+            .resource("apikeys")
+            .subresource("status")
+            .query_contains("tollgate-operator-usage")
+            .user_agent(&format!("({who})"))
+    };
+    e.delay_next(1, Duration::from_secs(4), usage_writes("op-a"));
+    // Both keys were used: the next pass has two statuses to write.
+    let month = tollgate_api::usage::periods(jiff::Timestamp::now()).1;
+    for name in ["alpha", "beta"] {
+        let id = e.get(TG, "apikeys", "default", name).unwrap()["status"]["keyId"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        let ok = Command::new("redis-cli")
+            .args([
+                "-u",
+                &url,
+                "HSET",
+                &tollgate_api::usage::usage_key(&id, &month),
+            ])
+            .args([tollgate_api::usage::REQUESTS, "5"])
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(ok, "redis-cli HSET");
+    }
+    // A's pass sent its first write (held by the API server), then A freezes past its
+    // lease and B takes over.
+    assert!(
+        e.wait_for(Duration::from_secs(10), |e| e.armed_faults() == 0)
+            .await,
+        "A's usage pass writes:\n{}",
+        a.logs()
+    );
+    a.signal("STOP");
+    assert!(
+        e.wait_for(Duration::from_secs(20), |e| lease_holder(e).as_deref()
+            == Some("op-b"))
+            .await
+    );
+    let takeover = e
+        .requests_matching(
+            &RequestFilter::writes()
+                .resource("leases")
+                .user_agent("(op-b)"),
+        )
+        .first()
+        .expect("B took the Lease")
+        .received_at;
+    a.signal("CONT");
+    // A's held write is answered; its pass goes on to the next key, and stops there.
+    assert!(
+        e.wait_for(Duration::from_secs(20), |e| e.count(&usage_writes("op-a"))
+            == 1)
+            .await
+    );
+    assert!(
+        e.wait_for(Duration::from_secs(20), |_| a
+            .logs()
+            .contains("no longer holds the lease"))
+            .await,
+        "A's pass stops at its next write:\n{}",
+        a.logs()
+    );
+    assert!(
+        e.wait_for(Duration::from_secs(20), |e| ["alpha", "beta"].iter().all(
+            |n| e
+                .get(TG, "apikeys", "default", n)
+                .is_some_and(|k| k["status"]["usage"]["requests"] == 5)
+        ))
+        .await,
+        "B mirrors the usage:\n{}",
+        b.logs()
+    );
+    assert_eq!(assert_no_writes_since(&a, &e, takeover), 0);
+    assert_eq!(
+        e.count(&usage_writes("op-a")),
+        1,
+        "A wrote one usage status, before the takeover"
+    );
+}

@@ -495,6 +495,12 @@ impl Emulator {
             .arm(n, log::FaultAction::Delay(delay), filter);
     }
 
+    /// Faults armed and not yet taken by a request: 0 once every armed request has
+    /// arrived (a delayed one may still be waiting for its answer).
+    pub fn armed_faults(&self) -> usize {
+        self.core.log().armed()
+    }
+
     /// Makes the next `n` requests matching `filter` time out: nothing changes, and
     /// after `after` the answer is `504 Timeout`, as when the API server's request
     /// deadline passes (kube-rs retries 504 by default). A long `after` is a hang.

@@ -68,6 +68,9 @@ pub struct RequestFilter {
     pub watch: Option<bool>,
     /// Only requests whose `User-Agent` contains this text (one replica of several).
     pub user_agent: Option<String>,
+    /// Only requests whose raw query string contains this text (e.g. one label
+    /// selector's list among several lists of a resource).
+    pub query: Option<String>,
 }
 
 impl RequestFilter {
@@ -126,6 +129,12 @@ impl RequestFilter {
         self
     }
 
+    /// Restricts to requests whose raw (URL-encoded) query string contains `text`.
+    pub fn query_contains(mut self, text: &str) -> Self {
+        self.query = Some(text.to_string());
+        self
+    }
+
     /// Whether `r` is selected.
     pub fn matches(&self, r: &RequestRecord) -> bool {
         fn eq(want: &Option<String>, got: &Option<String>) -> bool {
@@ -145,6 +154,10 @@ impl RequestFilter {
                     .as_deref()
                     .is_some_and(|got| got.contains(want.as_str()))
             })
+            && self
+                .query
+                .as_ref()
+                .is_none_or(|want| r.query.contains(want.as_str()))
     }
 }
 
@@ -198,6 +211,10 @@ impl RequestLog {
                 filter,
             });
         }
+    }
+
+    pub fn armed(&self) -> usize {
+        self.faults.iter().map(|f| f.remaining).sum()
     }
 
     pub fn disarm(&mut self) {
