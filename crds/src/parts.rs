@@ -6,15 +6,20 @@
 //!
 //! | file | store | holds |
 //! |---|---|---|
-//! | `manifest.json` | ConfigMap | format version, config hash, every other part's hash |
-//! | `routing.json` | ConfigMap | providers and routes |
-//! | `credentials.json` | Secret | upstream credentials |
-//! | `keys-NNN.json` | Secret(s) | client key hashes and their policy, sharded by hash |
+//! | `manifest.json` | ConfigMap | format version, config hash, every other part's file and hash |
+//! | `routing.json`, or `routing-NNN-<hash>.json` when it does not fit in one part | ConfigMap(s) | providers and routes, sharded by the hash of their id |
+//! | `credentials-<hash>.json` | Secret | upstream credentials |
+//! | `keys-NNN-<hash>.json` | Secret(s) | client key hashes and their policy, sharded by hash |
 //!
 //! Keys are sharded by the leading bits of their hash into a power-of-two number of shards,
 //! so changing one key rewrites one shard. Because kubelet updates each mounted ConfigMap
 //! and Secret on its own schedule, a reader only accepts a set of files whose hashes all
-//! match the manifest; otherwise it keeps the configuration it has.
+//! match the manifest; otherwise it keeps the configuration it has. Parts stored apart
+//! from the manifest are named by the first 16 hex digits of their content hash, so a
+//! part that has not arrived yet is *missing* ([`PartsError::Missing`]: wait for it),
+//! never a different version under the expected name; a file with the expected name and
+//! other content is damaged ([`PartsError::HashMismatch`]). An unsharded `routing.json`
+//! shares the manifest's ConfigMap, so the two always change together.
 
 use std::collections::BTreeMap;
 
@@ -38,8 +43,10 @@ pub const MAX_KEY_SHARDS: usize = 256;
 pub const MANIFEST_FILE: &str = "manifest.json";
 /// Name of the routing part.
 pub const ROUTING_FILE: &str = "routing.json";
-/// Name of the credentials part.
-pub const CREDENTIALS_FILE: &str = "credentials.json";
+/// Name of the credentials part before its content hash (`credentials-<hash>.json`).
+pub const CREDENTIALS_FILE: &str = "credentials";
+/// Hex digits of the content hash in a part's file name.
+const NAME_HASH_DIGITS: usize = 16;
 
 /// Where a part must be stored.
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
@@ -191,6 +198,15 @@ struct EnvelopeIn<'a> {
     payload: &'a RawValue,
 }
 
+impl PartsError {
+    /// Whether the set is only incomplete: a part the manifest lists has not arrived
+    /// (kubelet updates each mounted object on its own schedule). Keep the current
+    /// configuration and wait; nothing is wrong.
+    pub fn is_pending(&self) -> bool {
+        matches!(self, Self::Missing(file) if file != MANIFEST_FILE)
+    }
+}
+
 /// SHA-256 of `bytes` as lowercase hex.
 pub fn sha256_hex(bytes: &[u8]) -> String {
     let digest = Sha256::digest(bytes);
@@ -209,31 +225,21 @@ pub fn split(config: &GatewayConfig) -> Result<SplitConfig, PartsError> {
 
 /// Splits a configuration into parts no larger than `limit` bytes.
 pub fn split_with_limit(config: &GatewayConfig, limit: usize) -> Result<SplitConfig, PartsError> {
-    let mut parts = vec![
-        make_part(
-            ROUTING_FILE,
-            PartKind::Routing,
-            0,
-            1,
-            &config.routing,
-            limit,
-        )?,
-        make_part(
-            CREDENTIALS_FILE,
-            PartKind::Credentials,
-            0,
-            1,
-            &config.credentials,
-            limit,
-        )?,
-    ];
+    let mut parts = shard_routing(&config.routing, limit)?;
+    parts.push(make_part(
+        PartKind::Credentials,
+        0,
+        1,
+        &config.credentials,
+        limit,
+    )?);
     parts.extend(shard_keys(&config.keys.keys, limit)?);
 
     let entries: Vec<ManifestEntry> = parts
         .iter()
         .map(|p| ManifestEntry {
             file: p.file.clone(),
-            kind: kind_of(&p.file),
+            kind: kind_of(&p.file).expect("parts other than the manifest have a kind"),
             store: p.store,
             content_hash: p.content_hash.clone(),
             bytes: p.bytes.len(),
@@ -258,11 +264,37 @@ pub fn split_with_limit(config: &GatewayConfig, limit: usize) -> Result<SplitCon
     Ok(SplitConfig { config_hash, parts })
 }
 
-fn kind_of(file: &str) -> PartKind {
-    match file {
-        ROUTING_FILE => PartKind::Routing,
-        CREDENTIALS_FILE => PartKind::Credentials,
-        _ => PartKind::Keys,
+/// The kind of the part in `file` (`None`: the manifest, or no part's name).
+pub fn kind_of(file: &str) -> Option<PartKind> {
+    if file == ROUTING_FILE || (file.starts_with("routing-") && file.ends_with(".json")) {
+        Some(PartKind::Routing)
+    } else if file.starts_with(CREDENTIALS_FILE) && file.ends_with(".json") {
+        Some(PartKind::Credentials)
+    } else if file.starts_with("keys-") && file.ends_with(".json") {
+        Some(PartKind::Keys)
+    } else {
+        None
+    }
+}
+
+/// The shard number of a key or routing shard's file (`keys-NNN-<hash>.json`,
+/// `routing-NNN-<hash>.json`).
+pub fn shard_index(file: &str) -> Option<usize> {
+    let rest = file
+        .strip_prefix("keys-")
+        .or_else(|| file.strip_prefix("routing-"))?
+        .strip_suffix(".json")?;
+    rest.split('-').next()?.parse().ok()
+}
+
+/// The file name of a part: `routing.json`, else named by its content.
+fn file_name(kind: PartKind, shard: usize, shards: usize, content_hash: &str) -> String {
+    let short = &content_hash[..NAME_HASH_DIGITS.min(content_hash.len())];
+    match kind {
+        PartKind::Routing if shards <= 1 => ROUTING_FILE.to_owned(),
+        PartKind::Routing => format!("routing-{shard:03}-{short}.json"),
+        PartKind::Credentials => format!("{CREDENTIALS_FILE}-{short}.json"),
+        PartKind::Keys => format!("keys-{shard:03}-{short}.json"),
     }
 }
 
@@ -278,7 +310,6 @@ fn config_hash(entries: &[ManifestEntry]) -> String {
 }
 
 fn make_part<T: Serialize>(
-    file: &str,
     kind: PartKind,
     shard: usize,
     shards: usize,
@@ -297,15 +328,16 @@ fn make_part<T: Serialize>(
         payload: &raw,
     };
     let bytes = serde_json::to_vec(&envelope).expect("envelope serialises");
+    let file = file_name(kind, shard, shards, &content_hash);
     if bytes.len() > limit {
         return Err(PartsError::TooLarge {
-            file: file.to_owned(),
+            file,
             size: bytes.len(),
             limit,
         });
     }
     Ok(ConfigPart {
-        file: file.to_owned(),
+        file,
         store: kind.store(),
         content_hash,
         bytes,
@@ -318,6 +350,35 @@ fn shard_of(sha256: &str, shards: usize) -> usize {
     ((u64::from(lead) * shards as u64) >> 32) as usize
 }
 
+/// The routing part, or, when it does not fit in one, a power-of-two number of shards
+/// (Providers and routes by the hash of their id), so one changed object rewrites one.
+fn shard_routing(routing: &RoutingConfig, limit: usize) -> Result<Vec<ConfigPart>, PartsError> {
+    let mut shards = 1;
+    loop {
+        let mut buckets = vec![RoutingConfig::default(); shards];
+        for (id, provider) in &routing.providers {
+            let shard = shard_of(&sha256_hex(id.as_bytes()), shards);
+            buckets[shard]
+                .providers
+                .insert(id.clone(), provider.clone());
+        }
+        for route in &routing.routes {
+            let shard = shard_of(&sha256_hex(route.id.as_bytes()), shards);
+            buckets[shard].routes.push(route.clone());
+        }
+        let made: Result<Vec<ConfigPart>, PartsError> = buckets
+            .iter()
+            .enumerate()
+            .map(|(i, bucket)| make_part(PartKind::Routing, i, shards, bucket, limit))
+            .collect();
+        match made {
+            Ok(parts) => return Ok(parts),
+            Err(e) if shards >= MAX_KEY_SHARDS => return Err(e),
+            Err(_) => shards *= 2,
+        }
+    }
+}
+
 fn shard_keys(keys: &[CompiledKey], limit: usize) -> Result<Vec<ConfigPart>, PartsError> {
     let mut shards = 1;
     loop {
@@ -328,15 +389,7 @@ fn shard_keys(keys: &[CompiledKey], limit: usize) -> Result<Vec<ConfigPart>, Par
         let mut parts = Vec::with_capacity(shards);
         let mut too_large = None;
         for (i, keys) in buckets.into_iter().enumerate() {
-            let file = format!("keys-{i:03}.json");
-            match make_part(
-                &file,
-                PartKind::Keys,
-                i,
-                shards,
-                &KeysConfig { keys },
-                limit,
-            ) {
+            match make_part(PartKind::Keys, i, shards, &KeysConfig { keys }, limit) {
                 Ok(part) => parts.push(part),
                 Err(e) => {
                     too_large = Some(e);
@@ -413,8 +466,10 @@ pub fn assemble(files: &BTreeMap<String, Vec<u8>>) -> Result<AssembledConfig, Pa
         let payload = envelope.payload.get();
         match envelope.kind {
             PartKind::Routing => {
-                config.routing = serde_json::from_str::<RoutingConfig>(payload)
+                let shard = serde_json::from_str::<RoutingConfig>(payload)
                     .map_err(|e| malformed(&entry.file, e))?;
+                config.routing.providers.extend(shard.providers);
+                config.routing.routes.extend(shard.routes);
                 saw_routing = true;
             }
             PartKind::Credentials => {
@@ -429,13 +484,16 @@ pub fn assemble(files: &BTreeMap<String, Vec<u8>>) -> Result<AssembledConfig, Pa
             }
         }
     }
-    if !saw_routing {
-        return Err(PartsError::Missing(ROUTING_FILE.to_owned()));
-    }
-    if !saw_credentials {
-        return Err(PartsError::Missing(CREDENTIALS_FILE.to_owned()));
+    for (saw, what) in [(saw_routing, "routing"), (saw_credentials, "credentials")] {
+        if !saw {
+            return Err(PartsError::Malformed {
+                file: MANIFEST_FILE.to_owned(),
+                message: format!("lists no {what} part"),
+            });
+        }
     }
     config.keys.keys.sort_by(|a, b| a.sha256.cmp(&b.sha256));
+    config.routing.routes.sort_by(|a, b| a.id.cmp(&b.id));
     Ok(AssembledConfig {
         config,
         config_hash: manifest.config_hash,

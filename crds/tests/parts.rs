@@ -9,7 +9,7 @@ use tollgate_api::{
         CompiledRoute, CompiledTarget, CredentialsConfig, GatewayConfig, KeysConfig, RoutingConfig,
     },
     parts::{
-        self, CREDENTIALS_FILE, DEFAULT_MAX_PART_BYTES, MANIFEST_FILE, PartsError, ROUTING_FILE,
+        self, DEFAULT_MAX_PART_BYTES, MANIFEST_FILE, PartKind, PartsError, ROUTING_FILE,
         SplitConfig, Store, sha256_hex,
     },
     v1alpha1::{BudgetPeriod, ProviderType, RetryOn, Strategy},
@@ -151,12 +151,34 @@ fn key_parts(split: &SplitConfig) -> Vec<&parts::ConfigPart> {
         .collect()
 }
 
+/// Content hashes by part, named without their hash (`keys-003`, `credentials`).
 fn hashes(split: &SplitConfig) -> BTreeMap<String, String> {
     split
         .parts
         .iter()
-        .map(|p| (p.file.clone(), p.content_hash.clone()))
+        .map(|p| (stem(&p.file).to_owned(), p.content_hash.clone()))
         .collect()
+}
+
+/// A part's file name without its content hash.
+fn stem(file: &str) -> &str {
+    match parts::kind_of(file) {
+        Some(PartKind::Keys) => &file[..8],
+        Some(PartKind::Routing) if file != ROUTING_FILE => &file[..11],
+        Some(PartKind::Credentials) => "credentials",
+        _ => file,
+    }
+}
+
+/// The file name of the credentials part.
+fn credentials_file(split: &SplitConfig) -> String {
+    split
+        .parts
+        .iter()
+        .find(|p| parts::kind_of(&p.file) == Some(PartKind::Credentials))
+        .unwrap()
+        .file
+        .clone()
 }
 
 /// Replaces the first occurrence of `from` in `bytes` with `to`.
@@ -209,8 +231,12 @@ fn ten_thousand_keys_are_sharded_into_a_power_of_two_of_bounded_parts_and_roundt
     );
     assert!(shards.len() > 1);
     assert!(shards.len().is_power_of_two(), "{} shards", shards.len());
+    // Named by shard and content.
     for (i, part) in shards.iter().enumerate() {
-        assert_eq!(part.file, format!("keys-{i:03}.json"));
+        assert_eq!(
+            part.file,
+            format!("keys-{i:03}-{}.json", &part.content_hash[..16])
+        );
     }
 
     let assembled = parts::assemble(&files(&split)).unwrap();
@@ -243,7 +269,7 @@ fn changing_one_key_rewrites_exactly_one_key_shard() {
     assert_eq!(differing.len(), 1, "{differing:?}");
     assert!(differing[0].starts_with("keys-"));
     assert_eq!(old[ROUTING_FILE], new[ROUTING_FILE]);
-    assert_eq!(old[CREDENTIALS_FILE], new[CREDENTIALS_FILE]);
+    assert_eq!(old["credentials"], new["credentials"]);
     assert_ne!(
         parts::split(&before).unwrap().config_hash,
         parts::split(&after).unwrap().config_hash
@@ -261,13 +287,70 @@ fn splitting_the_same_configuration_twice_gives_identical_parts() {
 }
 
 #[test]
-fn routing_larger_than_the_limit_is_reported_as_too_large() {
+fn routing_that_cannot_be_sharded_small_enough_is_reported_as_too_large() {
+    // One Provider alone is larger than the limit: no number of shards helps.
     let err = parts::split_with_limit(&config(0), 200).unwrap_err();
 
     assert!(
-        matches!(&err, PartsError::TooLarge { file, limit: 200, .. } if file == ROUTING_FILE),
+        matches!(&err, PartsError::TooLarge { file, limit: 200, .. } if file.starts_with("routing-")),
         "{err:?}"
     );
+}
+
+/// `config(0)` with `n` more RoutePolicies, each with a Provider of its own.
+fn many_routes(n: usize) -> GatewayConfig {
+    let mut config = config(0);
+    for i in 0..n {
+        let provider_id = format!("team-{i}/upstream");
+        config.routing.providers.insert(
+            provider_id.clone(),
+            provider(&provider_id, &[&format!("model-{i}")]),
+        );
+        config.routing.routes.push(route(
+            &format!("team-{i}/route"),
+            &provider_id,
+            &[&format!("model-{i}")],
+        ));
+    }
+    config.routing.routes.sort_by(|a, b| a.id.cmp(&b.id));
+    config
+}
+
+#[test]
+fn routing_larger_than_one_part_is_sharded_and_one_change_rewrites_one_shard() {
+    let config = many_routes(300);
+    let split = parts::split_with_limit(&config, 64 * 1024).unwrap();
+    let routing: Vec<&parts::ConfigPart> = split
+        .parts
+        .iter()
+        .filter(|p| parts::kind_of(&p.file) == Some(PartKind::Routing))
+        .collect();
+    assert!(
+        routing.len() > 1 && routing.len().is_power_of_two(),
+        "{}",
+        routing.len()
+    );
+    for (i, part) in routing.iter().enumerate() {
+        assert_eq!(
+            part.file,
+            format!("routing-{i:03}-{}.json", &part.content_hash[..16])
+        );
+        assert_eq!(part.store, Store::ConfigMap);
+        assert!(part.bytes.len() <= 64 * 1024);
+        assert_eq!(parts::shard_index(&part.file), Some(i));
+    }
+    assert_eq!(parts::assemble(&files(&split)).unwrap().config, config);
+
+    let mut changed = config.clone();
+    changed.routing.routes[123].retry_attempts = 7;
+    let after = parts::split_with_limit(&changed, 64 * 1024).unwrap();
+    let (old, new) = (hashes(&split), hashes(&after));
+    let differing: Vec<&String> = old
+        .keys()
+        .filter(|f| f.as_str() != MANIFEST_FILE && old[*f] != new[*f])
+        .collect();
+    assert_eq!(differing.len(), 1, "{differing:?}");
+    assert!(differing[0].starts_with("routing-"));
 }
 
 // === Refusing inconsistent sets ===
@@ -310,11 +393,8 @@ fn tampered_part_is_refused_with_hash_mismatch() {
 #[test]
 fn part_with_a_forged_content_hash_is_still_refused() {
     let split = parts::split(&config(25)).unwrap();
-    let part = split
-        .parts
-        .iter()
-        .find(|p| p.file == CREDENTIALS_FILE)
-        .unwrap();
+    let file = credentials_file(&split);
+    let part = split.parts.iter().find(|p| p.file == file).unwrap();
     let forged_payload = r#"{"providers":{"ml/openai":"sk-attacker"}}"#;
     let forged = replace_once(
         &replace_once(
@@ -326,27 +406,63 @@ fn part_with_a_forged_content_hash_is_still_refused() {
         &sha256_hex(forged_payload.as_bytes()),
     );
     let mut files = files(&split);
-    files.insert(CREDENTIALS_FILE.to_owned(), forged);
+    files.insert(file.clone(), forged);
 
     let err = parts::assemble(&files).unwrap_err();
 
     assert!(
-        matches!(&err, PartsError::HashMismatch { file, .. } if file == CREDENTIALS_FILE),
+        matches!(&err, PartsError::HashMismatch { file: f, .. } if *f == file),
         "{err:?}"
     );
+    assert!(!err.is_pending(), "a damaged part is no update in flight");
 }
 
 #[test]
 fn missing_key_shard_is_refused_with_missing() {
     let split = parts::split(&config(10_000)).unwrap();
+    let second = key_parts(&split)[1].file.clone();
     let mut files = files(&split);
-    files
-        .remove("keys-001.json")
-        .expect("there are several shards");
+    files.remove(&second).expect("there are several shards");
 
     let err = parts::assemble(&files).unwrap_err();
 
-    assert_eq!(err, PartsError::Missing("keys-001.json".to_owned()));
+    assert_eq!(err, PartsError::Missing(second));
+    assert!(err.is_pending(), "a part not mounted yet is waited for");
+}
+
+#[test]
+fn a_shard_and_a_manifest_from_different_changes_never_pair_and_are_waited_for() {
+    let old = config(10_000);
+    let mut new = old.clone();
+    new.keys.keys[4_321].limits = Some(CompiledLimits {
+        requests_per_minute: Some(60),
+        ..CompiledLimits::default()
+    });
+    let (old, new) = (parts::split(&old).unwrap(), parts::split(&new).unwrap());
+    let changed: Vec<(&str, &str)> = key_parts(&old)
+        .iter()
+        .zip(key_parts(&new))
+        .filter(|(a, b)| a.file != b.file)
+        .map(|(a, b)| (a.file.as_str(), b.file.as_str()))
+        .collect();
+    assert_eq!(changed.len(), 1, "one shard changed, under a new name");
+    let (old_file, new_file) = changed[0];
+    let old_files = files(&old);
+    let new_files = files(&new);
+    // The ConfigMap (manifest) updated, the shard's Secret not yet; then the other way.
+    let mut manifest_first = old_files.clone();
+    manifest_first.insert(MANIFEST_FILE.to_owned(), new_files[MANIFEST_FILE].clone());
+    let mut shard_first = old_files.clone();
+    shard_first.remove(old_file);
+    shard_first.insert(new_file.to_owned(), new_files[new_file].clone());
+    for (what, set, missing) in [
+        ("new manifest, old shard", manifest_first, new_file),
+        ("old manifest, new shard", shard_first, old_file),
+    ] {
+        let err = parts::assemble(&set).unwrap_err();
+        assert_eq!(err, PartsError::Missing(missing.to_owned()), "{what}");
+        assert!(err.is_pending(), "{what}");
+    }
 }
 
 #[test]
@@ -358,6 +474,7 @@ fn missing_manifest_is_refused_with_missing() {
     let err = parts::assemble(&files).unwrap_err();
 
     assert_eq!(err, PartsError::Missing(MANIFEST_FILE.to_owned()));
+    assert!(!err.is_pending(), "no manifest: nothing to wait for");
 }
 
 #[test]
@@ -433,7 +550,7 @@ fn manifest_and_routing_go_to_config_maps_and_credentials_and_keys_to_secrets() 
             Store::ConfigMap
         } else {
             assert!(
-                part.file == CREDENTIALS_FILE || part.file.starts_with("keys-"),
+                parts::kind_of(&part.file).is_some_and(|k| k != PartKind::Routing),
                 "unexpected part {}",
                 part.file
             );
@@ -462,11 +579,8 @@ fn credentials_never_appear_in_config_map_parts() {
     for part in split.parts.iter().filter(|p| p.store == Store::ConfigMap) {
         assert!(!contains(&part.bytes), "{} holds the credential", part.file);
     }
-    let credentials = split
-        .parts
-        .iter()
-        .find(|p| p.file == CREDENTIALS_FILE)
-        .unwrap();
+    let file = credentials_file(&split);
+    let credentials = split.parts.iter().find(|p| p.file == file).unwrap();
     assert!(
         contains(&credentials.bytes),
         "the credential must be somewhere"

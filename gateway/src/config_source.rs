@@ -60,12 +60,29 @@ pub struct ConfigState {
     pub removed_keys: std::sync::OnceLock<tokio::sync::mpsc::UnboundedSender<Vec<[u8; 32]>>>,
     /// The last rejection, for /readyz.
     pub last_error: std::sync::Mutex<Option<String>>,
+    /// What an update still arriving waits for (cleared once it loads), for /readyz.
+    pub waiting_for: std::sync::Mutex<Option<String>>,
     /// Notified after each new configuration is swapped in (the heartbeat reports it at
     /// once, so the operator can hand out keys it holds without waiting for a round).
     pub loaded: tokio::sync::Notify,
 }
 
 impl ConfigState {
+    /// Incomplete sets seen so far (an update still arriving).
+    pub fn pending(&self) -> u64 {
+        self.reloads
+            .get_or_create(&ReloadLabels { result: "pending" })
+            .get()
+    }
+
+    /// What the update still arriving waits for, if one is.
+    pub fn waiting_for(&self) -> Option<String> {
+        self.waiting_for
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
     /// Successful loads so far.
     pub fn succeeded(&self) -> u64 {
         self.reloads
@@ -206,9 +223,17 @@ impl Source {
                             .map(|n| (n.to_owned(), bytes))
                     })
                     .collect();
-                parts::assemble(&by_name)
-                    .map(|a| Snapshot::new(a.config, a.config_hash))
-                    .map_err(|e| e.to_string())
+                match parts::assemble(&by_name) {
+                    Ok(a) => Ok(Snapshot::new(a.config, a.config_hash)),
+                    // Still arriving: kubelet has not mounted every listed part yet.
+                    Err(e) if e.is_pending() => {
+                        return Outcome::Pending {
+                            fingerprint,
+                            waiting_for: e.to_string(),
+                        };
+                    }
+                    Err(e) => Err(e.to_string()),
+                }
             }
             Self::Resources(_) => compile_resources(&files),
         };
@@ -233,6 +258,14 @@ pub enum Outcome {
     Unchanged(Option<Fingerprint>),
     /// A new good configuration.
     Loaded(Loaded),
+    /// A configuration still arriving: the manifest lists a part that is not mounted
+    /// yet. Not an error; the current configuration keeps serving until it arrives.
+    Pending {
+        /// Fingerprint of the incomplete inputs (retried when they change).
+        fingerprint: Fingerprint,
+        /// What is missing.
+        waiting_for: String,
+    },
     /// Inputs that do not make a configuration (their fingerprint, when they could be
     /// read, so the same bad inputs are not retried and re-logged every tick).
     Rejected {
@@ -290,8 +323,14 @@ fn list_dir_files(
         if name.starts_with('.') {
             continue;
         }
-        // `metadata` follows symlinks: kubelet mounts files as links into `..data`.
-        let meta = std::fs::metadata(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+        // `metadata` follows symlinks: kubelet mounts files as links into `..data`. A link
+        // whose file is gone is one kubelet is about to remove (it swaps `..data` first,
+        // then deletes the links of files the new version lacks): not an input.
+        let meta = match std::fs::metadata(&path) {
+            Ok(meta) => meta,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(format!("{}: {e}", path.display())),
+        };
         if meta.is_dir() {
             if recursive {
                 list_dir_files(&path, recursive, out)?;
@@ -376,11 +415,24 @@ async fn reload(
                 .get_or_create(&ReloadLabels { result: "success" })
                 .inc();
             *state.last_error.lock().unwrap_or_else(|e| e.into_inner()) = None;
+            *state.waiting_for.lock().unwrap_or_else(|e| e.into_inner()) = None;
             state.loaded.notify_one();
             // Read, compile, index and swap: what a reload costs.
             let load_ms = started.elapsed().as_secs_f64() * 1000.0;
             tracing::info!(config_hash = %&hash[..16], keys, load_ms, "configuration loaded");
             Some(loaded.fingerprint)
+        }
+        Outcome::Pending {
+            fingerprint,
+            waiting_for,
+        } => {
+            state
+                .reloads
+                .get_or_create(&ReloadLabels { result: "pending" })
+                .inc();
+            tracing::info!(%waiting_for, "configuration update still arriving; serving the current one until it is complete");
+            *state.waiting_for.lock().unwrap_or_else(|e| e.into_inner()) = Some(waiting_for);
+            Some(fingerprint)
         }
         Outcome::Rejected { fingerprint, error } => {
             let serving = state
@@ -452,5 +504,70 @@ mod tests {
             source.load_if_changed(Some(&touched), true),
             Outcome::Loaded(_)
         ));
+    }
+
+    /// Writes `split`'s parts into `dir` as kubelet mounts them (by file name).
+    fn mount(dir: &Path, split: &parts::SplitConfig) {
+        for part in &split.parts {
+            std::fs::write(dir.join(&part.file), &part.bytes).unwrap();
+        }
+    }
+
+    #[tokio::test]
+    async fn a_part_not_mounted_yet_is_waited_for_not_rejected() {
+        let dir = tempfile::tempdir().unwrap();
+        let credentials = |secret: &str| tollgate_api::config::GatewayConfig {
+            credentials: serde_json::from_value(
+                serde_json::json!({"providers": {"ml/openai": secret}}),
+            )
+            .unwrap(),
+            ..Default::default()
+        };
+        let old = parts::split(&credentials("sk-old")).unwrap();
+        let new = parts::split(&credentials("sk-new")).unwrap();
+        mount(dir.path(), &old);
+        let source = Source::ConfigDirs(vec![dir.path().to_owned()]);
+        let state = ConfigState::default();
+        let fp = reload(&source, &state, None, false).await;
+        assert_eq!(state.succeeded(), 1);
+
+        // Kubelet has the new ConfigMap (manifest) but not yet the new credentials
+        // Secret: the part it lists is missing. Not an error: the old one keeps serving.
+        std::fs::write(dir.path().join(parts::MANIFEST_FILE), &new.parts[0].bytes).unwrap();
+        let fp = reload(&source, &state, fp.as_ref(), false).await;
+        let serving = state.current.load_full().unwrap();
+        assert_eq!(serving.config_hash, old.config_hash);
+        assert_eq!((state.pending(), state.rejected()), (1, 0));
+        assert_eq!(state.last_error(), None);
+        assert!(state.waiting_for().unwrap().contains("credentials-"));
+
+        // The Secret arrives: the new configuration loads.
+        mount(dir.path(), &new);
+        reload(&source, &state, fp.as_ref(), false).await;
+        let serving = state.current.load_full().unwrap();
+        assert_eq!(serving.config_hash, new.config_hash);
+        assert_eq!(state.waiting_for(), None);
+
+        // A link kubelet has not removed yet, to a file the new version lacks: ignored.
+        std::os::unix::fs::symlink(
+            dir.path().join("..gone/keys-000-0123456789abcdef.json"),
+            dir.path().join("keys-000-0123456789abcdef.json"),
+        )
+        .unwrap();
+        reload(&source, &state, None, true).await;
+        assert_eq!(state.rejected(), 0, "{:?}", state.last_error());
+
+        // A damaged part under its expected name is rejected, and named.
+        let file = &new.parts[2].file;
+        std::fs::write(
+            dir.path().join(file),
+            String::from_utf8(new.parts[2].bytes.clone())
+                .unwrap()
+                .replace("sk-new", "sk-bad"),
+        )
+        .unwrap();
+        reload(&source, &state, None, true).await;
+        assert_eq!(state.rejected(), 1);
+        assert!(state.last_error().unwrap().contains(file.as_str()));
     }
 }

@@ -170,7 +170,7 @@ pub struct ConfigLabels {
 /// Labels of configuration reloads.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReloadLabels {
-    /// `success` or `rejected`.
+    /// `success`, `rejected` or `pending`.
     pub result: &'static str,
 }
 

@@ -22,7 +22,7 @@ pub struct Settings {
     pub resources: Option<PathBuf>,
 
     /// Directory holding compiled configuration files written by the operator
-    /// (manifest.json, routing.json, credentials.json, keys-*.json). Repeat, or separate
+    /// (manifest.json, routing.json, credentials-*.json, keys-*.json). Repeat, or separate
     /// with commas, for the ConfigMap and Secret mounts.
     #[arg(
         long = "config-dir",

@@ -180,6 +180,13 @@ fn kubelet_publish(dir: &Path, version: &str, files: &[(String, Vec<u8>)]) {
     let _ = std::fs::remove_file(&tmp);
     std::os::unix::fs::symlink(format!("..{version}"), &tmp).unwrap();
     std::fs::rename(&tmp, dir.join("..data")).unwrap();
+    // Then the links of files the new version lacks are removed (they dangle until then).
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let name = entry.unwrap().file_name().to_string_lossy().into_owned();
+        if !name.starts_with('.') && !files.iter().any(|(f, _)| *f == name) {
+            std::fs::remove_file(dir.join(&name)).unwrap();
+        }
+    }
 }
 
 /// Files by name, as a mounted volume holds them.
@@ -225,19 +232,22 @@ async fn operator_files_are_loaded_across_kubelet_symlink_swaps_and_only_as_a_co
     let old_hash = readyz(&gw).await["configHash"].clone();
 
     // The ConfigMap updates first: its manifest names a key shard the Secret does not
-    // have yet. The gateway must keep serving the old, consistent configuration.
+    // have yet. The gateway keeps serving the old, consistent configuration and waits
+    // for the missing part: no error.
     kubelet_publish(cm_dir.path(), "v2", &cm2);
     assert!(
         eventually(Duration::from_secs(10), || async {
-            readyz(&gw).await["reloads"]["failed"].as_u64() >= Some(1)
+            readyz(&gw).await["reloads"]["pending"].as_u64() >= Some(1)
         })
         .await,
-        "the half-updated set is rejected"
+        "the half-updated set is waited for"
     );
     let ready = readyz(&gw).await;
     assert_eq!(ready["configHash"], old_hash);
+    assert_eq!(ready["reloads"]["failed"], 0, "{ready}");
+    assert_eq!(ready["lastError"], Value::Null, "{ready}");
     assert!(
-        ready["lastError"].as_str().unwrap().contains("hash"),
+        ready["waitingFor"].as_str().unwrap().contains("keys-000-"),
         "{ready}"
     );
     assert_eq!(status_with(&gw, DEV_KEY).await, 200);
@@ -250,7 +260,9 @@ async fn operator_files_are_loaded_across_kubelet_symlink_swaps_and_only_as_a_co
         })
         .await
     );
-    assert_ne!(readyz(&gw).await["configHash"], old_hash);
+    let ready = readyz(&gw).await;
+    assert_ne!(ready["configHash"], old_hash);
+    assert_eq!(ready["waitingFor"], Value::Null, "{ready}");
 }
 
 #[tokio::test]

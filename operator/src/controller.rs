@@ -680,7 +680,7 @@ impl Snapshot {
 fn live_config(snapshot: &Snapshot, naming: &Naming) -> Option<parts::AssembledConfig> {
     let mut files: BTreeMap<String, Vec<u8>> = BTreeMap::new();
     for cm in &snapshot.generated_maps {
-        if cm.name_any() != naming.config_map() {
+        if !naming.owns_config_map(&cm.name_any()) {
             continue;
         }
         for (k, v) in cm.data.iter().flatten() {
@@ -1319,30 +1319,48 @@ impl Reconciler {
         let live_now = live_config(&snapshot, &self.naming);
         let config_error = |e: &dyn std::fmt::Display| ReconcileError::Config(e.to_string());
         let mut split = parts::split(&out.config).map_err(|e| config_error(&e))?;
-        // Too many key shards: the keys not served yet are left out (and told why), so
-        // what is served keeps updating and every status is still written.
-        let objects = match desired::desired_objects(&split, &self.naming) {
-            Err(desired::DesiredError::TooManyShards(need, max)) => {
-                let served: BTreeSet<&str> = live_now
-                    .iter()
-                    .flat_map(|l| l.config.keys.keys.iter().map(|k| k.sha256.as_str()))
-                    .collect();
-                let left = leave_out_new_keys(&mut out, &served, need, max);
-                self.metrics.keys_left_out(left);
-                tracing::warn!(
-                    keys = left,
-                    need,
-                    max,
-                    "the keys need more shards than the gateways mount; keys not served yet are left out (ConfigTooLarge)"
-                );
-                split = parts::split(&out.config).map_err(|e| config_error(&e))?;
-                desired::desired_objects(&split, &self.naming).map_err(|e| config_error(&e))?
+        // Too many key or routing shards: the keys or RoutePolicies not served yet are
+        // left out (and told why), so what is served keeps updating and every status is
+        // still written.
+        let (mut left_keys, mut left_routes) = (None, None);
+        let objects = loop {
+            match desired::desired_objects(&split, &self.naming) {
+                Err(desired::DesiredError::TooManyShards(need, max)) if left_keys.is_none() => {
+                    let served: BTreeSet<&str> = live_now
+                        .iter()
+                        .flat_map(|l| l.config.keys.keys.iter().map(|k| k.sha256.as_str()))
+                        .collect();
+                    let left = leave_out_new_keys(&mut out, &served, need, max);
+                    left_keys = Some(left);
+                    tracing::warn!(
+                        keys = left,
+                        need,
+                        max,
+                        "the keys need more shards than the gateways mount; keys not served yet are left out (ConfigTooLarge)"
+                    );
+                }
+                Err(desired::DesiredError::TooManyRoutingShards(need, max))
+                    if left_routes.is_none() =>
+                {
+                    let served: BTreeSet<&str> = live_now
+                        .iter()
+                        .flat_map(|l| l.config.routing.routes.iter().map(|r| r.id.as_str()))
+                        .collect();
+                    let left = leave_out_new_routes(&mut out, &served, need, max);
+                    left_routes = Some(left);
+                    tracing::warn!(
+                        route_policies = left,
+                        need,
+                        max,
+                        "the Providers and routes need more ConfigMaps than the gateways mount; RoutePolicies not served yet are left out (ConfigTooLarge)"
+                    );
+                }
+                other => break other.map_err(|e| config_error(&e))?,
             }
-            other => {
-                self.metrics.keys_left_out(0);
-                other.map_err(|e| config_error(&e))?
-            }
+            split = parts::split(&out.config).map_err(|e| config_error(&e))?;
         };
+        self.metrics.keys_left_out(left_keys.unwrap_or(0));
+        self.metrics.routes_left_out(left_routes.unwrap_or(0));
         report.config_hash = split.config_hash.clone();
 
         // 3. Revocations, and key state moved to changed key ids, before the
@@ -1397,7 +1415,7 @@ impl Reconciler {
         // Compared by content, so hand edits are repaired; only this release's objects.
         let mut live: LiveObjects = BTreeMap::new();
         for cm in &snapshot.generated_maps {
-            if cm.name_any() != self.naming.config_map() {
+            if !self.naming.owns_config_map(&cm.name_any()) {
                 continue;
             }
             let files = cm
@@ -1424,7 +1442,7 @@ impl Reconciler {
                 desired::live_hash(files, s.metadata.annotations.as_ref()),
             );
         }
-        let plan = desired::plan(objects, &live);
+        let plan = desired::plan(objects, &live, &self.naming);
         let ns = &self.naming.namespace;
         let apply = PatchParams::apply(MANAGER).force();
         for object in &plan.apply {
@@ -1453,17 +1471,24 @@ impl Reconciler {
             self.metrics.api_write(object.kind(), "apply");
             report.config_writes += 1;
         }
-        for name in &plan.delete {
+        for (kind, name) in &plan.delete {
             self.may_write()?;
-            match Api::<Secret>::namespaced(self.client.clone(), ns)
-                .delete(name, &DeleteParams::default())
-                .await
-            {
-                Ok(_) => {}
+            let deleted = match *kind {
+                "ConfigMap" => Api::<ConfigMap>::namespaced(self.client.clone(), ns)
+                    .delete(name, &DeleteParams::default())
+                    .await
+                    .map(|_| ()),
+                _ => Api::<Secret>::namespaced(self.client.clone(), ns)
+                    .delete(name, &DeleteParams::default())
+                    .await
+                    .map(|_| ()),
+            };
+            match deleted {
+                Ok(()) => {}
                 Err(kube::Error::Api(s)) if s.code == 404 => {}
-                Err(e) => return Err(kube_err(format!("deleting Secret {ns}/{name}"))(e)),
+                Err(e) => return Err(kube_err(format!("deleting {kind} {ns}/{name}"))(e)),
             }
-            self.metrics.api_write("Secret", "delete");
+            self.metrics.api_write(kind, "delete");
             report.config_writes += 1;
         }
         if !plan.is_empty() {
@@ -1589,11 +1614,40 @@ fn leave_out_new_keys(
         }
         keep
     });
-    for id in &left {
+    too_large(out, Kind::ApiKey, &left, &message)
+}
+
+/// Leaves the routes `served` does not hold out of the configuration, reporting each on
+/// its RoutePolicy (`Ready` False, `ConfigTooLarge`, hence a Warning Event); returns how
+/// many.
+fn leave_out_new_routes(
+    out: &mut CompileOutput,
+    served: &BTreeSet<&str>,
+    need: usize,
+    max: usize,
+) -> usize {
+    let message = format!(
+        "not served: the Providers and routes need {need} routing ConfigMaps but gateways mount {max}; raise --max-routing-shards and the chart's routingShards together (routes already served keep working)"
+    );
+    let mut left = Vec::new();
+    out.config.routing.routes.retain(|r| {
+        let keep = served.contains(r.id.as_str());
+        if !keep {
+            left.push(r.id.clone());
+        }
+        keep
+    });
+    too_large(out, Kind::RoutePolicy, &left, &message)
+}
+
+/// Reports the objects `left` (`namespace/name` ids) out of the configuration:
+/// `Ready` False, `ConfigTooLarge`, with `message`; returns how many.
+fn too_large(out: &mut CompileOutput, kind: Kind, left: &[String], message: &str) -> usize {
+    for id in left {
         let Some((namespace, name)) = id.split_once('/') else {
             continue;
         };
-        let object = ObjectRef::new(Kind::ApiKey, namespace, name);
+        let object = ObjectRef::new(kind, namespace, name);
         if let Some(o) = out.objects.get_mut(&object) {
             o.served = false;
         }
@@ -1602,7 +1656,7 @@ fn leave_out_new_keys(
             severity: Severity::Error,
             condition: condition_types::READY,
             reason: reasons::CONFIG_TOO_LARGE,
-            message: message.clone(),
+            message: message.to_owned(),
             field: None,
         });
     }
@@ -1847,11 +1901,70 @@ mod tests {
     use super::*;
 
     #[test]
+    fn route_policies_beyond_the_mounted_routing_shards_are_left_out_and_served_ones_stay() {
+        let naming = Naming {
+            namespace: "tollgate".into(),
+            prefix: "tollgate-gateway".into(),
+            max_key_shards: 16,
+            max_routing_shards: 1,
+        };
+        let mut yaml = String::from(
+            "apiVersion: tollgate.dev/v1alpha1\nkind: Provider\nmetadata: {name: mock, namespace: default}\nspec: {type: mock, models: [{name: demo-chat}]}\n",
+        );
+        for i in 0..2500 {
+            yaml.push_str(&format!(
+                "---\napiVersion: tollgate.dev/v1alpha1\nkind: RoutePolicy\nmetadata: {{name: route-{i:04}, namespace: default}}\nspec: {{models: [team-{i:04}-chat], targets: [{{provider: mock, model: demo-chat}}]}}\n"
+            ));
+        }
+        let mut loaded = tollgate_api::manifests::Loaded::default();
+        let mut errors = Vec::new();
+        tollgate_api::manifests::load_str(
+            std::path::Path::new("routes.yaml"),
+            &yaml,
+            &mut loaded,
+            &mut errors,
+        );
+        assert!(errors.is_empty(), "{errors:?}");
+        let mut out = tollgate_api::compile::compile(
+            &loaded.resources,
+            &SecretStore::new([], DEFAULT_NAMESPACE),
+            Timestamp::now(),
+        );
+        let split = parts::split(&out.config).unwrap();
+        let Err(desired::DesiredError::TooManyRoutingShards(need, max)) =
+            desired::desired_objects(&split, &naming)
+        else {
+            panic!("2,500 routes need more than one routing shard");
+        };
+        // The first 1,000 were served before.
+        let before: Vec<String> = (0..1000).map(|i| format!("default/route-{i:04}")).collect();
+        let served: BTreeSet<&str> = before.iter().map(String::as_str).collect();
+        assert_eq!(leave_out_new_routes(&mut out, &served, need, max), 1500);
+        let split = parts::split(&out.config).unwrap();
+        assert!(desired::desired_objects(&split, &naming).is_ok());
+        let left = ObjectRef::new(Kind::RoutePolicy, "default", "route-2024");
+        assert!(!out.objects[&left].served);
+        let ready = out.conditions(&left);
+        assert_eq!(
+            (ready[0].status, ready[0].reason),
+            ("False", reasons::CONFIG_TOO_LARGE)
+        );
+        assert!(
+            ready[0].message.contains("--max-routing-shards"),
+            "{}",
+            ready[0].message
+        );
+        let kept = ObjectRef::new(Kind::RoutePolicy, "default", "route-0012");
+        assert_eq!(out.conditions(&kept)[0].status, "True");
+    }
+
+    #[test]
     fn keys_beyond_the_mounted_shards_are_left_out_and_told_why_and_served_keys_stay() {
         let naming = Naming {
             namespace: "tollgate".into(),
             prefix: "tollgate-gateway".into(),
             max_key_shards: 2,
+            max_routing_shards: 4,
         };
         let mut out = CompileOutput::default();
         for i in 0..6000 {

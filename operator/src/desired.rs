@@ -5,8 +5,10 @@
 //! Layout (the chart mounts all of them in one projected volume, key shards as optional
 //! sources, so kubelet swaps the whole directory at once):
 //! - ConfigMap `<prefix>-config`: `manifest.json` and `routing.json`;
-//! - Secret `<prefix>-credentials`: `credentials.json` (upstream credentials);
-//! - Secrets `<prefix>-keys-<NN>`: one key shard each (`keys-<NNN>.json`, hashes only).
+//! - Secret `<prefix>-credentials`: `credentials-<hash>.json` (upstream credentials);
+//! - Secrets `<prefix>-keys-<NN>`: one key shard each (`keys-<NNN>-<hash>.json`, hashes
+//!   only). Parts outside the manifest's ConfigMap are named by content, so a gateway
+//!   whose kubelet has not caught up sees a part missing, not a different one.
 //!
 //! Each object carries the content hash of its data in an annotation, so an unchanged
 //! object is recognised without comparing its data, and changing one key rewrites the
@@ -39,6 +41,10 @@ pub const CONFIG_HASH: &str = "tollgate.dev/config-hash";
 /// Key shard Secrets gateways mount by default (`--max-key-shards`; the chart's
 /// `keyShards`): 16 × 512 KiB, room for well over 20,000 keys.
 pub const DEFAULT_MAX_KEY_SHARDS: usize = 16;
+
+/// Routing shard ConfigMaps gateways mount by default (`--max-routing-shards`; the
+/// chart's `routingShards`): 4 × 512 KiB of Providers and routes.
+pub const DEFAULT_MAX_ROUTING_SHARDS: usize = 4;
 
 /// One object to keep in the gateway namespace.
 #[derive(Clone, PartialEq)]
@@ -102,6 +108,9 @@ pub struct Naming {
     pub prefix: String,
     /// Most key shard Secrets the gateways mount.
     pub max_key_shards: usize,
+    /// Most routing shard ConfigMaps the gateways mount (used only when the routing
+    /// part outgrows one object).
+    pub max_routing_shards: usize,
 }
 
 impl Naming {
@@ -118,6 +127,11 @@ impl Naming {
     /// A key shard Secret's name.
     pub fn key_shard(&self, index: usize) -> String {
         format!("{}-keys-{index:02}", self.prefix)
+    }
+
+    /// A routing shard ConfigMap's name.
+    pub fn routing_shard(&self, index: usize) -> String {
+        format!("{}-routing-{index:02}", self.prefix)
     }
 
     /// The value of [`PREFIX_LABEL`].
@@ -141,10 +155,18 @@ impl Naming {
     /// Whether `name` is one of the objects this release generates (a Secret: the
     /// credentials or a key shard), so only those are ever deleted.
     pub fn owns_secret(&self, name: &str) -> bool {
-        name == self.credentials()
-            || name
-                .strip_prefix(&format!("{}-keys-", self.prefix))
-                .is_some_and(|n| n.len() >= 2 && n.bytes().all(|b| b.is_ascii_digit()))
+        name == self.credentials() || self.is_shard(name, "keys")
+    }
+
+    /// Whether `name` is one of the ConfigMaps this release generates (the
+    /// configuration or a routing shard).
+    pub fn owns_config_map(&self, name: &str) -> bool {
+        name == self.config_map() || self.is_shard(name, "routing")
+    }
+
+    fn is_shard(&self, name: &str, part: &str) -> bool {
+        name.strip_prefix(&format!("{}-{part}-", self.prefix))
+            .is_some_and(|n| n.len() >= 2 && n.bytes().all(|b| b.is_ascii_digit()))
     }
 }
 
@@ -156,16 +178,14 @@ pub enum DesiredError {
         "the keys need {0} shards but gateways mount {1}; raise --max-key-shards and the chart's keyShards together"
     )]
     TooManyShards(usize, usize),
+    /// More routing shards than the gateways mount.
+    #[error(
+        "the Providers and routes need {0} ConfigMaps but gateways mount {1}; raise --max-routing-shards and the chart's routingShards together"
+    )]
+    TooManyRoutingShards(usize, usize),
     /// A key shard file with an unexpected name.
     #[error("unexpected configuration file {0}")]
     UnexpectedFile(String),
-}
-
-fn shard_index(file: &str) -> Option<usize> {
-    file.strip_prefix("keys-")?
-        .strip_suffix(".json")?
-        .parse()
-        .ok()
 }
 
 fn meta(naming: &Naming, name: String, part: &str, data_hash: String) -> ObjectMeta {
@@ -219,15 +239,35 @@ pub fn desired_objects(
     let mut config_files: BTreeMap<String, String> = BTreeMap::new();
     let mut objects = Vec::new();
     let mut shards = 0;
+    let mut routing_shards = 0;
     for part in &split.parts {
         match part.store {
+            // A routing shard: a ConfigMap of its own.
+            Store::ConfigMap if tollgate_api::parts::shard_index(&part.file).is_some() => {
+                let index = tollgate_api::parts::shard_index(&part.file)
+                    .ok_or_else(|| DesiredError::UnexpectedFile(part.file.clone()))?;
+                routing_shards += 1;
+                let files = BTreeMap::from([(
+                    part.file.clone(),
+                    String::from_utf8_lossy(&part.bytes).into_owned(),
+                )]);
+                let hash = data_hash([(part.file.as_str(), part.bytes.as_slice())]);
+                objects.push(DesiredObject::ConfigMap(ConfigMap {
+                    metadata: meta(naming, naming.routing_shard(index), "routing", hash),
+                    data: Some(files),
+                    ..ConfigMap::default()
+                }));
+            }
             Store::ConfigMap => {
                 config_files.insert(
                     part.file.clone(),
                     String::from_utf8_lossy(&part.bytes).into_owned(),
                 );
             }
-            Store::Secret if part.file == tollgate_api::parts::CREDENTIALS_FILE => {
+            Store::Secret
+                if tollgate_api::parts::kind_of(&part.file)
+                    == Some(tollgate_api::parts::PartKind::Credentials) =>
+            {
                 objects.push(DesiredObject::Secret(secret(
                     naming,
                     naming.credentials(),
@@ -236,7 +276,7 @@ pub fn desired_objects(
                 )));
             }
             Store::Secret => {
-                let index = shard_index(&part.file)
+                let index = tollgate_api::parts::shard_index(&part.file)
                     .ok_or_else(|| DesiredError::UnexpectedFile(part.file.clone()))?;
                 shards += 1;
                 objects.push(DesiredObject::Secret(secret(
@@ -247,6 +287,12 @@ pub fn desired_objects(
                 )));
             }
         }
+    }
+    if routing_shards > naming.max_routing_shards {
+        return Err(DesiredError::TooManyRoutingShards(
+            routing_shards,
+            naming.max_routing_shards,
+        ));
     }
     if shards > naming.max_key_shards {
         return Err(DesiredError::TooManyShards(shards, naming.max_key_shards));
@@ -294,11 +340,12 @@ pub fn live_hash<'a>(
 /// The writes that bring the live objects to the desired ones.
 #[derive(Debug, Default, PartialEq)]
 pub struct Plan {
-    /// Objects to apply (new or changed), Secrets before the ConfigMap: the manifest
-    /// names the parts, so it goes last and gateways never see it before its parts.
+    /// Objects to apply (new or changed), the parts before the ConfigMap that holds the
+    /// manifest: it names the parts, so it goes last and gateways never see it before
+    /// its parts.
     pub apply: Vec<DesiredObject>,
-    /// Key shard Secrets no longer needed, deleted after the ConfigMap is applied.
-    pub delete: Vec<String>,
+    /// Shards no longer needed, `(kind, name)`, deleted after the manifest is applied.
+    pub delete: Vec<(&'static str, String)>,
 }
 
 impl Plan {
@@ -308,8 +355,9 @@ impl Plan {
     }
 }
 
-/// Compares desired and live objects.
-pub fn plan(desired: Vec<DesiredObject>, live: &LiveObjects) -> Plan {
+/// Compares desired and live objects. Only shards this release generates are ever
+/// deleted (`<prefix>-keys-NN` Secrets, `<prefix>-routing-NN` ConfigMaps).
+pub fn plan(desired: Vec<DesiredObject>, live: &LiveObjects, naming: &Naming) -> Plan {
     let wanted: BTreeSet<(&'static str, String)> = desired
         .iter()
         .map(|d| (d.kind(), d.name().to_owned()))
@@ -322,12 +370,22 @@ pub fn plan(desired: Vec<DesiredObject>, live: &LiveObjects) -> Plan {
                 != Some(d.content_hash())
         })
         .collect();
-    // Secrets first, the ConfigMap (manifest) last.
-    apply.sort_by_key(|d| matches!(d, DesiredObject::ConfigMap(_)));
+    // Parts first, the manifest last.
+    apply.sort_by_key(|d| {
+        d.meta()
+            .annotations
+            .iter()
+            .any(|a| a.contains_key(CONFIG_HASH))
+    });
     let delete = live
         .keys()
-        .filter(|k| k.0 == "Secret" && !wanted.contains(k))
-        .map(|k| k.1.clone())
+        .filter(|k| !wanted.contains(*k))
+        .filter(|(kind, name)| match *kind {
+            "Secret" => naming.is_shard(name, "keys"),
+            "ConfigMap" => naming.is_shard(name, "routing"),
+            _ => false,
+        })
+        .cloned()
         .collect();
     Plan { apply, delete }
 }
@@ -346,6 +404,7 @@ mod tests {
             namespace: "tollgate".into(),
             prefix: "tollgate-gateway".into(),
             max_key_shards: DEFAULT_MAX_KEY_SHARDS,
+            max_routing_shards: DEFAULT_MAX_ROUTING_SHARDS,
         }
     }
 
@@ -420,7 +479,7 @@ mod tests {
         let split = parts::split(&config(50)).unwrap();
         let objects = desired_objects(&split, &naming()).unwrap();
         let live = live_of(&objects);
-        assert!(plan(objects, &live).is_empty());
+        assert!(plan(objects, &live, &naming()).is_empty());
     }
 
     #[test]
@@ -434,7 +493,7 @@ mod tests {
         changed.keys.keys[1234].owner = "someone-else".into();
         let after = parts::split_with_limit(&changed, 64 * 1024).unwrap();
         let new = desired_objects(&after, &naming()).unwrap();
-        let p = plan(new, &live_of(&old));
+        let p = plan(new, &live_of(&old), &naming());
         let names: Vec<&str> = p.apply.iter().map(|o| o.name()).collect();
         assert_eq!(names.len(), 2, "{names:?}");
         assert!(names[0].starts_with("tollgate-gateway-keys-"));
@@ -450,22 +509,36 @@ mod tests {
         let big = parts::split_with_limit(&config(2000), 64 * 1024).unwrap();
         let mut live = live_of(&desired_objects(&big, &naming()).unwrap());
         let small = parts::split_with_limit(&config(10), 64 * 1024).unwrap();
-        let p = plan(desired_objects(&small, &naming()).unwrap(), &live);
+        let p = plan(
+            desired_objects(&small, &naming()).unwrap(),
+            &live,
+            &naming(),
+        );
         assert!(!p.delete.is_empty());
         assert!(
             p.delete
                 .iter()
-                .all(|n| n.starts_with("tollgate-gateway-keys-"))
+                .all(|(k, n)| *k == "Secret" && n.starts_with("tollgate-gateway-keys-"))
         );
-        assert!(!p.delete.contains(&"tollgate-gateway-keys-00".to_owned()));
-        assert!(
-            !p.delete
-                .contains(&"tollgate-gateway-credentials".to_owned())
+        let has = |p: &Plan, kind: &str, name: &str| {
+            p.delete.iter().any(|(k, n)| *k == kind && n == name)
+        };
+        assert!(!has(&p, "Secret", "tollgate-gateway-keys-00"));
+        assert!(!has(&p, "Secret", "tollgate-gateway-credentials"));
+        // Only shards of this release are ever deleted.
+        for (kind, name) in [
+            ("ConfigMap", "other"),
+            ("Secret", "other-keys-01"),
+            ("ConfigMap", "tollgate-gateway-config"),
+        ] {
+            live.insert((kind, name.into()), "x".into());
+        }
+        let p = plan(
+            desired_objects(&small, &naming()).unwrap(),
+            &live,
+            &naming(),
         );
-        // Only Secrets are ever deleted.
-        live.insert(("ConfigMap", "other".into()), "x".into());
-        let p = plan(desired_objects(&small, &naming()).unwrap(), &live);
-        assert!(!p.delete.contains(&"other".to_owned()));
+        assert!(!has(&p, "ConfigMap", "other") && !has(&p, "Secret", "other-keys-01"));
     }
 
     #[test]

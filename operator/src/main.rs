@@ -114,6 +114,7 @@ fn main() -> ExitCode {
                     namespace,
                     prefix,
                     max_key_shards: tollgate_api::parts::MAX_KEY_SHARDS,
+                    max_routing_shards: tollgate_api::parts::MAX_KEY_SHARDS,
                 },
             });
             let options = tollgate_api::compile::CompileOptions {

@@ -54,6 +54,7 @@ pub struct Metrics {
     watch_events: Family<WatchLabels, Counter>,
     gateways: Family<ResultLabels, Gauge>,
     keys_left_out: Gauge,
+    routes_left_out: Gauge,
     keys_held: Gauge,
     keys_published: Family<AfterLabels, Counter>,
 }
@@ -89,6 +90,7 @@ impl Metrics {
             watch_events: Family::default(),
             gateways: Family::default(),
             keys_left_out: Gauge::default(),
+            routes_left_out: Gauge::default(),
             keys_held: Gauge::default(),
             keys_published: Family::default(),
             registry: Registry::default(),
@@ -157,6 +159,11 @@ impl Metrics {
             "keys_left_out",
             "ApiKeys left out of the configuration at the last reconcile because the key shards the gateways mount are full (reported ConfigTooLarge on each)",
             m.keys_left_out.clone(),
+        );
+        registry.register(
+            "route_policies_left_out",
+            "RoutePolicies left out of the configuration at the last reconcile because the routing ConfigMaps the gateways mount are full (reported ConfigTooLarge on each)",
+            m.routes_left_out.clone(),
         );
         registry.register(
             "keys_held",
@@ -231,6 +238,11 @@ impl Metrics {
     /// ApiKeys left out for size at the last reconcile.
     pub fn keys_left_out(&self, n: usize) {
         self.keys_left_out.set(n as i64);
+    }
+
+    /// RoutePolicies left out for size at the last reconcile.
+    pub fn routes_left_out(&self, n: usize) {
+        self.routes_left_out.set(n as i64);
     }
 
     /// Keys held until the gateways serve them.
@@ -352,6 +364,7 @@ mod tests {
         m.usage_read(true);
         m.gateways(2, 3);
         m.keys_left_out(0);
+        m.routes_left_out(0);
         m.keys_held(1);
         m.key_published("served");
         m.observe_compile(&CompileOutput::default(), "0123456789abcdef0123");

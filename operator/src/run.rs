@@ -166,6 +166,7 @@ pub async fn run(settings: RunSettings) -> anyhow::Result<()> {
         namespace: gateway_namespace.clone(),
         prefix: settings.config_prefix.clone(),
         max_key_shards: settings.max_key_shards,
+        max_routing_shards: settings.max_routing_shards,
     };
     let notify = Arc::new(Notify::new());
     let watches = Arc::new(Watches::start(

@@ -61,6 +61,12 @@ pub struct RunSettings {
     #[arg(long, env = "TOLLGATE_MAX_KEY_SHARDS", default_value_t = crate::desired::DEFAULT_MAX_KEY_SHARDS)]
     pub max_key_shards: usize,
 
+    /// Routing shard ConfigMaps the gateways mount (the chart's `routingShards`; both
+    /// must match). Used only when the Providers and routes outgrow one 512 KiB part;
+    /// then each shard is a ConfigMap `<prefix>-routing-NN`.
+    #[arg(long, env = "TOLLGATE_MAX_ROUTING_SHARDS", default_value_t = crate::desired::DEFAULT_MAX_ROUTING_SHARDS)]
+    pub max_routing_shards: usize,
+
     /// Quiet time after a change before compiling, so a burst (1,000 ApiKeys applied at
     /// once) causes one write of each changed object, not one per change.
     #[arg(long, env = "TOLLGATE_DEBOUNCE", default_value = "500ms", value_parser = parse_duration)]

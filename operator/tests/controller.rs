@@ -169,6 +169,7 @@ fn reconciler(client: Client) -> Reconciler {
             namespace: "tollgate".into(),
             prefix: "tollgate-gateway".into(),
             max_key_shards: 16,
+            max_routing_shards: 4,
         },
         redis: None,
         redis_timeout: Duration::from_secs(1),
@@ -179,6 +180,15 @@ fn reconciler(client: Client) -> Reconciler {
         holds: Default::default(),
         key_publish_wait: Duration::from_secs(180),
     }
+}
+
+/// The one file a key shard Secret holds (`keys-000-<content hash>.json`).
+fn only_file(shard: &Secret) -> Vec<u8> {
+    let data = shard.data.as_ref().unwrap();
+    assert_eq!(data.len(), 1);
+    let (name, bytes) = data.iter().next().unwrap();
+    assert!(name.starts_with("keys-000-"), "{name}");
+    bytes.0.clone()
 }
 
 fn object<K: serde::de::DeserializeOwned>(v: Value) -> K {
@@ -285,7 +295,7 @@ async fn a_new_world_gets_a_key_secret_the_config_objects_and_statuses() {
         (Some("v1"), Some("Secret"))
     );
     let shard: Secret = object(shard);
-    let file = String::from_utf8(shard.data.unwrap()["keys-000.json"].0.clone()).unwrap();
+    let file = String::from_utf8(only_file(&shard)).unwrap();
     let hash = tollgate_api::parts::sha256_hex(key.as_bytes());
     assert!(file.contains(&hash) && !file.contains(&key));
     let cm: ConfigMap = object(api.body_of(
@@ -427,12 +437,7 @@ async fn rotation_writes_the_new_key_and_the_old_keys_grace_in_one_secret_write(
         "PATCH",
         &format!("/api/v1/namespaces/tollgate/secrets/tollgate-gateway-keys-00{SSA}"),
     );
-    let file = String::from_utf8(
-        object::<Secret>(shard).data.unwrap()["keys-000.json"]
-            .0
-            .clone(),
-    )
-    .unwrap();
+    let file = String::from_utf8(only_file(&object::<Secret>(shard))).unwrap();
     assert!(file.contains(&tollgate_api::parts::sha256_hex(new_key.as_bytes())));
     assert!(
         file.contains(&tollgate_api::parts::sha256_hex(old_key.as_bytes())),

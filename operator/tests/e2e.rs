@@ -86,10 +86,15 @@ fn ready(emulator: &Emulator, plural: &str, name: &str) -> Option<Value> {
 
 /// Sends a chat completion through `gateway` with `key`; returns the status code.
 async fn chat(gateway: &str, key: &str) -> u16 {
+    chat_with(gateway, key, "demo-chat").await
+}
+
+/// Sends a chat completion for `model` through `gateway` with `key`; returns the status.
+async fn chat_with(gateway: &str, key: &str, model: &str) -> u16 {
     reqwest::Client::new()
         .post(format!("http://{gateway}/v1/chat/completions"))
         .bearer_auth(key)
-        .json(&json!({"model": "demo-chat", "messages": [{"role": "user", "content": "hi"}]}))
+        .json(&json!({"model": model, "messages": [{"role": "user", "content": "hi"}]}))
         .timeout(Duration::from_secs(10))
         .send()
         .await
@@ -1062,5 +1067,106 @@ async fn a_new_or_rotated_key_is_readable_only_once_every_gateway_accepts_it() {
         "{}",
         op.logs()
     );
+    assert_nothing_refused(&emulator);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn thousands_of_route_policies_are_sharded_into_config_maps_the_gateway_mounts() {
+    const ROUTES: usize = 2500;
+    let emulator = Emulator::start();
+    // As the chart's ServiceAccount: its RBAC names the routing shards it may write.
+    enforce_chart_rbac(&emulator, json!({"watchNamespaces": ["default"]}));
+    emulator
+        .apply_yaml("apiVersion: v1\nkind: Namespace\nmetadata: {name: tollgate}\n")
+        .unwrap();
+    let mut yaml = String::from(
+        "apiVersion: tollgate.dev/v1alpha1\nkind: Provider\nmetadata: {name: mock}\nspec: {type: mock, models: [{name: demo-chat}]}\n---\n\
+         apiVersion: tollgate.dev/v1alpha1\nkind: ApiKey\nmetadata: {name: router}\nspec: {owner: team-router}\n",
+    );
+    for i in 0..ROUTES {
+        yaml.push_str(&format!(
+            "---\napiVersion: tollgate.dev/v1alpha1\nkind: RoutePolicy\nmetadata: {{name: route-{i:04}}}\nspec: {{models: [team-{i:04}-chat], targets: [{{provider: mock, model: demo-chat}}]}}\n"
+        ));
+    }
+    emulator.apply_yaml(&yaml).unwrap();
+    let op = operator(&emulator, "op-routes", &["--leader-election", "false"]);
+    let shards = |e: &Emulator| {
+        e.list_selected("v1", "configmaps", "tollgate", CONFIG_SELECTOR)
+            .unwrap()
+            .iter()
+            .filter(|cm| {
+                cm["metadata"]["name"]
+                    .as_str()
+                    .unwrap()
+                    .starts_with("tollgate-gateway-routing-")
+            })
+            .count()
+    };
+    let deadline = Instant::now() + Duration::from_secs(180);
+    let complete = |e: &Emulator| {
+        common::served(e)
+            .and_then(Result::ok)
+            .is_some_and(|c| c.config.routing.routes.len() == ROUTES)
+    };
+    while !complete(&emulator) {
+        assert!(Instant::now() < deadline, "{}", op.logs());
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    let written = shards(&emulator);
+    eprintln!("{ROUTES} RoutePolicies: routing in {written} shard ConfigMaps");
+    assert!(
+        (2..=4).contains(&written),
+        "{written} routing shard ConfigMaps"
+    );
+    let cm = emulator
+        .get("v1", "configmaps", "tollgate", "tollgate-gateway-config")
+        .unwrap();
+    assert!(
+        cm["data"].get("routing.json").is_none(),
+        "the routing lives in its shards"
+    );
+
+    // A gateway mounting them (as the chart's projected volume does) serves every route.
+    let dir = tempfile::tempdir().unwrap();
+    let _projection =
+        Projection::start(&emulator, "tollgate", CONFIG_SELECTOR, dir.path()).unwrap();
+    let gateway = gateway_on(dir.path(), None);
+    let gw = gateway.addr("listening");
+    let key = key_of(&emulator, "router-key").unwrap();
+    let ask = |model: String| {
+        let (gw, key) = (gw.clone(), key.clone());
+        async move { chat_with(&gw, &key, &model).await }
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while ask("team-2499-chat".into()).await != 200 {
+        assert!(Instant::now() < deadline, "{}", gateway.logs());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    for i in [0, 777, 1500] {
+        assert_eq!(ask(format!("team-{i:04}-chat")).await, 200, "route {i}");
+    }
+
+    // Most RoutePolicies deleted: the routing fits in one part again, and the shard
+    // ConfigMaps no longer needed are deleted.
+    for i in 100..ROUTES {
+        emulator
+            .delete(TG, "routepolicies", "default", &format!("route-{i:04}"))
+            .unwrap();
+    }
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while shards(&emulator) > 0
+        || common::served(&emulator)
+            .and_then(Result::ok)
+            .is_none_or(|c| c.config.routing.routes.len() != 100)
+    {
+        assert!(Instant::now() < deadline, "{}", op.logs());
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while ask("team-2499-chat".into()).await != 404 {
+        assert!(Instant::now() < deadline, "{}", gateway.logs());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(ask("team-0042-chat".into()).await, 200);
     assert_nothing_refused(&emulator);
 }

@@ -228,8 +228,9 @@ fn inconsistency(e: &Emulator) -> Option<String> {
 
 /// Watches the generated objects change. With fixed object names, a configuration
 /// change rewrites parts (Secrets) before the manifest (ConfigMap) that names them, so in
-/// between the old manifest sits next to a new part: a torn set, which gateways detect
-/// by its hashes and skip (they keep what they serve). What must never happen is a
+/// between the old manifest sits next to a new part (named by its content, so the file
+/// the old manifest lists is missing): a torn set, which gateways recognise as an update
+/// still arriving and skip (they keep what they serve). What must never happen is a
 /// manifest written before its parts, or one naming keys nobody was issued.
 #[derive(Debug, Default)]
 struct Monitor {
@@ -1274,8 +1275,8 @@ async fn a_failing_config_map_write_after_a_change_never_publishes_a_manifest_wi
             .contains("sk-test-openai-0002")
     );
     // With fixed object names the new credentials part precedes its manifest: gateways
-    // see a set whose hashes disagree and keep serving the previous configuration until
-    // the manifest lands. That window lasts as long as the retries.
+    // miss the part the old manifest lists and keep serving the previous configuration
+    // until the manifest lands. That window lasts as long as the retries.
     assert!(
         torn > Duration::ZERO && torn < Duration::from_secs(10),
         "{torn:?}"

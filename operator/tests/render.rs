@@ -39,7 +39,7 @@ fn rendering_the_examples_succeeds_and_summarises_the_config() {
         "{stdout}"
     );
     assert!(
-        stdout.contains("credentials.json") && stdout.contains("Secret"),
+        stdout.contains("credentials-") && stdout.contains("Secret"),
         "{stdout}"
     );
     assert_eq!(text(&out.stderr), "", "the examples produce no diagnostics");
@@ -86,15 +86,18 @@ fn render_output_writes_parts_that_reassemble_into_the_same_config() {
             std::fs::read(&path).unwrap(),
         );
     }
-    let names: Vec<&str> = files.keys().map(String::as_str).collect();
+    // Parts outside the manifest's ConfigMap are named by content.
+    let names: Vec<String> = files
+        .keys()
+        .map(|n| match tollgate_api::parts::kind_of(n) {
+            Some(tollgate_api::parts::PartKind::Keys) => n[..8].to_owned(),
+            Some(tollgate_api::parts::PartKind::Credentials) => "credentials".to_owned(),
+            _ => n.clone(),
+        })
+        .collect();
     assert_eq!(
         names,
-        [
-            "credentials.json",
-            "keys-000.json",
-            "manifest.json",
-            "routing.json"
-        ]
+        ["credentials", "keys-000", "manifest.json", "routing.json"]
     );
     let assembled = tollgate_api::parts::assemble(&files).expect("parts reassemble");
     assert_eq!(assembled.config.keys.keys.len(), 5);
@@ -168,14 +171,20 @@ fn secret_bound_parts_are_written_readable_by_the_owner_only() {
         dir.to_str().unwrap(),
     ]);
     assert!(out.status.success(), "{}", text(&out.stderr));
-    for (file, mode) in [("credentials.json", 0o600), ("keys-000.json", 0o600)] {
-        let actual = std::fs::metadata(dir.join(file))
-            .unwrap()
-            .permissions()
-            .mode()
-            & 0o777;
+    let mut checked = 0;
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        let file = path.file_name().unwrap().to_str().unwrap().to_owned();
+        let mode = if file.starts_with("credentials-") || file.starts_with("keys-") {
+            0o600
+        } else {
+            continue;
+        };
+        checked += 1;
+        let actual = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
         assert_eq!(actual, mode, "{file}");
     }
+    assert_eq!(checked, 2, "the credentials part and one key shard");
     let _ = std::fs::remove_dir_all(&dir);
 }
 
@@ -212,7 +221,14 @@ fn objects_print_the_configmap_and_secrets_with_secret_data_redacted_unless_aske
         ]
     );
     assert!(docs.iter().all(|d| d["metadata"]["namespace"] == "llm"));
-    let credentials = docs[1]["data"]["credentials.json"].as_str().unwrap();
+    let only_value = |doc: &serde_yaml::Value| {
+        let data = doc["data"].as_mapping().unwrap();
+        assert_eq!(data.len(), 1);
+        let (name, value) = data.iter().next().unwrap();
+        assert!(name.as_str().unwrap().starts_with("credentials-"));
+        value.as_str().unwrap().to_owned()
+    };
+    let credentials = only_value(&docs[1]);
     assert!(credentials.starts_with("<redacted"), "{credentials}");
 
     let shown = render(&["-f", dir.to_str().unwrap(), "--objects", "--show-secrets"]);
@@ -221,7 +237,7 @@ fn objects_print_the_configmap_and_secrets_with_secret_data_redacted_unless_aske
     let docs: Vec<serde_yaml::Value> = serde_yaml::Deserializer::from_str(&yaml)
         .map(|d| serde::Deserialize::deserialize(d).unwrap())
         .collect();
-    let encoded = docs[1]["data"]["credentials.json"].as_str().unwrap();
+    let encoded = only_value(&docs[1]);
     use base64::Engine;
     let decoded = base64::engine::general_purpose::STANDARD
         .decode(encoded)

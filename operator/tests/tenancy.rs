@@ -243,6 +243,7 @@ async fn an_upgrade_to_longer_key_ids_carries_budget_spend_and_usage_over() {
         namespace: "tollgate".into(),
         prefix: "tollgate-gateway".into(),
         max_key_shards: 16,
+        max_routing_shards: 4,
     };
     let split = parts::split(&old).unwrap();
     for object in tollgate_operator::desired::desired_objects(&split, &naming).unwrap() {

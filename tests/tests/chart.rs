@@ -327,13 +327,17 @@ fn operator_roles_follow_the_watched_namespaces() {
 
 #[test]
 fn the_gateway_mounts_exactly_what_the_operator_writes() {
-    for shards in [16, 4] {
-        let r = good(json!({"keyShards": shards}), &[]);
+    for (shards, routing) in [(16, 4), (4, 2)] {
+        let r = good(json!({"keyShards": shards, "routingShards": routing}), &[]);
         let operator = &find(&r.docs, "Deployment", "tollgate-operator")["spec"]["template"]["spec"]
             ["containers"][0];
         assert_eq!(
             env(operator, "TOLLGATE_MAX_KEY_SHARDS").unwrap()["value"],
             shards.to_string()
+        );
+        assert_eq!(
+            env(operator, "TOLLGATE_MAX_ROUTING_SHARDS").unwrap()["value"],
+            routing.to_string()
         );
         let prefix = env(operator, "TOLLGATE_CONFIG_PREFIX").unwrap()["value"]
             .as_str()
@@ -348,6 +352,7 @@ fn the_gateway_mounts_exactly_what_the_operator_writes() {
             namespace: "tollgate".into(),
             prefix: prefix.clone(),
             max_key_shards: shards,
+            max_routing_shards: routing,
         };
         let spec = &find(&r.docs, "Deployment", "tollgate-gateway")["spec"]["template"]["spec"];
         let volume = spec["volumes"]
@@ -377,6 +382,7 @@ fn the_gateway_mounts_exactly_what_the_operator_writes() {
             format!("Secret/{}", naming.credentials()),
         ];
         expected.extend((0..shards).map(|i| format!("Secret/{}", naming.key_shard(i))));
+        expected.extend((0..routing).map(|i| format!("ConfigMap/{}", naming.routing_shard(i))));
         assert_eq!(
             sources.iter().map(|s| s.0.clone()).collect::<Vec<_>>(),
             expected

@@ -33,8 +33,12 @@ pub async fn readyz(State(state): State<Arc<AppState>>) -> impl IntoResponse {
         "reloads": {
             "succeeded": state.config.succeeded(),
             "failed": state.config.rejected(),
+            "pending": state.config.pending(),
         },
         "lastError": state.config.last_error(),
+        // An update that has not fully arrived (kubelet still syncing one of the mounted
+        // objects): the current configuration keeps serving.
+        "waitingFor": state.config.waiting_for(),
         "redis": match state.limits.redis_state() {
             None => json!(null),
             Some(up) => json!({ "reachable": up, "failureMode": state.limits.mode().as_str() }),

@@ -188,13 +188,19 @@ pub fn decode(data: &Value) -> Vec<u8> {
 /// The configuration gateways would load from the generated objects, if any: an error
 /// when they are not a consistent set.
 pub fn served(e: &Emulator) -> Option<Result<parts::AssembledConfig, String>> {
-    let cm = e.get("v1", "configmaps", "tollgate", "tollgate-gateway-config")?;
+    e.get("v1", "configmaps", "tollgate", "tollgate-gateway-config")?;
     let mut files: BTreeMap<String, Vec<u8>> = BTreeMap::new();
-    for (k, v) in cm["data"].as_object().into_iter().flatten() {
-        files.insert(
-            k.clone(),
-            v.as_str().unwrap_or_default().as_bytes().to_vec(),
-        );
+    // The configuration ConfigMap and any routing shards.
+    for cm in e
+        .list_selected("v1", "configmaps", "tollgate", CONFIG_SELECTOR)
+        .unwrap()
+    {
+        for (k, v) in cm["data"].as_object().into_iter().flatten() {
+            files.insert(
+                k.clone(),
+                v.as_str().unwrap_or_default().as_bytes().to_vec(),
+            );
+        }
     }
     for s in e
         .list_selected("v1", "secrets", "tollgate", CONFIG_SELECTOR)
