@@ -1794,20 +1794,14 @@ async fn a_usage_pass_that_outlives_the_lease_writes_nothing_more() {
         a.logs()
     );
     a.signal("STOP");
+    // The Lease shows B, and B's write is logged (the log follows the answer).
     assert!(
         e.wait_for(Duration::from_secs(20), |e| lease_holder(e).as_deref()
-            == Some("op-b"))
+            == Some("op-b")
+            && !lease_writes(e, "op-b").is_empty())
             .await
     );
-    let takeover = e
-        .requests_matching(
-            &RequestFilter::writes()
-                .resource("leases")
-                .user_agent("(op-b)"),
-        )
-        .first()
-        .expect("B took the Lease")
-        .received_at;
+    let takeover = lease_writes(&e, "op-b")[0].received_at;
     a.signal("CONT");
     // A's held write is answered; its pass goes on to the next key, and stops there.
     assert!(
