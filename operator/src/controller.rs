@@ -27,7 +27,7 @@ use jiff::Timestamp;
 use k8s_openapi::api::core::v1::{ConfigMap, Secret};
 use kube::{
     Api, Client, Resource, ResourceExt,
-    api::{DeleteParams, Patch, PatchParams, PostParams},
+    api::{DeleteParams, ListParams, Patch, PatchParams, PostParams},
     runtime::{
         WatchStreamExt,
         events::{Event, EventType, Recorder, Reporter},
@@ -566,6 +566,10 @@ pub enum ReconcileError {
     /// Shared state in Redis that must change before the configuration cannot be written.
     #[error("{0}")]
     Redis(String),
+    /// The cluster changed under a decision (an object gone between two calls); the
+    /// reconcile is retried.
+    #[error("{0}")]
+    Raced(String),
     /// This replica no longer holds the Lease: it stopped writing, mid-reconcile.
     #[error("stopped writing: this replica no longer holds the lease")]
     NotLeading,
@@ -811,9 +815,26 @@ impl Reconciler {
                     // read now, tells: ours by ownerReference uid is used as it is. Any
                     // other 409 (a conflict, not AlreadyExists) says nothing: retried.
                     Err(kube::Error::Api(s)) if s.code == 409 && s.reason == "AlreadyExists" => {
-                        let live = secrets.get(&secret_name).await.map_err(kube_err(format!(
-                            "reading Secret {ns}/{secret_name}, which already exists"
-                        )))?;
+                        // Listed by name, not read with `get`: the chart grants list,
+                        // watch, create and update on Secrets where ApiKeys live, and
+                        // nothing more.
+                        let by_name =
+                            ListParams::default().fields(&format!("metadata.name={secret_name}"));
+                        let live = secrets
+                            .list(&by_name)
+                            .await
+                            .map_err(kube_err(format!(
+                                "reading Secret {ns}/{secret_name}, which already exists"
+                            )))?
+                            .items
+                            .into_iter()
+                            .next();
+                        // Deleted meanwhile: the next reconcile creates it.
+                        let Some(mut live) = live else {
+                            return Err(ReconcileError::Raced(format!(
+                                "Secret {ns}/{secret_name} already existed, then was gone"
+                            )));
+                        };
                         if keys::owned_by(&live, key) {
                             // Ours. If its labels were removed the watch cannot see it:
                             // put them back, so later reconciles find it in the cache.
@@ -827,17 +848,18 @@ impl Reconciler {
                                     writes: 0,
                                 });
                             }
-                            let patch = json!({"metadata": {"labels": {
-                                MANAGED_BY: MANAGED_BY_VALUE,
-                                API_KEY_LABEL: label,
-                            }}});
+                            // An update (the verb the chart grants), guarded by the
+                            // resourceVersion just listed.
+                            let labels = live.metadata.labels.get_or_insert_with(BTreeMap::new);
+                            labels.insert(MANAGED_BY.to_owned(), MANAGED_BY_VALUE.to_owned());
+                            labels.insert(API_KEY_LABEL.to_owned(), label);
                             let repaired = secrets
-                                .patch(&secret_name, &PatchParams::default(), &Patch::Merge(&patch))
+                                .replace(&secret_name, &params, &live)
                                 .await
                                 .map_err(kube_err(format!(
                                     "restoring the labels of Secret {ns}/{secret_name}"
                                 )))?;
-                            self.metrics.api_write("Secret", "patch");
+                            self.metrics.api_write("Secret", "replace");
                             self.seen.wrote(&repaired, secret_fingerprint);
                             return Ok(KeyOutcome::Written {
                                 secret: Box::new(repaired),

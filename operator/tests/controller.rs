@@ -500,13 +500,19 @@ async fn a_secret_name_taken_by_someone_else_is_reported_not_overwritten() {
         if s.method == "POST" && s.uri.contains("/secrets") {
             return Some((409, status(409, "AlreadyExists")));
         }
-        (s.method == "GET" && s.uri.contains("/secrets/app-key")).then(|| {
+        // Read back by a list on its name: the chart grants no `get` on these Secrets.
+        (s.method == "GET"
+            && s.uri.contains("/namespaces/default/secrets?")
+            && s.uri.contains("metadata.name%3Dapp-key"))
+        .then(|| {
             (
                 200,
                 serde_json::json!({
-                    "apiVersion": "v1", "kind": "Secret",
-                    "metadata": {"name": "app-key", "namespace": "default", "uid": "someone-elses"},
-                    "data": {"apiKey": "dGdfbm90X3lvdXJz"},
+                    "apiVersion": "v1", "kind": "SecretList", "metadata": {},
+                    "items": [{
+                        "metadata": {"name": "app-key", "namespace": "default", "uid": "someone-elses"},
+                        "data": {"apiKey": "dGdfbm90X3lvdXJz"},
+                    }],
                 }),
             )
         })

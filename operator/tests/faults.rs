@@ -1459,6 +1459,8 @@ async fn an_invalid_name_or_a_refused_secret_marks_only_its_own_api_key() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_key_secret_the_cache_does_not_show_is_read_before_anything_is_decided() {
     let e = world();
+    // Within the chart's RBAC: no `get` or `patch` on Secrets where ApiKeys live.
+    common::enforce_chart_rbac(&e, json!({"watchNamespaces": ["default"]}));
     let op = Operator::start(&e, "op-stale", &["--leader-election", "false"]);
     settle(&e, &op).await;
     let key_of = |e: &Emulator| {
@@ -1493,6 +1495,7 @@ async fn a_key_secret_the_cache_does_not_show_is_read_before_anything_is_decided
         "{}",
         op.logs()
     );
+    common::assert_nothing_refused(&e);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

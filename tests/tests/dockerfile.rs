@@ -1,7 +1,7 @@
 //! The Dockerfile, checked as far as a machine without a Docker engine allows: its
 //! structure (named targets, non-root distroless runtime, OCI labels, no HEALTHCHECK, no
 //! secrets in the context) and that its build commands name packages and binaries that
-//! exist. The commands themselves were run outside Docker (see the README).
+//! exist. The commands themselves were run outside Docker (see docs/install.md).
 
 use std::{collections::BTreeSet, process::Command};
 

@@ -96,7 +96,7 @@ pub enum Detector {
     Regex,
     /// Prompt-injection phrasing such as "ignore all previous instructions", "disregard
     /// the system prompt", "reveal your system prompt" or "you are now DAN" (the rule set
-    /// is listed in the README).
+    /// is listed in docs/guardrails.md).
     PromptInjection,
     /// Any of `terms` (any white space between words).
     BlockedTerms,
