@@ -1,24 +1,21 @@
-//! The processes a benchmark runs: the mock upstream, nginx, redis-server and gateways,
-//! each on a free loopback port, killed when dropped.
+//! The processes a benchmark runs: the mock upstream, nginx and gateways, each on a free
+//! loopback port, killed when dropped; redis-server comes from `tollgate-testkit`, as in
+//! the tests.
 
 use std::{
     fs,
-    net::{SocketAddr, TcpListener},
+    net::SocketAddr,
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     time::{Duration, Instant},
 };
 
 use anyhow::{Context, bail};
+use tollgate_testkit::redis::Redis;
 
-/// A free loopback port (a tiny race with other programs is accepted).
-pub fn free_port() -> anyhow::Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
-}
-
-/// A loopback address on a free port.
+/// A loopback address on a free port (a tiny race with other programs is accepted).
 pub fn free_addr() -> anyhow::Result<SocketAddr> {
-    Ok(SocketAddr::from(([127, 0, 0, 1], free_port()?)))
+    Ok(tollgate_testkit::ports::free_addr())
 }
 
 /// A child process, killed and reaped on drop.
@@ -182,19 +179,12 @@ pub fn which(program: &str) -> Option<PathBuf> {
         .find(|p| p.is_file())
 }
 
-/// Starts redis-server on a free port, without persistence.
-pub fn redis(dir: &Path) -> anyhow::Result<(Proc, SocketAddr)> {
-    let bin =
-        which("redis-server").context("redis-server not found (apt-get install redis-server)")?;
-    let addr = free_addr()?;
-    let mut cmd = Command::new(bin);
-    cmd.args(["--bind", "127.0.0.1", "--port", &addr.port().to_string()])
-        .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
-        .arg("--dir")
-        .arg(dir);
-    let mut p = Proc::spawn("redis-server", cmd, dir.join("redis.log"))?;
-    p.wait_listening(addr, Duration::from_secs(10))?;
-    Ok((p, addr))
+/// Starts redis-server on a free port, without persistence (the tests' harness).
+pub fn redis() -> anyhow::Result<(Redis, SocketAddr)> {
+    let redis = Redis::try_start_with(&[])
+        .context("starting redis-server (apt-get install redis-server)")?;
+    let addr = SocketAddr::from(([127, 0, 0, 1], redis.port));
+    Ok((redis, addr))
 }
 
 /// Starts Debian's nginx as a plain keep-alive reverse proxy to `upstream`.

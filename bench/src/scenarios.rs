@@ -265,7 +265,7 @@ pub async fn run(s: &Settings, report: &mut Report) -> anyhow::Result<()> {
     std::fs::create_dir_all(&s.work)?;
     let (_upstream, upstream) = procs::upstream(&s.work, 2)?;
     let (nginx_proc, nginx) = procs::nginx(&s.work, upstream)?;
-    let (redis_proc, redis) = procs::redis(&s.work)?;
+    let (redis_proc, redis) = procs::redis()?;
     let resources = s.work.join("resources");
     config::write(&resources, upstream)?;
     let bed = Bed {

@@ -434,7 +434,7 @@ pub async fn run(s: &Settings) -> anyhow::Result<()> {
     std::fs::create_dir_all(&s.work)?;
     std::fs::create_dir_all(&s.out)?;
     let (_upstream_proc, upstream) = procs::upstream(&s.work, 1)?;
-    let (_redis_proc, redis) = procs::redis(&s.work)?;
+    let (_redis_proc, redis) = procs::redis()?;
     let resources = s.work.join("resources");
     write_config(&resources, upstream)?;
     let (mut gateway, addr) = start_gateway(s, &resources, redis)?;

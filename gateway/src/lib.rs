@@ -8,6 +8,7 @@ pub mod client_addr;
 pub mod config_source;
 pub mod egress;
 pub mod error;
+#[cfg(feature = "fuzzing")]
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod heartbeat;

@@ -1,0 +1,9 @@
+//! Repository-level tests, one binary: the Helm chart rendered by the real Helm SDK
+//! (`chart`), the generated CRDs (`crds`), the Dockerfile (`dockerfile`) and the example
+//! manifests (`examples`).
+
+mod chart;
+mod crds;
+mod dockerfile;
+mod examples;
+mod flags;
