@@ -177,7 +177,10 @@ fn drift_is_reported() {
     assert_eq!(flags.len(), 3, "{flags:?}");
     assert_eq!(flags["--listen"].env.as_deref(), Some("TOLLGATE_LISTEN"));
     assert_eq!(flags["--listen"].default.as_deref(), Some("0.0.0.0:8080"));
-    assert_eq!(flags["--password"].env.as_deref(), Some("TOLLGATE_PASSWORD"));
+    assert_eq!(
+        flags["--password"].env.as_deref(),
+        Some("TOLLGATE_PASSWORD")
+    );
     assert_eq!(flags["--password"].default.as_deref(), Some("none"));
     let doc = "# X\n\n## Settings\n\n| Flag | Default | What |\n|---|---|---|\n| `--listen` / `TOLLGATE_LISTN` | `0.0.0.0:80` | x |\n| `--gone` | | y |\n| `--password` / `TOLLGATE_PASSWORD` | | z |\n\n## Next\n";
     let problems = drift("x.md", doc, help);
