@@ -3,9 +3,11 @@
 
 pub mod accounting;
 pub mod cache;
+pub mod canonical;
 pub mod circuit;
 pub mod client_addr;
 pub mod config_source;
+pub mod dialects;
 pub mod egress;
 pub mod error;
 #[cfg(feature = "fuzzing")]
