@@ -5,7 +5,7 @@
 //! and from these types once, so translating between any client dialect and any upstream
 //! is a composition (`parse` in one, `render` in the other) instead of a function per
 //! pair. When the client and the upstream speak the same dialect none of this runs: the
-//! body is passed through as it came (`crate::upstream::body`).
+//! body is passed through as it came (`crate::providers::passthrough`).
 //!
 //! The model holds what a translation can carry faithfully; what one side has and the
 //! other cannot express is either dropped where dropping is harmless (documented on the

@@ -14,9 +14,9 @@ use tollgate_api::{
 };
 
 use crate::{
-    accounting, cache,
+    accounting, cache, providers,
     relay::{Conversion, StreamTranslator},
-    request, snapshot, sse, translate, upstream,
+    request, snapshot, sse, translate,
 };
 
 /// Upstream model name the rewrites put into bodies.
@@ -41,18 +41,19 @@ pub fn request(data: &[u8]) {
     let _ = head.include_usage();
 
     let original = Bytes::copy_from_slice(data);
-    let same = upstream::body(&original, &head.model, &head.model).expect("no rewrite");
+    let same = providers::passthrough(&original, &head.model, &head.model).expect("no rewrite");
     assert_eq!(
         same, original,
         "a body without rename must be forwarded as is"
     );
     // The edits copy every other member as it came (a number serde_json's Value cannot
     // hold included), so what the head parser accepted it accepts again, renamed.
-    let renamed = upstream::body(&original, &head.model, UPSTREAM_MODEL).expect("renamed");
+    let renamed = providers::passthrough(&original, &head.model, UPSTREAM_MODEL).expect("renamed");
     let again = request::parse_head(&renamed).expect("the renamed body parses as the original did");
     assert_eq!(again.model, UPSTREAM_MODEL);
     assert_eq!(again.stream, head.stream);
-    let with_usage = upstream::body_with_usage(&original, UPSTREAM_MODEL).expect("usage added");
+    let with_usage =
+        providers::passthrough_with_usage(&original, UPSTREAM_MODEL).expect("usage added");
     let again = request::parse_head(&with_usage).expect("the edited body parses");
     assert!(again.include_usage() && again.model == UPSTREAM_MODEL);
 

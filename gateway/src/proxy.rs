@@ -26,16 +26,16 @@ use tracing::Instrument;
 use crate::{
     accounting::{Accounting, Usage},
     circuit::Breakers,
+    dialects::{Dialect, Operation},
     error::ApiError,
     metrics::{AttemptLabels, DecisionLabels, Metrics},
-    providers::mock,
+    providers::{self, mock},
     relay::{self, Conversion, FirstByte, StreamGuards, StreamTranslator, WholeError},
     request::RequestHead,
     routing::{Observed, Tuning, backoff, plan},
     snapshot::{Provider, Snapshot},
     target_stats::{Latency, StreamFeedback, TargetStatsStore},
-    translate::{self, Untranslatable},
-    upstream::{self, Dialect, Operation},
+    translate, upstream,
 };
 
 /// Longest upstream `Retry-After` the gateway waits for before retrying the same target.
@@ -472,10 +472,10 @@ pub fn body_work(
         let Some(provider) = snapshot.provider(&t.provider) else {
             continue;
         };
-        let Some(dialect) = upstream::dialect(provider.config.provider_type) else {
+        let Some(adapter) = provider.adapter else {
             continue;
         };
-        if dialect != client {
+        if adapter.dialect() != client {
             work.translates = true;
             continue;
         }
@@ -485,11 +485,7 @@ pub fn body_work(
             .models
             .get(model)
             .is_some_and(|m| m.upstream_name != head.model);
-        let injects = dialect == Dialect::OpenAi
-            && head.stream
-            && !head.include_usage()
-            && operation != Operation::Embeddings;
-        work.edits |= renamed || injects;
+        work.edits |= providers::edits_body(adapter, operation, head, renamed);
     }
     work
 }
@@ -522,11 +518,7 @@ async fn attempt_once(
         compiled_model.input_per_million,
         compiled_model.output_per_million,
     );
-    let client_dialect = req.operation.client_dialect();
-    let (Some(upstream_dialect), Some(client)) = (
-        upstream::dialect(config.provider_type),
-        provider.client.as_ref(),
-    ) else {
+    let (Some(adapter), Some(client)) = (provider.adapter, provider.client.as_ref()) else {
         if let Some(a) = accounting.as_mut() {
             a.answered_by(&config.id, model, pricing, req.prompt_estimate);
         }
@@ -537,15 +529,11 @@ async fn attempt_once(
         )
         .await;
     };
-    if upstream_dialect == Dialect::Anthropic
-        && matches!(
-            req.operation,
-            Operation::Completions | Operation::Embeddings
-        )
-    {
+    if !adapter.offers(req.operation) {
         return Err(Failure::Unsupported(format!(
-            "The model `{}` is served by Anthropic, which has no {} endpoint.",
+            "The model `{}` is served by {}, which has no {} endpoint.",
             req.head.model,
+            adapter.name(),
             req.operation.label_str()
         )));
     }
@@ -553,32 +541,22 @@ async fn attempt_once(
     let upstream_model = compiled_model.upstream_name.as_str();
     // Streams from OpenAI-style upstreams always carry usage, for accounting; the extra
     // chunk is removed again when the client did not ask for it.
-    let inject_usage = client_dialect == Dialect::OpenAi
-        && upstream_dialect == Dialect::OpenAi
-        && req.head.stream
-        && !req.head.include_usage()
-        && req.operation != Operation::Embeddings;
-    let body = match (client_dialect, upstream_dialect) {
-        (Dialect::OpenAi, Dialect::OpenAi) if inject_usage => {
-            upstream::body_with_usage(&req.body, upstream_model)
-                .map_err(|e| Failure::BadRequest(e.to_string()))?
-        }
-        (c, u) if c == u => upstream::body(&req.body, &req.head.model, upstream_model)
-            .map_err(|e| Failure::BadRequest(e.to_string()))?,
-        (Dialect::OpenAi, _) => translated(&req.body, |v| {
-            translate::openai_to_anthropic_request(v, upstream_model)
-        })?,
-        (Dialect::Anthropic, _) => translated(&req.body, |v| {
-            translate::anthropic_to_openai_request(v, upstream_model)
-        })?,
-    };
+    let body = providers::request_body(adapter, req.operation, req.head, &req.body, upstream_model)
+        .map_err(|e| Failure::BadRequest(e.to_string()))?;
+    let inject_usage = body.injected_usage;
+    let body = body.bytes;
     // Parsed once per reload; parsing on the fly only for a model the snapshot lacks.
     let url = match provider.endpoint(req.operation, upstream_model) {
         Some(url) => url,
-        None => reqwest::Url::parse(&upstream::endpoint(config, req.operation, upstream_model))
+        None => reqwest::Url::parse(&adapter.endpoint(config, req.operation, upstream_model))
             .map_err(|_| Failure::Connect(config.id.clone()))?,
     };
-    let mut headers = upstream::headers(config, provider.credential.as_deref(), &req.request_id);
+    let mut headers = providers::headers(
+        adapter,
+        config,
+        provider.credential.as_deref(),
+        &req.request_id,
+    );
     crate::telemetry::inject(&tracing::Span::current(), req.trace, &mut headers);
 
     let mut per_try = Duration::from_millis(config.request_timeout_ms);
@@ -611,7 +589,12 @@ async fn attempt_once(
         }
         Ok(Ok(r)) => r,
     };
-    let conversion = Conversion::between(client_dialect, upstream_dialect, req.head, inject_usage);
+    let conversion = Conversion::between(
+        req.operation.client_dialect(),
+        adapter.dialect(),
+        req.head,
+        inject_usage,
+    );
     let status = response.status();
     match status.as_u16() {
         200..=299 => {}
@@ -733,19 +716,6 @@ impl Failure {
             other => other,
         }
     }
-}
-
-/// Parses the client body and rewrites it, mapping failures to a 400.
-fn translated(
-    body: &Bytes,
-    f: impl FnOnce(&serde_json::Value) -> Result<serde_json::Value, Untranslatable>,
-) -> Result<Bytes, Failure> {
-    let value: serde_json::Value = serde_json::from_slice(body)
-        .map_err(|e| Failure::BadRequest(format!("The request body is not valid JSON: {e}")))?;
-    let out = f(&value).map_err(|Untranslatable(why)| Failure::BadRequest(why))?;
-    Ok(Bytes::from(
-        serde_json::to_vec(&out).expect("a JSON value serialises"),
-    ))
 }
 
 fn default_mock() -> CompiledMock {

@@ -16,10 +16,10 @@ use serde_json::{Value, json};
 
 use crate::{
     accounting::{Accounting, Usage, usage_from_body, usage_from_value},
+    dialects::Dialect,
     metrics::{Metrics, RouteLabels},
     request::RequestHead,
     sse, translate,
-    upstream::Dialect,
 };
 
 /// How an upstream answer is rewritten for the client.

@@ -5,7 +5,7 @@ use std::{collections::HashMap, sync::Arc};
 
 use sha2::{Digest, Sha256};
 
-use crate::upstream::Operation;
+use crate::dialects::Operation;
 use tollgate_api::{
     compile::{patterns, views},
     config::{CompiledKey, CompiledProvider, CompiledRoute, GatewayConfig, namespace_of},
@@ -129,6 +129,8 @@ pub struct Provider {
     pub config: CompiledProvider,
     /// The credential, if any.
     pub credential: Option<String>,
+    /// What kind of API it is (`None` for the in-process mock).
+    pub adapter: Option<&'static dyn crate::providers::Adapter>,
     /// Pooled client for upstream calls (`None` for providers the gateway does not call
     /// over HTTP, such as the mock).
     pub client: Option<reqwest::Client>,
@@ -184,23 +186,27 @@ impl Snapshot {
             .into_iter()
             .map(|(id, config)| {
                 let credential = credentials.providers.remove(&id);
-                let client = crate::upstream::speaks_openai(config.provider_type)
-                    .then(|| crate::upstream::client_for(&config))
+                let adapter = crate::providers::adapter(config.provider_type);
+                let client = adapter
+                    .map(|_| crate::upstream::client_for(&config))
                     .and_then(|built| {
                         built.map_err(|e| tracing::error!(provider = %id, error = %e, "cannot build an HTTP client")).ok()
                     });
                 let slots = config.max_concurrency.map(|n| Arc::new(tokio::sync::Semaphore::new(n as usize)));
-                let endpoints = config
-                    .models
-                    .values()
-                    .map(|m| {
-                        let url = |op| {
-                            reqwest::Url::parse(&crate::upstream::endpoint(&config, op, &m.upstream_name)).ok()
-                        };
-                        (m.upstream_name.clone(), Operation::ALL.map(url))
-                    })
-                    .collect();
-                (id, Arc::new(Provider { config, credential, client, slots, endpoints }))
+                let endpoints = adapter.map(|adapter| {
+                    config
+                        .models
+                        .values()
+                        .map(|m| {
+                            let url = |op| {
+                                reqwest::Url::parse(&adapter.endpoint(&config, op, &m.upstream_name)).ok()
+                            };
+                            (m.upstream_name.clone(), Operation::ALL.map(url))
+                        })
+                        .collect()
+                });
+                let endpoints = endpoints.unwrap_or_default();
+                (id, Arc::new(Provider { config, credential, adapter, client, slots, endpoints }))
             })
             .collect();
 

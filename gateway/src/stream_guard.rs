@@ -27,7 +27,7 @@ use std::{collections::BTreeMap, sync::Arc};
 use serde_json::{Value, json};
 use tollgate_api::guardrails::{Guardrails, Verdict, redact};
 
-use crate::{error::ApiError, metrics::Metrics, upstream::Dialect};
+use crate::{dialects::Dialect, error::ApiError, metrics::Metrics};
 
 /// Text held back per channel until more has arrived.
 pub const HOLD_BYTES: usize = 128;

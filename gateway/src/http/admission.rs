@@ -8,12 +8,12 @@ use tollgate_api::config::CompiledRoute;
 use super::AppState;
 use crate::{
     accounting::Accounting,
+    dialects::Operation,
     error::ApiError,
     limits::{Ask, Quota, reset_string, store::AdmitError},
     metrics::RejectionLabels,
     request::RequestHead,
     snapshot::{Key, Snapshot},
-    upstream::Operation,
 };
 
 /// An admitted request: its accounting (settled when the answer is done) and, when limits

@@ -10,7 +10,7 @@ use axum::{
 };
 
 use super::{AppState, openai::handle};
-use crate::{error::ApiError, translate, upstream::Operation};
+use crate::{dialects::Operation, error::ApiError, translate};
 
 pub async fn messages(state: State<Arc<AppState>>, request: Request) -> Response {
     handle(state, request, Operation::Messages, anthropic_error).await

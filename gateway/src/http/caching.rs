@@ -4,7 +4,7 @@ use axum::response::Response;
 use tollgate_api::{config::CompiledRoute, v1alpha1::CacheScope};
 
 use super::AppState;
-use crate::{cache, error::ApiError, metrics::CacheLabels, snapshot::Key, upstream::Operation};
+use crate::{cache, dialects::Operation, error::ApiError, metrics::CacheLabels, snapshot::Key};
 
 /// Tells clients whether an answer came from the cache.
 pub(super) const CACHE_HEADER: http::HeaderName = http::HeaderName::from_static("x-tollgate-cache");

@@ -234,7 +234,7 @@ pub(super) async fn apply_response(
 pub(super) async fn apply_to_stored_stream(
     response: Response,
     rules: Arc<AnswerRules>,
-    operation: crate::upstream::Operation,
+    operation: crate::dialects::Operation,
 ) -> Result<Response, ApiError> {
     let (mut parts, body) = response.into_parts();
     let bytes = axum::body::to_bytes(body, usize::MAX)

@@ -14,13 +14,13 @@ use super::{
 };
 use crate::{
     accounting::UsageReport,
+    dialects::Operation,
     error::ApiError,
     metrics::{RequestLabels, RouteLabels},
     proxy::{AnsweredBy, Forward, Timing, forward},
     relay,
     request::{estimate_prompt_tokens, parse_head},
     telemetry::{self, attr},
-    upstream::Operation,
 };
 use tracing::Instrument;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
