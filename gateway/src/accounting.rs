@@ -9,6 +9,7 @@ use serde_json::Value;
 use crate::{
     limits::store::{AnyReservation, Limits},
     metrics::{Metrics, TokenLabels},
+    pricing::Pricing,
 };
 
 /// Token usage of an answer.
@@ -67,8 +68,8 @@ pub struct Accounting {
     owner: String,
     provider: Option<String>,
     model: String,
-    /// Price per million input and output tokens of the model that answered.
-    pricing: (f64, f64),
+    /// Prices of the model that answered.
+    pricing: Pricing,
     /// Usage reported by the answer.
     reported: Option<Usage>,
     /// Usage estimated from what was relayed, for answers cut before their usage arrived.
@@ -111,7 +112,7 @@ impl Accounting {
             owner: owner.to_owned(),
             provider: None,
             model: String::new(),
-            pricing: (0.0, 0.0),
+            pricing: Pricing::default(),
             reported: None,
             estimated: Usage::default(),
             settled: false,
@@ -126,7 +127,7 @@ impl Accounting {
         &mut self,
         provider: &str,
         model: &str,
-        pricing: (f64, f64),
+        pricing: Pricing,
         prompt_estimate: u64,
     ) {
         self.provider = Some(provider.to_owned());
@@ -166,9 +167,7 @@ impl Accounting {
             (Some(_), Some(u)) => u,
             (Some(_), None) => self.estimated,
         };
-        let cost = (usage.prompt as f64 * self.pricing.0
-            + usage.completion as f64 * self.pricing.1)
-            / 1_000_000.0;
+        let cost = self.pricing.cost(usage.prompt, usage.completion);
         if let Some((limits, reservation)) = self.limits.take() {
             limits.settle(
                 reservation,

@@ -19,6 +19,7 @@ pub mod limits;
 pub mod listener;
 pub mod memory;
 pub mod metrics;
+pub mod pricing;
 pub mod providers;
 pub mod proxy;
 pub mod relay;

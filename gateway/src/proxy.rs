@@ -11,11 +11,9 @@ use std::{
 
 use axum::{
     Json,
-    body::Body,
     response::{IntoResponse, Response},
 };
 use bytes::Bytes;
-use futures_util::StreamExt;
 use http::StatusCode;
 use tollgate_api::{
     config::{CompiledMock, CompiledRoute},
@@ -29,6 +27,7 @@ use crate::{
     dialects::{Dialect, Operation},
     error::ApiError,
     metrics::{AttemptLabels, DecisionLabels, Metrics},
+    pricing::Pricing,
     providers::{self, mock},
     relay::{self, Conversion, FirstByte, StreamGuards, StreamTranslator, WholeError},
     request::RequestHead,
@@ -493,9 +492,7 @@ pub fn body_work(
 /// A target's price for the `adaptive` score: its model's input plus output price per
 /// million tokens; `None` when unknown or free.
 fn target_price(snapshot: &Snapshot, provider: &str, model: &str) -> Option<f64> {
-    let m = snapshot.provider(provider)?.config.models.get(model)?;
-    let price = m.input_per_million + m.output_per_million;
-    (price > 0.0).then_some(price)
+    Pricing::of(snapshot.provider(provider)?.config.models.get(model)?).weight()
 }
 
 /// Marks a response whose stream reports to routing statistics itself.
@@ -514,10 +511,7 @@ async fn attempt_once(
     let Some(compiled_model) = config.models.get(model) else {
         return Err(Failure::NoModel(req.head.model.clone()));
     };
-    let pricing = (
-        compiled_model.input_per_million,
-        compiled_model.output_per_million,
-    );
+    let pricing = Pricing::of(compiled_model);
     let (Some(adapter), Some(client)) = (provider.adapter, provider.client.as_ref()) else {
         if let Some(a) = accounting.as_mut() {
             a.answered_by(&config.id, model, pricing, req.prompt_estimate);
@@ -786,15 +780,12 @@ async fn serve_mock(
         } else {
             Conversion::OpenAi { strip_usage: false }
         };
-        let mut translator = StreamTranslator::new(conversion).guarded(req.answer_guard());
-        let translated = frames.map(move |frame| {
-            Ok::<_, std::io::Error>(
-                translator
-                    .feed(&frame, accounting.as_mut())
-                    .unwrap_or_default(),
-            )
-        });
-        return Ok(relay::sse_response(Body::from_stream(translated)));
+        let translator = StreamTranslator::new(conversion).guarded(req.answer_guard());
+        return Ok(relay::local_stream(
+            Box::pin(frames),
+            translator,
+            accounting,
+        ));
     }
     let completion = mock::completion(shape, &answer, &id, &req.head.model, created);
     if let Some(a) = accounting.as_mut() {

@@ -337,6 +337,36 @@ async fn read_at_most(response: reqwest::Response, limit: usize) -> Result<Bytes
     Ok(only.unwrap_or_else(|| out.freeze()))
 }
 
+/// How a relayed stream ended, as far as its client saw it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StreamEnd {
+    /// The answer's final event was relayed, with no error event before it.
+    Complete,
+    /// The upstream broke, went silent, sent an error event, or closed before its final
+    /// event.
+    Failed,
+    /// A response guardrail ended it.
+    Blocked,
+}
+
+/// A stream's ending, shared between the relay that sets it (once, when the stream ends)
+/// and whoever needs it afterwards (the response cache stores only complete answers).
+/// Travels as an extension of the streamed response; unset while the stream runs, and
+/// for good when the client went away first.
+#[derive(Debug, Clone, Default)]
+pub struct Ending(Arc<std::sync::OnceLock<StreamEnd>>);
+
+impl Ending {
+    /// How the stream ended, once it has.
+    pub fn get(&self) -> Option<StreamEnd> {
+        self.0.get().copied()
+    }
+
+    fn set(&self, end: StreamEnd) {
+        let _ = self.0.set(end);
+    }
+}
+
 /// Records the time to the first streamed byte once.
 #[derive(Debug)]
 pub struct FirstByte {
@@ -386,9 +416,64 @@ pub fn stream<S>(
 where
     S: Stream<Item = Result<Bytes, reqwest::Error>> + Send + Unpin + 'static,
 {
-    sse_response(Body::from_stream(relay_chunks(
-        upstream, idle, conversion, guards,
-    )))
+    let ending = Ending::default();
+    let mut response = sse_response(Body::from_stream(relay_chunks(
+        upstream,
+        idle,
+        conversion,
+        guards,
+        ending.clone(),
+    )));
+    response.extensions_mut().insert(ending);
+    response
+}
+
+/// Relays `frames` an in-process provider (the mock) streams in OpenAI's format, through
+/// `translator`, with `accounting` told what was relayed; the response carries its
+/// [`Ending`] like a relayed upstream stream's.
+pub fn local_stream<S>(
+    frames: S,
+    translator: StreamTranslator,
+    accounting: Option<Accounting>,
+) -> Response
+where
+    S: Stream<Item = Bytes> + Send + Unpin + 'static,
+{
+    let ending = Ending::default();
+    let end = ending.clone();
+    let body = stream::unfold(
+        (frames, translator, accounting, false),
+        move |(mut frames, mut t, mut accounting, finished)| {
+            let end = end.clone();
+            async move {
+                if finished {
+                    return None;
+                }
+                loop {
+                    let Some(frame) = frames.next().await else {
+                        end.set(t.ending());
+                        let tail = t.finish();
+                        return (!tail.is_empty())
+                            .then_some((Ok(tail), (frames, t, accounting, true)));
+                    };
+                    let out = t.feed(&frame, accounting.as_mut()).unwrap_or_default();
+                    if t.stopped() {
+                        end.set(StreamEnd::Blocked);
+                        return Some((Ok(out), (frames, t, accounting, true)));
+                    }
+                    if !out.is_empty() {
+                        return Some((
+                            Ok::<_, std::io::Error>(out),
+                            (frames, t, accounting, false),
+                        ));
+                    }
+                }
+            }
+        },
+    );
+    let mut response = sse_response(Body::from_stream(body));
+    response.extensions_mut().insert(ending);
+    response
 }
 
 /// Whether `response` is an SSE stream (by its content type).
@@ -421,6 +506,10 @@ pub struct StreamTranslator {
     mode: Mode,
     prompt: u64,
     guard: Option<crate::stream_guard::StreamGuard>,
+    /// The upstream's final event (`[DONE]`, `message_stop`) has been read.
+    saw_end: bool,
+    /// The upstream sent an error event.
+    saw_error: bool,
 }
 
 #[derive(Debug)]
@@ -454,6 +543,19 @@ impl StreamTranslator {
             mode,
             prompt: 0,
             guard: None,
+            saw_end: false,
+            saw_error: false,
+        }
+    }
+
+    /// How the stream ends if the upstream stops here.
+    pub fn ending(&self) -> StreamEnd {
+        if self.stopped() {
+            StreamEnd::Blocked
+        } else if self.saw_end && !self.saw_error {
+            StreamEnd::Complete
+        } else {
+            StreamEnd::Failed
         }
     }
 
@@ -498,8 +600,11 @@ impl StreamTranslator {
             }
             match &mut self.mode {
                 Mode::OpenAi { strip_usage } => {
-                    if event.data != "[DONE]" {
+                    if event.data == "[DONE]" {
+                        self.saw_end = true;
+                    } else {
                         let head = ChunkHead::parse(&event.data);
+                        self.saw_error |= head.error;
                         if let Some(u) = head.usage()
                             && let Some(a) = accounting.as_deref_mut()
                         {
@@ -518,6 +623,8 @@ impl StreamTranslator {
                 Mode::Anthropic => {
                     let v: Value = serde_json::from_str(&event.data).unwrap_or_default();
                     match v["type"].as_str() {
+                        Some("message_stop") => self.saw_end = true,
+                        Some("error") => self.saw_error = true,
                         Some("message_start") => {
                             self.prompt =
                                 usage_from_value(&v["message"]["usage"]).map_or(0, |u| u.prompt)
@@ -550,6 +657,11 @@ impl StreamTranslator {
                         .or_else(|| data["type"].as_str())
                         .unwrap_or_default()
                         .to_owned();
+                    match name.as_str() {
+                        "message_stop" => self.saw_end = true,
+                        "error" => self.saw_error = true,
+                        _ => {}
+                    }
                     if name == "content_block_delta"
                         && let Some(a) = accounting.as_deref_mut()
                     {
@@ -564,6 +676,11 @@ impl StreamTranslator {
                 }
                 Mode::OpenAiToAnthropic(t) => {
                     for (name, data) in t.on_data(&event.data) {
+                        match name.as_str() {
+                            "message_stop" => self.saw_end = true,
+                            "error" => self.saw_error = true,
+                            _ => {}
+                        }
                         if name == "content_block_delta"
                             && let Some(a) = accounting.as_deref_mut()
                         {
@@ -587,6 +704,8 @@ impl StreamTranslator {
 struct ChunkHead<'a> {
     usage: Option<&'a serde_json::value::RawValue>,
     choices: usize,
+    /// The chunk is an error (`{"error": …}`).
+    error: bool,
 }
 
 impl<'a> ChunkHead<'a> {
@@ -598,11 +717,14 @@ impl<'a> ChunkHead<'a> {
             // Zero-sized elements: counting them allocates nothing.
             #[serde(default)]
             choices: Option<Vec<serde::de::IgnoredAny>>,
+            #[serde(default)]
+            error: Option<serde::de::IgnoredAny>,
         }
         serde_json::from_str::<Raw<'a>>(data)
             .map(|raw| Self {
                 usage: raw.usage,
                 choices: raw.choices.map_or(0, |c| c.len()),
+                error: raw.error.is_some(),
             })
             .unwrap_or_default()
     }
@@ -658,6 +780,7 @@ fn relay_chunks<S>(
     idle: Duration,
     conversion: Conversion,
     guards: StreamGuards,
+    ending: Ending,
 ) -> impl Stream<Item = Result<Bytes, std::io::Error>> + Send + 'static
 where
     S: Stream<Item = Result<Bytes, reqwest::Error>> + Send + Unpin + 'static,
@@ -667,47 +790,55 @@ where
     let translator = StreamTranslator::new(conversion).guarded(guards.answers.take());
     stream::unfold(
         (upstream, translator, guards, false),
-        move |(mut s, mut t, mut guards, finished)| async move {
-            if finished {
-                return None;
-            }
-            loop {
-                let error = match tokio::time::timeout(idle, s.next()).await {
-                    Ok(Some(Ok(bytes))) => match t.feed(&bytes, guards.accounting.as_mut()) {
-                        // Translation may swallow a chunk (e.g. a ping): wait for the next one.
-                        Ok(out) if out.is_empty() => continue,
-                        Ok(out) => {
-                            if let Some(fb) = guards.first_byte.take() {
-                                fb.observe();
+        move |(mut s, mut t, mut guards, finished)| {
+            let ending = ending.clone();
+            async move {
+                if finished {
+                    return None;
+                }
+                loop {
+                    let error = match tokio::time::timeout(idle, s.next()).await {
+                        Ok(Some(Ok(bytes))) => match t.feed(&bytes, guards.accounting.as_mut()) {
+                            // Translation may swallow a chunk (e.g. a ping): wait for the next one.
+                            Ok(out) if out.is_empty() => continue,
+                            Ok(out) => {
+                                if let Some(fb) = guards.first_byte.take() {
+                                    fb.observe();
+                                }
+                                if let Some(f) = guards.feedback.as_mut() {
+                                    f.first_token();
+                                }
+                                // A guardrail that blocked the answer ended the stream with
+                                // its error event; the upstream is dropped with the stream.
+                                let stopped = t.stopped();
+                                if stopped {
+                                    ending.set(StreamEnd::Blocked);
+                                    if let Some(f) = guards.feedback.take() {
+                                        f.completed();
+                                    }
+                                }
+                                return Some((Ok(out), (s, t, guards, stopped)));
                             }
-                            if let Some(f) = guards.feedback.as_mut() {
-                                f.first_token();
-                            }
-                            // A guardrail that blocked the answer ended the stream with
-                            // its error event; the upstream is dropped with the stream.
-                            let stopped = t.stopped();
-                            if stopped && let Some(f) = guards.feedback.take() {
+                            Err(why) => why,
+                        },
+                        Ok(None) => {
+                            ending.set(t.ending());
+                            if let Some(f) = guards.feedback.take() {
                                 f.completed();
                             }
-                            return Some((Ok(out), (s, t, guards, stopped)));
+                            // Text the guardrails still hold goes out (checked) last.
+                            let tail = t.finish();
+                            return (!tail.is_empty()).then_some((Ok(tail), (s, t, guards, true)));
                         }
-                        Err(why) => why,
-                    },
-                    Ok(None) => {
-                        if let Some(f) = guards.feedback.take() {
-                            f.completed();
-                        }
-                        // Text the guardrails still hold goes out (checked) last.
-                        let tail = t.finish();
-                        return (!tail.is_empty()).then_some((Ok(tail), (s, t, guards, true)));
+                        Ok(Some(Err(_))) => "The upstream stream was interrupted.",
+                        Err(_) => "The upstream stream went silent and was abandoned.",
+                    };
+                    ending.set(StreamEnd::Failed);
+                    if let Some(f) = guards.feedback.take() {
+                        f.failed();
                     }
-                    Ok(Some(Err(_))) => "The upstream stream was interrupted.",
-                    Err(_) => "The upstream stream went silent and was abandoned.",
-                };
-                if let Some(f) = guards.feedback.take() {
-                    f.failed();
+                    return Some((Ok(stream_error(error, dialect)), (s, t, guards, true)));
                 }
-                return Some((Ok(stream_error(error, dialect)), (s, t, guards, true)));
             }
         },
     )
@@ -807,17 +938,86 @@ mod tests {
     async fn a_silent_stream_ends_with_an_error_event() {
         let upstream =
             stream::iter(vec![Ok(Bytes::from_static(b"data: {}\n\n"))]).chain(stream::pending());
+        let ending = Ending::default();
         let chunks: Vec<Bytes> = relay_chunks(
             Box::pin(upstream),
             Duration::from_millis(50),
             Conversion::OpenAi { strip_usage: false },
             guards(),
+            ending.clone(),
         )
         .map(|c| c.unwrap())
         .collect()
         .await;
         assert_eq!(chunks.len(), 2);
         assert!(String::from_utf8_lossy(&chunks[1]).contains("upstream_stream_error"));
+        assert_eq!(ending.get(), Some(StreamEnd::Failed));
+    }
+
+    /// How a stream of `chunks` read by `conversion` ends.
+    async fn ending_of(conversion: Conversion, chunks: &[&'static str]) -> Option<StreamEnd> {
+        let upstream = stream::iter(
+            chunks
+                .iter()
+                .map(|c| Ok(Bytes::from_static(c.as_bytes())))
+                .collect::<Vec<_>>(),
+        );
+        let ending = Ending::default();
+        let _: Vec<_> = relay_chunks(
+            Box::pin(upstream),
+            Duration::from_secs(5),
+            conversion,
+            guards(),
+            ending.clone(),
+        )
+        .collect()
+        .await;
+        ending.get()
+    }
+
+    #[tokio::test]
+    async fn the_relay_says_how_each_stream_ended() {
+        let openai = || Conversion::OpenAi { strip_usage: false };
+        let to_anthropic = || Conversion::OpenAiToAnthropic { model: "m".into() };
+        let done = "data: {\"choices\":[{\"delta\":{\"content\":\"a\"}}]}\n\ndata: [DONE]\n\n";
+        let cut = "data: {\"choices\":[{\"delta\":{\"content\":\"a\"}}]}\n\n";
+        let error = "data: {\"error\":{\"message\":\"overloaded\"}}\n\n";
+        assert_eq!(
+            ending_of(openai(), &[done]).await,
+            Some(StreamEnd::Complete)
+        );
+        assert_eq!(
+            ending_of(to_anthropic(), &[done]).await,
+            Some(StreamEnd::Complete)
+        );
+        // Closed before its final event, or with an error event before it.
+        assert_eq!(ending_of(openai(), &[cut]).await, Some(StreamEnd::Failed));
+        assert_eq!(
+            ending_of(openai(), &[error, done]).await,
+            Some(StreamEnd::Failed)
+        );
+        assert_eq!(
+            ending_of(to_anthropic(), &[error, done]).await,
+            Some(StreamEnd::Failed)
+        );
+        let anthropic_done = "event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"usage\":{}}}\n\nevent: message_stop\ndata: {\"type\":\"message_stop\"}\n\n";
+        let anthropic_error = "event: error\ndata: {\"type\":\"error\",\"error\":{\"type\":\"overloaded_error\",\"message\":\"busy\"}}\n\n";
+        assert_eq!(
+            ending_of(Conversion::Anthropic, &[anthropic_done]).await,
+            Some(StreamEnd::Complete)
+        );
+        assert_eq!(
+            ending_of(Conversion::Anthropic, &[anthropic_error, anthropic_done]).await,
+            Some(StreamEnd::Failed)
+        );
+        let to_openai = Conversion::AnthropicToOpenAi {
+            model: "m".into(),
+            include_usage: false,
+        };
+        assert_eq!(
+            ending_of(to_openai, &[anthropic_done]).await,
+            Some(StreamEnd::Complete)
+        );
     }
 
     #[test]

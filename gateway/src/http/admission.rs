@@ -122,10 +122,7 @@ fn max_cost(
                 .config
                 .models
                 .get(t.model.as_deref().unwrap_or(model))?;
-            Some(
-                (prompt as f64 * m.input_per_million + completion as f64 * m.output_per_million)
-                    / 1_000_000.0,
-            )
+            Some(crate::pricing::Pricing::of(m).cost(prompt, completion))
         })
         .fold(0.0, f64::max)
 }

@@ -150,8 +150,10 @@ pub(super) async fn store(
         response
             .headers_mut()
             .insert(CACHE_HEADER, http::HeaderValue::from_static("miss"));
+        // Without its ending the stream cannot be known complete: relayed, never stored.
+        let ending = response.extensions().get::<crate::relay::Ending>().cloned();
         let (parts, body) = response.into_parts();
-        let tee = tee_stream(body, state.cache.clone(), key, ttl, max_entry_bytes);
+        let tee = tee_stream(body, ending, state.cache.clone(), key, ttl, max_entry_bytes);
         return Response::from_parts(parts, axum::body::Body::from_stream(tee));
     }
     let (mut parts, body) = response.into_parts();
@@ -175,9 +177,11 @@ pub(super) async fn store(
 }
 
 /// Relays a streamed answer unchanged while keeping a copy, stored for replay once the
-/// stream has ended cleanly (its final event seen, no error event) within the size limit.
+/// relay reports it complete (its final event relayed, no error event, no guardrail
+/// block) within the size limit.
 fn tee_stream(
     body: axum::body::Body,
+    ending: Option<crate::relay::Ending>,
     cache: std::sync::Arc<cache::Cache>,
     key: [u8; 32],
     ttl: std::time::Duration,
@@ -189,6 +193,7 @@ fn tee_stream(
         (body.into_data_stream(), copy),
         move |(mut inner, mut copy)| {
             let cache = cache.clone();
+            let ending = ending.clone();
             async move {
                 match inner.next().await {
                     Some(Ok(chunk)) => {
@@ -204,12 +209,9 @@ fn tee_stream(
                     Some(Err(e)) => Some((Err(e), (inner, None))),
                     None => {
                         if let Some(buf) = copy.take() {
-                            let text = String::from_utf8_lossy(&buf);
-                            let complete = text.contains("data: [DONE]")
-                                || text.contains("event: message_stop");
-                            let failed = text.contains("upstream_stream_error")
-                                || text.contains("event: error");
-                            if complete && !failed {
+                            let complete = ending.as_ref().and_then(|e| e.get())
+                                == Some(crate::relay::StreamEnd::Complete);
+                            if complete {
                                 cache.put(
                                     key,
                                     bytes::Bytes::from(buf),
