@@ -9,7 +9,7 @@ use prometheus_client::{
     registry::Registry,
 };
 
-use crate::{circuit::Breakers, config_source::ConfigState};
+use crate::circuit::Breakers;
 
 /// Seconds, from 5 ms to about 10 minutes: LLM calls range from cached hits to long
 /// generations.
@@ -29,6 +29,18 @@ pub enum OperationLabel {
     embeddings,
     /// Anthropic messages.
     messages,
+}
+
+impl From<crate::dialects::Operation> for OperationLabel {
+    fn from(operation: crate::dialects::Operation) -> Self {
+        use crate::dialects::Operation;
+        match operation {
+            Operation::ChatCompletions => Self::chat_completions,
+            Operation::Completions => Self::completions,
+            Operation::Embeddings => Self::embeddings,
+            Operation::Messages => Self::messages,
+        }
+    }
 }
 
 /// Labels of a finished client request.
@@ -224,8 +236,39 @@ pub struct Metrics {
 }
 
 impl Metrics {
-    /// Registers every metric, including the reload counters kept by `config`.
-    pub fn new(config: &ConfigState) -> Self {
+    /// Counts a guardrail rule that fired and logs it, by rule name only (never the
+    /// matched text); `on` is `request` or `response`.
+    pub fn guardrail_hit(
+        &self,
+        route: &str,
+        key_id: &str,
+        request_id: &str,
+        hit: &tollgate_api::guardrails::RuleHit,
+        on: &'static str,
+    ) {
+        self.guardrail_hits
+            .get_or_create(&GuardrailLabels {
+                route: route.to_owned(),
+                rule: hit.rule.clone(),
+                action: hit.action.as_str(),
+            })
+            .inc();
+        tracing::info!(
+            target: "tollgate::guardrails",
+            request_id,
+            route,
+            key_id,
+            rule = %hit.rule,
+            detector = hit.detector.as_str(),
+            action = hit.action.as_str(),
+            on,
+            "guardrail hit"
+        );
+    }
+
+    /// Registers every metric, including the reload counters `reloads` the configuration
+    /// loader keeps.
+    pub fn new(reloads: Family<ReloadLabels, Counter>) -> Self {
         let mut registry = Registry::with_prefix("tollgate");
         let requests = Family::default();
         registry.register(
@@ -322,7 +365,7 @@ impl Metrics {
         registry.register(
             "config_reloads",
             "Configuration loads by result (rejected: the last good one kept serving)",
-            config.reloads.clone(),
+            reloads,
         );
         let redis_up = Gauge::default();
         registry.register(
@@ -372,29 +415,36 @@ impl Metrics {
         }
     }
 
-    /// Mirrors the in-flight memory budget into its gauges (before `render`).
-    pub fn set_memory(&self, budget: &crate::memory::Budget) {
-        self.inflight_bytes.set(budget.in_use_bytes() as i64);
-        if budget.total_bytes() != usize::MAX {
-            self.inflight_budget.set(budget.total_bytes() as i64);
+    /// Mirrors the in-flight memory budget (bytes in use, and the budget; `usize::MAX`
+    /// for none) into its gauges (before `render`).
+    pub fn set_memory(&self, in_use: usize, total: usize) {
+        self.inflight_bytes.set(in_use as i64);
+        if total != usize::MAX {
+            self.inflight_budget.set(total as i64);
         }
     }
 
-    /// Renders the text exposition, refreshing the gauges that mirror other state.
-    pub fn render(&self, config: &ConfigState, breakers: &Breakers, redis: Option<bool>) -> String {
+    /// Renders the text exposition, refreshing the gauges that mirror other state: the
+    /// served configuration (`(hash, key count)`), the circuits, and Redis.
+    pub fn render(
+        &self,
+        config: Option<(&str, usize)>,
+        breakers: &Breakers,
+        redis: Option<bool>,
+    ) -> String {
         self.redis_up.set(match redis {
             None => -1,
             Some(true) => 1,
             Some(false) => 0,
         });
         self.config_info.clear();
-        if let Some(snapshot) = config.current.load_full() {
+        if let Some((hash, keys)) = config {
             self.config_info
                 .get_or_create(&ConfigLabels {
-                    config_hash: snapshot.config_hash[..16].to_owned(),
+                    config_hash: hash.chars().take(16).collect(),
                 })
                 .set(1);
-            self.config_keys.set(snapshot.key_count() as i64);
+            self.config_keys.set(keys as i64);
         }
         for (target, state) in breakers.states() {
             let value = match state {

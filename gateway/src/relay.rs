@@ -577,7 +577,7 @@ impl StreamTranslator {
             let mut events = Vec::new();
             guard.finish(&mut events);
             for (name, data) in events {
-                write_event(&mut out, name.as_deref(), &data);
+                sse::write_event(&mut out, name.as_deref(), &data);
             }
         }
         Bytes::from(out)
@@ -743,36 +743,15 @@ fn emit(
     data: &str,
 ) {
     match guard {
-        None => write_event(out, name, data),
+        None => sse::write_event(out, name, data),
         Some(guard) => {
             let mut events = Vec::new();
             guard.on_event(name, data, &mut events);
             for (name, data) in events {
-                write_event(out, name.as_deref(), &data);
+                sse::write_event(out, name.as_deref(), &data);
             }
         }
     }
-}
-
-/// Writes one event: its `event:` line when named, then its data.
-pub(crate) fn write_event(out: &mut Vec<u8>, name: Option<&str>, data: &str) {
-    if let Some(name) = name {
-        out.extend_from_slice(b"event: ");
-        out.extend_from_slice(name.as_bytes());
-        out.push(b'\n');
-    }
-    push_data(out, data);
-}
-
-/// Writes one event's data: a `data:` line per line of it (an event's data may span
-/// several), then the blank line that ends the event.
-fn push_data(out: &mut Vec<u8>, data: &str) {
-    for line in data.split('\n') {
-        out.extend_from_slice(b"data: ");
-        out.extend_from_slice(line.as_bytes());
-        out.push(b'\n');
-    }
-    out.push(b'\n');
 }
 
 fn relay_chunks<S>(

@@ -35,7 +35,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         None => Source::ConfigDirs(settings.config_dirs.clone()),
     };
     let config = Arc::new(ConfigState::default());
-    let metrics = Arc::new(Metrics::new(&config));
+    let metrics = Arc::new(Metrics::new(config.reloads.clone()));
     let redis_options = settings.redis_url.as_ref().map(|url| {
         let mut options = RedisOptions::new(url, settings.redis_timeout);
         options.cluster = settings.redis_cluster;

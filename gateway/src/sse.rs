@@ -1,4 +1,5 @@
-//! Incremental parsing of Server-Sent Events, for streams the gateway must translate.
+//! Server-Sent Events: incremental parsing of the streams the gateway must translate, and
+//! writing events.
 
 /// One event: its `event:` name (if any) and its `data:` lines joined by newlines.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -94,6 +95,27 @@ fn parse_event(raw: &[u8]) -> Option<Event> {
         }
     }
     data.map(|data| Event { event, data })
+}
+
+/// Writes one event: its `event:` line when named, then its data.
+pub fn write_event(out: &mut Vec<u8>, name: Option<&str>, data: &str) {
+    if let Some(name) = name {
+        out.extend_from_slice(b"event: ");
+        out.extend_from_slice(name.as_bytes());
+        out.push(b'\n');
+    }
+    push_data(out, data);
+}
+
+/// Writes one event's data: a `data:` line per line of it (an event's data may span
+/// several), then the blank line that ends the event.
+fn push_data(out: &mut Vec<u8>, data: &str) {
+    for line in data.split('\n') {
+        out.extend_from_slice(b"data: ");
+        out.extend_from_slice(line.as_bytes());
+        out.push(b'\n');
+    }
+    out.push(b'\n');
 }
 
 #[cfg(test)]

@@ -465,8 +465,7 @@ fn floor_boundary(text: &str, at: usize) -> usize {
 /// matched text).
 fn report_new_hits(rules: &AnswerRules, verdict: &Verdict, reported: &mut usize) {
     for hit in &verdict.hits[*reported..] {
-        crate::http::guardrails::record_hit(
-            &rules.metrics,
+        rules.metrics.guardrail_hit(
             &rules.route,
             &rules.key_id,
             &rules.request_id,
@@ -492,7 +491,7 @@ pub fn guard_whole(body: &[u8], mut guard: StreamGuard) -> Vec<u8> {
     }
     let mut out = Vec::new();
     for (name, data) in events {
-        crate::relay::write_event(&mut out, name.as_deref(), &data);
+        crate::sse::write_event(&mut out, name.as_deref(), &data);
     }
     out
 }
@@ -584,7 +583,7 @@ mod tests {
             route: "ns/route".into(),
             key_id: "k".into(),
             request_id: "r".into(),
-            metrics: Arc::new(Metrics::new(&Default::default())),
+            metrics: Arc::new(Metrics::new(Default::default())),
         })
     }
 
@@ -837,7 +836,7 @@ mod tests {
         let rules = rules(GuardrailAction::Redact);
         let mut body = Vec::new();
         for (name, data) in openai_stream(&pieces(ANSWER, "random", 9), false) {
-            crate::relay::write_event(&mut body, name.as_deref(), &data);
+            crate::sse::write_event(&mut body, name.as_deref(), &data);
         }
         let out = guard_whole(&body, StreamGuard::new(rules.clone(), Dialect::OpenAi));
         let text = String::from_utf8(out).unwrap();

@@ -41,16 +41,6 @@ impl Operation {
         Self::Messages,
     ];
 
-    /// The metric label.
-    pub fn label(self) -> crate::metrics::OperationLabel {
-        match self {
-            Self::ChatCompletions => crate::metrics::OperationLabel::chat_completions,
-            Self::Completions => crate::metrics::OperationLabel::completions,
-            Self::Embeddings => crate::metrics::OperationLabel::embeddings,
-            Self::Messages => crate::metrics::OperationLabel::messages,
-        }
-    }
-
     /// The name in logs.
     /// `gen_ai.operation.name`.
     pub fn genai_operation(self) -> &'static str {

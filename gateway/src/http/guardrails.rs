@@ -8,13 +8,12 @@ use axum::{body::Body, response::Response};
 use bytes::Bytes;
 use tollgate_api::{
     config::CompiledRoute,
-    guardrails::{Guardrails, RuleHit, Verdict},
+    guardrails::{Guardrails, Verdict},
 };
 
 use super::AppState;
 use crate::{
     error::ApiError,
-    metrics::{GuardrailLabels, Metrics},
     snapshot::{Guards, Key, Snapshot},
     stream_guard::AnswerRules,
 };
@@ -71,14 +70,9 @@ fn run(
         Side::Response => "response",
     };
     for hit in &verdict.hits {
-        record_hit(
-            &state.metrics,
-            &route.id,
-            &key.entry.id,
-            request_id,
-            hit,
-            on,
-        );
+        state
+            .metrics
+            .guardrail_hit(&route.id, &key.entry.id, request_id, hit, on);
     }
     if verdict.blocked.is_some() {
         return Err(verdict);
@@ -87,37 +81,6 @@ fn run(
         return Ok(None);
     }
     Ok(serde_json::to_vec(&doc).ok().map(Bytes::from))
-}
-
-/// Counts a rule that fired and logs it, by rule name only (never the matched text);
-/// `on` is `request` or `response`.
-pub(crate) fn record_hit(
-    metrics: &Metrics,
-    route: &str,
-    key_id: &str,
-    request_id: &str,
-    hit: &RuleHit,
-    on: &'static str,
-) {
-    metrics
-        .guardrail_hits
-        .get_or_create(&GuardrailLabels {
-            route: route.to_owned(),
-            rule: hit.rule.clone(),
-            action: hit.action.as_str(),
-        })
-        .inc();
-    tracing::info!(
-        target: "tollgate::guardrails",
-        request_id,
-        route,
-        key_id,
-        rule = %hit.rule,
-        detector = hit.detector.as_str(),
-        action = hit.action.as_str(),
-        on,
-        "guardrail hit"
-    );
 }
 
 /// The rules that check this route's and key's answers, for a streamed answer; `None`

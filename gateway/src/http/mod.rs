@@ -199,10 +199,16 @@ pub fn admin_app(state: Arc<AppState>) -> Router {
 }
 
 async fn metrics(axum::extract::State(state): axum::extract::State<Arc<AppState>>) -> Response {
-    state.metrics.set_memory(&state.memory);
+    state
+        .metrics
+        .set_memory(state.memory.in_use_bytes(), state.memory.total_bytes());
+    let snapshot = state.config.current.load_full();
+    let config = snapshot
+        .as_deref()
+        .map(|s| (s.config_hash.as_str(), s.key_count()));
     let body = state
         .metrics
-        .render(&state.config, &state.breakers, state.limits.redis_state());
+        .render(config, &state.breakers, state.limits.redis_state());
     let mut response = Response::new(Body::from(body));
     response.headers_mut().insert(
         header::CONTENT_TYPE,

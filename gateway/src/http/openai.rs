@@ -173,7 +173,7 @@ pub(super) async fn handle(
     metrics
         .requests
         .get_or_create(&RequestLabels {
-            operation: operation.label(),
+            operation: operation.into(),
             route: route.clone(),
             provider: provider.clone().unwrap_or_else(|| "none".to_owned()),
             status: status.as_u16(),

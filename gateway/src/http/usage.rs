@@ -15,7 +15,7 @@ use tollgate_api::v1alpha1::BudgetPeriod;
 use super::{AppState, auth::calling_key};
 use crate::{
     error::ApiError,
-    limits::store::{UsageTotals, previous_period},
+    limits::{UsageTotals, store::previous_period},
 };
 
 /// One period's bounds: its id and, except for `total`, its start and end (RFC 3339).

@@ -549,7 +549,7 @@ impl RedisLimits {
         day: &str,
         batch_id: &str,
         confirmed: Option<&str>,
-        totals: &super::store::UsageTotals,
+        totals: &super::UsageTotals,
     ) -> Result<(), StoreError> {
         use tollgate_api::usage;
         // `YYYY-MM-DD` names the day; its first seven characters, the month.

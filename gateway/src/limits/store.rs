@@ -14,7 +14,7 @@ use std::{
 use clap::ValueEnum;
 
 use super::{
-    Ask, LocalLimits, Quota, Rejection, Reservation, budget_slot,
+    Ask, LocalLimits, Quota, Rejection, Reservation, UsageTotals, budget_slot,
     redis::{RedisLimits, SharedReservation, StoreError},
 };
 
@@ -119,21 +119,6 @@ pub fn previous_period(id: &str) -> String {
     id.to_owned()
 }
 
-impl UsageTotals {
-    fn from_fields(fields: &HashMap<String, String>) -> Self {
-        let int = |k: &str| fields.get(k).and_then(|v| v.parse().ok()).unwrap_or(0);
-        Self {
-            requests: int(tollgate_api::usage::REQUESTS),
-            input: int(tollgate_api::usage::INPUT_TOKENS),
-            output: int(tollgate_api::usage::OUTPUT_TOKENS),
-            spend: fields
-                .get(tollgate_api::usage::SPEND)
-                .and_then(|v| v.parse().ok())
-                .unwrap_or(0.0),
-        }
-    }
-}
-
 /// How often usage counters are written to Redis: requests of the same key within one
 /// interval cost one pipelined write, whatever the request rate.
 pub const USAGE_FLUSH_INTERVAL: Duration = Duration::from_millis(250);
@@ -150,28 +135,6 @@ enum UsageMsg {
     },
     /// Write everything now, then answer.
     Flush(tokio::sync::oneshot::Sender<()>),
-}
-
-/// Counters added to a key's usage for one day.
-#[derive(Debug, Clone, Copy, Default, PartialEq)]
-pub struct UsageTotals {
-    /// Answered requests.
-    pub requests: u64,
-    /// Input tokens.
-    pub input: u64,
-    /// Output tokens.
-    pub output: u64,
-    /// Spend.
-    pub spend: f64,
-}
-
-impl UsageTotals {
-    fn add(&mut self, other: Self) {
-        self.requests += other.requests;
-        self.input += other.input;
-        self.output += other.output;
-        self.spend += other.spend;
-    }
 }
 
 impl Limits {

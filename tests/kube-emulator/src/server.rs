@@ -611,15 +611,6 @@ fn error_response(err: &ApiError) -> Response {
     json_response(err.code, &err.to_status())
 }
 
-/// The `PartialObjectMetadata` form of an object (metadata-only requests).
-pub(crate) fn partial_metadata(obj: &Value) -> Value {
-    json!({
-        "apiVersion": "meta.k8s.io/v1",
-        "kind": "PartialObjectMetadata",
-        "metadata": obj["metadata"],
-    })
-}
-
 /// The `Success` Status built-in kinds answer an immediate delete with.
 fn deleted_status(def: &ResourceDef, obj: &Value) -> Value {
     json!({
@@ -638,7 +629,7 @@ fn deleted_status(def: &ResourceDef, obj: &Value) -> Value {
 
 fn object_response(code: u16, obj: Value, meta_only: bool) -> Response {
     let obj = if meta_only {
-        partial_metadata(&obj)
+        watch::partial_metadata(&obj)
     } else {
         obj
     };
@@ -647,7 +638,7 @@ fn object_response(code: u16, obj: Value, meta_only: bool) -> Response {
 
 fn list_response(def: &ResourceDef, items: Vec<Value>, rv: u64, meta_only: bool) -> Response {
     let (api_version, kind, items) = if meta_only {
-        let items = items.iter().map(partial_metadata).collect();
+        let items = items.iter().map(watch::partial_metadata).collect();
         (
             "meta.k8s.io/v1".to_string(),
             "PartialObjectMetadataList".to_string(),

@@ -257,7 +257,7 @@ fn bookmark(def: &ResourceDef, rv: u64) -> Value {
 
 fn event_line(ty: &str, obj: &Value, metadata_only: bool) -> Bytes {
     let obj = if metadata_only {
-        crate::server::partial_metadata(obj)
+        partial_metadata(obj)
     } else {
         obj.clone()
     };
@@ -268,4 +268,13 @@ fn line(event: Value) -> Bytes {
     let mut text = event.to_string();
     text.push('\n');
     Bytes::from(text)
+}
+
+/// The `PartialObjectMetadata` form of an object (metadata-only requests).
+pub(crate) fn partial_metadata(obj: &Value) -> Value {
+    json!({
+        "apiVersion": "meta.k8s.io/v1",
+        "kind": "PartialObjectMetadata",
+        "metadata": obj["metadata"],
+    })
 }

@@ -2,6 +2,7 @@
 //! (`chart`), the generated CRDs (`crds`), the Dockerfile (`dockerfile`) and the example
 //! manifests (`examples`).
 
+mod architecture;
 mod chart;
 mod crds;
 mod dockerfile;
