@@ -156,6 +156,34 @@ impl RedisOptions {
 
 /// Longest wait between two reconnection attempts to a single Redis (the library's
 /// default backoff reaches 3.2 s, which kept a recovered Redis unused that long).
+/// Why a bounded Redis call failed.
+#[derive(Debug, thiserror::Error)]
+pub enum RedisCallError {
+    /// No answer within its deadline (`what` the call was).
+    #[error("{0} timed out")]
+    Timeout(&'static str),
+    /// Redis answered with an error, or the connection failed.
+    #[error(transparent)]
+    Redis(#[from] redis::RedisError),
+    /// A value could not be encoded for Redis.
+    #[error(transparent)]
+    Encode(#[from] serde_json::Error),
+    /// A subscription ended (`what` it was).
+    #[error("{0} closed")]
+    Closed(&'static str),
+}
+
+/// Runs `work` (named `what` in the error) within `timeout`.
+pub async fn bounded<T>(
+    what: &'static str,
+    timeout: Duration,
+    work: impl Future<Output = Result<T, RedisCallError>>,
+) -> Result<T, RedisCallError> {
+    tokio::time::timeout(timeout, work)
+        .await
+        .map_err(|_| RedisCallError::Timeout(what))?
+}
+
 pub const RECONNECT_MAX_DELAY: Duration = Duration::from_millis(500);
 
 /// A connection to one Redis or to a cluster; cheap to clone (multiplexed).

@@ -35,7 +35,7 @@ pub async fn publish(
     mut conn: crate::redis_conn::SharedConn,
     key_sha256: &[String],
     timeout: std::time::Duration,
-) -> Result<(), String> {
+) -> Result<(), crate::redis_conn::RedisCallError> {
     let now = jiff::Timestamp::now().as_millisecond();
     let message = Revocation {
         key_sha256: key_sha256.to_vec(),
@@ -51,30 +51,17 @@ pub async fn publish(
         .arg("-inf")
         .arg(now)
         .ignore();
-    let payload = serde_json::to_string(&message).map_err(|e| e.to_string())?;
+    let payload = serde_json::to_string(&message)?;
     let work = async {
-        pipe.query_async::<()>(&mut conn)
-            .await
-            .map_err(|e| e.to_string())?;
+        pipe.query_async::<()>(&mut conn).await?;
         redis::cmd("PUBLISH")
             .arg(CHANNEL)
             .arg(payload)
             .query_async::<i64>(&mut conn)
-            .await
-            .map_err(|e| e.to_string())
-            .map(|_| ())
+            .await?;
+        Ok(())
     };
-    tokio_timeout(timeout, work).await
-}
-
-#[cfg(feature = "redis")]
-async fn tokio_timeout<T>(
-    timeout: std::time::Duration,
-    work: impl Future<Output = Result<T, String>>,
-) -> Result<T, String> {
-    tokio::time::timeout(timeout, work)
-        .await
-        .map_err(|_| "timed out".to_owned())?
+    crate::redis_conn::bounded("publishing revocations", timeout, work).await
 }
 
 #[cfg(test)]

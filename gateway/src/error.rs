@@ -269,10 +269,9 @@ impl IntoResponse for ApiError {
 
 fn limit_message(r: &crate::limits::Rejection) -> String {
     use crate::limits::Limit;
-    let scope = if r.scope == "key" {
-        "this API key"
-    } else {
-        "this route"
+    let scope = match r.scope {
+        crate::limits::Scope::Key => "this API key",
+        crate::limits::Scope::Route => "this route",
     };
     match r.limit {
         Limit::Requests => format!("Rate limit reached: too many requests per minute for {scope}."),

@@ -43,13 +43,38 @@ impl Limit {
     }
 }
 
+/// Whose limits: the API key's or the route's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scope {
+    /// The API key's limits (and its budget).
+    Key,
+    /// The RoutePolicy's limits, shared by every key on the route.
+    Route,
+}
+
+impl Scope {
+    /// Stable name for errors, metrics and the in-process bucket names.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Key => "key",
+            Self::Route => "route",
+        }
+    }
+}
+
+impl std::fmt::Display for Scope {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// A refused admission.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Rejection {
     /// The limit that refused.
     pub limit: Limit,
-    /// `key` or `route`.
-    pub scope: &'static str,
+    /// Whose limit.
+    pub scope: Scope,
     /// When a retry can succeed, if known.
     pub retry_after: Option<Duration>,
 }
@@ -164,8 +189,8 @@ impl LocalLimits {
     ) -> Result<(Reservation, Quota), Rejection> {
         let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
         let scopes = [
-            ("key", ask.key_id, ask.key_limits),
-            ("route", ask.route_id, ask.route_limits),
+            (Scope::Key, ask.key_id, ask.key_limits),
+            (Scope::Route, ask.route_id, ask.route_limits),
         ];
 
         // Check everything first.
@@ -218,7 +243,7 @@ impl LocalLimits {
             if settled + reserved + ask.cost > *amount {
                 return Err(Rejection {
                     limit: Limit::Budget,
-                    scope: "key",
+                    scope: Scope::Key,
                     retry_after: *until,
                 });
             }
@@ -239,7 +264,7 @@ impl LocalLimits {
         let mut quota = Quota::default();
         for (scope, id, limits) in scopes {
             let Some(limits) = limits else { continue };
-            let is_key = scope == "key";
+            let is_key = scope == Scope::Key;
             if let Some(rpm) = limits.requests_per_minute {
                 let level = take(
                     &mut state,
@@ -307,8 +332,8 @@ impl LocalLimits {
         let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
         let refund = r.tokens as f64 - actual_tokens as f64;
         for (flag, scope, id) in [
-            (r.key_tpm, "key", &r.key_id),
-            (r.route_tpm, "route", &r.route_id),
+            (r.key_tpm, Scope::Key, &r.key_id),
+            (r.route_tpm, Scope::Route, &r.route_id),
         ] {
             if flag && let Some(b) = state.buckets.get_mut(&format!("tpm:{scope}:{id}")) {
                 // Refunds cannot push the bucket over its capacity (unknown here, so the
@@ -317,8 +342,8 @@ impl LocalLimits {
             }
         }
         for (flag, scope, id) in [
-            (r.key_concurrency, "key", &r.key_id),
-            (r.route_concurrency, "route", &r.route_id),
+            (r.key_concurrency, Scope::Key, &r.key_id),
+            (r.route_concurrency, Scope::Route, &r.route_id),
         ] {
             if flag && let Some(n) = state.in_flight.get_mut(&format!("conc:{scope}:{id}")) {
                 *n = n.saturating_sub(1);

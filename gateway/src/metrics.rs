@@ -56,15 +56,64 @@ pub struct RequestLabels {
     pub status: u16,
 }
 
+/// How an upstream attempt ended.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+pub enum AttemptOutcome {
+    /// A 2xx answer.
+    success,
+    /// A 4xx answer relayed to the client (the upstream judged the request).
+    client_error,
+    /// The connection failed.
+    connect_error,
+    /// No answer within the per-try or total timeout.
+    timeout,
+    /// A 429.
+    rate_limited,
+    /// A 5xx or 529.
+    server_error,
+    /// A 401 or 403: the Provider's credential was refused.
+    credentials_rejected,
+    /// A 3xx, never followed.
+    redirect,
+    /// A whole answer over `--max-response-bytes`.
+    too_large,
+    /// Skipped: the target's circuit is open.
+    circuit_open,
+    /// Skipped: the Provider's `maxConcurrency` is used up on this replica.
+    saturated,
+    /// Not sent: the target cannot take this request (no such model, no such endpoint,
+    /// untranslatable).
+    not_attempted,
+}
+
+impl AttemptOutcome {
+    /// The label value, also the span's `error.type`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::success => "success",
+            Self::client_error => "client_error",
+            Self::connect_error => "connect_error",
+            Self::timeout => "timeout",
+            Self::rate_limited => "rate_limited",
+            Self::server_error => "server_error",
+            Self::credentials_rejected => "credentials_rejected",
+            Self::redirect => "redirect",
+            Self::too_large => "too_large",
+            Self::circuit_open => "circuit_open",
+            Self::saturated => "saturated",
+            Self::not_attempted => "not_attempted",
+        }
+    }
+}
+
 /// Labels of an upstream attempt.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct AttemptLabels {
     /// Provider id.
     pub provider: String,
-    /// `success`, `connect_error`, `timeout`, `rate_limited`, `server_error`,
-    /// `credentials_rejected`, `redirect`, `too_large`, `circuit_open`, `saturated`,
-    /// `client_error`.
-    pub outcome: &'static str,
+    /// How it ended.
+    pub outcome: AttemptOutcome,
 }
 
 /// Labels of token and cost counters. Owners come from ApiKey objects, so they are

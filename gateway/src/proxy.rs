@@ -26,7 +26,7 @@ use crate::{
     circuit::Breakers,
     dialects::{Dialect, Operation},
     error::ApiError,
-    metrics::{AttemptLabels, DecisionLabels, Metrics},
+    metrics::{AttemptLabels, AttemptOutcome, DecisionLabels, Metrics},
     pricing::Pricing,
     providers::{self, mock},
     relay::{self, Conversion, FirstByte, StreamGuards, StreamTranslator, WholeError},
@@ -155,18 +155,20 @@ impl Failure {
     }
 
     /// The metric label of this failure.
-    fn outcome(&self) -> &'static str {
+    fn outcome(&self) -> AttemptOutcome {
         match self {
-            Self::Connect(_) => "connect_error",
-            Self::Timeout => "timeout",
-            Self::RateLimited(_) => "rate_limited",
-            Self::Server(_) => "server_error",
-            Self::TooLarge(..) => "too_large",
-            Self::Redirect(..) => "redirect",
-            Self::Credentials(_) => "credentials_rejected",
-            Self::Saturated(_) => "saturated",
-            Self::CircuitOpen(_) => "circuit_open",
-            Self::Unsupported(_) | Self::NoModel(_) | Self::BadRequest(_) => "not_attempted",
+            Self::Connect(_) => AttemptOutcome::connect_error,
+            Self::Timeout => AttemptOutcome::timeout,
+            Self::RateLimited(_) => AttemptOutcome::rate_limited,
+            Self::Server(_) => AttemptOutcome::server_error,
+            Self::TooLarge(..) => AttemptOutcome::too_large,
+            Self::Redirect(..) => AttemptOutcome::redirect,
+            Self::Credentials(_) => AttemptOutcome::credentials_rejected,
+            Self::Saturated(_) => AttemptOutcome::saturated,
+            Self::CircuitOpen(_) => AttemptOutcome::circuit_open,
+            Self::Unsupported(_) | Self::NoModel(_) | Self::BadRequest(_) => {
+                AttemptOutcome::not_attempted
+            }
         }
     }
 
@@ -287,7 +289,7 @@ pub async fn forward(
                 .upstream_attempts
                 .get_or_create(&AttemptLabels {
                     provider: target.provider.clone(),
-                    outcome: "circuit_open",
+                    outcome: AttemptOutcome::circuit_open,
                 })
                 .inc();
             last = Some((
@@ -339,7 +341,7 @@ pub async fn forward(
             "tollgate.strategy" = route.strategy.as_str(),
             // Why this target holds its place (`retry` past the first of its tier).
             "tollgate.route_reason" = planned.reason.as_str(),
-            "tollgate.retry_reason" = last.as_ref().map(|(f, _)| f.outcome()),
+            "tollgate.retry_reason" = last.as_ref().map(|(f, _)| f.outcome().as_str()),
             "http.response.status_code" = tracing::field::Empty,
             "error.type" = tracing::field::Empty,
         );
@@ -358,7 +360,7 @@ pub async fn forward(
                 span.record("http.response.status_code", i64::from(r.status().as_u16()));
             }
             Err(failure) => {
-                span.record("error.type", failure.outcome());
+                span.record("error.type", failure.outcome().as_str());
                 span.record("otel.status_code", "error");
             }
         }
@@ -380,9 +382,9 @@ pub async fn forward(
                     });
                 }
                 let outcome = if response.status().is_success() {
-                    "success"
+                    AttemptOutcome::success
                 } else {
-                    "client_error"
+                    AttemptOutcome::client_error
                 };
                 req.metrics
                     .upstream_attempts

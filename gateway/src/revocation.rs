@@ -10,7 +10,7 @@ use std::{
 use futures_util::StreamExt;
 use tollgate_api::revocation::{CHANNEL, REVOKED_SET, Revocation};
 
-use tollgate_api::redis_conn::SharedConn;
+use tollgate_api::redis_conn::{RedisCallError, SharedConn, bounded};
 
 /// Revoked key hashes and when each revocation lapses (Unix milliseconds).
 #[derive(Debug, Default)]
@@ -79,7 +79,7 @@ pub async fn publish(
     conn: SharedConn,
     hashes: &[[u8; 32]],
     timeout: Duration,
-) -> Result<(), String> {
+) -> Result<(), RedisCallError> {
     let hex: Vec<String> = hashes.iter().map(encode).collect();
     tollgate_api::revocation::publish(conn, &hex, timeout).await
 }
@@ -102,19 +102,17 @@ pub async fn follow(clients: Vec<redis::Client>, conn: SharedConn, revocations: 
 /// How often a replica re-reads the revocation set even while subscribed.
 const RESYNC_EVERY: Duration = Duration::from_secs(10);
 
-async fn resync(conn: &mut SharedConn, revocations: &Revocations) -> Result<(), String> {
-    let members: Vec<(String, i64)> = tokio::time::timeout(
-        Duration::from_secs(2),
-        redis::cmd("ZRANGEBYSCORE")
+async fn resync(conn: &mut SharedConn, revocations: &Revocations) -> Result<(), RedisCallError> {
+    let members: Vec<(String, i64)> = bounded("resynchronisation", Duration::from_secs(2), async {
+        Ok(redis::cmd("ZRANGEBYSCORE")
             .arg(REVOKED_SET)
             .arg(now_millis())
             .arg("+inf")
             .arg("WITHSCORES")
-            .query_async(conn),
-    )
-    .await
-    .map_err(|_| "resynchronisation timed out".to_owned())?
-    .map_err(|e| e.to_string())?;
+            .query_async(conn)
+            .await?)
+    })
+    .await?;
     for (hash, until) in members {
         revocations.apply(&Revocation {
             key_sha256: vec![hash],
@@ -128,12 +126,12 @@ async fn follow_once(
     client: &redis::Client,
     mut conn: SharedConn,
     revocations: &Revocations,
-) -> Result<(), String> {
-    let mut pubsub = tokio::time::timeout(Duration::from_secs(2), client.get_async_pubsub())
-        .await
-        .map_err(|_| "connect timed out".to_owned())?
-        .map_err(|e| e.to_string())?;
-    pubsub.subscribe(CHANNEL).await.map_err(|e| e.to_string())?;
+) -> Result<(), RedisCallError> {
+    let mut pubsub = bounded("connect", Duration::from_secs(2), async {
+        Ok(client.get_async_pubsub().await?)
+    })
+    .await?;
+    pubsub.subscribe(CHANNEL).await?;
     // Catch up on what was published while this replica was not listening, and again
     // now and then in case this connection went quiet without closing.
     resync(&mut conn, revocations).await?;
@@ -159,7 +157,7 @@ async fn follow_once(
             }
         }
     }
-    Err("revocation channel closed".to_owned())
+    Err(RedisCallError::Closed("revocation channel"))
 }
 
 #[cfg(test)]

@@ -92,7 +92,7 @@ pub(super) async fn admit(
                 .rejections
                 .get_or_create(&RejectionLabels {
                     limit: rejection.limit.as_str(),
-                    scope: rejection.scope,
+                    scope: rejection.scope.as_str(),
                 })
                 .inc();
             Err(ApiError::LimitExceeded(rejection))

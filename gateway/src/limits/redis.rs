@@ -14,7 +14,7 @@ use std::{collections::HashMap, time::Duration};
 
 use redis::Script;
 
-use super::{Ask, CompiledLimits, Limit, Quota, Rejection, budget_slot};
+use super::{Ask, CompiledLimits, Limit, Quota, Rejection, Scope, UsageTotals, budget_slot};
 use tollgate_api::redis_conn::{RedisOptions, SharedConn};
 
 /// Version of the key layout and scripts.
@@ -60,25 +60,17 @@ pub struct SharedReservation {
 }
 
 /// The scopes and budget one script call covers, before it runs.
+#[derive(Default)]
 struct Group<'a> {
     /// Hash tag of the call's keys.
     tag: String,
-    /// (scope name, limits) in call order.
-    scopes: Vec<(&'static str, &'a CompiledLimits)>,
+    /// (scope, limits) in call order.
+    scopes: Vec<(Scope, &'a CompiledLimits)>,
     part: Part,
-    budget_amount: f64,
+    /// The key's budget for the period, when the call covers one.
+    budget_amount: Option<f64>,
 }
 
-impl Default for Group<'_> {
-    fn default() -> Self {
-        Self {
-            tag: String::new(),
-            scopes: Vec::new(),
-            part: Part::default(),
-            budget_amount: -1.0,
-        }
-    }
-}
 
 enum Outcome {
     Admitted(Vec<redis::Value>),
@@ -237,7 +229,7 @@ impl RedisLimits {
         route_group.tag = route_tag.clone();
         let split = self.conn.is_cluster();
         if let Some(l) = ask.key_limits {
-            key_group.scopes.push(("key", l));
+            key_group.scopes.push((Scope::Key, l));
             key_group.part.keys.extend(Self::scope_keys(&key_tag));
         }
         if let Some(l) = ask.route_limits {
@@ -246,7 +238,7 @@ impl RedisLimits {
             } else {
                 &mut key_group
             };
-            group.scopes.push(("route", l));
+            group.scopes.push((Scope::Route, l));
             group.part.keys.extend(Self::scope_keys(&route_tag));
         }
         let mut until = None;
@@ -266,7 +258,7 @@ impl RedisLimits {
                 key_group.part.budget_ttl =
                     end.map_or(366 * 24 * 3600, |d| d.as_secs() + 7 * 24 * 3600);
                 key_group.part.budget = true;
-                key_group.budget_amount = b.amount;
+                key_group.budget_amount = Some(b.amount);
                 until = end;
             }
             None => key_group.part.keys.extend(budget_keys(&format!(
@@ -320,8 +312,9 @@ impl RedisLimits {
                 .arg(limits.tokens_per_minute.unwrap_or(0))
                 .arg(limits.max_concurrent.unwrap_or(0));
         }
+        // admit.lua reads a negative amount as "no budget".
         invocation
-            .arg(group.budget_amount)
+            .arg(group.budget_amount.unwrap_or(-1.0))
             .arg(group.part.budget_ttl);
         for k in &group.part.keys {
             invocation.key(k);
@@ -347,7 +340,7 @@ impl RedisLimits {
         let scope = group
             .scopes
             .get(int(reply.get(2)) as usize)
-            .map_or("key", |s| s.0);
+            .map_or(Scope::Key, |s| s.0);
         let retry_ms = int(reply.get(3));
         let retry_after = if limit == Limit::Budget {
             until
@@ -425,7 +418,7 @@ impl RedisLimits {
                         .parse::<f64>()
                         .unwrap_or(-1.0)
                 };
-                let key_scope = *scope == "key";
+                let key_scope = *scope == Scope::Key;
                 if let Some(rpm) = limits.requests_per_minute
                     && (key_scope || quota.requests.is_none())
                 {
@@ -549,7 +542,7 @@ impl RedisLimits {
         day: &str,
         batch_id: &str,
         confirmed: Option<&str>,
-        totals: &super::UsageTotals,
+        totals: &UsageTotals,
     ) -> Result<(), StoreError> {
         use tollgate_api::usage;
         // `YYYY-MM-DD` names the day; its first seven characters, the month.

@@ -50,7 +50,7 @@ fn requests_per_minute_admit_exactly_the_limit_then_refill_over_time() {
     let err = store
         .admit_at(&ask(Some(&l), None, None, 1, 0.0), t0, wall())
         .unwrap_err();
-    assert_eq!((err.limit, err.scope), (Limit::Requests, "key"));
+    assert_eq!((err.limit, err.scope), (Limit::Requests, Scope::Key));
     assert_eq!(
         err.retry_after,
         Some(Duration::from_secs(20)),
@@ -127,7 +127,7 @@ fn admission_is_all_or_nothing_across_key_and_route_limits() {
     let err = store
         .admit_at(&ask(Some(&key), Some(&route), None, 1, 0.0), t0, wall())
         .unwrap_err();
-    assert_eq!((err.limit, err.scope), (Limit::Requests, "route"));
+    assert_eq!((err.limit, err.scope), (Limit::Requests, Scope::Route));
     // The refused request took nothing from the key: 99 more fit.
     let key_only = limits(Some(100), None, None);
     let mut admitted = 0;
