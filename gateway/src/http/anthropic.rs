@@ -9,7 +9,7 @@ use axum::{
     response::{IntoResponse, Response},
 };
 
-use super::{AppState, openai::handle};
+use super::{AppState, pipeline::handle};
 use crate::{dialects::Operation, error::ApiError, translate};
 
 pub async fn messages(state: State<Arc<AppState>>, request: Request) -> Response {

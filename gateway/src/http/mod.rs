@@ -8,7 +8,9 @@ mod drain;
 pub(crate) mod guardrails;
 mod health;
 mod models;
+mod observe;
 mod openai;
+mod pipeline;
 mod throttle;
 mod usage;
 

@@ -71,7 +71,6 @@ struct Group<'a> {
     budget_amount: Option<f64>,
 }
 
-
 enum Outcome {
     Admitted(Vec<redis::Value>),
     Refused(Rejection),
