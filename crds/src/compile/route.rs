@@ -7,10 +7,13 @@ use super::{
     provider::{KnownProviders, shared_with},
 };
 use crate::{
-    config::{CompiledCache, CompiledRoute, CompiledTarget, GatewayConfig, shares_with},
+    config::{
+        CompiledCache, CompiledGuardrail, CompiledLimits, CompiledRoute, CompiledTarget,
+        GatewayConfig, shares_with,
+    },
     diagnostics::{Kind, ObjectRef, reasons},
     duration,
-    v1alpha1::{RoutePolicy, Strategy},
+    v1alpha1::{RoutePolicy, RoutePolicySpec, Strategy},
 };
 
 pub(super) fn compile_all(
@@ -94,16 +97,56 @@ fn compile_one(
 ) -> Option<Candidate> {
     let spec = &policy.spec;
     let before = report.errors_for(object);
-
     // Errors that drop one model pattern or one target but leave the route serving.
     let mut partial = 0;
+    let wanted = models(object, spec, report, &mut partial);
+    let tiers = targets(
+        object,
+        spec,
+        &wanted,
+        providers,
+        config,
+        report,
+        &mut partial,
+    );
+    let timings = timings(object, spec, report);
+    check_strategy_options(object, spec, report);
+    let rate_limit = spec
+        .rate_limit
+        .as_ref()
+        .and_then(|l| compile_limits(object, "spec.rateLimit", l, report));
+    let guardrails =
+        super::guardrails::compile(object, "spec.guardrails", &spec.guardrails, report);
+    if report.errors_for(object) > before + partial {
+        return None;
+    }
+    let route = build(
+        object,
+        spec,
+        tiers,
+        timings,
+        rate_limit,
+        guardrails.unwrap_or_default(),
+        report,
+    );
+    Some((route, wanted))
+}
+
+/// Validates `spec.models`: the patterns that serve, each once. An invalid pattern is
+/// dropped (counted in `partial`); none left is an error.
+fn models(
+    object: &ObjectRef,
+    spec: &RoutePolicySpec,
+    report: &mut Report,
+    partial: &mut usize,
+) -> Vec<String> {
     let mut wanted = Vec::new();
     let mut seen = BTreeSet::new();
     for (i, m) in spec.models.iter().enumerate() {
         let field = format!("spec.models[{i}]");
         if let Err(e) = patterns::validate(m) {
             report.error(object, reasons::INVALID_MODEL_PATTERN, &field, e);
-            partial += 1;
+            *partial += 1;
         } else if !seen.insert(m.as_str()) {
             report.warning(
                 object,
@@ -123,9 +166,22 @@ fn compile_one(
             "at least one valid model name is required",
         );
     }
+    wanted
+}
 
-    // Targets: unusable ones are dropped (and reported); the route survives while at
-    // least one usable target with a weight above 0 remains.
+/// Resolves `spec.targets` into priority tiers. Unusable targets (a Provider not found,
+/// not shared, not Ready, or not serving the model) are dropped and reported, counted in
+/// `partial`; the route survives while at least one usable target with a weight above 0
+/// remains.
+fn targets(
+    object: &ObjectRef,
+    spec: &RoutePolicySpec,
+    wanted: &[String],
+    providers: &KnownProviders,
+    config: &GatewayConfig,
+    report: &mut Report,
+    partial: &mut usize,
+) -> BTreeMap<u32, Vec<CompiledTarget>> {
     let mut tiers: BTreeMap<u32, Vec<CompiledTarget>> = BTreeMap::new();
     if spec.targets.is_empty() {
         report.error(
@@ -154,7 +210,7 @@ fn compile_one(
                     object.namespace
                 ),
             );
-            partial += 1;
+            *partial += 1;
             continue;
         }
         match known.map(|p| p.served) {
@@ -165,7 +221,7 @@ fn compile_one(
                     &format!("{field}.provider"),
                     format!("Provider {id} not found"),
                 );
-                partial += 1;
+                *partial += 1;
                 continue;
             }
             Some(false) => {
@@ -175,7 +231,7 @@ fn compile_one(
                     &format!("{field}.provider"),
                     format!("Provider {id} is not Ready"),
                 );
-                partial += 1;
+                *partial += 1;
                 continue;
             }
             Some(true) => {}
@@ -200,7 +256,7 @@ fn compile_one(
                 &format!("{field}.model"),
                 format!("Provider {id} does not serve {}", missing.join(", ")),
             );
-            partial += 1;
+            *partial += 1;
             continue;
         }
         tiers.entry(t.priority).or_default().push(CompiledTarget {
@@ -224,7 +280,21 @@ fn compile_one(
             format!("{why}; at least one target with a weight above 0 is needed"),
         );
     }
+    tiers
+}
 
+/// The durations a route sets, in milliseconds.
+#[derive(Debug, Clone, Copy)]
+struct Timings {
+    initial_backoff: Option<u64>,
+    max_backoff: Option<u64>,
+    per_try: Option<u64>,
+    total: Option<u64>,
+    cache_ttl: Option<u64>,
+}
+
+/// Parses and checks the retry, timeout and cache durations (and the retry count).
+fn timings(object: &ObjectRef, spec: &RoutePolicySpec, report: &mut Report) -> Timings {
     let r = &spec.retries;
     let mut ms = |field: &str, text: &str| match duration::parse_millis(text) {
         Ok(v) => Some(v),
@@ -295,6 +365,17 @@ fn compile_one(
             "ttl and maxEntryBytes must be above 0",
         );
     }
+    Timings {
+        initial_backoff: initial,
+        max_backoff: max,
+        per_try,
+        total,
+        cache_ttl,
+    }
+}
+
+/// Checks `spec.strategyOptions` against its bounds and the strategy.
+fn check_strategy_options(object: &ObjectRef, spec: &RoutePolicySpec, report: &mut Report) {
     if let Some(o) = &spec.strategy_options {
         if o.exploration_percent > 50
             || !(1..=100).contains(&o.memory)
@@ -317,46 +398,46 @@ fn compile_one(
             );
         }
     }
-    let rate_limit = spec
-        .rate_limit
-        .as_ref()
-        .and_then(|l| compile_limits(object, "spec.rateLimit", l, report));
-    let guardrails =
-        super::guardrails::compile(object, "spec.guardrails", &spec.guardrails, report);
+}
 
-    if report.errors_for(object) > before + partial {
-        return None;
-    }
+/// The compiled route, once nothing in it is an error.
+fn build(
+    object: &ObjectRef,
+    spec: &RoutePolicySpec,
+    tiers: BTreeMap<u32, Vec<CompiledTarget>>,
+    timings: Timings,
+    rate_limit: Option<CompiledLimits>,
+    guardrails: Vec<CompiledGuardrail>,
+    report: &mut Report,
+) -> CompiledRoute {
+    let r = &spec.retries;
     let mut retry_on = Vec::with_capacity(r.retry_on.len());
     for class in &r.retry_on {
         if !retry_on.contains(class) {
             retry_on.push(*class);
         }
     }
-    Some((
-        CompiledRoute {
-            id: format!("{}/{}", object.namespace, object.name),
-            exact: Vec::new(),
-            globs: Vec::new(),
-            strategy: spec.strategy,
-            strategy_options: spec.strategy_options.unwrap_or_default(),
-            tiers: tiers.into_values().collect(),
-            retry_attempts: r.attempts,
-            retry_initial_backoff_ms: initial.unwrap_or_default(),
-            retry_max_backoff_ms: max.unwrap_or_default(),
-            retry_on,
-            per_try_timeout_ms: per_try,
-            total_timeout_ms: total,
-            cache: spec.cache.as_ref().map(|c| CompiledCache {
-                ttl_ms: cache_ttl.unwrap_or_default(),
-                scope: c.scope,
-                max_entry_bytes: c.max_entry_bytes,
-            }),
-            rate_limit,
-            record_content: spec.telemetry.as_ref().is_some_and(|t| t.record_content),
-            guardrails: guardrails.unwrap_or_default(),
-            shared_with: shared_with(object, &spec.shared_with, report),
-        },
-        wanted,
-    ))
+    CompiledRoute {
+        id: format!("{}/{}", object.namespace, object.name),
+        exact: Vec::new(),
+        globs: Vec::new(),
+        strategy: spec.strategy,
+        strategy_options: spec.strategy_options.unwrap_or_default(),
+        tiers: tiers.into_values().collect(),
+        retry_attempts: r.attempts,
+        retry_initial_backoff_ms: timings.initial_backoff.unwrap_or_default(),
+        retry_max_backoff_ms: timings.max_backoff.unwrap_or_default(),
+        retry_on,
+        per_try_timeout_ms: timings.per_try,
+        total_timeout_ms: timings.total,
+        cache: spec.cache.as_ref().map(|c| CompiledCache {
+            ttl_ms: timings.cache_ttl.unwrap_or_default(),
+            scope: c.scope,
+            max_entry_bytes: c.max_entry_bytes,
+        }),
+        rate_limit,
+        record_content: spec.telemetry.as_ref().is_some_and(|t| t.record_content),
+        guardrails,
+        shared_with: shared_with(object, &spec.shared_with, report),
+    }
 }
