@@ -82,6 +82,14 @@ enum KeyOutcome {
     },
 }
 
+/// What step 2 of a reconcile made: the compile output, its split into parts, and the
+/// objects that carry them.
+struct Compiled {
+    out: CompileOutput,
+    split: parts::SplitConfig,
+    objects: Vec<DesiredObject>,
+}
+
 /// What step 1 leaves for the rest of the reconcile.
 #[derive(Default)]
 struct KeySecrets {
@@ -1305,15 +1313,49 @@ impl Reconciler {
         Ok(true)
     }
 
-    /// One reconcile of everything in `snapshot`.
+    /// One reconcile of everything in `snapshot`, in the order that keeps every step
+    /// safe if a later one fails: key Secrets, compile, revocations, generated objects,
+    /// statuses (validate → build → apply → status).
     pub async fn reconcile(&self, mut snapshot: Snapshot) -> Result<Report, ReconcileError> {
         let now = Timestamp::now();
         let mut report = Report::default();
-
         // 1. Key Secrets.
         let key_secrets = self.key_lifecycle(&mut snapshot, now, &mut report).await?;
-
         // 2. Compile.
+        let live_now = live_config(&snapshot, &self.naming);
+        let Compiled {
+            out,
+            split,
+            objects,
+        } = self.compile(&snapshot, &key_secrets, live_now.as_ref(), now)?;
+        report.config_hash = split.config_hash.clone();
+        // 3. Revocations, and key state moved to changed key ids, before the
+        //    configuration changes.
+        if let Some(live) = &live_now {
+            self.revoke(live, &out, now, &mut report).await?;
+        }
+        // 4. Generated objects.
+        self.write_config(&snapshot, objects, &split, &out, &mut report)
+            .await?;
+        // 5. Status, from what this replica last wrote where the cache is behind.
+        self.write_statuses(&mut snapshot, &out, &split, now, &mut report)
+            .await?;
+        self.metrics.observe_compile(&out, &split.config_hash);
+        report.wake_in = self.next_wake(&snapshot, now, &report);
+        Ok(report)
+    }
+
+    /// Step 2: compiles the objects (key Secrets from what step 1 decided) and splits
+    /// the configuration into the objects gateways mount. Too many key or routing shards:
+    /// the keys or RoutePolicies not served yet are left out (and told why), so what is
+    /// served keeps updating and every status is still written.
+    fn compile(
+        &self,
+        snapshot: &Snapshot,
+        key_secrets: &KeySecrets,
+        live_now: Option<&parts::AssembledConfig>,
+        now: Timestamp,
+    ) -> Result<Compiled, ReconcileError> {
         let resources = Resources {
             providers: snapshot.providers.clone(),
             route_policies: snapshot.routes.clone(),
@@ -1338,7 +1380,6 @@ impl Reconciler {
         let mut out = compile_with(&resources, &secrets, now, self.compile_options);
         apply_conflicts(&mut out, &key_secrets.conflicts);
         apply_pending(&mut out, &key_secrets.pending);
-        let live_now = live_config(&snapshot, &self.naming);
         let config_error = |e: &dyn std::fmt::Display| ReconcileError::Config(e.to_string());
         let mut split = parts::split(&out.config).map_err(|e| config_error(&e))?;
         // Too many key or routing shards: the keys or RoutePolicies not served yet are
@@ -1383,39 +1424,47 @@ impl Reconciler {
         };
         self.metrics.keys_left_out(left_keys.unwrap_or(0));
         self.metrics.routes_left_out(left_routes.unwrap_or(0));
-        report.config_hash = split.config_hash.clone();
+        Ok(Compiled {
+            out,
+            split,
+            objects,
+        })
+    }
 
-        // 3. Revocations, and key state moved to changed key ids, before the
-        //    configuration changes.
-        if let Some(live) = &live_now {
-            self.move_key_state(&live.config.keys, &out.config.keys, now)
-                .await?;
-            let served: BTreeSet<&str> = out
-                .config
-                .keys
-                .keys
-                .iter()
-                .map(|k| k.sha256.as_str())
-                .collect();
-            let gone: Vec<String> = live
-                .config
-                .keys
-                .keys
-                .iter()
-                .filter(|k| !served.contains(k.sha256.as_str()))
-                .map(|k| k.sha256.clone())
-                .collect();
-            if !gone.is_empty() {
-                report.revoked = gone.len();
-                // Revocations are writes too: only the lease holder publishes them.
-                self.may_write()?;
-                match &self.redis {
-                    Some(conn) => match tollgate_api::revocation::publish(
-                        conn.clone(),
-                        &gone,
-                        self.redis_timeout,
-                    )
-                    .await
+    /// Step 3: revokes the keys the new configuration drops (only the lease holder
+    /// publishes), after moving key state to changed key ids.
+    async fn revoke(
+        &self,
+        live: &parts::AssembledConfig,
+        out: &CompileOutput,
+        now: Timestamp,
+        report: &mut Report,
+    ) -> Result<(), ReconcileError> {
+        self.move_key_state(&live.config.keys, &out.config.keys, now)
+            .await?;
+        let served: BTreeSet<&str> = out
+            .config
+            .keys
+            .keys
+            .iter()
+            .map(|k| k.sha256.as_str())
+            .collect();
+        let gone: Vec<String> = live
+            .config
+            .keys
+            .keys
+            .iter()
+            .filter(|k| !served.contains(k.sha256.as_str()))
+            .map(|k| k.sha256.clone())
+            .collect();
+        if !gone.is_empty() {
+            report.revoked = gone.len();
+            // Revocations are writes too: only the lease holder publishes them.
+            self.may_write()?;
+            match &self.redis {
+                Some(conn) => {
+                    match tollgate_api::revocation::publish(conn.clone(), &gone, self.redis_timeout)
+                        .await
                     {
                         Ok(()) => {
                             self.metrics.revoked(gone.len());
@@ -1424,17 +1473,28 @@ impl Reconciler {
                         Err(e) => {
                             tracing::warn!(error = %e, "could not publish key revocations; gateways stop accepting the keys when their configuration updates")
                         }
-                    },
-                    None => tracing::info!(
-                        keys = gone.len(),
-                        "keys leave the configuration (no Redis: gateways stop accepting them when their configuration updates)"
-                    ),
+                    }
                 }
+                None => tracing::info!(
+                    keys = gone.len(),
+                    "keys leave the configuration (no Redis: gateways stop accepting them when their configuration updates)"
+                ),
             }
         }
+        Ok(())
+    }
 
-        // 4. Generated objects.
-        // Compared by content, so hand edits are repaired; only this release's objects.
+    /// Step 4: writes the generated objects that differ from the live ones (compared by
+    /// content, so hand edits are repaired; only this release's objects), deletes those no
+    /// longer needed, and starts the wait of held keys the configuration now serves.
+    async fn write_config(
+        &self,
+        snapshot: &Snapshot,
+        objects: Vec<DesiredObject>,
+        split: &parts::SplitConfig,
+        out: &CompileOutput,
+        report: &mut Report,
+    ) -> Result<(), ReconcileError> {
         let mut live: LiveObjects = BTreeMap::new();
         for cm in &snapshot.generated_maps {
             if !self.naming.owns_config_map(&cm.name_any()) {
@@ -1529,8 +1589,19 @@ impl Reconciler {
                 .collect()
         };
         self.holds.written(&split.config_hash, &served);
+        Ok(())
+    }
 
-        // 5. Status, from what this replica last wrote where the cache is behind.
+    /// Step 5: the propagation record and every object's status, written only where it
+    /// changed.
+    async fn write_statuses(
+        &self,
+        snapshot: &mut Snapshot,
+        out: &CompileOutput,
+        split: &parts::SplitConfig,
+        now: Timestamp,
+        report: &mut Report,
+    ) -> Result<(), ReconcileError> {
         self.seen.overlay_statuses(&mut snapshot.providers);
         self.seen.overlay_statuses(&mut snapshot.routes);
         self.seen.overlay_statuses(&mut snapshot.keys);
@@ -1548,11 +1619,11 @@ impl Reconciler {
             _ => None,
         };
         report.status_writes +=
-            usize::from(self.record_propagation(&snapshot, propagation, now).await?);
+            usize::from(self.record_propagation(snapshot, propagation, now).await?);
         let propagated = propagation;
         let mut writes: Vec<BoxFuture<'_, Result<bool, ReconcileError>>> = Vec::new();
         for p in &snapshot.providers {
-            let update = status::provider(p, &out, propagated, now);
+            let update = status::provider(p, out, propagated, now);
             writes.push(Box::pin(self.write_status(
                 p,
                 update,
@@ -1561,7 +1632,7 @@ impl Reconciler {
             )));
         }
         for r in &snapshot.routes {
-            let update = status::route_policy(r, &out, propagated, now);
+            let update = status::route_policy(r, out, propagated, now);
             writes.push(Box::pin(self.write_status(
                 r,
                 update,
@@ -1578,7 +1649,7 @@ impl Reconciler {
                 .get(&(ns, tollgate_api::compile::secret_name(k)))
                 .filter(|s| keys::owned_by(s, k))
                 .map(keys::recorded_rotation);
-            let update = status::api_key(k, &out, propagated, rotation, now);
+            let update = status::api_key(k, out, propagated, rotation, now);
             writes.push(Box::pin(self.write_status(
                 k,
                 update,
@@ -1593,11 +1664,15 @@ impl Reconciler {
         for w in writes {
             report.status_writes += usize::from(w?);
         }
-        self.metrics.observe_compile(&out, &split.config_hash);
+        Ok(())
+    }
 
-        // Wake up for the next expiry or end of a grace period, and to retry Secret
-        // writes the API refused (a quota raised or a webhook fixed sends no event).
-        let next = next_deadline(&snapshot, now);
+    /// When to reconcile again without an event: while gateways catch up (already in
+    /// `report`), at the next expiry or end of a grace period, to retry Secret writes the
+    /// API refused (a quota raised or a webhook fixed sends no event), and often while
+    /// keys are held (a client is waiting for each).
+    fn next_wake(&self, snapshot: &Snapshot, now: Timestamp, report: &Report) -> Option<Duration> {
+        let next = next_deadline(snapshot, now);
         let next = match (next, report.refused_writes > 0) {
             (Some(n), true) => Some(n.min(REFUSED_RETRY)),
             (None, true) => Some(REFUSED_RETRY),
@@ -1609,11 +1684,10 @@ impl Reconciler {
             (Some(n), false) => Some(n.min(publish::CHECK_EVERY)),
             (None, false) => Some(publish::CHECK_EVERY),
         };
-        report.wake_in = match (report.wake_in, next) {
+        match (report.wake_in, next) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
-        };
-        Ok(report)
+        }
     }
 }
 
