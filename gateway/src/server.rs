@@ -19,15 +19,10 @@ use crate::{
     settings::Settings,
 };
 
-/// Runs until a shutdown signal has been handled.
+/// Runs until a shutdown signal has been handled: checks the settings, connects the
+/// shared state, loads the configuration, starts the background tasks, and serves.
 pub async fn run(settings: Settings) -> anyhow::Result<()> {
-    if settings.max_inflight_bytes != 0 && settings.max_inflight_bytes < settings.max_body_bytes {
-        anyhow::bail!(
-            "--max-inflight-bytes ({}) is smaller than --max-body-bytes ({}): no body of the largest accepted size could ever be read",
-            settings.max_inflight_bytes,
-            settings.max_body_bytes
-        );
-    }
+    let addressing = check(&settings)?;
     // Before any configuration is compiled or any upstream client built.
     crate::egress::set_policy(settings.allow_link_local_upstreams);
     let source = match &settings.resources {
@@ -36,123 +31,20 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     };
     let config = Arc::new(ConfigState::default());
     let metrics = Arc::new(Metrics::new(config.reloads.clone()));
-    let redis_options = settings.redis_url.as_ref().map(|url| {
-        let mut options = RedisOptions::new(url, settings.redis_timeout);
-        options.cluster = settings.redis_cluster;
-        options.password = settings.redis_password.clone();
-        options.ca_file = settings.redis_ca_file.clone();
-        options.client_cert = settings
-            .redis_client_cert
-            .clone()
-            .zip(settings.redis_client_key.clone());
-        options
-    });
-    let redis = match &redis_options {
-        Some(options) => Some(
-            RedisLimits::with(
-                options
-                    .connect_lazy()
-                    .map_err(|e| anyhow::anyhow!("--redis-url: {e}"))?,
-                settings.redis_timeout,
-                limits::redis::DEFAULT_LEASE,
-            )
-            .with_metrics(metrics.redis_latency.clone()),
-        ),
-        None => None,
-    };
-    // The cache on its own Redis when one is named: cache pressure there never evicts
-    // limits, budgets or usage.
-    let cache_redis = match (&redis_options, &settings.redis_cache_url) {
-        (Some(options), Some(url)) => Some(
-            RedisLimits::with(
-                RedisOptions {
-                    urls: RedisOptions::new(url, options.timeout).urls,
-                    ..options.clone()
-                }
-                .connect_lazy()
-                .map_err(|e| anyhow::anyhow!("--redis-cache-url: {e}"))?,
-                settings.redis_timeout,
-                limits::redis::DEFAULT_LEASE,
-            )
-            .with_metrics(metrics.redis_latency.clone()),
-        ),
-        _ => redis.clone(),
-    };
-    let shared_cache = cache_redis.filter(|_| settings.cache_max_bytes > 0);
+    let redis = Redis::connect(&settings, &metrics)?;
     let revocations = Arc::new(Revocations::default());
-    if let (Some(options), Some(store)) = (&redis_options, &redis) {
-        let clients = options
-            .pubsub_clients()
-            .map_err(|e| anyhow::anyhow!("--redis-url: {e}"))?;
-        tokio::spawn(revocation::follow(
-            clients,
-            store.conn(),
-            revocations.clone(),
-        ));
-        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Vec<[u8; 32]>>();
-        let _ = config.removed_keys.set(tx);
-        let timeout = settings.redis_timeout.max(Duration::from_secs(1));
-        let conn = store.conn();
-        tokio::spawn(async move {
-            while let Some(hashes) = rx.recv().await {
-                match revocation::publish(conn.clone(), &hashes, timeout).await {
-                    Ok(()) => tracing::info!(
-                        keys = hashes.len(),
-                        "published the revocation of keys removed from the configuration"
-                    ),
-                    Err(e) => {
-                        tracing::warn!(error = %e, "could not publish key revocations; other replicas catch up through their own configuration")
-                    }
-                }
-            }
-        });
-    }
-    let heartbeat_conn = redis.as_ref().map(RedisLimits::conn);
     let target_stats = Arc::new(crate::target_stats::TargetStatsStore::default());
-    if let Some(store) = &redis {
-        // Routing statistics are merged across replicas, once a second, off the hot path.
-        tokio::spawn(crate::target_stats::share(
-            target_stats.clone(),
-            store.conn(),
-            crate::heartbeat::instance_id(),
-            settings.redis_timeout.max(Duration::from_millis(500)),
-        ));
-    }
-    let limits = Arc::new(match redis {
+    redis.start_sharing(&settings, &config, &revocations, &target_stats)?;
+    let heartbeat_conn = redis.limits.as_ref().map(RedisLimits::conn);
+    let shared_cache = redis.cache.filter(|_| settings.cache_max_bytes > 0);
+    let limits = Arc::new(match redis.limits {
         Some(redis) => {
             tracing::info!(mode = ?settings.redis_failure_mode, "limits, budgets and the cache shared through Redis");
             Limits::shared(redis, settings.redis_failure_mode)
         }
         None => Limits::local(),
     });
-    let fingerprint = config_source::load_initial(&source, &config).await;
-    if let Some(conn) = heartbeat_conn {
-        // After the first load, so the first report already names a configuration.
-        let instance = crate::heartbeat::instance_id();
-        tracing::info!(instance = %instance, "reporting the served configuration to Redis");
-        tokio::spawn(crate::heartbeat::run(conn, config.clone(), instance));
-    }
-    if config.current.load().is_none() {
-        match &source {
-            // Standalone: the manifests are right here; failing to load them is fatal.
-            Source::Resources(path) => anyhow::bail!(
-                "could not load {}: {}",
-                path.display(),
-                config.last_error().unwrap_or_default()
-            ),
-            // In a pod the operator may not have written the files yet: serve probes as
-            // not ready and keep looking.
-            Source::ConfigDirs(_) => {
-                tracing::warn!("no configuration yet; /readyz reports notReady until one loads")
-            }
-        }
-    }
-    tokio::spawn(config_source::watch(
-        source,
-        config.clone(),
-        settings.reload_interval,
-        fingerprint,
-    ));
+    load_configuration(source, &config, heartbeat_conn, settings.reload_interval).await?;
 
     let state = Arc::new(AppState {
         config,
@@ -183,6 +75,202 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
             end_streams: Some(streams_end),
         },
     );
+    let listener = listen(&settings, &state).await?;
+    crate::listener::serve(
+        listener,
+        router,
+        crate::listener::Options {
+            header_timeout: settings.header_read_timeout,
+            client_address_header: addressing.header,
+            trusted_proxies: std::sync::Arc::new(addressing.trusted_proxies),
+        },
+        shutdown(&settings, state.clone(), end_streams),
+    )
+    .await;
+    // Usage is written to Redis in batches: write the last one before exiting.
+    state.limits.flush_usage(Duration::from_secs(2)).await;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// Where client addresses come from (settings checked at start).
+struct Addressing {
+    trusted_proxies: crate::client_addr::TrustedProxies,
+    header: http::HeaderName,
+}
+
+/// Settings that cannot work together, refused before anything starts.
+fn check(settings: &Settings) -> anyhow::Result<Addressing> {
+    if settings.max_inflight_bytes != 0 && settings.max_inflight_bytes < settings.max_body_bytes {
+        anyhow::bail!(
+            "--max-inflight-bytes ({}) is smaller than --max-body-bytes ({}): no body of the largest accepted size could ever be read",
+            settings.max_inflight_bytes,
+            settings.max_body_bytes
+        );
+    }
+    let trusted_proxies = crate::client_addr::TrustedProxies::parse(&settings.trusted_proxies)
+        .map_err(|e| anyhow::anyhow!("--trusted-proxies: {e}"))?;
+    // A header believed from any peer would let every client pick its own address.
+    if settings.client_address_header.is_some() && trusted_proxies.is_empty() {
+        anyhow::bail!(
+            "--client-address-header needs --trusted-proxies (the proxies' addresses or CIDRs): without them any client could name its own address"
+        );
+    }
+    let name = settings
+        .client_address_header
+        .as_deref()
+        .unwrap_or("x-forwarded-for");
+    let header = http::HeaderName::try_from(name.trim())
+        .with_context(|| format!("--client-address-header {name:?} is not a header name"))?;
+    Ok(Addressing {
+        trusted_proxies,
+        header,
+    })
+}
+
+/// The Redis connections the settings name: the state store (limits, budgets, usage,
+/// revocations, heartbeats, routing statistics) and the response cache's (its own Redis
+/// when `--redis-cache-url` names one, so cache pressure never evicts limits, budgets or
+/// usage).
+struct Redis {
+    options: Option<RedisOptions>,
+    limits: Option<RedisLimits>,
+    cache: Option<RedisLimits>,
+}
+
+impl Redis {
+    /// Connects lazily (the gateway starts while Redis is down).
+    fn connect(settings: &Settings, metrics: &Metrics) -> anyhow::Result<Self> {
+        let options = settings.redis_url.as_ref().map(|url| {
+            let mut options = RedisOptions::new(url, settings.redis_timeout);
+            options.cluster = settings.redis_cluster;
+            options.password = settings.redis_password.clone();
+            options.ca_file = settings.redis_ca_file.clone();
+            options.client_cert = settings
+                .redis_client_cert
+                .clone()
+                .zip(settings.redis_client_key.clone());
+            options
+        });
+        let store = |options: &RedisOptions, flag: &str| -> anyhow::Result<RedisLimits> {
+            Ok(RedisLimits::with(
+                options
+                    .connect_lazy()
+                    .map_err(|e| anyhow::anyhow!("{flag}: {e}"))?,
+                settings.redis_timeout,
+                limits::redis::DEFAULT_LEASE,
+            )
+            .with_metrics(metrics.redis_latency.clone()))
+        };
+        let limits = options
+            .as_ref()
+            .map(|o| store(o, "--redis-url"))
+            .transpose()?;
+        let cache = match (&options, &settings.redis_cache_url) {
+            (Some(o), Some(url)) => {
+                let cache_options = RedisOptions {
+                    urls: RedisOptions::new(url, o.timeout).urls,
+                    ..o.clone()
+                };
+                Some(store(&cache_options, "--redis-cache-url")?)
+            }
+            _ => limits.clone(),
+        };
+        Ok(Self {
+            options,
+            limits,
+            cache,
+        })
+    }
+
+    /// With Redis: follows revocations (and publishes those of keys a reload removes),
+    /// and shares routing statistics across replicas once a second, off the hot path.
+    fn start_sharing(
+        &self,
+        settings: &Settings,
+        config: &Arc<ConfigState>,
+        revocations: &Arc<Revocations>,
+        target_stats: &Arc<crate::target_stats::TargetStatsStore>,
+    ) -> anyhow::Result<()> {
+        let (Some(options), Some(store)) = (&self.options, &self.limits) else {
+            return Ok(());
+        };
+        let clients = options
+            .pubsub_clients()
+            .map_err(|e| anyhow::anyhow!("--redis-url: {e}"))?;
+        tokio::spawn(revocation::follow(
+            clients,
+            store.conn(),
+            revocations.clone(),
+        ));
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Vec<[u8; 32]>>();
+        let _ = config.removed_keys.set(tx);
+        let timeout = settings.redis_timeout.max(Duration::from_secs(1));
+        let conn = store.conn();
+        tokio::spawn(async move {
+            while let Some(hashes) = rx.recv().await {
+                match revocation::publish(conn.clone(), &hashes, timeout).await {
+                    Ok(()) => tracing::info!(
+                        keys = hashes.len(),
+                        "published the revocation of keys removed from the configuration"
+                    ),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "could not publish key revocations; other replicas catch up through their own configuration")
+                    }
+                }
+            }
+        });
+        tokio::spawn(crate::target_stats::share(
+            target_stats.clone(),
+            store.conn(),
+            crate::heartbeat::instance_id(),
+            settings.redis_timeout.max(Duration::from_millis(500)),
+        ));
+        Ok(())
+    }
+}
+
+/// Loads the first configuration (fatal only standalone), starts reporting it to Redis,
+/// and keeps reloading it in the background.
+async fn load_configuration(
+    source: Source,
+    config: &Arc<ConfigState>,
+    heartbeat: Option<tollgate_api::redis_conn::SharedConn>,
+    reload_interval: Duration,
+) -> anyhow::Result<()> {
+    let fingerprint = config_source::load_initial(&source, config).await;
+    if let Some(conn) = heartbeat {
+        // After the first load, so the first report already names a configuration.
+        let instance = crate::heartbeat::instance_id();
+        tracing::info!(instance = %instance, "reporting the served configuration to Redis");
+        tokio::spawn(crate::heartbeat::run(conn, config.clone(), instance));
+    }
+    if config.current.load().is_none() {
+        match &source {
+            // Standalone: the manifests are right here; failing to load them is fatal.
+            Source::Resources(path) => anyhow::bail!(
+                "could not load {}: {}",
+                path.display(),
+                config.last_error().unwrap_or_default()
+            ),
+            // In a pod the operator may not have written the files yet: serve probes as
+            // not ready and keep looking.
+            Source::ConfigDirs(_) => {
+                tracing::warn!("no configuration yet; /readyz reports notReady until one loads")
+            }
+        }
+    }
+    tokio::spawn(config_source::watch(
+        source,
+        config.clone(),
+        reload_interval,
+        fingerprint,
+    ));
+    Ok(())
+}
+
+/// Binds the client listener and starts the admin listener.
+async fn listen(settings: &Settings, state: &Arc<AppState>) -> anyhow::Result<TcpListener> {
     let listener = TcpListener::bind(settings.listen)
         .await
         .with_context(|| format!("binding {}", settings.listen))?;
@@ -199,13 +287,23 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     });
     tracing::info!(%admin_addr, "admin listening");
     tracing::info!(%addr, "listening");
+    Ok(listener)
+}
 
+/// Completes on SIGTERM/SIGINT once readiness has failed for `--drain-delay`; then bounds
+/// the drain by `--shutdown-timeout`: streams still open just before the deadline end
+/// with an error event (their limits and usage settle, the connections close cleanly, and
+/// the last usage is written); at the deadline the process exits whatever is left.
+fn shutdown(
+    settings: &Settings,
+    state: Arc<AppState>,
+    end_streams: tokio::sync::watch::Sender<bool>,
+) -> impl std::future::Future<Output = ()> + Send + 'static {
     let drain_delay = settings.drain_delay;
     let shutdown_timeout = settings.shutdown_timeout;
-    let shutdown_state = state.clone();
-    let shutdown = async move {
+    async move {
         shutdown_signal().await;
-        shutdown_state.draining.store(true, Ordering::Relaxed);
+        state.draining.store(true, Ordering::Relaxed);
         tracing::info!(
             ?drain_delay,
             "shutdown requested: readiness now fails; draining"
@@ -215,9 +313,6 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
             ?shutdown_timeout,
             "closing the listener; waiting for in-flight requests"
         );
-        // Bound the drain: streams still open just before the deadline end with an error
-        // event (their limits and usage settle, the connections close cleanly, and the
-        // last usage is written); at the deadline the process exits whatever is left.
         tokio::spawn(async move {
             let grace = stream_end_grace(shutdown_timeout);
             tokio::time::sleep(shutdown_timeout - grace).await;
@@ -231,36 +326,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
             tracing::warn!("in-flight requests did not finish in time; exiting");
             std::process::exit(0);
         });
-    };
-    let trusted_proxies = crate::client_addr::TrustedProxies::parse(&settings.trusted_proxies)
-        .map_err(|e| anyhow::anyhow!("--trusted-proxies: {e}"))?;
-    // A header believed from any peer would let every client pick its own address.
-    if settings.client_address_header.is_some() && trusted_proxies.is_empty() {
-        anyhow::bail!(
-            "--client-address-header needs --trusted-proxies (the proxies' addresses or CIDRs): without them any client could name its own address"
-        );
     }
-    let name = settings
-        .client_address_header
-        .as_deref()
-        .unwrap_or("x-forwarded-for");
-    let client_address_header = http::HeaderName::try_from(name.trim())
-        .with_context(|| format!("--client-address-header {name:?} is not a header name"))?;
-    crate::listener::serve(
-        listener,
-        router,
-        crate::listener::Options {
-            header_timeout: settings.header_read_timeout,
-            client_address_header,
-            trusted_proxies: std::sync::Arc::new(trusted_proxies),
-        },
-        shutdown,
-    )
-    .await;
-    // Usage is written to Redis in batches: write the last one before exiting.
-    state.limits.flush_usage(Duration::from_secs(2)).await;
-    tracing::info!("stopped");
-    Ok(())
 }
 
 /// How long before the shutdown deadline open streams are ended: time for their
