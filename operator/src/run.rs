@@ -91,7 +91,9 @@ async fn signal() {
     }
 }
 
-/// Runs until SIGTERM.
+/// Runs until SIGTERM: the admin listener, leader election, the watches (on every
+/// replica, so a new leader starts warm), then the reconcile loop and the usage refresher
+/// (each writing only while this replica leads).
 pub async fn run(settings: RunSettings) -> anyhow::Result<()> {
     let identity = settings.identity();
     let client = client(&settings, &identity).await?;
@@ -99,29 +101,8 @@ pub async fn run(settings: RunSettings) -> anyhow::Result<()> {
     let gateway_namespace = settings.gateway_namespace();
     let metrics = Arc::new(Metrics::new());
     let ready = Arc::new(AtomicBool::new(false));
-
-    let listener = tokio::net::TcpListener::bind(settings.admin_listen)
-        .await
-        .with_context(|| format!("binding --admin-listen {}", settings.admin_listen))?;
-    tracing::info!(admin_addr = %listener.local_addr()?, "admin listening");
-    let admin = Router::new()
-        .route("/livez", get(livez))
-        .route("/readyz", get(readyz))
-        .route("/metrics", get(metrics_text))
-        .with_state(Admin {
-            metrics: metrics.clone(),
-            ready: ready.clone(),
-        });
     let (stop_tx, stop_rx) = watch::channel(false);
-    let mut admin_stop = stop_rx.clone();
-    let admin_task = tokio::spawn(async move {
-        let _ = axum::serve(listener, admin)
-            .with_graceful_shutdown(async move {
-                let _ = admin_stop.wait_for(|s| *s).await;
-            })
-            .await;
-    });
-
+    let admin_task = serve_admin(&settings, &metrics, &ready, stop_rx.clone()).await?;
     let redis = match settings.redis() {
         Some(options) => Some(
             options
@@ -130,37 +111,8 @@ pub async fn run(settings: RunSettings) -> anyhow::Result<()> {
         ),
         None => None,
     };
-
-    // Leadership.
-    let (leading_tx, leading_rx) = watch::channel(!settings.leader_election);
-    let mut fence = Fence::open();
-    let elector_task = if settings.leader_election {
-        let elector = Elector::new(
-            Api::namespaced(client.clone(), &own_namespace()),
-            &settings.lease_name,
-            &identity,
-            Timing {
-                duration: settings.lease_duration,
-                renew_deadline: settings.lease_renew_deadline,
-                retry: settings.lease_retry,
-            },
-        );
-        fence = elector.fence();
-        Some(tokio::spawn(elector.run(leading_tx, stop_rx.clone())))
-    } else {
-        drop(leading_tx);
-        None
-    };
-    {
-        let metrics = metrics.clone();
-        let mut leading = leading_rx.clone();
-        metrics.set_leader(*leading.borrow());
-        tokio::spawn(async move {
-            while leading.changed().await.is_ok() {
-                metrics.set_leader(*leading.borrow());
-            }
-        });
-    }
+    let (leading_rx, fence, elector_task) =
+        lead(&settings, &client, &identity, &metrics, stop_rx.clone());
 
     let naming = Naming {
         namespace: gateway_namespace.clone(),
@@ -217,54 +169,20 @@ pub async fn run(settings: RunSettings) -> anyhow::Result<()> {
     ));
     // The first reconcile runs as soon as we lead.
     notify.notify_one();
-
     let usage_task = redis.map(|conn| {
-        let (client, watches, metrics, leading, mut stop) = (
-            client.clone(),
-            watches.clone(),
-            metrics.clone(),
-            leading_rx.clone(),
+        tokio::spawn(refresh_usage(
+            UsageRefresh {
+                client: client.clone(),
+                conn,
+                watches: watches.clone(),
+                metrics: metrics.clone(),
+                leading: leading_rx.clone(),
+                fence,
+                interval: settings.usage_interval,
+                timeout: settings.redis_timeout,
+            },
             stop_rx.clone(),
-        );
-        let (interval, timeout) = (settings.usage_interval, settings.redis_timeout);
-        tokio::spawn(async move {
-            loop {
-                tokio::select! {
-                    _ = tokio::time::sleep(interval) => {}
-                    _ = stop.wait_for(|s| *s) => return,
-                }
-                if !*leading.borrow() || !fence.holds() {
-                    continue;
-                }
-                let currencies: BTreeSet<String> = watches
-                    .providers
-                    .all()
-                    .iter()
-                    .map(|p| p.spec.currency.clone())
-                    .collect();
-                match crate::usage::refresh(
-                    &client,
-                    &conn,
-                    &watches.keys.all(),
-                    &currencies,
-                    timeout,
-                    &fence,
-                )
-                .await
-                {
-                    Ok(n) => {
-                        metrics.usage_read(true);
-                        if n > 0 {
-                            tracing::debug!(updated = n, "usage refreshed");
-                        }
-                    }
-                    Err(e) => {
-                        metrics.usage_read(false);
-                        tracing::warn!(error = %e, "could not refresh usage from Redis");
-                    }
-                }
-            }
-        })
+        ))
     });
 
     signal().await;
@@ -280,4 +198,130 @@ pub async fn run(settings: RunSettings) -> anyhow::Result<()> {
     }
     let _ = admin_task.await;
     Ok(())
+}
+
+/// Binds `--admin-listen` and serves `/livez`, `/readyz` and `/metrics` until `stop`.
+async fn serve_admin(
+    settings: &RunSettings,
+    metrics: &Arc<Metrics>,
+    ready: &Arc<AtomicBool>,
+    mut stop: watch::Receiver<bool>,
+) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+    let listener = tokio::net::TcpListener::bind(settings.admin_listen)
+        .await
+        .with_context(|| format!("binding --admin-listen {}", settings.admin_listen))?;
+    tracing::info!(admin_addr = %listener.local_addr()?, "admin listening");
+    let admin = Router::new()
+        .route("/livez", get(livez))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics_text))
+        .with_state(Admin {
+            metrics: metrics.clone(),
+            ready: ready.clone(),
+        });
+    Ok(tokio::spawn(async move {
+        let _ = axum::serve(listener, admin)
+            .with_graceful_shutdown(async move {
+                let _ = stop.wait_for(|s| *s).await;
+            })
+            .await;
+    }))
+}
+
+/// Leadership: with `--leader-election`, an elector on the Lease (its fence guards every
+/// write); without, this replica leads from the start. The leader gauge follows it.
+fn lead(
+    settings: &RunSettings,
+    client: &Client,
+    identity: &str,
+    metrics: &Arc<Metrics>,
+    stop: watch::Receiver<bool>,
+) -> (
+    watch::Receiver<bool>,
+    Fence,
+    Option<tokio::task::JoinHandle<()>>,
+) {
+    let (leading_tx, leading_rx) = watch::channel(!settings.leader_election);
+    let mut fence = Fence::open();
+    let elector_task = if settings.leader_election {
+        let elector = Elector::new(
+            Api::namespaced(client.clone(), &own_namespace()),
+            &settings.lease_name,
+            identity,
+            Timing {
+                duration: settings.lease_duration,
+                renew_deadline: settings.lease_renew_deadline,
+                retry: settings.lease_retry,
+            },
+        );
+        fence = elector.fence();
+        Some(tokio::spawn(elector.run(leading_tx, stop)))
+    } else {
+        drop(leading_tx);
+        None
+    };
+    let metrics = metrics.clone();
+    let mut leading = leading_rx.clone();
+    metrics.set_leader(*leading.borrow());
+    tokio::spawn(async move {
+        while leading.changed().await.is_ok() {
+            metrics.set_leader(*leading.borrow());
+        }
+    });
+    (leading_rx, fence, elector_task)
+}
+
+/// What the usage refresher needs.
+struct UsageRefresh {
+    client: Client,
+    conn: tollgate_api::redis_conn::SharedConn,
+    watches: Arc<Watches>,
+    metrics: Arc<Metrics>,
+    leading: watch::Receiver<bool>,
+    fence: Fence,
+    interval: std::time::Duration,
+    timeout: std::time::Duration,
+}
+
+/// Every `--usage-interval`, while this replica leads and holds the Lease: usage and
+/// spend read from Redis into ApiKey status (`usage.rs::refresh`, which checks the fence
+/// again before each write).
+async fn refresh_usage(u: UsageRefresh, mut stop: watch::Receiver<bool>) {
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(u.interval) => {}
+            _ = stop.wait_for(|s| *s) => return,
+        }
+        if !*u.leading.borrow() || !u.fence.holds() {
+            continue;
+        }
+        let currencies: BTreeSet<String> = u
+            .watches
+            .providers
+            .all()
+            .iter()
+            .map(|p| p.spec.currency.clone())
+            .collect();
+        match crate::usage::refresh(
+            &u.client,
+            &u.conn,
+            &u.watches.keys.all(),
+            &currencies,
+            u.timeout,
+            &u.fence,
+        )
+        .await
+        {
+            Ok(n) => {
+                u.metrics.usage_read(true);
+                if n > 0 {
+                    tracing::debug!(updated = n, "usage refreshed");
+                }
+            }
+            Err(e) => {
+                u.metrics.usage_read(false);
+                tracing::warn!(error = %e, "could not refresh usage from Redis");
+            }
+        }
+    }
 }
