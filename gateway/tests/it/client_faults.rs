@@ -295,6 +295,30 @@ async fn post_body(gw: &Gateway, body: Vec<u8>) -> reqwest::Response {
         .unwrap()
 }
 
+/// The status of a large upload, or 0 when the gateway closed the connection while the
+/// body was still being written (it answered before reading all of it).
+async fn refused_or_status(gw: &Gateway, body: Vec<u8>) -> u16 {
+    let sent = client()
+        .post(gw.url("/v1/chat/completions"))
+        .bearer_auth(MEMORY_KEY)
+        .header("content-type", "application/json")
+        .body(body)
+        .send()
+        .await;
+    match sent {
+        Ok(response) => response.status().as_u16(),
+        Err(e) => {
+            let chain = format!("{:?}", e);
+            assert!(
+                e.is_request()
+                    && (chain.contains("BrokenPipe") || chain.contains("ConnectionReset")),
+                "not a refusal mid-upload: {chain}"
+            );
+            0
+        }
+    }
+}
+
 fn proc_status_kib(pid: u32, field: &str) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
     status
@@ -392,11 +416,14 @@ async fn hostile_bodies_under_a_hard_memory_limit_neither_kill_nor_stall_the_gat
         let model = if i % 3 == 2 { "guarded" } else { "plain" };
         let body = hostile_body(model, 7);
         let gw = &gw;
-        calls.push(async move { post_body(gw, body).await.status().as_u16() });
+        calls.push(async move { refused_or_status(gw, body).await });
     }
     let statuses = futures_util::future::join_all(calls).await;
+    // 0: the gateway refused while the body was still being sent and closed the
+    // connection; the client saw a broken pipe instead of the 503 (hyper does not linger
+    // to drain a refused upload).
     for status in &statuses {
-        assert!([200, 413, 503].contains(status), "{statuses:?}");
+        assert!([0, 200, 413, 503].contains(status), "{statuses:?}");
     }
     assert!(statuses.contains(&200), "{statuses:?}");
     // Still serving, and still the same process.
