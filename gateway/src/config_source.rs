@@ -53,6 +53,9 @@ pub enum Source {
 pub struct ConfigState {
     /// The snapshot being served.
     pub current: ArcSwapOption<Snapshot>,
+    /// Breakers and routing statistics: they outlive snapshots, which hold handles to
+    /// them.
+    pub health: Arc<crate::targets::Health>,
     /// Loads by result (`success`, `rejected`); also exported as a metric.
     pub reloads: Family<ReloadLabels, Counter>,
     /// Receives the hashes of keys that a newly loaded configuration no longer accepts,
@@ -189,7 +192,12 @@ impl Source {
 
     /// Loads the source if it differs from `previous`; `verify` reads and hashes the
     /// contents even when the metadata is unchanged.
-    pub fn load_if_changed(&self, previous: Option<&Fingerprint>, verify: bool) -> Outcome {
+    pub fn load_if_changed(
+        &self,
+        previous: Option<&Fingerprint>,
+        verify: bool,
+        health: &crate::targets::Health,
+    ) -> Outcome {
         let read = self.list().and_then(|listed| {
             let stat = Self::stat(&listed);
             if !verify && previous.is_some_and(|p| p.stat == stat) {
@@ -224,7 +232,7 @@ impl Source {
                     })
                     .collect();
                 match parts::assemble(&by_name) {
-                    Ok(a) => Ok(Snapshot::new(a.config, a.config_hash)),
+                    Ok(a) => Ok(Snapshot::new(a.config, a.config_hash, health)),
                     // Still arriving: kubelet has not mounted every listed part yet.
                     Err(e) if e.is_pending() => {
                         return Outcome::Pending {
@@ -235,7 +243,7 @@ impl Source {
                     Err(e) => Err(e.to_string()),
                 }
             }
-            Self::Resources(_) => compile_resources(&files),
+            Self::Resources(_) => compile_resources(&files, health),
         };
         match snapshot {
             Ok(snapshot) => Outcome::Loaded(Loaded {
@@ -277,7 +285,10 @@ pub enum Outcome {
 }
 
 /// Compiles manifests, logging every diagnostic.
-fn compile_resources(files: &BTreeMap<String, Vec<u8>>) -> Result<Snapshot, String> {
+fn compile_resources(
+    files: &BTreeMap<String, Vec<u8>>,
+    health: &crate::targets::Health,
+) -> Result<Snapshot, String> {
     let mut loaded = manifests::Loaded::default();
     let mut errors = Vec::new();
     for (path, bytes) in files {
@@ -304,7 +315,7 @@ fn compile_resources(files: &BTreeMap<String, Vec<u8>>) -> Result<Snapshot, Stri
         }
     }
     let split = parts::split(&out.config).map_err(|e| e.to_string())?;
-    Ok(Snapshot::new(out.config, split.config_hash))
+    Ok(Snapshot::new(out.config, split.config_hash, health))
 }
 
 /// Lists the regular files of a directory (following symlinks, skipping dot-entries such
@@ -382,14 +393,16 @@ async fn reload(
     let started = std::time::Instant::now();
     let src = source.clone();
     let previous_owned = previous.cloned();
+    let health = state.health.clone();
     // File reads and compilation are blocking work; keep them off the request threads.
-    let outcome =
-        tokio::task::spawn_blocking(move || src.load_if_changed(previous_owned.as_ref(), verify))
-            .await
-            .unwrap_or_else(|join| Outcome::Rejected {
-                fingerprint: None,
-                error: format!("configuration loader crashed: {join}"),
-            });
+    let outcome = tokio::task::spawn_blocking(move || {
+        src.load_if_changed(previous_owned.as_ref(), verify, &health)
+    })
+    .await
+    .unwrap_or_else(|join| Outcome::Rejected {
+        fingerprint: None,
+        error: format!("configuration loader crashed: {join}"),
+    });
     match outcome {
         Outcome::Unchanged(fingerprint) => fingerprint,
         Outcome::Loaded(loaded) => {
@@ -464,14 +477,15 @@ mod tests {
         let file = dir.path().join("config.yaml");
         std::fs::write(&file, CONFIG).unwrap();
         let source = Source::Resources(dir.path().to_owned());
-        let Outcome::Loaded(first) = source.load_if_changed(None, false) else {
+        let Outcome::Loaded(first) = source.load_if_changed(None, false, &Default::default())
+        else {
             panic!("the first look loads");
         };
         let fp = first.fingerprint;
 
         // Nothing touched: answered from metadata alone.
         assert!(matches!(
-            source.load_if_changed(Some(&fp), false),
+            source.load_if_changed(Some(&fp), false, &Default::default()),
             Outcome::Unchanged(None)
         ));
 
@@ -479,7 +493,9 @@ mod tests {
         // metadata remembered.
         std::thread::sleep(Duration::from_millis(10));
         std::fs::write(&file, CONFIG).unwrap();
-        let Outcome::Unchanged(Some(touched)) = source.load_if_changed(Some(&fp), false) else {
+        let Outcome::Unchanged(Some(touched)) =
+            source.load_if_changed(Some(&fp), false, &Default::default())
+        else {
             panic!("same content after a rewrite is unchanged");
         };
         assert_eq!(touched.content, fp.content);
@@ -495,13 +511,13 @@ mod tests {
             .set_modified(mtime)
             .unwrap();
         assert!(matches!(
-            source.load_if_changed(Some(&touched), false),
+            source.load_if_changed(Some(&touched), false, &Default::default()),
             Outcome::Loaded(_)
         ));
 
         // A forced verification reads the contents whatever the metadata says.
         assert!(matches!(
-            source.load_if_changed(Some(&touched), true),
+            source.load_if_changed(Some(&touched), true, &Default::default()),
             Outcome::Loaded(_)
         ));
     }

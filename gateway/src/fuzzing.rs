@@ -438,7 +438,11 @@ pub fn compile(data: &[u8]) {
         "the round trip changed the config"
     );
 
-    let snapshot = snapshot::Snapshot::new(assembled.config, assembled.config_hash);
+    let snapshot = snapshot::Snapshot::new(
+        assembled.config,
+        assembled.config_hash,
+        &crate::targets::Health::default(),
+    );
     for route in &config.routing.routes {
         for name in &route.exact {
             let owner = snapshot

@@ -32,6 +32,7 @@ pub mod snapshot;
 pub mod sse;
 pub mod stream_guard;
 pub mod target_stats;
+pub mod targets;
 pub use tollgate_api::telemetry;
 pub mod translate;
 pub mod upstream;

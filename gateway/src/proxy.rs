@@ -23,17 +23,16 @@ use tracing::Instrument;
 
 use crate::{
     accounting::{Accounting, Usage},
-    circuit::Breakers,
     dialects::{Dialect, Operation},
     error::ApiError,
     metrics::{AttemptLabels, AttemptOutcome, DecisionLabels, Metrics},
-    pricing::Pricing,
     providers::{self, mock},
     relay::{self, Conversion, FirstByte, StreamGuards, StreamTranslator, WholeError},
     request::RequestHead,
-    routing::{Observed, Tuning, backoff, plan},
+    routing::{Observed, Planned, Tuning, backoff, plan},
     snapshot::{Provider, Snapshot},
-    target_stats::{Latency, StreamFeedback, TargetStatsStore},
+    target_stats::{Latency, Slot, StreamFeedback},
+    targets::{Health, ProviderModel, ResolvedTarget, Route},
     translate, upstream,
 };
 
@@ -46,7 +45,7 @@ pub struct Forward<'a> {
     /// The configuration it is served with.
     pub snapshot: &'a Snapshot,
     /// Its route.
-    pub route: &'a CompiledRoute,
+    pub route: &'a Route,
     /// Parsed head of the body.
     pub head: &'a RequestHead,
     /// The original body.
@@ -57,10 +56,8 @@ pub struct Forward<'a> {
     pub max_response_bytes: usize,
     /// The operation.
     pub operation: Operation,
-    /// Circuit breakers.
-    pub breakers: &'a Breakers,
-    /// Recent latency and outcomes per route target (`leastLatency`, `adaptive`).
-    pub target_stats: &'a Arc<TargetStatsStore>,
+    /// Circuit breakers and routing statistics.
+    pub health: &'a Health,
     /// Metrics.
     pub metrics: &'a Arc<Metrics>,
     /// When the gateway received the request.
@@ -229,30 +226,7 @@ pub async fn forward(
 ) -> Result<Response, ApiError> {
     let route = req.route;
     let mut rng = fastrand::Rng::new();
-    // `weighted` needs only the circuits: no statistics lookup on its requests.
-    let measured = route.strategy != tollgate_api::v1alpha1::Strategy::Weighted;
-    let priced = measured && route.strategy_options.cost_weight > 0;
-    let order = plan(
-        &route.tiers,
-        route.strategy,
-        &Tuning {
-            options: &route.strategy_options,
-            latency: Latency::of_request(req.head.stream),
-        },
-        |t| {
-            let model = t.model.as_deref().unwrap_or(&req.head.model);
-            Observed {
-                stats: measured
-                    .then(|| req.target_stats.get(&route.id, &t.provider, model))
-                    .flatten(),
-                open: req.breakers.get(&t.provider, model).state() == crate::circuit::State::Open,
-                price: priced
-                    .then(|| target_price(req.snapshot, &t.provider, model))
-                    .flatten(),
-            }
-        },
-        &mut rng,
-    );
+    let order = plan_attempts(&req, &mut rng);
     let Some(first) = order.first() else {
         return Err(ApiError::ModelNotFound(req.head.model.clone()));
     };
@@ -260,15 +234,14 @@ pub async fn forward(
         .route_decisions
         .get_or_create(&DecisionLabels {
             route: route.id.clone(),
-            provider: first.target.provider.clone(),
+            provider: first.target.config.provider.clone(),
             strategy: route.strategy.as_str(),
             reason: first.reason.as_str(),
         })
         .inc();
-    let started = Instant::now();
     let deadline = route
         .total_timeout_ms
-        .map(|ms| started + Duration::from_millis(ms));
+        .map(|ms| Instant::now() + Duration::from_millis(ms));
     let budget = 1 + route.retry_attempts as usize;
     let mut last: Option<(Failure, &str)> = None;
     let mut attempts = 0;
@@ -278,153 +251,49 @@ pub async fn forward(
         if attempts >= budget {
             break;
         }
-        let target = planned.target;
-        let Some(provider) = req.snapshot.provider(&target.provider) else {
+        let Some(target) = Target::of(&req, planned) else {
             continue;
         };
-        let model = target.model.as_deref().unwrap_or(&req.head.model);
-        let breaker = req.breakers.get(&target.provider, model);
-        if !breaker.allow() {
-            req.metrics
-                .upstream_attempts
-                .get_or_create(&AttemptLabels {
-                    provider: target.provider.clone(),
-                    outcome: AttemptOutcome::circuit_open,
-                })
-                .inc();
-            last = Some((
-                Failure::CircuitOpen(target.provider.clone()),
-                target.provider.as_str(),
-            ));
-            continue;
-        }
-        if attempts > 0 {
-            let mut wait = backoff(
-                attempts as u32,
-                route.retry_initial_backoff_ms,
-                route.retry_max_backoff_ms,
-                &mut rng,
-            );
-            if let Some((Failure::RateLimited(Some(after)), provider)) = &last
-                && *provider == target.provider
-            {
-                wait = wait.max((*after).min(MAX_RETRY_AFTER_WAIT));
-            }
-            if let Some(d) = deadline
-                && Instant::now() + wait >= d
-            {
-                breaker.release();
-                break;
-            }
-            tokio::time::sleep(wait).await;
-            req.timing.wait(wait);
-        }
-        req.timing
-            .attempts
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let attempt_started = Instant::now();
-        // One client span per attempt (GenAI conventions), with why it is a retry.
-        let span = tracing::info_span!(
-            "upstream",
-            otel.name = %format!("{} {model}", req.operation.genai_operation()),
-            otel.kind = "client",
-            otel.status_code = tracing::field::Empty,
-            { crate::telemetry::attr::OPERATION_NAME } = req.operation.genai_operation(),
-            { crate::telemetry::attr::PROVIDER_NAME } = provider.config.provider_type.genai_name(),
-            // The older name of the same attribute, still read by many backends.
-            "gen_ai.system" = provider.config.provider_type.genai_name(),
-            { crate::telemetry::attr::REQUEST_MODEL } = model,
-            "tollgate.provider" = %target.provider,
-            "tollgate.attempt" = attempts as i64 + 1,
-            // Priority tier of the target: above 0 is a fallback.
-            "tollgate.tier" = planned.tier as i64,
-            "tollgate.strategy" = route.strategy.as_str(),
-            // Why this target holds its place (`retry` past the first of its tier).
-            "tollgate.route_reason" = planned.reason.as_str(),
-            "tollgate.retry_reason" = last.as_ref().map(|(f, _)| f.outcome().as_str()),
-            "http.response.status_code" = tracing::field::Empty,
-            "error.type" = tracing::field::Empty,
-        );
-        let outcome = attempt_once(
-            &req,
-            provider,
-            model,
-            deadline,
-            attempt_started,
-            &mut accounting,
-        )
-        .instrument(span.clone())
-        .await;
-        match &outcome {
-            Ok(r) => {
-                span.record("http.response.status_code", i64::from(r.status().as_u16()));
-            }
-            Err(failure) => {
-                span.record("error.type", failure.outcome().as_str());
-                span.record("otel.status_code", "error");
-            }
-        }
-        let elapsed = attempt_started.elapsed();
-        req.timing.wait(elapsed);
-        let failure = match outcome {
-            Ok(mut response) => {
-                breaker.success();
-                // A relayed stream reports its first token and its end itself.
-                if response
-                    .extensions_mut()
-                    .remove::<ReportsItself>()
-                    .is_none()
-                {
-                    let options = &route.strategy_options;
-                    observe(&req, &target.provider, model, |s| {
-                        s.observe_outcome(true, options);
-                        s.observe_latency(Latency::Total, elapsed, options);
-                    });
+        let provider_id = planned.target.config.provider.as_str();
+        let failure = match target.model.as_ref() {
+            None => Failure::NoModel(req.head.model.clone()),
+            Some(model) if !model.breaker.allow() => Failure::CircuitOpen(provider_id.to_owned()),
+            Some(model) => {
+                if attempts > 0 {
+                    let wait = retry_wait(route, attempts, &last, provider_id, &mut rng);
+                    if deadline.is_some_and(|d| Instant::now() + wait >= d) {
+                        model.breaker.release();
+                        break;
+                    }
+                    tokio::time::sleep(wait).await;
+                    req.timing.wait(wait);
                 }
-                let outcome = if response.status().is_success() {
-                    AttemptOutcome::success
-                } else {
-                    AttemptOutcome::client_error
-                };
-                req.metrics
-                    .upstream_attempts
-                    .get_or_create(&AttemptLabels {
-                        provider: target.provider.clone(),
-                        outcome,
-                    })
-                    .inc();
-                response
-                    .extensions_mut()
-                    .insert(AnsweredBy(target.provider.clone()));
-                return Ok(response);
+                let why = last.as_ref().map(|(f, _)| f.outcome());
+                match attempt(
+                    &req,
+                    &target,
+                    model,
+                    attempts,
+                    why,
+                    deadline,
+                    &mut accounting,
+                )
+                .await
+                {
+                    Ok(response) => return Ok(response),
+                    Err(failure) => {
+                        if failure.reached_upstream() || matches!(failure, Failure::BadRequest(_)) {
+                            attempts += 1;
+                        }
+                        failure
+                    }
+                }
             }
-            Err(failure) => failure,
         };
-        req.metrics
-            .upstream_attempts
-            .get_or_create(&AttemptLabels {
-                provider: target.provider.clone(),
-                outcome: failure.outcome(),
-            })
-            .inc();
-        if failure.reached_upstream() {
-            attempts += 1;
-            observe(&req, &target.provider, model, |s| {
-                s.observe_failure(elapsed, &route.strategy_options)
-            });
-            breaker.failure(
-                provider.config.circuit_failure_threshold,
-                provider.config.circuit_open_ms,
-            );
-        } else {
-            breaker.release();
-            if matches!(failure, Failure::BadRequest(_)) {
-                attempts += 1;
-            }
-        }
-        tracing::debug!(attempts, provider = %target.provider, ?failure, "upstream attempt failed");
+        count_attempt(&req, provider_id, failure.outcome());
+        tracing::debug!(attempts, provider = %provider_id, ?failure, "upstream attempt failed");
         let retryable = failure.retryable(&route.retry_on);
-        last = Some((failure, target.provider.as_str()));
+        last = Some((failure, provider_id));
         if !retryable {
             break;
         }
@@ -432,21 +301,194 @@ pub async fn forward(
     Err(last.map_or(ApiError::UpstreamTimeout, |(f, _)| f.into_error()))
 }
 
-/// Updates a target's routing statistics and its latency gauges.
-fn observe(
-    req: &Forward<'_>,
+/// The attempt order of a request: the route's strategy over its targets' statistics,
+/// circuits and prices.
+fn plan_attempts<'a>(
+    req: &Forward<'a>,
+    rng: &mut fastrand::Rng,
+) -> Vec<Planned<'a, ResolvedTarget>> {
+    let route = req.route;
+    // `weighted` needs only the circuits: no statistics lookup on its requests.
+    let measured = route.strategy != tollgate_api::v1alpha1::Strategy::Weighted;
+    let priced = measured && route.strategy_options.cost_weight > 0;
+    plan(
+        &route.targets,
+        route.strategy,
+        &Tuning {
+            options: &route.strategy_options,
+            latency: Latency::of_request(req.head.stream),
+        },
+        |t| {
+            let model = t.model(&req.head.model);
+            Observed {
+                stats: measured
+                    .then(|| t.stats(&route.id, &req.head.model, &req.health.stats).get())
+                    .flatten(),
+                open: model
+                    .as_ref()
+                    .is_some_and(|m| m.breaker.state() == crate::circuit::State::Open),
+                price: priced
+                    .then(|| model.and_then(|m| m.pricing.weight()))
+                    .flatten(),
+            }
+        },
+        rng,
+    )
+}
+
+/// Backoff before retry number `attempts`, at least what the target said to wait when it
+/// was the one that just answered 429 (up to [`MAX_RETRY_AFTER_WAIT`]).
+fn retry_wait(
+    route: &Route,
+    attempts: usize,
+    last: &Option<(Failure, &str)>,
     provider: &str,
-    model: &str,
-    change: impl FnOnce(&mut crate::target_stats::TargetStats),
-) {
-    crate::target_stats::record(
-        req.target_stats,
-        req.metrics,
-        &req.route.id,
-        provider,
-        model,
-        change,
+    rng: &mut fastrand::Rng,
+) -> Duration {
+    let wait = backoff(
+        attempts as u32,
+        route.retry_initial_backoff_ms,
+        route.retry_max_backoff_ms,
+        rng,
     );
+    match last {
+        Some((Failure::RateLimited(Some(after)), p)) if *p == provider => {
+            wait.max((*after).min(MAX_RETRY_AFTER_WAIT))
+        }
+        _ => wait,
+    }
+}
+
+/// One planned target, resolved for this request.
+struct Target<'a> {
+    planned: &'a Planned<'a, ResolvedTarget>,
+    provider: &'a Arc<Provider>,
+    /// The model at the provider (the target's own or the requested one).
+    model_name: &'a str,
+    /// `None` when the provider does not serve it.
+    model: Option<Arc<ProviderModel>>,
+}
+
+impl<'a> Target<'a> {
+    /// `None` when the configuration lacks the target's provider.
+    fn of(req: &'a Forward<'_>, planned: &'a Planned<'a, ResolvedTarget>) -> Option<Self> {
+        let target = planned.target;
+        Some(Self {
+            planned,
+            provider: target.provider.as_ref()?,
+            model_name: target.model_name(&req.head.model),
+            model: target.model(&req.head.model),
+        })
+    }
+
+    fn id(&self) -> &'a str {
+        &self.planned.target.config.provider
+    }
+}
+
+/// Counts an attempt in `tollgate_upstream_attempts_total`.
+fn count_attempt(req: &Forward<'_>, provider: &str, outcome: AttemptOutcome) {
+    req.metrics
+        .upstream_attempts
+        .get_or_create(&AttemptLabels {
+            provider: provider.to_owned(),
+            outcome,
+        })
+        .inc();
+}
+
+/// One attempt at one target, in its own span, with what it teaches the breaker, the
+/// routing statistics and the metrics. The breaker has let it through.
+async fn attempt(
+    req: &Forward<'_>,
+    target: &Target<'_>,
+    model: &Arc<ProviderModel>,
+    attempts: usize,
+    retry_of: Option<AttemptOutcome>,
+    deadline: Option<Instant>,
+    accounting: &mut Option<Accounting>,
+) -> Result<Response, Failure> {
+    let (route, provider) = (req.route, target.provider);
+    let stats = target
+        .planned
+        .target
+        .stats(&route.id, &req.head.model, &req.health.stats);
+    req.timing
+        .attempts
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let started = Instant::now();
+    // One client span per attempt (GenAI conventions), with why it is a retry.
+    let span = tracing::info_span!(
+        "upstream",
+        otel.name = %format_args!("{} {}", req.operation.genai_operation(), target.model_name),
+        otel.kind = "client",
+        otel.status_code = tracing::field::Empty,
+        { crate::telemetry::attr::OPERATION_NAME } = req.operation.genai_operation(),
+        { crate::telemetry::attr::PROVIDER_NAME } = provider.config.provider_type.genai_name(),
+        // The older name of the same attribute, still read by many backends.
+        "gen_ai.system" = provider.config.provider_type.genai_name(),
+        { crate::telemetry::attr::REQUEST_MODEL } = target.model_name,
+        "tollgate.provider" = target.id(),
+        "tollgate.attempt" = attempts as i64 + 1,
+        // Priority tier of the target: above 0 is a fallback.
+        "tollgate.tier" = target.planned.tier as i64,
+        "tollgate.strategy" = route.strategy.as_str(),
+        // Why this target holds its place (`retry` past the first of its tier).
+        "tollgate.route_reason" = target.planned.reason.as_str(),
+        "tollgate.retry_reason" = retry_of.map(AttemptOutcome::as_str),
+        "http.response.status_code" = tracing::field::Empty,
+        "error.type" = tracing::field::Empty,
+    );
+    let outcome = attempt_once(req, provider, model, &stats, deadline, started, accounting)
+        .instrument(span.clone())
+        .await;
+    let elapsed = started.elapsed();
+    req.timing.wait(elapsed);
+    let options = &route.strategy_options;
+    match outcome {
+        Ok(mut response) => {
+            span.record(
+                "http.response.status_code",
+                i64::from(response.status().as_u16()),
+            );
+            model.breaker.success();
+            // A relayed stream reports its first token and its end itself.
+            if response
+                .extensions_mut()
+                .remove::<ReportsItself>()
+                .is_none()
+            {
+                stats.record(req.metrics, |s| {
+                    s.observe_outcome(true, options);
+                    s.observe_latency(Latency::Total, elapsed, options);
+                });
+            }
+            let outcome = if response.status().is_success() {
+                AttemptOutcome::success
+            } else {
+                AttemptOutcome::client_error
+            };
+            count_attempt(req, target.id(), outcome);
+            response
+                .extensions_mut()
+                .insert(AnsweredBy(target.id().to_owned()));
+            Ok(response)
+        }
+        Err(failure) => {
+            span.record("error.type", failure.outcome().as_str());
+            span.record("otel.status_code", "error");
+            if failure.reached_upstream() {
+                stats.record(req.metrics, |s| s.observe_failure(elapsed, options));
+                model.breaker.failure(
+                    provider.config.circuit_failure_threshold,
+                    provider.config.circuit_open_ms,
+                );
+            } else {
+                model.breaker.release();
+            }
+            Err(failure)
+        }
+    }
 }
 
 /// What an attempt may make of the body, over the targets of `route`: a translation
@@ -491,12 +533,6 @@ pub fn body_work(
     work
 }
 
-/// A target's price for the `adaptive` score: its model's input plus output price per
-/// million tokens; `None` when unknown or free.
-fn target_price(snapshot: &Snapshot, provider: &str, model: &str) -> Option<f64> {
-    Pricing::of(snapshot.provider(provider)?.config.models.get(model)?).weight()
-}
-
 /// Marks a response whose stream reports to routing statistics itself.
 #[derive(Clone, Copy)]
 struct ReportsItself;
@@ -504,19 +540,17 @@ struct ReportsItself;
 async fn attempt_once(
     req: &Forward<'_>,
     provider: &Arc<Provider>,
-    model: &str,
+    model: &ProviderModel,
+    stats: &Arc<Slot>,
     deadline: Option<Instant>,
     attempt_started: Instant,
     accounting: &mut Option<Accounting>,
 ) -> Result<Response, Failure> {
     let config = &provider.config;
-    let Some(compiled_model) = config.models.get(model) else {
-        return Err(Failure::NoModel(req.head.model.clone()));
-    };
-    let pricing = Pricing::of(compiled_model);
+    let pricing = model.pricing;
     let (Some(adapter), Some(client)) = (provider.adapter, provider.client.as_ref()) else {
         if let Some(a) = accounting.as_mut() {
-            a.answered_by(&config.id, model, pricing, req.prompt_estimate);
+            a.answered_by(&config.id, &model.name, pricing, req.prompt_estimate);
         }
         return serve_mock(
             req,
@@ -534,7 +568,7 @@ async fn attempt_once(
         )));
     }
 
-    let upstream_model = compiled_model.upstream_name.as_str();
+    let upstream_model = model.upstream_name.as_str();
     // Streams from OpenAI-style upstreams always carry usage, for accounting; the extra
     // chunk is removed again when the client did not ask for it.
     let body = providers::request_body(adapter, req.operation, req.head, &req.body, upstream_model)
@@ -542,8 +576,8 @@ async fn attempt_once(
     let inject_usage = body.injected_usage;
     let body = body.bytes;
     // Parsed once per reload; parsing on the fly only for a model the snapshot lacks.
-    let url = match provider.endpoint(req.operation, upstream_model) {
-        Some(url) => url,
+    let url = match model.endpoint(req.operation) {
+        Some(url) => url.clone(),
         None => reqwest::Url::parse(&adapter.endpoint(config, req.operation, upstream_model))
             .map_err(|_| Failure::Connect(config.id.clone()))?,
     };
@@ -625,7 +659,7 @@ async fn attempt_once(
         }
     }
     if let Some(a) = accounting.as_mut() {
-        a.answered_by(&config.id, model, pricing, req.prompt_estimate);
+        a.answered_by(&config.id, &model.name, pricing, req.prompt_estimate);
     }
     let is_sse = response
         .headers()
@@ -657,11 +691,8 @@ async fn attempt_once(
                 started: req.started,
             }),
             feedback: Some(StreamFeedback {
-                store: req.target_stats.clone(),
+                slot: stats.clone(),
                 metrics: req.metrics.clone(),
-                route: req.route.id.clone(),
-                provider: config.id.clone(),
-                model: model.to_owned(),
                 options: req.route.strategy_options,
                 started: attempt_started,
                 first_token_seen: false,

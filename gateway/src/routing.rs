@@ -53,11 +53,23 @@ impl Reason {
     }
 }
 
+/// What the strategies need to know of a target itself.
+pub trait Weighted {
+    /// Its weight within its tier.
+    fn weight(&self) -> u32;
+}
+
+impl Weighted for CompiledTarget {
+    fn weight(&self) -> u32 {
+        self.weight
+    }
+}
+
 /// One position of the attempt order.
-#[derive(Debug, Clone, Copy)]
-pub struct Planned<'a> {
+#[derive(Debug)]
+pub struct Planned<'a, T> {
     /// The target.
-    pub target: &'a CompiledTarget,
+    pub target: &'a T,
     /// Its priority tier (index into the route's tiers; above 0 is a fallback).
     pub tier: usize,
     /// Why it holds this place.
@@ -77,17 +89,16 @@ pub struct Observed {
 
 /// The attempt order under `strategy`: tier by tier (fallback), each tier ordered by the
 /// strategy; within a tier, targets with an open circuit go after the healthy ones.
-pub fn plan<'a>(
-    tiers: &'a [Vec<CompiledTarget>],
+pub fn plan<'a, T: Weighted>(
+    tiers: &'a [Vec<T>],
     strategy: Strategy,
     tuning: &Tuning<'_>,
-    observe: impl Fn(&CompiledTarget) -> Observed,
+    observe: impl Fn(&T) -> Observed,
     rng: &mut fastrand::Rng,
-) -> Vec<Planned<'a>> {
+) -> Vec<Planned<'a, T>> {
     let mut order = Vec::with_capacity(tiers.iter().map(Vec::len).sum());
     for (tier, members) in tiers.iter().enumerate() {
-        let observed: Vec<(&CompiledTarget, Observed)> =
-            members.iter().map(|t| (t, observe(t))).collect();
+        let observed: Vec<(&T, Observed)> = members.iter().map(|t| (t, observe(t))).collect();
         let (ranked, reason) = match strategy {
             Strategy::Weighted => (
                 attempt_order(std::slice::from_ref(members), rng),
@@ -96,7 +107,7 @@ pub fn plan<'a>(
             Strategy::LeastLatency | Strategy::Adaptive => rank(&observed, strategy, tuning, rng),
         };
         // Open circuits last (stable, so the strategy's order holds among the rest).
-        let is_open = |t: &CompiledTarget| {
+        let is_open = |t: &T| {
             observed
                 .iter()
                 .any(|(o, obs)| std::ptr::eq(*o, t) && obs.open)
@@ -118,26 +129,26 @@ pub fn plan<'a>(
 }
 
 /// Orders one tier by `leastLatency` or `adaptive`, returning the reason of the first.
-fn rank<'a>(
-    members: &[(&'a CompiledTarget, Observed)],
+fn rank<'a, T>(
+    members: &[(&'a T, Observed)],
     strategy: Strategy,
     tuning: &Tuning<'_>,
     rng: &mut fastrand::Rng,
-) -> (Vec<&'a CompiledTarget>, Reason) {
+) -> (Vec<&'a T>, Reason) {
     let latency = |o: &Observed| o.stats.and_then(|s| s.latency_ms(tuning.latency));
     // Targets not measured for this kind of request go first, in random order, so each
     // gets measured.
-    let mut unexplored: Vec<&CompiledTarget> = members
+    let mut unexplored: Vec<&T> = members
         .iter()
         .filter(|(_, o)| latency(o).is_none())
         .map(|(t, _)| *t)
         .collect();
     rng.shuffle(&mut unexplored);
-    let measured: Vec<(&CompiledTarget, TargetStats, f64, Option<f64>)> = members
+    let measured: Vec<(&T, TargetStats, f64, Option<f64>)> = members
         .iter()
         .filter_map(|(t, o)| Some((*t, o.stats?, latency(o)?, o.price)))
         .collect();
-    let mut scored: Vec<(&CompiledTarget, f64)> = match strategy {
+    let mut scored: Vec<(&T, f64)> = match strategy {
         Strategy::Adaptive => {
             let best = |values: &mut dyn Iterator<Item = f64>| values.fold(f64::INFINITY, f64::min);
             let fastest = best(&mut measured.iter().map(|m| m.2)).max(1.0);
@@ -193,22 +204,19 @@ fn rank<'a>(
 /// The order of attempts: tier by tier (fallback), and within a tier a weighted random
 /// permutation, so the first attempt follows the weights and retries go to the other
 /// targets of the tier before falling back. Weight-0 targets come last in their tier.
-pub fn attempt_order<'a>(
-    tiers: &'a [Vec<CompiledTarget>],
-    rng: &mut fastrand::Rng,
-) -> Vec<&'a CompiledTarget> {
+pub fn attempt_order<'a, T: Weighted>(tiers: &'a [Vec<T>], rng: &mut fastrand::Rng) -> Vec<&'a T> {
     let mut order = Vec::with_capacity(tiers.iter().map(Vec::len).sum());
     for tier in tiers {
-        let mut rest: Vec<&CompiledTarget> = tier.iter().collect();
+        let mut rest: Vec<&T> = tier.iter().collect();
         while !rest.is_empty() {
-            let total: u64 = rest.iter().map(|t| u64::from(t.weight)).sum();
+            let total: u64 = rest.iter().map(|t| u64::from(t.weight())).sum();
             let index = if total == 0 {
                 0
             } else {
                 let mut pick = rng.u64(0..total);
                 rest.iter()
                     .position(|t| {
-                        let w = u64::from(t.weight);
+                        let w = u64::from(t.weight());
                         if pick < w {
                             true
                         } else {

@@ -33,8 +33,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     let metrics = Arc::new(Metrics::new(config.reloads.clone()));
     let redis = Redis::connect(&settings, &metrics)?;
     let revocations = Arc::new(Revocations::default());
-    let target_stats = Arc::new(crate::target_stats::TargetStatsStore::default());
-    redis.start_sharing(&settings, &config, &revocations, &target_stats)?;
+    redis.start_sharing(&settings, &config, &revocations)?;
     let heartbeat_conn = redis.limits.as_ref().map(RedisLimits::conn);
     let shared_cache = redis.cache.filter(|_| settings.cache_max_bytes > 0);
     let limits = Arc::new(match redis.limits {
@@ -53,8 +52,6 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         max_response_bytes: settings.max_response_bytes,
         body_read_timeout: settings.body_read_timeout,
         draining: Default::default(),
-        breakers: Default::default(),
-        target_stats,
         metrics,
         limits,
         revocations,
@@ -190,7 +187,6 @@ impl Redis {
         settings: &Settings,
         config: &Arc<ConfigState>,
         revocations: &Arc<Revocations>,
-        target_stats: &Arc<crate::target_stats::TargetStatsStore>,
     ) -> anyhow::Result<()> {
         let (Some(options), Some(store)) = (&self.options, &self.limits) else {
             return Ok(());
@@ -221,7 +217,7 @@ impl Redis {
             }
         });
         tokio::spawn(crate::target_stats::share(
-            target_stats.clone(),
+            config.health.stats.clone(),
             store.conn(),
             crate::heartbeat::instance_id(),
             settings.redis_timeout.max(Duration::from_millis(500)),

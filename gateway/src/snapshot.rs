@@ -5,7 +5,7 @@ use std::{collections::HashMap, sync::Arc};
 
 use sha2::{Digest, Sha256};
 
-use crate::dialects::Operation;
+use crate::targets::{Health, ProviderModel, Route};
 use tollgate_api::{
     compile::{patterns, views},
     config::{CompiledKey, CompiledProvider, CompiledRoute, GatewayConfig, namespace_of},
@@ -136,14 +136,14 @@ pub struct Provider {
     pub client: Option<reqwest::Client>,
     /// Concurrency slots (`maxConcurrency`) for this replica, if limited.
     pub slots: Option<Arc<tokio::sync::Semaphore>>,
-    /// Upstream URLs by upstream model name and operation, parsed once per reload.
-    endpoints: HashMap<String, [Option<reqwest::Url>; 4]>,
+    /// Its models, resolved once per reload (URLs, pricing, breaker), by name.
+    models: HashMap<String, Arc<ProviderModel>>,
 }
 
 impl Provider {
-    /// The URL of `operation` for `upstream_model`.
-    pub fn endpoint(&self, operation: Operation, upstream_model: &str) -> Option<reqwest::Url> {
-        self.endpoints.get(upstream_model)?[operation as usize].clone()
+    /// The model `name`, if the provider serves it.
+    pub fn model(&self, name: &str) -> Option<&Arc<ProviderModel>> {
+        self.models.get(name)
     }
 }
 
@@ -166,7 +166,7 @@ pub struct Snapshot {
     /// Hash identifying the configuration.
     pub config_hash: String,
     keys: HashMap<[u8; 32], Arc<Key>>,
-    routes: Vec<Arc<CompiledRoute>>,
+    routes: Vec<Arc<Route>>,
     /// Compiled guardrails by route id (routes without any are absent). Behind a pointer:
     /// snapshots move by value through the loader, and most configurations have none.
     route_guardrails: Arc<HashMap<String, Guards>>,
@@ -175,13 +175,13 @@ pub struct Snapshot {
 
 impl Snapshot {
     /// Builds the lookup structures.
-    pub fn new(config: GatewayConfig, config_hash: String) -> Self {
+    pub fn new(config: GatewayConfig, config_hash: String, health: &Health) -> Self {
         let GatewayConfig {
             routing,
             mut credentials,
             keys,
         } = config;
-        let providers = routing
+        let providers: HashMap<String, Arc<Provider>> = routing
             .providers
             .into_iter()
             .map(|(id, config)| {
@@ -193,20 +193,15 @@ impl Snapshot {
                         built.map_err(|e| tracing::error!(provider = %id, error = %e, "cannot build an HTTP client")).ok()
                     });
                 let slots = config.max_concurrency.map(|n| Arc::new(tokio::sync::Semaphore::new(n as usize)));
-                let endpoints = adapter.map(|adapter| {
-                    config
-                        .models
-                        .values()
-                        .map(|m| {
-                            let url = |op| {
-                                reqwest::Url::parse(&adapter.endpoint(&config, op, &m.upstream_name)).ok()
-                            };
-                            (m.upstream_name.clone(), Operation::ALL.map(url))
-                        })
-                        .collect()
-                });
-                let endpoints = endpoints.unwrap_or_default();
-                (id, Arc::new(Provider { config, credential, adapter, client, slots, endpoints }))
+                let models = config
+                    .models
+                    .iter()
+                    .map(|(name, m)| {
+                        let resolved = ProviderModel::new(&config, adapter, name, m, &health.breakers);
+                        (name.clone(), Arc::new(resolved))
+                    })
+                    .collect();
+                (id, Arc::new(Provider { config, credential, adapter, client, slots, models }))
             })
             .collect();
 
@@ -244,7 +239,11 @@ impl Snapshot {
         Self {
             config_hash,
             keys,
-            routes: routing.routes.into_iter().map(Arc::new).collect(),
+            routes: routing
+                .routes
+                .into_iter()
+                .map(|r| Arc::new(Route::new(r, |id| providers.get(id).cloned(), health)))
+                .collect(),
             route_guardrails: Arc::new(route_guardrails),
             providers,
         }
@@ -272,14 +271,14 @@ impl Snapshot {
 
     /// The route serving `model` for `key`: among its namespace's routes first, then the
     /// shared routes it accepts; within each, an exact name before the most specific glob.
-    pub fn route_for(&self, key: &Key, model: &str) -> Option<&Arc<CompiledRoute>> {
+    pub fn route_for(&self, key: &Key, model: &str) -> Option<&Arc<Route>> {
         self.routes.get(key.routes.route(model)?)
     }
 
     /// The route serving `model` for a key of `namespace` that accepts no shared route
     /// (tests and fuzzing).
-    pub fn route_in_namespace(&self, namespace: &str, model: &str) -> Option<&Arc<CompiledRoute>> {
-        let routes: Vec<CompiledRoute> = self.routes.iter().map(|r| (**r).clone()).collect();
+    pub fn route_in_namespace(&self, namespace: &str, model: &str) -> Option<&Arc<Route>> {
+        let routes: Vec<CompiledRoute> = self.routes.iter().map(|r| r.config.clone()).collect();
         let view = Views::new(&routes).view(namespace, &[]);
         self.routes.get(view.route(model)?)
     }
@@ -293,7 +292,7 @@ impl Snapshot {
     /// route names, plus the provider models a glob route would send through unchanged.
     pub fn model_names(&self, key: &Key) -> Vec<(String, String)> {
         let mut out = std::collections::BTreeMap::new();
-        let wins = |name: &str, route: &Arc<CompiledRoute>| {
+        let wins = |name: &str, route: &Arc<Route>| {
             self.route_for(key, name)
                 .is_some_and(|r| Arc::ptr_eq(r, route))
         };

@@ -6,9 +6,11 @@
 
 use std::{
     collections::HashMap,
-    sync::{Arc, Mutex, MutexGuard},
+    sync::{Arc, Mutex, MutexGuard, OnceLock, atomic::AtomicU64},
     time::{Duration, Instant},
 };
+
+use prometheus_client::metrics::gauge::Gauge;
 
 use tollgate_api::v1alpha1::StrategyOptions;
 
@@ -156,66 +158,132 @@ impl Entry {
     }
 }
 
-/// Statistics of every target, by `route#provider#model`.
+/// One route target's record, handed out once per configuration load
+/// ([`crate::targets::ResolvedTarget`]) and kept by the store across reloads.
+#[derive(Debug)]
+pub struct Slot {
+    labels: RouteTargetLabels,
+    entry: Mutex<Entry>,
+    /// Its latency gauges, taken from the registry at the first record.
+    gauges: OnceLock<[Gauge<f64, AtomicU64>; 2]>,
+}
+
+impl Slot {
+    fn new(route: &str, provider: &str, model: &str) -> Self {
+        Self {
+            labels: RouteTargetLabels {
+                route: route.to_owned(),
+                provider: provider.to_owned(),
+                model: model.to_owned(),
+                latency: Latency::Total.as_str(),
+            },
+            entry: Mutex::default(),
+            gauges: OnceLock::new(),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Entry> {
+        self.entry.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The record (this replica's merged with the others' when shared), if any attempt
+    /// went to the target.
+    pub fn get(&self) -> Option<TargetStats> {
+        self.lock().merged()
+    }
+
+    /// Updates this replica's record and returns the new one. The lock is held only for
+    /// the arithmetic, never across an await.
+    pub fn update(&self, change: impl FnOnce(&mut TargetStats)) -> TargetStats {
+        let mut entry = self.lock();
+        let stats = entry.local.get_or_insert_with(TargetStats::default);
+        change(stats);
+        *stats
+    }
+
+    /// Updates the record and mirrors its latency averages into
+    /// `tollgate_target_latency_ewma_seconds`.
+    pub fn record(&self, metrics: &Metrics, change: impl FnOnce(&mut TargetStats)) {
+        let stats = self.update(change);
+        let gauges = self.gauges.get_or_init(|| {
+            [Latency::FirstToken, Latency::Total].map(|which| {
+                metrics
+                    .target_latency
+                    .get_or_create(&RouteTargetLabels {
+                        latency: which.as_str(),
+                        ..self.labels.clone()
+                    })
+                    .clone()
+            })
+        });
+        for (which, gauge) in [Latency::FirstToken, Latency::Total].iter().zip(gauges) {
+            if let Some(ms) = stats.latency_ms(*which) {
+                gauge.set(ms / 1e3);
+            }
+        }
+    }
+}
+
+/// Statistics of every target, by `route#provider#model` (the key only matters when
+/// slots are handed out and when records are shared with other replicas).
 #[derive(Debug, Default)]
 pub struct TargetStatsStore {
-    map: Mutex<HashMap<String, Entry>>,
+    map: Mutex<HashMap<String, Arc<Slot>>>,
 }
 
 impl TargetStatsStore {
-    fn lock(&self) -> MutexGuard<'_, HashMap<String, Entry>> {
+    fn lock(&self) -> MutexGuard<'_, HashMap<String, Arc<Slot>>> {
         self.map.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// The record of a target (this replica's merged with the others' when shared), if
-    /// any attempt went to it.
+    /// The slot of a target, created empty on first use.
+    pub fn slot(&self, route: &str, provider: &str, model: &str) -> Arc<Slot> {
+        self.lock()
+            .entry(key(route, provider, model))
+            .or_insert_with(|| Arc::new(Slot::new(route, provider, model)))
+            .clone()
+    }
+
+    /// The record of a target, if any attempt went to it (tests).
     pub fn get(&self, route: &str, provider: &str, model: &str) -> Option<TargetStats> {
         self.lock()
             .get(&key(route, provider, model))
-            .and_then(Entry::merged)
-    }
-
-    /// Updates a target's record and returns the new one. The lock is held only for the
-    /// arithmetic, never across an await.
-    pub fn update(
-        &self,
-        route: &str,
-        provider: &str,
-        model: &str,
-        change: impl FnOnce(&mut TargetStats),
-    ) -> TargetStats {
-        let mut map = self.lock();
-        let stats = map
-            .entry(key(route, provider, model))
-            .or_default()
-            .local
-            .get_or_insert_with(TargetStats::default);
-        change(stats);
-        *stats
+            .and_then(|s| s.get())
     }
 
     /// This replica's own records, by target key.
     fn local(&self) -> Vec<(String, TargetStats)> {
         self.lock()
             .iter()
-            .filter_map(|(k, e)| e.local.map(|s| (k.clone(), s)))
+            .filter_map(|(k, s)| s.lock().local.map(|l| (k.clone(), l)))
             .collect()
     }
 
     /// Replaces the other replicas' view: `(target key, record, replicas)`. Targets absent
-    /// from `remote` lose their remote part (their reports expired).
+    /// from `remote` lose their remote part (their reports expired). Slots nobody holds
+    /// and nothing is known of are forgotten.
     fn set_remote(&self, remote: HashMap<String, (TargetStats, u32)>) {
         let mut map = self.lock();
-        for entry in map.values_mut() {
+        for slot in map.values() {
+            let mut entry = slot.lock();
             entry.remote = None;
             entry.replicas = 0;
         }
         for (k, (stats, replicas)) in remote {
-            let entry = map.entry(k).or_default();
+            let slot = map.entry(k).or_insert_with_key(|k| {
+                let mut parts = k.splitn(3, '#');
+                let mut part = || parts.next().unwrap_or_default();
+                let (route, provider, model) = (part(), part(), part());
+                Arc::new(Slot::new(route, provider, model))
+            });
+            let mut entry = slot.lock();
             entry.remote = Some(stats);
             entry.replicas = replicas;
         }
-        map.retain(|_, e| e.local.is_some() || e.remote.is_some());
+        map.retain(|_, s| {
+            let e = s.lock();
+            Arc::strong_count(s) > 1 || e.local.is_some() || e.remote.is_some()
+        });
     }
 }
 
@@ -388,46 +456,14 @@ pub async fn share(
     }
 }
 
-/// Updates a target's record and mirrors its latency averages into
-/// `tollgate_target_latency_ewma_seconds`.
-pub fn record(
-    store: &TargetStatsStore,
-    metrics: &Metrics,
-    route: &str,
-    provider: &str,
-    model: &str,
-    change: impl FnOnce(&mut TargetStats),
-) {
-    let stats = store.update(route, provider, model, change);
-    for which in [Latency::FirstToken, Latency::Total] {
-        if let Some(ms) = stats.latency_ms(which) {
-            metrics
-                .target_latency
-                .get_or_create(&RouteTargetLabels {
-                    route: route.to_owned(),
-                    provider: provider.to_owned(),
-                    model: model.to_owned(),
-                    latency: which.as_str(),
-                })
-                .set(ms / 1e3);
-        }
-    }
-}
-
 /// What a relayed stream reports back to routing: its first token, then how it ended.
 /// A stream the client abandons reports no outcome (the target did nothing wrong).
 #[derive(Debug)]
 pub struct StreamFeedback {
-    /// Where records are kept.
-    pub store: Arc<TargetStatsStore>,
+    /// The target's record.
+    pub slot: Arc<Slot>,
     /// Where the latency gauges are.
     pub metrics: Arc<Metrics>,
-    /// Route id.
-    pub route: String,
-    /// Provider id.
-    pub provider: String,
-    /// Model at the provider.
-    pub model: String,
     /// The route's tuning.
     pub options: StrategyOptions,
     /// When the attempt started.
@@ -438,14 +474,7 @@ pub struct StreamFeedback {
 
 impl StreamFeedback {
     fn record(&self, change: impl FnOnce(&mut TargetStats)) {
-        record(
-            &self.store,
-            &self.metrics,
-            &self.route,
-            &self.provider,
-            &self.model,
-            change,
-        );
+        self.slot.record(&self.metrics, change);
     }
 
     /// The first token was relayed: a first-token sample.
@@ -707,9 +736,9 @@ mod tests {
         // Locally the remote view fills in for a target never tried here, and is
         // averaged with this replica's own record otherwise.
         let store = TargetStatsStore::default();
-        store.update("r", "b", "m", |s| {
-            s.observe_latency(Latency::Total, Duration::from_millis(50), &DEFAULTS)
-        });
+        store
+            .slot("r", "b", "m")
+            .update(|s| s.observe_latency(Latency::Total, Duration::from_millis(50), &DEFAULTS));
         store.set_remote(HashMap::from([
             ("r#a#m".to_owned(), (merged, replicas)),
             ("r#b#m".to_owned(), (fast, 1)),
@@ -727,8 +756,12 @@ mod tests {
     fn the_store_keeps_one_record_per_route_provider_and_model() {
         let store = TargetStatsStore::default();
         assert_eq!(store.get("r", "p", "m"), None);
-        store.update("r", "p", "m", |s| s.observe_outcome(true, &DEFAULTS));
-        store.update("r", "p", "other", |s| s.observe_outcome(false, &DEFAULTS));
+        store
+            .slot("r", "p", "m")
+            .update(|s| s.observe_outcome(true, &DEFAULTS));
+        store
+            .slot("r", "p", "other")
+            .update(|s| s.observe_outcome(false, &DEFAULTS));
         assert_eq!(store.get("r", "p", "m").unwrap().successes, 1.0);
         assert_eq!(store.get("r", "p", "other").unwrap().failures, 1.0);
     }

@@ -60,10 +60,6 @@ pub struct AppState {
     pub body_read_timeout: std::time::Duration,
     /// Set on SIGTERM: readiness fails so traffic moves away before the listener closes.
     pub draining: AtomicBool,
-    /// Circuit breakers per upstream target; they outlive configuration reloads.
-    pub breakers: crate::circuit::Breakers,
-    /// Recent latency and outcomes per route target, for adaptive routing.
-    pub target_stats: Arc<crate::target_stats::TargetStatsStore>,
     /// Metrics.
     pub metrics: Arc<crate::metrics::Metrics>,
     /// Limits and budgets (in process; shared through Redis when configured).
@@ -208,9 +204,11 @@ async fn metrics(axum::extract::State(state): axum::extract::State<Arc<AppState>
     let config = snapshot
         .as_deref()
         .map(|s| (s.config_hash.as_str(), s.key_count()));
-    let body = state
-        .metrics
-        .render(config, &state.breakers, state.limits.redis_state());
+    let body = state.metrics.render(
+        config,
+        &state.config.health.breakers,
+        state.limits.redis_state(),
+    );
     let mut response = Response::new(Body::from(body));
     response.headers_mut().insert(
         header::CONTENT_TYPE,

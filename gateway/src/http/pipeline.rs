@@ -17,12 +17,12 @@
 
 use std::{sync::Arc, time::Instant};
 
+use crate::targets::Route;
 use axum::{
     extract::{Request, State},
     response::Response,
 };
 use bytes::Bytes;
-use tollgate_api::config::CompiledRoute;
 use tracing::Instrument;
 
 use super::{
@@ -139,8 +139,7 @@ async fn serve(
             request_id: cx.request_id.to_owned(),
             max_response_bytes: state.max_response_bytes,
             operation,
-            breakers: &state.breakers,
-            target_stats: &state.target_stats,
+            health: &state.config.health,
             metrics: &state.metrics,
             started: cx.started,
             prompt_estimate,
@@ -166,7 +165,7 @@ struct Call {
     parts: http::request::Parts,
     key: Arc<Key>,
     head: RequestHead,
-    route: Arc<CompiledRoute>,
+    route: Arc<Route>,
 }
 
 /// Stages 1–3, **auth**, **body**, **route**: the key, the body read within the memory

@@ -1,0 +1,254 @@
+//! Route targets resolved once per configuration load, so the request path does no
+//! string formatting and no lookup by composed keys.
+//!
+//! [`Health`] holds what must outlive configuration snapshots: circuit breakers per
+//! provider model and routing statistics per route target. Loading a configuration
+//! ([`crate::snapshot::Snapshot::new`]) takes handles from it: each
+//! [`crate::snapshot::Provider`] gets its [`ProviderModel`]s (upstream name, URLs,
+//! pricing, breaker) and each route its [`ResolvedTarget`]s. A target that names its
+//! model is resolved completely then; a target that passes the requested model through
+//! (glob routes) finds its provider model by name and its statistics by key on each
+//! request, since the model is only known then.
+
+use std::sync::Arc;
+
+use tollgate_api::config::{CompiledModel, CompiledRoute, CompiledTarget};
+
+use crate::{
+    circuit::{Breaker, Breakers},
+    dialects::Operation,
+    pricing::Pricing,
+    snapshot::Provider,
+    target_stats::{Slot, TargetStatsStore},
+};
+
+/// State about upstream targets that outlives configuration reloads.
+#[derive(Debug, Default)]
+pub struct Health {
+    /// Circuit breakers per provider model.
+    pub breakers: Breakers,
+    /// Recent latency and outcomes per route target, for adaptive routing.
+    pub stats: Arc<TargetStatsStore>,
+}
+
+/// One model of one provider, ready to call.
+#[derive(Debug)]
+pub struct ProviderModel {
+    /// The model's name at the provider (the key of its `models`).
+    pub name: String,
+    /// Name sent upstream.
+    pub upstream_name: String,
+    /// Prices per million tokens.
+    pub pricing: Pricing,
+    /// Upstream URL per operation (empty for the in-process mock).
+    pub endpoints: [Option<reqwest::Url>; Operation::ALL.len()],
+    /// Its circuit breaker, shared with every snapshot that serves it.
+    pub breaker: Arc<Breaker>,
+}
+
+impl ProviderModel {
+    /// Resolves `model` of `provider`.
+    pub fn new(
+        provider: &tollgate_api::config::CompiledProvider,
+        adapter: Option<&'static dyn crate::providers::Adapter>,
+        name: &str,
+        model: &CompiledModel,
+        breakers: &Breakers,
+    ) -> Self {
+        let endpoints = Operation::ALL.map(|op| {
+            adapter.and_then(|a| {
+                reqwest::Url::parse(&a.endpoint(provider, op, &model.upstream_name)).ok()
+            })
+        });
+        Self {
+            name: name.to_owned(),
+            upstream_name: model.upstream_name.clone(),
+            pricing: Pricing::of(model),
+            endpoints,
+            breaker: breakers.get(&provider.id, name),
+        }
+    }
+
+    /// The URL of `operation`.
+    pub fn endpoint(&self, operation: Operation) -> Option<&reqwest::Url> {
+        self.endpoints[operation as usize].as_ref()
+    }
+}
+
+/// A compiled route with its targets resolved.
+#[derive(Debug)]
+pub struct Route {
+    /// The compiled route.
+    pub config: CompiledRoute,
+    /// Its targets, tier by tier, in the order of `config.tiers`.
+    pub targets: Vec<Vec<ResolvedTarget>>,
+}
+
+impl std::ops::Deref for Route {
+    type Target = CompiledRoute;
+
+    fn deref(&self) -> &CompiledRoute {
+        &self.config
+    }
+}
+
+impl Route {
+    /// Resolves the targets of `config` against `providers`.
+    pub fn new(
+        config: CompiledRoute,
+        provider: impl Fn(&str) -> Option<Arc<Provider>>,
+        health: &Health,
+    ) -> Self {
+        let targets = config
+            .tiers
+            .iter()
+            .map(|tier| {
+                tier.iter()
+                    .map(|t| ResolvedTarget::new(&config.id, t, provider(&t.provider), health))
+                    .collect()
+            })
+            .collect();
+        Self { config, targets }
+    }
+}
+
+/// One target of a route.
+#[derive(Debug)]
+pub struct ResolvedTarget {
+    /// As compiled.
+    pub config: CompiledTarget,
+    /// Its provider; `None` when the configuration lacks it (the target is skipped).
+    pub provider: Option<Arc<Provider>>,
+    /// Set when the target names its model: that model and the target's statistics.
+    fixed: Option<(Option<Arc<ProviderModel>>, Arc<Slot>)>,
+}
+
+impl ResolvedTarget {
+    fn new(
+        route: &str,
+        config: &CompiledTarget,
+        provider: Option<Arc<Provider>>,
+        health: &Health,
+    ) -> Self {
+        let fixed = config.model.as_deref().map(|model| {
+            let resolved = provider.as_ref().and_then(|p| p.model(model).cloned());
+            (resolved, health.stats.slot(route, &config.provider, model))
+        });
+        Self {
+            config: config.clone(),
+            provider,
+            fixed,
+        }
+    }
+
+    /// The model this target sends `requested` to (its own when it names one).
+    pub fn model_name<'a>(&'a self, requested: &'a str) -> &'a str {
+        self.config.model.as_deref().unwrap_or(requested)
+    }
+
+    /// The provider model serving a request for `requested`, if the provider has it.
+    pub fn model(&self, requested: &str) -> Option<Arc<ProviderModel>> {
+        match &self.fixed {
+            Some((model, _)) => model.clone(),
+            None => self.provider.as_ref()?.model(requested).cloned(),
+        }
+    }
+
+    /// The target's routing statistics for a request for `requested`.
+    pub fn stats(&self, route: &str, requested: &str, store: &TargetStatsStore) -> Arc<Slot> {
+        match &self.fixed {
+            Some((_, slot)) => slot.clone(),
+            None => store.slot(route, &self.config.provider, requested),
+        }
+    }
+}
+
+impl crate::routing::Weighted for ResolvedTarget {
+    fn weight(&self) -> u32 {
+        self.config.weight
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{
+        config_source::{Outcome, Source},
+        snapshot::Snapshot,
+    };
+
+    const CONFIG: &str = "\
+apiVersion: tollgate.dev/v1alpha1
+kind: Provider
+metadata: {name: mock}
+spec: {type: mock, models: [{name: small, pricing: {inputPerMillion: 1, outputPerMillion: 2}}, {name: large}]}
+---
+apiVersion: tollgate.dev/v1alpha1
+kind: RoutePolicy
+metadata: {name: chat}
+spec:
+  models: [chat]
+  targets: [{provider: mock, model: small}]
+---
+apiVersion: tollgate.dev/v1alpha1
+kind: RoutePolicy
+metadata: {name: all}
+spec:
+  models: ['*']
+  targets: [{provider: mock}]
+";
+
+    fn load(dir: &std::path::Path, health: &Health) -> Snapshot {
+        match Source::Resources(dir.to_owned()).load_if_changed(None, true, health) {
+            Outcome::Loaded(l) => l.snapshot,
+            other => panic!("not loaded: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn reloads_hand_out_the_same_breakers_and_statistics() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("c.yaml"), CONFIG).unwrap();
+        let health = Health::default();
+        let (first, second) = (load(dir.path(), &health), load(dir.path(), &health));
+        let route = |s: &Snapshot, model: &str| {
+            let key_ns = "default";
+            s.route_in_namespace(key_ns, model).unwrap().clone()
+        };
+        let (a, b) = (route(&first, "chat"), route(&second, "chat"));
+        let (ta, tb) = (&a.targets[0][0], &b.targets[0][0]);
+        let (ma, mb) = (ta.model("chat").unwrap(), tb.model("chat").unwrap());
+        assert_eq!(
+            ma.name, "small",
+            "the target's own model, not the requested one"
+        );
+        assert_eq!(ma.pricing.weight(), Some(3.0));
+        assert!(
+            Arc::ptr_eq(&ma.breaker, &mb.breaker),
+            "a reload keeps the circuit"
+        );
+        ma.breaker.failure(1, 60_000);
+        assert!(
+            !mb.breaker.allow(),
+            "the open circuit is seen through the new snapshot"
+        );
+        let (sa, sb) = (
+            ta.stats(&a.id, "chat", &health.stats),
+            tb.stats(&b.id, "chat", &health.stats),
+        );
+        assert!(
+            Arc::ptr_eq(&sa, &sb),
+            "a reload keeps the routing statistics"
+        );
+
+        // A target without a model of its own serves the requested one, if the provider
+        // has it, with a breaker per model.
+        let glob = route(&first, "large");
+        let pass = &glob.targets[0][0];
+        let large = pass.model("large").unwrap();
+        assert_eq!(large.name, "large");
+        assert!(!Arc::ptr_eq(&large.breaker, &ma.breaker));
+        assert!(large.breaker.allow());
+        assert!(pass.model("unknown").is_none());
+    }
+}
