@@ -61,7 +61,7 @@ pub struct Accounting {
     /// Limits to settle with; `None` when no limit or budget applies.
     limits: Option<(Arc<Limits>, AnyReservation)>,
     /// Where usage is recorded (shared counters when Redis is configured).
-    store: Arc<Limits>,
+    store: Arc<crate::usage::Usage>,
     key_id: String,
     metrics: Arc<Metrics>,
     route: String,
@@ -97,7 +97,7 @@ impl Accounting {
     /// `store` receives its usage.
     pub fn new(
         limits: Option<(Arc<Limits>, AnyReservation)>,
-        store: Arc<Limits>,
+        store: Arc<crate::usage::Usage>,
         metrics: Arc<Metrics>,
         key_id: &str,
         route: &str,
@@ -187,7 +187,7 @@ impl Accounting {
                     Some((usage.prompt, usage.completion, cost));
             }
             self.store
-                .record_usage(&self.key_id, usage.prompt, usage.completion, cost);
+                .record(&self.key_id, usage.prompt, usage.completion, cost);
             let labels = |kind: &'static str| TokenLabels {
                 route: self.route.clone(),
                 provider: provider.clone(),

@@ -13,17 +13,19 @@ use std::{
 use bytes::Bytes;
 use sha2::{Digest, Sha256};
 
+use crate::redis::{Redis, StoreError};
+
 /// The cache the gateway uses: this replica's memory, plus Redis when configured so every
 /// replica shares answers. A Redis outage is only a miss.
 #[derive(Debug)]
 pub struct Cache {
     local: ResponseCache,
-    shared: Option<crate::limits::redis::RedisLimits>,
+    shared: Option<Redis>,
 }
 
 impl Cache {
     /// A cache in memory, shared through `redis` when given.
-    pub fn new(max_bytes: usize, shared: Option<crate::limits::redis::RedisLimits>) -> Self {
+    pub fn new(max_bytes: usize, shared: Option<Redis>) -> Self {
         Self {
             local: ResponseCache::new(max_bytes),
             shared,
@@ -36,7 +38,7 @@ impl Cache {
             return Some(e);
         }
         let redis = self.shared.as_ref()?;
-        let (content_type, body) = redis.cache_get(&hex(key)).await.ok().flatten()?;
+        let (content_type, body) = shared_get(redis, &hex(key)).await.ok().flatten()?;
         Some(Entry {
             body,
             content_type,
@@ -52,7 +54,7 @@ impl Cache {
             let (redis, id, body, content_type) =
                 (redis.clone(), hex(&key), body.clone(), content_type.clone());
             handle.spawn(async move {
-                if let Err(e) = redis.cache_put(&id, &content_type, &body, ttl).await {
+                if let Err(e) = shared_put(&redis, &id, &content_type, &body, ttl).await {
                     tracing::debug!(error = %e, "storing a cache entry in Redis failed");
                 }
             });
@@ -168,6 +170,54 @@ impl ResponseCache {
             },
         );
     }
+}
+
+/// A shared cache entry: its content type and body.
+async fn shared_get(redis: &Redis, id: &str) -> Result<Option<(String, bytes::Bytes)>, StoreError> {
+    let mut conn = redis.conn();
+    let value: Option<Vec<u8>> = redis
+        .call(
+            "cache_get",
+            redis::cmd("GET").arg(cache_key(id)).query_async(&mut conn),
+        )
+        .await?;
+    Ok(value.and_then(|v| {
+        // Stored as `<content type>\n<body>`.
+        let split = v.iter().position(|b| *b == b'\n')?;
+        let content_type = String::from_utf8(v[..split].to_vec()).ok()?;
+        Some((content_type, bytes::Bytes::copy_from_slice(&v[split + 1..])))
+    }))
+}
+
+/// Stores a shared cache entry for `ttl`.
+async fn shared_put(
+    redis: &Redis,
+    id: &str,
+    content_type: &str,
+    body: &[u8],
+    ttl: Duration,
+) -> Result<(), StoreError> {
+    let mut value = Vec::with_capacity(content_type.len() + 1 + body.len());
+    value.extend_from_slice(content_type.as_bytes());
+    value.push(b'\n');
+    value.extend_from_slice(body);
+    let mut conn = redis.conn();
+    let _: () = redis
+        .call(
+            "cache_put",
+            redis::cmd("SET")
+                .arg(cache_key(id))
+                .arg(value)
+                .arg("PX")
+                .arg(ttl.as_millis().max(1) as u64)
+                .query_async(&mut conn),
+        )
+        .await?;
+    Ok(())
+}
+
+fn cache_key(id: &str) -> String {
+    format!("tollgate:{}:cache:{id}", crate::limits::redis::LAYOUT)
 }
 
 #[cfg(test)]

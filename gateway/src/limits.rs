@@ -413,42 +413,5 @@ pub fn reset_string(d: Duration) -> String {
 pub mod redis;
 pub mod store;
 
-/// Counters added to a key's usage for one day.
-#[derive(Debug, Clone, Copy, Default, PartialEq)]
-pub struct UsageTotals {
-    /// Answered requests.
-    pub requests: u64,
-    /// Input tokens.
-    pub input: u64,
-    /// Output tokens.
-    pub output: u64,
-    /// Spend.
-    pub spend: f64,
-}
-
-impl UsageTotals {
-    pub(crate) fn add(&mut self, other: Self) {
-        self.requests += other.requests;
-        self.input += other.input;
-        self.output += other.output;
-        self.spend += other.spend;
-    }
-}
-
-impl UsageTotals {
-    pub(crate) fn from_fields(fields: &HashMap<String, String>) -> Self {
-        let int = |k: &str| fields.get(k).and_then(|v| v.parse().ok()).unwrap_or(0);
-        Self {
-            requests: int(tollgate_api::usage::REQUESTS),
-            input: int(tollgate_api::usage::INPUT_TOKENS),
-            output: int(tollgate_api::usage::OUTPUT_TOKENS),
-            spend: fields
-                .get(tollgate_api::usage::SPEND)
-                .and_then(|v| v.parse().ok())
-                .unwrap_or(0.0),
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests;

@@ -30,8 +30,9 @@ use crate::{
     relay::{self, Conversion, FirstByte, StreamGuards, StreamTranslator, WholeError},
     request::RequestHead,
     routing::{Observed, Planned, Tuning, backoff, plan},
-    snapshot::{Provider, Snapshot},
+    snapshot::Snapshot,
     target_stats::{Latency, Slot, StreamFeedback},
+    targets::Provider,
     targets::{Health, ProviderModel, ResolvedTarget, Route},
     translate, upstream,
 };

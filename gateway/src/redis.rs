@@ -17,7 +17,7 @@ use std::{
 
 use tollgate_api::redis_conn::{OptionsError, RedisCallError, RedisOptions, SharedConn, bounded};
 
-use crate::{metrics::Metrics, settings::Settings};
+use crate::metrics::RedisLatency;
 
 /// Why a Redis call failed.
 #[derive(Debug, thiserror::Error)]
@@ -35,9 +35,16 @@ pub enum StoreError {
 pub struct Redis {
     conn: SharedConn,
     timeout: Duration,
-    latency: Option<crate::metrics::RedisLatency>,
-    /// Whether the last call answered; shared by every clone.
-    up: Arc<AtomicBool>,
+    latency: Option<RedisLatency>,
+    /// Whether the last call answered, and what the limits do when it did not; shared by
+    /// every clone.
+    health: Arc<Health>,
+}
+
+#[derive(Debug)]
+struct Health {
+    up: AtomicBool,
+    failure_mode: std::sync::OnceLock<&'static str>,
 }
 
 impl std::fmt::Debug for Redis {
@@ -56,7 +63,10 @@ impl Redis {
             conn,
             timeout,
             latency: None,
-            up: Arc::new(AtomicBool::new(true)),
+            health: Arc::new(Health {
+                up: AtomicBool::new(true),
+                failure_mode: std::sync::OnceLock::new(),
+            }),
         }
     }
 
@@ -84,7 +94,7 @@ impl Redis {
     }
 
     /// Records every call's latency in `latency`.
-    pub fn with_metrics(mut self, latency: crate::metrics::RedisLatency) -> Self {
+    pub fn with_metrics(mut self, latency: RedisLatency) -> Self {
         self.latency = Some(latency);
         self
     }
@@ -107,13 +117,36 @@ impl Redis {
 
     /// Whether the last call answered.
     pub fn is_up(&self) -> bool {
-        self.up.load(Ordering::Relaxed)
+        self.health.up.load(Ordering::Relaxed)
     }
 
-    /// Records whether Redis answered; returns the previous state, so callers can log a
-    /// transition once.
-    pub fn mark(&self, up: bool) -> bool {
-        self.up.swap(up, Ordering::Relaxed)
+    /// Names the limits' failure mode in the transition logs.
+    pub fn set_failure_mode(&self, mode: &'static str) {
+        let _ = self.health.failure_mode.set(mode);
+    }
+
+    /// Records whether Redis answered, logging each transition once (never once per
+    /// request).
+    pub fn mark(&self, up: bool) {
+        let was = self.health.up.swap(up, Ordering::Relaxed);
+        let mode = self
+            .health
+            .failure_mode
+            .get()
+            .copied()
+            .unwrap_or("failOpen");
+        match (was, up) {
+            (true, false) => {
+                tracing::error!(
+                    mode,
+                    "Redis unreachable: limits now follow the failure mode"
+                )
+            }
+            (false, true) => {
+                tracing::info!("Redis reachable again: limits are shared across replicas")
+            }
+            _ => {}
+        }
     }
 
     /// Runs `call` (named `operation` in metrics) within the timeout; a client-side
@@ -158,27 +191,20 @@ pub struct Connections {
 }
 
 impl Connections {
-    /// Connects lazily (the gateway starts while Redis is down); `None` without
-    /// `--redis-url`.
-    pub fn connect(settings: &Settings, metrics: &Metrics) -> anyhow::Result<Option<Self>> {
-        let Some(url) = settings.redis_url.as_ref() else {
-            return Ok(None);
-        };
-        let mut options = RedisOptions::new(url, settings.redis_timeout);
-        options.cluster = settings.redis_cluster;
-        options.password = settings.redis_password.clone();
-        options.ca_file = settings.redis_ca_file.clone();
-        options.client_cert = settings
-            .redis_client_cert
-            .clone()
-            .zip(settings.redis_client_key.clone());
+    /// Connects lazily (the gateway starts while Redis is down): the state store with
+    /// `options`, the cache with the same options at `cache_url` when one is given.
+    pub fn connect(
+        options: RedisOptions,
+        cache_url: Option<&str>,
+        latency: &RedisLatency,
+    ) -> anyhow::Result<Self> {
         let open = |options: &RedisOptions, flag: &str| -> anyhow::Result<Redis> {
             Ok(Redis::lazy(options)
                 .map_err(|e| anyhow::anyhow!("{flag}: {e}"))?
-                .with_metrics(metrics.redis_latency.clone()))
+                .with_metrics(latency.clone()))
         };
         let state = open(&options, "--redis-url")?;
-        let cache = match &settings.redis_cache_url {
+        let cache = match cache_url {
             Some(url) => {
                 let cache_options = RedisOptions {
                     urls: RedisOptions::new(url, options.timeout).urls,
@@ -188,10 +214,10 @@ impl Connections {
             }
             None => state.clone(),
         };
-        Ok(Some(Self {
+        Ok(Self {
             options,
             state,
             cache,
-        }))
+        })
     }
 }

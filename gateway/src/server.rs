@@ -8,15 +8,16 @@ use std::{
 
 use anyhow::Context;
 use tokio::net::TcpListener;
-use tollgate_api::redis_conn::RedisOptions;
 
 use crate::{
     config_source::{self, ConfigState, Source},
     http::{AppState, HttpOptions, admin_app, app},
     limits::{self, redis::RedisLimits, store::Limits},
     metrics::Metrics,
+    redis::Connections,
     revocation::{self, Revocations},
     settings::Settings,
+    usage::Usage,
 };
 
 /// Runs until a shutdown signal has been handled: checks the settings, connects the
@@ -31,18 +32,38 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     };
     let config = Arc::new(ConfigState::default());
     let metrics = Arc::new(Metrics::new(config.reloads.clone()));
-    let redis = Redis::connect(&settings, &metrics)?;
+    let redis = settings
+        .redis_options()
+        .map(|o| {
+            Connections::connect(
+                o,
+                settings.redis_cache_url.as_deref(),
+                &metrics.redis_latency,
+            )
+        })
+        .transpose()?;
     let revocations = Arc::new(Revocations::default());
-    redis.start_sharing(&settings, &config, &revocations)?;
-    let heartbeat_conn = redis.limits.as_ref().map(RedisLimits::conn);
-    let shared_cache = redis.cache.filter(|_| settings.cache_max_bytes > 0);
-    let limits = Arc::new(match redis.limits {
+    if let Some(redis) = &redis {
+        start_sharing(redis, &settings, &config, &revocations)?;
+    }
+    let heartbeat_conn = redis.as_ref().map(|r| r.state.conn());
+    let shared_cache = redis
+        .as_ref()
+        .map(|r| r.cache.clone())
+        .filter(|_| settings.cache_max_bytes > 0);
+    let (limits, usage) = match redis {
         Some(redis) => {
             tracing::info!(mode = ?settings.redis_failure_mode, "limits, budgets and the cache shared through Redis");
-            Limits::shared(redis, settings.redis_failure_mode)
+            (
+                Limits::shared(
+                    RedisLimits::new(redis.state.clone(), limits::redis::DEFAULT_LEASE),
+                    settings.redis_failure_mode,
+                ),
+                Usage::shared(redis.state),
+            )
         }
-        None => Limits::local(),
-    });
+        None => (Limits::local(), Usage::local()),
+    };
     load_configuration(source, &config, heartbeat_conn, settings.reload_interval).await?;
 
     let state = Arc::new(AppState {
@@ -53,7 +74,8 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         body_read_timeout: settings.body_read_timeout,
         draining: Default::default(),
         metrics,
-        limits,
+        limits: Arc::new(limits),
+        usage: Arc::new(usage),
         revocations,
         cache: Arc::new(crate::cache::Cache::new(
             settings.cache_max_bytes,
@@ -85,7 +107,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     )
     .await;
     // Usage is written to Redis in batches: write the last one before exiting.
-    state.limits.flush_usage(Duration::from_secs(2)).await;
+    state.usage.flush(Duration::from_secs(2)).await;
     tracing::info!("stopped");
     Ok(())
 }
@@ -125,105 +147,48 @@ fn check(settings: &Settings) -> anyhow::Result<Addressing> {
     })
 }
 
-/// The Redis connections the settings name: the state store (limits, budgets, usage,
-/// revocations, heartbeats, routing statistics) and the response cache's (its own Redis
-/// when `--redis-cache-url` names one, so cache pressure never evicts limits, budgets or
-/// usage).
-struct Redis {
-    options: Option<RedisOptions>,
-    limits: Option<RedisLimits>,
-    cache: Option<RedisLimits>,
-}
-
-impl Redis {
-    /// Connects lazily (the gateway starts while Redis is down).
-    fn connect(settings: &Settings, metrics: &Metrics) -> anyhow::Result<Self> {
-        let options = settings.redis_url.as_ref().map(|url| {
-            let mut options = RedisOptions::new(url, settings.redis_timeout);
-            options.cluster = settings.redis_cluster;
-            options.password = settings.redis_password.clone();
-            options.ca_file = settings.redis_ca_file.clone();
-            options.client_cert = settings
-                .redis_client_cert
-                .clone()
-                .zip(settings.redis_client_key.clone());
-            options
-        });
-        let store = |options: &RedisOptions, flag: &str| -> anyhow::Result<RedisLimits> {
-            Ok(RedisLimits::with(
-                options
-                    .connect_lazy()
-                    .map_err(|e| anyhow::anyhow!("{flag}: {e}"))?,
-                settings.redis_timeout,
-                limits::redis::DEFAULT_LEASE,
-            )
-            .with_metrics(metrics.redis_latency.clone()))
-        };
-        let limits = options
-            .as_ref()
-            .map(|o| store(o, "--redis-url"))
-            .transpose()?;
-        let cache = match (&options, &settings.redis_cache_url) {
-            (Some(o), Some(url)) => {
-                let cache_options = RedisOptions {
-                    urls: RedisOptions::new(url, o.timeout).urls,
-                    ..o.clone()
-                };
-                Some(store(&cache_options, "--redis-cache-url")?)
-            }
-            _ => limits.clone(),
-        };
-        Ok(Self {
-            options,
-            limits,
-            cache,
-        })
-    }
-
-    /// With Redis: follows revocations (and publishes those of keys a reload removes),
-    /// and shares routing statistics across replicas once a second, off the hot path.
-    fn start_sharing(
-        &self,
-        settings: &Settings,
-        config: &Arc<ConfigState>,
-        revocations: &Arc<Revocations>,
-    ) -> anyhow::Result<()> {
-        let (Some(options), Some(store)) = (&self.options, &self.limits) else {
-            return Ok(());
-        };
-        let clients = options
-            .pubsub_clients()
-            .map_err(|e| anyhow::anyhow!("--redis-url: {e}"))?;
-        tokio::spawn(revocation::follow(
-            clients,
-            store.conn(),
-            revocations.clone(),
-        ));
-        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Vec<[u8; 32]>>();
-        let _ = config.removed_keys.set(tx);
-        let timeout = settings.redis_timeout.max(Duration::from_secs(1));
-        let conn = store.conn();
-        tokio::spawn(async move {
-            while let Some(hashes) = rx.recv().await {
-                match revocation::publish(conn.clone(), &hashes, timeout).await {
-                    Ok(()) => tracing::info!(
-                        keys = hashes.len(),
-                        "published the revocation of keys removed from the configuration"
-                    ),
-                    Err(e) => {
-                        tracing::warn!(error = %e, "could not publish key revocations; other replicas catch up through their own configuration")
-                    }
+/// With Redis: follows revocations (and publishes those of keys a reload removes),
+/// and shares routing statistics across replicas once a second, off the hot path.
+fn start_sharing(
+    redis: &Connections,
+    settings: &Settings,
+    config: &Arc<ConfigState>,
+    revocations: &Arc<Revocations>,
+) -> anyhow::Result<()> {
+    let store = &redis.state;
+    let clients = redis
+        .options
+        .pubsub_clients()
+        .map_err(|e| anyhow::anyhow!("--redis-url: {e}"))?;
+    tokio::spawn(revocation::follow(
+        clients,
+        store.conn(),
+        revocations.clone(),
+    ));
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Vec<[u8; 32]>>();
+    let _ = config.removed_keys.set(tx);
+    let timeout = settings.redis_timeout.max(Duration::from_secs(1));
+    let conn = store.conn();
+    tokio::spawn(async move {
+        while let Some(hashes) = rx.recv().await {
+            match revocation::publish(conn.clone(), &hashes, timeout).await {
+                Ok(()) => tracing::info!(
+                    keys = hashes.len(),
+                    "published the revocation of keys removed from the configuration"
+                ),
+                Err(e) => {
+                    tracing::warn!(error = %e, "could not publish key revocations; other replicas catch up through their own configuration")
                 }
             }
-        });
-        tokio::spawn(crate::target_stats::share(
-            config.health.stats.clone(),
-            store.conn(),
-            crate::heartbeat::instance_id(),
-            settings.redis_timeout.max(Duration::from_millis(500)),
-        ));
-        Ok(())
-    }
+        }
+    });
+    tokio::spawn(crate::target_stats::share(
+        config.health.stats.clone(),
+        store.conn(),
+        crate::heartbeat::instance_id(),
+        settings.redis_timeout.max(Duration::from_millis(500)),
+    ));
+    Ok(())
 }
 
 /// Loads the first configuration (fatal only standalone), starts reporting it to Redis,

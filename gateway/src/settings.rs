@@ -201,6 +201,24 @@ pub struct Settings {
     pub shutdown_timeout: Duration,
 }
 
+impl Settings {
+    /// The options of the state store's Redis, when `--redis-url` names one.
+    pub fn redis_options(&self) -> Option<tollgate_api::redis_conn::RedisOptions> {
+        let mut options = tollgate_api::redis_conn::RedisOptions::new(
+            self.redis_url.as_ref()?,
+            self.redis_timeout,
+        );
+        options.cluster = self.redis_cluster;
+        options.password = self.redis_password.clone();
+        options.ca_file = self.redis_ca_file.clone();
+        options.client_cert = self
+            .redis_client_cert
+            .clone()
+            .zip(self.redis_client_key.clone());
+        Some(options)
+    }
+}
+
 /// Log output format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum LogFormat {

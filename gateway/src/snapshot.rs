@@ -5,10 +5,10 @@ use std::{collections::HashMap, sync::Arc};
 
 use sha2::{Digest, Sha256};
 
-use crate::targets::{Health, ProviderModel, Route};
+use crate::targets::{Health, Provider, Route};
 use tollgate_api::{
     compile::{patterns, views},
-    config::{CompiledKey, CompiledProvider, CompiledRoute, GatewayConfig, namespace_of},
+    config::{CompiledKey, CompiledRoute, GatewayConfig, namespace_of},
     guardrails::Guardrails,
 };
 
@@ -123,43 +123,6 @@ impl Key {
     }
 }
 
-/// A provider plus its credential and HTTP client.
-pub struct Provider {
-    /// Compiled settings.
-    pub config: CompiledProvider,
-    /// The credential, if any.
-    pub credential: Option<String>,
-    /// What kind of API it is (`None` for the in-process mock).
-    pub adapter: Option<&'static dyn crate::providers::Adapter>,
-    /// Pooled client for upstream calls (`None` for providers the gateway does not call
-    /// over HTTP, such as the mock).
-    pub client: Option<reqwest::Client>,
-    /// Concurrency slots (`maxConcurrency`) for this replica, if limited.
-    pub slots: Option<Arc<tokio::sync::Semaphore>>,
-    /// Its models, resolved once per reload (URLs, pricing, breaker), by name.
-    models: HashMap<String, Arc<ProviderModel>>,
-}
-
-impl Provider {
-    /// The model `name`, if the provider serves it.
-    pub fn model(&self, name: &str) -> Option<&Arc<ProviderModel>> {
-        self.models.get(name)
-    }
-}
-
-// Never print the credential.
-impl std::fmt::Debug for Provider {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Provider")
-            .field("config", &self.config)
-            .field(
-                "credential",
-                &self.credential.as_ref().map(|_| "<redacted>"),
-            )
-            .finish()
-    }
-}
-
 /// One served configuration.
 #[derive(Debug)]
 pub struct Snapshot {
@@ -186,22 +149,8 @@ impl Snapshot {
             .into_iter()
             .map(|(id, config)| {
                 let credential = credentials.providers.remove(&id);
-                let adapter = crate::providers::adapter(config.provider_type);
-                let client = adapter
-                    .map(|_| crate::upstream::client_for(&config))
-                    .and_then(|built| {
-                        built.map_err(|e| tracing::error!(provider = %id, error = %e, "cannot build an HTTP client")).ok()
-                    });
-                let slots = config.max_concurrency.map(|n| Arc::new(tokio::sync::Semaphore::new(n as usize)));
-                let models = config
-                    .models
-                    .iter()
-                    .map(|(name, m)| {
-                        let resolved = ProviderModel::new(&config, adapter, name, m, &health.breakers);
-                        (name.clone(), Arc::new(resolved))
-                    })
-                    .collect();
-                (id, Arc::new(Provider { config, credential, adapter, client, slots, models }))
+                let provider = Provider::new(config, credential, health);
+                (id, Arc::new(provider))
             })
             .collect();
 

@@ -4,7 +4,7 @@
 //! [`Health`] holds what must outlive configuration snapshots: circuit breakers per
 //! provider model and routing statistics per route target. Loading a configuration
 //! ([`crate::snapshot::Snapshot::new`]) takes handles from it: each
-//! [`crate::snapshot::Provider`] gets its [`ProviderModel`]s (upstream name, URLs,
+//! [`Provider`] gets its [`ProviderModel`]s (upstream name, URLs,
 //! pricing, breaker) and each route its [`ResolvedTarget`]s. A target that names its
 //! model is resolved completely then; a target that passes the requested model through
 //! (glob routes) finds its provider model by name and its statistics by key on each
@@ -12,13 +12,14 @@
 
 use std::sync::Arc;
 
-use tollgate_api::config::{CompiledModel, CompiledRoute, CompiledTarget};
+use std::collections::HashMap;
+
+use tollgate_api::config::{CompiledModel, CompiledProvider, CompiledRoute, CompiledTarget};
 
 use crate::{
     circuit::{Breaker, Breakers},
     dialects::Operation,
     pricing::Pricing,
-    snapshot::Provider,
     target_stats::{Slot, TargetStatsStore},
 };
 
@@ -29,6 +30,74 @@ pub struct Health {
     pub breakers: Breakers,
     /// Recent latency and outcomes per route target, for adaptive routing.
     pub stats: Arc<TargetStatsStore>,
+}
+
+/// A provider plus its credential and HTTP client.
+pub struct Provider {
+    /// Compiled settings.
+    pub config: CompiledProvider,
+    /// The credential, if any.
+    pub credential: Option<String>,
+    /// What kind of API it is (`None` for the in-process mock).
+    pub adapter: Option<&'static dyn crate::providers::Adapter>,
+    /// Pooled client for upstream calls (`None` for providers the gateway does not call
+    /// over HTTP, such as the mock).
+    pub client: Option<reqwest::Client>,
+    /// Concurrency slots (`maxConcurrency`) for this replica, if limited.
+    pub slots: Option<Arc<tokio::sync::Semaphore>>,
+    /// Its models, resolved once per reload (URLs, pricing, breaker), by name.
+    models: HashMap<String, Arc<ProviderModel>>,
+}
+
+impl Provider {
+    /// Builds the HTTP client, the concurrency slots and the models of `config`.
+    pub fn new(config: CompiledProvider, credential: Option<String>, health: &Health) -> Self {
+        let adapter = crate::providers::adapter(config.provider_type);
+        let client = adapter
+            .map(|_| crate::upstream::client_for(&config))
+            .and_then(|built| {
+                built
+                    .map_err(|e| tracing::error!(provider = %config.id, error = %e, "cannot build an HTTP client"))
+                    .ok()
+            });
+        let slots = config
+            .max_concurrency
+            .map(|n| Arc::new(tokio::sync::Semaphore::new(n as usize)));
+        let models = config
+            .models
+            .iter()
+            .map(|(name, m)| {
+                let resolved = ProviderModel::new(&config, adapter, name, m, &health.breakers);
+                (name.clone(), Arc::new(resolved))
+            })
+            .collect();
+        Self {
+            config,
+            credential,
+            adapter,
+            client,
+            slots,
+            models,
+        }
+    }
+
+    /// The model `name`, if the provider serves it.
+    pub fn model(&self, name: &str) -> Option<&Arc<ProviderModel>> {
+        self.models.get(name)
+    }
+}
+
+// Never print the credential.
+impl std::fmt::Debug for Provider {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Provider")
+            .field("config", &self.config)
+            .field(
+                "credential",
+                &self.credential.as_ref().map(|_| "<redacted>"),
+            )
+            .finish()
+    }
 }
 
 /// One model of one provider, ready to call.

@@ -41,7 +41,7 @@ pub(super) async fn admit(
     if !limited {
         let accounting = Accounting::new(
             None,
-            state.limits.clone(),
+            state.usage.clone(),
             state.metrics.clone(),
             &key.entry.id,
             &route.id,
@@ -75,7 +75,7 @@ pub(super) async fn admit(
         Ok((reservation, quota)) => {
             let accounting = Accounting::new(
                 Some((state.limits.clone(), reservation)),
-                state.limits.clone(),
+                state.usage.clone(),
                 state.metrics.clone(),
                 &key.entry.id,
                 &route.id,

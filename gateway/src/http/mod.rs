@@ -64,6 +64,8 @@ pub struct AppState {
     pub metrics: Arc<crate::metrics::Metrics>,
     /// Limits and budgets (in process; shared through Redis when configured).
     pub limits: Arc<crate::limits::store::Limits>,
+    /// Usage counters per key.
+    pub usage: Arc<crate::usage::Usage>,
     /// Keys revoked through Redis ahead of the mounted configuration.
     pub revocations: Arc<crate::revocation::Revocations>,
     /// Response cache.

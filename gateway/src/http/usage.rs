@@ -15,7 +15,7 @@ use tollgate_api::v1alpha1::BudgetPeriod;
 use super::{AppState, auth::calling_key};
 use crate::{
     error::ApiError,
-    limits::{UsageTotals, store::previous_period},
+    usage::{UsageTotals, previous_period},
 };
 
 /// One period's bounds: its id and, except for `total`, its start and end (RFC 3339).
@@ -104,13 +104,13 @@ pub async fn usage(
     let (current, previous) = periods(kind, jiff::Timestamp::now());
     let mut ids = vec![current.id.clone()];
     ids.extend(previous.as_ref().map(|p| p.id.clone()));
-    let unavailable = |e: crate::limits::redis::StoreError| {
+    let unavailable = |e: crate::redis::StoreError| {
         tracing::warn!(error = %e, "usage could not be read from Redis");
         ApiError::UsageUnavailable
     };
     let counters = state
-        .limits
-        .usage(&entry.id, &ids)
+        .usage
+        .read(&entry.id, &ids)
         .await
         .map_err(unavailable)?;
     let budget = match &entry.budget {
@@ -153,7 +153,7 @@ pub async fn usage(
             .map_or(Value::Null, |p| period_json(p, &counters[1])),
         "limits": limits,
         "budget": budget,
-        "source": if state.limits.redis_state().is_some() { "redis" } else { "gateway" },
+        "source": if state.usage.is_shared() { "redis" } else { "gateway" },
     })))
 }
 

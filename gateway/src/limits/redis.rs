@@ -10,12 +10,13 @@
 //! one refuses, the other's reservation is cancelled (refunded), so limits are never
 //! exceeded, at the price of a briefly held unit.
 
-use std::{collections::HashMap, time::Duration};
+use std::time::Duration;
 
 use redis::Script;
 
-use super::{Ask, CompiledLimits, Limit, Quota, Rejection, Scope, UsageTotals, budget_slot};
-use tollgate_api::redis_conn::{RedisOptions, SharedConn};
+use super::{Ask, CompiledLimits, Limit, Quota, Rejection, Scope, budget_slot};
+use crate::redis::Redis;
+pub use crate::redis::StoreError;
 
 /// Version of the key layout and scripts.
 pub const LAYOUT: &str = "v1";
@@ -31,16 +32,6 @@ const CANCEL_FOR: Duration = Duration::from_secs(120);
 const MAX_PENDING_CANCELS: usize = 4096;
 
 /// A Redis failure (unreachable, timed out, or an error reply).
-#[derive(Debug, thiserror::Error)]
-pub enum StoreError {
-    /// The call did not finish within the timeout.
-    #[error("Redis did not answer within {0:?}")]
-    Timeout(Duration),
-    /// Redis answered with an error or the connection failed.
-    #[error("Redis error: {0}")]
-    Redis(#[from] redis::RedisError),
-}
-
 /// What one script call reserved: keys in a single hash slot.
 #[derive(Debug, Clone, Default)]
 struct Part {
@@ -76,28 +67,20 @@ enum Outcome {
     Refused(Rejection),
 }
 
-/// How long a usage batch's marker is kept: retries of the batch within this time
-/// cannot count it twice.
-pub const USAGE_BATCH_MARKER_TTL: Duration = Duration::from_secs(3600);
-
 /// The shared store.
 #[derive(Clone)]
 pub struct RedisLimits {
-    conn: SharedConn,
+    redis: Redis,
     admit: Script,
     settle: Script,
-    usage: Script,
-    timeout: Duration,
     lease: Duration,
     cancels: std::sync::Arc<tokio::sync::Semaphore>,
-    latency: Option<crate::metrics::RedisLatency>,
 }
 
 impl std::fmt::Debug for RedisLimits {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RedisLimits")
-            .field("conn", &self.conn)
-            .field("timeout", &self.timeout)
+            .field("redis", &self.redis)
             .field("lease", &self.lease)
             .finish()
     }
@@ -121,89 +104,30 @@ fn text(v: Option<&redis::Value>) -> String {
 }
 
 impl RedisLimits {
-    /// A store that connects on first use and reconnects on its own: the gateway starts
-    /// even while Redis is down. Fails only for an invalid URL.
-    pub fn lazy(url: &str, timeout: Duration, lease: Duration) -> Result<Self, StoreError> {
-        let conn = RedisOptions::new(url, timeout)
-            .connect_lazy()
-            .map_err(|e| match e {
-                tollgate_api::redis_conn::OptionsError::Redis(e) => StoreError::Redis(e),
-                other => StoreError::Redis(redis::RedisError::from((
-                    redis::ErrorKind::InvalidClientConfig,
-                    "invalid Redis options",
-                    other.to_string(),
-                ))),
-            })?;
-        Ok(Self::with(conn, timeout, lease))
-    }
-
-    /// A store over an existing connection.
-    pub fn with(conn: SharedConn, timeout: Duration, lease: Duration) -> Self {
+    /// Limits kept in `redis`; a reservation not settled within `lease` expires.
+    pub fn new(redis: Redis, lease: Duration) -> Self {
         Self {
-            conn,
+            redis,
             admit: Script::new(include_str!("admit.lua")),
             settle: Script::new(include_str!("settle.lua")),
-            usage: Script::new(include_str!("usage.lua")),
-            timeout,
             lease,
             cancels: std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_PENDING_CANCELS)),
-            latency: None,
         }
     }
 
-    /// Records every call's latency in `latency`.
-    pub fn with_metrics(mut self, latency: crate::metrics::RedisLatency) -> Self {
-        self.latency = Some(latency);
-        self
-    }
-
-    /// Connects (the connection reconnects on its own afterwards). Every call is
-    /// bounded by `timeout`.
+    /// Connects to `url` (checking that Redis answers); every call is bounded by
+    /// `timeout`.
     pub async fn connect(
         url: &str,
         timeout: Duration,
         lease: Duration,
     ) -> Result<Self, StoreError> {
-        let store = Self::lazy(url, timeout, lease)?;
-        let mut conn = store.conn.clone();
-        let _: String = store
-            .bounded("ping", redis::cmd("PING").query_async(&mut conn))
-            .await?;
-        Ok(store)
+        Ok(Self::new(Redis::connect(url, timeout).await?, lease))
     }
 
-    /// The connection, for other users of the same Redis.
-    pub fn conn(&self) -> SharedConn {
-        self.conn.clone()
-    }
-
-    /// Bounds a call by the timeout; a client-side timeout is reported as such, whoever
-    /// noticed it first.
-    async fn bounded<T>(
-        &self,
-        operation: &'static str,
-        call: impl Future<Output = redis::RedisResult<T>>,
-    ) -> Result<T, StoreError> {
-        let started = std::time::Instant::now();
-        let result = tokio::time::timeout(self.timeout, call).await;
-        if let Some(latency) = &self.latency {
-            latency
-                .get_or_create(&crate::metrics::RedisLabels {
-                    operation,
-                    result: if matches!(result, Ok(Ok(_))) {
-                        "ok"
-                    } else {
-                        "error"
-                    },
-                })
-                .observe(started.elapsed().as_secs_f64());
-        }
-        match result {
-            Err(_) => Err(StoreError::Timeout(self.timeout)),
-            Ok(Err(e)) if e.is_timeout() => Err(StoreError::Timeout(self.timeout)),
-            Ok(Err(e)) => Err(StoreError::Redis(e)),
-            Ok(Ok(v)) => Ok(v),
-        }
+    /// Its Redis.
+    pub fn redis(&self) -> &Redis {
+        &self.redis
     }
 
     fn scope_keys(tag: &str) -> [String; 3] {
@@ -226,7 +150,7 @@ impl RedisLimits {
         let (mut key_group, mut route_group) = (Group::default(), Group::default());
         key_group.tag = key_tag.clone();
         route_group.tag = route_tag.clone();
-        let split = self.conn.is_cluster();
+        let split = self.redis.is_cluster();
         if let Some(l) = ask.key_limits {
             key_group.scopes.push((Scope::Key, l));
             key_group.part.keys.extend(Self::scope_keys(&key_tag));
@@ -318,9 +242,10 @@ impl RedisLimits {
         for k in &group.part.keys {
             invocation.key(k);
         }
-        let mut conn = self.conn.clone();
+        let mut conn = self.redis.conn();
         let reply: Vec<redis::Value> = self
-            .bounded("admit", invocation.invoke_async(&mut conn))
+            .redis
+            .call("admit", invocation.invoke_async(&mut conn))
             .await?;
         if int(reply.first()) != 0 {
             return Ok(Outcome::Admitted(reply));
@@ -328,7 +253,7 @@ impl RedisLimits {
         if text(reply.get(1)) == "cancelled" {
             // Cancelled before it ran: this call is stale (it cannot happen for a call
             // still being waited for, but is handled like a timeout anyway).
-            return Err(StoreError::Timeout(self.timeout));
+            return Err(StoreError::Timeout(self.redis.timeout()));
         }
         let limit = match text(reply.get(1)).as_str() {
             "requests" => Limit::Requests,
@@ -519,8 +444,9 @@ impl RedisLimits {
                 invocation.key(k);
             }
             async move {
-                let mut conn = self.conn.clone();
-                self.bounded("settle", invocation.invoke_async::<i64>(&mut conn))
+                let mut conn = self.redis.conn();
+                self.redis
+                    .call("settle", invocation.invoke_async::<i64>(&mut conn))
                     .await
                     .map(|_| ())
             }
@@ -531,121 +457,17 @@ impl RedisLimits {
         Ok(())
     }
 
-    /// Adds one batch of usage to a key's daily, monthly and total counters, exactly
-    /// once per `batch_id` (a retry of a batch that did apply changes nothing), and
-    /// deletes the marker of `confirmed`, the previous batch already known to have
-    /// applied. The key's counters and the markers share a hash slot.
-    pub async fn record_usage(
-        &self,
-        key_id: &str,
-        day: &str,
-        batch_id: &str,
-        confirmed: Option<&str>,
-        totals: &UsageTotals,
-    ) -> Result<(), StoreError> {
-        use tollgate_api::usage;
-        // `YYYY-MM-DD` names the day; its first seven characters, the month.
-        let month = day.get(..7).unwrap_or(day);
-        let markers = usage::usage_key(key_id, "batch");
-        let marker = format!("{markers}:{batch_id}");
-        let previous = format!("{markers}:{}", confirmed.unwrap_or("none"));
-        let mut invocation = self.usage.prepare_invoke();
-        invocation
-            .key(marker)
-            .key(usage::usage_key(key_id, day))
-            .key(usage::usage_key(key_id, month))
-            .key(usage::usage_key(key_id, usage::TOTAL))
-            .key(previous)
-            .arg(totals.requests)
-            .arg(totals.input)
-            .arg(totals.output)
-            .arg(totals.spend)
-            .arg(usage::DAILY_TTL_SECS)
-            .arg(usage::MONTHLY_TTL_SECS)
-            .arg(USAGE_BATCH_MARKER_TTL.as_millis() as u64)
-            .arg(usage::REQUESTS)
-            .arg(usage::INPUT_TOKENS)
-            .arg(usage::OUTPUT_TOKENS)
-            .arg(usage::SPEND)
-            .arg(if confirmed.is_some() { "1" } else { "0" });
-        let mut conn = self.conn.clone();
-        let _: i64 = self
-            .bounded("usage", invocation.invoke_async(&mut conn))
-            .await?;
-        Ok(())
-    }
-
-    /// A shared cache entry: its content type and body.
-    pub async fn cache_get(&self, id: &str) -> Result<Option<(String, bytes::Bytes)>, StoreError> {
-        let mut conn = self.conn.clone();
-        let value: Option<Vec<u8>> = self
-            .bounded(
-                "cache_get",
-                redis::cmd("GET").arg(cache_key(id)).query_async(&mut conn),
-            )
-            .await?;
-        Ok(value.and_then(|v| {
-            // Stored as `<content type>\n<body>`.
-            let split = v.iter().position(|b| *b == b'\n')?;
-            let content_type = String::from_utf8(v[..split].to_vec()).ok()?;
-            Some((content_type, bytes::Bytes::copy_from_slice(&v[split + 1..])))
-        }))
-    }
-
-    /// Stores a shared cache entry for `ttl`.
-    pub async fn cache_put(
-        &self,
-        id: &str,
-        content_type: &str,
-        body: &[u8],
-        ttl: Duration,
-    ) -> Result<(), StoreError> {
-        let mut value = Vec::with_capacity(content_type.len() + 1 + body.len());
-        value.extend_from_slice(content_type.as_bytes());
-        value.push(b'\n');
-        value.extend_from_slice(body);
-        let mut conn = self.conn.clone();
-        let _: () = self
-            .bounded(
-                "cache_put",
-                redis::cmd("SET")
-                    .arg(cache_key(id))
-                    .arg(value)
-                    .arg("PX")
-                    .arg(ttl.as_millis().max(1) as u64)
-                    .query_async(&mut conn),
-            )
-            .await?;
-        Ok(())
-    }
-
-    /// The usage hashes of a key in `periods` (day, month or `total` ids), in order; an
-    /// absent hash reads as empty.
-    pub async fn usage(
-        &self,
-        key_id: &str,
-        periods: &[String],
-    ) -> Result<Vec<HashMap<String, String>>, StoreError> {
-        let mut conn = self.conn.clone();
-        let mut pipe = redis::pipe();
-        for period in periods {
-            pipe.cmd("HGETALL")
-                .arg(tollgate_api::usage::usage_key(key_id, period));
-        }
-        self.bounded("usage_read", pipe.query_async(&mut conn))
-            .await
-    }
-
     /// Settled spend of a key in its current budget period.
     pub async fn spent(
         &self,
         key_id: &str,
         period: tollgate_api::v1alpha1::BudgetPeriod,
     ) -> Result<f64, StoreError> {
-        let mut conn = self.conn.clone();
+        let mut conn = self.redis.conn();
         let (base, _) = budget_base(key_id, period, jiff::Timestamp::now());
         let value: Option<f64> = self
-            .bounded(
+            .redis
+            .call(
                 "budget_read",
                 redis::cmd("GET")
                     .arg(format!("{base}:spent"))
@@ -669,10 +491,6 @@ fn budget_base(
         tollgate_api::usage::budget_period_id(period, now)
     );
     (tollgate_api::usage::budget_prefix(key_id, period_id), until)
-}
-
-fn cache_key(id: &str) -> String {
-    format!("tollgate:{LAYOUT}:cache:{id}")
 }
 
 fn refill(missing: f64, capacity: f64) -> Duration {
