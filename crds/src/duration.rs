@@ -2,21 +2,41 @@
 
 use std::time::Duration;
 
+/// Why a duration was refused (the text quoted in each message).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DurationError {
+    /// Nothing to parse.
+    #[error("empty duration")]
+    Empty,
+    /// A number without its unit.
+    #[error("{0:?}: missing unit (ms, s, m or h)")]
+    MissingUnit(String),
+    /// Not a number where one belongs.
+    #[error("{0:?}: {1:?} is not a number")]
+    NotANumber(String, String),
+    /// A unit other than `ms`, `s`, `m` and `h`.
+    #[error("{0:?}: unknown unit; use ms, s, m or h")]
+    UnknownUnit(String),
+    /// More than a year.
+    #[error("{0:?}: longer than a year")]
+    TooLong(String),
+}
+
 /// Parses a duration made of `<number><unit>` groups with units `ms`, `s`, `m`, `h`.
-pub fn parse(text: &str) -> Result<Duration, String> {
+pub fn parse(text: &str) -> Result<Duration, DurationError> {
     if text.is_empty() {
-        return Err("empty duration".to_owned());
+        return Err(DurationError::Empty);
     }
     let mut total = 0f64;
     let mut rest = text;
     while !rest.is_empty() {
         let digits = rest
             .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-            .ok_or_else(|| format!("{text:?}: missing unit (ms, s, m or h)"))?;
+            .ok_or_else(|| DurationError::MissingUnit(text.to_owned()))?;
         let (number, tail) = rest.split_at(digits);
         let value: f64 = number
             .parse()
-            .map_err(|_| format!("{text:?}: {number:?} is not a number"))?;
+            .map_err(|_| DurationError::NotANumber(text.to_owned(), number.to_owned()))?;
         let (scale, tail) = if let Some(t) = tail.strip_prefix("ms") {
             (0.001, t)
         } else if let Some(t) = tail.strip_prefix('s') {
@@ -26,19 +46,19 @@ pub fn parse(text: &str) -> Result<Duration, String> {
         } else if let Some(t) = tail.strip_prefix('h') {
             (3600.0, t)
         } else {
-            return Err(format!("{text:?}: unknown unit; use ms, s, m or h"));
+            return Err(DurationError::UnknownUnit(text.to_owned()));
         };
         total += value * scale;
         rest = tail;
     }
     if !total.is_finite() || total > 366.0 * 24.0 * 3600.0 {
-        return Err(format!("{text:?}: longer than a year"));
+        return Err(DurationError::TooLong(text.to_owned()));
     }
     Ok(Duration::from_secs_f64(total))
 }
 
 /// Parses a duration and returns whole milliseconds.
-pub fn parse_millis(text: &str) -> Result<u64, String> {
+pub fn parse_millis(text: &str) -> Result<u64, DurationError> {
     parse(text).map(|d| d.as_millis() as u64)
 }
 

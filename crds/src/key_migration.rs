@@ -65,6 +65,17 @@ pub fn copies(change: &IdChange, now: jiff::Timestamp) -> Vec<(String, String)> 
     out
 }
 
+/// Why copying a key's state failed.
+#[derive(Debug, thiserror::Error)]
+pub enum CopyError {
+    /// Redis did not answer in time for one copy.
+    #[error("copying {0} timed out")]
+    Timeout(String),
+    /// Redis refused or the connection failed.
+    #[error(transparent)]
+    Redis(#[from] redis::RedisError),
+}
+
 /// Copies the state of every change (see [`copies`]); returns how many Redis keys were
 /// copied. Each copy keeps the source's time to live; an existing target is left alone.
 pub async fn copy_state(
@@ -72,16 +83,16 @@ pub async fn copy_state(
     changes: &[IdChange],
     now: jiff::Timestamp,
     timeout: Duration,
-) -> Result<usize, String> {
+) -> Result<usize, CopyError> {
     use futures_util::StreamExt;
     let pairs: Vec<(String, String)> = changes.iter().flat_map(|c| copies(c, now)).collect();
-    let results: Vec<Result<bool, String>> = futures_util::stream::iter(pairs)
+    let results: Vec<Result<bool, CopyError>> = futures_util::stream::iter(pairs)
         .map(|(from, to)| {
             let conn = conn.clone();
             async move {
                 tokio::time::timeout(timeout, copy_one(conn, &from, &to))
                     .await
-                    .map_err(|_| format!("copying {from} timed out"))?
+                    .map_err(|_| CopyError::Timeout(from))?
             }
         })
         .buffer_unordered(16)
@@ -94,20 +105,12 @@ pub async fn copy_state(
     Ok(copied)
 }
 
-async fn copy_one(mut conn: SharedConn, from: &str, to: &str) -> Result<bool, String> {
-    let dump: Option<Vec<u8>> = redis::cmd("DUMP")
-        .arg(from)
-        .query_async(&mut conn)
-        .await
-        .map_err(|e| e.to_string())?;
+async fn copy_one(mut conn: SharedConn, from: &str, to: &str) -> Result<bool, CopyError> {
+    let dump: Option<Vec<u8>> = redis::cmd("DUMP").arg(from).query_async(&mut conn).await?;
     let Some(dump) = dump else {
         return Ok(false);
     };
-    let ttl: i64 = redis::cmd("PTTL")
-        .arg(from)
-        .query_async(&mut conn)
-        .await
-        .map_err(|e| e.to_string())?;
+    let ttl: i64 = redis::cmd("PTTL").arg(from).query_async(&mut conn).await?;
     let restored: Result<(), _> = redis::cmd("RESTORE")
         .arg(to)
         .arg(ttl.max(0))
@@ -118,7 +121,7 @@ async fn copy_one(mut conn: SharedConn, from: &str, to: &str) -> Result<bool, St
         Ok(()) => Ok(true),
         // The new id already has state (gateways use it): never overwritten.
         Err(e) if e.code() == Some("BUSYKEY") => Ok(false),
-        Err(e) => Err(e.to_string()),
+        Err(e) => Err(e.into()),
     }
 }
 

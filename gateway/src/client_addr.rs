@@ -17,15 +17,20 @@ pub struct TrustedProxies {
     nets: Vec<IpNet>,
 }
 
+/// A `--trusted-proxies` item that is neither an address nor a CIDR.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0:?} is not an address or CIDR")]
+pub struct NotAnAddress(pub String);
+
 impl TrustedProxies {
     /// Parses CIDRs (`10.0.0.0/8`, `fd00::/8`) or single addresses.
-    pub fn parse(items: &[String]) -> Result<Self, String> {
+    pub fn parse(items: &[String]) -> Result<Self, NotAnAddress> {
         let mut nets = Vec::with_capacity(items.len());
         for item in items.iter().map(|i| i.trim()).filter(|i| !i.is_empty()) {
             let net = item
                 .parse::<IpNet>()
                 .or_else(|_| item.parse::<IpAddr>().map(IpNet::from))
-                .map_err(|_| format!("{item:?} is not an address or CIDR"))?;
+                .map_err(|_| NotAnAddress(item.to_owned()))?;
             nets.push(net);
         }
         Ok(Self { nets })
@@ -155,6 +160,6 @@ mod tests {
     #[test]
     fn bad_cidrs_are_refused() {
         let bad = TrustedProxies::parse(&["10.0.0.0/33".to_owned()]);
-        assert!(bad.unwrap_err().contains("10.0.0.0/33"));
+        assert!(bad.unwrap_err().to_string().contains("10.0.0.0/33"));
     }
 }

@@ -768,8 +768,8 @@ async fn serve_mock(
         Operation::Completions => mock::Shape::Completion,
         Operation::Embeddings => {
             let request: serde_json::Value = serde_json::from_slice(&req.body).unwrap_or_default();
-            let answer =
-                mock::embeddings(&request, &req.head.model).map_err(Failure::BadRequest)?;
+            let answer = mock::embeddings(&request, &req.head.model)
+                .map_err(|e| Failure::BadRequest(e.to_string()))?;
             if let Some(a) = accounting.as_mut() {
                 a.report(Usage {
                     prompt: answer["usage"]["prompt_tokens"].as_u64().unwrap_or(0),

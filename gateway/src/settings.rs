@@ -230,6 +230,6 @@ pub enum LogFormat {
     Text,
 }
 
-fn parse_duration(text: &str) -> Result<Duration, String> {
+fn parse_duration(text: &str) -> Result<Duration, tollgate_api::duration::DurationError> {
     tollgate_api::duration::parse(text)
 }

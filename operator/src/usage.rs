@@ -122,6 +122,28 @@ fn same_figures(a: &KeyUsage, b: &KeyUsage) -> bool {
 /// The field manager of usage writes (`status.usage` only).
 pub const USAGE_MANAGER: &str = "tollgate-operator-usage";
 
+/// Why a usage refresh stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum RefreshError {
+    /// Redis did not answer in time.
+    #[error("timed out")]
+    Timeout,
+    /// Redis refused or the connection failed.
+    #[error(transparent)]
+    Redis(#[from] redis::RedisError),
+    /// Leadership was lost during the pass.
+    #[error("stopped writing: this replica no longer holds the lease")]
+    LostLease,
+    /// The API server refused a status write.
+    #[error("updating usage of ApiKey {object}: {source}")]
+    Write {
+        /// `namespace/name`.
+        object: String,
+        /// What the API server said.
+        source: kube::Error,
+    },
+}
+
 /// Reads every key's counters and writes changed figures. Returns how many statuses were
 /// written.
 pub async fn refresh(
@@ -131,7 +153,7 @@ pub async fn refresh(
     currencies: &BTreeSet<String>,
     timeout: Duration,
     fence: &crate::leader::Fence,
-) -> Result<usize, String> {
+) -> Result<usize, RefreshError> {
     let now = Timestamp::now();
     let currency = (currencies.len() == 1)
         .then(|| currencies.iter().next().cloned())
@@ -154,8 +176,8 @@ pub async fn refresh(
                         .query_async::<std::collections::HashMap<String, String>>(&mut conn),
                 )
                 .await
-                .map_err(|_| "timed out".to_owned())?
-                .map_err(|e| e.to_string())
+                .map_err(|_| RefreshError::Timeout)?
+                .map_err(RefreshError::from)
             }
         });
         let results = futures_util::future::join_all(reads).await;
@@ -173,7 +195,7 @@ pub async fn refresh(
                 .unwrap_or_else(|| DEFAULT_NAMESPACE.to_owned());
             // Every write is fenced: a pass may outlast this replica's leadership.
             if !fence.holds() {
-                return Err("stopped writing: this replica no longer holds the lease".to_owned());
+                return Err(RefreshError::LostLease);
             }
             let api = Api::<ApiKey>::namespaced(client.clone(), &ns);
             let patch = json!({"status": {"usage": next}});
@@ -191,10 +213,10 @@ pub async fn refresh(
                 Ok(_) => written += 1,
                 Err(kube::Error::Api(s)) if s.code == 404 => {}
                 Err(e) => {
-                    return Err(format!(
-                        "updating usage of ApiKey {ns}/{}: {e}",
-                        key.name_any()
-                    ));
+                    return Err(RefreshError::Write {
+                        object: format!("{ns}/{}", key.name_any()),
+                        source: e,
+                    });
                 }
             }
         }

@@ -184,7 +184,7 @@ fn compile_one(
             }
             Ok(v) => v,
             Err(e) => {
-                report.error(object, reasons::INVALID_SPEC, field, e);
+                report.error(object, reasons::INVALID_SPEC, field, e.to_string());
                 0
             }
         }
@@ -482,7 +482,7 @@ fn mock(object: &ObjectRef, spec: &ProviderSpec, report: &mut Report) -> Option<
     let mut parse = |field: &str, text: &str| match duration::parse_millis(text) {
         Ok(v) => v,
         Err(e) => {
-            report.error(object, reasons::INVALID_SPEC, field, e);
+            report.error(object, reasons::INVALID_SPEC, field, e.to_string());
             0
         }
     };

@@ -299,7 +299,7 @@ fn timings(object: &ObjectRef, spec: &RoutePolicySpec, report: &mut Report) -> T
     let mut ms = |field: &str, text: &str| match duration::parse_millis(text) {
         Ok(v) => Some(v),
         Err(e) => {
-            report.error(object, reasons::INVALID_SPEC, field, e);
+            report.error(object, reasons::INVALID_SPEC, field, e.to_string());
             None
         }
     };

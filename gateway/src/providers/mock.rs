@@ -168,10 +168,15 @@ pub fn stream(
     })
 }
 
+/// An embeddings request without a usable `input`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("`input` must be a non-empty string or array")]
+pub struct NoInput;
+
 /// Deterministic embeddings for `input` (a string, or an array of strings or token
 /// arrays): one unit vector of `dimensions` per input, derived from its digest, encoded as
 /// floats or, when asked, base64 little-endian f32 (what the official SDKs request).
-pub fn embeddings(request: &Value, model: &str) -> Result<Value, String> {
+pub fn embeddings(request: &Value, model: &str) -> Result<Value, NoInput> {
     use base64::Engine;
     let inputs: Vec<String> = match &request["input"] {
         Value::String(s) => vec![s.clone()],
@@ -185,7 +190,7 @@ pub fn embeddings(request: &Value, model: &str) -> Result<Value, String> {
                     .collect()
             }
         }
-        _ => return Err("`input` must be a non-empty string or array".to_owned()),
+        _ => return Err(NoInput),
     };
     let dimensions = request["dimensions"].as_u64().unwrap_or(256).clamp(1, 4096) as usize;
     let base64 = request["encoding_format"].as_str() == Some("base64");
