@@ -1,6 +1,7 @@
 //! `tollgate-bench`: Tollgate's benchmark harness (see bench/README.md).
 
 mod config;
+mod dialects;
 mod guardrails;
 mod hostile;
 mod load;
@@ -45,7 +46,7 @@ enum Cmd {
         #[arg(long, default_value = "examples")]
         examples: PathBuf,
         /// Only these scenarios (comma-separated): single, saturation, streaming,
-        /// slow-upstream, reload, memory, guardrails, routing, hostile.
+        /// slow-upstream, reload, memory, guardrails, dialects, routing, hostile.
         #[arg(long, value_delimiter = ',')]
         only: Vec<String>,
     },

@@ -52,6 +52,7 @@ pub const SCENARIOS: &[&str] = &[
     "reload",
     "memory",
     "guardrails",
+    "dialects",
     "routing",
     "hostile",
 ];
@@ -290,6 +291,9 @@ pub async fn run(s: &Settings, report: &mut Report) -> anyhow::Result<()> {
     }
     if s.wants("guardrails") {
         guardrails(s, report, &bed).await?;
+    }
+    if s.wants("dialects") {
+        dialects(s, report, &bed).await?;
     }
     if s.wants("routing") {
         routing(s, report, &bed).await?;
@@ -1018,6 +1022,62 @@ async fn guardrails(s: &Settings, report: &mut Report, bed: &Bed) -> anyhow::Res
     report.add(
         SCENARIO,
         "tollgate, guardrails",
+        "added p99",
+        p99[1] as f64 - p99[0] as f64,
+        "µs",
+    );
+    Ok(())
+}
+
+/// What the canonical model costs and what the passthrough saves: the in-process CPU time
+/// of preparing an upstream body on each path (vs `parse_head` alone on the same body),
+/// and one request at a time through the gateway to the same OpenAI-style upstream from an
+/// OpenAI client (passthrough) and from an Anthropic client (translated both ways).
+async fn dialects(s: &Settings, report: &mut Report, bed: &Bed) -> anyhow::Result<()> {
+    const SCENARIO: &str = "Dialects (body preparation, 1 KB chat)";
+    let iterations = s.scale(200_000, 20_000) as u32;
+    for m in crate::dialects::measure(iterations)? {
+        report.add(SCENARIO, m.label, "parse only", m.baseline_ns, "ns");
+        let row = report.add(
+            SCENARIO,
+            m.label,
+            "added CPU per request",
+            m.ns - m.baseline_ns,
+            "ns",
+        );
+        row.baseline = Some(("parse only, ns".to_owned(), m.baseline_ns));
+        row.ratio = Some(m.ns / m.baseline_ns.max(0.001));
+        report.add(
+            SCENARIO,
+            m.label,
+            "sends the client's own buffer",
+            if m.same_buffer { 1.0 } else { 0.0 },
+            "count",
+        );
+    }
+    let count = s.scale(20_000, 2_000) as usize;
+    let mut anthropic = bed.plain.target("bench-small", false);
+    anthropic.path = "/v1/messages".to_owned();
+    anthropic.body = crate::dialects::messages_body("bench-small", false);
+    let subjects = [
+        (
+            "OpenAI client (passthrough)",
+            bed.plain.target("bench-small", false),
+        ),
+        ("Anthropic client (translated)", anthropic),
+    ];
+    let (p50, p99) = sequential_medians(report, SCENARIO, &subjects, count).await;
+    let row = report.add(
+        SCENARIO,
+        "Anthropic client (translated)",
+        "added p50",
+        p50[1] as f64 - p50[0] as f64,
+        "µs",
+    );
+    row.baseline = Some(("passthrough p50".to_owned(), us(p50[0])));
+    report.add(
+        SCENARIO,
+        "Anthropic client (translated)",
         "added p99",
         p99[1] as f64 - p99[0] as f64,
         "µs",
