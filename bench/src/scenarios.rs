@@ -261,6 +261,22 @@ async fn sequential_medians(
     (p50, p99)
 }
 
+/// Adds what the second of two subjects adds over the first: p50 (with the first's as
+/// its baseline, named `baseline`) and p99.
+fn added_latency(
+    report: &mut Report,
+    scenario: &str,
+    subjects: &[(&'static str, Target); 2],
+    baseline: &str,
+    (p50, p99): (Vec<u64>, Vec<u64>),
+) {
+    let subject = subjects[1].0;
+    let added = |v: &[u64]| v[1] as f64 - v[0] as f64;
+    let row = report.add(scenario, subject, "added p50", added(&p50), "µs");
+    row.baseline = Some((baseline.to_owned(), us(p50[0])));
+    report.add(scenario, subject, "added p99", added(&p99), "µs");
+}
+
 /// Runs the selected scenarios.
 pub async fn run(s: &Settings, report: &mut Report) -> anyhow::Result<()> {
     std::fs::create_dir_all(&s.work)?;
@@ -1010,22 +1026,8 @@ async fn guardrails(s: &Settings, report: &mut Report, bed: &Bed) -> anyhow::Res
             bed.plain.target("bench-guarded", false),
         ),
     ];
-    let (p50, p99) = sequential_medians(report, SCENARIO, &subjects, count).await;
-    let row = report.add(
-        SCENARIO,
-        "tollgate, guardrails",
-        "added p50",
-        p50[1] as f64 - p50[0] as f64,
-        "µs",
-    );
-    row.baseline = Some(("no guardrails p50".to_owned(), us(p50[0])));
-    report.add(
-        SCENARIO,
-        "tollgate, guardrails",
-        "added p99",
-        p99[1] as f64 - p99[0] as f64,
-        "µs",
-    );
+    let medians = sequential_medians(report, SCENARIO, &subjects, count).await;
+    added_latency(report, SCENARIO, &subjects, "no guardrails p50", medians);
     Ok(())
 }
 
@@ -1066,22 +1068,8 @@ async fn dialects(s: &Settings, report: &mut Report, bed: &Bed) -> anyhow::Resul
         ),
         ("Anthropic client (translated)", anthropic),
     ];
-    let (p50, p99) = sequential_medians(report, SCENARIO, &subjects, count).await;
-    let row = report.add(
-        SCENARIO,
-        "Anthropic client (translated)",
-        "added p50",
-        p50[1] as f64 - p50[0] as f64,
-        "µs",
-    );
-    row.baseline = Some(("passthrough p50".to_owned(), us(p50[0])));
-    report.add(
-        SCENARIO,
-        "Anthropic client (translated)",
-        "added p99",
-        p99[1] as f64 - p99[0] as f64,
-        "µs",
-    );
+    let medians = sequential_medians(report, SCENARIO, &subjects, count).await;
+    added_latency(report, SCENARIO, &subjects, "passthrough p50", medians);
     Ok(())
 }
 
