@@ -7,7 +7,7 @@
 use std::{hint::black_box, time::Instant};
 
 use bytes::Bytes;
-use tollgate_api::v1alpha1::ProviderType;
+use tollgate_api::{config::CompiledProvider, v1alpha1::ProviderType};
 use tollgate_gateway::{dialects::Operation, providers, request::parse_head};
 
 /// Prepares an upstream body from a client's.
@@ -68,24 +68,41 @@ pub fn measure(iterations: u32) -> anyhow::Result<Vec<Measured>> {
         parse_head(body).map_err(|e| anyhow::anyhow!("{e:?}"))?;
         Ok(body.clone())
     };
-    let prepare =
-        |adapter: &'static dyn providers::Adapter, operation: Operation, model: &'static str| {
-            move |body: &Bytes| -> anyhow::Result<Bytes> {
-                let head = parse_head(body).map_err(|e| anyhow::anyhow!("{e:?}"))?;
-                Ok(providers::request_body(adapter, operation, &head, body, model)?.bytes)
-            }
-        };
+    let provider = |kind: &str| -> anyhow::Result<CompiledProvider> {
+        Ok(serde_json::from_value(serde_json::json!({
+            "id": "bench/up", "type": kind, "baseUrl": "http://127.0.0.1:1/v1", "models": {},
+            "currency": "USD", "connectTimeoutMs": 1000, "requestTimeoutMs": 1000,
+            "streamIdleTimeoutMs": 1000, "circuitFailureThreshold": 5, "circuitOpenMs": 1000,
+        }))?)
+    };
+    let (openai_provider, anthropic_provider) = (provider("openai")?, provider("anthropic")?);
+    let prepare = |adapter: &'static dyn providers::Adapter,
+                   provider: &CompiledProvider,
+                   operation: Operation,
+                   model: &'static str| {
+        let provider = provider.clone();
+        move |body: &Bytes| -> anyhow::Result<Bytes> {
+            let head = parse_head(body).map_err(|e| anyhow::anyhow!("{e:?}"))?;
+            Ok(providers::request_body(adapter, &provider, operation, &head, body, model)?.bytes)
+        }
+    };
     let paths: [(&str, &Bytes, Box<Prepare>); 4] = [
         (
             "passthrough (OpenAI → OpenAI)",
             &chat,
-            Box::new(prepare(openai, Operation::ChatCompletions, "bench-small")),
+            Box::new(prepare(
+                openai,
+                &openai_provider,
+                Operation::ChatCompletions,
+                "bench-small",
+            )),
         ),
         (
             "passthrough, model renamed",
             &chat,
             Box::new(prepare(
                 openai,
+                &openai_provider,
                 Operation::ChatCompletions,
                 "gpt-4o-mini-2024-07-18",
             )),
@@ -93,13 +110,19 @@ pub fn measure(iterations: u32) -> anyhow::Result<Vec<Measured>> {
         (
             "translated (Anthropic → OpenAI)",
             &messages,
-            Box::new(prepare(openai, Operation::Messages, "bench-small")),
+            Box::new(prepare(
+                openai,
+                &openai_provider,
+                Operation::Messages,
+                "bench-small",
+            )),
         ),
         (
             "translated (OpenAI → Anthropic)",
             &chat,
             Box::new(prepare(
                 anthropic,
+                &anthropic_provider,
                 Operation::ChatCompletions,
                 "bench-small",
             )),

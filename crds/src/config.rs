@@ -58,6 +58,13 @@ pub struct CompiledProvider {
     /// Anthropic `anthropic-version`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub anthropic_version: Option<String>,
+    /// Anthropic betas clients may send (unset: every one).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub anthropic_betas: Option<crate::v1alpha1::BetaPolicy>,
+    /// The OpenAI APIs the upstream serves itself (unset: its type's defaults,
+    /// `OpenAiApi::defaults`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub apis: Option<Vec<crate::v1alpha1::OpenAiApi>>,
     /// Mock behaviour.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mock: Option<CompiledMock>,
@@ -87,6 +94,16 @@ pub struct CompiledProvider {
         skip_serializing_if = "crate::v1alpha1::HttpVersion::is_default"
     )]
     pub http_version: crate::v1alpha1::HttpVersion,
+}
+
+impl CompiledProvider {
+    /// Whether the upstream serves `api` itself.
+    pub fn serves(&self, api: crate::v1alpha1::OpenAiApi) -> bool {
+        match &self.apis {
+            Some(apis) => apis.contains(&api),
+            None => crate::v1alpha1::OpenAiApi::defaults(self.provider_type).contains(&api),
+        }
+    }
 }
 
 /// Header that carries the upstream credential.

@@ -36,6 +36,15 @@ pub fn usage_from_body(body: &[u8]) -> Option<Usage> {
     usage_from_value(&usage)
 }
 
+impl From<crate::canonical::Usage> for Usage {
+    fn from(u: crate::canonical::Usage) -> Self {
+        Self {
+            prompt: u.input,
+            completion: u.output,
+        }
+    }
+}
+
 /// Reads a `usage` object in either dialect.
 pub fn usage_from_value(u: &Value) -> Option<Usage> {
     if !u.is_object() {

@@ -14,7 +14,9 @@ use tollgate_api::{
 };
 
 use crate::{
-    accounting, cache, providers,
+    accounting, cache,
+    dialects::{Client, Dialect},
+    providers,
     relay::{Conversion, StreamTranslator},
     request, snapshot, sse, translate,
 };
@@ -110,11 +112,14 @@ pub fn sse(data: &[u8]) {
     assert_eq!(whole, chunked, "splitting the stream changed its events");
 
     for conversion in conversions() {
-        let translates = matches!(
+        let translates = matches!(conversion, Conversion::Translate { .. });
+        let passthrough_anthropic = matches!(
             conversion,
-            Conversion::AnthropicToOpenAi { .. } | Conversion::OpenAiToAnthropic { .. }
+            Conversion::Passthrough {
+                dialect: Dialect::Anthropic,
+                ..
+            }
         );
-        let passthrough_anthropic = matches!(conversion, Conversion::Anthropic);
         let whole_out = relay(conversion.clone(), &[stream]);
         let chunked_out = relay(conversion, &pieces);
         let (a, b) = (reparse(&whole_out), reparse(&chunked_out));
@@ -154,18 +159,25 @@ fn split(data: &[u8], seed: u8) -> Vec<&[u8]> {
     pieces
 }
 
-fn conversions() -> [Conversion; 5] {
+fn conversions() -> [Conversion; 8] {
+    let client = |dialect| Client {
+        dialect,
+        model: "client-model".into(),
+        include_usage: true,
+        echo: None,
+    };
     [
-        Conversion::OpenAi { strip_usage: false },
-        Conversion::OpenAi { strip_usage: true },
-        Conversion::Anthropic,
-        Conversion::AnthropicToOpenAi {
-            model: "client-model".into(),
-            include_usage: true,
+        Conversion::passthrough(Dialect::OpenAi),
+        Conversion::Passthrough {
+            dialect: Dialect::OpenAi,
+            strip_usage: true,
         },
-        Conversion::OpenAiToAnthropic {
-            model: "client-model".into(),
-        },
+        Conversion::passthrough(Dialect::Anthropic),
+        Conversion::passthrough(Dialect::Responses),
+        Conversion::between(client(Dialect::OpenAi), Dialect::Anthropic, false),
+        Conversion::between(client(Dialect::Anthropic), Dialect::OpenAi, false),
+        Conversion::between(client(Dialect::Responses), Dialect::OpenAi, false),
+        Conversion::between(client(Dialect::Responses), Dialect::Anthropic, false),
     ]
 }
 
@@ -197,6 +209,10 @@ fn without_created(events: &[sse::Event]) -> Vec<(Option<String>, Value)> {
                 .unwrap_or_else(|_| Value::String(e.data.clone()));
             if let Some(o) = data.as_object_mut() {
                 o.remove("created");
+                // A Responses event's response object carries its creation time too.
+                if let Some(Value::Object(r)) = o.get_mut("response") {
+                    r.remove("created_at");
+                }
             }
             (e.event.clone(), data)
         })
@@ -229,9 +245,59 @@ pub fn translate(data: &[u8]) {
     reparses(&translate::openai_error_to_anthropic(&value, status));
     reparses(&translate::anthropic_error_to_openai(&value));
 
+    // The Responses API: requests to both chat dialects, answers of each dialect as a
+    // response object, and a stream of chat chunks as Responses events.
+    use crate::dialects::{anthropic, openai_chat, responses};
+    if let Ok(request) = responses::parse_request(&value) {
+        check_openai_request(&openai_chat::render_request(&request, UPSTREAM_MODEL));
+        check_anthropic_request(&anthropic::render_request(&request, UPSTREAM_MODEL));
+        reparses(&responses::render_request(&request, UPSTREAM_MODEL));
+    }
+    let echo = responses::Echo::of(&value, "client-model");
+    for answer in [
+        openai_chat::parse_answer(&value),
+        anthropic::parse_answer(&value),
+        responses::parse_answer(&value),
+    ] {
+        let out = responses::render_answer(&answer, &echo, created);
+        assert_eq!(out["object"], "response");
+        reparses(&out);
+    }
+
     let events: &[Value] = value.as_array().map_or(&[], Vec::as_slice);
     anthropic_stream_to_openai(events);
     openai_stream_to_anthropic(events);
+    openai_stream_to_responses(events, echo);
+}
+
+fn openai_stream_to_responses(events: &[Value], echo: crate::dialects::responses::Echo) {
+    let mut decoder = crate::dialects::openai_chat::StreamDecoder::default();
+    let mut encoder = crate::dialects::responses::StreamEncoder::new(echo, 0);
+    let mut sequence = 0;
+    let mut terminal = 0;
+    let all = events
+        .iter()
+        .map(|e| match e {
+            Value::String(s) => s.clone(),
+            other => other.to_string(),
+        })
+        .chain(std::iter::once("[DONE]".to_owned()));
+    for data in all {
+        for event in decoder.on_data(&data) {
+            for (name, out) in encoder.on_event(&event) {
+                assert_eq!(out["type"], name.as_str());
+                assert_eq!(out["sequence_number"], sequence, "numbered in order");
+                sequence += 1;
+                if matches!(
+                    name.as_str(),
+                    "response.completed" | "response.incomplete" | "response.failed"
+                ) {
+                    terminal += 1;
+                }
+            }
+        }
+    }
+    assert_eq!(terminal, 1, "exactly one terminal event");
 }
 
 fn anthropic_stream_to_openai(events: &[Value]) {

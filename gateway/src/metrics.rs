@@ -29,6 +29,8 @@ pub enum OperationLabel {
     embeddings,
     /// Anthropic messages.
     messages,
+    /// OpenAI Responses.
+    responses,
 }
 
 impl From<crate::dialects::Operation> for OperationLabel {
@@ -39,6 +41,7 @@ impl From<crate::dialects::Operation> for OperationLabel {
             Operation::Completions => Self::completions,
             Operation::Embeddings => Self::embeddings,
             Operation::Messages => Self::messages,
+            Operation::Responses => Self::responses,
         }
     }
 }

@@ -23,7 +23,7 @@ use tracing::Instrument;
 
 use crate::{
     accounting::{Accounting, Usage},
-    dialects::{Dialect, Operation},
+    dialects::{Client, Dialect, Operation},
     error::ApiError,
     metrics::{AttemptLabels, AttemptOutcome, DecisionLabels, Metrics},
     providers::{self, mock},
@@ -34,7 +34,7 @@ use crate::{
     target_stats::{Latency, Slot, StreamFeedback},
     targets::Provider,
     targets::{Health, ProviderModel, ResolvedTarget, Route},
-    translate, upstream,
+    upstream,
 };
 
 /// Longest upstream `Retry-After` the gateway waits for before retrying the same target.
@@ -75,6 +75,16 @@ pub struct Forward<'a> {
 }
 
 impl Forward<'_> {
+    /// The client, as its answers are rendered (`echo`: a translated Responses request).
+    fn client(&self, echo: Option<Box<crate::dialects::responses::Echo>>) -> Client {
+        Client {
+            dialect: self.operation.client_dialect(),
+            model: self.head.model.clone(),
+            include_usage: self.head.include_usage(),
+            echo,
+        }
+    }
+
     /// A fresh guard for one streamed answer in the client's dialect.
     fn answer_guard(&self) -> Option<crate::stream_guard::StreamGuard> {
         self.answers.as_ref().map(|rules| {
@@ -519,7 +529,7 @@ pub fn body_work(
         let Some(adapter) = provider.adapter else {
             continue;
         };
-        if adapter.dialect() != client {
+        if adapter.upstream_dialect(&provider.config, operation) != client {
             work.translates = true;
             continue;
         }
@@ -572,9 +582,16 @@ async fn attempt_once(
     let upstream_model = model.upstream_name.as_str();
     // Streams from OpenAI-style upstreams always carry usage, for accounting; the extra
     // chunk is removed again when the client did not ask for it.
-    let body = providers::request_body(adapter, req.operation, req.head, &req.body, upstream_model)
-        .map_err(|e| Failure::BadRequest(e.to_string()))?;
-    let inject_usage = body.injected_usage;
+    let body = providers::request_body(
+        adapter,
+        config,
+        req.operation,
+        req.head,
+        &req.body,
+        upstream_model,
+    )
+    .map_err(|e| Failure::BadRequest(e.to_string()))?;
+    let (inject_usage, echo) = (body.injected_usage, body.echo);
     let body = body.bytes;
     // Parsed once per reload; parsing on the fly only for a model the snapshot lacks.
     let url = match model.endpoint(req.operation) {
@@ -621,9 +638,8 @@ async fn attempt_once(
         Ok(Ok(r)) => r,
     };
     let conversion = Conversion::between(
-        req.operation.client_dialect(),
-        adapter.dialect(),
-        req.head,
+        req.client(echo),
+        adapter.upstream_dialect(config, req.operation),
         inject_usage,
     );
     let status = response.status();
@@ -764,7 +780,9 @@ async fn serve_mock(
         tokio::time::sleep(Duration::from_millis(settings.latency_ms)).await;
     }
     let shape = match req.operation {
-        Operation::ChatCompletions | Operation::Messages => mock::Shape::Chat,
+        Operation::ChatCompletions | Operation::Messages | Operation::Responses => {
+            mock::Shape::Chat
+        }
         Operation::Completions => mock::Shape::Completion,
         Operation::Embeddings => {
             let request: serde_json::Value = serde_json::from_slice(&req.body).unwrap_or_default();
@@ -787,8 +805,15 @@ async fn serve_mock(
     let id = format!("{prefix}-{}", req.request_id);
     let created = jiff::Timestamp::now().as_second();
     let answer = mock::answer(&settings, &req.body, req.prompt_estimate);
-    // The mock speaks OpenAI; Anthropic clients get its answer translated.
-    let anthropic = req.operation.client_dialect() == Dialect::Anthropic;
+    // The mock speaks OpenAI chat; clients of other dialects get its answer translated.
+    let translated = req.operation.client_dialect() != Dialect::OpenAi;
+    let client = || {
+        let echo = (req.operation == Operation::Responses)
+            .then(|| serde_json::from_slice::<serde_json::Value>(&req.body).ok())
+            .flatten()
+            .map(|body| Box::new(crate::dialects::responses::Echo::of(&body, &req.head.model)));
+        req.client(echo)
+    };
     if req.head.stream {
         // The mock's usage is known up front.
         if let Some(a) = accounting.as_mut() {
@@ -797,7 +822,7 @@ async fn serve_mock(
                 completion: answer.tokens.len() as u64,
             });
         }
-        let include_usage = req.head.include_usage() || anthropic;
+        let include_usage = req.head.include_usage() || translated;
         let frames = mock::stream(
             shape,
             answer,
@@ -807,13 +832,7 @@ async fn serve_mock(
             created,
             include_usage,
         );
-        let conversion = if anthropic {
-            Conversion::OpenAiToAnthropic {
-                model: req.head.model.clone(),
-            }
-        } else {
-            Conversion::OpenAi { strip_usage: false }
-        };
+        let conversion = Conversion::between(client(), Dialect::OpenAi, false);
         let translator = StreamTranslator::new(conversion).guarded(req.answer_guard());
         return Ok(relay::local_stream(
             Box::pin(frames),
@@ -828,12 +847,9 @@ async fn serve_mock(
             completion: answer.tokens.len() as u64,
         });
     }
-    if anthropic {
-        return Ok(Json(translate::openai_to_anthropic_response(
-            &completion,
-            &req.head.model,
-        ))
-        .into_response());
+    if translated {
+        let answer = crate::dialects::openai_chat::parse_answer(&completion);
+        return Ok(Json(client().render_answer(&answer, created)).into_response());
     }
     Ok(Json(completion).into_response())
 }

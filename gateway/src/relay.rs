@@ -16,99 +16,100 @@ use serde_json::{Value, json};
 
 use crate::{
     accounting::{Accounting, Usage, usage_from_body, usage_from_value},
-    dialects::Dialect,
+    canonical::Event,
+    dialects::{Client, Decoder, Dialect, Encoder, StreamUsage, responses},
     metrics::{Metrics, RouteLabels},
     request::RequestHead,
-    sse, translate,
+    sse,
 };
 
 /// How an upstream answer is rewritten for the client.
 #[derive(Debug, Clone)]
 pub enum Conversion {
-    /// OpenAI to OpenAI. `strip_usage`: the gateway asked for the usage chunk the client
-    /// did not, so it is removed from the stream.
-    OpenAi {
+    /// The client and the upstream speak the same dialect: the upstream's bytes as they
+    /// come, except, for OpenAI chat, the usage chunk the gateway asked for and the client
+    /// did not (`strip_usage`).
+    Passthrough {
+        /// The dialect both speak.
+        dialect: Dialect,
         /// Drop the usage-only chunk.
         strip_usage: bool,
     },
-    /// Anthropic to Anthropic.
-    Anthropic,
-    /// Anthropic upstream, OpenAI client.
-    AnthropicToOpenAi {
-        /// Model name the client used.
-        model: String,
-        /// Whether the client asked for the usage chunk.
-        include_usage: bool,
-    },
-    /// OpenAI upstream, Anthropic client.
-    OpenAiToAnthropic {
-        /// Model name the client used.
-        model: String,
+    /// Through the canonical model: parsed in the upstream's dialect, rendered in the
+    /// client's.
+    Translate {
+        /// The upstream's dialect.
+        upstream: Dialect,
+        /// The client, and what its answers echo.
+        client: Box<Client>,
     },
 }
 
 impl Conversion {
-    /// The conversion for a client and upstream dialect; `injected_usage` says whether the
-    /// gateway added `stream_options.include_usage` to the upstream request.
-    pub fn between(
-        client: Dialect,
-        upstream: Dialect,
-        head: &RequestHead,
-        injected_usage: bool,
-    ) -> Self {
-        match (client, upstream) {
-            (Dialect::OpenAi, Dialect::OpenAi) => Self::OpenAi {
+    /// The conversion from an `upstream` dialect to `client`; `injected_usage` says
+    /// whether the gateway added `stream_options.include_usage` to the upstream request.
+    pub fn between(client: Client, upstream: Dialect, injected_usage: bool) -> Self {
+        if client.dialect == upstream {
+            Self::Passthrough {
+                dialect: upstream,
                 strip_usage: injected_usage,
-            },
-            (Dialect::Anthropic, Dialect::Anthropic) => Self::Anthropic,
-            (Dialect::OpenAi, Dialect::Anthropic) => Self::AnthropicToOpenAi {
-                model: head.model.clone(),
-                include_usage: head.include_usage(),
-            },
-            (Dialect::Anthropic, Dialect::OpenAi) => Self::OpenAiToAnthropic {
-                model: head.model.clone(),
-            },
+            }
+        } else {
+            Self::Translate {
+                upstream,
+                client: Box::new(client),
+            }
         }
     }
 
-    fn translates(&self) -> bool {
-        matches!(
-            self,
-            Self::AnthropicToOpenAi { .. } | Self::OpenAiToAnthropic { .. }
+    /// Bytes passed through as they are, in `dialect`.
+    pub fn passthrough(dialect: Dialect) -> Self {
+        Self::Passthrough {
+            dialect,
+            strip_usage: false,
+        }
+    }
+
+    /// The conversion a client of `head`'s request in `client` gets from `upstream`.
+    pub fn for_request(client: Dialect, upstream: Dialect, head: &RequestHead) -> Self {
+        Self::between(
+            Client {
+                dialect: client,
+                model: head.model.clone(),
+                include_usage: head.include_usage(),
+                echo: None,
+            },
+            upstream,
+            false,
         )
+    }
+
+    fn translates(&self) -> bool {
+        matches!(self, Self::Translate { .. })
     }
 
     pub(crate) fn client_dialect(&self) -> Dialect {
         match self {
-            Self::OpenAi { .. } | Self::AnthropicToOpenAi { .. } => Dialect::OpenAi,
-            Self::Anthropic | Self::OpenAiToAnthropic { .. } => Dialect::Anthropic,
+            Self::Passthrough { dialect, .. } => *dialect,
+            Self::Translate { client, .. } => client.dialect,
         }
     }
 
     /// Rewrites a complete JSON body (answer or error) for the client.
     fn body(&self, status: StatusCode, bytes: Bytes) -> Bytes {
-        if !self.translates() {
+        let Self::Translate { upstream, client } = self else {
             return bytes;
-        }
+        };
         let Ok(value) = serde_json::from_slice::<Value>(&bytes) else {
             return bytes;
         };
-        let out = match (self, status.is_success()) {
-            (Self::AnthropicToOpenAi { model, .. }, true) => {
-                translate::anthropic_to_openai_response(
-                    &value,
-                    model,
-                    jiff::Timestamp::now().as_second(),
-                )
-            }
-            (Self::AnthropicToOpenAi { .. }, false) => translate::anthropic_error_to_openai(&value),
-            (Self::OpenAiToAnthropic { model }, true) => {
-                translate::openai_to_anthropic_response(&value, model)
-            }
-            (Self::OpenAiToAnthropic { .. }, false) => {
-                translate::openai_error_to_anthropic(&value, status.as_u16())
-            }
-            _ => return bytes,
+        let out = if status.is_success() {
+            client.render_answer(
+                &upstream.parse_answer(&value),
+                jiff::Timestamp::now().as_second(),
+            )
+        } else {
+            client.render_error(&upstream.parse_error(&value), status.as_u16())
         };
         Bytes::from(out.to_string())
     }
@@ -221,7 +222,7 @@ pub fn error_body(status: StatusCode, bytes: &[u8], dialect: Dialect, secrets: &
     };
     let param = text(&error["param"]).filter(|t| t.len() <= 200);
     match dialect {
-        Dialect::OpenAi => json!({"error": {
+        Dialect::OpenAi | Dialect::Responses => json!({"error": {
             "message": message,
             "type": kind.unwrap_or_else(|| "upstream_error".to_owned()),
             "param": param,
@@ -510,33 +511,50 @@ pub struct StreamTranslator {
     saw_end: bool,
     /// The upstream sent an error event.
     saw_error: bool,
+    /// Events sent to a Responses client so far (the next event's `sequence_number`).
+    sent: u64,
+    /// The client's dialect.
+    client: Dialect,
 }
 
 #[derive(Debug)]
 enum Mode {
     OpenAi { strip_usage: bool },
     Anthropic,
-    AnthropicToOpenAi(translate::AnthropicToOpenAiStream),
-    OpenAiToAnthropic(translate::OpenAiToAnthropicStream),
+    Responses,
+    Translate(Box<Translation>),
+}
+
+/// A stream translated through the canonical model.
+#[derive(Debug)]
+struct Translation {
+    decoder: Decoder,
+    encoder: Encoder,
+    seen: StreamUsage,
 }
 
 impl StreamTranslator {
     /// A translator for one stream.
     pub fn new(conversion: Conversion) -> Self {
+        let client = conversion.client_dialect();
         let mode = match conversion {
-            Conversion::OpenAi { strip_usage } => Mode::OpenAi { strip_usage },
-            Conversion::Anthropic => Mode::Anthropic,
-            Conversion::AnthropicToOpenAi {
-                model,
-                include_usage,
-            } => Mode::AnthropicToOpenAi(translate::AnthropicToOpenAiStream::new(
-                &model,
-                jiff::Timestamp::now().as_second(),
-                include_usage,
-            )),
-            Conversion::OpenAiToAnthropic { model } => {
-                Mode::OpenAiToAnthropic(translate::OpenAiToAnthropicStream::new(&model))
-            }
+            Conversion::Passthrough {
+                dialect: Dialect::OpenAi,
+                strip_usage,
+            } => Mode::OpenAi { strip_usage },
+            Conversion::Passthrough {
+                dialect: Dialect::Anthropic,
+                ..
+            } => Mode::Anthropic,
+            Conversion::Passthrough {
+                dialect: Dialect::Responses,
+                ..
+            } => Mode::Responses,
+            Conversion::Translate { upstream, client } => Mode::Translate(Box::new(Translation {
+                decoder: Decoder::new(upstream),
+                encoder: client.encoder(jiff::Timestamp::now().as_second()),
+                seen: StreamUsage::default(),
+            })),
         };
         Self {
             parser: sse::Parser::default(),
@@ -545,6 +563,21 @@ impl StreamTranslator {
             guard: None,
             saw_end: false,
             saw_error: false,
+            sent: 0,
+            client,
+        }
+    }
+
+    /// Events sent so far to a Responses client (each ends with a blank line).
+    pub fn events_sent(&self) -> u64 {
+        self.sent
+    }
+
+    /// Counts the events of `out` when the client speaks the Responses API, whose events
+    /// are numbered.
+    fn count(&mut self, out: &[u8]) {
+        if self.client == Dialect::Responses {
+            self.sent += out.windows(2).filter(|w| w == b"\n\n").count() as u64;
         }
     }
 
@@ -580,6 +613,7 @@ impl StreamTranslator {
                 sse::write_event(&mut out, name.as_deref(), &data);
             }
         }
+        self.count(&out);
         Bytes::from(out)
     }
 
@@ -649,51 +683,56 @@ impl StreamTranslator {
                     }
                     emit(&mut out, guard, event.event.as_deref(), &event.data);
                 }
-                Mode::AnthropicToOpenAi(t) => {
-                    let data: Value = serde_json::from_str(&event.data).unwrap_or_default();
-                    let name = event
-                        .event
-                        .as_deref()
-                        .or_else(|| data["type"].as_str())
-                        .unwrap_or_default()
-                        .to_owned();
-                    match name.as_str() {
-                        "message_stop" => self.saw_end = true,
-                        "error" => self.saw_error = true,
+                Mode::Responses => {
+                    let v: Value = serde_json::from_str(&event.data).unwrap_or_default();
+                    match v["type"].as_str() {
+                        Some("response.completed" | "response.incomplete") => {
+                            self.saw_end = true;
+                            if let (Some(a), Some(u)) =
+                                (accounting.as_deref_mut(), responses::stream_usage(&v))
+                            {
+                                a.report(Usage {
+                                    prompt: u.input,
+                                    completion: u.output,
+                                });
+                            }
+                        }
+                        Some("response.failed" | "error") => self.saw_error = true,
+                        Some(
+                            "response.output_text.delta" | "response.function_call_arguments.delta",
+                        ) => {
+                            if let Some(a) = accounting.as_deref_mut() {
+                                a.relayed_piece();
+                            }
+                        }
                         _ => {}
                     }
-                    if name == "content_block_delta"
-                        && let Some(a) = accounting.as_deref_mut()
-                    {
-                        a.relayed_piece();
-                    }
-                    for payload in t.on_event(&name, &data) {
-                        emit(&mut out, guard, None, &payload);
-                    }
-                    if let (Some(a), Some(u)) = (accounting.as_deref_mut(), t.usage()) {
-                        a.report(u);
-                    }
+                    emit(&mut out, guard, event.event.as_deref(), &event.data);
                 }
-                Mode::OpenAiToAnthropic(t) => {
-                    for (name, data) in t.on_data(&event.data) {
-                        match name.as_str() {
-                            "message_stop" => self.saw_end = true,
-                            "error" => self.saw_error = true,
+                Mode::Translate(t) => {
+                    for e in t.decoder.on_event(event.event.as_deref(), &event.data) {
+                        match &e {
+                            Event::Done => self.saw_end = true,
+                            Event::Error(_) => self.saw_error = true,
+                            Event::Text(_) | Event::ToolCallArguments { .. } => {
+                                if let Some(a) = accounting.as_deref_mut() {
+                                    a.relayed_piece();
+                                }
+                            }
                             _ => {}
                         }
-                        if name == "content_block_delta"
-                            && let Some(a) = accounting.as_deref_mut()
-                        {
-                            a.relayed_piece();
+                        t.seen.note(&e);
+                        for (name, data) in t.encoder.on_event(&e) {
+                            emit(&mut out, guard, name.as_deref(), &data);
                         }
-                        emit(&mut out, guard, Some(&name), &data.to_string());
                     }
-                    if let (Some(a), Some(u)) = (accounting.as_deref_mut(), t.usage()) {
-                        a.report(u);
+                    if let (Some(a), Some(u)) = (accounting.as_deref_mut(), t.seen.get()) {
+                        a.report(u.into());
                     }
                 }
             }
         }
+        self.count(&out);
         Ok(Bytes::from(out))
     }
 }
@@ -816,16 +855,25 @@ where
                     if let Some(f) = guards.feedback.take() {
                         f.failed();
                     }
-                    return Some((Ok(stream_error(error, dialect)), (s, t, guards, true)));
+                    let sequence = t.events_sent();
+                    return Some((
+                        Ok(stream_error(error, dialect, sequence)),
+                        (s, t, guards, true),
+                    ));
                 }
             }
         },
     )
 }
 
-/// An SSE error event in the client's error shape.
-fn stream_error(message: &str, dialect: Dialect) -> Bytes {
+/// An SSE error event in the client's error shape (`sequence`: a Responses event's
+/// number, the count of events sent before it).
+fn stream_error(message: &str, dialect: Dialect, sequence: u64) -> Bytes {
     match dialect {
+        Dialect::Responses => Bytes::from(format!(
+            "event: error\ndata: {}\n\n",
+            json!({ "type": "error", "code": "upstream_stream_error", "message": message, "param": null, "sequence_number": sequence })
+        )),
         Dialect::OpenAi => Bytes::from(format!(
             "data: {}\n\n",
             json!({ "error": { "message": message, "type": "server_error", "param": null, "code": "upstream_stream_error" } })
@@ -840,6 +888,10 @@ fn stream_error(message: &str, dialect: Dialect) -> Bytes {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn head(model: &str) -> RequestHead {
+        crate::request::parse_head(format!(r#"{{"model":"{model}"}}"#).as_bytes()).unwrap()
+    }
 
     fn guards() -> StreamGuards {
         StreamGuards {
@@ -902,8 +954,8 @@ mod tests {
     #[test]
     fn multi_line_data_is_relayed_as_several_data_lines() {
         for conversion in [
-            Conversion::OpenAi { strip_usage: false },
-            Conversion::Anthropic,
+            Conversion::passthrough(Dialect::OpenAi),
+            Conversion::passthrough(Dialect::Anthropic),
         ] {
             let mut t = StreamTranslator::new(conversion);
             let out = t
@@ -921,7 +973,7 @@ mod tests {
         let chunks: Vec<Bytes> = relay_chunks(
             Box::pin(upstream),
             Duration::from_millis(50),
-            Conversion::OpenAi { strip_usage: false },
+            Conversion::passthrough(Dialect::OpenAi),
             guards(),
             ending.clone(),
         )
@@ -956,8 +1008,9 @@ mod tests {
 
     #[tokio::test]
     async fn the_relay_says_how_each_stream_ended() {
-        let openai = || Conversion::OpenAi { strip_usage: false };
-        let to_anthropic = || Conversion::OpenAiToAnthropic { model: "m".into() };
+        let openai = || Conversion::passthrough(Dialect::OpenAi);
+        let to_anthropic =
+            || Conversion::for_request(Dialect::Anthropic, Dialect::OpenAi, &head("m"));
         let done = "data: {\"choices\":[{\"delta\":{\"content\":\"a\"}}]}\n\ndata: [DONE]\n\n";
         let cut = "data: {\"choices\":[{\"delta\":{\"content\":\"a\"}}]}\n\n";
         let error = "data: {\"error\":{\"message\":\"overloaded\"}}\n\n";
@@ -982,17 +1035,22 @@ mod tests {
         let anthropic_done = "event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"usage\":{}}}\n\nevent: message_stop\ndata: {\"type\":\"message_stop\"}\n\n";
         let anthropic_error = "event: error\ndata: {\"type\":\"error\",\"error\":{\"type\":\"overloaded_error\",\"message\":\"busy\"}}\n\n";
         assert_eq!(
-            ending_of(Conversion::Anthropic, &[anthropic_done]).await,
+            ending_of(
+                Conversion::passthrough(Dialect::Anthropic),
+                &[anthropic_done]
+            )
+            .await,
             Some(StreamEnd::Complete)
         );
         assert_eq!(
-            ending_of(Conversion::Anthropic, &[anthropic_error, anthropic_done]).await,
+            ending_of(
+                Conversion::passthrough(Dialect::Anthropic),
+                &[anthropic_error, anthropic_done]
+            )
+            .await,
             Some(StreamEnd::Failed)
         );
-        let to_openai = Conversion::AnthropicToOpenAi {
-            model: "m".into(),
-            include_usage: false,
-        };
+        let to_openai = Conversion::for_request(Dialect::OpenAi, Dialect::Anthropic, &head("m"));
         assert_eq!(
             ending_of(to_openai, &[anthropic_done]).await,
             Some(StreamEnd::Complete)
@@ -1001,7 +1059,10 @@ mod tests {
 
     #[test]
     fn an_injected_usage_chunk_is_stripped_and_everything_else_relayed() {
-        let mut t = StreamTranslator::new(Conversion::OpenAi { strip_usage: true });
+        let mut t = StreamTranslator::new(Conversion::Passthrough {
+            dialect: Dialect::OpenAi,
+            strip_usage: true,
+        });
         let out = t
             .feed(
                 b"data: {\"choices\":[{\"delta\":{\"content\":\"a\"}}],\"usage\":null}\n\ndata: {\"choices\":[],\"usage\":{\"prompt_tokens\":1,\"completion_tokens\":1}}\n\ndata: [DONE]\n\n",

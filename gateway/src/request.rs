@@ -18,8 +18,8 @@ pub struct RequestHead {
     /// `stream_options`.
     #[serde(default, deserialize_with = "optional_object")]
     pub stream_options: Option<StreamOptions>,
-    /// `max_tokens` (or its newer name), for token estimates.
-    #[serde(default, alias = "max_completion_tokens")]
+    /// `max_tokens` (or its newer name, or the Responses API's), for token estimates.
+    #[serde(default, alias = "max_completion_tokens", alias = "max_output_tokens")]
     pub max_tokens: Option<u64>,
 }
 

@@ -118,6 +118,11 @@ pub struct StreamGuard {
     /// OpenAI: the last chunk's fields besides `choices` and `usage`, for the chunks the
     /// guard adds to release held text.
     envelope: Option<serde_json::Map<String, Value>>,
+    /// Responses: the last delta event of each channel, for the deltas the guard adds.
+    deltas: BTreeMap<(u64, Field), Value>,
+    /// Responses: the next `sequence_number` (events are renumbered as the guard adds and
+    /// holds some back).
+    sequence: u64,
     stopped: bool,
 }
 
@@ -134,6 +139,8 @@ impl StreamGuard {
             verdict: Verdict::default(),
             reported: 0,
             envelope: None,
+            deltas: BTreeMap::new(),
+            sequence: 0,
             stopped: false,
         }
     }
@@ -152,6 +159,7 @@ impl StreamGuard {
         let result = match self.dialect {
             Dialect::OpenAi => self.openai(data, out),
             Dialect::Anthropic => self.anthropic(name, data, out),
+            Dialect::Responses => self.responses(name, data, out),
         };
         if result.is_err() {
             self.stop(out);
@@ -187,7 +195,15 @@ impl StreamGuard {
                 json!({"type": "error", "error": {"type": "api_error", "message": error.to_string()}})
                     .to_string(),
             ),
+            Dialect::Responses => self.responses_error("guardrail_blocked", &error.to_string()),
         });
+    }
+
+    /// A Responses `error` event, numbered.
+    fn responses_error(&mut self, code: &str, message: &str) -> Event {
+        let data = json!({"type": "error", "code": code, "message": message, "param": null, "sequence_number": self.sequence});
+        self.sequence += 1;
+        (Some("error".to_owned()), data.to_string())
     }
 
     /// Adds `piece` to a channel and returns what may be released now (all of it when
@@ -281,6 +297,15 @@ impl StreamGuard {
             Dialect::OpenAi => {
                 if let Some(chunk) = self.openai_chunk(index, texts) {
                     out.push((None, chunk));
+                }
+            }
+            Dialect::Responses => {
+                for (field, text) in texts {
+                    let Some(mut event) = self.deltas.get(&(index, field)).cloned() else {
+                        continue;
+                    };
+                    event["delta"] = Value::String(text);
+                    self.push_numbered(event, out);
                 }
             }
             Dialect::Anthropic => {
@@ -411,8 +436,7 @@ impl StreamGuard {
         data: &str,
         out: &mut Vec<Event>,
     ) -> Result<(), Blocked> {
-        let Ok(mut event) = serde_json::from_str::<Value>(data) else {
-            out.push((name.map(str::to_owned), data.to_owned()));
+        let Some(mut event) = parsed(name, data, out) else {
             return Ok(());
         };
         let kind = name
@@ -448,6 +472,127 @@ impl StreamGuard {
         }
         out.push((name.map(str::to_owned), data.to_owned()));
         Ok(())
+    }
+}
+
+impl StreamGuard {
+    /// A Responses API event (`response.*`): deltas held and released like the other
+    /// dialects' text; the events that repeat a whole text (`*.done`, the final
+    /// response) carry it redacted, after the held deltas of their item.
+    fn responses(
+        &mut self,
+        name: Option<&str>,
+        data: &str,
+        out: &mut Vec<Event>,
+    ) -> Result<(), Blocked> {
+        let Some(mut event) = parsed(name, data, out) else {
+            return Ok(());
+        };
+        let kind = event["type"].as_str().unwrap_or_default().to_owned();
+        let index = event["output_index"].as_u64().unwrap_or(0);
+        match kind.as_str() {
+            "response.output_text.delta"
+            | "response.function_call_arguments.delta"
+            | "response.reasoning_summary_text.delta" => {
+                let field = match kind.as_str() {
+                    "response.output_text.delta" => Field::Content,
+                    "response.reasoning_summary_text.delta" => Field::Reasoning,
+                    _ => Field::ToolArguments(0),
+                };
+                let Some(Value::String(text)) = event.get("delta").cloned() else {
+                    self.push_numbered(event, out);
+                    return Ok(());
+                };
+                self.deltas.insert((index, field), event.clone());
+                let released = self.release((index, field), &text, false)?;
+                if released.is_empty() {
+                    return Ok(());
+                }
+                event["delta"] = Value::String(released);
+            }
+            "response.output_text.done"
+            | "response.function_call_arguments.done"
+            | "response.reasoning_summary_text.done"
+            | "response.content_part.done"
+            | "response.output_item.done" => {
+                self.flush(index, out)?;
+                self.redact_whole(&mut event)?;
+            }
+            "response.completed" | "response.incomplete" | "response.failed" => {
+                self.finish_all(out)?;
+                self.redact_whole(&mut event)?;
+            }
+            _ => {}
+        }
+        self.push_numbered(event, out);
+        Ok(())
+    }
+
+    /// Sends a Responses event with the next `sequence_number`.
+    fn push_numbered(&mut self, mut event: Value, out: &mut Vec<Event>) {
+        event["sequence_number"] = json!(self.sequence);
+        self.sequence += 1;
+        let kind = event["type"].as_str().map(str::to_owned);
+        out.push((kind, event.to_string()));
+    }
+
+    /// Every whole text of a Responses event (`text`, `arguments` and `refusal` strings,
+    /// however deep) redacted; a blocking match ends the stream. Hits were counted when
+    /// the deltas passed.
+    fn redact_whole(&mut self, event: &mut Value) -> Result<(), Blocked> {
+        let mut scratch = Verdict::default();
+        let lists = self.rules.lists.clone();
+        visit_named_strings(event, &mut |text| {
+            let mut ranges = Vec::new();
+            for list in &lists {
+                for m in list.find(text, &mut scratch) {
+                    if let Some(p) = m.placeholder {
+                        ranges.push((m.range, p));
+                    }
+                }
+            }
+            if !ranges.is_empty() {
+                *text = redact(text, ranges);
+            }
+        });
+        if let Some(blocked) = scratch.blocked {
+            self.verdict.blocked.get_or_insert(blocked);
+            return Err(Blocked);
+        }
+        Ok(())
+    }
+}
+
+/// `data` as JSON, or `None` after passing it on unchanged when it is not.
+fn parsed(name: Option<&str>, data: &str, out: &mut Vec<Event>) -> Option<Value> {
+    let parsed = serde_json::from_str::<Value>(data).ok();
+    if parsed.is_none() {
+        out.push((name.map(str::to_owned), data.to_owned()));
+    }
+    parsed
+}
+
+/// Calls `f` on every string under a `text`, `arguments` or `refusal` key in `value`.
+fn visit_named_strings(value: &mut Value, f: &mut impl FnMut(&mut String)) {
+    match value {
+        Value::Object(fields) => {
+            for (key, item) in fields.iter_mut() {
+                match item {
+                    Value::String(s)
+                        if matches!(key.as_str(), "text" | "arguments" | "refusal") =>
+                    {
+                        f(s)
+                    }
+                    _ => visit_named_strings(item, f),
+                }
+            }
+        }
+        Value::Array(items) => {
+            for item in items {
+                visit_named_strings(item, f);
+            }
+        }
+        _ => {}
     }
 }
 
@@ -511,6 +656,7 @@ impl StreamGuard {
                 Some("error".to_owned()),
                 json!({"type": "error", "error": {"type": "api_error", "message": message}}).to_string(),
             ),
+            Dialect::Responses => self.responses_error("guardrail_blocked", message),
         });
     }
 }
@@ -600,6 +746,7 @@ mod tests {
         let events = match dialect {
             Dialect::OpenAi => openai_stream(&parts, tool),
             Dialect::Anthropic => anthropic_stream(&parts, tool),
+            Dialect::Responses => responses_stream(&parts, tool),
         };
         let mut guard = StreamGuard::new(rules.clone(), dialect);
         let out = run(&mut guard, events);
@@ -681,6 +828,49 @@ mod tests {
         events
     }
 
+    /// A Responses stream of `parts`: the deltas, then the events that repeat the whole
+    /// text (`*.done`, the completed response), as OpenAI sends them.
+    fn responses_stream(parts: &[String], tool: bool) -> Vec<Event> {
+        let whole: String = parts.concat();
+        let (delta, done, item) = if tool {
+            (
+                "response.function_call_arguments.delta",
+                json!({"type": "response.function_call_arguments.done", "item_id": "fc_1", "output_index": 0, "arguments": whole}),
+                json!({"id": "fc_1", "type": "function_call", "status": "completed", "call_id": "c", "name": "f", "arguments": whole}),
+            )
+        } else {
+            (
+                "response.output_text.delta",
+                json!({"type": "response.output_text.done", "item_id": "msg_1", "output_index": 0, "content_index": 0, "text": whole}),
+                json!({"id": "msg_1", "type": "message", "status": "completed", "role": "assistant", "content": [{"type": "output_text", "text": whole, "annotations": []}]}),
+            )
+        };
+        let mut seq = 0;
+        let mut event = |mut data: Value| {
+            data["sequence_number"] = json!(seq);
+            seq += 1;
+            ev(data["type"].as_str().unwrap().to_owned().as_str(), data)
+        };
+        let mut events = vec![
+            event(json!({"type": "response.created", "response": {"id": "resp_1", "output": []}})),
+            event(
+                json!({"type": "response.output_item.added", "output_index": 0, "item": {"id": "x"}}),
+            ),
+        ];
+        for part in parts {
+            events.push(event(json!({"type": delta, "item_id": "x", "output_index": 0, "content_index": 0, "delta": part})));
+        }
+        events.push(event(done));
+        if !tool {
+            events.push(event(json!({"type": "response.content_part.done", "item_id": "msg_1", "output_index": 0, "content_index": 0, "part": item["content"][0]})));
+        }
+        events.push(event(
+            json!({"type": "response.output_item.done", "output_index": 0, "item": item}),
+        ));
+        events.push(event(json!({"type": "response.completed", "response": {"id": "resp_1", "status": "completed", "output": [item]}})));
+        events
+    }
+
     fn anthropic_stream(parts: &[String], tool: bool) -> Vec<Event> {
         let (block, delta_type, key) = if tool {
             (
@@ -727,7 +917,11 @@ mod tests {
             let Ok(v) = serde_json::from_str::<Value>(data) else {
                 continue;
             };
-            let piece = if tool {
+            let responses_delta = v["type"] == "response.output_text.delta"
+                || v["type"] == "response.function_call_arguments.delta";
+            let piece = if responses_delta {
+                v.get("delta")
+            } else if tool {
                 v.pointer("/choices/0/delta/tool_calls/0/function/arguments")
                     .or_else(|| v.pointer("/delta/partial_json"))
             } else {
@@ -748,7 +942,7 @@ mod tests {
         // Tool arguments are JSON text holding the answer in a string.
         let arguments = json!({"note": ANSWER}).to_string();
         let (expected_arguments, _) = whole_answer(GuardrailAction::Redact, &arguments);
-        for dialect in [Dialect::OpenAi, Dialect::Anthropic] {
+        for dialect in [Dialect::OpenAi, Dialect::Anthropic, Dialect::Responses] {
             for tool in [false, true] {
                 let source = if tool { &arguments } else { ANSWER };
                 let want = if tool { &expected_arguments } else { &expected };
@@ -772,6 +966,18 @@ mod tests {
                     match dialect {
                         Dialect::OpenAi => assert_eq!(last, "[DONE]", "{case}"),
                         Dialect::Anthropic => assert!(last.contains("message_stop"), "{case}"),
+                        Dialect::Responses => {
+                            assert!(last.contains("response.completed"), "{case}");
+                            // Renumbered in order, and the whole texts match the deltas.
+                            for (i, (_, data)) in out.iter().enumerate() {
+                                let v: Value = serde_json::from_str(data).unwrap();
+                                assert_eq!(v["sequence_number"], i, "{case}");
+                                let whole = v.get("text").or_else(|| v.get("arguments"));
+                                if let Some(Value::String(whole)) = whole {
+                                    assert_eq!(whole, want, "{case}");
+                                }
+                            }
+                        }
                     }
                 }
             }
@@ -782,15 +988,18 @@ mod tests {
     fn a_blocking_rule_ends_the_stream_before_any_of_the_match_is_released() {
         for detector in DETECTORS {
             let rules = answer_rules(vec![vec![rule(detector, GuardrailAction::Block)]]);
-            for dialect in [Dialect::OpenAi, Dialect::Anthropic] {
+            for dialect in [Dialect::OpenAi, Dialect::Anthropic, Dialect::Responses] {
                 for (how, seed) in [("whole", 0), ("1-byte", 0), ("random", 7)] {
                     let (guard, out) = guarded(&rules, dialect, ANSWER, how, seed, false);
                     let case = format!("{detector:?} {dialect:?} {how}/{seed}");
                     assert!(guard.stopped(), "{case}");
                     let (name, error) = out.last().unwrap();
                     assert!(error.contains("withheld by guardrail"), "{case}: {error}");
-                    if dialect == Dialect::Anthropic {
+                    if dialect != Dialect::OpenAi {
                         assert_eq!(name.as_deref(), Some("error"), "{case}");
+                    }
+                    if dialect == Dialect::Anthropic {
+                        assert!(error.contains("api_error"), "{case}");
                     } else {
                         assert!(error.contains("guardrail_blocked"), "{case}");
                     }

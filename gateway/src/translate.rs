@@ -10,8 +10,7 @@ pub use crate::canonical::Untranslatable;
 pub use crate::dialects::anthropic::DEFAULT_MAX_TOKENS;
 use crate::{
     accounting,
-    canonical::{Event, Finish, Usage},
-    dialects::{anthropic, openai_chat},
+    dialects::{StreamUsage, anthropic, openai_chat},
 };
 
 /// An OpenAI chat completion request as an Anthropic messages request.
@@ -56,44 +55,12 @@ pub fn anthropic_error_to_openai(body: &Value) -> Value {
     openai_chat::render_error(&anthropic::parse_error(body))
 }
 
-/// What a translated stream reported of its usage: the counts once the upstream said why
-/// it finished (Anthropic) or sent any count (OpenAI).
-#[derive(Debug, Default)]
-struct Seen {
-    usage: Usage,
-    finish: Option<Finish>,
-    counted: bool,
-}
-
-impl Seen {
-    fn note(&mut self, event: &Event) {
-        match event {
-            Event::Start {
-                input: Some(input), ..
-            } => self.usage.input = *input,
-            Event::Usage(usage) => {
-                self.usage = *usage;
-                self.counted |= usage.input > 0 || usage.output > 0;
-            }
-            Event::Finish(finish) => self.finish = *finish,
-            _ => {}
-        }
-    }
-
-    fn usage(&self) -> accounting::Usage {
-        accounting::Usage {
-            prompt: self.usage.input,
-            completion: self.usage.output,
-        }
-    }
-}
-
 /// Turns Anthropic stream events into OpenAI chat completion chunks.
 #[derive(Debug)]
 pub struct AnthropicToOpenAiStream {
     decoder: anthropic::StreamDecoder,
     encoder: openai_chat::StreamEncoder,
-    seen: Seen,
+    seen: StreamUsage,
 }
 
 impl AnthropicToOpenAiStream {
@@ -102,13 +69,13 @@ impl AnthropicToOpenAiStream {
         Self {
             decoder: anthropic::StreamDecoder::default(),
             encoder: openai_chat::StreamEncoder::new(model, created, include_usage),
-            seen: Seen::default(),
+            seen: StreamUsage::default(),
         }
     }
 
     /// Usage reported so far (once `message_delta` has said why the answer ended).
     pub fn usage(&self) -> Option<accounting::Usage> {
-        self.seen.finish.is_some().then(|| self.seen.usage())
+        self.seen.get().map(Into::into)
     }
 
     /// The OpenAI `data:` payloads for one Anthropic event (`[DONE]` included at the end).
@@ -127,7 +94,7 @@ impl AnthropicToOpenAiStream {
 pub struct OpenAiToAnthropicStream {
     decoder: openai_chat::StreamDecoder,
     encoder: anthropic::StreamEncoder,
-    seen: Seen,
+    seen: StreamUsage,
 }
 
 impl OpenAiToAnthropicStream {
@@ -136,13 +103,13 @@ impl OpenAiToAnthropicStream {
         Self {
             decoder: openai_chat::StreamDecoder::default(),
             encoder: anthropic::StreamEncoder::new(model),
-            seen: Seen::default(),
+            seen: StreamUsage::default(),
         }
     }
 
     /// Usage reported so far (once the upstream's usage chunk has arrived).
     pub fn usage(&self) -> Option<accounting::Usage> {
-        self.seen.counted.then(|| self.seen.usage())
+        self.seen.get().map(Into::into)
     }
 
     /// Anthropic `(event, data)` pairs for one OpenAI `data:` payload.

@@ -148,6 +148,19 @@ fn compile_one(
             "anthropic settings are only allowed when type is anthropic",
         );
     }
+    if spec.apis.is_some()
+        && !matches!(
+            kind,
+            ProviderType::Openai | ProviderType::AzureOpenAi | ProviderType::OpenaiCompatible
+        )
+    {
+        report.error(
+            object,
+            reasons::INVALID_SPEC,
+            "spec.apis",
+            "apis is only allowed for openai, azureOpenAI and openaiCompatible",
+        );
+    }
     if spec.mock.is_some() && kind != ProviderType::Mock {
         report.error(
             object,
@@ -234,6 +247,12 @@ fn compile_one(
                     .as_ref()
                     .map_or_else(|| "2023-06-01".to_owned(), |a| a.version.clone())
             }),
+            anthropic_betas: spec
+                .anthropic
+                .as_ref()
+                .map(|a| a.betas.clone())
+                .filter(|b| !b.is_default()),
+            apis: spec.apis.clone(),
             mock,
             models,
             currency: spec.currency.clone(),

@@ -866,8 +866,11 @@ fn visit_texts(doc: &mut Value, f: &mut impl FnMut(&mut String)) {
     let Some(object) = doc.as_object_mut() else {
         return;
     };
-    if let Some(system) = object.get_mut("system") {
-        visit_content(system, false, f);
+    // `instructions`: the Responses API's system prompt.
+    for field in ["system", "instructions"] {
+        if let Some(system) = object.get_mut(field) {
+            visit_content(system, false, f);
+        }
     }
     if let Some(Value::Array(messages)) = object.get_mut("messages") {
         for message in messages {
@@ -882,13 +885,29 @@ fn visit_texts(doc: &mut Value, f: &mut impl FnMut(&mut String)) {
             Some(Value::String(s)) => f(s),
             Some(Value::Array(items)) => {
                 for item in items {
-                    if let Value::String(s) = item {
-                        f(s);
+                    match item {
+                        Value::String(s) => f(s),
+                        Value::Object(_) => visit_input_item(item, f),
+                        _ => {}
                     }
                 }
             }
             _ => {}
         }
+    }
+}
+
+/// One item of a Responses API `input`: a message's content, a function call's
+/// arguments, a function call output.
+fn visit_input_item(item: &mut Value, f: &mut impl FnMut(&mut String)) {
+    if let Some(content) = item.get_mut("content") {
+        visit_content(content, false, f);
+    }
+    if let Some(Value::String(s)) = item.get_mut("arguments") {
+        f(s);
+    }
+    if let Some(output) = item.get_mut("output") {
+        visit_content(output, false, f);
     }
 }
 
@@ -915,6 +934,21 @@ fn visit_answer_texts(doc: &mut Value, f: &mut impl FnMut(&mut String)) {
     }
     if let Some(content @ Value::Array(_)) = doc.get_mut("content") {
         visit_content(content, true, f);
+    }
+    // A Responses API response: message contents, function call arguments, reasoning
+    // summaries.
+    if let Some(Value::Array(items)) = doc.get_mut("output") {
+        for item in items {
+            if let Some(content) = item.get_mut("content") {
+                visit_content(content, true, f);
+            }
+            if let Some(Value::String(s)) = item.get_mut("arguments") {
+                f(s);
+            }
+            if let Some(summary) = item.get_mut("summary") {
+                visit_content(summary, true, f);
+            }
+        }
     }
 }
 
@@ -950,7 +984,7 @@ fn visit_content(content: &mut Value, thinking: bool, f: &mut impl FnMut(&mut St
             for block in blocks {
                 let kind = block.get("type").and_then(Value::as_str).unwrap_or("");
                 match kind {
-                    "text" | "input_text" | "output_text" => {
+                    "text" | "input_text" | "output_text" | "summary_text" => {
                         if let Some(Value::String(s)) = block.get_mut("text") {
                             f(s);
                         }

@@ -35,7 +35,8 @@ use super::common::{
     validation = Rule::new("!(self.type in ['azureOpenAI', 'openaiCompatible']) || has(self.baseUrl)").message("baseUrl is required for azureOpenAI and openaiCompatible").reason(Reason::FieldValueRequired).field_path(".baseUrl"),
     validation = Rule::new("(self.type == 'azureOpenAI') == has(self.azure)").message("azure must be set exactly when type is azureOpenAI").field_path(".azure"),
     validation = Rule::new("!has(self.mock) || self.type == 'mock'").message("mock settings are only allowed when type is mock").field_path(".mock"),
-    validation = Rule::new("!has(self.anthropic) || self.type == 'anthropic'").message("anthropic settings are only allowed when type is anthropic").field_path(".anthropic")
+    validation = Rule::new("!has(self.anthropic) || self.type == 'anthropic'").message("anthropic settings are only allowed when type is anthropic").field_path(".anthropic"),
+    validation = Rule::new("!has(self.apis) || self.type in ['openai', 'azureOpenAI', 'openaiCompatible']").message("apis is only allowed for openai, azureOpenAI and openaiCompatible").field_path(".apis")
 )]
 #[serde(rename_all = "camelCase")]
 pub struct ProviderSpec {
@@ -65,6 +66,16 @@ pub struct ProviderSpec {
     /// Anthropic settings; only for `type: anthropic`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub anthropic: Option<AnthropicSettings>,
+
+    /// The OpenAI APIs this upstream serves itself, for `openai`, `azureOpenAI` and
+    /// `openaiCompatible`. Unset: every API for `openai`; `chatCompletions`, `completions`
+    /// and `embeddings` for `azureOpenAI` and `openaiCompatible`. A Responses API request
+    /// (`/v1/responses`) is passed through to a Provider that lists `responses` (its
+    /// `previous_response_id`, `store` and hosted tools work there) and translated to
+    /// chat completions for one that does not.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 8), extend("x-kubernetes-list-type" = "set"))]
+    pub apis: Option<Vec<OpenAiApi>>,
 
     /// Behaviour of the built-in mock; only for `type: mock`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -188,6 +199,38 @@ impl ProviderType {
     }
 }
 
+/// An OpenAI API an upstream may serve.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub enum OpenAiApi {
+    /// `/chat/completions`.
+    ChatCompletions,
+    /// `/completions` (legacy text completions).
+    Completions,
+    /// `/embeddings`.
+    Embeddings,
+    /// `/responses`, the Responses API.
+    Responses,
+}
+
+impl OpenAiApi {
+    /// The APIs a Provider of `kind` serves when its `apis` is unset.
+    pub fn defaults(kind: ProviderType) -> &'static [Self] {
+        match kind {
+            ProviderType::Openai => &[
+                Self::ChatCompletions,
+                Self::Completions,
+                Self::Embeddings,
+                Self::Responses,
+            ],
+            ProviderType::AzureOpenAi | ProviderType::OpenaiCompatible => {
+                &[Self::ChatCompletions, Self::Completions, Self::Embeddings]
+            }
+            ProviderType::Anthropic | ProviderType::Mock => &[],
+        }
+    }
+}
+
 /// Where the upstream credential comes from and how it is sent.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
@@ -239,10 +282,75 @@ pub struct AzureSettings {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct AnthropicSettings {
-    /// Value of the `anthropic-version` header.
+    /// Value of the `anthropic-version` header when the gateway writes the request
+    /// (clients of another dialect, translated). Anthropic clients' own
+    /// `anthropic-version` is forwarded as they sent it.
     #[serde(default = "default_anthropic_version")]
     #[schemars(length(min = 1, max = 64))]
     pub version: String,
+    /// Which `anthropic-beta` features Anthropic clients may turn on through this
+    /// Provider (Claude Code sends several). The client's betas are forwarded when
+    /// `allow` matches them and `deny` does not; a request naming any other beta is
+    /// refused with 400 before it reaches the upstream (the next target of the route is
+    /// tried first). Patterns may end with `*`.
+    #[serde(default)]
+    pub betas: BetaPolicy,
+}
+
+/// Which `anthropic-beta` values are forwarded.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct BetaPolicy {
+    /// Betas forwarded (`*`, the default, forwards every beta not denied).
+    #[serde(default = "default_beta_allow")]
+    #[schemars(
+        length(max = 64),
+        inner(
+            length(min = 1, max = 128),
+            regex(pattern = r"^[a-z0-9*][a-z0-9.*-]*$")
+        )
+    )]
+    pub allow: Vec<String>,
+    /// Betas refused, e.g. `mcp-client-*` (the upstream would call MCP servers the
+    /// client names) or `context-1m-*` (priced above the Provider's model prices).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(
+        length(max = 64),
+        inner(
+            length(min = 1, max = 128),
+            regex(pattern = r"^[a-z0-9*][a-z0-9.*-]*$")
+        )
+    )]
+    pub deny: Vec<String>,
+}
+
+impl Default for BetaPolicy {
+    fn default() -> Self {
+        Self {
+            allow: default_beta_allow(),
+            deny: Vec::new(),
+        }
+    }
+}
+
+fn default_beta_allow() -> Vec<String> {
+    vec!["*".to_owned()]
+}
+
+impl BetaPolicy {
+    /// Whether `beta` may be forwarded.
+    pub fn allows(&self, beta: &str) -> bool {
+        let matches = |p: &String| match p.strip_suffix('*') {
+            Some(prefix) => beta.starts_with(prefix),
+            None => p == beta,
+        };
+        self.allow.iter().any(matches) && !self.deny.iter().any(matches)
+    }
+
+    /// Whether this is the default (every beta forwarded).
+    pub fn is_default(&self) -> bool {
+        *self == Self::default()
+    }
 }
 
 fn default_anthropic_version() -> String {

@@ -27,6 +27,8 @@ fn provider(id: &str, models: &[&str]) -> CompiledProvider {
         auth: None,
         azure_api_version: None,
         anthropic_version: None,
+        anthropic_betas: None,
+        apis: None,
         mock: None,
         models: models
             .iter()

@@ -1,5 +1,5 @@
-//! The OpenAI-style endpoints: `POST /v1/chat/completions`, `/v1/completions` and
-//! `/v1/embeddings`, served by the shared pipeline (`pipeline.rs`) with errors in OpenAI's
+//! The OpenAI-style endpoints: `POST /v1/chat/completions`, `/v1/completions`,
+//! `/v1/embeddings` and `/v1/responses`, served by the shared pipeline (`pipeline.rs`) with errors in OpenAI's
 //! shape.
 
 use std::sync::Arc;
@@ -27,6 +27,16 @@ pub async fn completions(state: State<Arc<AppState>>, request: Request) -> Respo
         state,
         request,
         Operation::Completions,
+        ApiError::into_response,
+    )
+    .await
+}
+
+pub async fn responses(state: State<Arc<AppState>>, request: Request) -> Response {
+    handle(
+        state,
+        request,
+        Operation::Responses,
         ApiError::into_response,
     )
     .await

@@ -21,7 +21,7 @@ impl Adapter for Anthropic {
     }
 
     fn offers(&self, operation: Operation) -> bool {
-        matches!(operation, Operation::ChatCompletions | Operation::Messages)
+        operation.is_chat()
     }
 
     fn endpoint(&self, provider: &CompiledProvider, _operation: Operation, _model: &str) -> String {

@@ -19,26 +19,37 @@ impl Adapter for AzureOpenAi {
         Dialect::OpenAi
     }
 
+    fn upstream_dialect(&self, provider: &CompiledProvider, operation: Operation) -> Dialect {
+        openai::upstream_dialect(provider, operation)
+    }
+
     fn offers(&self, _operation: Operation) -> bool {
         true
     }
 
-    /// The upstream model name is the deployment's.
+    /// The upstream model name is the deployment's (in the path; for the Responses API,
+    /// Azure's v1 API, in the body).
     fn endpoint(
         &self,
         provider: &CompiledProvider,
         operation: Operation,
         deployment: &str,
     ) -> String {
+        if self.upstream_dialect(provider, operation) == Dialect::Responses {
+            return format!("{}/openai/v1/responses", provider.base_url);
+        }
         format!(
             "{}/openai/deployments/{deployment}/{}?api-version={}",
             provider.base_url,
-            openai::path(operation),
+            openai::path(provider, operation),
             provider.azure_api_version.as_deref().unwrap_or_default()
         )
     }
 
     fn asks_for_stream_usage(&self, operation: Operation) -> bool {
-        operation != Operation::Embeddings
+        matches!(
+            operation,
+            Operation::ChatCompletions | Operation::Completions
+        )
     }
 }

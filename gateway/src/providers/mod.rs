@@ -33,8 +33,14 @@ pub trait Adapter: Sync + std::fmt::Debug {
     /// Its name in messages to clients ("served by Anthropic, which has no…").
     fn name(&self) -> &'static str;
 
-    /// The wire format its API speaks.
+    /// The wire format its chat API speaks.
     fn dialect(&self) -> Dialect;
+
+    /// The wire format `operation` is sent to `provider` in: the adapter's own, or
+    /// another API of the provider (OpenAI's Responses API where it serves it).
+    fn upstream_dialect(&self, _provider: &CompiledProvider, _operation: Operation) -> Dialect {
+        self.dialect()
+    }
 
     /// Whether its API has an endpoint for `operation` (a client's call, translated to
     /// this adapter's dialect when the client speaks another).
@@ -126,6 +132,8 @@ pub struct UpstreamBody {
     /// Whether the gateway asked for a usage chunk the client did not (it is removed from
     /// the stream again).
     pub injected_usage: bool,
+    /// A translated Responses request, echoed in its answers.
+    pub echo: Option<Box<crate::dialects::responses::Echo>>,
 }
 
 /// Prepares the client's `body` (in the `operation`'s dialect) for `adapter`, for
@@ -134,13 +142,14 @@ pub struct UpstreamBody {
 /// through the canonical model.
 pub fn request_body(
     adapter: &dyn Adapter,
+    provider: &CompiledProvider,
     operation: Operation,
     head: &RequestHead,
     body: &Bytes,
     upstream_model: &str,
 ) -> Result<UpstreamBody, BodyError> {
     let client = operation.client_dialect();
-    let upstream = adapter.dialect();
+    let upstream = adapter.upstream_dialect(provider, operation);
     if client != upstream {
         let value: serde_json::Value = serde_json::from_slice(body)?;
         let request = client
@@ -150,6 +159,8 @@ pub fn request_body(
         return Ok(UpstreamBody {
             bytes: Bytes::from(serde_json::to_vec(&out)?),
             injected_usage: false,
+            echo: (client == Dialect::Responses)
+                .then(|| Box::new(crate::dialects::responses::Echo::of(&value, &head.model))),
         });
     }
     let injected_usage =
@@ -162,6 +173,7 @@ pub fn request_body(
     Ok(UpstreamBody {
         bytes,
         injected_usage,
+        echo: None,
     })
 }
 

@@ -1,7 +1,8 @@
 //! OpenAI's API and the servers that copy it (`openai`, `openaiCompatible`): chat
-//! completions, legacy completions and embeddings under the Provider's `baseUrl`.
+//! completions, legacy completions, embeddings and, where the Provider serves it, the
+//! Responses API under the Provider's `baseUrl`.
 
-use tollgate_api::config::CompiledProvider;
+use tollgate_api::{config::CompiledProvider, v1alpha1::OpenAiApi};
 
 use super::Adapter;
 use crate::dialects::{Dialect, Operation};
@@ -10,13 +11,27 @@ use crate::dialects::{Dialect, Operation};
 #[derive(Debug)]
 pub struct OpenAi;
 
-/// The path of `operation` under an OpenAI-style base URL (Anthropic clients' messages are
-/// sent as chat completions, translated).
-pub(super) fn path(operation: Operation) -> &'static str {
+/// The path of `operation` under an OpenAI-style base URL (Anthropic clients' messages,
+/// and Responses requests to a Provider without the Responses API, are sent as chat
+/// completions, translated).
+pub(super) fn path(provider: &CompiledProvider, operation: Operation) -> &'static str {
     match operation {
-        Operation::ChatCompletions | Operation::Messages => "chat/completions",
+        Operation::Responses if provider.serves(OpenAiApi::Responses) => "responses",
+        Operation::ChatCompletions | Operation::Messages | Operation::Responses => {
+            "chat/completions"
+        }
         Operation::Completions => "completions",
         Operation::Embeddings => "embeddings",
+    }
+}
+
+/// The dialect `operation` is sent in: the Responses API where the Provider serves it,
+/// chat completions otherwise.
+pub(super) fn upstream_dialect(provider: &CompiledProvider, operation: Operation) -> Dialect {
+    if operation == Operation::Responses && provider.serves(OpenAiApi::Responses) {
+        Dialect::Responses
+    } else {
+        Dialect::OpenAi
     }
 }
 
@@ -29,15 +44,22 @@ impl Adapter for OpenAi {
         Dialect::OpenAi
     }
 
+    fn upstream_dialect(&self, provider: &CompiledProvider, operation: Operation) -> Dialect {
+        upstream_dialect(provider, operation)
+    }
+
     fn offers(&self, _operation: Operation) -> bool {
         true
     }
 
     fn endpoint(&self, provider: &CompiledProvider, operation: Operation, _model: &str) -> String {
-        format!("{}/{}", provider.base_url, path(operation))
+        format!("{}/{}", provider.base_url, path(provider, operation))
     }
 
     fn asks_for_stream_usage(&self, operation: Operation) -> bool {
-        operation != Operation::Embeddings
+        matches!(
+            operation,
+            Operation::ChatCompletions | Operation::Completions
+        )
     }
 }

@@ -15,6 +15,8 @@ fn provider(kind: ProviderType) -> CompiledProvider {
         }),
         azure_api_version: Some("2024-10-21".into()),
         anthropic_version: None,
+        anthropic_betas: None,
+        apis: None,
         mock: None,
         models: BTreeMap::new(),
         currency: "USD".into(),
@@ -124,6 +126,7 @@ fn streams_to_openai_style_upstreams_ask_for_usage_and_other_dialects_are_transl
     );
     let body = request_body(
         &openai::OpenAi,
+        &provider(ProviderType::Openai),
         Operation::ChatCompletions,
         &head(&stream),
         &stream,
@@ -137,6 +140,7 @@ fn streams_to_openai_style_upstreams_ask_for_usage_and_other_dialects_are_transl
     // The same call to Anthropic: translated, nothing injected.
     let body = request_body(
         &anthropic::Anthropic,
+        &provider(ProviderType::Anthropic),
         Operation::ChatCompletions,
         &head(&stream),
         &stream,
@@ -154,6 +158,7 @@ fn streams_to_openai_style_upstreams_ask_for_usage_and_other_dialects_are_transl
     let n2 = Bytes::from_static(br#"{"model":"chat","n":2,"messages":[]}"#);
     let err = request_body(
         &anthropic::Anthropic,
+        &provider(ProviderType::Anthropic),
         Operation::ChatCompletions,
         &head(&n2),
         &n2,
@@ -172,6 +177,7 @@ fn a_same_dialect_call_without_rename_sends_the_clients_own_bytes() {
     );
     let sent = request_body(
         &openai::OpenAi,
+        &provider(ProviderType::Openai),
         Operation::ChatCompletions,
         &head(&body),
         &body,
@@ -183,6 +189,7 @@ fn a_same_dialect_call_without_rename_sends_the_clients_own_bytes() {
     let messages = Bytes::from(br#"{"model":"claude","max_tokens":5,"messages":[]}"#.to_vec());
     let sent = request_body(
         &anthropic::Anthropic,
+        &provider(ProviderType::Anthropic),
         Operation::Messages,
         &head(&messages),
         &messages,

@@ -23,6 +23,7 @@ mod redis_cluster_tls;
 mod redis_faults;
 mod redis_gateways;
 mod redis_limits;
+mod responses_api;
 mod security;
 mod shutdown;
 mod tenancy;

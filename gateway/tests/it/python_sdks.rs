@@ -17,12 +17,30 @@ fn python() -> PathBuf {
 }
 
 fn run_client(script: &str, gw: &Gateway, key: &str) -> Value {
+    run_client_with(script, &gw.base, key, &[])
+}
+
+/// Runs a client script with extra arguments after the base URL and key, off the async
+/// runtime (the emulated upstreams run on it).
+async fn run_async(script: &'static str, gw: &Gateway, key: &'static str, args: &[&str]) -> Value {
+    let base = gw.base.clone();
+    let args: Vec<String> = args.iter().map(|a| (*a).to_owned()).collect();
+    tokio::task::spawn_blocking(move || {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        run_client_with(script, &base, key, &args)
+    })
+    .await
+    .unwrap()
+}
+
+fn run_client_with(script: &str, base: &str, key: &str, args: &[&str]) -> Value {
     let script = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .join("../tests/clients")
         .join(script);
     let out = Command::new(python())
         .arg(&script)
-        .args([gw.base.as_str(), key])
+        .args([base, key])
+        .args(args)
         .output()
         .unwrap_or_else(|e| {
             panic!(
@@ -108,4 +126,86 @@ fn the_official_anthropic_sdk_sends_messages_and_streams() {
     assert_eq!(out["stream"]["output_tokens"], 24);
     assert_eq!(out["errors"]["not_found"], 404);
     assert_eq!(out["errors"]["auth"], 401);
+}
+
+#[tokio::test]
+async fn the_openai_sdk_responses_calls_work_for_every_kind_of_upstream() {
+    use crate::responses_api::{KEY, MODELS, bed};
+    let bed = bed("").await;
+    for model in MODELS {
+        let stateful = "";
+        let out = run_async("responses_client.py", &bed.gw, KEY, &[model, stateful]).await;
+        assert_eq!(out["create"]["status"], "completed", "{model}: {out}");
+        assert_eq!(
+            out["create"]["text"], "emulated reply to: Hello from the SDK",
+            "{model}"
+        );
+        assert!(
+            out["create"]["input_tokens"].as_u64().unwrap() > 0,
+            "{model}"
+        );
+        assert_eq!(
+            out["stream"]["deltas"], "emulated reply to: Stream please",
+            "{model}"
+        );
+        assert_eq!(out["stream"]["final"], out["stream"]["deltas"], "{model}");
+        assert_eq!(
+            out["tools"]["calls"],
+            serde_json::json!(["get_weather"]),
+            "{model}"
+        );
+        assert_eq!(
+            out["tools"]["answer"], "the tool said: sunny in emulated",
+            "{model}"
+        );
+        // Anthropic's messages have no structured output: the format is dropped there.
+        if model == "claude" {
+            assert_eq!(out["parsed"], "not JSON", "{model}");
+        } else {
+            assert_eq!(
+                out["parsed"],
+                serde_json::json!({"name": "emulated", "age": 1}),
+                "{model}"
+            );
+        }
+        assert_eq!(out["not_found"], "model_not_found", "{model}");
+        if !stateful.is_empty() {
+            let stateful = &out["stateful"];
+            assert!(
+                stateful["follow"]
+                    .as_str()
+                    .unwrap()
+                    .starts_with("emulated reply"),
+                "{out}"
+            );
+            assert_eq!(stateful["fetched"], true, "{out}");
+            assert!(stateful["input_items"].as_u64().unwrap() >= 1, "{out}");
+            assert_eq!(stateful["deleted"], true, "{out}");
+        }
+    }
+}
+
+#[tokio::test]
+async fn the_openai_agents_sdk_runs_a_tool_loop_on_its_default_model_api() {
+    use crate::responses_api::{KEY, MODELS, bed};
+    let bed = bed("").await;
+    for model in MODELS {
+        let out = run_async("agents_client.py", &bed.gw, KEY, &[model]).await;
+        assert_eq!(
+            out["calls"],
+            serde_json::json!(["emulated"]),
+            "{model}: {out}"
+        );
+        assert_eq!(
+            out["final"], "the tool said: sunny in emulated",
+            "{model}: {out}"
+        );
+    }
+    // It spoke the Responses API, passed through to the upstream that serves it.
+    assert!(
+        bed.native
+            .received()
+            .iter()
+            .all(|r| r.path_and_query == "/v1/responses")
+    );
 }

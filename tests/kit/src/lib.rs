@@ -1,12 +1,14 @@
 //! What Tollgate's tests and benchmarks share, so that each lives once: child processes
 //! whose JSON logs are collected ([`process`]), free loopback ports ([`ports`]), real
 //! `redis-server` instances ([`redis`], never a mock), the gateway binary started on free
-//! ports ([`gateway`]), a scriptable OpenAI-style upstream ([`upstream`]), and waiting on
-//! observable state ([`wait`]).
+//! ports ([`gateway`]), a scriptable OpenAI-style upstream ([`upstream`]), faithful emulations of the
+//! OpenAI and Anthropic APIs for client software ([`emulated`]), and waiting on observable
+//! state ([`wait`]).
 //!
 //! Everything here panics on failure with a message that says what to install or what the
 //! process logged: it is test code. The benchmark harness uses the `try_` forms.
 
+pub mod emulated;
 pub mod gateway;
 pub mod ports;
 pub mod process;

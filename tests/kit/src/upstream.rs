@@ -27,6 +27,20 @@ pub struct Received {
 }
 
 impl Received {
+    /// A request as it arrived.
+    pub fn of(parts: &http::request::Parts, body: Bytes) -> Self {
+        Self {
+            version: parts.version,
+            path_and_query: parts
+                .uri
+                .path_and_query()
+                .map(|p| p.to_string())
+                .unwrap_or_default(),
+            headers: parts.headers.clone(),
+            body,
+        }
+    }
+
     pub fn json(&self) -> Value {
         serde_json::from_slice(&self.body).unwrap()
     }
@@ -135,16 +149,11 @@ async fn handle(State(shared): State<Arc<Shared>>, request: Request) -> Response
         .ok()
         .and_then(|v| v["model"].as_str().map(str::to_owned))
         .unwrap_or_default();
-    shared.received.lock().unwrap().push(Received {
-        version: parts.version,
-        path_and_query: parts
-            .uri
-            .path_and_query()
-            .map(|p| p.to_string())
-            .unwrap_or_default(),
-        headers: parts.headers,
-        body,
-    });
+    shared
+        .received
+        .lock()
+        .unwrap()
+        .push(Received::of(&parts, body));
     let reply = shared.script.lock().unwrap().pop_front();
     match reply.unwrap_or_else(|| Reply::Json(200, completion(&model, "upstream says hi"), vec![]))
     {

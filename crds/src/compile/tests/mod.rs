@@ -93,6 +93,7 @@ fn provider(name: &str, kind: ProviderType, models: &[&str]) -> Provider {
                 api_version: "2024-10-21".to_owned(),
             }),
             anthropic: None,
+            apis: None,
             mock: None,
             models: models.iter().map(|m| model(m)).collect(),
             currency: "USD".to_owned(),

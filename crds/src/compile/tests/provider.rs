@@ -2,6 +2,7 @@
 //! durations and headers.
 
 use super::*;
+use crate::v1alpha1::{BetaPolicy, OpenAiApi};
 
 #[test]
 fn valid_provider_is_ready_and_compiled_with_its_credential_and_models() {
@@ -379,6 +380,7 @@ fn anthropic_and_mock_sections_on_an_openai_provider_are_rejected() {
     let mut p = openai(&["gpt-4o"]);
     p.spec.anthropic = Some(AnthropicSettings {
         version: "2023-06-01".to_owned(),
+        betas: Default::default(),
     });
     p.spec.mock = Some(MockSettings::default());
     let out = World::default()
@@ -690,4 +692,76 @@ fn zero_max_concurrency_is_rejected() {
     );
     assert_left_out(&out, &object);
     assert!(out.config.routing.providers.is_empty());
+}
+
+#[test]
+fn apis_are_compiled_for_openai_style_providers_and_refused_elsewhere() {
+    let mut p = openai(&["gpt-4o"]);
+    p.spec.apis = Some(vec![OpenAiApi::ChatCompletions, OpenAiApi::Responses]);
+    let out = World::default()
+        .provider(p)
+        .secret(credential_secret("openai", OPENAI_TOKEN))
+        .compile();
+    let compiled = &out.config.routing.providers["team-a/openai"];
+    assert!(compiled.serves(OpenAiApi::Responses));
+    assert!(
+        !compiled.serves(OpenAiApi::Embeddings),
+        "only what it lists"
+    );
+
+    let mut p = openai(&["gpt-4o"]);
+    p.spec.provider_type = ProviderType::Anthropic;
+    p.spec.apis = Some(vec![OpenAiApi::Responses]);
+    let out = World::default()
+        .provider(p)
+        .secret(credential_secret("openai", OPENAI_TOKEN))
+        .compile();
+    assert!(
+        out.diagnostics
+            .iter()
+            .any(|d| d.field.as_deref() == Some("spec.apis")),
+        "{:?}",
+        out.diagnostics
+    );
+}
+
+#[test]
+fn unset_apis_default_by_type() {
+    for (kind, responses) in [
+        (ProviderType::Openai, true),
+        (ProviderType::AzureOpenAi, false),
+        (ProviderType::OpenaiCompatible, false),
+    ] {
+        assert_eq!(
+            OpenAiApi::defaults(kind).contains(&OpenAiApi::Responses),
+            responses,
+            "{kind:?}"
+        );
+        assert!(OpenAiApi::defaults(kind).contains(&OpenAiApi::ChatCompletions));
+    }
+}
+
+#[test]
+fn beta_policies_allow_by_pattern_and_deny_wins() {
+    let policy = BetaPolicy {
+        allow: vec!["*".to_owned()],
+        deny: vec![
+            "mcp-client-*".to_owned(),
+            "context-1m-2025-08-07".to_owned(),
+        ],
+    };
+    assert!(policy.allows("context-management-2025-06-27"));
+    assert!(!policy.allows("mcp-client-2025-04-04"));
+    assert!(!policy.allows("context-1m-2025-08-07"));
+    let narrow = BetaPolicy {
+        allow: vec![
+            "prompt-caching-*".to_owned(),
+            "interleaved-thinking-2025-05-14".to_owned(),
+        ],
+        deny: Vec::new(),
+    };
+    assert!(narrow.allows("prompt-caching-2024-07-31"));
+    assert!(narrow.allows("interleaved-thinking-2025-05-14"));
+    assert!(!narrow.allows("interleaved-thinking-2025-05-15"));
+    assert!(BetaPolicy::default().allows("anything-at-all"));
 }
