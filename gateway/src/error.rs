@@ -74,6 +74,13 @@ pub enum ApiError {
         /// Path.
         path: String,
     },
+    /// `previous_response_id` names a response this key's owner did not store through
+    /// the gateway (OpenAI's answer for an unknown one).
+    #[error("Previous response with id '{0}' not found.")]
+    PreviousResponseNotFound(String),
+    /// A stored response this key's owner did not store through the gateway.
+    #[error("No response found with id '{0}'.")]
+    ResponseNotFound(String),
     /// A per-key or per-route limit or budget refused the request.
     #[error("{}", limit_message(.0))]
     LimitExceeded(crate::limits::Rejection),
@@ -124,8 +131,12 @@ impl ApiError {
         match self {
             Self::Unauthorized => StatusCode::UNAUTHORIZED,
             Self::ModelNotAllowed(_) => StatusCode::FORBIDDEN,
-            Self::ModelNotFound(_) | Self::NotFound { .. } => StatusCode::NOT_FOUND,
-            Self::BadRequest { .. } | Self::GuardrailBlocked { .. } => StatusCode::BAD_REQUEST,
+            Self::ModelNotFound(_) | Self::NotFound { .. } | Self::ResponseNotFound(_) => {
+                StatusCode::NOT_FOUND
+            }
+            Self::BadRequest { .. }
+            | Self::GuardrailBlocked { .. }
+            | Self::PreviousResponseNotFound(_) => StatusCode::BAD_REQUEST,
             Self::PayloadTooLarge(_) | Self::TooComplex(_) => StatusCode::PAYLOAD_TOO_LARGE,
             Self::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
             Self::Unavailable
@@ -153,7 +164,9 @@ impl ApiError {
             | Self::PayloadTooLarge(_)
             | Self::TooComplex(_)
             | Self::RequestTimeout
-            | Self::NotFound { .. } => "invalid_request_error",
+            | Self::NotFound { .. }
+            | Self::PreviousResponseNotFound(_)
+            | Self::ResponseNotFound(_) => "invalid_request_error",
             Self::ModelNotAllowed(_) => "permission_error",
             Self::Unavailable
             | Self::LimitsUnavailable
@@ -187,6 +200,8 @@ impl ApiError {
             Self::Overloaded => "overloaded",
             Self::RequestTimeout => "request_timeout",
             Self::NotFound { .. } => "unknown_url",
+            Self::PreviousResponseNotFound(_) => "previous_response_not_found",
+            Self::ResponseNotFound(_) => "response_not_found",
             Self::Unavailable => "not_ready",
             Self::LimitsUnavailable => "limits_unavailable",
             Self::UsageUnavailable => "usage_unavailable",
@@ -208,6 +223,7 @@ impl ApiError {
         match self {
             Self::BadRequest { param, .. } => *param,
             Self::ModelNotAllowed(_) | Self::ModelNotFound(_) => Some("model"),
+            Self::PreviousResponseNotFound(_) => Some("previous_response_id"),
             _ => None,
         }
     }

@@ -31,6 +31,7 @@ pub mod server;
 pub mod settings;
 pub mod snapshot;
 pub mod sse;
+pub mod stored_responses;
 pub mod stream_guard;
 pub mod target_stats;
 pub mod targets;

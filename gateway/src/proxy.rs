@@ -72,6 +72,21 @@ pub struct Forward<'a> {
     /// Response guardrails for streamed answers (whole answers are checked by the
     /// caller).
     pub answers: Option<Arc<crate::stream_guard::AnswerRules>>,
+    /// A Responses API request: where stored responses are recorded, for whom, and the
+    /// Provider a continued conversation must go back to.
+    pub stored: Option<Stored>,
+}
+
+/// What a Responses API request needs of the stored-response records.
+#[derive(Debug, Clone)]
+pub struct Stored {
+    /// The records.
+    pub store: Arc<crate::stored_responses::StoredResponses>,
+    /// The key's owner scope.
+    pub scope: String,
+    /// The Provider that stores the response this request continues
+    /// (`previous_response_id`): the only target it may go to.
+    pub pinned: Option<String>,
 }
 
 impl Forward<'_> {
@@ -322,7 +337,7 @@ fn plan_attempts<'a>(
     // `weighted` needs only the circuits: no statistics lookup on its requests.
     let measured = route.strategy != tollgate_api::v1alpha1::Strategy::Weighted;
     let priced = measured && route.strategy_options.cost_weight > 0;
-    plan(
+    let mut order = plan(
         &route.targets,
         route.strategy,
         &Tuning {
@@ -344,7 +359,12 @@ fn plan_attempts<'a>(
             }
         },
         rng,
-    )
+    );
+    // A continued conversation lives at the Provider that stored it.
+    if let Some(pinned) = req.stored.as_ref().and_then(|s| s.pinned.as_deref()) {
+        order.retain(|p| p.target.config.provider == pinned);
+    }
+    order
 }
 
 /// Backoff before retry number `attempts`, at least what the target said to wait when it
@@ -592,6 +612,20 @@ async fn attempt_once(
     )
     .map_err(|e| Failure::BadRequest(e.to_string()))?;
     let (inject_usage, echo) = (body.injected_usage, body.echo);
+    let upstream_dialect = adapter.upstream_dialect(config, req.operation);
+    // A response the upstream stores is recorded for the key's owner.
+    let remember = req
+        .stored
+        .as_ref()
+        .filter(|_| upstream_dialect == Dialect::Responses)
+        .map(|s| crate::stored_responses::Remember {
+            store: s.store.clone(),
+            owner: crate::stored_responses::Owner {
+                scope: s.scope.clone(),
+                provider: config.id.clone(),
+                route: req.route.id.clone(),
+            },
+        });
     let body = body.bytes;
     // Parsed once per reload; parsing on the fly only for a model the snapshot lacks.
     let url = match model.endpoint(req.operation) {
@@ -637,11 +671,7 @@ async fn attempt_once(
         }
         Ok(Ok(r)) => r,
     };
-    let conversion = Conversion::between(
-        req.client(echo),
-        adapter.upstream_dialect(config, req.operation),
-        inject_usage,
-    );
+    let conversion = Conversion::between(req.client(echo), upstream_dialect, inject_usage);
     let status = response.status();
     match status.as_u16() {
         200..=299 => {}
@@ -707,6 +737,7 @@ async fn attempt_once(
                 route: req.route.id.clone(),
                 started: req.started,
             }),
+            remember,
             feedback: Some(StreamFeedback {
                 slot: stats.clone(),
                 metrics: req.metrics.clone(),
@@ -730,6 +761,7 @@ async fn attempt_once(
             req.max_response_bytes,
             &conversion,
             accounting.as_mut(),
+            remember.as_ref(),
         )
         .await
         .map_err(|f| f.named(&config.id))
@@ -742,8 +774,9 @@ async fn whole(
     limit: usize,
     conversion: &Conversion,
     accounting: Option<&mut Accounting>,
+    remember: Option<&crate::stored_responses::Remember>,
 ) -> Result<Response, Failure> {
-    relay::whole(response, deadline, limit, conversion, accounting)
+    relay::whole(response, deadline, limit, conversion, accounting, remember)
         .await
         .map_err(|e| match e {
             WholeError::Timeout => Failure::Timeout,

@@ -134,6 +134,7 @@ pub async fn whole(
     limit: usize,
     conversion: &Conversion,
     accounting: Option<&mut Accounting>,
+    remember: Option<&crate::stored_responses::Remember>,
 ) -> Result<Response, WholeError> {
     let status = response.status();
     let content_type = response.headers().get(header::CONTENT_TYPE).cloned();
@@ -142,6 +143,11 @@ pub async fn whole(
         Err(_) => return Err(WholeError::Timeout),
         Ok(result) => result?,
     };
+    if let Some(remember) = remember
+        && status.is_success()
+    {
+        remember.body(&bytes);
+    }
     let bytes = conversion.body(status, bytes);
     if let Some(accounting) = accounting
         && status.is_success()
@@ -404,6 +410,8 @@ pub struct StreamGuards {
     pub span: tracing::Span,
     /// The route's and key's response guardrails, applied as events are relayed.
     pub answers: Option<crate::stream_guard::StreamGuard>,
+    /// Where a response the upstream stores is recorded for its owner.
+    pub remember: Option<crate::stored_responses::Remember>,
 }
 
 /// Relays an upstream SSE stream. Dropping the response (client gone) drops the upstream
@@ -515,6 +523,8 @@ pub struct StreamTranslator {
     sent: u64,
     /// The client's dialect.
     client: Dialect,
+    /// Records a response a Responses upstream stores.
+    remember: Option<crate::stored_responses::Remember>,
 }
 
 #[derive(Debug)]
@@ -565,6 +575,7 @@ impl StreamTranslator {
             saw_error: false,
             sent: 0,
             client,
+            remember: None,
         }
     }
 
@@ -590,6 +601,12 @@ impl StreamTranslator {
         } else {
             StreamEnd::Failed
         }
+    }
+
+    /// Records the response a Responses upstream stores for its owner.
+    pub fn remembering(mut self, remember: Option<crate::stored_responses::Remember>) -> Self {
+        self.remember = remember;
+        self
     }
 
     /// Sends the client events through `guard` (response guardrails).
@@ -686,6 +703,11 @@ impl StreamTranslator {
                 Mode::Responses => {
                     let v: Value = serde_json::from_str(&event.data).unwrap_or_default();
                     match v["type"].as_str() {
+                        Some("response.created") => {
+                            if let Some(remember) = &self.remember {
+                                remember.response(&v["response"]);
+                            }
+                        }
                         Some("response.completed" | "response.incomplete") => {
                             self.saw_end = true;
                             if let (Some(a), Some(u)) =
@@ -805,7 +827,9 @@ where
 {
     let dialect = conversion.client_dialect();
     let mut guards = guards;
-    let translator = StreamTranslator::new(conversion).guarded(guards.answers.take());
+    let translator = StreamTranslator::new(conversion)
+        .guarded(guards.answers.take())
+        .remembering(guards.remember.take());
     stream::unfold(
         (upstream, translator, guards, false),
         move |(mut s, mut t, mut guards, finished)| {
@@ -901,6 +925,7 @@ mod tests {
             feedback: None,
             span: tracing::Span::none(),
             answers: None,
+            remember: None,
         }
     }
 

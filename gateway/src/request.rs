@@ -21,6 +21,9 @@ pub struct RequestHead {
     /// `max_tokens` (or its newer name, or the Responses API's), for token estimates.
     #[serde(default, alias = "max_completion_tokens", alias = "max_output_tokens")]
     pub max_tokens: Option<u64>,
+    /// The Responses API's `previous_response_id`: the stored response continued.
+    #[serde(default)]
+    pub previous_response_id: Option<String>,
 }
 
 /// `stream_options`.

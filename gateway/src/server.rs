@@ -51,6 +51,8 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         .as_ref()
         .map(|r| r.cache.clone())
         .filter(|_| settings.cache_max_bytes > 0);
+    let stored =
+        crate::stored_responses::StoredResponses::new(redis.as_ref().map(|r| r.state.clone()));
     let (limits, usage) = match redis {
         Some(redis) => {
             tracing::info!(mode = ?settings.redis_failure_mode, "limits, budgets and the cache shared through Redis");
@@ -76,6 +78,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         metrics,
         limits: Arc::new(limits),
         usage: Arc::new(usage),
+        stored: Arc::new(stored),
         revocations,
         cache: Arc::new(crate::cache::Cache::new(
             settings.cache_max_bytes,

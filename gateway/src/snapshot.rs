@@ -232,6 +232,11 @@ impl Snapshot {
         self.routes.get(view.route(model)?)
     }
 
+    /// A route by id.
+    pub fn route_by_id(&self, id: &str) -> Option<&Arc<Route>> {
+        self.routes.iter().find(|r| r.id == id)
+    }
+
     /// A provider by id.
     pub fn provider(&self, id: &str) -> Option<&Arc<Provider>> {
         self.providers.get(id)

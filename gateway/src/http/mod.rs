@@ -11,6 +11,7 @@ mod models;
 mod observe;
 mod openai;
 mod pipeline;
+mod stored;
 mod throttle;
 mod usage;
 
@@ -66,6 +67,8 @@ pub struct AppState {
     pub limits: Arc<crate::limits::store::Limits>,
     /// Usage counters per key.
     pub usage: Arc<crate::usage::Usage>,
+    /// Who stored which Responses API response.
+    pub stored: Arc<crate::stored_responses::StoredResponses>,
     /// Keys revoked through Redis ahead of the mounted configuration.
     pub revocations: Arc<crate::revocation::Revocations>,
     /// Response cache.
@@ -99,6 +102,11 @@ pub fn app(state: Arc<AppState>, options: &HttpOptions) -> Router {
         .route("/v1/completions", post(openai::completions))
         .route("/v1/embeddings", post(openai::embeddings))
         .route("/v1/responses", post(openai::responses))
+        .route(
+            "/v1/responses/{id}",
+            get(stored::response).delete(stored::response),
+        )
+        .route("/v1/responses/{id}/input_items", get(stored::input_items))
         .route("/v1/messages", post(anthropic::messages))
         .route("/v1/models", get(models::list_models))
         .route("/v1/usage", get(usage::usage))

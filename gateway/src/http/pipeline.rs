@@ -111,6 +111,7 @@ async fn serve(
     // response head is sent (streams hold none).
     let share = state.memory.share();
     let (call, body) = receive(state, request, &share, seen).await?;
+    let stored = continuing(state, &call, operation).await?;
     let body = guard(state, &call, body, cx.request_id, &share)?;
     let prompt_estimate = estimate_prompt_tokens(&body);
     let Admitted {
@@ -150,6 +151,7 @@ async fn serve(
                 .stream
                 .then(|| guardrails::answer_rules(state, snapshot, route, key, cx.request_id))
                 .flatten(),
+            stored,
         },
         Some(accounting),
     )
@@ -215,6 +217,63 @@ async fn receive(
         },
         body,
     ))
+}
+
+/// For the Responses API, what the stored-response records say: the key's owner scope
+/// and, when the request continues a stored response (`previous_response_id`), the
+/// Provider holding it, after checking that this key's owner stored it. Another owner's
+/// response, or one never stored through this gateway, is not found (OpenAI's 400); when
+/// the records cannot be read the request is refused rather than let through unchecked.
+async fn continuing(
+    state: &AppState,
+    call: &Call,
+    operation: Operation,
+) -> Result<Option<crate::proxy::Stored>, ApiError> {
+    if operation != Operation::Responses {
+        return Ok(None);
+    }
+    let scope = crate::stored_responses::scope_of(&call.key);
+    let pinned = match call.head.previous_response_id.as_deref() {
+        None => None,
+        Some(id) => {
+            let owner = state.stored.owner(id).await.map_err(|e| {
+                tracing::warn!(error = %e, "stored-response records unreadable");
+                ApiError::UpstreamUnavailable(
+                    "The gateway cannot check who owns previous_response_id right now; retry later."
+                        .to_owned(),
+                )
+            })?;
+            match owner {
+                Some(owner) if owner.scope == scope => {
+                    if !call
+                        .route
+                        .tiers
+                        .iter()
+                        .flatten()
+                        .any(|t| t.provider == owner.provider)
+                    {
+                        let shown: String = id.chars().take(128).collect();
+                        return Err(ApiError::bad_request(
+                            format!(
+                                "previous_response_id '{shown}' is stored by a Provider this model's route does not send to: continue it with a model routed to the Provider that stored it (one that speaks the Responses API), or send the whole conversation in `input`."
+                            ),
+                            Some("previous_response_id"),
+                        ));
+                    }
+                    Some(owner.provider)
+                }
+                _ => {
+                    let shown: String = id.chars().take(128).collect();
+                    return Err(ApiError::PreviousResponseNotFound(shown));
+                }
+            }
+        }
+    };
+    Ok(Some(crate::proxy::Stored {
+        store: state.stored.clone(),
+        scope,
+        pinned,
+    }))
 }
 
 /// Stage 4, **guardrails**: the request rules, before anything else reads the content (a

@@ -27,6 +27,12 @@ impl Adapter for AzureOpenAi {
         true
     }
 
+    fn responses_base(&self, provider: &CompiledProvider) -> Option<String> {
+        provider
+            .serves(tollgate_api::v1alpha1::OpenAiApi::Responses)
+            .then(|| format!("{}/openai/v1", provider.base_url))
+    }
+
     /// The upstream model name is the deployment's (in the path; for the Responses API,
     /// Azure's v1 API, in the body).
     fn endpoint(

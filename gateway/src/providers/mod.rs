@@ -54,6 +54,12 @@ pub trait Adapter: Sync + std::fmt::Debug {
         upstream_model: &str,
     ) -> String;
 
+    /// Where `provider` keeps stored Responses API responses (`{base}/responses/{id}`),
+    /// when it serves that API.
+    fn responses_base(&self, _provider: &CompiledProvider) -> Option<String> {
+        None
+    }
+
     /// Headers this API needs beyond the common ones ([`headers`]): a version header,
     /// for one.
     fn extra_headers(&self, _provider: &CompiledProvider, _headers: &mut HeaderMap) {}

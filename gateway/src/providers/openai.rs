@@ -52,6 +52,12 @@ impl Adapter for OpenAi {
         true
     }
 
+    fn responses_base(&self, provider: &CompiledProvider) -> Option<String> {
+        provider
+            .serves(OpenAiApi::Responses)
+            .then(|| provider.base_url.clone())
+    }
+
     fn endpoint(&self, provider: &CompiledProvider, operation: Operation, _model: &str) -> String {
         format!("{}/{}", provider.base_url, path(provider, operation))
     }

@@ -133,7 +133,11 @@ async fn the_openai_sdk_responses_calls_work_for_every_kind_of_upstream() {
     use crate::responses_api::{KEY, MODELS, bed};
     let bed = bed("").await;
     for model in MODELS {
-        let stateful = "";
+        let stateful = if model == "gpt-native" {
+            "stateful"
+        } else {
+            ""
+        };
         let out = run_async("responses_client.py", &bed.gw, KEY, &[model, stateful]).await;
         assert_eq!(out["create"]["status"], "completed", "{model}: {out}");
         assert_eq!(

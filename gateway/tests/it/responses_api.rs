@@ -378,3 +378,140 @@ async fn what_a_translated_target_cannot_do_is_refused_with_a_reason() {
     .await;
     assert_eq!(status, 200);
 }
+
+/// A second key, in another namespace, routed to the same Provider.
+const OTHER_KEY: &str = "tg_responsesTestsOtherTeamKey000000000001";
+
+fn other_team() -> String {
+    format!(
+        "apiVersion: v1\nkind: Secret\nmetadata: {{name: other-key, namespace: other}}\nstringData: {{apiKey: {OTHER_KEY}}}\n---\n\
+         apiVersion: tollgate.dev/v1alpha1\nkind: ApiKey\nmetadata: {{name: other, namespace: other}}\nspec: {{owner: intruders, sharedRoutesFrom: [default]}}\n---\n\
+         apiVersion: tollgate.dev/v1alpha1\nkind: RoutePolicy\nmetadata: {{name: shared, namespace: default}}\nspec:\n  models: [gpt-shared]\n  targets: [{{provider: native, model: gpt-native}}]\n  sharedWith: [other]\n---\n"
+    )
+}
+
+async fn as_key(
+    gw: &Gateway,
+    key: &str,
+    method: reqwest::Method,
+    path: &str,
+    body: Option<Value>,
+) -> (u16, Value) {
+    let mut req = client().request(method, gw.url(path)).bearer_auth(key);
+    if let Some(body) = body {
+        req = req.json(&body);
+    }
+    let resp = req.send().await.unwrap();
+    let status = resp.status().as_u16();
+    (status, resp.json().await.unwrap_or(Value::Null))
+}
+
+#[tokio::test]
+async fn a_stored_response_is_its_owners_alone_to_read_delete_or_continue() {
+    let bed = bed(&other_team()).await;
+    let (status, mine) = create(
+        &bed.gw,
+        json!({"model": "gpt-shared", "input": "My secret plan"}),
+    )
+    .await;
+    assert_eq!(status, 200, "{mine}");
+    let id = mine["id"].as_str().unwrap().to_owned();
+    let path = format!("/v1/responses/{id}");
+
+    // The owner reads it back, with its input items, through the Provider that stores it.
+    let (status, fetched) = as_key(&bed.gw, KEY, reqwest::Method::GET, &path, None).await;
+    assert_eq!(status, 200, "{fetched}");
+    assert_eq!(fetched["id"], id.as_str());
+    let (status, items) = as_key(
+        &bed.gw,
+        KEY,
+        reqwest::Method::GET,
+        &format!("{path}/input_items?limit=10"),
+        None,
+    )
+    .await;
+    assert_eq!(status, 200, "{items}");
+    assert_eq!(items["data"][0]["content"][0]["text"], "My secret plan");
+
+    // Another team that shares the route, hence the Provider and its credential, learns
+    // nothing of it: not its content, not that it exists.
+    let before = bed.native.received().len();
+    for (method, path) in [
+        (reqwest::Method::GET, path.clone()),
+        (reqwest::Method::GET, format!("{path}/input_items")),
+        (reqwest::Method::DELETE, path.clone()),
+    ] {
+        let (status, error) = as_key(&bed.gw, OTHER_KEY, method.clone(), &path, None).await;
+        assert_eq!(status, 404, "{method} {path}: {error}");
+        assert_eq!(error["error"]["code"], "response_not_found");
+        assert!(!error.to_string().contains("secret plan"));
+    }
+    let (status, error) = as_key(
+        &bed.gw,
+        OTHER_KEY,
+        reqwest::Method::POST,
+        "/v1/responses",
+        Some(json!({"model": "gpt-shared", "previous_response_id": id, "input": "What was the plan?"})),
+    )
+    .await;
+    assert_eq!(status, 400, "{error}");
+    assert_eq!(error["error"]["code"], "previous_response_not_found");
+    assert_eq!(
+        bed.native.received().len(),
+        before,
+        "none of it reached the upstream"
+    );
+
+    // Ids never stored here, and anything that is not a response id, are unknown too.
+    for bogus in ["resp_neverstored", "..%2F..%2Fmodels", "msg_1"] {
+        let (status, _) = as_key(
+            &bed.gw,
+            KEY,
+            reqwest::Method::GET,
+            &format!("/v1/responses/{bogus}"),
+            None,
+        )
+        .await;
+        assert_eq!(status, 404, "{bogus}");
+    }
+
+    // The owner continues, then deletes; after that it is gone for the owner too.
+    let (status, next) = as_key(
+        &bed.gw,
+        KEY,
+        reqwest::Method::POST,
+        "/v1/responses",
+        Some(json!({"model": "gpt-shared", "previous_response_id": id, "input": "Go on"})),
+    )
+    .await;
+    assert_eq!(status, 200, "{next}");
+    assert_eq!(
+        bed.native.received().last().unwrap().json()["previous_response_id"],
+        id.as_str()
+    );
+    let (status, deleted) = as_key(&bed.gw, KEY, reqwest::Method::DELETE, &path, None).await;
+    assert_eq!(status, 200, "{deleted}");
+    assert_eq!(deleted["deleted"], true);
+    let (status, _) = as_key(&bed.gw, KEY, reqwest::Method::GET, &path, None).await;
+    assert_eq!(status, 404);
+}
+
+#[tokio::test]
+async fn a_response_stored_with_store_false_is_not_recorded() {
+    let bed = bed("").await;
+    let (status, response) = create(
+        &bed.gw,
+        json!({"model": "gpt-native", "input": "Ephemeral", "store": false}),
+    )
+    .await;
+    assert_eq!(status, 200, "{response}");
+    let (status, _) = as_key(
+        &bed.gw,
+        KEY,
+        reqwest::Method::GET,
+        &format!("/v1/responses/{}", response["id"].as_str().unwrap()),
+        None,
+    )
+    .await;
+    assert_eq!(status, 404);
+}
