@@ -75,6 +75,8 @@ pub struct Forward<'a> {
     /// A Responses API request: where stored responses are recorded, for whom, and the
     /// Provider a continued conversation must go back to.
     pub stored: Option<Stored>,
+    /// An Anthropic client's version, betas and query string, for Anthropic targets.
+    pub anthropic: Option<providers::anthropic::ClientHints>,
 }
 
 /// What a Responses API request needs of the stored-response records.
@@ -160,6 +162,8 @@ enum Failure {
     TooLarge(String, usize),
     /// A 3xx: redirects are never followed (they could carry the credential elsewhere).
     Redirect(String, StatusCode),
+    /// An `anthropic-beta` the Provider's policy refuses (another target may allow it).
+    BetaRefused(String),
 }
 
 impl Failure {
@@ -170,7 +174,10 @@ impl Failure {
             Self::RateLimited(_) => retry_on.contains(&RetryOn::RateLimited),
             Self::Server(_) => retry_on.contains(&RetryOn::ServerError),
             // Another target may be configured correctly: move on without counting on luck.
-            Self::Credentials(_) | Self::Unsupported(_) | Self::NoModel(_) => true,
+            Self::Credentials(_)
+            | Self::Unsupported(_)
+            | Self::NoModel(_)
+            | Self::BetaRefused(_) => true,
             // The same request would most likely get the same answer again.
             Self::BadRequest(_) | Self::TooLarge(..) | Self::Redirect(..) => false,
             Self::CircuitOpen(_) | Self::Saturated(_) => true,
@@ -189,9 +196,10 @@ impl Failure {
             Self::Credentials(_) => AttemptOutcome::credentials_rejected,
             Self::Saturated(_) => AttemptOutcome::saturated,
             Self::CircuitOpen(_) => AttemptOutcome::circuit_open,
-            Self::Unsupported(_) | Self::NoModel(_) | Self::BadRequest(_) => {
-                AttemptOutcome::not_attempted
-            }
+            Self::Unsupported(_)
+            | Self::NoModel(_)
+            | Self::BadRequest(_)
+            | Self::BetaRefused(_) => AttemptOutcome::not_attempted,
         }
     }
 
@@ -227,6 +235,7 @@ impl Failure {
             Self::Unsupported(message) => ApiError::NotImplemented(message),
             Self::NoModel(model) => ApiError::ModelNotFound(model),
             Self::BadRequest(message) => ApiError::bad_request(message, None),
+            Self::BetaRefused(message) => ApiError::bad_request(message, Some("anthropic-beta")),
             Self::CircuitOpen(provider) => ApiError::UpstreamUnavailable(format!(
                 "The upstream provider {provider} is failing and temporarily not called (circuit open); retry later."
             )),
@@ -628,7 +637,7 @@ async fn attempt_once(
         });
     let body = body.bytes;
     // Parsed once per reload; parsing on the fly only for a model the snapshot lacks.
-    let url = match model.endpoint(req.operation) {
+    let mut url = match model.endpoint(req.operation) {
         Some(url) => url.clone(),
         None => reqwest::Url::parse(&adapter.endpoint(config, req.operation, upstream_model))
             .map_err(|_| Failure::Connect(config.id.clone()))?,
@@ -639,6 +648,19 @@ async fn attempt_once(
         provider.credential.as_deref(),
         &req.request_id,
     );
+    // An Anthropic client's own body goes with its version, betas and query string.
+    if upstream_dialect == Dialect::Anthropic
+        && let Some(hints) = req.anthropic.as_ref()
+    {
+        if let Some(beta) = hints.refused_beta(config) {
+            return Err(Failure::BetaRefused(format!(
+                "The anthropic-beta `{beta}` is not allowed on the Provider serving `{}`.",
+                req.head.model
+            )));
+        }
+        hints.apply(&mut headers);
+        url = hints.url(url);
+    }
     crate::telemetry::inject(&tracing::Span::current(), req.trace, &mut headers);
 
     let mut per_try = Duration::from_millis(config.request_timeout_ms);

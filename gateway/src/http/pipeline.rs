@@ -152,6 +152,8 @@ async fn serve(
                 .then(|| guardrails::answer_rules(state, snapshot, route, key, cx.request_id))
                 .flatten(),
             stored,
+            anthropic: (operation == Operation::Messages)
+                .then(|| crate::providers::anthropic::ClientHints::of(&call.parts)),
         },
         Some(accounting),
     )

@@ -7,6 +7,7 @@ mod common;
 
 mod adaptive_routing;
 mod anthropic;
+mod anthropic_clients;
 mod cache;
 mod client_disconnects;
 mod client_faults;

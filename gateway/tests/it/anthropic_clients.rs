@@ -1,0 +1,153 @@
+//! What Anthropic-native clients such as Claude Code send beyond the body: their
+//! `anthropic-version`, the `anthropic-beta` features their bodies need, and query
+//! parameters (`/v1/messages?beta=true`), forwarded to Anthropic targets as sent, under the
+//! Provider's beta policy; against an emulated Anthropic API that refuses a beta-only field
+//! without its beta, as the real one does.
+
+use crate::{common, responses_api};
+
+use common::{Gateway, client};
+use serde_json::{Value, json};
+use tollgate_testkit::emulated::{self, CONTEXT_MANAGEMENT_BETA};
+
+/// A second Anthropic Provider on the same upstream whose policy refuses the
+/// context-management beta.
+fn strict(url: &str) -> String {
+    format!(
+        "apiVersion: tollgate.dev/v1alpha1\nkind: Provider\nmetadata: {{name: strict}}\nspec:\n  type: anthropic\n  baseUrl: {url}\n\
+         \x20 credentials: {{secretRef: {{name: up, key: token}}}}\n  anthropic: {{version: '2023-01-01', betas: {{deny: ['context-management-*']}}}}\n\
+         \x20 models: [{{name: claude-strict, upstreamName: claude-emulated}}]\n---\n\
+         apiVersion: tollgate.dev/v1alpha1\nkind: RoutePolicy\nmetadata: {{name: strict}}\nspec:\n  models: [claude-strict]\n  targets: [{{provider: strict}}]\n  retries: {{attempts: 0}}\n---\n"
+    )
+}
+
+async fn messages(gw: &Gateway, path: &str, betas: Option<&str>, body: Value) -> (u16, Value) {
+    let mut req = client()
+        .post(gw.url(path))
+        .header("x-api-key", responses_api::KEY)
+        .header("anthropic-version", "2023-06-01")
+        .json(&body);
+    if let Some(betas) = betas {
+        req = req.header("anthropic-beta", betas);
+    }
+    let resp = req.send().await.unwrap();
+    let status = resp.status().as_u16();
+    (status, resp.json().await.unwrap_or(Value::Null))
+}
+
+/// A request shaped like Claude Code's: a system block, a user turn, and the
+/// context-management field that exists only with its beta.
+fn claude_code_body(model: &str) -> Value {
+    json!({
+        "model": model,
+        "max_tokens": 64,
+        "system": [{"type": "text", "text": "You are Claude Code."}],
+        "messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]}],
+        "context_management": {"edits": [{"type": "clear_tool_uses_20250919"}]},
+    })
+}
+
+#[tokio::test]
+async fn a_claude_code_request_reaches_anthropic_with_its_betas_version_and_query() {
+    let bed = responses_api::bed("").await;
+    let betas = format!("claude-code-20250219,{CONTEXT_MANAGEMENT_BETA}");
+    let (status, answer) = messages(
+        &bed.gw,
+        "/v1/messages?beta=true",
+        Some(&betas),
+        claude_code_body("claude"),
+    )
+    .await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(answer["content"][0]["text"], "emulated reply to: hi");
+    let sent = bed.anthropic.received().pop().unwrap();
+    assert_eq!(sent.path_and_query, "/v1/messages?beta=true");
+    assert_eq!(
+        emulated::header(&sent, "anthropic-beta").as_deref(),
+        Some(betas.as_str())
+    );
+    assert_eq!(
+        emulated::header(&sent, "anthropic-version").as_deref(),
+        Some("2023-06-01")
+    );
+    assert_eq!(
+        emulated::header(&sent, "x-api-key").as_deref(),
+        Some(emulated::API_KEY),
+        "the Provider's credential, not the client's key"
+    );
+}
+
+#[tokio::test]
+async fn without_its_beta_the_upstream_refuses_the_field_and_the_client_hears_why() {
+    let bed = responses_api::bed("").await;
+    let (status, error) = messages(&bed.gw, "/v1/messages", None, claude_code_body("claude")).await;
+    assert_eq!(status, 400, "{error}");
+    assert_eq!(error["type"], "error");
+    assert!(
+        error["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("context_management: Extra inputs are not permitted"),
+        "{error}"
+    );
+}
+
+#[tokio::test]
+async fn a_beta_the_provider_denies_is_refused_before_the_upstream() {
+    let upstream = emulated::Emulated::start(emulated::Flavor::Anthropic).await;
+    let bed = responses_api::bed(&strict(&upstream.base_url())).await;
+    let (status, error) = messages(
+        &bed.gw,
+        "/v1/messages",
+        Some(CONTEXT_MANAGEMENT_BETA),
+        claude_code_body("claude-strict"),
+    )
+    .await;
+    assert_eq!(status, 400, "{error}");
+    assert!(
+        error["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("anthropic-beta"),
+        "{error}"
+    );
+    assert!(
+        upstream.received().is_empty(),
+        "refused before the upstream"
+    );
+    // A beta the policy allows passes, and the client's version replaces the Provider's.
+    let (status, answer) = messages(
+        &bed.gw,
+        "/v1/messages",
+        Some("interleaved-thinking-2025-05-14"),
+        json!({"model": "claude-strict", "max_tokens": 8, "messages": [{"role": "user", "content": "hi"}]}),
+    )
+    .await;
+    assert_eq!(status, 200, "{answer}");
+    let sent = upstream.received().pop().unwrap();
+    assert_eq!(
+        emulated::header(&sent, "anthropic-version").as_deref(),
+        Some("2023-06-01")
+    );
+}
+
+#[tokio::test]
+async fn a_translated_call_uses_the_providers_version_and_no_client_betas() {
+    let bed = responses_api::bed("").await;
+    let resp = client()
+        .post(bed.gw.url("/v1/chat/completions"))
+        .bearer_auth(responses_api::KEY)
+        .header("anthropic-beta", CONTEXT_MANAGEMENT_BETA)
+        .json(&json!({"model": "claude", "messages": [{"role": "user", "content": "hi"}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let sent = bed.anthropic.received().pop().unwrap();
+    assert_eq!(emulated::header(&sent, "anthropic-beta"), None);
+    assert_eq!(
+        emulated::header(&sent, "anthropic-version").as_deref(),
+        Some("2023-06-01")
+    );
+    assert_eq!(sent.path_and_query, "/v1/messages");
+}
