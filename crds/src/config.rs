@@ -144,9 +144,16 @@ pub struct CompiledModel {
     pub output_per_million: f64,
     /// Price of a million cached input tokens.
     pub cached_input_per_million: f64,
+    /// Price of a million input tokens written to the prompt cache (unset: the input
+    /// price).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache_write_per_million: Option<f64>,
     /// Context window.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub context_window: Option<u32>,
+    /// Most tokens generated in one answer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_output_tokens: Option<u32>,
 }
 
 /// A route ready to serve.

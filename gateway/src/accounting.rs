@@ -15,10 +15,16 @@ use crate::{
 /// Token usage of an answer.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Usage {
-    /// Input (prompt) tokens.
+    /// Input (prompt) tokens, cached ones and cache writes included.
     pub prompt: u64,
     /// Output (completion) tokens.
     pub completion: u64,
+    /// Input tokens read from the provider's prompt cache (OpenAI's `cached_tokens`,
+    /// Anthropic's `cache_read_input_tokens`), priced at `cachedInputPerMillion`.
+    pub cached: u64,
+    /// Input tokens written to the provider's prompt cache (Anthropic's
+    /// `cache_creation_input_tokens`), priced at `cacheWritePerMillion`.
+    pub cache_write: u64,
 }
 
 /// Reads usage from a complete answer in either dialect (OpenAI `usage.prompt_tokens`,
@@ -41,6 +47,8 @@ impl From<crate::canonical::Usage> for Usage {
         Self {
             prompt: u.input,
             completion: u.output,
+            cached: u.cached_input.unwrap_or(0),
+            cache_write: u.cache_write.unwrap_or(0),
         }
     }
 }
@@ -61,7 +69,20 @@ pub fn usage_from_value(u: &Value) -> Option<Usage> {
         .as_u64()
         .or_else(|| u["output_tokens"].as_u64())
         .unwrap_or(0);
-    Some(Usage { prompt, completion })
+    // OpenAI chat: `prompt_tokens_details`; the Responses API: `input_tokens_details`;
+    // Anthropic: `cache_read_input_tokens` and `cache_creation_input_tokens`.
+    let cached = u["prompt_tokens_details"]["cached_tokens"]
+        .as_u64()
+        .or_else(|| u["input_tokens_details"]["cached_tokens"].as_u64())
+        .or_else(|| u["cache_read_input_tokens"].as_u64())
+        .unwrap_or(0);
+    let cache_write = u["cache_creation_input_tokens"].as_u64().unwrap_or(0);
+    Some(Usage {
+        prompt,
+        completion,
+        cached: cached.min(prompt),
+        cache_write: cache_write.min(prompt - cached.min(prompt)),
+    })
 }
 
 /// Settles a request's reservation once; dropping it settles too.
@@ -176,7 +197,7 @@ impl Accounting {
             (Some(_), Some(u)) => u,
             (Some(_), None) => self.estimated,
         };
-        let cost = self.pricing.cost(usage.prompt, usage.completion);
+        let cost = self.pricing.cost(&usage);
         if let Some((limits, reservation)) = self.limits.take() {
             limits.settle(
                 reservation,
@@ -212,6 +233,18 @@ impl Accounting {
                 .tokens
                 .get_or_create(&labels("output"))
                 .inc_by(usage.completion);
+            // Parts of the input, priced apart (never added to `input` twice).
+            for (kind, tokens) in [
+                ("cached_input", usage.cached),
+                ("cache_write", usage.cache_write),
+            ] {
+                if tokens > 0 {
+                    self.metrics
+                        .tokens
+                        .get_or_create(&labels(kind))
+                        .inc_by(tokens);
+                }
+            }
             self.metrics
                 .cost
                 .get_or_create(&labels("total"))
@@ -238,7 +271,8 @@ mod tests {
             ),
             Some(Usage {
                 prompt: 3,
-                completion: 4
+                completion: 4,
+                ..Default::default()
             })
         );
         assert_eq!(
@@ -247,14 +281,16 @@ mod tests {
             ),
             Some(Usage {
                 prompt: 5,
-                completion: 4
+                completion: 4,
+                ..Default::default()
             })
         );
         assert_eq!(
             usage_from_body(br#"{"usage":{"prompt_tokens":8,"total_tokens":8}}"#),
             Some(Usage {
                 prompt: 8,
-                completion: 0
+                completion: 0,
+                ..Default::default()
             })
         );
         assert_eq!(usage_from_body(br#"{"usage":null}"#), None);

@@ -74,6 +74,29 @@ pub enum ApiError {
         /// Path.
         path: String,
     },
+    /// The prompt plus the requested output exceed the context window of every target.
+    #[error(
+        "This model's maximum context length is {window} tokens. However, you requested about {} tokens ({prompt} in the messages, estimated, {output} in the completion). Please reduce the length of the messages or completion.",
+        prompt + output
+    )]
+    ContextLengthExceeded {
+        /// The largest window among the targets.
+        window: u64,
+        /// Estimated prompt tokens.
+        prompt: u64,
+        /// Requested output tokens.
+        output: u64,
+    },
+    /// The requested output exceeds what every target's model generates.
+    #[error(
+        "max_tokens is too large: {requested}. This model supports at most {max} completion tokens, whereas you provided {requested}."
+    )]
+    OutputLimitExceeded {
+        /// The largest output limit among the targets.
+        max: u64,
+        /// What the request asked for.
+        requested: u64,
+    },
     /// `previous_response_id` names a response this key's owner did not store through
     /// the gateway (OpenAI's answer for an unknown one).
     #[error("Previous response with id '{0}' not found.")]
@@ -136,7 +159,9 @@ impl ApiError {
             }
             Self::BadRequest { .. }
             | Self::GuardrailBlocked { .. }
-            | Self::PreviousResponseNotFound(_) => StatusCode::BAD_REQUEST,
+            | Self::PreviousResponseNotFound(_)
+            | Self::ContextLengthExceeded { .. }
+            | Self::OutputLimitExceeded { .. } => StatusCode::BAD_REQUEST,
             Self::PayloadTooLarge(_) | Self::TooComplex(_) => StatusCode::PAYLOAD_TOO_LARGE,
             Self::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
             Self::Unavailable
@@ -166,7 +191,9 @@ impl ApiError {
             | Self::RequestTimeout
             | Self::NotFound { .. }
             | Self::PreviousResponseNotFound(_)
-            | Self::ResponseNotFound(_) => "invalid_request_error",
+            | Self::ResponseNotFound(_)
+            | Self::ContextLengthExceeded { .. }
+            | Self::OutputLimitExceeded { .. } => "invalid_request_error",
             Self::ModelNotAllowed(_) => "permission_error",
             Self::Unavailable
             | Self::LimitsUnavailable
@@ -202,6 +229,8 @@ impl ApiError {
             Self::NotFound { .. } => "unknown_url",
             Self::PreviousResponseNotFound(_) => "previous_response_not_found",
             Self::ResponseNotFound(_) => "response_not_found",
+            Self::ContextLengthExceeded { .. } => "context_length_exceeded",
+            Self::OutputLimitExceeded { .. } => "invalid_value",
             Self::Unavailable => "not_ready",
             Self::LimitsUnavailable => "limits_unavailable",
             Self::UsageUnavailable => "usage_unavailable",
@@ -224,6 +253,8 @@ impl ApiError {
             Self::BadRequest { param, .. } => *param,
             Self::ModelNotAllowed(_) | Self::ModelNotFound(_) => Some("model"),
             Self::PreviousResponseNotFound(_) => Some("previous_response_id"),
+            Self::ContextLengthExceeded { .. } => Some("messages"),
+            Self::OutputLimitExceeded { .. } => Some("max_tokens"),
             _ => None,
         }
     }

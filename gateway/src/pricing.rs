@@ -4,6 +4,8 @@
 
 use tollgate_api::config::CompiledModel;
 
+use crate::accounting::Usage;
+
 /// A model's prices per million tokens, in its Provider's currency.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct Pricing {
@@ -11,10 +13,12 @@ pub struct Pricing {
     pub input: f64,
     /// Output tokens.
     pub output: f64,
-    /// Input tokens read from the provider's prompt cache (`cachedInputPerMillion`).
-    /// Compiled, not yet applied: cached tokens are billed as input until answers carry
-    /// their cached count through accounting (the next issue).
+    /// Input tokens read from the provider's prompt cache (`cachedInputPerMillion`;
+    /// the input price when unset).
     pub cached_input: f64,
+    /// Input tokens written to the provider's prompt cache (`cacheWritePerMillion`; the
+    /// input price when unset).
+    pub cache_write: f64,
 }
 
 impl Pricing {
@@ -24,12 +28,23 @@ impl Pricing {
             input: model.input_per_million,
             output: model.output_per_million,
             cached_input: model.cached_input_per_million,
+            cache_write: model
+                .cache_write_per_million
+                .unwrap_or(model.input_per_million),
         }
     }
 
-    /// The cost of `input` and `output` tokens.
-    pub fn cost(&self, input: u64, output: u64) -> f64 {
-        (input as f64 * self.input + output as f64 * self.output) / 1_000_000.0
+    /// The cost of `usage`: cached input and cache writes at their own prices, the rest
+    /// of the input at the input price, the output at the output price.
+    pub fn cost(&self, usage: &Usage) -> f64 {
+        let cached = usage.cached.min(usage.prompt);
+        let written = usage.cache_write.min(usage.prompt - cached);
+        let plain = usage.prompt - cached - written;
+        (plain as f64 * self.input
+            + cached as f64 * self.cached_input
+            + written as f64 * self.cache_write
+            + usage.completion as f64 * self.output)
+            / 1_000_000.0
     }
 
     /// Input plus output price per million, for comparing targets; `None` when free.
@@ -43,17 +58,44 @@ impl Pricing {
 mod tests {
     use super::*;
 
+    fn usage(prompt: u64, completion: u64, cached: u64, cache_write: u64) -> Usage {
+        Usage {
+            prompt,
+            completion,
+            cached,
+            cache_write,
+        }
+    }
+
     #[test]
     fn cost_is_tokens_times_price_per_million() {
         let p = Pricing {
             input: 2.5,
             output: 10.0,
             cached_input: 1.25,
+            cache_write: 3.125,
         };
-        assert_eq!(p.cost(1_000_000, 0), 2.5);
-        assert_eq!(p.cost(1_000, 500), 0.0075);
+        assert_eq!(p.cost(&usage(1_000_000, 0, 0, 0)), 2.5);
+        assert_eq!(p.cost(&usage(1_000, 500, 0, 0)), 0.0075);
         assert_eq!(p.weight(), Some(12.5));
         assert_eq!(Pricing::default().weight(), None);
-        assert_eq!(Pricing::default().cost(10, 10), 0.0);
+        assert_eq!(Pricing::default().cost(&usage(10, 10, 5, 5)), 0.0);
+    }
+
+    #[test]
+    fn cached_input_and_cache_writes_are_priced_apart() {
+        let p = Pricing {
+            input: 3.0,
+            output: 15.0,
+            cached_input: 0.3,
+            cache_write: 3.75,
+        };
+        // 1M input of which 600k read from the cache and 200k written to it.
+        let cost = p.cost(&usage(1_000_000, 0, 600_000, 200_000));
+        assert!((cost - (0.2 * 3.0 + 0.6 * 0.3 + 0.2 * 3.75)).abs() < 1e-9, "{cost}");
+        // Counts an upstream reports beyond the input cannot make the cost negative or
+        // bill a token twice.
+        let cost = p.cost(&usage(100, 0, 500, 500));
+        assert!((cost - 100.0 * 0.3 / 1e6).abs() < 1e-12, "{cost}");
     }
 }

@@ -33,7 +33,7 @@ use crate::{
     snapshot::Snapshot,
     target_stats::{Latency, Slot, StreamFeedback},
     targets::Provider,
-    targets::{Health, ProviderModel, ResolvedTarget, Route},
+    targets::{Fit, Health, Need, ProviderModel, ResolvedTarget, Route},
     upstream,
 };
 
@@ -77,6 +77,78 @@ pub struct Forward<'a> {
     pub stored: Option<Stored>,
     /// An Anthropic client's version, betas and query string, for Anthropic targets.
     pub anthropic: Option<providers::anthropic::ClientHints>,
+    /// What the request needs of its targets' context windows and output limits, when
+    /// some target declares them and the request might exceed one ([`need`]).
+    pub need: Option<Need>,
+}
+
+/// What a request on `route` needs of its targets' model limits, when one of them
+/// declares some and the request might not fit it: `None` when no target has limits, or
+/// when even the byte count of the body (an upper bound of its tokens) fits them all.
+pub fn need(route: &Route, head: &RequestHead, body: &[u8]) -> Option<Need> {
+    let limited: Vec<Arc<ProviderModel>> = route
+        .targets
+        .iter()
+        .flatten()
+        .filter_map(|t| t.model(&head.model))
+        .filter(|m| m.has_limits())
+        .collect();
+    let rough = Need {
+        prompt: crate::request::estimate_prompt_tokens(body),
+        output: head.max_tokens,
+    };
+    if limited.iter().all(|m| m.fit(&rough) == Fit::Fits) {
+        return None;
+    }
+    Some(Need {
+        prompt: crate::request::text_tokens_estimate(body).unwrap_or(rough.prompt),
+        ..rough
+    })
+}
+
+/// Drops from `order` the targets whose model the request does not fit (a context-window
+/// fallback: what remains is tried in order), marking a new first choice as such. When
+/// nothing remains, the error says why.
+fn fitting(
+    order: &mut Vec<Planned<'_, ResolvedTarget>>,
+    need: &Need,
+    requested: &str,
+) -> Result<(), ApiError> {
+    let (mut window, mut output) = (None::<u64>, None::<u64>);
+    let before = order.len();
+    let first = order.first().map(|p| std::ptr::from_ref(p.target));
+    order.retain(|p| match p.target.model(requested).map(|m| m.fit(need)) {
+        Some(Fit::TooLong { window: w }) => {
+            window = Some(window.map_or(w, |x| x.max(w)));
+            false
+        }
+        Some(Fit::OutputTooLarge { max }) => {
+            output = Some(output.map_or(max, |x| x.max(max)));
+            false
+        }
+        _ => true,
+    });
+    if let Some(p) = order.first_mut()
+        && order.len() < before
+        && first != Some(std::ptr::from_ref(p.target))
+    {
+        p.reason = crate::routing::Reason::ContextWindow;
+    }
+    if !order.is_empty() {
+        return Ok(());
+    }
+    Err(match (window, output) {
+        (Some(window), _) => ApiError::ContextLengthExceeded {
+            window,
+            prompt: need.prompt,
+            output: need.output.unwrap_or(0),
+        },
+        (None, Some(max)) => ApiError::OutputLimitExceeded {
+            max,
+            requested: need.output.unwrap_or(0),
+        },
+        (None, None) => ApiError::ModelNotFound(requested.to_owned()),
+    })
 }
 
 /// What a Responses API request needs of the stored-response records.
@@ -261,7 +333,10 @@ pub async fn forward(
 ) -> Result<Response, ApiError> {
     let route = req.route;
     let mut rng = fastrand::Rng::new();
-    let order = plan_attempts(&req, &mut rng);
+    let mut order = plan_attempts(&req, &mut rng);
+    if let Some(need) = &req.need {
+        fitting(&mut order, need, &req.head.model)?;
+    }
     let Some(first) = order.first() else {
         return Err(ApiError::ModelNotFound(req.head.model.clone()));
     };
@@ -846,7 +921,7 @@ async fn serve_mock(
             if let Some(a) = accounting.as_mut() {
                 a.report(Usage {
                     prompt: answer["usage"]["prompt_tokens"].as_u64().unwrap_or(0),
-                    completion: 0,
+                    ..Default::default()
                 });
             }
             return Ok(Json(answer).into_response());
@@ -875,6 +950,7 @@ async fn serve_mock(
             a.report(Usage {
                 prompt: answer.prompt_tokens,
                 completion: answer.tokens.len() as u64,
+                ..Default::default()
             });
         }
         let include_usage = req.head.include_usage() || translated;
@@ -900,6 +976,7 @@ async fn serve_mock(
         a.report(Usage {
             prompt: answer.prompt_tokens,
             completion: answer.tokens.len() as u64,
+            ..Default::default()
         });
     }
     if translated {

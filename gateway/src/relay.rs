@@ -513,7 +513,8 @@ pub fn sse_response(body: Body) -> Response {
 pub struct StreamTranslator {
     parser: sse::Parser,
     mode: Mode,
-    prompt: u64,
+    /// An Anthropic stream's usage from `message_start` (input, cache reads and writes).
+    start: Usage,
     guard: Option<crate::stream_guard::StreamGuard>,
     /// The upstream's final event (`[DONE]`, `message_stop`) has been read.
     saw_end: bool,
@@ -569,7 +570,7 @@ impl StreamTranslator {
         Self {
             parser: sse::Parser::default(),
             mode,
-            prompt: 0,
+            start: Usage::default(),
             guard: None,
             saw_end: false,
             saw_error: false,
@@ -677,8 +678,8 @@ impl StreamTranslator {
                         Some("message_stop") => self.saw_end = true,
                         Some("error") => self.saw_error = true,
                         Some("message_start") => {
-                            self.prompt =
-                                usage_from_value(&v["message"]["usage"]).map_or(0, |u| u.prompt)
+                            self.start =
+                                usage_from_value(&v["message"]["usage"]).unwrap_or_default()
                         }
                         Some("content_block_delta") => {
                             if let Some(a) = accounting.as_deref_mut() {
@@ -691,8 +692,8 @@ impl StreamTranslator {
                                 v["usage"]["output_tokens"].as_u64(),
                             ) {
                                 a.report(Usage {
-                                    prompt: self.prompt,
                                     completion: o,
+                                    ..self.start
                                 });
                             }
                         }
@@ -713,10 +714,7 @@ impl StreamTranslator {
                             if let (Some(a), Some(u)) =
                                 (accounting.as_deref_mut(), responses::stream_usage(&v))
                             {
-                                a.report(Usage {
-                                    prompt: u.input,
-                                    completion: u.output,
-                                });
+                                a.report(u.into());
                             }
                         }
                         Some("response.failed" | "error") => self.saw_error = true,

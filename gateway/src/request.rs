@@ -261,9 +261,64 @@ pub fn estimate_prompt_tokens(body: &[u8]) -> u64 {
     (body.len() as u64).div_ceil(4).max(1)
 }
 
+/// Tokens an image counts for in [`text_tokens_estimate`] (a large image at OpenAI's
+/// and Anthropic's rates is 1,000 to 1,600).
+pub const IMAGE_TOKENS: u64 = 1_600;
+
+/// A closer prompt-token estimate than [`estimate_prompt_tokens`], for deciding whether a
+/// request fits a model's context window: the text of every string in the body at about
+/// four bytes per token, with inline images (`data:` URLs, base64 sources) counted as
+/// [`IMAGE_TOKENS`] each rather than by their encoded size. `None` when the body is not
+/// JSON.
+pub fn text_tokens_estimate(body: &[u8]) -> Option<u64> {
+    fn walk(v: &serde_json::Value, key: &str, total: &mut u64) {
+        match v {
+            serde_json::Value::String(s) => {
+                let image = s.starts_with("data:")
+                    || (key == "data" && s.len() > 256)
+                    || (key == "image_url" && s.len() > 256);
+                *total += if image {
+                    IMAGE_TOKENS
+                } else {
+                    (s.len() as u64).div_ceil(4)
+                };
+            }
+            serde_json::Value::Array(items) => {
+                for item in items {
+                    walk(item, key, total);
+                }
+            }
+            serde_json::Value::Object(fields) => {
+                for (k, item) in fields {
+                    walk(item, k, total);
+                }
+            }
+            _ => {}
+        }
+    }
+    let value: serde_json::Value = serde_json::from_slice(body).ok()?;
+    let mut total = 0;
+    walk(&value, "", &mut total);
+    Some(total.max(1))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_text_estimate_counts_text_and_images_apart() {
+        let image = format!("data:image/png;base64,{}", "A".repeat(400_000));
+        let body = serde_json::json!({"model": "m", "messages": [{"role": "user", "content": [
+            {"type": "text", "text": "x".repeat(4_000)},
+            {"type": "image_url", "image_url": {"url": image}},
+        ]}]})
+        .to_string();
+        let estimate = text_tokens_estimate(body.as_bytes()).unwrap();
+        assert!((1_000 + IMAGE_TOKENS..1_000 + IMAGE_TOKENS + 20).contains(&estimate), "{estimate}");
+        assert!(estimate_prompt_tokens(body.as_bytes()) > 100_000, "the byte estimate is far above");
+        assert_eq!(text_tokens_estimate(b"not json"), None);
+    }
 
     #[test]
     fn head_parsing_reads_model_stream_and_usage_flags_only() {

@@ -36,6 +36,9 @@ pub enum Reason {
     OnlyHealthy,
     /// Not a first choice: the rest of a tier, in the strategy's order, for retries.
     Retry,
+    /// The strategy's choice cannot hold the request (its context window or output
+    /// limit): the first target that can goes first.
+    ContextWindow,
 }
 
 impl Reason {
@@ -49,6 +52,7 @@ impl Reason {
             Self::Exploration => "exploration",
             Self::OnlyHealthy => "only_healthy",
             Self::Retry => "retry",
+            Self::ContextWindow => "context_window",
         }
     }
 }

@@ -113,6 +113,37 @@ pub struct ProviderModel {
     pub endpoints: [Option<reqwest::Url>; Operation::ALL.len()],
     /// Its circuit breaker, shared with every snapshot that serves it.
     pub breaker: Arc<Breaker>,
+    /// Its context window (`contextWindow`), in tokens.
+    pub context_window: Option<u64>,
+    /// Most tokens it generates in one answer (`maxOutputTokens`).
+    pub max_output: Option<u64>,
+}
+
+/// What a request needs of a model's limits: its prompt, estimated, and the output it asks
+/// for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Need {
+    /// Estimated prompt tokens.
+    pub prompt: u64,
+    /// `max_tokens` (or its other names), when the request sets it.
+    pub output: Option<u64>,
+}
+
+/// Whether a request fits a model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fit {
+    /// It does (or the model declares no limits).
+    Fits,
+    /// Prompt plus requested output exceed the context window.
+    TooLong {
+        /// The window.
+        window: u64,
+    },
+    /// The requested output exceeds what the model generates.
+    OutputTooLarge {
+        /// The model's output limit.
+        max: u64,
+    },
 }
 
 impl ProviderModel {
@@ -135,6 +166,28 @@ impl ProviderModel {
             pricing: Pricing::of(model),
             endpoints,
             breaker: breakers.get(&provider.id, name),
+            context_window: model.context_window.map(u64::from),
+            max_output: model.max_output_tokens.map(u64::from),
+        }
+    }
+
+    /// Whether this model declares limits a request may exceed.
+    pub fn has_limits(&self) -> bool {
+        self.context_window.is_some() || self.max_output.is_some()
+    }
+
+    /// Whether a request needing `need` fits this model.
+    pub fn fit(&self, need: &Need) -> Fit {
+        if let (Some(max), Some(output)) = (self.max_output, need.output)
+            && output > max
+        {
+            return Fit::OutputTooLarge { max };
+        }
+        match self.context_window {
+            Some(window) if need.prompt.saturating_add(need.output.unwrap_or(0)) > window => {
+                Fit::TooLong { window }
+            }
+            _ => Fit::Fits,
         }
     }
 
@@ -241,6 +294,29 @@ impl crate::routing::Weighted for ResolvedTarget {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_request_fits_a_model_by_its_window_and_output_limit() {
+        let model = |window: Option<u64>, max_output: Option<u64>| ProviderModel {
+            name: "m".into(),
+            upstream_name: "m".into(),
+            pricing: Pricing::default(),
+            endpoints: Default::default(),
+            breaker: Default::default(),
+            context_window: window,
+            max_output,
+        };
+        let need = |prompt, output| Need { prompt, output };
+        let small = model(Some(8_000), Some(1_000));
+        assert_eq!(small.fit(&need(6_000, Some(1_000))), Fit::Fits);
+        assert_eq!(small.fit(&need(7_500, None)), Fit::Fits, "no output asked: the prompt alone");
+        assert_eq!(small.fit(&need(7_500, Some(1_000))), Fit::TooLong { window: 8_000 });
+        assert_eq!(small.fit(&need(10, Some(4_000))), Fit::OutputTooLarge { max: 1_000 });
+        assert_eq!(small.fit(&need(u64::MAX, Some(u64::MAX))), Fit::OutputTooLarge { max: 1_000 });
+        let unbounded = model(None, None);
+        assert!(!unbounded.has_limits());
+        assert_eq!(unbounded.fit(&need(u64::MAX, Some(u64::MAX))), Fit::Fits);
+    }
     use crate::{
         config_source::{Outcome, Source},
         snapshot::Snapshot,

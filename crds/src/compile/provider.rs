@@ -558,15 +558,16 @@ fn models(
             );
             continue;
         }
-        let (input, output, cached) = match &m.pricing {
-            None => (0.0, 0.0, None),
+        let (input, output, cached, write) = match &m.pricing {
+            None => (0.0, 0.0, None, None),
             Some(p) => (
                 p.input_per_million,
                 p.output_per_million,
                 p.cached_input_per_million,
+                p.cache_write_per_million,
             ),
         };
-        let prices = [Some(input), Some(output), cached];
+        let prices = [Some(input), Some(output), cached, write];
         if prices.iter().flatten().any(|p| !p.is_finite() || *p < 0.0) {
             report.error(
                 object,
@@ -576,13 +577,20 @@ fn models(
             );
             continue;
         }
-        if m.context_window == Some(0) {
-            report.error(
-                object,
-                reasons::INVALID_SPEC,
-                &format!("{field}.contextWindow"),
-                "must be at least 1",
-            );
+        for (name, value) in [
+            ("contextWindow", m.context_window),
+            ("maxOutputTokens", m.max_output_tokens),
+        ] {
+            if value == Some(0) {
+                report.error(
+                    object,
+                    reasons::INVALID_SPEC,
+                    &format!("{field}.{name}"),
+                    "must be at least 1",
+                );
+            }
+        }
+        if m.context_window == Some(0) || m.max_output_tokens == Some(0) {
             continue;
         }
         out.insert(
@@ -592,7 +600,9 @@ fn models(
                 input_per_million: input,
                 output_per_million: output,
                 cached_input_per_million: cached.unwrap_or(input),
+                cache_write_per_million: write,
                 context_window: m.context_window,
+                max_output_tokens: m.max_output_tokens,
             },
         );
     }

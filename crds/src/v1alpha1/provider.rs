@@ -417,11 +417,18 @@ pub struct ProviderModel {
     /// counted but costs nothing against budgets.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pricing: Option<Pricing>,
-    /// Context window in tokens; requests whose estimated prompt exceeds it are rejected
-    /// before they reach the upstream.
+    /// Context window in tokens. A request whose estimated prompt plus requested output
+    /// (`max_tokens`, `max_output_tokens`) does not fit goes to a target of its route
+    /// whose model's window is large enough (a context-window fallback), or is refused
+    /// with `context_length_exceeded` before it reaches any upstream.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1))]
     pub context_window: Option<u32>,
+    /// Most tokens the model generates in one answer. A request asking for more goes to
+    /// a target that allows it, or is refused with 400 before it reaches any upstream.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub max_output_tokens: Option<u32>,
 }
 
 /// Token prices per million tokens.
@@ -434,11 +441,18 @@ pub struct Pricing {
     /// Price of one million output (completion) tokens.
     #[schemars(range(min = 0.0))]
     pub output_per_million: f64,
-    /// Price of one million cached input tokens, where the upstream reports them;
+    /// Price of one million input tokens read from the upstream's prompt cache, where it
+    /// reports them (OpenAI's `cached_tokens`, Anthropic's `cache_read_input_tokens`);
     /// defaults to the input price.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 0.0))]
     pub cached_input_per_million: Option<f64>,
+    /// Price of one million input tokens written to the upstream's prompt cache
+    /// (Anthropic's `cache_creation_input_tokens`, 1.25× the input price for a 5-minute
+    /// cache); defaults to the input price.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0.0))]
+    pub cache_write_per_million: Option<f64>,
 }
 
 /// Upstream timeouts.

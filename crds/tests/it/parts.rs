@@ -40,7 +40,9 @@ fn provider(id: &str, models: &[&str]) -> CompiledProvider {
                         input_per_million: 2.5,
                         output_per_million: 10.0,
                         cached_input_per_million: 1.25,
+                        cache_write_per_million: None,
                         context_window: Some(128_000),
+                        max_output_tokens: None,
                     },
                 )
             })

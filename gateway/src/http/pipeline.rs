@@ -131,6 +131,11 @@ async fn serve(
         route,
         ..
     } = &call;
+    // Whether the request fits its targets' context windows and output limits.
+    let need = operation
+        .is_chat()
+        .then(|| crate::proxy::need(route, head, &body))
+        .flatten();
     let response = forward(
         Forward {
             snapshot,
@@ -154,6 +159,7 @@ async fn serve(
             stored,
             anthropic: (operation == Operation::Messages)
                 .then(|| crate::providers::anthropic::ClientHints::of(&call.parts)),
+            need,
         },
         Some(accounting),
     )

@@ -63,8 +63,10 @@ fn model(name: &str) -> ProviderModel {
             input_per_million: 2.5,
             output_per_million: 10.0,
             cached_input_per_million: None,
+            cache_write_per_million: None,
         }),
         context_window: Some(128_000),
+        max_output_tokens: None,
     }
 }
 

@@ -504,6 +504,7 @@ fn negative_or_non_finite_prices_are_rejected() {
             input_per_million: input,
             output_per_million: output,
             cached_input_per_million: cached,
+            cache_write_per_million: None,
         });
         let out = World::default()
             .provider(p)
