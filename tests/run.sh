@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Runs Tollgate's whole test suite: one cargo build, then every test of the workspace.
-# On first use it creates .venv with the Python tools the tests call (kubernetes-validate).
+# On first use it creates .venv with the Python tools the tests call (kubernetes-validate, the
+# official SDKs) and installs the Node.js clients under tests/clients (Codex CLI, Claude Code).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -30,6 +31,17 @@ if [ ! -x "$venv/bin/python" ] || [ "$(cat "$venv/.requirements.sha256" 2>/dev/n
   echo "$want" > "$venv/.requirements.sha256"
 fi
 export TOLLGATE_PYTHON="$PWD/$venv/bin/python"
+
+# The Node.js clients the tests drive (Codex CLI, Claude Code, the Vercel AI SDK), pinned
+# by tests/clients/package-lock.json.
+clients=tests/clients
+want=$(sha256sum "$clients/package-lock.json" | cut -d' ' -f1)
+if [ ! -d "$clients/node_modules" ] || [ "$(cat "$clients/node_modules/.lock.sha256" 2>/dev/null)" != "$want" ]; then
+  command -v npm >/dev/null || { echo "tests/run.sh: npm needed (Node.js 20 or later) for the client tests" >&2; exit 1; }
+  echo "==> npm ci ($clients)"
+  (cd "$clients" && npm ci --no-audit --no-fund --loglevel=error)
+  echo "$want" > "$clients/node_modules/.lock.sha256"
+fi
 
 echo "==> cargo build"
 cargo build --workspace --all-targets --locked

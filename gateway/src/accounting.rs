@@ -282,9 +282,21 @@ mod tests {
             Some(Usage {
                 prompt: 5,
                 completion: 4,
-                ..Default::default()
+                cached: 2,
+                cache_write: 0,
             })
         );
+        // Cached input in each dialect's place, and Anthropic's cache writes.
+        for (body, cached, written) in [
+            (&br#"{"usage":{"prompt_tokens":10,"completion_tokens":1,"prompt_tokens_details":{"cached_tokens":4}}}"#[..], 4, 0),
+            (br#"{"usage":{"input_tokens":10,"output_tokens":1,"input_tokens_details":{"cached_tokens":6}}}"#, 6, 0),
+            (br#"{"usage":{"input_tokens":1,"output_tokens":1,"cache_read_input_tokens":3,"cache_creation_input_tokens":5}}"#, 3, 5),
+            // An upstream claiming more cached tokens than input is held to the input.
+            (br#"{"usage":{"prompt_tokens":2,"completion_tokens":1,"prompt_tokens_details":{"cached_tokens":9}}}"#, 2, 0),
+        ] {
+            let u = usage_from_body(body).unwrap();
+            assert_eq!((u.cached, u.cache_write), (cached, written), "{}", String::from_utf8_lossy(body));
+        }
         assert_eq!(
             usage_from_body(br#"{"usage":{"prompt_tokens":8,"total_tokens":8}}"#),
             Some(Usage {

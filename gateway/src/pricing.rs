@@ -92,7 +92,10 @@ mod tests {
         };
         // 1M input of which 600k read from the cache and 200k written to it.
         let cost = p.cost(&usage(1_000_000, 0, 600_000, 200_000));
-        assert!((cost - (0.2 * 3.0 + 0.6 * 0.3 + 0.2 * 3.75)).abs() < 1e-9, "{cost}");
+        assert!(
+            (cost - (0.2 * 3.0 + 0.6 * 0.3 + 0.2 * 3.75)).abs() < 1e-9,
+            "{cost}"
+        );
         // Counts an upstream reports beyond the input cannot make the cost negative or
         // bill a token twice.
         let cost = p.cost(&usage(100, 0, 500, 500));

@@ -128,8 +128,9 @@ fn fitting(
         }
         _ => true,
     });
+    let dropped = order.len() < before;
     if let Some(p) = order.first_mut()
-        && order.len() < before
+        && dropped
         && first != Some(std::ptr::from_ref(p.target))
     {
         p.reason = crate::routing::Reason::ContextWindow;
@@ -786,12 +787,7 @@ async fn attempt_once(
         // what it said, in the client's dialect, but nothing of the Provider's credential
         // or headers that the upstream may echo. Nothing was generated: nothing is billed.
         _ => {
-            let secrets: Vec<&str> = provider
-                .credential
-                .as_deref()
-                .into_iter()
-                .chain(config.headers.values().map(String::as_str))
-                .collect();
+            let secrets = provider.secrets();
             return relay::upstream_error(response, attempt_deadline, &conversion, &secrets)
                 .await
                 .map_err(|e| match e {
@@ -984,6 +980,81 @@ async fn serve_mock(
         return Ok(Json(client().render_answer(&answer, created)).into_response());
     }
     Ok(Json(completion).into_response())
+}
+
+/// Sends an Anthropic client's `count_tokens` body to `provider`'s `model` (renamed to its
+/// upstream name) and relays the count, or the upstream's refusal without its secrets.
+pub async fn count_tokens(
+    provider: &Provider,
+    model: &ProviderModel,
+    head: &RequestHead,
+    body: Bytes,
+    hints: &providers::anthropic::ClientHints,
+    request_id: &str,
+) -> Result<Response, ApiError> {
+    let (Some(adapter), Some(client)) = (provider.adapter, provider.client.as_ref()) else {
+        return Err(ApiError::ModelNotFound(head.model.clone()));
+    };
+    let config = &provider.config;
+    if let Some(beta) = hints.refused_beta(config) {
+        return Err(ApiError::bad_request(
+            format!(
+                "The anthropic-beta `{beta}` is not allowed on the Provider serving `{}`.",
+                head.model
+            ),
+            Some("anthropic-beta"),
+        ));
+    }
+    let body = providers::passthrough(&body, &head.model, &model.upstream_name).map_err(|e| {
+        ApiError::bad_request(format!("The request body is not valid JSON: {e}"), None)
+    })?;
+    let url = reqwest::Url::parse(&format!("{}/messages/count_tokens", config.base_url))
+        .map_err(|_| ApiError::Upstream("The Provider's baseUrl is not a URL.".into()))?;
+    let mut headers =
+        providers::headers(adapter, config, provider.credential.as_deref(), request_id);
+    hints.apply(&mut headers);
+    let timeout = Duration::from_millis(config.request_timeout_ms);
+    let sent = tokio::time::timeout(
+        timeout,
+        client
+            .post(hints.url(url))
+            .headers(headers)
+            .body(body)
+            .send(),
+    )
+    .await;
+    let response = match sent {
+        Err(_) => return Err(ApiError::UpstreamTimeout),
+        Ok(Err(_)) => {
+            return Err(ApiError::Upstream(format!(
+                "The upstream provider {} could not be reached.",
+                config.id
+            )));
+        }
+        Ok(Ok(r)) => r,
+    };
+    let deadline = Instant::now() + timeout;
+    if !response.status().is_success() {
+        let secrets = provider.secrets();
+        return relay::upstream_error(
+            response,
+            deadline,
+            &Conversion::passthrough(Dialect::Anthropic),
+            &secrets,
+        )
+        .await
+        .map_err(|_| ApiError::UpstreamTimeout);
+    }
+    relay::whole(
+        response,
+        deadline,
+        64 * 1024,
+        &Conversion::passthrough(Dialect::Anthropic),
+        None,
+        None,
+    )
+    .await
+    .map_err(|_| ApiError::Upstream("The upstream answer could not be read.".into()))
 }
 
 /// Displays an error with its sources (reqwest's own message is only the outermost).

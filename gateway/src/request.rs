@@ -315,8 +315,14 @@ mod tests {
         ]}]})
         .to_string();
         let estimate = text_tokens_estimate(body.as_bytes()).unwrap();
-        assert!((1_000 + IMAGE_TOKENS..1_000 + IMAGE_TOKENS + 20).contains(&estimate), "{estimate}");
-        assert!(estimate_prompt_tokens(body.as_bytes()) > 100_000, "the byte estimate is far above");
+        assert!(
+            (1_000 + IMAGE_TOKENS..1_000 + IMAGE_TOKENS + 20).contains(&estimate),
+            "{estimate}"
+        );
+        assert!(
+            estimate_prompt_tokens(body.as_bytes()) > 100_000,
+            "the byte estimate is far above"
+        );
         assert_eq!(text_tokens_estimate(b"not json"), None);
     }
 

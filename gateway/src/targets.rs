@@ -81,6 +81,16 @@ impl Provider {
         }
     }
 
+    /// What must never reach a client: the credential and the extra header values (an
+    /// upstream may echo them in its errors).
+    pub fn secrets(&self) -> Vec<&str> {
+        self.credential
+            .as_deref()
+            .into_iter()
+            .chain(self.config.headers.values().map(String::as_str))
+            .collect()
+    }
+
     /// The model `name`, if the provider serves it.
     pub fn model(&self, name: &str) -> Option<&Arc<ProviderModel>> {
         self.models.get(name)
@@ -309,10 +319,23 @@ mod tests {
         let need = |prompt, output| Need { prompt, output };
         let small = model(Some(8_000), Some(1_000));
         assert_eq!(small.fit(&need(6_000, Some(1_000))), Fit::Fits);
-        assert_eq!(small.fit(&need(7_500, None)), Fit::Fits, "no output asked: the prompt alone");
-        assert_eq!(small.fit(&need(7_500, Some(1_000))), Fit::TooLong { window: 8_000 });
-        assert_eq!(small.fit(&need(10, Some(4_000))), Fit::OutputTooLarge { max: 1_000 });
-        assert_eq!(small.fit(&need(u64::MAX, Some(u64::MAX))), Fit::OutputTooLarge { max: 1_000 });
+        assert_eq!(
+            small.fit(&need(7_500, None)),
+            Fit::Fits,
+            "no output asked: the prompt alone"
+        );
+        assert_eq!(
+            small.fit(&need(7_500, Some(1_000))),
+            Fit::TooLong { window: 8_000 }
+        );
+        assert_eq!(
+            small.fit(&need(10, Some(4_000))),
+            Fit::OutputTooLarge { max: 1_000 }
+        );
+        assert_eq!(
+            small.fit(&need(u64::MAX, Some(u64::MAX))),
+            Fit::OutputTooLarge { max: 1_000 }
+        );
         let unbounded = model(None, None);
         assert!(!unbounded.has_limits());
         assert_eq!(unbounded.fit(&need(u64::MAX, Some(u64::MAX))), Fit::Fits);

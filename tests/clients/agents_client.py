@@ -26,7 +26,7 @@ def main() -> None:
     set_tracing_disabled(True)
     set_default_openai_client(AsyncOpenAI(base_url=f"{base_url}/v1", api_key=key, max_retries=0))
     agent = Agent(name="weather", instructions="Answer with the tool.", model=model, tools=[get_weather])
-    result = Runner.run_sync(agent, "Weather in Paris?")
+    result = Runner.run_sync(agent, "Use get_weather for Paris")
     print(json.dumps({"final": result.final_output, "calls": CALLS}))
 
 

@@ -56,7 +56,7 @@ def main() -> None:
         final = stream.get_final_response()
     out["stream"] = {"deltas": "".join(deltas), "final": final.output_text, "events": kinds}
 
-    history = [{"role": "user", "content": "Weather in Paris?"}]
+    history = [{"role": "user", "content": "Use get_weather for Paris"}]
     first = client.responses.create(model=model, input=history, tools=[WEATHER])
     calls = [item for item in first.output if item.type == "function_call"]
     history += [item.model_dump(exclude_none=True) for item in first.output if item.type != "reasoning"]

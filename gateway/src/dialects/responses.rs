@@ -157,6 +157,29 @@ fn conversation(input: &Value) -> Result<(Vec<String>, Vec<Message>), Untranslat
     Ok((system, messages))
 }
 
+/// The function tools of a `tools` list, those grouped in a `namespace` included. Tools
+/// OpenAI hosts (web search, file search, computer use, code interpreter, MCP…) are
+/// offers only the upstream that hosts them can take up: a translated request goes
+/// without them, and the model answers with what it has (a `tool_choice` that requires
+/// one is refused instead).
+fn function_tools(tools: &[Value], out: &mut Vec<Tool>) {
+    for t in tools {
+        match t["type"].as_str() {
+            Some("function") => out.push(Tool {
+                name: string(&t["name"]),
+                description: t["description"].as_str().map(str::to_owned),
+                parameters: t.get("parameters").filter(|p| !p.is_null()).cloned(),
+            }),
+            Some("namespace") => {
+                if let Some(inner) = t["tools"].as_array() {
+                    function_tools(inner, out);
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
 fn number(v: &Value) -> Option<serde_json::Number> {
     v.as_number().cloned()
 }
@@ -174,24 +197,11 @@ pub fn parse_request(req: &Value) -> Result<Request, Untranslatable> {
     if let Some(instructions) = req["instructions"].as_str().filter(|i| !i.is_empty()) {
         system.insert(0, instructions.to_owned());
     }
-    let tools = match req["tools"].as_array() {
-        None => None,
-        Some(tools) => Some(
-            tools
-                .iter()
-                .map(|t| match t["type"].as_str() {
-                    Some("function") => Ok(Tool {
-                        name: string(&t["name"]),
-                        description: t["description"].as_str().map(str::to_owned),
-                        parameters: t.get("parameters").filter(|p| !p.is_null()).cloned(),
-                    }),
-                    other => refuse(format!(
-                        "tool type {other:?} is hosted by OpenAI: route this model to a Provider that speaks the Responses API"
-                    )),
-                })
-                .collect::<Result<Vec<_>, _>>()?,
-        ),
-    };
+    let tools = req["tools"].as_array().map(|tools| {
+        let mut out = Vec::new();
+        function_tools(tools, &mut out);
+        out
+    });
     let tool_choice = match &req["tool_choice"] {
         Value::String(s) if s == "auto" => Some(ToolChoice::Auto),
         Value::String(s) if s == "required" => Some(ToolChoice::Required),
@@ -202,7 +212,7 @@ pub fn parse_request(req: &Value) -> Result<Request, Untranslatable> {
         Value::Null => None,
         other => {
             return refuse(format!(
-                "tool_choice {other} is not a function choice and needs an upstream that speaks the Responses API"
+                "tool_choice {other} names a tool hosted by OpenAI: route this model to a Provider that speaks the Responses API"
             ));
         }
     };

@@ -122,11 +122,13 @@ fn max_cost(
                 .config
                 .models
                 .get(t.model.as_deref().unwrap_or(model))?;
-            Some(crate::pricing::Pricing::of(m).cost(&crate::accounting::Usage {
-                prompt,
-                completion,
-                ..Default::default()
-            }))
+            Some(
+                crate::pricing::Pricing::of(m).cost(&crate::accounting::Usage {
+                    prompt,
+                    completion,
+                    ..Default::default()
+                }),
+            )
         })
         .fold(0.0, f64::max)
 }

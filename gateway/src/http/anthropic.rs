@@ -16,6 +16,13 @@ pub async fn messages(state: State<Arc<AppState>>, request: Request) -> Response
     handle(state, request, Operation::Messages, anthropic_error).await
 }
 
+/// `POST /v1/messages/count_tokens`.
+pub async fn count_tokens(State(state): State<Arc<AppState>>, request: Request) -> Response {
+    super::pipeline::count_tokens(&state, request)
+        .await
+        .unwrap_or_else(anthropic_error)
+}
+
 /// An error in Anthropic's shape.
 fn anthropic_error(error: ApiError) -> Response {
     let status = error.status();

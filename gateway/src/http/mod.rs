@@ -108,6 +108,7 @@ pub fn app(state: Arc<AppState>, options: &HttpOptions) -> Router {
         )
         .route("/v1/responses/{id}/input_items", get(stored::input_items))
         .route("/v1/messages", post(anthropic::messages))
+        .route("/v1/messages/count_tokens", post(anthropic::count_tokens))
         .route("/v1/models", get(models::list_models))
         .route("/v1/usage", get(usage::usage))
         .route("/livez", get(health::livez))

@@ -20,7 +20,7 @@ use std::{sync::Arc, time::Instant};
 use crate::targets::Route;
 use axum::{
     extract::{Request, State},
-    response::Response,
+    response::{IntoResponse, Response},
 };
 use bytes::Bytes;
 use tracing::Instrument;
@@ -463,4 +463,36 @@ fn with_quota(mut response: Response, quota: Option<Quota>) -> Response {
         admission::quota_headers(response.headers_mut(), &quota);
     }
     response
+}
+
+/// Anthropic's `POST /v1/messages/count_tokens`: the key, the body and the route as for
+/// messages, the request guardrails too (the prompt reaches an upstream), then the count
+/// from the first Anthropic target of the route that serves the model, with the client's
+/// version, betas and query string. A route without one gets an estimate from the text
+/// of the request, marked `x-tollgate-estimate: true`. No limit or budget is charged: the
+/// call generates nothing.
+pub(super) async fn count_tokens(state: &AppState, request: Request) -> Result<Response, ApiError> {
+    let request_id = request_id(request.headers());
+    let share = state.memory.share();
+    let mut seen = observe::Seen::default();
+    let (call, body) = receive(state, request, &share, &mut seen).await?;
+    let body = guard(state, &call, body, &request_id, &share)?;
+    let hints = crate::providers::anthropic::ClientHints::of(&call.parts);
+    let target = call.route.targets.iter().flatten().find_map(|t| {
+        let provider = t.provider.as_ref()?;
+        let adapter = provider.adapter?;
+        (adapter.dialect() == crate::dialects::Dialect::Anthropic)
+            .then_some(())
+            .and_then(|()| Some((provider.clone(), t.model(&call.head.model)?)))
+    });
+    let Some((provider, model)) = target else {
+        let tokens = crate::request::text_tokens_estimate(&body).unwrap_or(1);
+        let mut response = axum::Json(serde_json::json!({"input_tokens": tokens})).into_response();
+        response.headers_mut().insert(
+            "x-tollgate-estimate",
+            http::HeaderValue::from_static("true"),
+        );
+        return Ok(response);
+    };
+    crate::proxy::count_tokens(&provider, &model, &call.head, body, &hints, &request_id).await
 }

@@ -112,12 +112,7 @@ async fn serve(
     let deadline = std::time::Instant::now() + timeout;
     let status = upstream.status();
     if !status.is_success() {
-        let secrets: Vec<&str> = provider
-            .credential
-            .as_deref()
-            .into_iter()
-            .chain(provider.config.headers.values().map(String::as_str))
-            .collect();
+        let secrets = provider.secrets();
         let conversion = relay::Conversion::passthrough(Dialect::Responses);
         return relay::upstream_error(upstream, deadline, &conversion, &secrets)
             .await

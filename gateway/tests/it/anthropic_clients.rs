@@ -151,3 +151,58 @@ async fn a_translated_call_uses_the_providers_version_and_no_client_betas() {
     );
     assert_eq!(sent.path_and_query, "/v1/messages");
 }
+
+#[tokio::test]
+async fn count_tokens_is_answered_by_anthropic_or_estimated_and_marked_as_such() {
+    let bed = responses_api::bed("").await;
+    let body = |model: &str| json!({"model": model, "system": "Be brief.", "messages": [{"role": "user", "content": "How many tokens is this?"}]});
+    let (status, counted) = messages(
+        &bed.gw,
+        "/v1/messages/count_tokens?beta=true",
+        Some(CONTEXT_MANAGEMENT_BETA),
+        body("claude"),
+    )
+    .await;
+    assert_eq!(status, 200, "{counted}");
+    assert!(counted["input_tokens"].as_u64().unwrap() > 0, "{counted}");
+    let sent = bed.anthropic.received().pop().unwrap();
+    assert_eq!(sent.path_and_query, "/v1/messages/count_tokens?beta=true");
+    assert_eq!(
+        sent.json()["model"],
+        "claude-emulated",
+        "the upstream's name for the model"
+    );
+    assert_eq!(
+        emulated::header(&sent, "anthropic-beta").as_deref(),
+        Some(CONTEXT_MANAGEMENT_BETA)
+    );
+
+    // A model no Anthropic target serves: an estimate, said to be one.
+    let resp = client()
+        .post(bed.gw.url("/v1/messages/count_tokens"))
+        .header("x-api-key", responses_api::KEY)
+        .header("anthropic-version", "2023-06-01")
+        .json(&body("gpt-chat"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["x-tollgate-estimate"], "true");
+    let estimate: Value = resp.json().await.unwrap();
+    assert!(estimate["input_tokens"].as_u64().unwrap() > 0);
+    assert!(
+        bed.chat_only.received().is_empty(),
+        "nothing is sent to count"
+    );
+
+    // The key and the model are checked as for messages.
+    let (status, _) = messages(&bed.gw, "/v1/messages/count_tokens", None, body("nope")).await;
+    assert_eq!(status, 404);
+    let resp = client()
+        .post(bed.gw.url("/v1/messages/count_tokens"))
+        .json(&body("claude"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 401);
+}

@@ -90,16 +90,40 @@ async fn anthropic_cache_writes_and_reads_are_billed_at_their_own_prices() {
             n("cache_creation_input_tokens"),
             n("output_tokens"),
         );
-        seen.push((n("cache_creation_input_tokens"), n("cache_read_input_tokens")));
+        seen.push((
+            n("cache_creation_input_tokens"),
+            n("cache_read_input_tokens"),
+        ));
     }
-    assert!(seen[0].0 > 0 && seen[0].1 == 0, "the first call writes the cache: {seen:?}");
-    assert!(seen[1].0 == 0 && seen[1].1 > 0, "the second reads it: {seen:?}");
+    assert!(
+        seen[0].0 > 0 && seen[0].1 == 0,
+        "the first call writes the cache: {seen:?}"
+    );
+    assert!(
+        seen[1].0 == 0 && seen[1].1 > 0,
+        "the second reads it: {seen:?}"
+    );
     let spent = spend_after(&gw, 2).await;
-    assert!((spent - expected).abs() < 1e-9, "spent {spent}, expected {expected}");
+    assert!(
+        (spent - expected).abs() < 1e-9,
+        "spent {spent}, expected {expected}"
+    );
     // Billed at the input price, the same calls would have cost more.
     let metrics = gw.metrics().await;
-    assert!(metric(&metrics, "tollgate_tokens_total{route=\"default/claude\",provider=\"default/claude\",model=\"claude\",owner=\"tests\",kind=\"cache_write\"}") > 0.0, "{metrics}");
-    assert!(metric(&metrics, "tollgate_tokens_total{route=\"default/claude\",provider=\"default/claude\",model=\"claude\",owner=\"tests\",kind=\"cached_input\"}") > 0.0, "{metrics}");
+    assert!(
+        metric(
+            &metrics,
+            "tollgate_tokens_total{route=\"default/claude\",provider=\"default/claude\",model=\"claude\",owner=\"tests\",kind=\"cache_write\"}"
+        ) > 0.0,
+        "{metrics}"
+    );
+    assert!(
+        metric(
+            &metrics,
+            "tollgate_tokens_total{route=\"default/claude\",provider=\"default/claude\",model=\"claude\",owner=\"tests\",kind=\"cached_input\"}"
+        ) > 0.0,
+        "{metrics}"
+    );
 }
 
 #[tokio::test]
@@ -119,8 +143,13 @@ async fn openai_cached_tokens_are_billed_at_the_cached_price_whole_and_streamed(
         .await
         .unwrap();
     let u = &answer["usage"];
-    let (input, output) = (u["prompt_tokens"].as_u64().unwrap(), u["completion_tokens"].as_u64().unwrap());
-    let cached = u["prompt_tokens_details"]["cached_tokens"].as_u64().unwrap();
+    let (input, output) = (
+        u["prompt_tokens"].as_u64().unwrap(),
+        u["completion_tokens"].as_u64().unwrap(),
+    );
+    let cached = u["prompt_tokens_details"]["cached_tokens"]
+        .as_u64()
+        .unwrap();
     assert!(cached > 0, "{u}");
     let mut expected = cost(input - cached, cached, 0, output);
     // The same call streamed: the usage chunk carries the cached count too.
@@ -137,5 +166,8 @@ async fn openai_cached_tokens_are_billed_at_the_cached_price_whole_and_streamed(
     assert!(text.ends_with("data: [DONE]\n\n"), "{text}");
     expected += cost(input - cached, cached, 0, output);
     let spent = spend_after(&gw, 2).await;
-    assert!((spent - expected).abs() < 1e-9, "spent {spent}, expected {expected}");
+    assert!(
+        (spent - expected).abs() < 1e-9,
+        "spent {spent}, expected {expected}"
+    );
 }

@@ -6,6 +6,7 @@
 mod common;
 
 mod adaptive_routing;
+mod agent_clis;
 mod anthropic;
 mod anthropic_clients;
 mod cache;

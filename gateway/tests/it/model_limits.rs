@@ -66,10 +66,16 @@ async fn a_prompt_too_long_for_the_first_target_goes_to_one_whose_window_holds_i
     assert_eq!(chat(&gw, "chat", &long, Some(100)).await.0, 200);
     // More output than the small model generates.
     assert_eq!(chat(&gw, "chat", "short", Some(1_000)).await.0, 200);
-    assert_eq!(upstream_models(&up), ["small-8k", "large-128k", "large-128k"]);
+    assert_eq!(
+        upstream_models(&up),
+        ["small-8k", "large-128k", "large-128k"]
+    );
     let metrics = gw.metrics().await;
     assert_eq!(
-        metric(&metrics, "tollgate_route_decisions_total{route=\"default/chat\",provider=\"default/up\",strategy=\"weighted\",reason=\"context_window\"}"),
+        metric(
+            &metrics,
+            "tollgate_route_decisions_total{route=\"default/chat\",provider=\"default/up\",strategy=\"weighted\",reason=\"context_window\"}"
+        ),
         2.0,
         "{metrics}"
     );
@@ -85,12 +91,21 @@ async fn a_request_no_target_can_hold_is_refused_before_any_upstream() {
     assert_eq!(error["error"]["code"], "context_length_exceeded");
     assert_eq!(error["error"]["type"], "invalid_request_error");
     let message = error["error"]["message"].as_str().unwrap();
-    assert!(message.contains("maximum context length is 100000 tokens"), "{message}");
+    assert!(
+        message.contains("maximum context length is 100000 tokens"),
+        "{message}"
+    );
 
     let (status, error) = chat(&gw, "only-small", "short", Some(1_000)).await;
     assert_eq!(status, 400, "{error}");
     assert_eq!(error["error"]["param"], "max_tokens");
-    assert!(error["error"]["message"].as_str().unwrap().contains("at most 256"), "{error}");
+    assert!(
+        error["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("at most 256"),
+        "{error}"
+    );
 
     // An Anthropic client hears it in Anthropic's shape.
     let resp = client()
@@ -117,13 +132,19 @@ async fn an_inline_image_counts_as_an_image_not_as_its_encoded_size() {
     let resp = client()
         .post(gw.url("/v1/chat/completions"))
         .bearer_auth(KEY)
-        .json(&json!({"model": "chat", "messages": [{"role": "user", "content": [
+        .json(
+            &json!({"model": "chat", "messages": [{"role": "user", "content": [
             {"type": "text", "text": "what is this?"},
             {"type": "image_url", "image_url": {"url": image}},
-        ]}], "max_tokens": 10}))
+        ]}], "max_tokens": 10}),
+        )
         .send()
         .await
         .unwrap();
     assert_eq!(resp.status(), 200);
-    assert_eq!(upstream_models(&up), ["large-128k"], "1,600 image tokens exceed the small window");
+    assert_eq!(
+        upstream_models(&up),
+        ["large-128k"],
+        "1,600 image tokens exceed the small window"
+    );
 }

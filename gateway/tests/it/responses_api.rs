@@ -238,7 +238,7 @@ async fn function_tools_round_trip_through_every_upstream_whole_and_streamed() {
     }]);
     for model in MODELS {
         for streamed in [false, true] {
-            let first = json!({"model": model, "input": [{"role": "user", "content": "Weather in Paris?"}], "tools": tools});
+            let first = json!({"model": model, "input": [{"role": "user", "content": "Use get_weather for Paris"}], "tools": tools});
             let response = if streamed {
                 let events = stream(&bed.gw, first.clone()).await;
                 let names: Vec<&str> = events.iter().map(|(n, _)| n.as_str()).collect();
@@ -349,7 +349,7 @@ async fn what_a_translated_target_cannot_do_is_refused_with_a_reason() {
     let bed = bed("").await;
     for (body, says) in [
         (
-            json!({"model": "gpt-chat", "input": "Search", "tools": [{"type": "web_search"}]}),
+            json!({"model": "gpt-chat", "input": "Search", "tools": [{"type": "web_search"}], "tool_choice": {"type": "web_search"}}),
             "web_search",
         ),
         (
@@ -370,13 +370,25 @@ async fn what_a_translated_target_cannot_do_is_refused_with_a_reason() {
             "{error}"
         );
     }
-    // The same hosted tool passes through to the upstream that hosts it.
-    let (status, _) = create(
-        &bed.gw,
-        json!({"model": "gpt-native", "input": "Search", "tools": [{"type": "web_search"}]}),
-    )
-    .await;
-    assert_eq!(status, 200);
+    // Offered, not required, a hosted tool is left out of a translated request (the model
+    // answers with what it has) and passes through to the upstream that hosts it; the
+    // function tools of a `namespace` are offered one by one.
+    for model in MODELS {
+        let (status, response) = create(
+            &bed.gw,
+            json!({"model": model, "input": "Search", "tools": [
+                {"type": "web_search"},
+                {"type": "namespace", "name": "agents", "tools": [{"type": "function", "name": "spawn", "parameters": {"type": "object"}}]},
+            ]}),
+        )
+        .await;
+        assert_eq!(status, 200, "{model}: {response}");
+    }
+    let native = bed.native.received().pop().unwrap().json();
+    assert_eq!(native["tools"][0]["type"], "web_search");
+    let chat = bed.chat_only.received().pop().unwrap().json();
+    assert_eq!(chat["tools"].as_array().unwrap().len(), 1, "{chat}");
+    assert_eq!(chat["tools"][0]["function"]["name"], "spawn");
 }
 
 /// A second key, in another namespace, routed to the same Provider.

@@ -1769,25 +1769,28 @@ async fn a_usage_pass_that_outlives_the_lease_writes_nothing_more() {
             .user_agent(&format!("({who})"))
     };
     e.delay_next(1, Duration::from_secs(4), usage_writes("op-a"));
-    // Both keys were used: the next pass has two statuses to write.
+    // Both keys were used, in one transaction: the next pass has two statuses to write
+    // (one key at a time, a pass could run between them and find one only).
     let month = tollgate_api::usage::periods(jiff::Timestamp::now()).1;
+    let mut used = redis::pipe();
+    used.atomic();
     for name in ["alpha", "beta"] {
         let id = e.get(TG, "apikeys", "default", name).unwrap()["status"]["keyId"]
             .as_str()
             .unwrap()
             .to_owned();
-        let ok = Command::new("redis-cli")
-            .args([
-                "-u",
-                &url,
-                "HSET",
-                &tollgate_api::usage::usage_key(&id, &month),
-            ])
-            .args([tollgate_api::usage::REQUESTS, "5"])
-            .status()
-            .is_ok_and(|s| s.success());
-        assert!(ok, "redis-cli HSET");
+        used.hset(
+            tollgate_api::usage::usage_key(&id, &month),
+            tollgate_api::usage::REQUESTS,
+            5,
+        )
+        .ignore();
     }
+    let mut conn = redis::Client::open(url.as_str())
+        .unwrap()
+        .get_connection()
+        .unwrap();
+    let () = used.query(&mut conn).unwrap();
     // A's pass sent its first write (held by the API server), then A freezes past its
     // lease and B takes over.
     assert!(

@@ -5,8 +5,10 @@
 //! `previous_response_id` it never stored) with the real API's error shape, and answers
 //! deterministically:
 //!
-//! - with tools offered and no tool result since the last user turn, a call to the first
-//!   tool, with arguments made from its JSON Schema;
+//! - with a tool offered that the last user turn begins by asking for (`Use <name> …`), and no tool
+//!   result since that turn, a call to that tool, with arguments made from its JSON Schema
+//!   (agents that always offer tools, such as Codex and Claude Code, get plain answers to
+//!   plain questions);
 //! - after a tool result, a text that quotes it (`the tool said: …`);
 //! - otherwise `emulated reply to: <the last user text>`, or JSON made from the schema
 //!   when structured output was asked for.
@@ -298,17 +300,20 @@ fn instance_of(schema: &Value) -> Value {
 }
 
 /// The next turn, from the last user text, the last tool output after it (if any), the
-/// first tool offered and the structured output schema.
-fn decide(
+/// tools offered (name and parameters) and the structured output schema.
+fn decide<'a>(
     last_user: &str,
     tool_output: Option<&str>,
-    tool: Option<(&str, &Value)>,
+    tools: impl IntoIterator<Item = (&'a str, &'a Value)>,
     schema: Option<&Value>,
 ) -> Turn {
     if let Some(output) = tool_output {
         return Turn::Say(format!("the tool said: {output}"));
     }
-    if let Some((name, parameters)) = tool {
+    let mentioned = tools
+        .into_iter()
+        .find(|(name, _)| !name.is_empty() && last_user.starts_with(&format!("Use {name} ")));
+    if let Some((name, parameters)) = mentioned {
         return Turn::Call {
             name: name.to_owned(),
             arguments: arguments_for(parameters).to_string(),
@@ -419,9 +424,10 @@ fn chat(req: &Value) -> Response {
         .last()
         .filter(|m| m["role"] == "tool")
         .map(|m| text_of(&m["content"]));
-    let tool = req["tools"]
+    let tools = req["tools"]
         .as_array()
-        .and_then(|t| t.first())
+        .into_iter()
+        .flatten()
         .filter(|_| req["tool_choice"] != "none")
         .map(|t| {
             (
@@ -431,7 +437,7 @@ fn chat(req: &Value) -> Response {
         });
     let schema = (req["response_format"]["type"] == "json_schema")
         .then(|| &req["response_format"]["json_schema"]["schema"]);
-    let turn = decide(&last_user, tool_output.as_deref(), tool, schema);
+    let turn = decide(&last_user, tool_output.as_deref(), tools, schema);
     let cached = if prompt >= 1024 { prompt / 2 } else { 0 };
     let (message, finish, completion) = match &turn {
         Turn::Say(text) => (
@@ -554,6 +560,8 @@ const RESPONSES_FIELDS: &[&str] = &[
     "top_logprobs",
     "stream_options",
     "prompt",
+    // Codex CLI sends it; the API accepts it.
+    "client_metadata",
 ];
 
 /// The items of a Responses `input`.
@@ -648,14 +656,15 @@ fn create_response(shared: &Shared, req: &Value) -> Response {
         .rev()
         .find(|i| i["type"] == "function_call_output")
         .map(|i| text_of(&i["output"]));
-    let tool = req["tools"]
+    let tools = req["tools"]
         .as_array()
-        .and_then(|t| t.iter().find(|t| t["type"] == "function"))
-        .filter(|_| req["tool_choice"] != "none")
+        .into_iter()
+        .flatten()
+        .filter(|t| t["type"] == "function" && req["tool_choice"] != "none")
         .map(|t| (t["name"].as_str().unwrap_or_default(), &t["parameters"]));
     let schema =
         (req["text"]["format"]["type"] == "json_schema").then(|| &req["text"]["format"]["schema"]);
-    let turn = decide(&last_user, tool_output.as_deref(), tool, schema);
+    let turn = decide(&last_user, tool_output.as_deref(), tools, schema);
     let id = next_id(shared, "resp");
     let mut output = Vec::new();
     let wants_reasoning = req["reasoning"].is_object();
@@ -847,6 +856,7 @@ const BETA_FIELDS: &[(&str, &str)] = &[
     ("context_management", "context-management-"),
     ("mcp_servers", "mcp-client-"),
     ("container", "code-execution-"),
+    ("output_config", "effort-"),
 ];
 
 fn messages(shared: &Shared, req: &Value, betas: &[String], count_only: bool) -> Response {
@@ -913,12 +923,13 @@ fn messages(shared: &Shared, req: &Value, betas: &[String], count_only: bool) ->
         .as_array()
         .and_then(|c| c.iter().find(|b| b["type"] == "tool_result"))
         .map(|b| text_of(&b["content"]));
-    let tool = req["tools"]
+    let tools = req["tools"]
         .as_array()
-        .and_then(|t| t.first())
+        .into_iter()
+        .flatten()
         .filter(|_| req["tool_choice"]["type"] != "none")
         .map(|t| (t["name"].as_str().unwrap_or_default(), &t["input_schema"]));
-    let turn = decide(&last_user, tool_output.as_deref(), tool, None);
+    let turn = decide(&last_user, tool_output.as_deref(), tools, None);
     let (block, stop, output) = match &turn {
         Turn::Say(text) => (
             json!({"type": "text", "text": text}),
