@@ -12,20 +12,7 @@ use crate::{
     pricing::Pricing,
 };
 
-/// Token usage of an answer.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Usage {
-    /// Input (prompt) tokens, cached ones and cache writes included.
-    pub prompt: u64,
-    /// Output (completion) tokens.
-    pub completion: u64,
-    /// Input tokens read from the provider's prompt cache (OpenAI's `cached_tokens`,
-    /// Anthropic's `cache_read_input_tokens`), priced at `cachedInputPerMillion`.
-    pub cached: u64,
-    /// Input tokens written to the provider's prompt cache (Anthropic's
-    /// `cache_creation_input_tokens`), priced at `cacheWritePerMillion`.
-    pub cache_write: u64,
-}
+pub use crate::pricing::Usage;
 
 /// Reads usage from a complete answer in either dialect (OpenAI `usage.prompt_tokens`,
 /// Anthropic `usage.input_tokens`).
@@ -40,17 +27,6 @@ pub fn usage_from_body(body: &[u8]) -> Option<Usage> {
     let answer: Answer<'_> = serde_json::from_slice(body).ok()?;
     let usage: Value = serde_json::from_str(answer.usage?.get()).ok()?;
     usage_from_value(&usage)
-}
-
-impl From<crate::canonical::Usage> for Usage {
-    fn from(u: crate::canonical::Usage) -> Self {
-        Self {
-            prompt: u.input,
-            completion: u.output,
-            cached: u.cached_input.unwrap_or(0),
-            cache_write: u.cache_write.unwrap_or(0),
-        }
-    }
 }
 
 /// Reads a `usage` object in either dialect.

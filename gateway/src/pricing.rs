@@ -4,7 +4,31 @@
 
 use tollgate_api::config::CompiledModel;
 
-use crate::accounting::Usage;
+/// Token usage of an answer.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Usage {
+    /// Input (prompt) tokens, cached ones and cache writes included.
+    pub prompt: u64,
+    /// Output (completion) tokens.
+    pub completion: u64,
+    /// Input tokens read from the provider's prompt cache (OpenAI's `cached_tokens`,
+    /// Anthropic's `cache_read_input_tokens`), priced at `cachedInputPerMillion`.
+    pub cached: u64,
+    /// Input tokens written to the provider's prompt cache (Anthropic's
+    /// `cache_creation_input_tokens`), priced at `cacheWritePerMillion`.
+    pub cache_write: u64,
+}
+
+impl From<crate::canonical::Usage> for Usage {
+    fn from(u: crate::canonical::Usage) -> Self {
+        Self {
+            prompt: u.input,
+            completion: u.output,
+            cached: u.cached_input.unwrap_or(0),
+            cache_write: u.cache_write.unwrap_or(0),
+        }
+    }
+}
 
 /// A model's prices per million tokens, in its Provider's currency.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
