@@ -425,7 +425,16 @@ async fn hostile_bodies_under_a_hard_memory_limit_neither_kill_nor_stall_the_gat
     for status in &statuses {
         assert!([0, 200, 413, 503].contains(status), "{statuses:?}");
     }
-    assert!(statuses.contains(&200), "{statuses:?}");
+    // Which of the concurrent ones got through depends on who reserved first; alone, the
+    // same hostile body passes on the passthrough route once the burst has let go of
+    // what it held.
+    common::eventually_value(
+        || async { common::metric(&gw.metrics().await, "tollgate_inflight_request_bytes ") },
+        |v| *v == 0.0,
+    )
+    .await;
+    let alone = refused_or_status(&gw, hostile_body("plain", 7)).await;
+    assert_eq!(alone, 200, "after the burst {statuses:?}");
     // Still serving, and still the same process.
     let ok = post_body(
         &gw,
