@@ -86,18 +86,19 @@ pub struct Forward<'a> {
 /// declares some and the request might not fit it: `None` when no target has limits, or
 /// when even the byte count of the body (an upper bound of its tokens) fits them all.
 pub fn need(route: &Route, head: &RequestHead, body: &[u8]) -> Option<Need> {
-    let limited: Vec<Arc<ProviderModel>> = route
-        .targets
-        .iter()
-        .flatten()
-        .filter_map(|t| t.model(&head.model))
-        .filter(|m| m.has_limits())
-        .collect();
     let rough = Need {
         prompt: crate::request::estimate_prompt_tokens(body),
         output: head.max_tokens,
     };
-    if limited.iter().all(|m| m.fit(&rough) == Fit::Fits) {
+    // On the request path: no allocation, and nothing parsed, unless some target's
+    // limits might be exceeded.
+    let fits_all = route
+        .targets
+        .iter()
+        .flatten()
+        .filter_map(|t| t.model(&head.model))
+        .all(|m| m.fit(&rough) == Fit::Fits);
+    if fits_all {
         return None;
     }
     Some(Need {
