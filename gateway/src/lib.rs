@@ -19,6 +19,8 @@ pub mod limits;
 pub mod listener;
 pub mod memory;
 pub mod metrics;
+pub mod multipart;
+pub mod passthrough;
 pub mod pricing;
 pub mod providers;
 pub mod proxy;

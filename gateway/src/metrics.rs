@@ -31,6 +31,16 @@ pub enum OperationLabel {
     messages,
     /// OpenAI Responses.
     responses,
+    /// Moderations.
+    moderations,
+    /// Image generations.
+    images_generations,
+    /// Text to speech.
+    audio_speech,
+    /// Audio transcriptions.
+    audio_transcriptions,
+    /// Anthropic token counts.
+    count_tokens,
 }
 
 impl From<crate::dialects::Operation> for OperationLabel {
@@ -42,6 +52,11 @@ impl From<crate::dialects::Operation> for OperationLabel {
             Operation::Embeddings => Self::embeddings,
             Operation::Messages => Self::messages,
             Operation::Responses => Self::responses,
+            Operation::Moderations => Self::moderations,
+            Operation::ImageGenerations => Self::images_generations,
+            Operation::AudioSpeech => Self::audio_speech,
+            Operation::AudioTranscriptions => Self::audio_transcriptions,
+            Operation::CountTokens => Self::count_tokens,
         }
     }
 }

@@ -80,6 +80,8 @@ pub struct Forward<'a> {
     /// What the request needs of its targets' context windows and output limits, when
     /// some target declares them and the request might exceed one ([`need`]).
     pub need: Option<Need>,
+    /// A multipart upload, encoded again for each attempt (its `body` is empty).
+    pub form: Option<&'a crate::multipart::Form>,
 }
 
 /// What a request on `route` needs of its targets' model limits, when one of them
@@ -635,6 +637,9 @@ pub fn body_work(
         let Some(adapter) = provider.adapter else {
             continue;
         };
+        if !adapter.offers(&provider.config, operation) {
+            continue;
+        }
         if adapter.upstream_dialect(&provider.config, operation) != client {
             work.translates = true;
             continue;
@@ -676,27 +681,46 @@ async fn attempt_once(
         )
         .await;
     };
-    if !adapter.offers(req.operation) {
+    if !adapter.offers(config, req.operation) {
         return Err(Failure::Unsupported(format!(
-            "The model `{}` is served by {}, which has no {} endpoint.",
+            "The model `{}` is served by {}, which has no {} endpoint{}.",
             req.head.model,
             adapter.name(),
-            req.operation.label_str()
+            req.operation.label_str(),
+            if req.operation.is_raw() {
+                " on this Provider (it is not listed in the Provider's spec.apis)"
+            } else {
+                ""
+            }
         )));
     }
 
     let upstream_model = model.upstream_name.as_str();
     // Streams from OpenAI-style upstreams always carry usage, for accounting; the extra
     // chunk is removed again when the client did not ask for it.
-    let body = providers::request_body(
-        adapter,
-        config,
-        req.operation,
-        req.head,
-        &req.body,
-        upstream_model,
-    )
-    .map_err(|e| Failure::BadRequest(e.to_string()))?;
+    let (body, form_type) = match req.form {
+        Some(form) => {
+            let (bytes, content_type) = form.encode(upstream_model);
+            let body = providers::UpstreamBody {
+                bytes,
+                injected_usage: false,
+                echo: None,
+            };
+            (body, Some(content_type))
+        }
+        None => (
+            providers::request_body(
+                adapter,
+                config,
+                req.operation,
+                req.head,
+                &req.body,
+                upstream_model,
+            )
+            .map_err(|e| Failure::BadRequest(e.to_string()))?,
+            None,
+        ),
+    };
     let (inject_usage, echo) = (body.injected_usage, body.echo);
     let upstream_dialect = adapter.upstream_dialect(config, req.operation);
     // A response the upstream stores is recorded for the key's owner.
@@ -725,6 +749,9 @@ async fn attempt_once(
         provider.credential.as_deref(),
         &req.request_id,
     );
+    if let Some(content_type) = form_type {
+        headers.insert(http::header::CONTENT_TYPE, content_type);
+    }
     // An Anthropic client's own body goes with its version, betas and query string.
     if upstream_dialect == Dialect::Anthropic
         && let Some(hints) = req.anthropic.as_ref()
@@ -807,8 +834,10 @@ async fn attempt_once(
         .get(http::header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.starts_with("text/event-stream"));
+    // Moderations, images and audio answers are relayed byte for byte as they come.
+    let raw = req.operation.is_raw();
     // Some servers answer a stream request with a whole JSON body: relay it as such.
-    if req.head.stream && is_sse {
+    if raw || (req.head.stream && is_sse) {
         // The stream outlives this attempt: its own span carries usage and ends with it.
         let span = tracing::info_span!(
             "stream",
@@ -840,12 +869,12 @@ async fn attempt_once(
                 first_token_seen: false,
             }),
         };
-        let mut response = relay::stream(
-            response.bytes_stream(),
-            Duration::from_millis(config.stream_idle_timeout_ms),
-            conversion,
-            guards,
-        );
+        let idle = Duration::from_millis(config.stream_idle_timeout_ms);
+        let mut response = if raw {
+            crate::passthrough::relay(response, idle, guards)
+        } else {
+            relay::stream(response.bytes_stream(), idle, conversion, guards)
+        };
         response.extensions_mut().insert(ReportsItself);
         Ok(response)
     } else {
@@ -911,6 +940,17 @@ async fn serve_mock(
             mock::Shape::Chat
         }
         Operation::Completions => mock::Shape::Completion,
+        Operation::Moderations
+        | Operation::ImageGenerations
+        | Operation::AudioSpeech
+        | Operation::AudioTranscriptions
+        | Operation::CountTokens => {
+            return Err(Failure::Unsupported(format!(
+                "The model `{}` is served by the built-in mock, which has no {} endpoint.",
+                req.head.model,
+                req.operation.label_str()
+            )));
+        }
         Operation::Embeddings => {
             let request: serde_json::Value = serde_json::from_slice(&req.body).unwrap_or_default();
             let answer = mock::embeddings(&request, &req.head.model)

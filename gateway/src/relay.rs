@@ -369,7 +369,7 @@ impl Ending {
         self.0.get().copied()
     }
 
-    fn set(&self, end: StreamEnd) {
+    pub(crate) fn set(&self, end: StreamEnd) {
         let _ = self.0.set(end);
     }
 }
@@ -386,7 +386,7 @@ pub struct FirstByte {
 }
 
 impl FirstByte {
-    fn observe(self) {
+    pub(crate) fn observe(self) {
         self.metrics
             .time_to_first_byte
             .get_or_create(&RouteLabels { route: self.route })

@@ -10,7 +10,9 @@ use crate::error::ApiError;
 /// Fields read from an OpenAI-style request body.
 #[derive(Debug, Deserialize)]
 pub struct RequestHead {
-    /// Client-facing model name.
+    /// Client-facing model name (a default stands in for a missing one where the API
+    /// has one, [`parse_head_for`]).
+    #[serde(default)]
     pub model: String,
     /// Whether the client wants SSE.
     #[serde(default)]
@@ -45,6 +47,27 @@ impl RequestHead {
 
 /// Parses the head of a JSON body, with errors a client can act on.
 pub fn parse_head(body: &[u8]) -> Result<RequestHead, ApiError> {
+    parse_head_for(body, None)
+}
+
+/// [`parse_head`], with `default_model` standing in for a missing `model` (the APIs
+/// where OpenAI makes it optional).
+pub fn parse_head_for(body: &[u8], default_model: Option<&str>) -> Result<RequestHead, ApiError> {
+    let mut head = parse_any_head(body)?;
+    // An empty name counts as none (no model is called "").
+    if head.model.is_empty() {
+        let Some(default) = default_model else {
+            return Err(ApiError::bad_request(
+                "You must provide a model parameter.",
+                Some("model"),
+            ));
+        };
+        head.model = default.to_owned();
+    }
+    Ok(head)
+}
+
+fn parse_any_head(body: &[u8]) -> Result<RequestHead, ApiError> {
     if body.is_empty() {
         return Err(ApiError::bad_request(
             "The request body is empty; send a JSON object.",

@@ -71,6 +71,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     let state = Arc::new(AppState {
         config,
         max_body_bytes: settings.max_body_bytes,
+        max_upload_bytes: settings.max_upload_bytes,
         memory: crate::memory::Budget::new(settings.max_inflight_bytes),
         max_response_bytes: settings.max_response_bytes,
         body_read_timeout: settings.body_read_timeout,

@@ -49,6 +49,13 @@ pub struct Settings {
     #[arg(long, env = "TOLLGATE_MAX_BODY_BYTES", default_value_t = 32 * 1024 * 1024)]
     pub max_body_bytes: usize,
 
+    /// Largest audio upload (`/v1/audio/transcriptions`, the whole multipart body) in
+    /// bytes; OpenAI's own limit is 25 MB. Larger uploads get 413 before anything is sent
+    /// upstream. Counts against --max-inflight-bytes, about three times over while it is
+    /// read and re-encoded (an upload that could never fit gets 413 too).
+    #[arg(long, env = "TOLLGATE_MAX_UPLOAD_BYTES", default_value_t = 25 * 1024 * 1024)]
+    pub max_upload_bytes: usize,
+
     /// Memory all requests in flight may hold for their bodies, in bytes: each body as it
     /// arrives, plus an estimate of the parsed tree where guardrails, the cache key,
     /// translation or content recording need one (96 bytes per JSON value). Beyond it

@@ -897,9 +897,12 @@ fn visit_texts(doc: &mut Value, f: &mut impl FnMut(&mut String)) {
     }
 }
 
-/// One item of a Responses API `input`: a message's content, a function call's
-/// arguments, a function call output.
+/// One item of a Responses API `input` (a message's content, a function call's
+/// arguments, a function call output) or a moderations `input` part (`text`).
 fn visit_input_item(item: &mut Value, f: &mut impl FnMut(&mut String)) {
+    if let Some(Value::String(s)) = item.get_mut("text") {
+        f(s);
+    }
     if let Some(content) = item.get_mut("content") {
         visit_content(content, false, f);
     }

@@ -72,9 +72,11 @@ pub struct ProviderSpec {
     /// and `embeddings` for `azureOpenAI` and `openaiCompatible`. A Responses API request
     /// (`/v1/responses`) is passed through to a Provider that lists `responses` (its
     /// `previous_response_id`, `store` and hosted tools work there) and translated to
-    /// chat completions for one that does not.
+    /// chat completions for one that does not. `moderations`, `imageGenerations`,
+    /// `audioSpeech` and `audioTranscriptions` are never translated: those endpoints are
+    /// only sent to Providers that list them (others are skipped as targets).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(length(min = 1, max = 8), extend("x-kubernetes-list-type" = "set"))]
+    #[schemars(length(min = 1, max = 16), extend("x-kubernetes-list-type" = "set"))]
     pub apis: Option<Vec<OpenAiApi>>,
 
     /// Behaviour of the built-in mock; only for `type: mock`.
@@ -211,6 +213,14 @@ pub enum OpenAiApi {
     Embeddings,
     /// `/responses`, the Responses API.
     Responses,
+    /// `/moderations`.
+    Moderations,
+    /// `/images/generations`.
+    ImageGenerations,
+    /// `/audio/speech` (text to speech, a binary answer).
+    AudioSpeech,
+    /// `/audio/transcriptions` (a multipart upload).
+    AudioTranscriptions,
 }
 
 impl OpenAiApi {
@@ -222,6 +232,10 @@ impl OpenAiApi {
                 Self::Completions,
                 Self::Embeddings,
                 Self::Responses,
+                Self::Moderations,
+                Self::ImageGenerations,
+                Self::AudioSpeech,
+                Self::AudioTranscriptions,
             ],
             ProviderType::AzureOpenAi | ProviderType::OpenaiCompatible => {
                 &[Self::ChatCompletions, Self::Completions, Self::Embeddings]

@@ -24,6 +24,17 @@ pub enum Operation {
     Messages,
     /// OpenAI's `/responses` (the client speaks the Responses API).
     Responses,
+    /// `/moderations`.
+    Moderations,
+    /// `/images/generations`.
+    ImageGenerations,
+    /// `/audio/speech`: text to speech, answered with audio.
+    AudioSpeech,
+    /// `/audio/transcriptions`: a multipart upload of audio, answered with text.
+    AudioTranscriptions,
+    /// Anthropic's `/messages/count_tokens`: answered by an Anthropic target or
+    /// estimated, never generating anything.
+    CountTokens,
 }
 
 /// A wire format.
@@ -39,12 +50,17 @@ pub enum Dialect {
 
 impl Operation {
     /// Every operation, in declaration order (`op as usize` indexes this).
-    pub const ALL: [Self; 5] = [
+    pub const ALL: [Self; 10] = [
         Self::ChatCompletions,
         Self::Completions,
         Self::Embeddings,
         Self::Messages,
         Self::Responses,
+        Self::Moderations,
+        Self::ImageGenerations,
+        Self::AudioSpeech,
+        Self::AudioTranscriptions,
+        Self::CountTokens,
     ];
 
     /// The name in logs.
@@ -54,6 +70,11 @@ impl Operation {
             Self::ChatCompletions | Self::Messages | Self::Responses => "chat",
             Self::Completions => "text_completion",
             Self::Embeddings => "embeddings",
+            Self::Moderations => "moderation",
+            Self::ImageGenerations => "image_generation",
+            Self::AudioSpeech => "text_to_speech",
+            Self::AudioTranscriptions => "transcription",
+            Self::CountTokens => "count_tokens",
         }
     }
 
@@ -64,15 +85,49 @@ impl Operation {
             Self::Embeddings => "embeddings",
             Self::Messages => "messages",
             Self::Responses => "responses",
+            Self::Moderations => "moderations",
+            Self::ImageGenerations => "images_generations",
+            Self::AudioSpeech => "audio_speech",
+            Self::AudioTranscriptions => "audio_transcriptions",
+            Self::CountTokens => "count_tokens",
         }
     }
 
     /// The wire format the client speaks.
     pub fn client_dialect(self) -> Dialect {
         match self {
-            Self::Messages => Dialect::Anthropic,
+            Self::Messages | Self::CountTokens => Dialect::Anthropic,
             Self::Responses => Dialect::Responses,
-            Self::ChatCompletions | Self::Completions | Self::Embeddings => Dialect::OpenAi,
+            Self::ChatCompletions
+            | Self::Completions
+            | Self::Embeddings
+            | Self::Moderations
+            | Self::ImageGenerations
+            | Self::AudioSpeech
+            | Self::AudioTranscriptions => Dialect::OpenAi,
+        }
+    }
+
+    /// Whether the endpoint is forwarded as it is: never translated, sent only to
+    /// Providers that serve it themselves, its answer (JSON, audio or an event stream)
+    /// relayed byte for byte (`crate::passthrough`).
+    pub fn is_raw(self) -> bool {
+        matches!(
+            self,
+            Self::Moderations
+                | Self::ImageGenerations
+                | Self::AudioSpeech
+                | Self::AudioTranscriptions
+        )
+    }
+
+    /// The model OpenAI assumes when a request names none, where the API makes `model`
+    /// optional (the gateway routes on it).
+    pub fn default_model(self) -> Option<&'static str> {
+        match self {
+            Self::Moderations => Some("omni-moderation-latest"),
+            Self::ImageGenerations => Some("dall-e-2"),
+            _ => None,
         }
     }
 

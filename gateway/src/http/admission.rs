@@ -52,8 +52,14 @@ pub(super) async fn admit(
             quota: None,
         });
     }
+    // Embeddings, moderations and audio generate no text tokens up front (a
+    // transcription's are settled from its usage); an image model's output is tokens.
     let completion_estimate = match operation {
-        Operation::Embeddings => 0,
+        Operation::Embeddings
+        | Operation::Moderations
+        | Operation::AudioSpeech
+        | Operation::AudioTranscriptions
+        | Operation::CountTokens => 0,
         _ => head.max_tokens.unwrap_or(DEFAULT_COMPLETION_ESTIMATE),
     };
     let ask = Ask {

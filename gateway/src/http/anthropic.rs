@@ -17,10 +17,8 @@ pub async fn messages(state: State<Arc<AppState>>, request: Request) -> Response
 }
 
 /// `POST /v1/messages/count_tokens`.
-pub async fn count_tokens(State(state): State<Arc<AppState>>, request: Request) -> Response {
-    super::pipeline::count_tokens(&state, request)
-        .await
-        .unwrap_or_else(anthropic_error)
+pub async fn count_tokens(state: State<Arc<AppState>>, request: Request) -> Response {
+    handle(state, request, Operation::CountTokens, anthropic_error).await
 }
 
 /// An error in Anthropic's shape.

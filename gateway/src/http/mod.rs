@@ -53,6 +53,8 @@ pub struct AppState {
     pub config: Arc<ConfigState>,
     /// Body size limit.
     pub max_body_bytes: usize,
+    /// Multipart upload size limit (`/v1/audio/transcriptions`).
+    pub max_upload_bytes: usize,
     /// The budget of request memory in flight, shared by every request.
     pub memory: Arc<crate::memory::Budget>,
     /// Upstream answer size limit (non-streamed).
@@ -102,6 +104,13 @@ pub fn app(state: Arc<AppState>, options: &HttpOptions) -> Router {
         .route("/v1/completions", post(openai::completions))
         .route("/v1/embeddings", post(openai::embeddings))
         .route("/v1/responses", post(openai::responses))
+        .route("/v1/moderations", post(openai::moderations))
+        .route("/v1/images/generations", post(openai::image_generations))
+        .route("/v1/audio/speech", post(openai::audio_speech))
+        .route(
+            "/v1/audio/transcriptions",
+            post(openai::audio_transcriptions),
+        )
         .route(
             "/v1/responses/{id}",
             get(stored::response).delete(stored::response),

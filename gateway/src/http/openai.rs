@@ -1,6 +1,8 @@
 //! The OpenAI-style endpoints: `POST /v1/chat/completions`, `/v1/completions`,
-//! `/v1/embeddings` and `/v1/responses`, served by the shared pipeline (`pipeline.rs`) with errors in OpenAI's
-//! shape.
+//! `/v1/embeddings`, `/v1/responses`, and the ones forwarded as they are
+//! (`/v1/moderations`, `/v1/images/generations`, `/v1/audio/speech`,
+//! `/v1/audio/transcriptions`), served by the shared pipeline (`pipeline.rs`) with errors
+//! in OpenAI's shape.
 
 use std::sync::Arc;
 
@@ -47,6 +49,46 @@ pub async fn embeddings(state: State<Arc<AppState>>, request: Request) -> Respon
         state,
         request,
         Operation::Embeddings,
+        ApiError::into_response,
+    )
+    .await
+}
+
+pub async fn moderations(state: State<Arc<AppState>>, request: Request) -> Response {
+    handle(
+        state,
+        request,
+        Operation::Moderations,
+        ApiError::into_response,
+    )
+    .await
+}
+
+pub async fn image_generations(state: State<Arc<AppState>>, request: Request) -> Response {
+    handle(
+        state,
+        request,
+        Operation::ImageGenerations,
+        ApiError::into_response,
+    )
+    .await
+}
+
+pub async fn audio_speech(state: State<Arc<AppState>>, request: Request) -> Response {
+    handle(
+        state,
+        request,
+        Operation::AudioSpeech,
+        ApiError::into_response,
+    )
+    .await
+}
+
+pub async fn audio_transcriptions(state: State<Arc<AppState>>, request: Request) -> Response {
+    handle(
+        state,
+        request,
+        Operation::AudioTranscriptions,
         ApiError::into_response,
     )
     .await

@@ -37,7 +37,7 @@ use crate::{
     memory::Share,
     proxy::{Forward, Timing, forward},
     relay,
-    request::{RequestHead, estimate_prompt_tokens, parse_head},
+    request::{RequestHead, estimate_prompt_tokens, parse_head_for},
     snapshot::{Key, Snapshot},
     telemetry,
 };
@@ -107,12 +107,15 @@ async fn serve(
     cx: Context<'_>,
     seen: &mut observe::Seen,
 ) -> Result<Response, ApiError> {
+    if operation == Operation::CountTokens {
+        return count_tokens(state, request, cx, seen).await;
+    }
     // What this request holds of the gateway-wide memory budget, returned when the
     // response head is sent (streams hold none).
     let share = state.memory.share();
-    let (call, body) = receive(state, request, &share, seen).await?;
+    let (mut call, body) = receive(state, request, operation, &share, seen).await?;
     let stored = continuing(state, &call, operation).await?;
-    let body = guard(state, &call, body, cx.request_id, &share)?;
+    let body = guard(state, &mut call, body, cx.request_id, &share)?;
     let prompt_estimate = estimate_prompt_tokens(&body);
     let Admitted {
         accounting,
@@ -160,11 +163,12 @@ async fn serve(
             anthropic: (operation == Operation::Messages)
                 .then(|| crate::providers::anthropic::ClientHints::of(&call.parts)),
             need,
+            form: call.form.as_ref(),
         },
         Some(accounting),
     )
     .await?;
-    let response = settle(state, &call, cache, response, cx.request_id).await?;
+    let response = settle(state, &call, operation, cache, response, cx.request_id).await?;
     Ok(with_quota(response, quota))
 }
 
@@ -176,13 +180,17 @@ struct Call {
     key: Arc<Key>,
     head: RequestHead,
     route: Arc<Route>,
+    /// A multipart upload, as read (its body travels as this, re-encoded per attempt).
+    form: Option<crate::multipart::Form>,
 }
 
 /// Stages 1–3, **auth**, **body**, **route**: the key, the body read within the memory
-/// budget and the deadline, the route for its model, and the key's right to that model.
+/// budget and the deadline (a multipart upload within its own limit, read as a form),
+/// the route for its model, and the key's right to that model.
 async fn receive(
     state: &AppState,
     request: Request,
+    operation: Operation,
     share: &Share,
     seen: &mut observe::Seen,
 ) -> Result<(Call, Bytes), ApiError> {
@@ -196,15 +204,35 @@ async fn receive(
         .get(http::header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse().ok());
+    let upload = operation == Operation::AudioTranscriptions;
     let body = read_body(
         body,
         declared,
-        state.max_body_bytes,
+        if upload {
+            state.max_upload_bytes
+        } else {
+            state.max_body_bytes
+        },
         state.body_read_timeout,
         share,
     )
     .await?;
-    let head = parse_head(&body)?;
+    let (head, body, form) = if upload {
+        // The parser copies the parts out of the body as it reads them.
+        share.grow(body.len(), "reading its form")?;
+        let content_type = parts
+            .headers
+            .get(http::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok());
+        let form = crate::multipart::Form::parse(body, content_type).await?;
+        (form.head(), Bytes::new(), Some(form))
+    } else {
+        (
+            parse_head_for(&body, operation.default_model())?,
+            body,
+            None,
+        )
+    };
     let route = snapshot
         .route_for(&key, &head.model)
         .ok_or_else(|| ApiError::ModelNotFound(head.model.clone()))?
@@ -222,6 +250,7 @@ async fn receive(
             key,
             head,
             route,
+            form,
         },
         body,
     ))
@@ -286,14 +315,40 @@ async fn continuing(
 
 /// Stage 4, **guardrails**: the request rules, before anything else reads the content (a
 /// blocked request reaches no limit, cache or upstream, and redacted text is all that the
-/// cache key, traces and upstream see); the content recorded when the route opts in.
+/// cache key, traces and upstream see); the content recorded when the route opts in. An
+/// upload's text prompt passes the same rules.
 fn guard(
     state: &AppState,
-    call: &Call,
+    call: &mut Call,
     body: Bytes,
     request_id: &str,
     share: &Share,
 ) -> Result<Bytes, ApiError> {
+    if let Some(prompt) = call.form.as_ref().and_then(|f| f.text("prompt")) {
+        let doc = Bytes::from(serde_json::json!({ "prompt": prompt }).to_string());
+        let checked = guardrails::apply(
+            state,
+            &call.snapshot,
+            &call.route,
+            &call.key,
+            request_id,
+            doc.clone(),
+            share,
+        )?;
+        if checked != doc {
+            let redacted = serde_json::from_slice::<serde_json::Value>(&checked)
+                .ok()
+                .and_then(|v| v["prompt"].as_str().map(str::to_owned))
+                .unwrap_or_default();
+            if let Some(form) = call.form.as_mut() {
+                form.set_text("prompt", redacted);
+            }
+        }
+    }
+    if call.form.is_some() {
+        // The upload's only body is its form.
+        return Ok(body);
+    }
     let body = guardrails::apply(
         state,
         &call.snapshot,
@@ -364,7 +419,12 @@ async fn admit(
     // Usage and cost go on the request's span (a stream's moves them to its own).
     accounting.trace_into(tracing::Span::current());
     accounting.report_to(cx.usage.clone());
-    let cache = caching::plan(state, route, key, operation, &parts.headers, body, share)?;
+    // Moderations, images and audio are never cached.
+    let cache = if operation.is_raw() {
+        CachePlan::Bypass
+    } else {
+        caching::plan(state, route, key, operation, &parts.headers, body, share)?
+    };
     // What attempts may make of the body: a target of another dialect holds the parsed
     // body and its translation at once; an edited copy is one more body.
     let work = crate::proxy::body_work(snapshot, route, head, operation);
@@ -373,6 +433,9 @@ async fn admit(
     }
     if work.edits {
         share.grow(body.len(), "an edited copy of it")?;
+    }
+    if let Some(form) = &call.form {
+        share.grow(form.len(), "re-encoding its form")?;
     }
     Ok(Admitted {
         accounting,
@@ -423,6 +486,7 @@ async fn from_cache(
 async fn settle(
     state: &AppState,
     call: &Call,
+    operation: Operation,
     cache: CachePlan,
     response: Response,
     request_id: &str,
@@ -434,6 +498,11 @@ async fn settle(
         route,
         ..
     } = call;
+    // Moderations, images and audio answers are relayed as they come, unread (no text
+    // for the response rules, nothing recorded).
+    if operation.is_raw() {
+        return Ok(response);
+    }
     let guarded_in_relay = head.stream && relay::is_event_stream(&response);
     let response = if !guarded_in_relay && guardrails::checks_responses(snapshot, route, key) {
         guardrails::apply_response(state, snapshot, route, key, request_id, response).await?
@@ -466,17 +535,35 @@ fn with_quota(mut response: Response, quota: Option<Quota>) -> Response {
 }
 
 /// Anthropic's `POST /v1/messages/count_tokens`: the key, the body and the route as for
-/// messages, the request guardrails too (the prompt reaches an upstream), then the count
-/// from the first Anthropic target of the route that serves the model, with the client's
-/// version, betas and query string. A route without one gets an estimate from the text
-/// of the request, marked `x-tollgate-estimate: true`. No limit or budget is charged: the
-/// call generates nothing.
-pub(super) async fn count_tokens(state: &AppState, request: Request) -> Result<Response, ApiError> {
-    let request_id = request_id(request.headers());
+/// messages, the request guardrails too (the prompt reaches an upstream), admission (the
+/// call counts against request limits; it reserves no tokens and costs nothing), then the
+/// count from the first Anthropic target of the route that serves the model, with the
+/// client's version, betas and query string. A route without one gets an estimate from
+/// the text of the request, marked `x-tollgate-estimate: true`.
+async fn count_tokens(
+    state: &AppState,
+    request: Request,
+    cx: Context<'_>,
+    seen: &mut observe::Seen,
+) -> Result<Response, ApiError> {
+    let operation = Operation::CountTokens;
     let share = state.memory.share();
-    let mut seen = observe::Seen::default();
-    let (call, body) = receive(state, request, &share, &mut seen).await?;
-    let body = guard(state, &call, body, &request_id, &share)?;
+    let (mut call, body) = receive(state, request, operation, &share, seen).await?;
+    let body = guard(state, &mut call, body, cx.request_id, &share)?;
+    let admitted = admission::admit(
+        state,
+        &call.snapshot,
+        &call.route,
+        &call.key,
+        &call.head,
+        operation,
+        0,
+        cx.request_id,
+    )
+    .instrument(tracing::info_span!("admission"))
+    .await?;
+    // Nothing is generated: dropping the accounting returns the reservation.
+    drop(admitted.accounting);
     let hints = crate::providers::anthropic::ClientHints::of(&call.parts);
     let target = call.route.targets.iter().flatten().find_map(|t| {
         let provider = t.provider.as_ref()?;
@@ -485,14 +572,21 @@ pub(super) async fn count_tokens(state: &AppState, request: Request) -> Result<R
             .then_some(())
             .and_then(|()| Some((provider.clone(), t.model(&call.head.model)?)))
     });
-    let Some((provider, model)) = target else {
-        let tokens = crate::request::text_tokens_estimate(&body).unwrap_or(1);
-        let mut response = axum::Json(serde_json::json!({"input_tokens": tokens})).into_response();
-        response.headers_mut().insert(
-            "x-tollgate-estimate",
-            http::HeaderValue::from_static("true"),
-        );
-        return Ok(response);
+    let response = match target {
+        None => {
+            let tokens = crate::request::text_tokens_estimate(&body).unwrap_or(1);
+            let mut response =
+                axum::Json(serde_json::json!({"input_tokens": tokens})).into_response();
+            response.headers_mut().insert(
+                "x-tollgate-estimate",
+                http::HeaderValue::from_static("true"),
+            );
+            response
+        }
+        Some((provider, model)) => {
+            crate::proxy::count_tokens(&provider, &model, &call.head, body, &hints, cx.request_id)
+                .await?
+        }
     };
-    crate::proxy::count_tokens(&provider, &model, &call.head, body, &hints, &request_id).await
+    Ok(with_quota(response, admitted.quota))
 }

@@ -20,7 +20,7 @@ impl Adapter for Anthropic {
         Dialect::Anthropic
     }
 
-    fn offers(&self, operation: Operation) -> bool {
+    fn offers(&self, _provider: &CompiledProvider, operation: Operation) -> bool {
         operation.is_chat()
     }
 

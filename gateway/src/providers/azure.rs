@@ -23,8 +23,9 @@ impl Adapter for AzureOpenAi {
         openai::upstream_dialect(provider, operation)
     }
 
-    fn offers(&self, _operation: Operation) -> bool {
-        true
+    fn offers(&self, provider: &CompiledProvider, operation: Operation) -> bool {
+        operation != Operation::CountTokens
+            && openai::raw_api(operation).is_none_or(|api| provider.serves(api))
     }
 
     fn responses_base(&self, provider: &CompiledProvider) -> Option<String> {

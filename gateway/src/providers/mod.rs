@@ -42,9 +42,10 @@ pub trait Adapter: Sync + std::fmt::Debug {
         self.dialect()
     }
 
-    /// Whether its API has an endpoint for `operation` (a client's call, translated to
-    /// this adapter's dialect when the client speaks another).
-    fn offers(&self, operation: Operation) -> bool;
+    /// Whether `provider` has an endpoint for `operation` (a client's call, translated to
+    /// this adapter's dialect when the client speaks another; the endpoints never
+    /// translated only where the Provider serves them, `spec.apis`).
+    fn offers(&self, provider: &CompiledProvider, operation: Operation) -> bool;
 
     /// The URL of `operation` for `upstream_model` on `provider`.
     fn endpoint(

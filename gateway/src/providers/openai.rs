@@ -22,6 +22,25 @@ pub(super) fn path(provider: &CompiledProvider, operation: Operation) -> &'stati
         }
         Operation::Completions => "completions",
         Operation::Embeddings => "embeddings",
+        Operation::Moderations => "moderations",
+        Operation::ImageGenerations => "images/generations",
+        Operation::AudioSpeech => "audio/speech",
+        Operation::AudioTranscriptions => "audio/transcriptions",
+        // Not an OpenAI endpoint, never offered (`OpenAi::offers`): counts are answered by
+        // Anthropic targets or estimated.
+        Operation::CountTokens => "messages/count_tokens",
+    }
+}
+
+/// The API a Provider must list in `spec.apis` (or serve by default) for an endpoint
+/// the gateway never translates.
+pub(super) fn raw_api(operation: Operation) -> Option<OpenAiApi> {
+    match operation {
+        Operation::Moderations => Some(OpenAiApi::Moderations),
+        Operation::ImageGenerations => Some(OpenAiApi::ImageGenerations),
+        Operation::AudioSpeech => Some(OpenAiApi::AudioSpeech),
+        Operation::AudioTranscriptions => Some(OpenAiApi::AudioTranscriptions),
+        _ => None,
     }
 }
 
@@ -48,8 +67,9 @@ impl Adapter for OpenAi {
         upstream_dialect(provider, operation)
     }
 
-    fn offers(&self, _operation: Operation) -> bool {
-        true
+    fn offers(&self, provider: &CompiledProvider, operation: Operation) -> bool {
+        operation != Operation::CountTokens
+            && raw_api(operation).is_none_or(|api| provider.serves(api))
     }
 
     fn responses_base(&self, provider: &CompiledProvider) -> Option<String> {

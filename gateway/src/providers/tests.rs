@@ -57,9 +57,55 @@ fn every_provider_type_but_the_mock_has_an_adapter_of_its_wire_format() {
     );
     assert!(adapter(ProviderType::Mock).is_none());
     let anthropic = adapter(ProviderType::Anthropic).unwrap();
-    assert!(anthropic.offers(Operation::ChatCompletions));
-    assert!(!anthropic.offers(Operation::Embeddings));
-    assert!(!anthropic.offers(Operation::Completions));
+    let a = provider(ProviderType::Anthropic);
+    assert!(anthropic.offers(&a, Operation::ChatCompletions));
+    assert!(!anthropic.offers(&a, Operation::Embeddings));
+    assert!(!anthropic.offers(&a, Operation::Completions));
+    assert!(!anthropic.offers(&a, Operation::AudioSpeech));
+}
+
+#[test]
+fn endpoints_never_translated_go_only_where_the_provider_serves_them() {
+    use tollgate_api::v1alpha1::OpenAiApi;
+    let raw = [
+        (Operation::Moderations, "moderations"),
+        (Operation::ImageGenerations, "images/generations"),
+        (Operation::AudioSpeech, "audio/speech"),
+        (Operation::AudioTranscriptions, "audio/transcriptions"),
+    ];
+    let openai = adapter(ProviderType::Openai).unwrap();
+    for (op, path) in raw {
+        // OpenAI serves them all by default; an OpenAI-compatible server only when listed.
+        assert!(openai.offers(&provider(ProviderType::Openai), op), "{op:?}");
+        assert!(
+            !openai.offers(&provider(ProviderType::OpenaiCompatible), op),
+            "{op:?}"
+        );
+        assert_eq!(
+            endpoint_of(ProviderType::Openai, op, "m"),
+            format!("https://up.example.com/v1/{path}")
+        );
+        assert!(op.is_raw() && !op.is_chat());
+    }
+    let mut listed = provider(ProviderType::OpenaiCompatible);
+    listed.apis = Some(vec![
+        OpenAiApi::ChatCompletions,
+        OpenAiApi::AudioTranscriptions,
+    ]);
+    assert!(openai.offers(&listed, Operation::AudioTranscriptions));
+    assert!(!openai.offers(&listed, Operation::AudioSpeech));
+    // Not listing the chat APIs does not take them away (they were never gated).
+    assert!(openai.offers(&listed, Operation::Embeddings));
+    let azure = adapter(ProviderType::AzureOpenAi).unwrap();
+    let mut deployment = provider(ProviderType::AzureOpenAi);
+    assert!(!azure.offers(&deployment, Operation::ImageGenerations));
+    deployment.apis = Some(vec![OpenAiApi::ImageGenerations]);
+    assert!(azure.offers(&deployment, Operation::ImageGenerations));
+    assert!(
+        azure
+            .endpoint(&deployment, Operation::ImageGenerations, "img")
+            .contains("/openai/deployments/img/images/generations?api-version=")
+    );
 }
 
 #[test]

@@ -2,7 +2,8 @@
 //! through the gateway against emulated upstreams that refuse what the real APIs refuse:
 //! Codex CLI (`codex exec`, which speaks only the Responses API), Claude Code
 //! (`claude -p`, with its betas and `?beta=true`) and the Vercel AI SDK's default
-//! provider (`openai(model)`, the Responses API), for an upstream that serves the
+//! provider (`openai(model)`, the Responses API), and the official `openai` SDK for Node
+//! (`responses.create`, streamed, a tool round trip), for an upstream that serves the
 //! Responses API, a chat-only one and Anthropic.
 
 use crate::responses_api::{self, KEY};
@@ -149,5 +150,36 @@ async fn the_vercel_ai_sdk_default_provider_works_for_every_kind_of_upstream() {
             out["streamed_output_tokens"].as_u64().unwrap() > 0,
             "{model}: {out}"
         );
+    }
+}
+
+#[tokio::test]
+async fn the_official_openai_node_sdk_calls_the_responses_api_for_every_kind_of_upstream() {
+    let bed = responses_api::bed("").await;
+    for model in responses_api::MODELS {
+        let mut node = Command::new("node");
+        node.arg(clients().join("openai_node_client.mjs"))
+            .args([bed.gw.base.as_str(), KEY, model])
+            .current_dir(clients());
+        let out: Value = serde_json::from_str(run(node).await.trim()).unwrap();
+        assert_eq!(
+            out["text"], "emulated reply to: Hello from Node",
+            "{model}: {out}"
+        );
+        assert_eq!(out["status"], "completed", "{model}: {out}");
+        assert!(out["input_tokens"].as_u64().unwrap() > 0, "{model}: {out}");
+        assert_eq!(
+            out["streamed"], "emulated reply to: Stream please",
+            "{model}: {out}"
+        );
+        assert_eq!(out["final"], out["streamed"], "{model}: {out}");
+        assert_eq!(out["ordered"], true, "{model}: {out}");
+        assert_eq!(out["call"], "get_weather", "{model}: {out}");
+        assert!(out["arguments"]["city"].is_string(), "{model}: {out}");
+        assert_eq!(
+            out["answer"], "the tool said: sunny in Paris",
+            "{model}: {out}"
+        );
+        assert_eq!(out["not_found"], "model_not_found", "{model}: {out}");
     }
 }

@@ -206,3 +206,51 @@ async fn count_tokens_is_answered_by_anthropic_or_estimated_and_marked_as_such()
         .unwrap();
     assert_eq!(resp.status(), 401);
 }
+
+#[tokio::test]
+async fn count_tokens_counts_against_request_limits_and_is_measured() {
+    const COUNTER: &str = "tg_countTokensLimitedKey00000000000000001";
+    let bed = responses_api::bed(&format!(
+        "apiVersion: v1\nkind: Secret\nmetadata: {{name: counter-key}}\nstringData: {{apiKey: {COUNTER}}}\n---\n\
+         apiVersion: tollgate.dev/v1alpha1\nkind: ApiKey\nmetadata: {{name: counter}}\nspec: {{owner: counters, limits: {{requestsPerMinute: 3, tokensPerMinute: 10}}}}\n---\n"
+    ))
+    .await;
+    let count = || async {
+        let resp = client()
+            .post(bed.gw.url("/v1/messages/count_tokens"))
+            .header("x-api-key", COUNTER)
+            .header("anthropic-version", "2023-06-01")
+            .json(&json!({"model": "claude", "messages": [{"role": "user", "content": "How many tokens is this sentence, counted upstream?"}]}))
+            .send()
+            .await
+            .unwrap();
+        let status = resp.status().as_u16();
+        (status, resp.json::<Value>().await.unwrap())
+    };
+    // Counting reserves no tokens: a 10-token-a-minute key counts longer prompts.
+    for _ in 0..3 {
+        let (status, counted) = count().await;
+        assert_eq!(status, 200, "{counted}");
+    }
+    // The fourth in the minute is refused, in Anthropic's shape, without an upstream call.
+    let (status, refused) = count().await;
+    assert_eq!(status, 429, "{refused}");
+    assert_eq!(refused["type"], "error", "{refused}");
+    assert_eq!(refused["error"]["type"], "rate_limit_error", "{refused}");
+    let calls = bed
+        .anthropic
+        .received()
+        .iter()
+        .filter(|r| r.path_and_query.starts_with("/v1/messages/count_tokens"))
+        .count();
+    assert_eq!(calls, 3);
+    let metrics = bed.gw.metrics().await;
+    assert_eq!(
+        common::metric(
+            &metrics,
+            "tollgate_requests_total{operation=\"count_tokens\",route=\"default/claude\",provider=\"none\",status=\"429\"}"
+        ),
+        1.0,
+        "{metrics}"
+    );
+}

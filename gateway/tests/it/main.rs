@@ -21,6 +21,7 @@ mod limiter_history;
 mod limits;
 mod metrics;
 mod model_limits;
+mod openai_endpoints;
 mod python_sdks;
 mod redis_accuracy;
 mod redis_cluster_tls;

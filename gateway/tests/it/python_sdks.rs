@@ -213,3 +213,49 @@ async fn the_openai_agents_sdk_runs_a_tool_loop_on_its_default_model_api() {
             .all(|r| r.path_and_query == "/v1/responses")
     );
 }
+
+#[tokio::test]
+async fn the_openai_sdk_calls_moderations_images_and_audio_through_the_gateway() {
+    use crate::openai_endpoints::{KEY, bed};
+    let bed = bed(&[]).await;
+    let out = run_async("media_client.py", &bed.gw, KEY, &[]).await;
+    assert_eq!(out["moderation"], serde_json::json!([false, true]), "{out}");
+    assert_eq!(out["image"]["count"], 1, "{out}");
+    assert_eq!(out["image"]["b64"], true, "{out}");
+    assert_eq!(out["image"]["output_tokens"], 1056, "{out}");
+    assert_eq!(
+        out["image_stream"],
+        serde_json::json!([
+            "image_generation.partial_image",
+            "image_generation.completed"
+        ]),
+        "{out}"
+    );
+    assert_eq!(
+        out["speech"]["bytes"].as_u64().unwrap() as usize,
+        tollgate_testkit::emulated::media::speech_audio("Hello from the SDK").len(),
+        "{out}"
+    );
+    assert_eq!(out["speech"]["head"], "ID3", "{out}");
+    assert_eq!(
+        out["transcript"], "emulated transcript of 10244 bytes from meeting.wav",
+        "{out}"
+    );
+    assert_eq!(
+        out["transcript_stream"]["last"], "transcript.text.done",
+        "{out}"
+    );
+    assert!(
+        out["transcript_stream"]["deltas"].as_u64().unwrap() > 1,
+        "{out}"
+    );
+    assert_eq!(out["transcript_stream"]["text"], out["transcript"], "{out}");
+    assert!(
+        out["transcript_text"]
+            .as_str()
+            .unwrap()
+            .starts_with("emulated transcript of 10244 bytes"),
+        "{out}"
+    );
+    assert_eq!(out["not_found"], "model_not_found", "{out}");
+}

@@ -14,8 +14,9 @@
 //!   when structured output was asked for.
 //!
 //! [`Flavor::OpenAi`] serves chat completions, the Responses API (whole and streamed,
-//! stored responses, retrieve, delete, input items) and embeddings; [`Flavor::ChatOnly`]
-//! the same without the Responses API (404, as servers without it answer);
+//! stored responses, retrieve, delete, input items), embeddings, moderations, image
+//! generations, text to speech and transcriptions ([`media`]); [`Flavor::ChatOnly`]
+//! chat completions and embeddings only (404 for the rest, as such servers answer);
 //! [`Flavor::Anthropic`] the Messages API (streamed and whole, `count_tokens`, prompt
 //! caching usage).
 
@@ -34,6 +35,8 @@ use axum::{
 use serde_json::{Map, Value, json};
 
 use crate::upstream::Received;
+
+pub mod media;
 
 /// Which API is emulated.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -210,6 +213,12 @@ async fn handle(State((flavor, shared)): State<AppState>, request: Request) -> R
                 ("POST", "/v1/responses") if responses => create_response(&shared, &req),
                 ("GET" | "DELETE", p) if responses && p.starts_with("/v1/responses/") => {
                     stored_response(&shared, parts.method.as_str(), &p["/v1/responses/".len()..])
+                }
+                ("POST", "/v1/moderations") if responses => media::moderations(&req),
+                ("POST", "/v1/images/generations") if responses => media::images(&req),
+                ("POST", "/v1/audio/speech") if responses => media::speech(&req),
+                ("POST", "/v1/audio/transcriptions") if responses => {
+                    media::transcriptions(header("content-type"), body).await
                 }
                 _ => openai_error(
                     404,
