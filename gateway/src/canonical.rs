@@ -249,3 +249,294 @@ pub enum Event {
     /// The stream is complete.
     Done,
 }
+
+/// The name of the tool that carries structured output to an upstream without it
+/// ([`Request::output_as_tool`]), suffixed when a tool of the request has it already.
+pub const ANSWER_TOOL: &str = "json_answer";
+
+impl Request {
+    /// Structured output asked of an upstream whose API has none (Anthropic's messages):
+    /// the format becomes a tool whose arguments are the answer. Without tools of the
+    /// request's own, the model must call it; with some, it must call one of them or it
+    /// (a forced tool of the request's own stays forced). Returns the tool's name, to
+    /// turn its call back into the answer's text ([`Answer::tool_as_output`],
+    /// [`AnswerTool`]); `None` when the request asks for no structured output.
+    pub fn output_as_tool(&mut self) -> Option<String> {
+        let (schema, description) = match self.output.take()? {
+            OutputFormat::Text => return None,
+            OutputFormat::JsonObject => (
+                serde_json::json!({"type": "object"}),
+                "Give your final answer as a JSON object: call this tool with it.".to_owned(),
+            ),
+            OutputFormat::JsonSchema { name, schema, .. } => (
+                schema,
+                format!(
+                    "Give your final answer as JSON matching the `{name}` schema: call this tool with it."
+                ),
+            ),
+        };
+        let tools = self.tools.get_or_insert_with(Vec::new);
+        let mut name = ANSWER_TOOL.to_owned();
+        let mut n = 1;
+        while tools.iter().any(|t| t.name == name) {
+            n += 1;
+            name = format!("{ANSWER_TOOL}_{n}");
+        }
+        let own_tools = !tools.is_empty();
+        tools.push(Tool {
+            name: name.clone(),
+            description: Some(description),
+            parameters: Some(schema),
+        });
+        self.tool_choice = match self.tool_choice.take() {
+            Some(ToolChoice::Tool(forced)) => Some(ToolChoice::Tool(forced)),
+            Some(ToolChoice::Auto | ToolChoice::Required) | None if own_tools => {
+                Some(ToolChoice::Required)
+            }
+            _ => Some(ToolChoice::Tool(name.clone())),
+        };
+        Some(name)
+    }
+}
+
+impl Answer {
+    /// The call of `tool` (the structured-output stand-in, [`Request::output_as_tool`])
+    /// as the answer's text, where the call was; the answer stops rather than waits for
+    /// tool results when no other call remains.
+    pub fn tool_as_output(&mut self, tool: &str) {
+        let Some(at) = self
+            .parts
+            .iter()
+            .position(|p| matches!(p, Part::ToolCall(c) if c.name == tool))
+        else {
+            return;
+        };
+        if let Part::ToolCall(call) = &mut self.parts[at] {
+            let text = std::mem::take(&mut call.arguments);
+            self.parts[at] = Part::Text(text);
+        }
+        let calls = self.parts.iter().any(|p| matches!(p, Part::ToolCall(_)));
+        if !calls && self.finish == Some(Finish::ToolCalls) {
+            self.finish = Some(Finish::Stop);
+        }
+    }
+}
+
+/// [`Answer::tool_as_output`] for a stream: the stand-in tool's call becomes text as it
+/// arrives, the other calls are numbered without it, and the answer stops rather than
+/// waits for tool results when it called no other tool.
+#[derive(Debug, Clone)]
+pub struct AnswerTool {
+    name: String,
+    call: Option<usize>,
+    others: bool,
+}
+
+impl AnswerTool {
+    /// For the stand-in tool `name`.
+    pub fn new(name: String) -> Self {
+        Self {
+            name,
+            call: None,
+            others: false,
+        }
+    }
+
+    /// `event` as the client sees it (`None`: swallowed).
+    pub fn map(&mut self, event: Event) -> Option<Event> {
+        let renumber = |this: &Self, call: usize| match this.call {
+            Some(answer) if call > answer => call - 1,
+            _ => call,
+        };
+        Some(match event {
+            Event::ToolCallStart { call, name, .. } if name == self.name => {
+                self.call = Some(call);
+                return None;
+            }
+            Event::ToolCallStart { call, id, name } => {
+                self.others = true;
+                Event::ToolCallStart {
+                    call: renumber(self, call),
+                    id,
+                    name,
+                }
+            }
+            Event::ToolCallArguments { call, json } if Some(call) == self.call => Event::Text(json),
+            Event::ToolCallArguments { call, json } => Event::ToolCallArguments {
+                call: renumber(self, call),
+                json,
+            },
+            Event::Finish(Some(Finish::ToolCalls)) if self.call.is_some() && !self.others => {
+                Event::Finish(Some(Finish::Stop))
+            }
+            other => other,
+        })
+    }
+}
+
+#[cfg(test)]
+mod answer_tool_tests {
+    use super::*;
+
+    fn person() -> OutputFormat {
+        OutputFormat::JsonSchema {
+            name: "person".into(),
+            schema: serde_json::json!({"type": "object", "properties": {"name": {"type": "string"}}, "required": ["name"]}),
+            strict: true,
+        }
+    }
+
+    fn tool(name: &str) -> Tool {
+        Tool {
+            name: name.into(),
+            description: None,
+            parameters: None,
+        }
+    }
+
+    #[test]
+    fn structured_output_becomes_a_tool_forced_or_offered_beside_the_requests_own() {
+        // No tools: the answer tool is forced.
+        let mut alone = Request {
+            output: Some(person()),
+            ..Default::default()
+        };
+        assert_eq!(alone.output_as_tool().as_deref(), Some(ANSWER_TOOL));
+        assert_eq!(alone.output, None);
+        assert_eq!(
+            alone.tool_choice,
+            Some(ToolChoice::Tool(ANSWER_TOOL.into()))
+        );
+        let tools = alone.tools.unwrap();
+        assert_eq!(tools.len(), 1);
+        assert_eq!(tools[0].parameters.as_ref().unwrap()["required"][0], "name");
+        // Tools of its own, one named like the answer tool: some tool must be called.
+        let mut agent = Request {
+            output: Some(OutputFormat::JsonObject),
+            tools: Some(vec![tool("get_weather"), tool(ANSWER_TOOL)]),
+            tool_choice: Some(ToolChoice::Auto),
+            ..Default::default()
+        };
+        assert_eq!(agent.output_as_tool().as_deref(), Some("json_answer_2"));
+        assert_eq!(agent.tool_choice, Some(ToolChoice::Required));
+        assert_eq!(agent.tools.as_ref().unwrap().len(), 3);
+        // A forced tool of its own stays forced; `none` forces the answer.
+        for (choice, expected) in [
+            (
+                ToolChoice::Tool("get_weather".into()),
+                ToolChoice::Tool("get_weather".into()),
+            ),
+            (ToolChoice::None, ToolChoice::Tool(ANSWER_TOOL.into())),
+        ] {
+            let mut r = Request {
+                output: Some(person()),
+                tools: Some(vec![tool("get_weather")]),
+                tool_choice: Some(choice),
+                ..Default::default()
+            };
+            r.output_as_tool();
+            assert_eq!(r.tool_choice, Some(expected));
+        }
+        // Text, or nothing asked: nothing changes.
+        let mut plain = Request {
+            output: Some(OutputFormat::Text),
+            ..Default::default()
+        };
+        assert_eq!(plain.output_as_tool(), None);
+        assert_eq!(plain.tools, None);
+    }
+
+    #[test]
+    fn the_answer_tools_call_comes_back_as_text_whole_or_streamed() {
+        let call = |id: &str, name: &str, arguments: &str| {
+            Part::ToolCall(ToolCall {
+                id: id.into(),
+                name: name.into(),
+                arguments: arguments.into(),
+            })
+        };
+        let mut answer = Answer {
+            parts: vec![call("t1", ANSWER_TOOL, r#"{"name":"Ada"}"#)],
+            finish: Some(Finish::ToolCalls),
+            ..Default::default()
+        };
+        answer.tool_as_output(ANSWER_TOOL);
+        assert_eq!(answer.parts, vec![Part::Text(r#"{"name":"Ada"}"#.into())]);
+        assert_eq!(answer.finish, Some(Finish::Stop));
+        // Beside a real call, the answer still waits for its result.
+        let mut both = Answer {
+            parts: vec![
+                call("t1", "get_weather", "{}"),
+                call("t2", ANSWER_TOOL, "{}"),
+            ],
+            finish: Some(Finish::ToolCalls),
+            ..Default::default()
+        };
+        both.tool_as_output(ANSWER_TOOL);
+        assert_eq!(both.finish, Some(Finish::ToolCalls));
+
+        let mut map = AnswerTool::new(ANSWER_TOOL.into());
+        let events = [
+            Event::ToolCallStart {
+                call: 0,
+                id: "t1".into(),
+                name: ANSWER_TOOL.into(),
+            },
+            Event::ToolCallArguments {
+                call: 0,
+                json: r#"{"name":"#.into(),
+            },
+            Event::ToolCallArguments {
+                call: 0,
+                json: r#""Ada"}"#.into(),
+            },
+            Event::Finish(Some(Finish::ToolCalls)),
+        ];
+        let out: Vec<Event> = events.into_iter().filter_map(|e| map.map(e)).collect();
+        assert_eq!(
+            out,
+            [
+                Event::Text(r#"{"name":"#.into()),
+                Event::Text(r#""Ada"}"#.into()),
+                Event::Finish(Some(Finish::Stop)),
+            ]
+        );
+        // Calls after it are numbered without it, and the answer waits for their results.
+        let mut map = AnswerTool::new(ANSWER_TOOL.into());
+        let out: Vec<Event> = [
+            Event::ToolCallStart {
+                call: 0,
+                id: "t1".into(),
+                name: ANSWER_TOOL.into(),
+            },
+            Event::ToolCallStart {
+                call: 1,
+                id: "t2".into(),
+                name: "get_weather".into(),
+            },
+            Event::ToolCallArguments {
+                call: 1,
+                json: "{}".into(),
+            },
+            Event::Finish(Some(Finish::ToolCalls)),
+        ]
+        .into_iter()
+        .filter_map(|e| map.map(e))
+        .collect();
+        assert_eq!(
+            out,
+            [
+                Event::ToolCallStart {
+                    call: 0,
+                    id: "t2".into(),
+                    name: "get_weather".into()
+                },
+                Event::ToolCallArguments {
+                    call: 0,
+                    json: "{}".into()
+                },
+                Event::Finish(Some(Finish::ToolCalls)),
+            ]
+        );
+    }
+}

@@ -165,6 +165,7 @@ fn conversions() -> [Conversion; 8] {
         model: "client-model".into(),
         include_usage: true,
         echo: None,
+        answer_tool: None,
     };
     [
         Conversion::passthrough(Dialect::OpenAi),

@@ -175,6 +175,7 @@ impl Forward<'_> {
             model: self.head.model.clone(),
             include_usage: self.head.include_usage(),
             echo,
+            answer_tool: None,
         }
     }
 
@@ -705,6 +706,7 @@ async fn attempt_once(
                 bytes,
                 injected_usage: false,
                 echo: None,
+                answer_tool: None,
             };
             (body, Some(content_type))
         }
@@ -721,7 +723,7 @@ async fn attempt_once(
             None,
         ),
     };
-    let (inject_usage, echo) = (body.injected_usage, body.echo);
+    let (inject_usage, echo, answer_tool) = (body.injected_usage, body.echo, body.answer_tool);
     let upstream_dialect = adapter.upstream_dialect(config, req.operation);
     // A response the upstream stores is recorded for the key's owner.
     let remember = req
@@ -797,7 +799,9 @@ async fn attempt_once(
         }
         Ok(Ok(r)) => r,
     };
-    let conversion = Conversion::between(req.client(echo), upstream_dialect, inject_usage);
+    let mut client = req.client(echo);
+    client.answer_tool = answer_tool;
+    let conversion = Conversion::between(client, upstream_dialect, inject_usage);
     let status = response.status();
     match status.as_u16() {
         200..=299 => {}

@@ -78,6 +78,7 @@ impl Conversion {
                 model: head.model.clone(),
                 include_usage: head.include_usage(),
                 echo: None,
+                answer_tool: None,
             },
             upstream,
             false,
@@ -542,6 +543,8 @@ struct Translation {
     decoder: Decoder,
     encoder: Encoder,
     seen: StreamUsage,
+    /// The structured-output stand-in's call, turned back into text.
+    answer_tool: Option<crate::canonical::AnswerTool>,
 }
 
 impl StreamTranslator {
@@ -565,6 +568,10 @@ impl StreamTranslator {
                 decoder: Decoder::new(upstream),
                 encoder: client.encoder(jiff::Timestamp::now().as_second()),
                 seen: StreamUsage::default(),
+                answer_tool: client
+                    .answer_tool
+                    .clone()
+                    .map(crate::canonical::AnswerTool::new),
             })),
         };
         Self {
@@ -731,6 +738,13 @@ impl StreamTranslator {
                 }
                 Mode::Translate(t) => {
                     for e in t.decoder.on_event(event.event.as_deref(), &event.data) {
+                        let e = match t.answer_tool.as_mut() {
+                            Some(tool) => match tool.map(e) {
+                                Some(e) => e,
+                                None => continue,
+                            },
+                            None => e,
+                        };
                         match &e {
                             Event::Done => self.saw_end = true,
                             Event::Error(_) => self.saw_error = true,

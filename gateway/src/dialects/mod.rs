@@ -190,6 +190,9 @@ pub struct Client {
     pub include_usage: bool,
     /// A Responses client's request, echoed in its response objects.
     pub echo: Option<Box<responses::Echo>>,
+    /// The tool standing in for the structured output the client asked for, on an
+    /// upstream without it (`Request::output_as_tool`): its call is the answer's text.
+    pub answer_tool: Option<String>,
 }
 
 impl Client {
@@ -207,6 +210,15 @@ impl Client {
 
     /// A canonical answer as this client's whole answer body.
     pub fn render_answer(&self, answer: &Answer, created: i64) -> Value {
+        if let Some(tool) = &self.answer_tool {
+            let mut answer = answer.clone();
+            answer.tool_as_output(tool);
+            let client = Self {
+                answer_tool: None,
+                ..self.clone()
+            };
+            return client.render_answer(&answer, created);
+        }
         match self.dialect {
             Dialect::OpenAi => openai_chat::render_answer(answer, &self.model, created),
             Dialect::Anthropic => anthropic::render_answer(answer, &self.model),

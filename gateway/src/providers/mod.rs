@@ -141,6 +141,8 @@ pub struct UpstreamBody {
     pub injected_usage: bool,
     /// A translated Responses request, echoed in its answers.
     pub echo: Option<Box<crate::dialects::responses::Echo>>,
+    /// The tool standing in for structured output the upstream's dialect lacks.
+    pub answer_tool: Option<String>,
 }
 
 /// Prepares the client's `body` (in the `operation`'s dialect) for `adapter`, for
@@ -159,12 +161,17 @@ pub fn request_body(
     let upstream = adapter.upstream_dialect(provider, operation);
     if client != upstream {
         let value: serde_json::Value = serde_json::from_slice(body)?;
-        let request = client
+        let mut request = client
             .parse_request(&value)
             .map_err(BodyError::Untranslatable)?;
+        // Messages have no structured output: a tool the model must call carries it.
+        let answer_tool = (upstream == Dialect::Anthropic)
+            .then(|| request.output_as_tool())
+            .flatten();
         let out = upstream.render_request(&request, upstream_model);
         return Ok(UpstreamBody {
             bytes: Bytes::from(serde_json::to_vec(&out)?),
+            answer_tool,
             injected_usage: false,
             echo: (client == Dialect::Responses)
                 .then(|| Box::new(crate::dialects::responses::Echo::of(&value, &head.model))),
@@ -181,6 +188,7 @@ pub fn request_body(
         bytes,
         injected_usage,
         echo: None,
+        answer_tool: None,
     })
 }
 

@@ -287,12 +287,12 @@ async fn function_tools_round_trip_through_every_upstream_whole_and_streamed() {
 }
 
 #[tokio::test]
-async fn structured_output_reaches_every_upstream_that_has_it() {
+async fn structured_output_reaches_every_upstream() {
     let bed = bed("").await;
     let format = json!({"type": "json_schema", "name": "person", "strict": true, "schema": {
         "type": "object", "properties": {"name": {"type": "string"}, "age": {"type": "integer"}},
         "required": ["name", "age"], "additionalProperties": false}});
-    for model in ["gpt-native", "gpt-chat"] {
+    for model in MODELS {
         let (status, response) = create(
             &bed.gw,
             json!({"model": model, "input": "Invent a person", "text": {"format": format}}),
@@ -310,6 +310,65 @@ async fn structured_output_reaches_every_upstream_that_has_it() {
     let sent = bed.chat_only.received()[0].json();
     assert_eq!(sent["response_format"]["type"], "json_schema");
     assert_eq!(sent["response_format"]["json_schema"]["name"], "person");
+    // Anthropic has none: a tool the model must call, with the schema as parameters.
+    let sent = bed.anthropic.received()[0].json();
+    assert_eq!(
+        sent["tool_choice"],
+        json!({"type": "tool", "name": "json_answer"})
+    );
+    assert_eq!(sent["tools"][0]["input_schema"], format["schema"]);
+
+    // Streamed, the tool's call arrives as output text; the client never sees the tool.
+    let events = stream(
+        &bed.gw,
+        json!({"model": "claude", "input": "Invent a person", "text": {"format": format}}),
+    )
+    .await;
+    let (_, completed) = events.last().unwrap();
+    assert_eq!(completed["type"], "response.completed");
+    assert_eq!(
+        serde_json::from_str::<Value>(&output_text(&completed["response"])).unwrap(),
+        json!({"name": "emulated", "age": 1})
+    );
+    assert!(
+        events
+            .iter()
+            .all(|(name, _)| !name.contains("function_call")),
+        "{events:?}"
+    );
+
+    // A chat completions client with tools of its own: first the tool it asked for, then,
+    // after its result, the structured answer.
+    let weather = json!({"type": "function", "function": {"name": "get_weather", "parameters": {
+        "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}});
+    let response_format = json!({"type": "json_schema", "json_schema": {"name": "person", "schema": format["schema"]}});
+    let mut messages = vec![json!({"role": "user", "content": "Use get_weather for Paris"})];
+    let chat = |messages: &Vec<Value>| {
+        client()
+            .post(bed.gw.url("/v1/chat/completions"))
+            .bearer_auth(KEY)
+            .json(&json!({"model": "claude", "messages": messages, "tools": [weather], "response_format": response_format}))
+            .send()
+    };
+    let first: Value = chat(&messages).await.unwrap().json().await.unwrap();
+    let call = &first["choices"][0]["message"]["tool_calls"][0];
+    assert_eq!(call["function"]["name"], "get_weather", "{first}");
+    assert_eq!(first["choices"][0]["finish_reason"], "tool_calls");
+    messages.push(first["choices"][0]["message"].clone());
+    messages.push(json!({"role": "tool", "tool_call_id": call["id"], "content": "sunny"}));
+    let second: Value = chat(&messages).await.unwrap().json().await.unwrap();
+    assert_eq!(second["choices"][0]["finish_reason"], "stop", "{second}");
+    let content = second["choices"][0]["message"]["content"].as_str().unwrap();
+    assert_eq!(
+        serde_json::from_str::<Value>(content).unwrap(),
+        json!({"name": "emulated", "age": 1})
+    );
+    assert!(
+        second["choices"][0]["message"]["tool_calls"].is_null(),
+        "{second}"
+    );
+    let sent = bed.anthropic.received().last().unwrap().json();
+    assert_eq!(sent["tool_choice"], json!({"type": "any"}));
 }
 
 #[tokio::test]

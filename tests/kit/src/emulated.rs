@@ -932,13 +932,36 @@ fn messages(shared: &Shared, req: &Value, betas: &[String], count_only: bool) ->
         .as_array()
         .and_then(|c| c.iter().find(|b| b["type"] == "tool_result"))
         .map(|b| text_of(&b["content"]));
-    let tools = req["tools"]
+    let tools: Vec<(&str, &Value)> = req["tools"]
         .as_array()
         .into_iter()
         .flatten()
         .filter(|_| req["tool_choice"]["type"] != "none")
-        .map(|t| (t["name"].as_str().unwrap_or_default(), &t["input_schema"]));
-    let turn = decide(&last_user, tool_output.as_deref(), tools, None);
+        .map(|t| (t["name"].as_str().unwrap_or_default(), &t["input_schema"]))
+        .collect();
+    // A forced `tool_choice` is always obeyed, as by the real API: `tool` calls that tool;
+    // `any` the one the user asked for, else the last offered.
+    let forced = match req["tool_choice"]["type"].as_str() {
+        Some("tool") => tools
+            .iter()
+            .find(|(name, _)| Some(*name) == req["tool_choice"]["name"].as_str())
+            .copied(),
+        Some("any") => tools
+            .iter()
+            .find(|(name, _)| {
+                tool_output.is_none() && last_user.starts_with(&format!("Use {name} "))
+            })
+            .or(tools.last())
+            .copied(),
+        _ => None,
+    };
+    let turn = match forced {
+        Some((name, parameters)) => Turn::Call {
+            name: name.to_owned(),
+            arguments: arguments_for(parameters).to_string(),
+        },
+        None => decide(&last_user, tool_output.as_deref(), tools, None),
+    };
     let (block, stop, output) = match &turn {
         Turn::Say(text) => (
             json!({"type": "text", "text": text}),
