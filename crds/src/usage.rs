@@ -14,6 +14,10 @@ pub const REQUESTS: &str = "requests";
 pub const INPUT_TOKENS: &str = "input_tokens";
 /// Output (completion) tokens.
 pub const OUTPUT_TOKENS: &str = "output_tokens";
+/// Input tokens read from the provider's prompt cache (part of [`INPUT_TOKENS`]).
+pub const CACHED_INPUT_TOKENS: &str = "cached_input_tokens";
+/// Input tokens written to the provider's prompt cache (part of [`INPUT_TOKENS`]).
+pub const CACHE_WRITE_TOKENS: &str = "cache_write_tokens";
 /// Spend in the provider's currency.
 pub const SPEND: &str = "spend";
 /// Period id of the all-time counters.

@@ -192,8 +192,7 @@ impl Accounting {
                 *report.0.lock().unwrap_or_else(|e| e.into_inner()) =
                     Some((usage.prompt, usage.completion, cost));
             }
-            self.store
-                .record(&self.key_id, usage.prompt, usage.completion, cost);
+            self.store.record(&self.key_id, &usage, cost);
             let labels = |kind: &'static str| TokenLabels {
                 route: self.route.clone(),
                 provider: provider.clone(),

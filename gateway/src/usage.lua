@@ -7,17 +7,18 @@
 --
 -- KEYS: batch marker, day counters, month counters, total counters, the marker of the
 --       previous confirmed batch (all one hash slot).
--- ARGV: requests, input tokens, output tokens, spend, day ttl s, month ttl s,
---       marker ttl ms, then the field names: requests, input, output, spend; then '1'
---       when KEYS[5] is to be deleted.
-if not redis.call('SET', KEYS[1], '1', 'NX', 'PX', ARGV[7]) then return 0 end
-if ARGV[12] == '1' then redis.call('DEL', KEYS[5]) end
+-- ARGV: day ttl s, month ttl s, marker ttl ms, '1' when KEYS[5] is to be deleted, the
+--       spend field name and the spend, then pairs of an integer counter's field name and
+--       its increment (requests, input and output tokens, cached and cache-write tokens;
+--       those at 0 left out).
+if not redis.call('SET', KEYS[1], '1', 'NX', 'PX', ARGV[3]) then return 0 end
+if ARGV[4] == '1' then redis.call('DEL', KEYS[5]) end
 for i = 2, 4 do
   local k = KEYS[i]
-  redis.call('HINCRBY', k, ARGV[8], ARGV[1])
-  redis.call('HINCRBY', k, ARGV[9], ARGV[2])
-  redis.call('HINCRBY', k, ARGV[10], ARGV[3])
-  redis.call('HINCRBYFLOAT', k, ARGV[11], ARGV[4])
-  if i == 2 then redis.call('EXPIRE', k, ARGV[5]) else redis.call('EXPIRE', k, ARGV[6]) end
+  for j = 7, #ARGV, 2 do
+    redis.call('HINCRBY', k, ARGV[j], ARGV[j + 1])
+  end
+  redis.call('HINCRBYFLOAT', k, ARGV[5], ARGV[6])
+  if i == 2 then redis.call('EXPIRE', k, ARGV[1]) else redis.call('EXPIRE', k, ARGV[2]) end
 end
 return 1

@@ -29,6 +29,10 @@ pub struct UsageTotals {
     pub input: u64,
     /// Output tokens.
     pub output: u64,
+    /// Input tokens read from the provider's prompt cache (part of `input`).
+    pub cached_input: u64,
+    /// Input tokens written to the provider's prompt cache (part of `input`).
+    pub cache_write: u64,
     /// Spend.
     pub spend: f64,
 }
@@ -38,6 +42,8 @@ impl UsageTotals {
         self.requests += other.requests;
         self.input += other.input;
         self.output += other.output;
+        self.cached_input += other.cached_input;
+        self.cache_write += other.cache_write;
         self.spend += other.spend;
     }
 }
@@ -49,6 +55,8 @@ impl UsageTotals {
             requests: int(tollgate_api::usage::REQUESTS),
             input: int(tollgate_api::usage::INPUT_TOKENS),
             output: int(tollgate_api::usage::OUTPUT_TOKENS),
+            cached_input: int(tollgate_api::usage::CACHED_INPUT_TOKENS),
+            cache_write: int(tollgate_api::usage::CACHE_WRITE_TOKENS),
             spend: fields
                 .get(tollgate_api::usage::SPEND)
                 .and_then(|v| v.parse().ok())
@@ -162,11 +170,13 @@ impl Usage {
     /// configured). A background writer sums the requests of each key and writes them
     /// every [`USAGE_FLUSH_INTERVAL`]; what Redis refuses is kept and written once it is
     /// back, and shutdown flushes the rest ([`Usage::flush`]).
-    pub fn record(self: &Arc<Self>, key_id: &str, input: u64, output: u64, spend: f64) {
+    pub fn record(self: &Arc<Self>, key_id: &str, usage: &crate::pricing::Usage, spend: f64) {
         let totals = UsageTotals {
             requests: 1,
-            input,
-            output,
+            input: usage.prompt,
+            output: usage.completion,
+            cached_input: usage.cached,
+            cache_write: usage.cache_write,
             spend,
         };
         let now = jiff::Timestamp::now();
@@ -376,18 +386,24 @@ async fn write_batch(
         .key(usage::usage_key(key_id, month))
         .key(usage::usage_key(key_id, usage::TOTAL))
         .key(previous)
-        .arg(totals.requests)
-        .arg(totals.input)
-        .arg(totals.output)
-        .arg(totals.spend)
         .arg(usage::DAILY_TTL_SECS)
         .arg(usage::MONTHLY_TTL_SECS)
         .arg(USAGE_BATCH_MARKER_TTL.as_millis() as u64)
-        .arg(usage::REQUESTS)
-        .arg(usage::INPUT_TOKENS)
-        .arg(usage::OUTPUT_TOKENS)
+        .arg(if confirmed.is_some() { "1" } else { "0" })
         .arg(usage::SPEND)
-        .arg(if confirmed.is_some() { "1" } else { "0" });
+        .arg(totals.spend);
+    // The counters, by name: those at 0 are left out (no field is made for nothing).
+    for (field, count) in [
+        (usage::REQUESTS, totals.requests),
+        (usage::INPUT_TOKENS, totals.input),
+        (usage::OUTPUT_TOKENS, totals.output),
+        (usage::CACHED_INPUT_TOKENS, totals.cached_input),
+        (usage::CACHE_WRITE_TOKENS, totals.cache_write),
+    ] {
+        if count > 0 {
+            invocation.arg(field).arg(count);
+        }
+    }
     let mut conn = redis.conn();
     let _: i64 = redis
         .call("usage", invocation.invoke_async(&mut conn))

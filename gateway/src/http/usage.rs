@@ -87,6 +87,9 @@ fn period_json(period: &Period, usage: &UsageTotals) -> Value {
         "input_tokens": usage.input,
         "output_tokens": usage.output,
         "total_tokens": usage.input.saturating_add(usage.output),
+        // Parts of `input_tokens`, each priced at its own rate.
+        "cached_input_tokens": usage.cached_input,
+        "cache_write_tokens": usage.cache_write,
         "spend": usage.spend,
     })
 }

@@ -13,6 +13,11 @@ const KEY: &str = "tg_cachedPricingTestsClientKey0000000000001";
 const PRICES: &str = "{inputPerMillion: 3, outputPerMillion: 15, cachedInputPerMillion: 0.3, cacheWritePerMillion: 3.75}";
 
 async fn start() -> (Gateway, Emulated, Emulated, tempfile::TempDir) {
+    start_with(None).await
+}
+
+/// [`start`], with the usage counters in `redis` when given.
+async fn start_with(redis: Option<&str>) -> (Gateway, Emulated, Emulated, tempfile::TempDir) {
     let openai = Emulated::start(Flavor::ChatOnly).await;
     let anthropic = Emulated::start(Flavor::Anthropic).await;
     let dir = tempfile::tempdir().unwrap();
@@ -32,7 +37,10 @@ async fn start() -> (Gateway, Emulated, Emulated, tempfile::TempDir) {
         token = emulated::API_KEY,
     );
     std::fs::write(dir.path().join("config.yaml"), text).unwrap();
-    let gw = Gateway::start(&["--resources", dir.path().to_str().unwrap()]);
+    let gw = match redis {
+        None => Gateway::start(&["--resources", dir.path().to_str().unwrap()]),
+        Some(url) => Gateway::with_redis(dir.path(), url, "2s", "failOpen"),
+    };
     (gw, openai, anthropic, dir)
 }
 
@@ -42,7 +50,14 @@ fn cost(input: u64, cached: u64, written: u64, output: u64) -> f64 {
 }
 
 async fn spend_after(gw: &Gateway, requests: u64) -> f64 {
-    let usage = eventually_value(
+    usage_after(gw, requests).await["budget"]["spent"]
+        .as_f64()
+        .unwrap()
+}
+
+/// The key's `/v1/usage` once it counts `requests` requests.
+async fn usage_after(gw: &Gateway, requests: u64) -> Value {
+    eventually_value(
         || async {
             client()
                 .get(gw.url("/v1/usage"))
@@ -56,13 +71,25 @@ async fn spend_after(gw: &Gateway, requests: u64) -> f64 {
         },
         |v: &Value| v["current"]["requests"] == requests,
     )
-    .await;
-    usage["budget"]["spent"].as_f64().unwrap()
+    .await
 }
 
 #[tokio::test]
 async fn anthropic_cache_writes_and_reads_are_billed_at_their_own_prices() {
     let (gw, _openai, _anthropic, _dir) = start().await;
+    cache_writes_and_reads(&gw).await;
+}
+
+#[tokio::test]
+async fn cache_writes_and_reads_are_counted_in_the_shared_usage_too() {
+    let redis = common::redis::Redis::start();
+    let (gw, _openai, _anthropic, _dir) = start_with(Some(&redis.url())).await;
+    cache_writes_and_reads(&gw).await;
+}
+
+/// Two calls of one cacheable prompt through `gw`: the first writes Anthropic's cache,
+/// the second reads it; each part is billed at its price and counted apart.
+async fn cache_writes_and_reads(gw: &Gateway) {
     let body = json!({
         "model": "claude", "max_tokens": 20,
         "system": [{"type": "text", "text": "You are a careful assistant. ".repeat(200), "cache_control": {"type": "ephemeral"}}],
@@ -103,10 +130,19 @@ async fn anthropic_cache_writes_and_reads_are_billed_at_their_own_prices() {
         seen[1].0 == 0 && seen[1].1 > 0,
         "the second reads it: {seen:?}"
     );
-    let spent = spend_after(&gw, 2).await;
+    let usage = usage_after(gw, 2).await;
+    let spent = usage["budget"]["spent"].as_f64().unwrap();
     assert!(
         (spent - expected).abs() < 1e-9,
         "spent {spent}, expected {expected}"
+    );
+    // The cache's parts of the input, counted apart in /v1/usage.
+    let current = &usage["current"];
+    assert_eq!(current["cache_write_tokens"], seen[0].0, "{usage}");
+    assert_eq!(current["cached_input_tokens"], seen[1].1, "{usage}");
+    assert!(
+        current["input_tokens"].as_u64().unwrap() > seen[0].0 + seen[1].1,
+        "{usage}"
     );
     // Billed at the input price, the same calls would have cost more.
     let metrics = gw.metrics().await;
