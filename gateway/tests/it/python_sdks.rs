@@ -1,7 +1,9 @@
 //! The official Python SDKs work against the gateway. `openai`: chat, streamed chat with
 //! usage, embeddings (base64, as the SDK requests them), legacy completions, model listing,
-//! and its error classes for 404, 403 and 401. `anthropic`: messages, a streamed message,
-//! and its error classes for 404 and 401.
+//! and its error classes for 404, 403 and 401; its Responses calls; moderations, images
+//! and audio. `anthropic`: messages, a streamed message, and its error classes for 404 and
+//! 401. The OpenAI Agents SDK and pydantic-ai's Responses model, through every kind of
+//! upstream.
 
 use crate::common;
 
@@ -255,4 +257,36 @@ async fn the_openai_sdk_calls_moderations_images_and_audio_through_the_gateway()
         "{out}"
     );
     assert_eq!(out["not_found"], "model_not_found", "{out}");
+}
+
+#[tokio::test]
+async fn pydantic_ai_runs_its_responses_model_through_every_kind_of_upstream() {
+    use crate::responses_api::{KEY, MODELS, bed};
+    let bed = bed("").await;
+    for model in MODELS {
+        let out = run_async("pydantic_ai_client.py", &bed.gw, KEY, &[model]).await;
+        assert_eq!(
+            out["plain"], "emulated reply to: Hello from pydantic-ai",
+            "{model}: {out}"
+        );
+        assert!(out["input_tokens"].as_u64().unwrap() > 0, "{model}: {out}");
+        assert_eq!(
+            out["tool_calls"],
+            serde_json::json!(["get_weather"]),
+            "{model}: {out}"
+        );
+        assert_eq!(
+            out["tool_loop"], "the tool said: sunny in emulated",
+            "{model}: {out}"
+        );
+        assert_eq!(
+            out["structured"],
+            serde_json::json!({"name": "emulated", "age": 1}),
+            "{model}: {out}"
+        );
+        assert_eq!(
+            out["streamed"], "emulated reply to: Stream please",
+            "{model}: {out}"
+        );
+    }
 }
