@@ -662,3 +662,81 @@ async fn request_guardrails_read_image_prompts_and_upload_prompts() {
     let prompt = &fields.iter().find(|(n, ..)| n == "prompt").unwrap().2;
     assert!(!String::from_utf8_lossy(prompt).contains("ana@example.com"));
 }
+
+/// An upstream that breaks or goes silent mid-audio: the client's body ends in an error
+/// (a binary answer has no room for an error event), the Provider's only slot is freed,
+/// and so is the slot of a client that walks away mid-answer.
+#[tokio::test]
+async fn audio_cut_short_ends_the_clients_body_and_frees_the_providers_slot() {
+    use common::upstream::{Reply, Upstream};
+    let up = Upstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let text = format!(
+        "apiVersion: v1\nkind: Secret\nmetadata: {{name: up, labels: {{tollgate.dev/credential: 'true'}}}}\nstringData: {{token: sk-up}}\n---\n\
+         apiVersion: v1\nkind: Secret\nmetadata: {{name: client-key}}\nstringData: {{apiKey: {KEY}}}\n---\n\
+         apiVersion: tollgate.dev/v1alpha1\nkind: ApiKey\nmetadata: {{name: client}}\nspec: {{owner: tests}}\n---\n\
+         apiVersion: tollgate.dev/v1alpha1\nkind: Provider\nmetadata: {{name: up}}\nspec:\n  type: openai\n  baseUrl: {}\n\
+         \x20 credentials: {{secretRef: {{name: up, key: token}}}}\n  models: [{{name: tts}}]\n  maxConcurrency: 1\n\
+         \x20 timeouts: {{streamIdle: 300ms}}\n---\n\
+         apiVersion: tollgate.dev/v1alpha1\nkind: RoutePolicy\nmetadata: {{name: tts}}\nspec:\n  models: [tts]\n  targets: [{{provider: up}}]\n  retries: {{attempts: 0}}\n",
+        up.base_url()
+    );
+    std::fs::write(dir.path().join("config.yaml"), text).unwrap();
+    let gw = Gateway::start(&["--resources", dir.path().to_str().unwrap()]);
+    let body = json!({"model": "tts", "input": "hi", "voice": "alloy"});
+    let speak = || post_json(&gw, KEY, "/v1/audio/speech", &body);
+    let slot_free = || async {
+        common::eventually(std::time::Duration::from_secs(5), || async {
+            // The scriptable upstream answers a chat completion by default: any 2xx will do.
+            speak().await.status() == 200
+        })
+        .await
+    };
+
+    // Silent after its first bytes: cut after the idle timeout.
+    let feed = up.stream();
+    feed.send(bytes::Bytes::from_static(b"ID3\x04partial"))
+        .unwrap();
+    let resp = speak().await;
+    assert_eq!(resp.status(), 200);
+    assert!(
+        resp.bytes().await.is_err(),
+        "the client sees the answer cut"
+    );
+    drop(feed);
+    assert!(
+        slot_free().await,
+        "the slot is freed when the relay gives up"
+    );
+
+    // Broken after its first bytes.
+    up.script([Reply::Broken(vec![bytes::Bytes::from_static(
+        b"ID3\x04partial",
+    )])]);
+    let resp = speak().await;
+    assert_eq!(resp.status(), 200);
+    assert!(
+        resp.bytes().await.is_err(),
+        "the client sees the answer cut"
+    );
+    assert!(
+        slot_free().await,
+        "the slot is freed when the upstream breaks"
+    );
+
+    // A client that walks away mid-answer frees the slot too.
+    let feed = up.stream();
+    feed.send(bytes::Bytes::from_static(b"ID3\x04partial"))
+        .unwrap();
+    let resp = speak().await;
+    assert_eq!(resp.status(), 200);
+    let second = speak().await;
+    assert_eq!(
+        second.status(),
+        503,
+        "the only slot is held by the open answer"
+    );
+    drop(resp);
+    assert!(slot_free().await, "the slot is freed when the client goes");
+    drop(feed);
+}
