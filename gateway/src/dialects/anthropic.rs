@@ -2,8 +2,10 @@
 //!
 //! Requests: `max_tokens` is required (an absent one becomes [`DEFAULT_MAX_TOKENS`]), turns
 //! must alternate (consecutive turns of one role are merged), tool results are user turns.
-//! Structured output has no place here and is dropped; `thinking` and document blocks in a
-//! request cannot be translated and are refused.
+//! Structured output has no place here: `render_request` drops it, and requests translated
+//! to Anthropic carry it as a tool instead (`Request::output_as_tool`, applied by
+//! `providers::request_body`); `thinking` and document blocks in a request cannot be
+//! translated and are refused.
 
 use serde_json::{Map, Value, json};
 
