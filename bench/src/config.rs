@@ -42,6 +42,13 @@ pub const MODELS: &[(&str, &str, &str)] = &[
     ("bench-long-stream", "small/0/100/2000", "http2"),
 ];
 
+/// Audio models, the mock upstream path each is served from, and the API its Provider
+/// declares: `bench-speech` answers 256 chunks of 64 KiB (16 MiB).
+pub const MEDIA: &[(&str, &str, &str)] = &[
+    ("bench-speech", "small/0/256/0", "audioSpeech"),
+    ("bench-transcribe", "small/0/0/0", "audioTranscriptions"),
+];
+
 /// Routes (model names) serving `bench-small` from two targets, by routing strategy.
 pub const ROUTING_STRATEGIES: &[(&str, &str)] = &[
     ("bench-route-weighted", "weighted"),
@@ -93,6 +100,19 @@ spec:
 ---
 "#,
     );
+    // `bench-speech` (16 MiB of audio per answer) and `bench-transcribe` (uploads), from
+    // an OpenAI-compatible server that declares those APIs.
+    for (model, path, api) in MEDIA {
+        let _ = write!(
+            y,
+            "apiVersion: tollgate.dev/v1alpha1\nkind: Provider\nmetadata: {{ name: {model} }}\n\
+             spec:\n  type: openaiCompatible\n  baseUrl: http://{upstream}/{path}/v1\n  apis: [{api}]\n\
+             \x20 models:\n    - name: {model}\n      pricing: {{ inputPerMillion: 2.5, outputPerMillion: 10 }}\n\
+             \x20 timeouts: {{ connect: 2s, request: 300s, streamIdle: 60s }}\n---\n\
+             apiVersion: tollgate.dev/v1alpha1\nkind: RoutePolicy\nmetadata: {{ name: {model} }}\n\
+             spec:\n  models: [{model}]\n  targets: [{{ provider: {model} }}]\n---\n"
+        );
+    }
     // `bench-route-<strategy>`: `bench-small` from two providers (the same upstream) under
     // each routing strategy.
     let _ = write!(

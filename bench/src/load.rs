@@ -32,8 +32,10 @@ pub struct Target {
     pub path: String,
     /// `Authorization` header value, if any.
     pub auth: Option<HeaderValue>,
-    /// The JSON body.
+    /// The body.
     pub body: Bytes,
+    /// Its content type, when not JSON (a multipart upload).
+    pub content_type: Option<HeaderValue>,
 }
 
 impl Target {
@@ -46,6 +48,10 @@ impl Target {
         if let Some(auth) = &self.auth {
             req.headers_mut()
                 .insert(header::AUTHORIZATION, auth.clone());
+        }
+        if let Some(content_type) = &self.content_type {
+            req.headers_mut()
+                .insert(header::CONTENT_TYPE, content_type.clone());
         }
         req
     }

@@ -46,7 +46,7 @@ enum Cmd {
         #[arg(long, default_value = "examples")]
         examples: PathBuf,
         /// Only these scenarios (comma-separated): single, saturation, streaming,
-        /// slow-upstream, reload, memory, guardrails, dialects, routing, hostile.
+        /// slow-upstream, reload, memory, guardrails, dialects, routing, hostile, media.
         #[arg(long, value_delimiter = ',')]
         only: Vec<String>,
     },
@@ -175,6 +175,7 @@ fn main() -> anyhow::Result<()> {
                 path: "/v1/chat/completions".to_owned(),
                 auth: Some(format!("Bearer {key}").parse()?),
                 body: load::chat_body(&model, stream),
+                content_type: None,
             };
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()

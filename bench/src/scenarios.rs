@@ -11,6 +11,8 @@ use std::{
 use anyhow::{Context, bail};
 use http::HeaderValue;
 
+mod media;
+
 use crate::{
     config,
     load::{self, Stats, Target},
@@ -55,6 +57,7 @@ pub const SCENARIOS: &[&str] = &[
     "dialects",
     "routing",
     "hostile",
+    "media",
 ];
 
 /// A running gateway.
@@ -126,6 +129,7 @@ impl Gateway {
                     .expect("keys are header-safe"),
             ),
             body: load::chat_body(model, stream),
+            content_type: None,
         }
     }
 
@@ -206,6 +210,7 @@ fn direct(upstream: SocketAddr, model: &str, stream: bool) -> Target {
         path: format!("/{path}/v1/chat/completions"),
         auth: None,
         body: load::chat_body(model, stream),
+        content_type: None,
     }
 }
 
@@ -324,6 +329,9 @@ pub async fn run(s: &Settings, report: &mut Report) -> anyhow::Result<()> {
     }
     if s.wants("hostile") {
         hostile(s, report).await?;
+    }
+    if s.wants("media") {
+        media::run(s, report, upstream).await?;
     }
     Ok(())
 }
@@ -770,6 +778,72 @@ async fn measure_burst(
     })
 }
 
+/// The figures every burst of large requests reports: the request memory admitted
+/// against the budget, the RSS growth over `idle` against it (at most 4×), the answers
+/// (`single`: the one request must be answered), the refusals and anything else, and
+/// how long the burst took.
+fn report_burst(
+    report: &mut Report,
+    scenario: &str,
+    who: &str,
+    m: &Measured,
+    idle: u64,
+    single: bool,
+) {
+    let mib = |kib: u64| kib as f64 / 1024.0;
+    let bytes_mib = |b: f64| b / (1024.0 * 1024.0);
+    let admitted = bytes_mib(m.seen.max_inflight_bytes);
+    let growth = mib(m.peak_kib.saturating_sub(idle));
+    let row = report.add(
+        scenario,
+        who,
+        "in-flight bytes admitted, max",
+        admitted,
+        "MiB",
+    );
+    row.baseline = Some(("budget".to_owned(), bytes_mib(m.seen.limit_bytes)));
+    row.ratio = Some(m.seen.max_inflight_bytes / m.seen.limit_bytes.max(1.0));
+    let row = report.add(scenario, who, "RSS growth over idle", growth, "MiB");
+    row.baseline = Some(("admitted".to_owned(), admitted));
+    row.ratio = (admitted > 0.0).then(|| growth / admitted);
+    row.target = Some("≤ 4× admitted".to_owned());
+    row.met = Some(admitted > 0.0 && growth <= 4.0 * admitted);
+    let answered = m.burst.count("200");
+    let row = report.add(scenario, who, "answered 200", answered as f64, "count");
+    if single {
+        // One request fits the budget whole: refusing it would be a regression.
+        row.target = Some("1".to_owned());
+        row.met = Some(answered == 1);
+    }
+    report.add(
+        scenario,
+        who,
+        "refused, 503 overloaded",
+        m.burst.count("503 overloaded") as f64,
+        "count",
+    );
+    let others = m.burst.others(&["200", "503 overloaded"]);
+    report.add(
+        scenario,
+        who,
+        "other outcomes",
+        others.values().sum::<u64>() as f64,
+        "count",
+    );
+    if !others.is_empty() {
+        report
+            .notes
+            .push(format!("{scenario}, {who}: other outcomes {others:?}"));
+    }
+    report.add(
+        scenario,
+        who,
+        "burst duration",
+        m.burst.seconds * 1000.0,
+        "ms",
+    );
+}
+
 /// Hostile input: streamed chat bodies just under `--max-body-bytes` holding 16 million
 /// JSON values, one, 8 and 64 at once (16 in quick mode), against the default 256 MiB
 /// in-flight budget: the gateway's peak RSS against the bytes it admitted, the requests
@@ -852,65 +926,11 @@ async fn hostile(s: &Settings, report: &mut Report) -> anyhow::Result<()> {
             ));
         }
         let peak = mib(m.peak_kib);
-        let growth = mib(m.peak_kib.saturating_sub(idle));
-        let admitted = bytes_mib(m.seen.max_inflight_bytes);
         let row = report.add(&scenario, &who, "peak RSS", peak, "MiB");
         row.baseline = Some(("idle".to_owned(), mib(idle)));
         row.target = Some(format!("< {POD_LIMIT_MIB:.0} MiB (chart limit)"));
         row.met = Some(peak < POD_LIMIT_MIB);
-        let row = report.add(
-            &scenario,
-            &who,
-            "in-flight bytes admitted, max",
-            admitted,
-            "MiB",
-        );
-        row.baseline = Some(("budget".to_owned(), bytes_mib(m.seen.limit_bytes)));
-        row.ratio = Some(m.seen.max_inflight_bytes / m.seen.limit_bytes.max(1.0));
-        let row = report.add(&scenario, &who, "RSS growth over idle", growth, "MiB");
-        row.baseline = Some(("admitted".to_owned(), admitted));
-        row.ratio = (admitted > 0.0).then(|| growth / admitted);
-        row.target = Some("≤ 4× admitted".to_owned());
-        row.met = Some(admitted > 0.0 && growth <= 4.0 * admitted);
-        let row = report.add(
-            &scenario,
-            &who,
-            "answered 200",
-            m.burst.count("200") as f64,
-            "count",
-        );
-        if n == 1 {
-            // One body fits the budget whole: refusing it would be a regression.
-            row.target = Some("1".to_owned());
-            row.met = Some(m.burst.count("200") == 1);
-        }
-        report.add(
-            &scenario,
-            &who,
-            "refused, 503 overloaded",
-            m.burst.count("503 overloaded") as f64,
-            "count",
-        );
-        let others = m.burst.others(&["200", "503 overloaded"]);
-        report.add(
-            &scenario,
-            &who,
-            "other outcomes",
-            others.values().sum::<u64>() as f64,
-            "count",
-        );
-        if !others.is_empty() {
-            report
-                .notes
-                .push(format!("{scenario}, {who}: other outcomes {others:?}"));
-        }
-        report.add(
-            &scenario,
-            &who,
-            "burst duration",
-            m.burst.seconds * 1000.0,
-            "ms",
-        );
+        report_burst(report, &scenario, &who, &m, idle, n == 1);
         let normal_who = format!("normal requests during {who}");
         let during = &m.during.stats;
         let row = report.add(

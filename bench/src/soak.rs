@@ -110,6 +110,7 @@ fn targets(addr: SocketAddr) -> BTreeMap<Kind, Target> {
         path: "/v1/chat/completions".to_owned(),
         auth: auth(key),
         body,
+        content_type: None,
     };
     let bench = config::bench_key();
     BTreeMap::from([

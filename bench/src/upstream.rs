@@ -12,6 +12,10 @@
 //!   chunks, then the finish chunk, the usage chunk and `[DONE]`;
 //! - `interval_ms`: pause between chunks.
 //!
+//! The same prefix serves `v1/audio/speech` (`chunks` binary chunks of 64 KiB, as audio)
+//! and `v1/audio/transcriptions` (a short transcript with token usage, once the upload is
+//! read).
+//!
 //! Request bodies are read to the end and dropped frame by frame, never parsed.
 //!
 //! It speaks HTTP/1.1 with keep-alive, and HTTP/2 with prior knowledge (h2c).
@@ -38,6 +42,9 @@ struct Answers {
     large: Bytes,
     chunk: Bytes,
     tail: Bytes,
+    /// 64 KiB of "audio".
+    audio: Bytes,
+    transcript: Bytes,
 }
 
 /// A chat completion whose content pads the body to about `bytes`.
@@ -63,6 +70,10 @@ impl Answers {
             large: completion(10 * 1024),
             chunk: Bytes::from(format!("{chunk}\n\n")),
             tail: Bytes::from(format!("{finish}\n\n{usage}\n\ndata: [DONE]\n\n")),
+            audio: Bytes::from((0..64 * 1024).map(|i| (i % 251) as u8).collect::<Vec<u8>>()),
+            transcript: Bytes::from_static(
+                br#"{"text":"bench transcript","usage":{"type":"tokens","input_tokens":120,"output_tokens":4,"total_tokens":124}}"#,
+            ),
         }
     }
 }
@@ -111,10 +122,28 @@ async fn answer(answers: Arc<Answers>, req: Request<Incoming>) -> Response<Body>
     // Read the whole request, as a real server would before answering, dropping each
     // frame as it comes: the hostile scenario sends many 30 MiB bodies at once, and the
     // mock neither parses nor keeps them.
+    let speech = req.uri().path().ends_with("/v1/audio/speech");
+    let transcription = req.uri().path().ends_with("/v1/audio/transcriptions");
     let mut body = req.into_body();
     while let Some(Ok(_)) = body.frame().await {}
     if !shape.delay.is_zero() {
         tokio::time::sleep(shape.delay).await;
+    }
+    if transcription {
+        return Response::builder()
+            .header(header::CONTENT_TYPE, "application/json")
+            .body(Full::new(answers.transcript.clone()).boxed())
+            .unwrap_or_default();
+    }
+    if speech {
+        let audio = answers.audio.clone();
+        let frames = stream::iter(
+            (0..shape.chunks).map(move |_| Ok::<_, Infallible>(Frame::data(audio.clone()))),
+        );
+        return Response::builder()
+            .header(header::CONTENT_TYPE, "audio/mpeg")
+            .body(BodyExt::boxed(StreamBody::new(frames)))
+            .unwrap_or_default();
     }
     if shape.chunks == 0 {
         let body = if shape.large {
