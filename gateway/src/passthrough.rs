@@ -22,42 +22,53 @@ use crate::{
 /// object comes last (in the JSON body, or in the final event of a stream).
 const TAIL: usize = 16 * 1024;
 
-/// The last bytes of an answer, and the usage they hold.
+/// The last chunks of an answer, at least [`TAIL`] bytes of them when it had that many
+/// (held by reference, not copied: relaying costs no copy), and the usage they hold.
 #[derive(Debug, Default)]
 pub struct UsageTail {
-    tail: Vec<u8>,
+    chunks: std::collections::VecDeque<Bytes>,
+    len: usize,
 }
 
 impl UsageTail {
-    /// Keeps `chunk`'s part of the last [`TAIL`] bytes.
-    pub fn feed(&mut self, chunk: &[u8]) {
-        if chunk.len() >= TAIL {
-            self.tail.clear();
-            self.tail.extend_from_slice(&chunk[chunk.len() - TAIL..]);
-            return;
-        }
-        self.tail.extend_from_slice(chunk);
-        if self.tail.len() > 2 * TAIL {
-            let cut = self.tail.len() - TAIL;
-            self.tail.drain(..cut);
+    /// Keeps `chunk`, and forgets the chunks no longer needed for the last [`TAIL`] bytes.
+    pub fn feed(&mut self, chunk: &Bytes) {
+        self.chunks.push_back(chunk.clone());
+        self.len += chunk.len();
+        while let Some(first) = self.chunks.front() {
+            if self.len - first.len() < TAIL {
+                break;
+            }
+            self.len -= first.len();
+            self.chunks.pop_front();
         }
     }
 
-    /// The usage of the last `"usage": {…}` member in the bytes kept, when it counts tokens
-    /// (a transcription billed by duration reports seconds, not tokens: `None`).
+    /// The usage of the last `"usage": {…}` member in the last [`TAIL`] bytes, when it
+    /// counts tokens (a transcription billed by duration reports seconds, not tokens:
+    /// `None`).
     pub fn usage(&self) -> Option<Usage> {
+        let mut all = Vec::with_capacity(self.len);
+        for c in &self.chunks {
+            all.extend_from_slice(c);
+        }
+        let tail = &all[all.len().saturating_sub(TAIL)..];
+        Self::usage_in(tail)
+    }
+
+    fn usage_in(tail: &[u8]) -> Option<Usage> {
         const NAME: &[u8] = b"\"usage\"";
-        let mut end = self.tail.len();
-        while let Some(at) = self.tail[..end]
+        let mut end = tail.len();
+        while let Some(at) = tail[..end]
             .windows(NAME.len())
             .rposition(|w| w == NAME)
         {
             end = at;
             // `\"usage\"` is text inside a string, not a member name.
-            if at > 0 && self.tail[at - 1] == b'\\' {
+            if at > 0 && tail[at - 1] == b'\\' {
                 continue;
             }
-            let rest = &self.tail[at + NAME.len()..];
+            let rest = &tail[at + NAME.len()..];
             let rest = rest.trim_ascii_start();
             let Some(value) = rest.strip_prefix(b":") else {
                 continue;
@@ -154,8 +165,12 @@ mod tests {
     fn usage_of(chunks: &[&[u8]]) -> Option<Usage> {
         let mut tail = UsageTail::default();
         for c in chunks {
-            tail.feed(c);
+            tail.feed(&Bytes::copy_from_slice(c));
         }
+        assert!(
+            tail.chunks.len() <= 2 || tail.len - tail.chunks[0].len() < TAIL,
+            "no more chunks kept than the tail needs"
+        );
         tail.usage()
     }
 
