@@ -59,10 +59,7 @@ impl UsageTail {
     fn usage_in(tail: &[u8]) -> Option<Usage> {
         const NAME: &[u8] = b"\"usage\"";
         let mut end = tail.len();
-        while let Some(at) = tail[..end]
-            .windows(NAME.len())
-            .rposition(|w| w == NAME)
-        {
+        while let Some(at) = tail[..end].windows(NAME.len()).rposition(|w| w == NAME) {
             end = at;
             // `\"usage\"` is text inside a string, not a member name.
             if at > 0 && tail[at - 1] == b'\\' {
