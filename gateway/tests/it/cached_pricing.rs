@@ -5,7 +5,7 @@
 
 use crate::common;
 
-use common::{Gateway, client, eventually_value, metric};
+use common::{Gateway, client, metric};
 use serde_json::{Value, json};
 use tollgate_testkit::emulated::{self, Emulated, Flavor};
 
@@ -50,28 +50,9 @@ fn cost(input: u64, cached: u64, written: u64, output: u64) -> f64 {
 }
 
 async fn spend_after(gw: &Gateway, requests: u64) -> f64 {
-    usage_after(gw, requests).await["budget"]["spent"]
+    common::usage_after(gw, KEY, requests).await["budget"]["spent"]
         .as_f64()
         .unwrap()
-}
-
-/// The key's `/v1/usage` once it counts `requests` requests.
-async fn usage_after(gw: &Gateway, requests: u64) -> Value {
-    eventually_value(
-        || async {
-            client()
-                .get(gw.url("/v1/usage"))
-                .bearer_auth(KEY)
-                .send()
-                .await
-                .unwrap()
-                .json::<Value>()
-                .await
-                .unwrap()
-        },
-        |v: &Value| v["current"]["requests"] == requests,
-    )
-    .await
 }
 
 #[tokio::test]
@@ -130,7 +111,7 @@ async fn cache_writes_and_reads(gw: &Gateway) {
         seen[1].0 == 0 && seen[1].1 > 0,
         "the second reads it: {seen:?}"
     );
-    let usage = usage_after(gw, 2).await;
+    let usage = common::usage_after(gw, KEY, 2).await;
     let spent = usage["budget"]["spent"].as_f64().unwrap();
     assert!(
         (spent - expected).abs() < 1e-9,

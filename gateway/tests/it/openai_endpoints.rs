@@ -7,7 +7,7 @@
 
 use crate::common;
 
-use common::{Gateway, client, eventually_value, metric};
+use common::{Gateway, client, metric};
 use serde_json::{Value, json};
 use tollgate_testkit::emulated::{self, Emulated, Flavor, media};
 
@@ -329,21 +329,7 @@ async fn each_endpoint_is_passed_through_with_the_upstream_model_and_its_usage_b
         let (i, o) = tokens(u);
         expected += (i * 6.0 + o * 10.0) / 1e6;
     }
-    let usage = eventually_value(
-        || async {
-            client()
-                .get(gw.url("/v1/usage"))
-                .bearer_auth(KEY)
-                .send()
-                .await
-                .unwrap()
-                .json::<Value>()
-                .await
-                .unwrap()
-        },
-        |v: &Value| v["current"]["requests"] == 11,
-    )
-    .await;
+    let usage = common::usage_after(gw, KEY, 11).await;
     let spent = usage["budget"]["spent"].as_f64().unwrap();
     // The unpriced models (moderation, dall-e-2, tts, whisper-1) cost nothing.
     assert!(

@@ -584,18 +584,25 @@ fn input_items(input: &Value) -> Vec<Value> {
     }
 }
 
-fn create_response(shared: &Shared, req: &Value) -> Response {
+/// The newer APIs' refusal (Responses, images) of a body that is not an object or has a
+/// parameter beyond `known`.
+fn unknown_parameter(req: &Value, known: &[&str]) -> Option<Response> {
     if !req.is_object() {
-        return unparsable();
+        return Some(unparsable());
     }
-    if let Some(field) = unknown_field(req, RESPONSES_FIELDS) {
-        return openai_error(
-            400,
-            &format!("Unknown parameter: '{field}'."),
-            "invalid_request_error",
-            Some(&field),
-            Some("unknown_parameter"),
-        );
+    let field = unknown_field(req, known)?;
+    Some(openai_error(
+        400,
+        &format!("Unknown parameter: '{field}'."),
+        "invalid_request_error",
+        Some(&field),
+        Some("unknown_parameter"),
+    ))
+}
+
+fn create_response(shared: &Shared, req: &Value) -> Response {
+    if let Some(refused) = unknown_parameter(req, RESPONSES_FIELDS) {
+        return refused;
     }
     let Some(model) = req["model"].as_str() else {
         return openai_error(

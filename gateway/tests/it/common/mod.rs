@@ -25,3 +25,22 @@ pub const SEARCH_KEY: &str = "tg_exampleSearchTeamKeyDoNotUseInProduction01";
 pub fn examples() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples")
 }
+
+/// `key`'s `/v1/usage` on `gw`, once it counts `requests` requests.
+pub async fn usage_after(gw: &Gateway, key: &str, requests: u64) -> serde_json::Value {
+    eventually_value(
+        || async {
+            client()
+                .get(gw.url("/v1/usage"))
+                .bearer_auth(key)
+                .send()
+                .await
+                .unwrap()
+                .json::<serde_json::Value>()
+                .await
+                .unwrap()
+        },
+        |v: &serde_json::Value| v["current"]["requests"] == requests,
+    )
+    .await
+}

@@ -8,7 +8,7 @@
 use axum::{body::Body, response::Response};
 use serde_json::{Value, json};
 
-use super::{openai_error, reply, sse, tokens, unknown_field, unparsable};
+use super::{openai_error, reply, sse, tokens, unknown_field, unknown_parameter, unparsable};
 
 /// OpenAI's refusal of a body that is not an object or has a field beyond `known`.
 fn refused(req: &Value, known: &[&str]) -> Option<Response> {
@@ -94,17 +94,8 @@ const PNG: &str =
 
 /// `POST /v1/images/generations`.
 pub(super) fn images(req: &Value) -> Response {
-    if !req.is_object() {
-        return unparsable();
-    }
-    if let Some(field) = unknown_field(req, IMAGE_FIELDS) {
-        return openai_error(
-            400,
-            &format!("Unknown parameter: '{field}'."),
-            "invalid_request_error",
-            Some(&field),
-            Some("unknown_parameter"),
-        );
+    if let Some(refused) = unknown_parameter(req, IMAGE_FIELDS) {
+        return refused;
     }
     let Some(prompt) = req["prompt"].as_str() else {
         return openai_error(
